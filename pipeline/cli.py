@@ -1,0 +1,229 @@
+"""The ``histofuse`` command line.
+
+    histofuse validate COHORT                  check a cohort spec, print a summary or every problem
+    histofuse extract  COHORT [--out DIR]      slides -> features.h5 (resumable)
+    histofuse train    COHORT [--out DIR]      federated (default) or --centralised training -> model.pt
+    histofuse predict  COHORT --model M        risk_scores.csv
+    histofuse evaluate RISK_CSV                metrics.json + Kaplan-Meier plot
+    histofuse attribute COHORT --model M       tile attention + heatmaps, gene integrated gradients
+    histofuse report   RUN_DIR                 report.html
+    histofuse run      COHORT                  every stage above, in order
+    histofuse demo     [--out DIR]             build the demo cohort and run everything on it
+
+Every command takes ``--config FILE.yaml`` and repeated ``--set section.key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("histofuse")
+
+
+def _common(p: argparse.ArgumentParser, out_default: str | None = "runs/latest") -> None:
+    p.add_argument("--config", type=Path, help="run config YAML (defaults <- this file <- --set)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {out_default})")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="histofuse", description="Federated multimodal survival models and biomarkers "
+                                 "from whole-slide images, gene expression and clinical data.")  # fmt: skip
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate", help="validate a cohort spec and summarise it")
+    p.add_argument("cohort", type=Path)
+    p.add_argument("-v", "--verbose", action="store_true")
+    for name, hlp in (("extract", "slides -> tile features (one .h5 per slide)"),
+                      ("train", "train the survival model (federated across sites by default)"),
+                      ("run", "extract, train, predict, evaluate, attribute and report")):  # fmt: skip
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("cohort", type=Path)
+        _common(p)
+        if name in ("train", "run"):
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("--federated", dest="federated", action="store_true", default=None,
+                           help="federated training across the cohort's sites (default)")  # fmt: skip
+            g.add_argument("--centralised", dest="federated", action="store_false",
+                           help="pool all training patients in one place (a reference, not for real hospitals)")
+    for name, hlp in (("predict", "risk scores for a cohort from a trained model"),
+                      ("attribute", "tile and gene attributions for a cohort from a trained model")):  # fmt: skip
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("cohort", type=Path)
+        p.add_argument("--model", type=Path, required=True, help="model.pt written by `histofuse train`")
+        p.add_argument("--out", type=Path, default=None, help="output folder (default: the model's folder)")
+        p.add_argument("--features", type=Path, default=None,
+                       help="features folder (default: extracted under --out with the model's encoder settings)")
+        if name == "attribute":
+            p.add_argument("--split", default="test", help="which patients: train, val, test, predict (default test)")
+        p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("evaluate", help="C-index and Kaplan-Meier from risk_scores.csv")
+    p.add_argument("risk_scores", type=Path)
+    p.add_argument("--split", default="test", help="train, val, test, predict or all (default test)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: beside risk_scores.csv)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("report", help="assemble report.html for a run folder")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("demo", help="build the demo cohort (real tissue, planted signals) and run every stage")
+    _common(p, "runs/demo")
+    p.add_argument("--build-only", action="store_true", help="only build the demo cohort")
+    p.add_argument("--patients", type=int, default=120, help="number of demo patients (default 120)")
+    p.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def _config(args: argparse.Namespace, cohort: Path | None, out_default: str):
+    from data_specs.config import resolve_config
+
+    ov = list(args.overrides)
+    if getattr(args, "federated", None) is not None:
+        ov.append(f"federated.enabled={str(args.federated).lower()}")
+    out = args.out
+    if out is None:
+        import yaml
+
+        in_yaml = (yaml.safe_load(args.config.read_text()) or {}).get("out") if args.config and args.config.is_file() else None
+        out = Path(in_yaml) if in_yaml else Path(out_default)
+    return resolve_config(args.config, ov, cohort=cohort, out=out)
+
+
+def _model_extract_cfg(model_path: Path, out: Path):
+    import torch
+
+    from data_specs.config import RunConfig
+
+    b = torch.load(model_path, map_location="cpu", weights_only=False)
+    return RunConfig.model_validate({**b["config"], "out": str(out)})
+
+
+def _features_for(cohort, model: Path, out: Path, given: Path | None) -> Path | None:
+    from pipeline.extract import features_dir
+    from pipeline.run import stage_extract
+
+    if not any(p.slides for p in cohort.patients):
+        return None
+    if given is not None:
+        return given
+    cfg = _model_extract_cfg(model, out)
+    stage_extract(cohort, cfg)  # no-op for slides already done with the same settings
+    return features_dir(out, cfg.extract)
+
+
+def run_all(cohort_path: Path, cfg, title: str) -> Path:
+    from data_specs.cohort import load_cohort
+    from pipeline.report import build_report
+    from pipeline.run import stage_attribute, stage_evaluate, stage_extract, stage_predict, stage_train
+
+    cohort = load_cohort(cohort_path)
+    out = cfg.out
+    cfg.save(out / "config.yaml")
+    t0 = time.perf_counter()
+    fdir = stage_extract(cohort, cfg)
+    log.info("extract: %.0f s", time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    model = stage_train(cohort, cfg)
+    log.info("train: %.0f s", time.perf_counter() - t1)
+    risk = stage_predict(model, cohort, out, fdir)
+    m = stage_evaluate(risk, out, "test")
+    stage_attribute(model, cohort, out, fdir, "test")
+    rep = build_report(out, title)
+    c = m["pooled"]["cindex"]
+    print(f"test C-index (pooled, {m['pooled']['n']} patients): {c:.3f}")
+    for s, v in m["per_site"].items():
+        print(f"  {s}: {v['cindex']:.3f} (n={v['n']}, events={v['events']})")
+    print(f"outputs in {out}/: model.pt, risk_scores.csv, metrics.json, attributions/, report.html")
+    print(f"report: {rep}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "numexpr", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from data_specs.cohort import CohortError, load_cohort
+    from data_specs.config import ConfigError
+    from pipeline.slides import SlideError
+
+    try:
+        if args.cmd == "validate":
+            print(load_cohort(args.cohort).summary())
+        elif args.cmd == "extract":
+            from pipeline.run import stage_extract
+
+            cfg = _config(args, args.cohort, "runs/latest")
+            cfg.save(cfg.out / "config.yaml")
+            fdir = stage_extract(load_cohort(args.cohort), cfg)
+            print(f"features in {fdir}" if fdir else "the cohort has no slides: nothing to extract")
+        elif args.cmd == "train":
+            from pipeline.run import stage_train
+
+            cfg = _config(args, args.cohort, "runs/latest")
+            cfg.save(cfg.out / "config.yaml")
+            print(f"model: {stage_train(load_cohort(args.cohort), cfg)}")
+        elif args.cmd in ("predict", "attribute"):
+            from pipeline.run import stage_attribute, stage_predict
+
+            out = args.out or args.model.parent
+            cohort = load_cohort(args.cohort)
+            fdir = _features_for(cohort, args.model, out, args.features)
+            if args.cmd == "predict":
+                print(f"risk scores: {stage_predict(args.model, cohort, out, fdir)}")
+            else:
+                for k, v in stage_attribute(args.model, cohort, out, fdir, args.split).items():
+                    print(f"{k}: {v}")
+        elif args.cmd == "evaluate":
+            from pipeline.run import stage_evaluate
+
+            m = stage_evaluate(args.risk_scores, args.out or args.risk_scores.parent, args.split)
+            print(f"C-index ({args.split}, pooled): {m['pooled']['cindex']:.3f}; log-rank p {m['logrank_p']:.3g}")
+        elif args.cmd == "report":
+            from pipeline.report import build_report
+
+            print(f"report: {build_report(args.run_dir)}")
+        elif args.cmd == "run":
+            run_all(args.cohort, _config(args, args.cohort, "runs/latest"), f"histofuse: {args.cohort.stem}")
+        elif args.cmd == "demo":
+            from pipeline.demo import DemoSize, build_demo
+
+            cfg = _config(args, None, "runs/demo")
+            t0 = time.perf_counter()
+            spec = build_demo(cfg.out / "cohort", DemoSize(patients=args.patients), seed=args.seed)
+            log.info("demo cohort: %s (%.0f s)", spec, time.perf_counter() - t0)
+            if args.build_only:
+                print(f"demo cohort: {spec}")
+                return 0
+            cfg = cfg.model_copy(update={"cohort": spec})
+            run_all(spec, cfg, "histofuse demo")
+            _demo_truth(cfg.out)
+            print(f"total: {time.perf_counter() - t0:.0f} s")
+    except CohortError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, SlideError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo_truth(out: Path) -> None:
+    """Print how well the run recovered the demo's planted truth (and save it as truth_check.json)."""
+    from pipeline.demo_check import check_demo
+
+    r = check_demo(out)
+    print(f"oracle C-index on the same test patients: {r['oracle_test_cindex']:.3f}")
+    if "planted_gene_ranks" in r:
+        print(f"planted gene ranks (of {r['n_genes']}): {r['planted_gene_ranks']}")
+    if "attention_tumour_vs_other" in r:
+        a = r["attention_tumour_vs_other"]
+        print(f"mean relative attention: tumour tiles {a['tumour']:.2f}, other tiles {a['other']:.2f}; AUC {a['auc']:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Patients as bags: tile features, omics and clinical vectors, outcome, site; splits; batching.
+
+``build_data`` turns a validated cohort plus its features folder into a :class:`CohortData` (all
+modalities aligned to the cohort's patient order, omics/clinical standardised with statistics fitted
+on the training patients only). ``make_loader`` pads bags into ``features [B, N, D]`` + ``mask [B, N]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_specs.cohort import Cohort
+from pipeline.extract import load_features, slide_id_of
+from pipeline.omics import ClinicalNormaliser, OmicsNormaliser, read_omics, read_panel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CohortData:
+    """Everything the model sees, in cohort order. Index arrays (``splits``) select patients.
+
+    Attributes:
+        bags: per patient ``features [N_i, D]`` float32 (all slides concatenated; ``N_i`` may be 0).
+        tiles: per patient ``[(slide_id, x, y), ...]`` aligned with ``bags``.
+        omics: ``[P, G]`` float32; omics_present ``[P]`` bool. clinical/clinical_present likewise.
+        time ``[P]`` float32, event ``[P]`` bool, site ``[P]`` int (index into ``sites``).
+    """
+
+    patient_ids: list[str]
+    sites: list[str]
+    site: np.ndarray
+    time: np.ndarray
+    event: np.ndarray
+    splits: dict[str, np.ndarray]
+    bags: list[np.ndarray] | None = None
+    tiles: list[list[tuple[str, int, int]]] | None = None
+    feature_dim: int = 0
+    feature_attrs: dict = field(default_factory=dict)
+    omics: np.ndarray | None = None
+    omics_present: np.ndarray | None = None
+    genes: list[str] = field(default_factory=list)
+    clinical: np.ndarray | None = None
+    clinical_present: np.ndarray | None = None
+    clinical_columns: list[str] = field(default_factory=list)
+    omics_norm: OmicsNormaliser | None = None
+    clinical_norm: ClinicalNormaliser | None = None
+
+    @property
+    def n_genes(self) -> int:
+        return 0 if self.omics is None else self.omics.shape[1]
+
+    @property
+    def n_clinical(self) -> int:
+        return 0 if self.clinical is None else self.clinical.shape[1]
+
+    def model_dims(self) -> dict[str, int]:
+        return {"feature_dim": self.feature_dim, "n_genes": self.n_genes, "n_clinical": self.n_clinical}
+
+    def subset_sites(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {s: idx[self.site[idx] == k] for k, s in enumerate(self.sites)}
+
+
+def assign_splits(cohort: Cohort, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """The manifest's ``split`` column when every patient has one; otherwise a split stratified by
+    site and event, deterministic from ``seed``."""
+    n = len(cohort.patients)
+    given = [p.split for p in cohort.patients]
+    if all(s is not None for s in given):
+        arr = np.array(given)
+    else:
+        if any(s is not None for s in given):
+            log.warning("split given for some patients only: ignoring it and splitting by seed %d", seed)
+        rng = np.random.default_rng(seed)
+        arr = np.empty(n, dtype=object)
+        strata: dict[tuple[str, bool], list[int]] = {}
+        for i, p in enumerate(cohort.patients):
+            strata.setdefault((p.site, p.event), []).append(i)
+        for key in sorted(strata):
+            idx = np.array(strata[key])[rng.permutation(len(strata[key]))]
+            n_test = int(round(test_fraction * len(idx)))
+            n_val = int(round(val_fraction * len(idx)))
+            arr[idx[:n_test]] = "test"
+            arr[idx[n_test : n_test + n_val]] = "val"
+            arr[idx[n_test + n_val :]] = "train"
+    return {s: np.flatnonzero(arr == s) for s in ("train", "val", "test")}
+
+
+def build_data(
+    cohort: Cohort,
+    features_dir: Path | None,
+    splits: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.25,
+    gene_panel: Path | list[str] | None = None,
+    max_genes: int | None = None,
+    omics_norm: OmicsNormaliser | None = None,
+    clinical_norm: ClinicalNormaliser | None = None,
+    expect_features: dict | None = None,
+) -> CohortData:
+    """Align every modality to the cohort. Normalisers are fitted on the train split unless given
+    (prediction reuses the model's). ``expect_features``: attributes every features file must carry."""
+    pids = [p.patient_id for p in cohort.patients]
+    sites = cohort.sites
+    site = np.array([sites.index(p.site) for p in cohort.patients])
+    splits = splits if splits is not None else assign_splits(cohort, val_fraction, test_fraction, seed)
+    train_ids = [pids[i] for i in splits["train"]]
+    data = CohortData(
+        pids, sites, site, np.array([p.time for p in cohort.patients], np.float32),
+        np.array([p.event for p in cohort.patients], bool), splits,
+    )  # fmt: skip
+
+    if any(p.slides for p in cohort.patients):
+        if features_dir is None:
+            raise ValueError("the cohort has slides: give the features folder (run `histofuse extract` first)")
+        bags, tiles = [], []
+        ref: dict | None = None
+        for p in cohort.patients:
+            feats, tl = [], []
+            for s in p.slides:
+                sid = slide_id_of(s)
+                fpath = Path(features_dir) / f"{sid}.h5"
+                if not fpath.is_file():
+                    log.warning("patient %s: no features for slide %s (%s); slide left out", p.patient_id, sid, fpath)
+                    continue
+                f, c, attrs = load_features(fpath, expect_features)
+                if ref is None:
+                    ref = attrs
+                elif (attrs["encoder"], attrs["weights"], attrs["dim"]) != (ref["encoder"], ref["weights"], ref["dim"]):
+                    raise ValueError(f"{fpath}: encoder {attrs['encoder']}/{attrs['weights']} differs from "
+                                     f"{ref['encoder']}/{ref['weights']} used by other slides")  # fmt: skip
+                feats.append(f)
+                tl += [(sid, int(x), int(y)) for x, y in c]
+            bags.append(np.concatenate(feats) if feats else None)
+            tiles.append(tl)
+        if ref is None:
+            raise ValueError(f"no features file found in {features_dir} for any slide of the cohort")
+        dim = int(ref["dim"])
+        data.bags = [b if b is not None else np.zeros((0, dim), np.float32) for b in bags]
+        data.tiles, data.feature_dim = tiles, dim
+        data.feature_attrs = {k: ref[k] for k in ("encoder", "weights", "feature_kind", "dim", "tile_px", "target_mpp")}
+
+    if cohort.omics is not None:
+        adata = read_omics(cohort.omics)
+        if omics_norm is None:
+            panel = read_panel(gene_panel) if isinstance(gene_panel, Path | str) else gene_panel
+            omics_norm = OmicsNormaliser().fit(adata, train_ids, panel, max_genes, cohort.omics.values)
+        data.omics, data.omics_present = omics_norm.transform(adata, pids)
+        data.genes, data.omics_norm = omics_norm.genes, omics_norm
+    if cohort.clinical is not None:
+        df = ClinicalNormaliser.read(cohort.clinical)
+        clinical_norm = clinical_norm or ClinicalNormaliser().fit(df, train_ids)
+        data.clinical, data.clinical_present = clinical_norm.transform(df, pids)
+        data.clinical_columns, data.clinical_norm = clinical_norm.columns, clinical_norm
+    return data
+
+
+class _Patients(torch.utils.data.Dataset):
+    def __init__(self, data: CohortData, idx: np.ndarray):
+        self.data, self.idx = data, np.asarray(idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.idx[i])
+
+
+class Collate:
+    """Gathers patients into a padded batch dict; samples at most ``max_tiles`` tiles per bag when training."""
+
+    def __init__(self, data: CohortData, max_tiles: int | None, seed: int):
+        self.data, self.max_tiles = data, max_tiles
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        d = self.data
+        idx = np.asarray(rows)
+        batch: dict[str, torch.Tensor] = {
+            "index": torch.as_tensor(idx),
+            "time": torch.as_tensor(d.time[idx]),
+            "event": torch.as_tensor(d.event[idx]),
+            "site": torch.as_tensor(d.site[idx]),
+        }
+        if d.bags is not None:
+            bags = []
+            for i in idx:
+                b = d.bags[i]
+                if self.max_tiles is not None and len(b) > self.max_tiles:
+                    b = b[np.sort(self.rng.choice(len(b), self.max_tiles, replace=False))]
+                bags.append(b)
+            n = max(1, max(len(b) for b in bags))
+            feats = np.zeros((len(idx), n, d.feature_dim), np.float32)  # (B, N, D)
+            mask = np.zeros((len(idx), n), bool)  # (B, N)
+            for k, b in enumerate(bags):
+                feats[k, : len(b)], mask[k, : len(b)] = b, True
+            batch["features"], batch["mask"] = torch.from_numpy(feats), torch.from_numpy(mask)
+        if d.omics is not None:
+            batch["omics"] = torch.from_numpy(d.omics[idx])
+            batch["omics_mask"] = torch.from_numpy(d.omics_present[idx])
+        if d.clinical is not None:
+            batch["clinical"] = torch.from_numpy(d.clinical[idx])
+            batch["clinical_mask"] = torch.from_numpy(d.clinical_present[idx])
+        return batch
+
+
+MODEL_INPUTS = ("features", "mask", "omics", "omics_mask", "clinical", "clinical_mask")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def make_loader(data: CohortData, idx: np.ndarray, batch_size: int, train: bool, seed: int = 0,
+                max_tiles: int | None = None) -> torch.utils.data.DataLoader:  # fmt: skip
+    """Training loaders shuffle (seeded) and drop a trailing batch of one patient (no Cox risk set)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(idx)
+    drop_last = train and n > batch_size and n % batch_size == 1
+    return torch.utils.data.DataLoader(
+        _Patients(data, idx), batch_size=batch_size, shuffle=train, generator=g if train else None,
+        collate_fn=Collate(data, max_tiles if train else None, seed), drop_last=drop_last,
+    )  # fmt: skip

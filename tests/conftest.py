@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A 12-patient demo cohort (real tissue, planted truth), built once per test session."""
+    from pipeline.demo import DemoSize, build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo") / "cohort", DemoSize(patients=12, cols=5, rows=4, genes=40), seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_demo, tmp_path_factory):
+    """Features for the tiny demo with the real ImageNet encoder: (cohort path, run config, features dir)."""
+    from data_specs import load_cohort, resolve_config
+    from pipeline.extract import features_dir
+    from pipeline.run import stage_extract
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = resolve_config(None, ["extract.batch_size=32"], out=out)
+    stage_extract(load_cohort(tiny_demo), cfg, progress=False)
+    return tiny_demo, cfg, features_dir(out, cfg.extract)
