@@ -350,15 +350,28 @@ def load_cohort(path: str | Path) -> Cohort:
                 )
 
     cohort = Cohort(
-        doc.name, root, doc.time_unit, patients, omics, clinical, doc.slide_mpp, warnings,
-        frozenset(omics_ids), frozenset(clinical_ids),
-    )  # fmt: skip
+        doc.name,
+        root,
+        doc.time_unit,
+        patients,
+        omics,
+        clinical,
+        doc.slide_mpp,
+        warnings,
+        frozenset(omics_ids),
+        frozenset(clinical_ids),
+    )
     for p in patients:
         if not cohort.modalities(p):
             problems.append(
-                Problem(src, "patient has no modality (no slides, no omics row, no clinical row)", None, "patient_id",
-                        p.patient_id)
-            )  # fmt: skip
+                Problem(
+                    src,
+                    "patient has no modality (no slides, no omics row, no clinical row)",
+                    None,
+                    "patient_id",
+                    p.patient_id,
+                )
+            )
     if problems:
         raise CohortError(problems)
     for s in cohort.sites:

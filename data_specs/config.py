@@ -51,8 +51,8 @@ class ModelConfig(_Frozen):
 class TrainConfig(_Frozen):
     loss: Literal["cox"] = "cox"
     ties: Literal["efron", "breslow"] = "efron"
-    epochs: int = Field(30, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(60, ge=1)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(16, ge=2)  # patients per step; the Cox risk set lives inside a batch
     max_tiles: int = Field(512, ge=1)  # tiles sampled per patient per training step
@@ -64,7 +64,7 @@ class TrainConfig(_Frozen):
 class FederatedConfig(_Frozen):
     enabled: bool = True
     strategy: Literal["fedavg"] = "fedavg"
-    rounds: int = Field(15, ge=1)
+    rounds: int = Field(20, ge=1)
     local_epochs: int = Field(2, ge=1)
     min_sites: int = Field(1, ge=1)
 
@@ -130,6 +130,8 @@ def resolve_config(yaml_path: str | Path | None = None, overrides: list[str] | N
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(str(x) for x in er['loc'])} = {er.get('input')!r}: {er['msg']}" for er in e.errors())
+        msgs = "; ".join(
+            f"{'.'.join(str(x) for x in er['loc'])} = {er.get('input')!r}: {er['msg']}" for er in e.errors()
+        )
         src = f" in {yaml_path}" if yaml_path else ""
         raise ConfigError(f"invalid config{src}: {msgs}") from e

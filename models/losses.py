@@ -24,8 +24,9 @@ def cox_loss(
     (Efron; Breslow drops the ``r/d_j`` term). Computed by torchsurv with ``reduction="sum"`` and
     normalised here by the number of events (torchsurv's ``"mean"`` divides by distinct event times).
 
-    Policy for degenerate batches: with no event at all, or a single patient, the loss is an exact zero that still depends on
-    ``log_hz`` (so backward works and gives zero gradients); strata without events contribute nothing.
+    Policy for degenerate batches: with no event at all, or a single patient, the loss is an exact zero that
+    still depends on ``log_hz`` (so backward works and gives zero gradients); strata without events contribute
+    nothing.
 
     Args:
         log_hz: ``[B]`` (or ``[B, 1]``) float log hazards.
@@ -50,7 +51,11 @@ def cox_loss(
     with warnings.catch_warnings():  # torchsurv warns on every batch with tied times; ties are handled
         warnings.filterwarnings("ignore", "Ties in `time` detected")
         total = neg_partial_log_likelihood(
-            log_hz, event, time.reshape(-1).to(log_hz.dtype), ties_method=ties, reduction="sum",
+            log_hz,
+            event,
+            time.reshape(-1).to(log_hz.dtype),
+            ties_method=ties,
+            reduction="sum",
             strata=None if strata is None else strata.reshape(-1).long(),
-        )  # fmt: skip
+        )
     return total / n_events

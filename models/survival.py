@@ -91,9 +91,9 @@ class MultimodalSurvival(nn.Module):
         clinical_mask: torch.Tensor | None = None,
     ) -> SurvivalOutput:
         """Args:
-            features: ``[B, N, D]`` tile features; mask ``[B, N]`` bool (True = real tile).
-            omics: ``[B, G]`` standardised expression; omics_mask ``[B]`` bool (True = present).
-            clinical: ``[B, C]`` covariates; clinical_mask ``[B]`` bool.
+        features: ``[B, N, D]`` tile features; mask ``[B, N]`` bool (True = real tile).
+        omics: ``[B, G]`` standardised expression; omics_mask ``[B]`` bool (True = present).
+        clinical: ``[B, C]`` covariates; clinical_mask ``[B]`` bool.
         """
         parts, present = [], []
         attn = None

@@ -60,8 +60,9 @@ def attention_heatmap(tiles: pd.DataFrame, features_dir: Path, slide_id: str, ou
     plt.close(fig)
 
 
-def gene_integrated_gradients(model: MultimodalSurvival, data: CohortData, idx: np.ndarray,
-                              n_steps: int = 32) -> np.ndarray:  # fmt: skip
+def gene_integrated_gradients(
+    model: MultimodalSurvival, data: CohortData, idx: np.ndarray, n_steps: int = 32
+) -> np.ndarray:
     """Integrated gradients of ``log_hz`` w.r.t. each patient's omics (captum), ``[len(idx), G]``.
 
     The baseline is the training-mean expression (zero after standardisation); other modalities are
@@ -71,21 +72,22 @@ def gene_integrated_gradients(model: MultimodalSurvival, data: CohortData, idx: 
 
     assert data.omics is not None, "the cohort has no omics"
     model.eval()
-    keys = [k for k in ("features", "mask", "omics_mask", "clinical", "clinical_mask")]
-
-    def f(omics: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        kw = dict(zip([k for k in keys if k in present_keys], rest, strict=True))
-        return model(omics=omics, **kw).log_hz
-
-    ig = IntegratedGradients(f)
     out = []
     for batch in make_loader(data, idx, 16, train=False):
         inputs = model_inputs(batch)
-        present_keys = [k for k in keys if k in inputs]
-        extra = tuple(inputs[k] for k in present_keys)
-        # captum expands additional args along the batch for its interpolation steps
-        attr = ig.attribute(inputs["omics"], baselines=torch.zeros_like(inputs["omics"]),
-                            additional_forward_args=extra, n_steps=n_steps, internal_batch_size=16 * n_steps)  # fmt: skip
+        others = [k for k in inputs if k != "omics"]
+
+        def f(omics: torch.Tensor, *rest: torch.Tensor, _keys: list[str] = others) -> torch.Tensor:
+            return model(omics=omics, **dict(zip(_keys, rest, strict=True))).log_hz
+
+        # captum repeats the additional inputs along the batch for its interpolation steps
+        attr = IntegratedGradients(f).attribute(
+            inputs["omics"],
+            baselines=torch.zeros_like(inputs["omics"]),
+            additional_forward_args=tuple(inputs[k] for k in others),
+            n_steps=n_steps,
+            internal_batch_size=16 * n_steps,
+        )
         attr = attr * inputs["omics_mask"].unsqueeze(1).float()
         out.append(attr.detach().numpy())
     return np.concatenate(out)
@@ -100,9 +102,15 @@ def rank_genes(attr: np.ndarray, omics: np.ndarray, present: np.ndarray, genes: 
     mean_abs = np.abs(a).mean(axis=0)
     rho = np.array([spearmanr(x[:, j], a[:, j]).statistic if x[:, j].std() > 0 else 0.0 for j in range(len(genes))])
     rho = np.nan_to_num(rho)
-    df = pd.DataFrame({"gene": genes, "mean_abs_ig": mean_abs, "mean_ig": a.mean(axis=0), "direction_rho": rho,
-                       "direction": np.where(rho >= 0, "higher expression -> higher risk",
-                                             "higher expression -> lower risk")})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "gene": genes,
+            "mean_abs_ig": mean_abs,
+            "mean_ig": a.mean(axis=0),
+            "direction_rho": rho,
+            "direction": np.where(rho >= 0, "higher expression -> higher risk", "higher expression -> lower risk"),
+        }
+    )
     df = df.sort_values("mean_abs_ig", ascending=False, kind="stable").reset_index(drop=True)
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     return df

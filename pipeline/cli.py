@@ -26,39 +26,65 @@ log = logging.getLogger("histofuse")
 
 def _common(p: argparse.ArgumentParser, out_default: str | None = "runs/latest") -> None:
     p.add_argument("--config", type=Path, help="run config YAML (defaults <- this file <- --set)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {out_default})")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="histofuse", description="Federated multimodal survival models and biomarkers "
-                                 "from whole-slide images, gene expression and clinical data.")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="histofuse",
+        description="Federated multimodal survival models and biomarkers "
+        "from whole-slide images, gene expression and clinical data.",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("validate", help="validate a cohort spec and summarise it")
     p.add_argument("cohort", type=Path)
     p.add_argument("-v", "--verbose", action="store_true")
-    for name, hlp in (("extract", "slides -> tile features (one .h5 per slide)"),
-                      ("train", "train the survival model (federated across sites by default)"),
-                      ("run", "extract, train, predict, evaluate, attribute and report")):  # fmt: skip
+    for name, hlp in (
+        ("extract", "slides -> tile features (one .h5 per slide)"),
+        ("train", "train the survival model (federated across sites by default)"),
+        ("run", "extract, train, predict, evaluate, attribute and report"),
+    ):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("cohort", type=Path)
         _common(p)
         if name in ("train", "run"):
             g = p.add_mutually_exclusive_group()
-            g.add_argument("--federated", dest="federated", action="store_true", default=None,
-                           help="federated training across the cohort's sites (default)")  # fmt: skip
-            g.add_argument("--centralised", dest="federated", action="store_false",
-                           help="pool all training patients in one place (a reference, not for real hospitals)")
-    for name, hlp in (("predict", "risk scores for a cohort from a trained model"),
-                      ("attribute", "tile and gene attributions for a cohort from a trained model")):  # fmt: skip
+            g.add_argument(
+                "--federated",
+                dest="federated",
+                action="store_true",
+                default=None,
+                help="federated training across the cohort's sites (default)",
+            )
+            g.add_argument(
+                "--centralised",
+                dest="federated",
+                action="store_false",
+                help="pool all training patients in one place (a reference, not for real hospitals)",
+            )
+    for name, hlp in (
+        ("predict", "risk scores for a cohort from a trained model"),
+        ("attribute", "tile and gene attributions for a cohort from a trained model"),
+    ):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("cohort", type=Path)
         p.add_argument("--model", type=Path, required=True, help="model.pt written by `histofuse train`")
         p.add_argument("--out", type=Path, default=None, help="output folder (default: the model's folder)")
-        p.add_argument("--features", type=Path, default=None,
-                       help="features folder (default: extracted under --out with the model's encoder settings)")
+        p.add_argument(
+            "--features",
+            type=Path,
+            default=None,
+            help="features folder (default: extracted under --out with the model's encoder settings)",
+        )
         if name == "attribute":
             p.add_argument("--split", default="test", help="which patients: train, val, test, predict (default test)")
         p.add_argument("-v", "--verbose", action="store_true")
@@ -88,7 +114,11 @@ def _config(args: argparse.Namespace, cohort: Path | None, out_default: str):
     if out is None:
         import yaml
 
-        in_yaml = (yaml.safe_load(args.config.read_text()) or {}).get("out") if args.config and args.config.is_file() else None
+        in_yaml = (
+            (yaml.safe_load(args.config.read_text()) or {}).get("out")
+            if args.config and args.config.is_file()
+            else None
+        )
         out = Path(in_yaml) if in_yaml else Path(out_default)
     return resolve_config(args.config, ov, cohort=cohort, out=out)
 
@@ -144,7 +174,9 @@ def run_all(cohort_path: Path, cfg, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "numexpr", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from data_specs.cohort import CohortError, load_cohort
@@ -222,7 +254,9 @@ def _demo_truth(out: Path) -> None:
         print(f"planted gene ranks (of {r['n_genes']}): {r['planted_gene_ranks']}")
     if "attention_tumour_vs_other" in r:
         a = r["attention_tumour_vs_other"]
-        print(f"mean relative attention: tumour tiles {a['tumour']:.2f}, other tiles {a['other']:.2f}; AUC {a['auc']:.3f}")
+        print(
+            f"mean relative attention: tumour tiles {a['tumour']:.2f}, other tiles {a['other']:.2f}; AUC {a['auc']:.3f}"
+        )
 
 
 if __name__ == "__main__":

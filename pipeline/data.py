@@ -112,9 +112,13 @@ def build_data(
     splits = splits if splits is not None else assign_splits(cohort, val_fraction, test_fraction, seed)
     train_ids = [pids[i] for i in splits["train"]]
     data = CohortData(
-        pids, sites, site, np.array([p.time for p in cohort.patients], np.float32),
-        np.array([p.event for p in cohort.patients], bool), splits,
-    )  # fmt: skip
+        pids,
+        sites,
+        site,
+        np.array([p.time for p in cohort.patients], np.float32),
+        np.array([p.event for p in cohort.patients], bool),
+        splits,
+    )
 
     if any(p.slides for p in cohort.patients):
         if features_dir is None:
@@ -133,8 +137,10 @@ def build_data(
                 if ref is None:
                     ref = attrs
                 elif (attrs["encoder"], attrs["weights"], attrs["dim"]) != (ref["encoder"], ref["weights"], ref["dim"]):
-                    raise ValueError(f"{fpath}: encoder {attrs['encoder']}/{attrs['weights']} differs from "
-                                     f"{ref['encoder']}/{ref['weights']} used by other slides")  # fmt: skip
+                    raise ValueError(
+                        f"{fpath}: encoder {attrs['encoder']}/{attrs['weights']} differs from "
+                        f"{ref['encoder']}/{ref['weights']} used by other slides"
+                    )
                 feats.append(f)
                 tl += [(sid, int(x), int(y)) for x, y in c]
             bags.append(np.concatenate(feats) if feats else None)
@@ -217,13 +223,18 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def make_loader(data: CohortData, idx: np.ndarray, batch_size: int, train: bool, seed: int = 0,
-                max_tiles: int | None = None) -> torch.utils.data.DataLoader:  # fmt: skip
+def make_loader(
+    data: CohortData, idx: np.ndarray, batch_size: int, train: bool, seed: int = 0, max_tiles: int | None = None
+) -> torch.utils.data.DataLoader:
     """Training loaders shuffle (seeded) and drop a trailing batch of one patient (no Cox risk set)."""
     g = torch.Generator().manual_seed(seed)
     n = len(idx)
     drop_last = train and n > batch_size and n % batch_size == 1
     return torch.utils.data.DataLoader(
-        _Patients(data, idx), batch_size=batch_size, shuffle=train, generator=g if train else None,
-        collate_fn=Collate(data, max_tiles if train else None, seed), drop_last=drop_last,
-    )  # fmt: skip
+        _Patients(data, idx),
+        batch_size=batch_size,
+        shuffle=train,
+        generator=g if train else None,
+        collate_fn=Collate(data, max_tiles if train else None, seed),
+        drop_last=drop_last,
+    )

@@ -79,18 +79,29 @@ def write_pyramid_tiff(path: Path, rgb: np.ndarray, mpp: float | None, levels: i
     import tifffile
 
     h, w = rgb.shape[:2]
-    desc = "" if mpp is None else f"Aperio Image Library v12.0.0\r\n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q={quality}|AppMag = {10 / (mpp or 1):g}|MPP = {mpp}"
+    desc = (
+        ""
+        if mpp is None
+        else f"Aperio Image Library v12.0.0\r\n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q={quality}"
+        f"|AppMag = {10 / mpp:g}|MPP = {mpp}"
+    )
     tmp = path.with_name(path.name + ".tmp")
     with tifffile.TiffWriter(tmp, bigtiff=False) as tif:
         img = Image.fromarray(rgb)
         for lv in range(levels):
             arr = np.asarray(img)
             tif.write(
-                arr, tile=(256, 256), compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
-                description=(desc if lv == 0 else f"Aperio Image Library v12.0.0\r\n{arr.shape[1]}x{arr.shape[0]} -> ") if mpp
+                arr,
+                tile=(256, 256),
+                compression="jpeg",
+                compressionargs={"level": quality},
+                photometric="rgb",
+                description=(desc if lv == 0 else f"Aperio Image Library v12.0.0\r\n{arr.shape[1]}x{arr.shape[0]} -> ")
+                if mpp
                 else None,
-                subfiletype=0 if lv == 0 else 1, metadata=None,
-            )  # fmt: skip
+                subfiletype=0 if lv == 0 else 1,
+                metadata=None,
+            )
             img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.LANCZOS)
     tmp.replace(path)
 
@@ -188,9 +199,7 @@ def build_demo(out: str | Path, size: DemoSize | None = None, seed: int = 0, for
     # A few patients without omics, to show masking of a missing modality.
     no_omics = set(rng.choice(n, size=max(1, n // 30), replace=False).tolist())
     keep = [i for i in range(n) if i not in no_omics]
-    adata = ad.AnnData(
-        X=counts[keep], obs=pd.DataFrame(index=[pids[i] for i in keep]), var=pd.DataFrame(index=g_names)
-    )
+    adata = ad.AnnData(X=counts[keep], obs=pd.DataFrame(index=[pids[i] for i in keep]), var=pd.DataFrame(index=g_names))
     adata.uns["description"] = "demo cohort raw counts (negative binomial), patients x genes"
     adata.write_h5ad(out / "omics.h5ad")
 
@@ -213,16 +222,35 @@ def build_demo(out: str | Path, size: DemoSize | None = None, seed: int = 0, for
     )
     with (out / "truth" / "patients.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["patient_id", "site", "split", "oracle_log_hz", "tumour_fraction", "age"] + [f"s_{g}" for g in PLANTED])
+        w.writerow(
+            ["patient_id", "site", "split", "oracle_log_hz", "tumour_fraction", "age"] + [f"s_{g}" for g in PLANTED]
+        )
         for i in range(n):
-            w.writerow([pids[i], SITES[site_idx[i]], split[i], round(float(log_hz[i]), 5), round(float(tumour_frac[i]), 4),
-                        age[i]] + [round(float(v), 5) for v in planted_s[i]])  # fmt: skip
+            w.writerow(
+                [
+                    pids[i],
+                    SITES[site_idx[i]],
+                    split[i],
+                    round(float(log_hz[i]), 5),
+                    round(float(tumour_frac[i]), 4),
+                    age[i],
+                ]
+                + [round(float(v), 5) for v in planted_s[i]]
+            )
     with (out / "truth" / "tiles.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["slide_id", "x", "y", "is_tumour"])
         w.writerows(tiles_rows)
     (out / "truth" / "genes.json").write_text(
-        json.dumps({"planted": PLANTED, "b_tumour": B_TUMOUR, "b_age": B_AGE, "patients_without_omics": [pids[i] for i in sorted(no_omics)]}, indent=2)
+        json.dumps(
+            {
+                "planted": PLANTED,
+                "b_tumour": B_TUMOUR,
+                "b_age": B_AGE,
+                "patients_without_omics": [pids[i] for i in sorted(no_omics)],
+            },
+            indent=2,
+        )
     )
     stamp.write_text(json.dumps(want))
     return spec

@@ -23,8 +23,9 @@ def check_demo(out: Path) -> dict:
     test = risk[risk.split == "test"].merge(oracle, on="patient_id")
     r: dict = {
         "test_cindex": harrell_cindex(test.time.to_numpy(), test.event.to_numpy(bool), test.risk.to_numpy()),
-        "oracle_test_cindex": harrell_cindex(test.time.to_numpy(), test.event.to_numpy(bool),
-                                             test.oracle_log_hz.to_numpy()),  # fmt: skip
+        "oracle_test_cindex": harrell_cindex(
+            test.time.to_numpy(), test.event.to_numpy(bool), test.oracle_log_hz.to_numpy()
+        ),
         "n_test": len(test),
     }
     planted = json.loads((truth / "genes.json").read_text())["planted"]
@@ -34,9 +35,10 @@ def check_demo(out: Path) -> dict:
         r["n_genes"] = len(g)
         r["planted_gene_ranks"] = {k: int(g.loc[g.gene == k, "rank"].iloc[0]) for k in planted if (g.gene == k).any()}
         r["planted_gene_direction_correct"] = {
-            k: bool((g.loc[g.gene == k, "direction_rho"].iloc[0] > 0) == (beta > 0)) for k, beta in planted.items()
+            k: bool((g.loc[g.gene == k, "direction_rho"].iloc[0] > 0) == (beta > 0))
+            for k, beta in planted.items()
             if (g.gene == k).any()
-        }  # fmt: skip
+        }
     tiles = out / "attributions" / "tiles.csv"
     if tiles.is_file():
         from sklearn.metrics import roc_auc_score
@@ -48,8 +50,10 @@ def check_demo(out: Path) -> dict:
         # AUC within each slide (attention is relative within a bag), averaged over slides with both kinds.
         aucs = [roc_auc_score(s.is_tumour, s.attn) for _, s in t.groupby("slide_id") if s.is_tumour.nunique() == 2]
         r["attention_tumour_vs_other"] = {
-            "tumour": float(t.attn_rel[lab == 1].mean()), "other": float(t.attn_rel[lab == 0].mean()),
-            "auc": float(np.mean(aucs)) if aucs else float("nan"), "slides": len(aucs),
-        }  # fmt: skip
+            "tumour": float(t.attn_rel[lab == 1].mean()),
+            "other": float(t.attn_rel[lab == 0].mean()),
+            "auc": float(np.mean(aucs)) if aucs else float("nan"),
+            "slides": len(aucs),
+        }
     (out / "truth_check.json").write_text(json.dumps(r, indent=2))
     return r

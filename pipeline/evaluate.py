@@ -22,12 +22,17 @@ def harrell_cindex(time: np.ndarray, event: np.ndarray, log_hz: np.ndarray) -> f
         return float("nan")
 
 
-def survival_metrics(time: np.ndarray, event: np.ndarray, log_hz: np.ndarray, site: np.ndarray,
-                     sites: list[str]) -> dict:  # fmt: skip
+def survival_metrics(
+    time: np.ndarray, event: np.ndarray, log_hz: np.ndarray, site: np.ndarray, sites: list[str]
+) -> dict:
     """``{"pooled": {...}, "per_site": {site: {...}}}`` with n, events and Harrell's C-index."""
 
     def one(m: np.ndarray) -> dict:
-        return {"n": int(m.sum()), "events": int(event[m].sum()), "cindex": harrell_cindex(time[m], event[m], log_hz[m])}
+        return {
+            "n": int(m.sum()),
+            "events": int(event[m].sum()),
+            "cindex": harrell_cindex(time[m], event[m], log_hz[m]),
+        }
 
     out = {"pooled": one(np.ones(len(time), bool)), "per_site": {}}
     for k, s in enumerate(sites):

@@ -55,7 +55,11 @@ def slide_id_of(path: Path) -> str:
 
 def features_dir(out: Path, cfg: ExtractConfig) -> Path:
     """Output folder named by the parameters that define the features."""
-    return Path(out) / "features" / f"{cfg.encoder.replace('/', '_').replace(':', '_')}_{cfg.tile_px}px_{cfg.target_mpp:g}mpp"
+    return (
+        Path(out)
+        / "features"
+        / f"{cfg.encoder.replace('/', '_').replace(':', '_')}_{cfg.tile_px}px_{cfg.target_mpp:g}mpp"
+    )
 
 
 def slide_fingerprint(path: Path) -> str:
@@ -147,9 +151,25 @@ def extract_slide(
     device = _autodevice(cfg.device)
     model = enc.model.to(device)
     try:
-        _encode_into(tmp, path, grid, enc, cfg, device, model, attrs_base={**want, "slide_mpp": float(mpp),
-                     "slide_id": sid, "slide_path": str(path), "width0": int(dims[0]), "height0": int(dims[1]),
-                     "thumb_width": thumb.size[0], "thumb_height": thumb.size[1]})  # fmt: skip
+        _encode_into(
+            tmp,
+            path,
+            grid,
+            enc,
+            cfg,
+            device,
+            model,
+            attrs_base={
+                **want,
+                "slide_mpp": float(mpp),
+                "slide_id": sid,
+                "slide_path": str(path),
+                "width0": int(dims[0]),
+                "height0": int(dims[1]),
+                "thumb_width": thumb.size[0],
+                "thumb_height": thumb.size[1],
+            },
+        )
     except BaseException:
         tmp.unlink(missing_ok=True)  # never leave a half-written file behind, even on Ctrl-C
         raise
@@ -157,8 +177,16 @@ def extract_slide(
     return SlideResult(sid, str(path), "done" if n else "empty", n, time.perf_counter() - t0)
 
 
-def _encode_into(tmp: Path, path: Path, grid, enc: TileEncoder, cfg: ExtractConfig, device: torch.device,
-                 model: torch.nn.Module, attrs_base: dict) -> None:  # fmt: skip
+def _encode_into(
+    tmp: Path,
+    path: Path,
+    grid,
+    enc: TileEncoder,
+    cfg: ExtractConfig,
+    device: torch.device,
+    model: torch.nn.Module,
+    attrs_base: dict,
+) -> None:
     """Stream tiles through the encoder into ``tmp`` in chunks; never holds all tiles in memory."""
     import openslide
 
@@ -167,14 +195,26 @@ def _encode_into(tmp: Path, path: Path, grid, enc: TileEncoder, cfg: ExtractConf
         chunks = (min(n, 256), enc.dim) if n else None
         dset = f.create_dataset("features", shape=(n, enc.dim), dtype="float32", chunks=chunks)
         f.create_dataset("coords", data=grid.coords.astype(np.int64))
-        f.attrs.update({**attrs_base, "dim": enc.dim, "feature_kind": enc.feature_kind, "level": grid.level,
-                        "read_px": grid.read_px, "size0": grid.size0, "n_tiles": n})  # fmt: skip
+        f.attrs.update(
+            {
+                **attrs_base,
+                "dim": enc.dim,
+                "feature_kind": enc.feature_kind,
+                "level": grid.level,
+                "read_px": grid.read_px,
+                "size0": grid.size0,
+                "n_tiles": n,
+            }
+        )
         if n:
             ds = TileDataset(path, grid, enc.transform)
             loader = torch.utils.data.DataLoader(
-                ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                ds,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
                 persistent_workers=False,
-            )  # fmt: skip
+            )
             use_amp = device.type == "cuda"
             try:
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

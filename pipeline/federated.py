@@ -68,7 +68,9 @@ def concordant_pairs(time: np.ndarray, event: np.ndarray, log_hz: np.ndarray) ->
     if event.sum() == 0 or len(time) < 2:
         return 0.0, 0.0
     try:
-        _, conc, disc, tied, _ = concordance_index_censored(event.astype(bool), time.astype(float), log_hz.astype(float))
+        _, conc, disc, tied, _ = concordance_index_censored(
+            event.astype(bool), time.astype(float), log_hz.astype(float)
+        )
     except ValueError:
         return 0.0, 0.0
     return conc + 0.5 * tied, float(conc + disc + tied)
@@ -85,8 +87,15 @@ class SiteClient:
         site_rank: position of the site in the federation (decorrelates local shuffling seeds).
     """
 
-    def __init__(self, site: str, data: CohortData, train_idx: np.ndarray, val_idx: np.ndarray, cfg: RunConfig,
-                 site_rank: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        site: str,
+        data: CohortData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        cfg: RunConfig,
+        site_rank: int = 0,
+    ):
         self.site, self.data, self.cfg, self.rank = site, data, cfg, site_rank
         self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
         self.n_events = int(data.event[self.train_idx].sum())
@@ -120,8 +129,19 @@ class SiteClient:
         lh, _ = predict_log_hz(module.model, self.data, self.val_idx)
         t, e = self.data.time[self.val_idx], self.data.event[self.val_idx]
         conc, comp = concordant_pairs(t, e, lh)
-        return Evaluation(len(self.val_idx), {"cindex": harrell_cindex(t, e, lh), "concordant": conc,
-                                              "comparable": comp})  # fmt: skip
+        from models.losses import cox_loss
+
+        nll = float(cox_loss(torch.from_numpy(lh), torch.from_numpy(e), torch.from_numpy(t), ties=self.cfg.train.ties))
+        return Evaluation(
+            len(self.val_idx),
+            {
+                "cindex": harrell_cindex(t, e, lh),
+                "concordant": conc,
+                "comparable": comp,
+                "loss_sum": nll * float(e.sum()),
+                "events": float(e.sum()),
+            },
+        )
 
 
 class FedAvg:
@@ -147,9 +167,14 @@ def _save_state(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def run_federated(data: CohortData, cfg: RunConfig, out: Path | None = None, progress: bool = False,
-                  clients: list[SiteClient] | None = None) -> tuple[MultimodalSurvival, dict]:  # fmt: skip
-    """The embedded runtime: sites in-process, FedAvg, best round by pooled validation C-index.
+def run_federated(
+    data: CohortData,
+    cfg: RunConfig,
+    out: Path | None = None,
+    progress: bool = False,
+    clients: list[SiteClient] | None = None,
+) -> tuple[MultimodalSurvival, dict]:
+    """The embedded runtime: sites in-process, FedAvg, best round by pooled validation Cox loss.
 
     Each round: every site trains from the global weights and returns a delta; the server averages the
     deltas weighted by example count; every site evaluates the new global model on its validation
@@ -177,35 +202,48 @@ def run_federated(data: CohortData, cfg: RunConfig, out: Path | None = None, pro
             try:
                 updates.append(c.fit(global_arrays, conf))
             except Exception as e:  # a failing site must not take the federation down
-                log.warning("round %d: site %s failed (%s: %s); dropped from this round", rnd, c.site, type(e).__name__, e)
+                log.warning(
+                    "round %d: site %s failed (%s: %s); dropped from this round", rnd, c.site, type(e).__name__, e
+                )
                 dropped.append(c.site)
         if len(updates) < fc.min_sites:
-            raise RuntimeError(f"round {rnd}: only {len(updates)} site(s) answered, fewer than min_sites={fc.min_sites}")
+            raise RuntimeError(
+                f"round {rnd}: only {len(updates)} site(s) answered, fewer than min_sites={fc.min_sites}"
+            )
         global_arrays = strategy.aggregate(global_arrays, updates)
         evals = {c.site: c.evaluate(global_arrays, conf) for c in clients}
         conc = sum(e.metrics.get("concordant", 0.0) for e in evals.values())
         comp = sum(e.metrics.get("comparable", 0.0) for e in evals.values())
         val_c = conc / comp if comp > 0 else float("nan")
+        ev_n = sum(e.metrics.get("events", 0.0) for e in evals.values())
+        val_loss = sum(e.metrics.get("loss_sum", 0.0) for e in evals.values()) / ev_n if ev_n else float("nan")
         rec = {
-            "round": rnd, "val_cindex": val_c, "seconds": _time.perf_counter() - t0, "dropped": dropped,
-            "train_loss": float(np.average([u.metrics["train_loss"] for u in updates],
-                                           weights=[u.num_examples for u in updates])),
+            "round": rnd,
+            "val_cindex": val_c,
+            "val_loss": val_loss,
+            "seconds": _time.perf_counter() - t0,
+            "dropped": dropped,
+            "train_loss": float(
+                np.average([u.metrics["train_loss"] for u in updates], weights=[u.num_examples for u in updates])
+            ),
             "site_val_cindex": {s: e.metrics.get("cindex", float("nan")) for s, e in evals.items()},
             "bytes_per_site": int(sum(a.nbytes for a in updates[0].arrays.values())),
-        }  # fmt: skip
+        }
         history.append(rec)
-        log.info("round %d: val C-index %.3f, loss %.4f", rnd, val_c, rec["train_loss"])
-        score = val_c if np.isfinite(val_c) else -1.0
+        log.info("round %d: val C-index %.3f, val loss %.4f, train loss %.4f", rnd, val_c, val_loss, rec["train_loss"])
+        # Select on the pooled validation partial likelihood: smoother than a C-index over a few pairs.
+        score = -val_loss if np.isfinite(val_loss) else -np.inf
         if best is None or score > best[0]:
             best = (score, rnd, {k: v.copy() for k, v in global_arrays.items()})
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            _save_state(out / "server_state.pt", {"round": rnd, "global": global_arrays, "best": best,
-                                                  "history": history, "config": cfg.to_dict()})  # fmt: skip
+            _save_state(
+                out / "server_state.pt",
+                {"round": rnd, "global": global_arrays, "best": best, "history": history, "config": cfg.to_dict()},
+            )
     assert best is not None
     load_arrays(model, best[2])
-    info = {"best_round": best[1], "best_val_cindex": best[0], "history": history,
-            "sites": [c.site for c in clients]}  # fmt: skip
+    info = {"best_round": best[1], "best_val_loss": -best[0], "history": history, "sites": [c.site for c in clients]}
     if out is not None:
         (out / "federated_history.json").write_text(json.dumps(info, indent=2, default=float))
     return model.eval(), info

@@ -34,19 +34,28 @@ def read_omics(src: OmicsSource):  # -> anndata.AnnData (patients x genes)
             col = bad[0]
             row = df.index[pd.to_numeric(df[col], errors="coerce").isna()][0]
             raise ValueError(f"{src.path}: gene column '{col}' is not numeric (patient '{row}': {df.loc[row, col]!r})")
-        adata = ad.AnnData(X=df.to_numpy(np.float32), obs=pd.DataFrame(index=df.index.astype(str)),
-                           var=pd.DataFrame(index=df.columns.astype(str)))  # fmt: skip
+        adata = ad.AnnData(
+            X=df.to_numpy(np.float32),
+            obs=pd.DataFrame(index=df.index.astype(str)),
+            var=pd.DataFrame(index=df.columns.astype(str)),
+        )
     adata.obs_names = adata.obs_names.astype(str)
     if not adata.var_names.is_unique:
-        raise ValueError(f"{src.path}: duplicate gene names, e.g. {adata.var_names[adata.var_names.duplicated()][:3].tolist()}")
+        raise ValueError(
+            f"{src.path}: duplicate gene names, e.g. {adata.var_names[adata.var_names.duplicated()][:3].tolist()}"
+        )
     x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
     if not np.isfinite(x).all():
         i, j = np.argwhere(~np.isfinite(x))[0]
-        raise ValueError(f"{src.path}: missing or infinite value for patient '{adata.obs_names[i]}', gene '{adata.var_names[j]}'")
+        raise ValueError(
+            f"{src.path}: missing or infinite value for patient '{adata.obs_names[i]}', gene '{adata.var_names[j]}'"
+        )
     if src.values == "counts" and (x < 0).any():
         i, j = np.argwhere(x < 0)[0]
-        raise ValueError(f"{src.path}: negative count {x[i, j]} for patient '{adata.obs_names[i]}', gene "
-                         f"'{adata.var_names[j]}' (values: counts); set values: log for already-log data")  # fmt: skip
+        raise ValueError(
+            f"{src.path}: negative count {x[i, j]} for patient '{adata.obs_names[i]}', gene "
+            f"'{adata.var_names[j]}' (values: counts); set values: log for already-log data"
+        )
     adata.X = x.astype(np.float32)
     return adata
 
@@ -70,8 +79,14 @@ class OmicsNormaliser:
     std: np.ndarray | None = None
     values: str = "counts"
 
-    def fit(self, adata, train_ids: list[str], panel: list[str] | None = None, max_genes: int | None = None,
-            values: str = "counts") -> OmicsNormaliser:  # fmt: skip
+    def fit(
+        self,
+        adata,
+        train_ids: list[str],
+        panel: list[str] | None = None,
+        max_genes: int | None = None,
+        values: str = "counts",
+    ) -> OmicsNormaliser:
         ids = [i for i in train_ids if i in set(adata.obs_names)]
         if len(ids) < 2:
             raise ValueError(f"need omics for at least 2 training patients to fit normalisation, found {len(ids)}")
@@ -97,8 +112,9 @@ class OmicsNormaliser:
         missing = [g for g in self.genes if g not in set(adata.var_names)]
         if missing:
             raise ValueError(f"omics file lacks {len(missing)} gene(s) of the model's panel, e.g. {missing[:5]}")
-        x = pd.DataFrame(_log_normalise(adata, self.values), index=list(adata.obs_names),
-                         columns=list(adata.var_names))[self.genes]  # fmt: skip
+        x = pd.DataFrame(
+            _log_normalise(adata, self.values), index=list(adata.obs_names), columns=list(adata.var_names)
+        )[self.genes]
         out = np.zeros((len(patient_ids), len(self.genes)), np.float32)
         present = np.array([p in x.index for p in patient_ids])
         if present.any():
@@ -137,8 +153,10 @@ class ClinicalNormaliser:
             if bad.any():
                 pid = df.index[bad][0]
                 row = int(np.flatnonzero(bad.to_numpy())[0]) + 1
-                raise ValueError(f"{src.path}, row {row}: field '{c}' = {df.loc[pid, c]!r} (patient '{pid}') is "
-                                 "not numeric; encode categories as numbers or one-hot columns")  # fmt: skip
+                raise ValueError(
+                    f"{src.path}, row {row}: field '{c}' = {df.loc[pid, c]!r} (patient '{pid}') is "
+                    "not numeric; encode categories as numbers or one-hot columns"
+                )
             df[c] = num.astype(np.float64)
         return df
 

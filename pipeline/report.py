@@ -28,14 +28,20 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
     if rs.is_file():
         df = pd.read_csv(rs)
         summ = df.groupby("site").agg(patients=("patient_id", "size"), events=("event", "sum")).reset_index()
-        parts += ["<h2>Cohort</h2>", _table(summ),
-                  f"<p>{len(df)} patients; modalities: {html.escape(str(df.modalities.value_counts().to_dict()))}</p>"]  # fmt: skip
+        parts += [
+            "<h2>Cohort</h2>",
+            _table(summ),
+            f"<p>{len(df)} patients; modalities: {html.escape(str(df.modalities.value_counts().to_dict()))}</p>",
+        ]
     mj = out / "metrics.json"
     if mj.is_file():
         m = json.loads(mj.read_text())
         rows = [{"scope": "pooled", **m["pooled"]}] + [{"scope": s, **v} for s, v in m["per_site"].items()]
-        parts += [f"<h2>Metrics ({html.escape(m['split'])} set)</h2>", _table(pd.DataFrame(rows)),
-                  f"<p>Log-rank p (high vs low risk): {m.get('logrank_p', float('nan')):.3g}</p>"]  # fmt: skip
+        parts += [
+            f"<h2>Metrics ({html.escape(m['split'])} set)</h2>",
+            _table(pd.DataFrame(rows)),
+            f"<p>Log-rank p (high vs low risk): {m.get('logrank_p', float('nan')):.3g}</p>",
+        ]
         km = out / f"km_{m['split']}.png"
         if km.is_file():
             parts.append(_img(km))
@@ -57,16 +63,23 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
         parts.append("<h2>Tile attention heatmaps</h2><div>" + "".join(_img(p, 360) for p in hm) + "</div>")
     cfg = out / "config.yaml"
     if cfg.is_file():
-        parts += ["<h2>Resolved config</h2>", f"<pre>{html.escape(yaml.safe_dump(yaml.safe_load(cfg.read_text())))}</pre>"]
+        parts += [
+            "<h2>Resolved config</h2>",
+            f"<pre>{html.escape(yaml.safe_dump(yaml.safe_load(cfg.read_text())))}</pre>",
+        ]
     from importlib.metadata import version
 
     vers = {p: version(p) for p in ("torch", "timm", "lightning", "scikit-survival", "captum", "scanpy")}
     parts.append(f"<h2>Versions</h2><pre>{html.escape(json.dumps(vers, indent=1))}</pre>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table.t{border-collapse:collapse;margin:.5em 0}table.t td,table.t th{padding:2px 8px;"
-             "border-bottom:1px solid #ddd;text-align:right}img{margin:4px}")  # fmt: skip
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table.t{border-collapse:collapse;margin:.5em 0}table.t td,table.t th{padding:2px 8px;"
+        "border-bottom:1px solid #ddd;text-align:right}img{margin:4px}"
+    )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    )
     path = out / "report.html"
     tmp = path.with_name(".report.html.tmp")
     tmp.write_text(page)

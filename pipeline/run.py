@@ -57,8 +57,15 @@ def stage_extract(cohort: Cohort, cfg: RunConfig, progress: bool = True) -> Path
 def load_run_data(cohort: Cohort, cfg: RunConfig) -> CohortData:
     fdir = features_dir(cfg.out, cfg.extract) if any(p.slides for p in cohort.patients) else None
     t = cfg.train
-    return build_data(cohort, fdir, seed=t.seed, val_fraction=t.val_fraction, test_fraction=t.test_fraction,
-                      gene_panel=cfg.omics.gene_panel, max_genes=cfg.omics.max_genes)  # fmt: skip
+    return build_data(
+        cohort,
+        fdir,
+        seed=t.seed,
+        val_fraction=t.val_fraction,
+        test_fraction=t.test_fraction,
+        gene_panel=cfg.omics.gene_panel,
+        max_genes=cfg.omics.max_genes,
+    )
 
 
 def stage_train(cohort: Cohort, cfg: RunConfig, progress: bool = True) -> Path:
@@ -104,14 +111,24 @@ def data_for_model(cohort: Cohort, bundle: dict, fdir: Path | None) -> CohortDat
     labels = np.array([splits_saved.get(p.patient_id, p.split or "predict") for p in cohort.patients])
     splits = {s: np.flatnonzero(labels == s) for s in ("train", "val", "test", "predict")}
     feat = bundle.get("features")
-    expect = {"encoder": feat["encoder"], "weights": feat["weights"], "tile_px": feat["tile_px"],
-              "target_mpp": feat["target_mpp"]} if feat else None  # fmt: skip
+    expect = (
+        {
+            "encoder": feat["encoder"],
+            "weights": feat["weights"],
+            "tile_px": feat["tile_px"],
+            "target_mpp": feat["target_mpp"],
+        }
+        if feat
+        else None
+    )
     data = build_data(
-        cohort, fdir, splits=splits,
+        cohort,
+        fdir,
+        splits=splits,
         omics_norm=OmicsNormaliser.from_state(bundle["omics"]) if bundle.get("omics") else None,
         clinical_norm=ClinicalNormaliser.from_state(bundle["clinical"]) if bundle.get("clinical") else None,
         expect_features=expect,
-    )  # fmt: skip
+    )
     if data.model_dims() != bundle["model_dims"]:
         raise ValueError(f"cohort modalities {data.model_dims()} do not match the model's {bundle['model_dims']}")
     return data
@@ -127,12 +144,18 @@ def stage_predict(model_path: Path, cohort: Cohort, out: Path, fdir: Path | None
     lh, _ = predict_log_hz(model, data, idx)
     cut = bundle["cutpoints"]["median"]
     labels = {data.patient_ids[i]: s for s, ix in data.splits.items() for i in ix}
-    df = pd.DataFrame({
-        "patient_id": data.patient_ids, "site": [data.sites[k] for k in data.site],
-        "split": [labels[p] for p in data.patient_ids], "risk": np.round(lh, 6),
-        "risk_group": np.where(lh > cut, "high", "low"), "modalities": [_modalities(data, i) for i in idx],
-        "time": data.time, "event": data.event.astype(int),
-    })  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "patient_id": data.patient_ids,
+            "site": [data.sites[k] for k in data.site],
+            "split": [labels[p] for p in data.patient_ids],
+            "risk": np.round(lh, 6),
+            "risk_group": np.where(lh > cut, "high", "low"),
+            "modalities": [_modalities(data, i) for i in idx],
+            "time": data.time,
+            "event": data.event.astype(int),
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "risk_scores.csv"
     df.to_csv(path.with_name(".risk_scores.csv.tmp"), index=False)
@@ -149,21 +172,28 @@ def stage_evaluate(risk_csv: Path, out: Path, split: str = "test") -> dict:
     if d.empty:
         raise ValueError(f"{risk_csv}: no patients in split '{split}'")
     sites = sorted(d.site.unique())
-    m = survival_metrics(d.time.to_numpy(), d.event.to_numpy(bool), d.risk.to_numpy(),
-                         np.array([sites.index(s) for s in d.site]), sites)  # fmt: skip
+    m = survival_metrics(
+        d.time.to_numpy(), d.event.to_numpy(bool), d.risk.to_numpy(), np.array([sites.index(s) for s in d.site]), sites
+    )
     m["split"] = split
-    m["logrank_p"] = km_by_group(d.time.to_numpy(), d.event.to_numpy(), d.risk_group.to_numpy(), out / f"km_{split}.png",
-                                 title=f"{split} set:")  # fmt: skip
+    m["logrank_p"] = km_by_group(
+        d.time.to_numpy(), d.event.to_numpy(), d.risk_group.to_numpy(), out / f"km_{split}.png", title=f"{split} set:"
+    )
     _write_json(out / "metrics.json", m)
     return m
 
 
-def stage_attribute(model_path: Path, cohort: Cohort, out: Path, fdir: Path | None, split: str = "test",
-                    max_heatmaps: int = 6) -> dict[str, Path]:  # fmt: skip
+def stage_attribute(
+    model_path: Path, cohort: Cohort, out: Path, fdir: Path | None, split: str = "test", max_heatmaps: int = 6
+) -> dict[str, Path]:
     """Tile attention (CSV + heatmaps) and gene integrated gradients (per patient + ranked) for ``split``."""
     from pipeline.attribution import (
-        attention_heatmap, gene_integrated_gradients, rank_genes, tile_attention, write_gene_attributions,
-    )  # fmt: skip
+        attention_heatmap,
+        gene_integrated_gradients,
+        rank_genes,
+        tile_attention,
+        write_gene_attributions,
+    )
     from pipeline.train import load_bundle
 
     model, bundle = load_bundle(model_path)

@@ -45,8 +45,14 @@ class SurvivalModule(L.LightningModule):
         stratify: stratify the partial likelihood by site (baseline hazards differ between hospitals).
     """
 
-    def __init__(self, model: MultimodalSurvival, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 ties: str = "efron", stratify: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model: MultimodalSurvival,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        ties: str = "efron",
+        stratify: bool = True,
+    ):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
@@ -84,7 +90,7 @@ class SurvivalModule(L.LightningModule):
 
 
 class KeepBest(L.Callback):
-    """Keeps the state dict of the epoch with the best ``val_cindex`` (ties: the later epoch with lower loss)."""
+    """Keeps the state dict of the epoch with the lowest validation Cox loss (smoother than a small-sample C)."""
 
     def __init__(self) -> None:
         self.best: tuple[float, float] | None = None
@@ -94,28 +100,43 @@ class KeepBest(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or "val_cindex" not in trainer.callback_metrics:
             return
-        score = (float(trainer.callback_metrics["val_cindex"]), -float(trainer.callback_metrics["val_loss"]))
+        score = (-float(trainer.callback_metrics["val_loss"]), float(trainer.callback_metrics["val_cindex"]))
         if self.best is None or score > self.best:
             self.best, self.epoch = score, trainer.current_epoch
             self.state = copy.deepcopy(module.model.state_dict())
 
 
-def make_trainer(epochs: int, callbacks: list[L.Callback] | None = None, progress: bool = False,
-                 validate: bool = True) -> L.Trainer:  # fmt: skip
+def make_trainer(
+    epochs: int, callbacks: list[L.Callback] | None = None, progress: bool = False, validate: bool = True
+) -> L.Trainer:
     """The one Trainer recipe used by local and federated training (CPU unless a GPU is present)."""
     return L.Trainer(
-        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=progress, enable_model_summary=False, deterministic=True,
-        num_sanity_val_steps=0, callbacks=callbacks or [], limit_val_batches=1.0 if validate else 0,
-    )  # fmt: skip
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+        callbacks=callbacks or [],
+        limit_val_batches=1.0 if validate else 0,
+    )
 
 
 def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
     """A freshly initialised backbone (seeded by ``cfg.train.seed``) sized for the cohort's modalities."""
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    return build_model(**data.model_dims(), hidden=m.hidden, omics_hidden=m.omics_hidden,
-                       clinical_hidden=m.clinical_hidden, dropout=m.dropout, fusion=m.fusion)  # fmt: skip
+    return build_model(
+        **data.model_dims(),
+        hidden=m.hidden,
+        omics_hidden=m.omics_hidden,
+        clinical_hidden=m.clinical_hidden,
+        dropout=m.dropout,
+        fusion=m.fusion,
+    )
 
 
 def new_module(model: MultimodalSurvival, cfg: RunConfig) -> SurvivalModule:
@@ -123,8 +144,13 @@ def new_module(model: MultimodalSurvival, cfg: RunConfig) -> SurvivalModule:
     return SurvivalModule(model, lr=t.lr, weight_decay=t.weight_decay, ties=t.ties)
 
 
-def fit_local(data: CohortData, cfg: RunConfig, train_idx: np.ndarray | None = None,
-              val_idx: np.ndarray | None = None, progress: bool = False) -> tuple[SurvivalModule, dict]:  # fmt: skip
+def fit_local(
+    data: CohortData,
+    cfg: RunConfig,
+    train_idx: np.ndarray | None = None,
+    val_idx: np.ndarray | None = None,
+    progress: bool = False,
+) -> tuple[SurvivalModule, dict]:
     """Centralised training on ``train_idx`` (default: the train split), best epoch by validation C-index."""
     t = cfg.train
     train_idx = data.splits["train"] if train_idx is None else train_idx
@@ -139,12 +165,17 @@ def fit_local(data: CohortData, cfg: RunConfig, train_idx: np.ndarray | None = N
     trainer.fit(module, *loaders)
     if keep.state is not None:
         module.model.load_state_dict(keep.state)
-    return module, {"best_epoch": keep.epoch, "best_val_cindex": keep.best[0] if keep.best else None}
+    return module, {
+        "best_epoch": keep.epoch,
+        "best_val_loss": -keep.best[0] if keep.best else None,
+        "best_val_cindex": keep.best[1] if keep.best else None,
+    }
 
 
 @torch.inference_mode()
-def predict_log_hz(model: MultimodalSurvival, data: CohortData, idx: np.ndarray,
-                   with_attention: bool = False) -> tuple[np.ndarray, list[np.ndarray] | None]:  # fmt: skip
+def predict_log_hz(
+    model: MultimodalSurvival, data: CohortData, idx: np.ndarray, with_attention: bool = False
+) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """``log_hz [len(idx)]`` in ``idx`` order, and each patient's tile attention (unpadded) if asked."""
     model.eval()
     out, attn = [], []
@@ -169,10 +200,12 @@ def save_bundle(path: Path, model: MultimodalSurvival, data: CohortData, cfg: Ru
         "omics": data.omics_norm.state() if data.omics_norm else None,
         "clinical": data.clinical_norm.state() if data.clinical_norm else None,
         "sites": data.sites,
-        "cutpoints": {"median": float(np.median(train_lh)) if len(train_lh) else 0.0,
-                      "tertiles": [float(v) for v in np.quantile(train_lh, [1 / 3, 2 / 3])] if len(train_lh) else []},
+        "cutpoints": {
+            "median": float(np.median(train_lh)) if len(train_lh) else 0.0,
+            "tertiles": [float(v) for v in np.quantile(train_lh, [1 / 3, 2 / 3])] if len(train_lh) else [],
+        },
         **extra,
-    }  # fmt: skip
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(bundle, tmp)
@@ -183,9 +216,17 @@ def load_bundle(path: Path) -> tuple[MultimodalSurvival, dict]:
     """Rebuild the model from a bundle; returns ``(model in eval mode, bundle)``."""
     b = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{path}: not a histofuse model bundle (format {b.get('format') if isinstance(b, dict) else '?'})")
+        raise ValueError(
+            f"{path}: not a histofuse model bundle (format {b.get('format') if isinstance(b, dict) else '?'})"
+        )
     m = b["config"]["model"]
-    model = build_model(**b["model_dims"], hidden=m["hidden"], omics_hidden=m["omics_hidden"],
-                        clinical_hidden=m["clinical_hidden"], dropout=m["dropout"], fusion=m["fusion"])  # fmt: skip
+    model = build_model(
+        **b["model_dims"],
+        hidden=m["hidden"],
+        omics_hidden=m["omics_hidden"],
+        clinical_hidden=m["clinical_hidden"],
+        dropout=m["dropout"],
+        fusion=m["fusion"],
+    )
     model.load_state_dict(b["state_dict"])
     return model.eval(), b

@@ -46,8 +46,10 @@ def main() -> None:
     from pipeline.slides import TileDataset, open_slide, slide_mpp, thumbnail, tile_grid, tissue_mask
 
     alloc = {k: os.environ.get(k, "unset") for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-          f"cuda={'yes' if torch.cuda.is_available() else 'no'}; allocator {alloc}")  # fmt: skip
+    print(
+        f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"cuda={'yes' if torch.cuda.is_available() else 'no'}; allocator {alloc}"
+    )
     with tempfile.TemporaryDirectory() as td:
         path = Path(td) / "bench.tif"
         _slide(path, args.side)
@@ -71,8 +73,9 @@ def main() -> None:
             rate = n / (time.perf_counter() - t0)
             print(f"reader + transform, {workers} workers   : {rate:8.1f} tiles/s  ({rate / raw:.2f}x raw)")
 
-        sub = grid.__class__(coords[: args.tiles], grid.level, grid.read_px, grid.tile_px, grid.mpp, grid.target_mpp,
-                             grid.size0)  # fmt: skip
+        sub = grid.__class__(
+            coords[: args.tiles], grid.level, grid.read_px, grid.tile_px, grid.mpp, grid.target_mpp, grid.size0
+        )
         for workers in (0, 1):
             dl = torch.utils.data.DataLoader(TileDataset(path, sub, enc.transform), batch_size=64, num_workers=workers)
             t0 = time.perf_counter()

@@ -16,7 +16,9 @@ def tiny_demo(tmp_path_factory) -> Path:
     """A 12-patient demo cohort (real tissue, planted truth), built once per test session."""
     from pipeline.demo import DemoSize, build_demo
 
-    return build_demo(tmp_path_factory.mktemp("demo") / "cohort", DemoSize(patients=12, cols=5, rows=4, genes=40), seed=3)
+    return build_demo(
+        tmp_path_factory.mktemp("demo") / "cohort", DemoSize(patients=12, cols=5, rows=4, genes=40), seed=3
+    )
 
 
 @pytest.fixture(scope="session")

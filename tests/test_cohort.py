@@ -73,7 +73,9 @@ def test_omics_patients_must_match(tmp_path):
 
 def test_missing_omics_allowed_when_asked(tmp_path):
     path = _write(tmp_path, [_row("P1"), _row("P2")], omics_ids=["P1"])
-    path.write_text(path.read_text().replace("omics: {path: omics.csv}", "omics: {path: omics.csv, allow_missing: true}"))
+    path.write_text(
+        path.read_text().replace("omics: {path: omics.csv}", "omics: {path: omics.csv, allow_missing: true}")
+    )
     c = load_cohort(path)
     assert c.modalities(c.patients[1]) == ("slides",)
     assert any("no omics data (masked)" in w for w in c.warnings)

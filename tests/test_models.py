@@ -47,8 +47,9 @@ def test_empty_bag_is_zero_and_masked_in_fusion():
     mask = torch.tensor([[True, True, False], [False, False, False]])
     om = torch.randn(2, 5)
     out1 = m(feats, mask, om, torch.ones(2, dtype=torch.bool)).log_hz
-    out2 = m(feats * 7, mask * torch.tensor([[1, 1, 1], [0, 0, 0]], dtype=torch.bool), om,
-             torch.ones(2, dtype=torch.bool)).log_hz
+    out2 = m(
+        feats * 7, mask * torch.tensor([[1, 1, 1], [0, 0, 0]], dtype=torch.bool), om, torch.ones(2, dtype=torch.bool)
+    ).log_hz
     assert out1[1] == out2[1]  # the empty bag's garbage features never matter
 
 
@@ -97,8 +98,13 @@ def test_cox_loss_matches_statsmodels(ties, stratified):
     beta = 0.7
     strata = rng.integers(0, 3, n) if stratified else None
     ref = -_statsmodels_loglike(time, event, x, beta, strata, ties) / event.sum()
-    got = cox_loss(torch.tensor(x * beta), torch.tensor(event), torch.tensor(time),
-                   None if strata is None else torch.tensor(strata), ties)
+    got = cox_loss(
+        torch.tensor(x * beta),
+        torch.tensor(event),
+        torch.tensor(time),
+        None if strata is None else torch.tensor(strata),
+        ties,
+    )
     assert float(got) == pytest.approx(ref, rel=1e-6, abs=1e-8)
 
 

@@ -101,8 +101,11 @@ def test_extract_file_contents_resume_and_failures(tmp_path, he_rgb, tiny_encode
     # features equal a direct encoding of the tile at the stored coordinate
     import torch
 
-    ds = TileDataset(good, tile_grid(open_slide(good), tissue_mask(thumbnail(open_slide(good), 1024)), 0.5, 0.5, 224, 0.5),
-                     tiny_encoder.transform)
+    ds = TileDataset(
+        good,
+        tile_grid(open_slide(good), tissue_mask(thumbnail(open_slide(good), 1024)), 0.5, 0.5, 224, 0.5),
+        tiny_encoder.transform,
+    )
     with torch.inference_mode():
         direct = tiny_encoder.model(ds[3][0][None]).numpy()[0]
     np.testing.assert_allclose(f[3], direct, rtol=1e-4, atol=1e-5)

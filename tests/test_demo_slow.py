@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--patients", "40", "--set", "federated.rounds=5"]) == 0
+    printed = capsys.readouterr().out
+    assert "oracle C-index on the same test patients" in printed
+    r = json.loads((out / "truth_check.json").read_text())
+    assert 0 <= r["test_cindex"] <= 1 and r["oracle_test_cindex"] > 0.6  # the planted hazard is real signal
+    assert set(r["planted_gene_ranks"]) == {"MKI67", "FOXM1", "CCNB1", "ESR1", "PGR"}
+    assert r["attention_tumour_vs_other"]["slides"] > 0  # every attended tile matched a planted tile
+    # Tissue detection: every kept tile is a planted tissue block (precision 1) and almost all blocks are
+    # kept (a pale skin block can fall under the 50% tissue threshold).
+    import h5py
+
+    truth = pd.read_csv(out / "cohort" / "truth" / "tiles.csv")
+    kept = set()
+    for f in (out / "features").glob("*/*.h5"):
+        with h5py.File(f) as h:
+            kept |= {(f.stem, int(x), int(y)) for x, y in h["coords"][:]}
+    planted = set(zip(truth.slide_id, truth.x, truth.y, strict=True))
+    assert kept <= planted
+    assert len(kept) >= 0.99 * len(planted)

