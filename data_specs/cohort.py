@@ -48,7 +48,7 @@ class Problem:
         where = self.file + (f", row {self.row}" if self.row is not None else "")
         what = f" field '{self.field}'" if self.field else ""
         val = f" = {self.value!r}" if self.value is not None else ""
-        return f"{where}:{what}{val}: {self.message}"
+        return f"{where}:{what}{val}: {self.message}" if what or val else f"{where}: {self.message}"
 
 
 class CohortError(ValueError):

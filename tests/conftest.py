@@ -2,13 +2,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub look-up in tests
 
-from pathlib import Path
+from pathlib import Path  # noqa: E402
 
-import pytest
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
