@@ -12,27 +12,38 @@ import torch
 from pipeline.cli import main
 
 
-def test_run_end_to_end(tiny_features, capsys):
+@pytest.fixture(scope="module")
+def e2e_run(tiny_features):
+    """``histofuse run`` on the tiny demo cohort once: (cohort, out folder, exit code, stdout)."""
+    import contextlib
+    import io
+
     cohort, cfg, fdir = tiny_features
     out = cfg.out
-    rc = main(
-        [
-            "run",
-            str(cohort),
-            "--out",
-            str(out),
-            "--set",
-            "federated.rounds=2",
-            "--set",
-            "federated.local_epochs=1",
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            "extract.batch_size=32",
-        ]
-    )
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(
+            [
+                "run",
+                str(cohort),
+                "--out",
+                str(out),
+                "--set",
+                "federated.rounds=2",
+                "--set",
+                "federated.local_epochs=1",
+                "--set",
+                "train.batch_size=4",
+                "--set",
+                "extract.batch_size=32",
+            ]
+        )
+    return cohort, out, rc, buf.getvalue()
+
+
+def test_run_end_to_end(e2e_run):
+    cohort, out, rc, printed = e2e_run
     assert rc == 0
-    printed = capsys.readouterr().out
     assert "test C-index (pooled" in printed and "report.html" in printed
     for f in (
         "config.yaml",
@@ -71,17 +82,17 @@ def test_run_end_to_end(tiny_features, capsys):
     np.testing.assert_allclose(rs2.risk, rs.risk, atol=1e-5)
 
 
-def test_predict_refuses_other_encoder_features(tiny_features, tmp_path, capsys):
-    cohort, cfg, fdir = tiny_features
-    if not (cfg.out / "model.pt").is_file():
-        pytest.skip("needs the end-to-end run's model")
+def test_predict_refuses_other_encoder_features(e2e_run, tiny_features, tmp_path, capsys):
+    cohort, out, rc, _ = e2e_run
+    assert rc == 0
+    fdir = tiny_features[2]
     other = tmp_path / "feat"
     shutil.copytree(fdir, other)
     for f in other.glob("*.h5"):
         with h5py.File(f, "a") as h:
             h.attrs["encoder"] = "resnet50"
     rc = main(
-        ["predict", str(cohort), "--model", str(cfg.out / "model.pt"), "--out", str(tmp_path), "--features", str(other)]
+        ["predict", str(cohort), "--model", str(out / "model.pt"), "--out", str(tmp_path), "--features", str(other)]
     )
     assert rc == 2
     err = capsys.readouterr().err
