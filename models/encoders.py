@@ -140,7 +140,7 @@ def build_encoder(name: str, weights: str | Path | None = None, random_weights: 
                 f"encoder '{name}': could not load from the Hugging Face hub ({type(e).__name__}: {e}). "
                 "Offline, download it once into the hub cache or pass a local weights file."
             ) from e
-        return _finish(model, name, "hub", "pathology" if "uni" in name.lower() else "unknown")
+        return _finish(model, name, "hub", "unknown")  # the hub does not say what a model was trained on
     if name not in timm.list_models():
         raise ValueError(
             f"unknown encoder '{name}': valid names are {list_encoders()}, any timm architecture "
