@@ -12,18 +12,19 @@ import torch
 
 from models.survival import MultimodalSurvival
 from pipeline.data import CohortData, make_loader, model_inputs
-from pipeline.train import predict_log_hz
 
 log = logging.getLogger(__name__)
 
 
-def tile_attention(model: MultimodalSurvival, data: CohortData, idx: np.ndarray) -> pd.DataFrame:
-    """One row per tile: patient_id, slide_id, x, y (level 0), attn, and attn x n_tiles (1 = uniform)."""
-    if data.bags is None:
-        return pd.DataFrame(columns=["patient_id", "slide_id", "x", "y", "attn", "attn_rel"])
-    _, attn = predict_log_hz(model, data, idx, with_attention=True)
+def tile_attention(data: CohortData, idx: np.ndarray, attn: list[np.ndarray]) -> pd.DataFrame:
+    """One row per tile: patient_id, slide_id, x, y (level 0), attn, and attn x n_tiles (1 = uniform).
+
+    Args:
+        idx: the patients, in the order of ``attn``.
+        attn: each patient's unpadded tile attention, as returned by ``predict_log_hz(..., with_attention=True)``.
+    """
     rows = []
-    for i, a in zip(idx, attn or [], strict=True):
+    for i, a in zip(idx, attn, strict=True):
         tiles = data.tiles[i]  # type: ignore[index]
         assert len(tiles) == len(a), "attention and tile list out of step"
         for (sid, x, y), w in zip(tiles, a, strict=True):

@@ -87,12 +87,13 @@ class OmicsNormaliser:
         max_genes: int | None = None,
         values: str = "counts",
     ) -> OmicsNormaliser:
-        ids = [i for i in train_ids if i in set(adata.obs_names)]
+        have_ids, have_genes = set(adata.obs_names), set(adata.var_names)
+        ids = [i for i in train_ids if i in have_ids]
         if len(ids) < 2:
             raise ValueError(f"need omics for at least 2 training patients to fit normalisation, found {len(ids)}")
         self.values = values
         genes = list(adata.var_names) if panel is None else list(panel)
-        missing = [g for g in genes if g not in set(adata.var_names)]
+        missing = [g for g in genes if g not in have_genes]
         if missing:
             raise ValueError(f"{len(missing)} panel gene(s) absent from the omics file, e.g. {missing[:5]}")
         x = _log_normalise(adata[ids], values)
@@ -109,7 +110,8 @@ class OmicsNormaliser:
     def transform(self, adata, patient_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Standardised ``omics [P, G]`` and ``present [P]`` for ``patient_ids`` (zeros where absent)."""
         assert self.mean is not None and self.std is not None, "fit() first"
-        missing = [g for g in self.genes if g not in set(adata.var_names)]
+        have_genes = set(adata.var_names)
+        missing = [g for g in self.genes if g not in have_genes]
         if missing:
             raise ValueError(f"omics file lacks {len(missing)} gene(s) of the model's panel, e.g. {missing[:5]}")
         x = pd.DataFrame(

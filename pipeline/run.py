@@ -206,13 +206,13 @@ def stage_attribute(
     adir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     if data.bags is not None and fdir is not None:
-        tiles = tile_attention(model, data, idx)
+        from pipeline.train import predict_log_hz
+
+        lh, attn = predict_log_hz(model, data, idx, with_attention=True)  # one pass: risk and attention
+        tiles = tile_attention(data, idx, attn or [])
         tiles.to_csv(adir / "tiles.csv", index=False)
         written["tiles"] = adir / "tiles.csv"
         (adir / "heatmaps").mkdir(exist_ok=True)
-        from pipeline.train import predict_log_hz
-
-        lh, _ = predict_log_hz(model, data, idx)
         order = np.argsort(-lh)  # the highest- and lowest-risk patients are the most telling
         pick = list(dict.fromkeys([*order[: max_heatmaps // 2], *order[::-1][: max_heatmaps - max_heatmaps // 2]]))
         for j in pick:
