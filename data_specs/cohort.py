@@ -60,15 +60,22 @@ class CohortError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in cohort:\n{lines}")
 
 
+Orientation = Literal["auto", "patients_by_genes", "genes_by_patients"]
+
+
 class OmicsSource(BaseModel):
-    """Where gene expression lives. ``h5ad``: AnnData with patients as ``obs_names``; ``csv``/``tsv``:
-    first column patient_id, one column per gene."""
+    """Where gene expression lives. ``h5ad``: AnnData with patients as ``obs_names`` (or as ``var_names``);
+    ``csv``/``tsv``: first column the row ids, one row per patient or one row per gene (``orientation``,
+    detected from the cohort's patient ids when ``auto``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     path: Path
     format: Literal["auto", "h5ad", "csv", "tsv"] = "auto"
     values: Literal["counts", "log"] = "counts"  # counts -> normalize_total + log1p; log -> used as is
     allow_missing: bool = False  # cohort patients absent from the file: error (False) or masked (True)
+    orientation: Orientation = "auto"
+    gene_column: str | None = None  # gene identifiers from this h5ad var column / CSV column (genes as rows)
+    impute: Literal["none", "mean", "zero"] = "none"  # missing values: error, training mean, or 0
 
     def resolved_format(self) -> str:
         if self.format != "auto":
@@ -85,6 +92,7 @@ class ClinicalSource(BaseModel):
     id_column: str = "patient_id"
     columns: tuple[str, ...] | None = None  # default: every column but the id
     allow_missing: bool = False
+    categorical: tuple[str, ...] | None = None  # one-hot columns; default: those with non-numeric values
 
 
 class CohortFile(BaseModel):
@@ -226,22 +234,50 @@ def _parse_rows(rows: list[dict[str, Any]], src: str, root: Path, problems: list
     return patients
 
 
-def read_omics_ids(src: OmicsSource) -> list[str]:
-    """Patient ids in an omics file, in file order, without loading the matrix."""
+def detect_orientation(
+    rows: list[str], cols: list[str], patient_ids: list[str] | set[str] | None, declared: str, file: str
+) -> str:
+    """``patients_by_genes`` or ``genes_by_patients`` for a table with row ids ``rows`` and column ids
+    ``cols``: ``declared`` unless it is ``auto``; then the axis sharing more ids with the cohort's
+    patients (rows when no patient ids are known). Raises ``ValueError`` when neither axis matches."""
+    if declared != "auto":
+        return declared
+    if patient_ids is None:
+        return "patients_by_genes"
+    ids = set(patient_ids)
+    in_rows = sum(str(r).strip() in ids for r in rows)
+    in_cols = sum(str(c).strip() in ids for c in cols)
+    if in_rows == 0 and in_cols == 0:
+        raise ValueError(
+            f"{file}: cannot tell the orientation: neither the row ids (e.g. {list(rows)[:3]}) nor the column ids "
+            f"(e.g. {list(cols)[:3]}) match the cohort's patient ids; set orientation: patients_by_genes or "
+            "genes_by_patients in the omics section"
+        )
+    return "genes_by_patients" if in_cols > in_rows else "patients_by_genes"
+
+
+def read_omics_ids(src: OmicsSource, patient_ids: list[str] | set[str] | None = None) -> list[str]:
+    """Patient ids in an omics file, in file order, without loading the matrix (orientation declared or
+    detected against ``patient_ids``)."""
     fmt = src.resolved_format()
     if fmt == "h5ad":
         import anndata as ad
 
         a = ad.read_h5ad(src.path, backed="r")
         try:
-            return [str(x) for x in a.obs_names]
+            obs, var = [str(x) for x in a.obs_names], [str(x) for x in a.var_names]
         finally:
             a.file.close()
+        orient = detect_orientation(obs, var, patient_ids, src.orientation, str(src.path))
+        return obs if orient == "patients_by_genes" else var
     delim = "\t" if fmt == "tsv" else ","
     with src.path.open(newline="") as fh:
         reader = csv.reader(fh, delimiter=delim)
-        next(reader, None)
-        return [r[0].strip() for r in reader if r]
+        header = [h.strip() for h in next(reader, [])]
+        first = [r[0].strip() for r in reader if r]
+    cols = [h for h in header[1:] if h != src.gene_column]
+    orient = detect_orientation(first, cols, patient_ids, src.orientation, str(src.path))
+    return first if orient == "patients_by_genes" else cols
 
 
 def read_clinical_ids(src: ClinicalSource) -> list[str]:
@@ -334,7 +370,10 @@ def load_cohort(path: str | Path) -> Cohort:
         if not omics.path.is_file():
             problems.append(Problem(str(path), "omics file not found", None, "omics.path", str(omics.path)))
         else:
-            omics_ids = read_omics_ids(omics)
+            try:
+                omics_ids = read_omics_ids(omics, ids)
+            except ValueError as e:
+                problems.append(Problem(str(omics.path), str(e).removeprefix(f"{omics.path}: ")))
             warnings += _check_coverage("omics", omics.path, omics_ids, ids, omics.allow_missing, problems)
     if clinical is not None:
         if not clinical.path.is_file():

@@ -16,7 +16,14 @@ import torch
 
 from data_specs.cohort import Cohort
 from pipeline.extract import load_features, slide_id_of
-from pipeline.omics import ClinicalNormaliser, OmicsNormaliser, read_omics, read_panel
+from pipeline.omics import (
+    MIN_SUMMARY_PATIENTS,
+    ClinicalNormaliser,
+    OmicsNormaliser,
+    read_gmt,
+    read_omics,
+    read_panel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,10 @@ class CohortData:
         bags: per patient ``features [N_i, D]`` float32 (all slides concatenated; ``N_i`` may be 0).
         tiles: per patient ``[(slide_id, x, y), ...]`` aligned with ``bags``.
         omics: ``[P, G]`` float32; omics_present ``[P]`` bool. clinical/clinical_present likewise.
+            With gene sets, ``G`` is the number of pathway tokens ``T`` and ``genes`` their names.
+        genes: names of the omics columns (genes, or pathway tokens).
+        pathways: pathway token names ``[T]`` (empty without gene sets); pathway_genes: per token, its
+            member genes (standardised genes averaged into the token).
         time ``[P]`` float32, event ``[P]`` bool, site ``[P]`` int (index into ``sites``).
     """
 
@@ -45,6 +56,8 @@ class CohortData:
     omics: np.ndarray | None = None
     omics_present: np.ndarray | None = None
     genes: list[str] = field(default_factory=list)
+    pathways: list[str] = field(default_factory=list)
+    pathway_genes: list[list[str]] = field(default_factory=list)
     clinical: np.ndarray | None = None
     clinical_present: np.ndarray | None = None
     clinical_columns: list[str] = field(default_factory=list)
@@ -103,14 +116,22 @@ def build_data(
     omics_norm: OmicsNormaliser | None = None,
     clinical_norm: ClinicalNormaliser | None = None,
     expect_features: dict | None = None,
+    gene_sets: Path | dict[str, list[str]] | None = None,
+    min_pathway_genes: int = 3,
 ) -> CohortData:
-    """Align every modality to the cohort. Normalisers are fitted on the train split unless given
-    (prediction reuses the model's). ``expect_features``: attributes every features file must carry."""
+    """Align every modality to the cohort. ``expect_features``: attributes every features file must carry.
+
+    Normalisers are given (prediction reuses the model's) or fitted on the train split the way a
+    federation fits them: each site summarises its own training patients
+    (:meth:`OmicsNormaliser.site_summary`, :meth:`ClinicalNormaliser.site_summary`) and the cohort-level
+    statistics come from those summaries only; raw values are never pooled across sites. A site with
+    fewer than 2 training patients for a modality contributes no summary (a warning): a one-patient
+    summary would be that patient's values.
+    """
     pids = [p.patient_id for p in cohort.patients]
     sites = cohort.sites
     site = np.array([sites.index(p.site) for p in cohort.patients])
     splits = splits if splits is not None else assign_splits(cohort, val_fraction, test_fraction, seed)
-    train_ids = [pids[i] for i in splits["train"]]
     data = CohortData(
         pids,
         sites,
@@ -152,19 +173,62 @@ def build_data(
         data.tiles, data.feature_dim = tiles, dim
         data.feature_attrs = {k: ref[k] for k in ("encoder", "weights", "feature_kind", "dim", "tile_px", "target_mpp")}
 
+    site_train = {s: [pids[i] for i in idx] for s, idx in data.subset_sites(np.asarray(splits["train"])).items()}
     if cohort.omics is not None:
-        adata = read_omics(cohort.omics)
+        adata = read_omics(cohort.omics, pids)
         if omics_norm is None:
             panel = read_panel(gene_panel) if isinstance(gene_panel, Path | str) else gene_panel
-            omics_norm = OmicsNormaliser().fit(adata, train_ids, panel, max_genes, cohort.omics.values)
+            sets = read_gmt(gene_sets) if isinstance(gene_sets, Path | str) else gene_sets
+            have = set(adata.obs_names)
+            summaries = _site_summaries(
+                "omics",
+                site_train,
+                have,
+                lambda ids: OmicsNormaliser.site_summary(adata, ids, cohort.omics.values),  # type: ignore[union-attr]
+            )
+            omics_norm = OmicsNormaliser.from_summaries(summaries, panel, max_genes, sets, min_pathway_genes)
         data.omics, data.omics_present = omics_norm.transform(adata, pids)
-        data.genes, data.omics_norm = omics_norm.genes, omics_norm
+        data.genes, data.omics_norm = omics_norm.features, omics_norm
+        data.pathways = list(omics_norm.pathways)
+        data.pathway_genes = [[omics_norm.genes[k] for k in m] for m in omics_norm.pathway_members]
     if cohort.clinical is not None:
         df = ClinicalNormaliser.read(cohort.clinical)
-        clinical_norm = clinical_norm or ClinicalNormaliser().fit(df, train_ids)
+        if clinical_norm is None:
+            have = set(df.index)
+            summaries = _site_summaries(
+                "clinical", site_train, have, lambda ids: ClinicalNormaliser.site_summary(df, ids)
+            )
+            clinical_norm = ClinicalNormaliser.from_summaries(summaries)
         data.clinical, data.clinical_present = clinical_norm.transform(df, pids)
         data.clinical_columns, data.clinical_norm = clinical_norm.columns, clinical_norm
     return data
+
+
+def _site_summaries(kind: str, site_train: dict[str, list[str]], have: set[str], summarise) -> list[dict]:
+    """One summary per site with enough training patients for ``kind``; ``ValueError`` when no site has."""
+    out = []
+    for s, ids in site_train.items():
+        ids = [i for i in ids if i in have]
+        if len(ids) < MIN_SUMMARY_PATIENTS:
+            if ids:
+                log.warning(
+                    "site %s: %d training patient(s) with %s data, fewer than %d: the site's %s summary is left "
+                    "out of the cohort-level statistics",
+                    s,
+                    len(ids),
+                    kind,
+                    MIN_SUMMARY_PATIENTS,
+                    kind,
+                )
+            continue
+        out.append(summarise(ids))
+    if not out:
+        n = sum(len([i for i in ids if i in have]) for ids in site_train.values())
+        raise ValueError(
+            f"no site has {MIN_SUMMARY_PATIENTS} or more training patients with {kind} data "
+            f"({n} in all): cannot fit the {kind} normalisation"
+        )
+    return out
 
 
 class _Patients(torch.utils.data.Dataset):
