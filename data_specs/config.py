@@ -35,8 +35,12 @@ class ExtractConfig(_Frozen):
 
 
 class OmicsConfig(_Frozen):
+    """Omics feature space, fitted on training patients from per-site summaries (see pipeline.omics)."""
+
     gene_panel: Path | None = None  # one gene per line; default: every gene in the file
-    max_genes: int | None = None  # keep the most variable genes on training patients (None: all)
+    max_genes: int | None = Field(None, ge=1)  # highly variable genes (scanpy seurat rule) on training patients
+    gene_sets: Path | None = None  # GMT file: features become pathway tokens (mean of standardised genes)
+    min_pathway_genes: int = Field(3, ge=1)  # gene sets with fewer genes present are dropped
 
 
 class ModelConfig(_Frozen):

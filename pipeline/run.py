@@ -65,6 +65,8 @@ def load_run_data(cohort: Cohort, cfg: RunConfig) -> CohortData:
         test_fraction=t.test_fraction,
         gene_panel=cfg.omics.gene_panel,
         max_genes=cfg.omics.max_genes,
+        gene_sets=cfg.omics.gene_sets,
+        min_pathway_genes=cfg.omics.min_pathway_genes,
     )
 
 
