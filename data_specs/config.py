@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Frozen(BaseModel):
@@ -29,9 +29,19 @@ class ExtractConfig(_Frozen):
     tile_px: int = Field(224, ge=16)
     thumbnail_px: int = Field(1024, ge=64)  # longest side of the thumbnail the tissue mask is computed on
     min_tissue: float = Field(0.5, ge=0, le=1)  # minimum tissue fraction for a tile to be kept
-    batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(0, ge=0)
+    overlap_px: int = Field(0, ge=0)  # overlap of neighbouring tiles, in tile pixels (< tile_px)
+    remove_pen: bool = False  # drop blue/green/black pen ink from the tissue mask
+    max_background: float = Field(0.9, gt=0, le=1)  # reject a read tile with more near-white/black pixels (1: off)
+    batch_size: int | Literal["auto"] = 64  # "auto": largest that fits on the GPU (64 on CPU)
+    num_workers: int = Field(0, ge=0)  # DataLoader workers per slide, each with its own slide handle
+    prefetch_factor: int = Field(4, ge=1)  # batches each worker reads ahead
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the encoder's own on GPU, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the encoder (pays off on GPUs for long runs)
+    slide_mpp: float | None = Field(None, gt=0)  # microns per pixel for slides whose metadata lacks it
+    shard: str | None = None  # "K/N": process the K-th of N parts of the cohort (1 <= K <= N)
+    retry_failed: bool = False  # retry slides recorded as failed by an earlier run
 
 
 class OmicsConfig(_Frozen):
@@ -44,33 +54,107 @@ class OmicsConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    mil: Literal["gated_attention"] = "gated_attention"
-    fusion: Literal["concat"] = "concat"
+    """The survival network (models.MultimodalSurvival)."""
+
+    mil: Literal["gated_attention", "transmil"] = "gated_attention"  # tile pooling (ABMIL or transformer)
+    mil_layers: int = Field(2, ge=1)  # transmil blocks
+    mil_heads: int = Field(4, ge=1)  # transmil and co-attention heads; must divide hidden
+    fusion: Literal["concat", "bilinear", "coattention"] = "concat"  # coattention needs slides and omics
+    omics_encoder: Literal["mlp", "linear"] = "mlp"  # linear: genes enter the log hazard as a linear term
+    omics_groups: int = Field(6, ge=1)  # genomic tokens for coattention (contiguous gene groups)
     hidden: int = Field(128, ge=4)  # attention / modality embedding width
     omics_hidden: int = Field(64, ge=4)
     clinical_hidden: int = Field(16, ge=2)
     dropout: float = Field(0.25, ge=0, lt=1)
 
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelConfig:
+        if (self.mil == "transmil" or self.fusion == "coattention") and self.hidden % self.mil_heads:
+            raise ValueError(f"model.hidden={self.hidden} must be divisible by model.mil_heads={self.mil_heads}")
+        if self.fusion == "coattention" and self.omics_encoder != "mlp":
+            raise ValueError("model.fusion=coattention embeds genes as tokens: model.omics_encoder must be 'mlp'")
+        return self
+
 
 class TrainConfig(_Frozen):
-    loss: Literal["cox"] = "cox"
-    ties: Literal["efron", "breslow"] = "efron"
+    """Optimisation and the survival loss."""
+
+    loss: Literal["cox", "nll"] = "cox"  # Cox partial likelihood, or discrete-time hazards NLL
+    ties: Literal["efron", "breslow"] = "efron"  # Cox ties
+    stratify: bool = True  # Cox: stratify the partial likelihood by site
+    memory_bank: int = Field(0, ge=0)  # Cox: recent patients (detached) added to each batch's risk set
+    n_bins: int = Field(4, ge=1)  # nll: time bins from quantiles of training event times
+    nll_alpha: float = Field(0.0, ge=0, le=1)  # nll: extra weight on uncensored patients
     epochs: int = Field(60, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(16, ge=2)  # patients per step; the Cox risk set lives inside a batch
+    batch_size: int = Field(16, ge=1)  # patients per step; 1 needs loss=nll or a Cox memory_bank
     max_tiles: int = Field(512, ge=1)  # tiles sampled per patient per training step
     val_fraction: float = Field(0.2, ge=0, lt=1)
     test_fraction: float = Field(0.25, ge=0, lt=1)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _cox_needs_a_risk_set(self) -> TrainConfig:
+        if self.loss == "cox" and self.batch_size < 2 and self.memory_bank < 1:
+            raise ValueError(
+                "train.batch_size=1 gives the Cox loss no risk set: set train.memory_bank (e.g. 32) or train.loss=nll"
+            )
+        return self
+
 
 class FederatedConfig(_Frozen):
+    """Federated training across the cohort's sites (one Flower ClientApp/ServerApp for both runtimes).
+
+    Strategies: ``fedsgd`` (one full-batch local gradient per round, server SGD), ``fedavg``, ``fedprox``
+    (local loss + mu/2 ||w - w_global||^2), ``fedadam`` / ``fedyogi`` (server Adam/Yogi on the mean
+    pseudo-gradient, Reddi et al. 2021). DP (``dp_noise`` > 0): each site clips its update to ``dp_clip``
+    (L2), the server adds Gaussian noise ``dp_noise * dp_clip / n_sites`` to the equal-weight mean.
+    """
+
     enabled: bool = True
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Literal["fedsgd", "fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
     rounds: int = Field(20, ge=1)
     local_epochs: int = Field(2, ge=1)
-    min_sites: int = Field(1, ge=1)
+    min_sites: int = Field(1, ge=1)  # a round with fewer answering sites fails the run
+    weighting: Literal["examples", "events"] = "examples"  # weight of a site's update in the mean
+    server_lr: float | None = Field(None, gt=0)  # None: 1.0 (fedavg/fedprox), 0.1 (fedsgd), 0.01 (fedadam/yogi)
+    proximal_mu: float = Field(0.01, ge=0)  # FedProx
+    beta1: float = Field(0.9, ge=0, lt=1)  # FedAdam/FedYogi
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)  # adaptivity (epsilon) of FedAdam/FedYogi
+    secagg: bool = False  # Flower SecAgg+ (masks + secret sharing): the server sees only the sum
+    secagg_shares: int = Field(3, ge=2)  # SecAgg+ shares per site's secrets (capped at the number of sites)
+    secagg_threshold: int = Field(2, ge=1)  # shares needed to reconstruct a dropped site's mask
+    secagg_clip: float = Field(1.0, gt=0)  # SecAgg+ quantisation range [-clip, clip] of weight/max_weight * update
+    secagg_max_weight: float = Field(1000.0, gt=0)  # largest site weight SecAgg+ expects (patients or events)
+    dp_noise: float = Field(0.0, ge=0)  # Gaussian noise multiplier (0: no DP)
+    dp_clip: float = Field(1.0, gt=0)  # L2 clipping norm of each site's update
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
+    round_timeout: float | None = Field(None, gt=0)  # seconds; a site answering later is dropped from the round
+
+
+class EvaluateConfig(_Frozen):
+    """Risk groups, survival horizons and metric settings (predict / evaluate)."""
+
+    risk_groups: Literal["median", "tertiles"] = "median"  # cut-points fixed on the training patients' risks
+    horizons: list[float] | None = None  # survival probability / td-AUC times; None: training event-time quartiles
+    bootstrap: int = Field(200, ge=0)  # patient resamples for confidence intervals (0: none)
+    seed: int = 0
+
+
+class AttributeConfig(_Frozen):
+    """Tile and gene attributions, phenotypes, biomarker table, faithfulness (attribute / report)."""
+
+    max_heatmaps: int = Field(6, ge=0)  # slides with heatmaps, GeoJSON and galleries (highest/lowest risk)
+    gallery_k: int = Field(6, ge=1)  # top- and bottom-k tiles per slide, cut at full resolution
+    ig_steps: int = Field(32, ge=2)  # integrated-gradients interpolation steps
+    top_genes: int = Field(20, ge=1)  # genes carried into the biomarker table
+    phenotypes: bool = True  # Leiden clusters of tile embeddings (scanpy)
+    leiden_resolution: float = Field(0.5, gt=0)
+    max_phenotype_tiles: int = Field(20000, ge=100)  # tile subsample for the neighbour graph
+    deletion_steps: int = Field(10, ge=2)  # points on each deletion curve
+    seed: int = 0
 
 
 class RunConfig(_Frozen):
@@ -81,6 +165,8 @@ class RunConfig(_Frozen):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     federated: FederatedConfig = FederatedConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    attribute: AttributeConfig = AttributeConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

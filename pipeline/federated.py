@@ -1,20 +1,23 @@
 """Federated training: each site runs the unchanged local training step and returns only a model update.
 
-The protocol is Flower's shape (a ClientApp's ``fit``/``evaluate`` handlers receive the global arrays and
-a config and return arrays + a count + scalar metrics), so :class:`SiteClient` can sit inside a Flower
-``ClientApp`` unchanged. What leaves a site (:class:`Update`, :class:`Evaluation`) is, by construction,
-only: the weight delta of the trainable parameters (float32 arrays, keyed by parameter name), the number
-of training patients, and scalar metrics. Never features, omics, clinical values, times, events or ids.
+Two halves, neither of which imports Flower (``pipeline.flower_app`` wraps them in a Flower ClientApp and
+ServerApp, run by the embedded in-process runtime or by Flower's deployment engine):
 
-The embedded runtime (:func:`run_federated`) runs every site in-process, deterministically.
+- :class:`SiteClient` (one hospital): from the global trainable weights and a round config it returns an
+  :class:`Update` holding only the update of the trainable parameters (the true full-batch gradient for
+  FedSGD; the weight delta, i.e. pseudo-gradient, for local-epoch strategies), a weight (its number of
+  training patients or events) and scalar metrics; and an :class:`Evaluation` (count + scalars) of the
+  global model on its validation patients. Never features, omics, clinical values, times, events or ids.
+- :class:`FederatedServer`: weighted mean of the updates, optional DP noise (with an RDP accountant),
+  a server optimizer (SGD, FedAvg, FedAdam, FedYogi), pooled validation every round, the best round's
+  weights, and an atomic checkpoint after every finished round so a killed run resumes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
-import time as _time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from data_specs.config import RunConfig
+from data_specs.config import FederatedConfig, RunConfig
 from models.survival import MultimodalSurvival
 from pipeline.data import CohortData, make_loader
 from pipeline.evaluate import harrell_cindex
@@ -32,12 +35,20 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 
+STRATEGIES = ("fedsgd", "fedavg", "fedprox", "fedadam", "fedyogi")
+DEFAULT_SERVER_LR = {"fedsgd": 0.1, "fedavg": 1.0, "fedprox": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
+STATE_FILE = "server_state.pt"
+
 
 @dataclass
 class Update:
-    """The only thing a site sends after local training."""
+    """The only thing a site sends after local training.
 
-    arrays: Arrays  # weight delta (local - global) per trainable parameter
+    ``arrays``: per trainable parameter, the weight delta (local - global) or, for FedSGD, the gradient of
+    the local loss; float32, same shapes as the parameters. ``num_examples``: the update's weight.
+    """
+
+    arrays: Arrays
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -76,6 +87,37 @@ def concordant_pairs(time: np.ndarray, event: np.ndarray, log_hz: np.ndarray) ->
     return conc + 0.5 * tied, float(conc + disc + tied)
 
 
+class ProximalTerm(L.Callback):
+    """FedProx from outside the training step: adds ``mu * (w - w_global)`` to every trainable gradient.
+
+    That is the gradient of ``(mu / 2) * ||w - w_global||^2``, so training with this callback equals
+    training on ``loss + (mu / 2) * ||w - w_global||^2`` (tested). ``w_global`` is the weights at fit start.
+    """
+
+    def __init__(self, mu: float):
+        self.mu = float(mu)
+        self.anchor: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.anchor = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with torch.no_grad():
+            for p, a in zip((p for p in pl_module.parameters() if p.requires_grad), self.anchor, strict=True):
+                prox = self.mu * (p - a)
+                if p.grad is None:
+                    p.grad = prox.clone()
+                else:
+                    p.grad.add_(prox)
+
+
+def clip_l2(arrays: Arrays, max_norm: float) -> tuple[Arrays, float]:
+    """Scale the whole update so its global L2 norm is at most ``max_norm``; returns (clipped, norm before)."""
+    norm = math.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in arrays.values()))
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return {k: (a * scale).astype(np.float32) for k, a in arrays.items()}, norm
+
+
 class SiteClient:
     """One hospital. Holds its own data; trains with the same Lightning step as local training.
 
@@ -100,26 +142,65 @@ class SiteClient:
         self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
         self.n_events = int(data.event[self.train_idx].sum())
         if self.n_events < 2:
+            # Policy: reported, not fatal. Its updates are (near) zero under a site-stratified Cox loss.
             log.warning("site %s has %d training event(s): its updates carry little signal", site, self.n_events)
+
+    def initial_arrays(self) -> Arrays:
+        """The seeded initial trainable weights (identical at every site with the same config)."""
+        return trainable_arrays(new_model(self.data, self.cfg))
 
     def _module(self, arrays: Arrays):
         module = new_module(new_model(self.data, self.cfg), self.cfg)
         load_arrays(module.model, arrays)
         return module
 
+    def _seed(self, rnd: int) -> int:
+        return self.cfg.train.seed + 7919 * rnd + 104729 * self.rank
+
     def fit(self, arrays: Arrays, config: dict) -> Update:
-        """Train locally for ``config['local_epochs']`` from the global weights; return the delta."""
+        """Local training from the global weights.
+
+        ``config``: ``round``, ``mode`` (``delta``: train ``local_epochs`` and return local - global;
+        ``gradient``: return the gradient of the loss over all training patients, no step),
+        ``local_epochs``, ``proximal_mu`` (FedProx), ``dp_clip`` (> 0: clip the update's L2 norm, send
+        weight 1 and no metrics), ``weighting`` (``examples`` or ``events``).
+        """
         rnd = int(config.get("round", 0))
-        seed = self.cfg.train.seed + 7919 * rnd + 104729 * self.rank
+        seed = self._seed(rnd)
         module = self._module(arrays)
         L.seed_everything(seed, workers=True, verbose=False)
-        trainer = make_trainer(int(config.get("local_epochs", 1)), validate=False)
-        loader = make_loader(self.data, self.train_idx, self.cfg.train.batch_size, True, seed, self.cfg.train.max_tiles)
-        trainer.fit(module, loader)
-        new = trainable_arrays(module.model)
-        delta = {k: (new[k] - arrays[k]).astype(np.float32) for k in arrays}
-        loss = float(trainer.callback_metrics.get("train_loss", torch.tensor(float("nan"))))
-        return Update(delta, len(self.train_idx), {"train_loss": loss, "train_events": float(self.n_events)})
+        if config.get("mode", "delta") == "gradient":
+            module.train()
+            module.zero_grad(set_to_none=True)
+            n = len(self.train_idx)
+            batch = next(iter(make_loader(self.data, self.train_idx, n, True, seed, self.cfg.train.max_tiles)))
+            loss_t = module.loss(batch, module(batch).log_hz)  # the training step's own forward + loss
+            loss_t.backward()
+            params = dict(module.model.named_parameters())
+            upd = {
+                k: (params[k].grad.detach().cpu().numpy() if params[k].grad is not None else np.zeros_like(v))
+                for k, v in arrays.items()
+            }
+            loss = float(loss_t.detach())
+        else:
+            mu = float(config.get("proximal_mu", 0.0))
+            trainer = make_trainer(
+                int(config.get("local_epochs", 1)), [ProximalTerm(mu)] if mu > 0 else [], validate=False
+            )
+            loader = make_loader(
+                self.data, self.train_idx, self.cfg.train.batch_size, True, seed, self.cfg.train.max_tiles
+            )
+            trainer.fit(module, loader)
+            new = trainable_arrays(module.model)
+            upd = {k: new[k] - arrays[k] for k in arrays}
+            loss = float(trainer.callback_metrics.get("train_loss", torch.tensor(float("nan"))))
+        upd = {k: v.astype(np.float32) for k, v in upd.items()}
+        clip = float(config.get("dp_clip", 0.0))
+        if clip > 0:  # sensitivity bounded by the clip; equal weights; no data-derived scalars leave the site
+            upd, _ = clip_l2(upd, clip)
+            return Update(upd, 1, {})
+        weight = self.n_events if config.get("weighting", "examples") == "events" else len(self.train_idx)
+        return Update(upd, int(weight), {"train_loss": loss, "train_events": float(self.n_events)})
 
     def evaluate(self, arrays: Arrays, config: dict) -> Evaluation:
         """Validation of the global model on this site's validation patients: scalars only."""
@@ -144,21 +225,95 @@ class SiteClient:
         )
 
 
+def weighted_mean(updates: list[Update]) -> Arrays | None:
+    """Example-weighted mean of the update arrays (float64 accumulation); None when all weights are 0."""
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        return None
+    keys = updates[0].arrays.keys()
+    return {k: sum(u.arrays[k].astype(np.float64) * (u.num_examples / total) for u in updates) for k in keys}
+
+
 class FedAvg:
-    """Server side: example-weighted mean of the site deltas, applied with ``server_lr`` (1.0 = FedAvg)."""
+    """Example-weighted mean of the site deltas, applied with ``server_lr`` (1.0 = FedAvg)."""
 
     def __init__(self, server_lr: float = 1.0):
         self.server_lr = server_lr
 
     def aggregate(self, global_arrays: Arrays, updates: list[Update]) -> Arrays:
-        total = sum(u.num_examples for u in updates)
-        if total == 0:
+        mean = weighted_mean(updates)
+        if mean is None:
             return global_arrays
+        return {k: (g + self.server_lr * mean[k]).astype(np.float32) for k, g in global_arrays.items()}
+
+
+class ServerOptimizer:
+    """Applies the aggregated update to the global weights.
+
+    ``fedsgd``: ``w <- w - lr * g`` (``g``: mean gradient). ``fedavg``/``fedprox``: ``w <- w + lr * d``
+    (``d``: mean delta). ``fedadam``/``fedyogi`` (Reddi et al., "Adaptive Federated Optimization", 2021):
+    ``m <- b1 m + (1 - b1) d``; Adam ``v <- b2 v + (1 - b2) d^2``, Yogi ``v <- v - (1 - b2) d^2 sign(v - d^2)``
+    (``v0 = tau^2``); ``w <- w + lr_t m / (sqrt(v) + tau)`` with Adam's bias correction in ``lr_t``.
+    """
+
+    def __init__(self, strategy: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown federated strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+        self.strategy, self.lr, self.b1, self.b2, self.tau = strategy, lr, beta1, beta2, tau
+        self.t = 0
+        self.m: Arrays | None = None
+        self.v: Arrays | None = None
+
+    def step(self, global_arrays: Arrays, update: Arrays) -> Arrays:
+        self.t += 1
+        if self.strategy == "fedsgd":
+            return {k: (g - self.lr * update[k]).astype(np.float32) for k, g in global_arrays.items()}
+        if self.strategy in ("fedavg", "fedprox"):
+            return {k: (g + self.lr * update[k]).astype(np.float32) for k, g in global_arrays.items()}
+        if self.m is None or self.v is None:
+            self.m = {k: np.zeros_like(v, np.float64) for k, v in update.items()}
+            self.v = {k: np.full_like(v, self.tau**2, np.float64) for k, v in update.items()}
+        lr_t = self.lr * math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
         out = {}
         for k, g in global_arrays.items():
-            mean_delta = sum(u.arrays[k].astype(np.float64) * (u.num_examples / total) for u in updates)
-            out[k] = (g + self.server_lr * mean_delta).astype(np.float32)
+            d = update[k]
+            self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * d
+            if self.strategy == "fedadam":
+                self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * d * d
+            else:
+                self.v[k] = self.v[k] - (1 - self.b2) * d * d * np.sign(self.v[k] - d * d)
+            out[k] = (g + lr_t * self.m[k] / (np.sqrt(self.v[k]) + self.tau)).astype(np.float32)
         return out
+
+    def state(self) -> dict:
+        return {"t": self.t, "m": self.m, "v": self.v}
+
+    def load_state(self, s: dict) -> None:
+        self.t, self.m, self.v = int(s["t"]), s["m"], s["v"]
+
+
+class PrivacyLedger:
+    """(epsilon, delta) of the Gaussian mechanism on clipped site updates, by Opacus' RDP accountant.
+
+    Every site takes part in every round (sampling rate 1), so each round is one full-batch Gaussian step
+    with noise multiplier ``sigma``: RDP(alpha) = rounds * alpha / (2 sigma^2), converted to (epsilon, delta).
+    The guarantee is per site (site-level DP), for the updates; validation scalars are not covered.
+    """
+
+    def __init__(self, noise_multiplier: float, delta: float, history: list | None = None):
+        from opacus.accountants import RDPAccountant
+
+        self.sigma, self.delta = noise_multiplier, delta
+        self.acc = RDPAccountant()
+        self.acc.history = list(history or [])
+
+    def step(self) -> float:
+        self.acc.step(noise_multiplier=self.sigma, sample_rate=1.0)
+        return self.epsilon
+
+    @property
+    def epsilon(self) -> float:
+        return float(self.acc.get_epsilon(self.delta)) if self.acc.history else 0.0
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -167,83 +322,195 @@ def _save_state(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
+def _resume_key(cfg: RunConfig) -> dict:
+    """What must match between a checkpoint and the resumed run (everything but the number of rounds)."""
+    d = cfg.to_dict()
+    d.pop("out", None)
+    d.pop("cohort", None)
+    d["federated"] = {k: v for k, v in d["federated"].items() if k not in ("rounds", "round_timeout")}
+    return d
+
+
+class FederatedServer:
+    """Server logic shared by both runtimes: aggregation, DP, server optimizer, validation, best, checkpoints.
+
+    Args:
+        cfg: the run config (``federated`` section drives everything here).
+        initial: the initial global arrays (None in a deployment where they come from a site).
+        out: folder for ``server_state.pt`` (None: no checkpoint).
+        resume: continue from ``out/server_state.pt`` after its last finished round.
+    """
+
+    def __init__(self, cfg: RunConfig, initial: Arrays | None, out: Path | None = None, resume: bool = False):
+        fc: FederatedConfig = cfg.federated
+        self.cfg, self.fc, self.out = cfg, fc, out
+        lr = fc.server_lr if fc.server_lr is not None else DEFAULT_SERVER_LR[fc.strategy]
+        self.opt = ServerOptimizer(fc.strategy, lr, fc.beta1, fc.beta2, fc.tau)
+        self.ledger = PrivacyLedger(fc.dp_noise, fc.dp_delta) if fc.dp_noise > 0 else None
+        self.global_arrays = initial
+        self.history: list[dict] = []
+        self.best: tuple[float, int, Arrays] | None = None
+        self.next_round = 0
+        if resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        path = None if self.out is None else self.out / STATE_FILE
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"--resume: no federated checkpoint at {path}")
+        s = torch.load(path, map_location="cpu", weights_only=False)
+        if s.get("resume_key") != _resume_key(self.cfg):
+            raise ValueError(f"{path}: the checkpoint was written with another config; resume needs the same one")
+        self.global_arrays, self.history, self.best = s["global"], s["history"], s["best"]
+        self.opt.load_state(s["optimizer"])
+        if self.ledger is not None:
+            self.ledger = PrivacyLedger(self.fc.dp_noise, self.fc.dp_delta, s["privacy_history"])
+        self.next_round = int(s["round"]) + 1
+        log.info("resuming from %s after round %d", path, s["round"])
+
+    @property
+    def rounds_left(self) -> int:
+        return max(0, self.fc.rounds - self.next_round)
+
+    def fit_config(self, rnd: int) -> dict:
+        fc = self.fc
+        return {
+            "round": rnd,
+            "mode": "gradient" if fc.strategy == "fedsgd" else "delta",
+            "local_epochs": fc.local_epochs,
+            "proximal_mu": fc.proximal_mu if fc.strategy == "fedprox" else 0.0,
+            "dp_clip": fc.dp_clip if fc.dp_noise > 0 else 0.0,
+            "weighting": fc.weighting,
+        }
+
+    def aggregate(self, rnd: int, updates: list[Update], dropped: list[str]) -> Arrays:
+        """New global arrays from the round's updates (or from their secure sum: identical updates)."""
+        assert self.global_arrays is not None, "initial arrays not set"
+        if len(updates) < self.fc.min_sites:
+            raise RuntimeError(
+                f"round {rnd}: only {len(updates)} site(s) answered ({len(dropped)} dropped: {dropped}), "
+                f"fewer than min_sites={self.fc.min_sites}"
+            )
+        mean = weighted_mean(updates)
+        if mean is None:
+            log.warning("round %d: every update has weight 0 (no events); global model unchanged", rnd)
+            return self.global_arrays
+        if self.ledger is not None:
+            std = self.fc.dp_noise * self.fc.dp_clip / len(updates)
+            rng = np.random.default_rng([self.cfg.train.seed, rnd, 0xD9])
+            mean = {k: v + rng.normal(0.0, std, size=v.shape) for k, v in mean.items()}
+        self.global_arrays = self.opt.step(self.global_arrays, mean)
+        return self.global_arrays
+
+    def finish_round(self, rnd: int, evals: dict[str, Evaluation], rec: dict) -> dict:
+        """Pool the sites' validation scalars, keep the best round (pooled val Cox loss), checkpoint."""
+        assert self.global_arrays is not None
+        conc = sum(e.metrics.get("concordant", 0.0) for e in evals.values())
+        comp = sum(e.metrics.get("comparable", 0.0) for e in evals.values())
+        ev_n = sum(e.metrics.get("events", 0.0) for e in evals.values())
+        val_loss = sum(e.metrics.get("loss_sum", 0.0) for e in evals.values()) / ev_n if ev_n else float("nan")
+        rec = {
+            "round": rnd,
+            "val_cindex": conc / comp if comp > 0 else float("nan"),
+            "val_loss": val_loss,
+            **rec,
+            "site_val_cindex": {s: e.metrics.get("cindex", float("nan")) for s, e in evals.items()},
+        }
+        if self.ledger is not None:
+            rec["epsilon"], rec["delta"] = self.ledger.step(), self.fc.dp_delta
+        self.history.append(rec)
+        log.info(
+            "round %d: val C-index %.3f, val loss %.4f%s",
+            rnd,
+            rec["val_cindex"],
+            val_loss,
+            f", epsilon {rec['epsilon']:.2f}" if "epsilon" in rec else "",
+        )
+        # Select on the pooled validation partial likelihood: smoother than a C-index over a few pairs.
+        score = -val_loss if np.isfinite(val_loss) else -np.inf
+        if self.best is None or score > self.best[0]:
+            self.best = (score, rnd, {k: v.copy() for k, v in self.global_arrays.items()})
+        self.next_round = rnd + 1
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _save_state(
+                self.out / STATE_FILE,
+                {
+                    "round": rnd,
+                    "global": self.global_arrays,
+                    "optimizer": self.opt.state(),
+                    "privacy_history": self.ledger.acc.history if self.ledger else None,
+                    "best": self.best,
+                    "history": self.history,
+                    "config": self.cfg.to_dict(),
+                    "resume_key": _resume_key(self.cfg),
+                },
+            )
+        return rec
+
+    def summary(self) -> dict:
+        assert self.best is not None, "no round finished"
+        info: dict = {
+            "strategy": self.fc.strategy,
+            "best_round": self.best[1],
+            "best_val_loss": -self.best[0],
+            "history": self.history,
+            "secagg": self.fc.secagg,
+        }
+        if self.ledger is not None:
+            info["privacy"] = {
+                "epsilon": self.ledger.epsilon,
+                "delta": self.fc.dp_delta,
+                "noise_multiplier": self.fc.dp_noise,
+                "clip": self.fc.dp_clip,
+                "accountant": "opacus RDPAccountant, sampling rate 1 (every site every round)",
+            }
+        return info
+
+
+def site_clients(data: CohortData, cfg: RunConfig) -> list[SiteClient]:
+    """One client per site with at least 2 training patients (rank = the site's position in the cohort)."""
+    tr, va = data.subset_sites(data.splits["train"]), data.subset_sites(data.splits["val"])
+    out = []
+    for k, s in enumerate(data.sites):
+        if len(tr[s]) > 1:
+            out.append(SiteClient(s, data, tr[s], va[s], cfg, k))
+        else:
+            log.warning("site %s has %d training patient(s): left out of the federation", s, len(tr[s]))
+    return out
+
+
 def run_federated(
     data: CohortData,
     cfg: RunConfig,
     out: Path | None = None,
     progress: bool = False,
     clients: list[SiteClient] | None = None,
+    resume: bool = False,
 ) -> tuple[MultimodalSurvival, dict]:
-    """The embedded runtime: sites in-process, FedAvg, best round by pooled validation Cox loss.
+    """The embedded runtime: Flower's ServerApp and ClientApp (``pipeline.flower_app``), sites in-process.
 
-    Each round: every site trains from the global weights and returns a delta; the server averages the
-    deltas weighted by example count; every site evaluates the new global model on its validation
-    patients and returns scalars. A site that raises is dropped from that round (warning) as long as
-    ``min_sites`` remain. Server state is checkpointed atomically after each round.
+    Each round: every site trains from the global weights and returns an update; the server aggregates
+    (strategy, optional SecAgg+ and DP); every site evaluates the new global model on its validation
+    patients and returns scalars. A site that raises or times out is dropped from that round (warning)
+    as long as ``min_sites`` remain. Server state is checkpointed atomically after each round; with
+    ``resume`` the run continues after the last finished round in ``out``. Returns the best round's model.
     """
+    from pipeline.flower_app import run_embedded
+
     fc = cfg.federated
     if clients is None:
-        tr, va = data.subset_sites(data.splits["train"]), data.subset_sites(data.splits["val"])
-        clients = [SiteClient(s, data, tr[s], va[s], cfg, k) for k, s in enumerate(data.sites) if len(tr[s]) > 1]
+        clients = site_clients(data, cfg)
     if len(clients) < fc.min_sites:
         raise ValueError(f"{len(clients)} site(s) with training patients, fewer than min_sites={fc.min_sites}")
     model = new_model(data, cfg)
-    global_arrays = trainable_arrays(model)
-    strategy = FedAvg()
-    history: list[dict] = []
-    best: tuple[float, int, Arrays] | None = None
-    from tqdm.auto import tqdm
-
-    for rnd in tqdm(range(fc.rounds), desc="federated rounds", unit="round", disable=not progress):
-        t0 = _time.perf_counter()
-        conf = {"round": rnd, "local_epochs": fc.local_epochs}
-        updates, dropped = [], []
-        for c in clients:
-            try:
-                updates.append(c.fit(global_arrays, conf))
-            except Exception as e:  # a failing site must not take the federation down
-                log.warning(
-                    "round %d: site %s failed (%s: %s); dropped from this round", rnd, c.site, type(e).__name__, e
-                )
-                dropped.append(c.site)
-        if len(updates) < fc.min_sites:
-            raise RuntimeError(
-                f"round {rnd}: only {len(updates)} site(s) answered, fewer than min_sites={fc.min_sites}"
-            )
-        global_arrays = strategy.aggregate(global_arrays, updates)
-        evals = {c.site: c.evaluate(global_arrays, conf) for c in clients}
-        conc = sum(e.metrics.get("concordant", 0.0) for e in evals.values())
-        comp = sum(e.metrics.get("comparable", 0.0) for e in evals.values())
-        val_c = conc / comp if comp > 0 else float("nan")
-        ev_n = sum(e.metrics.get("events", 0.0) for e in evals.values())
-        val_loss = sum(e.metrics.get("loss_sum", 0.0) for e in evals.values()) / ev_n if ev_n else float("nan")
-        rec = {
-            "round": rnd,
-            "val_cindex": val_c,
-            "val_loss": val_loss,
-            "seconds": _time.perf_counter() - t0,
-            "dropped": dropped,
-            "train_loss": float(
-                np.average([u.metrics["train_loss"] for u in updates], weights=[u.num_examples for u in updates])
-            ),
-            "site_val_cindex": {s: e.metrics.get("cindex", float("nan")) for s, e in evals.items()},
-            "bytes_per_site": int(sum(a.nbytes for a in updates[0].arrays.values())),
-        }
-        history.append(rec)
-        log.info("round %d: val C-index %.3f, val loss %.4f, train loss %.4f", rnd, val_c, val_loss, rec["train_loss"])
-        # Select on the pooled validation partial likelihood: smoother than a C-index over a few pairs.
-        score = -val_loss if np.isfinite(val_loss) else -np.inf
-        if best is None or score > best[0]:
-            best = (score, rnd, {k: v.copy() for k, v in global_arrays.items()})
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            _save_state(
-                out / "server_state.pt",
-                {"round": rnd, "global": global_arrays, "best": best, "history": history, "config": cfg.to_dict()},
-            )
-    assert best is not None
-    load_arrays(model, best[2])
-    info = {"best_round": best[1], "best_val_loss": -best[0], "history": history, "sites": [c.site for c in clients]}
+    server = FederatedServer(cfg, trainable_arrays(model), out, resume=resume)
+    info = run_embedded(clients, server, progress=progress)
+    assert server.best is not None
+    load_arrays(model, server.best[2])
+    info = {**server.summary(), "sites": [c.site for c in clients], **info}
     if out is not None:
+        import json
+
         (out / "federated_history.json").write_text(json.dumps(info, indent=2, default=float))
     return model.eval(), info
