@@ -71,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_false",
                 help="pool all training patients in one place (a reference, not for real hospitals)",
             )
+        if name == "train":
+            p.add_argument(
+                "--strategy",
+                choices=("fedsgd", "fedavg", "fedprox", "fedadam", "fedyogi"),
+                default=None,
+                help="federated strategy (same as --set federated.strategy=NAME; default fedavg)",
+            )
+            p.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue a killed federated run after its last finished round (DIR/federated/server_state.pt)",
+            )
     for name, hlp in (
         ("predict", "risk scores for a cohort from a trained model"),
         ("attribute", "tile and gene attributions for a cohort from a trained model"),
@@ -110,6 +122,8 @@ def _config(args: argparse.Namespace, cohort: Path | None, out_default: str):
     ov = list(args.overrides)
     if getattr(args, "federated", None) is not None:
         ov.append(f"federated.enabled={str(args.federated).lower()}")
+    if getattr(args, "strategy", None) is not None:
+        ov.append(f"federated.strategy={args.strategy}")
     out = args.out
     if out is None:
         import yaml
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = _config(args, args.cohort, "runs/latest")
             cfg.save(cfg.out / "config.yaml")
-            print(f"model: {stage_train(load_cohort(args.cohort), cfg)}")
+            print(f"model: {stage_train(load_cohort(args.cohort), cfg, resume=args.resume)}")
         elif args.cmd in ("predict", "attribute"):
             from pipeline.run import stage_attribute, stage_predict
 
