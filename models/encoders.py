@@ -30,12 +30,16 @@ class TileEncoder:
     """A frozen tile encoder with everything needed to use it and to label its outputs.
 
     Attributes:
-        model: maps images ``[B, 3, H, W]`` (float, transformed) to features ``[B, dim]``.
-        transform: maps one RGB PIL image (``tile_px`` square) to a ``[3, H, W]`` float tensor.
+        model: maps images ``[B, 3, H, W]`` (float, preprocessed) to features ``[B, dim]``.
+        transform: maps one RGB PIL image (``tile_px`` square) to a ``[3, H, W]`` float tensor (timm's own).
         dim: embedding size D.
         name: the name it was built from (stored in every features file).
         weights: where the weights came from (``imagenet:<file>``, a path, ``hub``, or ``random``).
         feature_kind: what the features are (``imagenet``, ``pathology``, ``random``, ``unknown``).
+        input_size: ``(3, H, W)`` the model expects.
+        mean, std: per-channel normalisation from timm's resolved data config (never hand-copied).
+        interpolation: resize mode from the same config (``bicubic``, ``bilinear``, ...).
+        precision: autocast dtype to run it in on a GPU (``bf16``, ``fp16`` or ``fp32``).
     """
 
     model: nn.Module
@@ -45,6 +49,35 @@ class TileEncoder:
     weights: str
     feature_kind: str
     input_size: tuple[int, int, int]
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    precision: str = "bf16"
+
+    def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Batched, on the tiles' device: resize to the model's input, scale to [0, 1], normalise.
+
+        The batched equivalent of :attr:`transform` (antialiased resize, so shrinking a larger read matches
+        PIL's); it runs wherever ``tiles`` lives, so on a GPU the CPU only decodes.
+
+        Args:
+            tiles: ``[B, 3, h, w]`` uint8 RGB.
+
+        Returns:
+            ``[B, 3, H, W]`` float32, channels-last memory format.
+        """
+        if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[1] != 3:
+            raise ValueError(f"tiles must be uint8 [B, 3, h, w], got {tiles.dtype} {tuple(tiles.shape)}")
+        x = tiles.float()
+        size = (int(self.input_size[1]), int(self.input_size[2]))
+        if tuple(x.shape[-2:]) != size:
+            mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bicubic"
+            x = nn.functional.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+            x = x.clamp_(0.0, 255.0)  # bicubic overshoots; PIL clamps to the pixel range
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255.0
+        x = (x - mean) / std  # [B, 3, H, W]
+        return x.contiguous(memory_format=torch.channels_last)
 
 
 def _finish(model: nn.Module, name: str, weights: str, kind: str) -> TileEncoder:
@@ -58,7 +91,18 @@ def _finish(model: nn.Module, name: str, weights: str, kind: str) -> TileEncoder
     if dim <= 0:
         with torch.inference_mode():
             dim = int(model(torch.zeros(1, *cfg["input_size"])).shape[-1])
-    return TileEncoder(model, transform, dim, name, weights, kind, tuple(cfg["input_size"]))
+    return TileEncoder(
+        model,
+        transform,
+        dim,
+        name,
+        weights,
+        kind,
+        tuple(cfg["input_size"]),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+    )
 
 
 def efficientnet_lite0_imagenet_classifier(weights: str | None = None) -> nn.Module:

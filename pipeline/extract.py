@@ -2,23 +2,44 @@
 
 File layout (TRIDENT-like)::
 
-    features  [N, D] float32     tile embeddings
+    features  [N, D] float32     tile embeddings (chunked, grown batch by batch)
     coords    [N, 2] int64       top-left (x, y) of each tile at level 0
-    attrs     encoder, weights, feature_kind, dim, tile_px, target_mpp, slide_mpp, level, read_px,
-              size0, min_tissue, thumbnail_px, slide_id, slide_path, n_tiles, format_version
+    attrs     encoder, weights, feature_kind, dim, tile_px, target_mpp, overlap_px, slide_mpp, level,
+              read_px, size0, min_tissue, thumbnail_px, remove_pen, max_background, slide_id, slide_path,
+              slide_fingerprint, n_tiles, n_rejected, precision, format_version, complete
 
-A run over many slides records each slide's status in ``extract_report.csv``; one unreadable slide
-is recorded and skipped, the rest go on. Slides whose features file exists with matching attributes
-are skipped, so an interrupted run resumes where it stopped.
+Beside it: ``<slide_id>.thumb.jpg`` (the thumbnail), ``<slide_id>.mask.png`` (tissue mask, 255 = tissue) and
+``<slide_id>.tissue.geojson`` (tissue contours in level-0 pixels, a FeatureCollection QuPath imports).
+
+Scale and safety:
+
+- memory is bounded by a batch of tiles and a chunk of features, whatever the slide's size: tiles stream
+  from DataLoader workers (each with its own slide handle) and features are appended to resizable datasets;
+- a features file is written under a temporary name, flushed to disk and renamed when complete, so a
+  killed run never leaves a file that reads as complete (:func:`load_features` refuses one without
+  ``complete``); leftover temporary files of dead processes are removed on the next run;
+- a rerun skips slides whose file exists with matching attributes (encoder, weights, tile size, target and
+  slide mpp, overlap, tissue settings, slide fingerprint);
+- one unreadable or corrupt slide is recorded in the run report and the rest go on; slides that failed in an
+  earlier run are not retried unless ``retry_failed`` (a replaced file, with a new fingerprint, is);
+- ``shard="K/N"`` takes the K-th of N disjoint parts of the cohort (by a hash of the slide id, stable when
+  slides are added), so several machines or GPUs split one cohort; each shard writes its own report.
+
+The run report (``extract_report[.shard-K-of-N].csv`` and ``.json``) is rewritten after every slide:
+slide_id, slide_path, status (done | empty | skipped | failed), tiles, rejected, seconds, error, fingerprint.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
+import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
@@ -27,22 +48,38 @@ import torch
 
 from data_specs.config import ExtractConfig
 from models.encoders import TileEncoder
-from pipeline.slides import SlideError, TileDataset, open_slide, slide_mpp, thumbnail, tile_grid, tissue_mask
+from pipeline.slides import SlideError, TileDataset, TileGrid, open_slide, slide_mpp, thumbnail, tile_grid
+from pipeline.tissue import TissueSettings, save_geojson, save_mask_png, tissue_mask
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Attributes that must match for an existing features file to be reused.
-MATCH_KEYS = ("format_version", "encoder", "weights", "tile_px", "target_mpp", "min_tissue", "thumbnail_px")
+MATCH_KEYS = (
+    "format_version",
+    "encoder",
+    "weights",
+    "tile_px",
+    "target_mpp",
+    "overlap_px",
+    "min_tissue",
+    "thumbnail_px",
+    "remove_pen",
+    "max_background",
+)
+REPORT_FIELDS = ("slide_id", "slide_path", "status", "tiles", "rejected", "seconds", "error", "fingerprint")
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class SlideResult:
     slide_id: str
     slide_path: str
-    status: str  # done | skipped | empty | failed
+    status: str  # done | empty | skipped | failed
     tiles: int = 0
     seconds: float = 0.0
     error: str = ""
+    rejected: int = 0  # tiles read but dropped as near-white/near-black
+    fingerprint: str = ""
 
 
 def slide_id_of(path: Path) -> str:
@@ -64,8 +101,6 @@ def features_dir(out: Path, cfg: ExtractConfig) -> Path:
 
 def slide_fingerprint(path: Path) -> str:
     """Cheap identity of a slide file (size + hash of its first and last MiB): a replaced slide is re-encoded."""
-    import hashlib
-
     size = path.stat().st_size
     h = hashlib.sha1(str(size).encode())
     with path.open("rb") as fh:
@@ -76,6 +111,10 @@ def slide_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def tissue_settings(cfg: ExtractConfig) -> TissueSettings:
+    return TissueSettings(remove_pen=cfg.remove_pen, max_background=cfg.max_background)
+
+
 def expected_attrs(enc: TileEncoder, cfg: ExtractConfig) -> dict[str, object]:
     return {
         "format_version": FORMAT_VERSION,
@@ -83,9 +122,16 @@ def expected_attrs(enc: TileEncoder, cfg: ExtractConfig) -> dict[str, object]:
         "weights": enc.weights,
         "tile_px": cfg.tile_px,
         "target_mpp": float(cfg.target_mpp),
+        "overlap_px": cfg.overlap_px,
         "min_tissue": float(cfg.min_tissue),
         "thumbnail_px": cfg.thumbnail_px,
+        "remove_pen": bool(cfg.remove_pen),
+        "max_background": float(cfg.max_background),
     }
+
+
+def _attrs(f: h5py.File) -> dict[str, object]:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
 
 
 def read_attrs(path: Path) -> dict[str, object] | None:
@@ -94,7 +140,7 @@ def read_attrs(path: Path) -> dict[str, object] | None:
         with h5py.File(path, "r") as f:
             if not f.attrs.get("complete", False):
                 return None
-            return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            return _attrs(f)
     except (OSError, KeyError):
         return None
 
@@ -107,13 +153,20 @@ def is_done(path: Path, want: dict[str, object]) -> bool:
 def load_features(path: Path, expect: dict[str, object] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read ``(features [N, D], coords [N, 2], attrs)``; with ``expect``, check attributes match."""
     with h5py.File(path, "r") as f:
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        attrs = _attrs(f)
         if not attrs.get("complete", False):
             raise ValueError(f"{path}: features file is incomplete (an interrupted write?)")
         for k, v in (expect or {}).items():
             if attrs.get(k) != v:
                 raise ValueError(f"{path}: attribute '{k}' is {attrs.get(k)!r}, expected {v!r}")
-        return f["features"][:], f["coords"][:], attrs
+        feats, coords = f["features"][:], f["coords"][:]
+        if feats.shape[0] != coords.shape[0] or feats.shape[0] != attrs.get("n_tiles", feats.shape[0]):
+            raise ValueError(f"{path}: features {feats.shape} and coords {coords.shape} disagree with n_tiles")
+        return feats, coords, attrs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The device side: encoder placement, precision, compile, batch size.
 
 
 def _autodevice(name: str) -> torch.device:
@@ -122,110 +175,316 @@ def _autodevice(name: str) -> torch.device:
     return torch.device(name)
 
 
+def choose_batch_size(fits, start: int = 32, cap: int = 2048) -> int:
+    """Largest power-of-two batch in ``[start, cap]`` for which ``fits(b)`` runs without running out of memory.
+
+    ``fits`` raises :class:`torch.OutOfMemoryError` when a batch does not fit. Returns ``start // 2`` (at
+    least 1) when not even ``start`` fits.
+    """
+    best, b = 0, start
+    while b <= cap:
+        try:
+            fits(b)
+        except torch.OutOfMemoryError:
+            break
+        best, b = b, b * 2
+    return best or max(1, start // 2)
+
+
+class EncoderRunner:
+    """The encoder placed for inference: device, autocast precision, channels-last, optional ``torch.compile``.
+
+    ``runner(tiles)`` maps ``[B, 3, h, w]`` uint8 tiles to ``[B, D]`` float32 features on the CPU. On CUDA, the
+    device-to-host copy of one batch overlaps the next (``submit`` / ``collect``).
+    """
+
+    def __init__(self, enc: TileEncoder, cfg: ExtractConfig):
+        self.enc = enc
+        self.device = _autodevice(cfg.device)
+        prec = cfg.precision if cfg.precision != "auto" else (enc.precision if self.device.type == "cuda" else "fp32")
+        if prec == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            prec = "fp16"
+        self.precision = prec
+        self.amp_dtype = _PRECISIONS[prec]
+        model = enc.model.to(self.device).eval()
+        self.channels_last = cfg.channels_last
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            model = torch.compile(model)  # type: ignore[assignment]
+        self.model = model
+        if cfg.batch_size == "auto":
+            self.batch_size = self._auto_batch() if self.device.type == "cuda" else 64
+        else:
+            self.batch_size = int(cfg.batch_size)
+        self.pin = self.device.type == "cuda"
+
+    def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = self.enc.preprocess(tiles.to(self.device, non_blocking=True))  # [B, 3, H, W] float
+            if not self.channels_last:
+                x = x.contiguous()
+            amp = self.amp_dtype != torch.float32
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=amp):
+                return self.model(x)  # [B, D]
+
+    def _auto_batch(self) -> int:
+        _, h, w = self.enc.input_size
+
+        def fits(b: int) -> None:
+            self._forward(torch.zeros(b, 3, h, w, dtype=torch.uint8))
+            torch.cuda.synchronize(self.device)
+
+        b = choose_batch_size(fits)
+        torch.cuda.empty_cache()
+        b = max(1, b // 2)  # headroom for the other process-level allocations
+        log.info("batch size %d chosen for %s on %s", b, self.enc.name, self.device)
+        return b
+
+    def submit(self, tiles: torch.Tensor) -> torch.Tensor:
+        out = self._forward(tiles).float()
+        if self.device.type == "cuda":
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            return host
+        return out
+
+    def collect(self, pending: torch.Tensor) -> np.ndarray:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return pending.numpy()
+
+    def __call__(self, tiles: torch.Tensor) -> np.ndarray:
+        return self.collect(self.submit(tiles))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One slide.
+
+
+def _tmp_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Delete temporary files of this slide left by dead processes on this host (a kill -9)."""
+    host = socket.gethostname()
+    for p in out.parent.glob(f".{out.name}.{host}.*.tmp"):
+        try:
+            pid = int(p.name.rsplit(".", 2)[-2])
+        except ValueError:
+            continue
+        if pid == os.getpid() or not _alive(pid):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def extract_slide(
-    path: Path, out_dir: Path, enc: TileEncoder, cfg: ExtractConfig, mpp_override: float | None = None
+    path: Path,
+    out_dir: Path,
+    enc: TileEncoder,
+    cfg: ExtractConfig,
+    mpp_override: float | None = None,
+    mpp_fallback: float | None = None,
+    runner: EncoderRunner | None = None,
+    fingerprint: str | None = None,
 ) -> SlideResult:
-    """Encode every tissue tile of one slide into ``out_dir/<slide_id>.h5`` (atomic; skipped if done)."""
+    """Encode every tissue tile of one slide into ``out_dir/<slide_id>.h5`` (atomic; skipped if done).
+
+    Args:
+        mpp_override: microns per pixel given for this slide (wins over its metadata).
+        mpp_fallback: microns per pixel for a slide whose metadata has none.
+    """
     t0 = time.perf_counter()
+    path = Path(path)
     sid = slide_id_of(path)
     out = out_dir / f"{sid}.h5"
-    want = {**expected_attrs(enc, cfg), "slide_fingerprint": slide_fingerprint(path)}
-    if is_done(out, want):
-        return SlideResult(sid, str(path), "skipped", int(read_attrs(out)["n_tiles"]), 0.0)  # type: ignore[index,arg-type]
+    fp = fingerprint or slide_fingerprint(path)
     slide = open_slide(path)
     try:
-        mpp = slide_mpp(slide, path, mpp_override)
+        mpp = slide_mpp(slide, path, mpp_override, mpp_fallback)
+        want = {**expected_attrs(enc, cfg), "slide_fingerprint": fp, "slide_mpp": float(mpp)}
+        if is_done(out, want):
+            n_done = int(read_attrs(out)["n_tiles"])  # type: ignore[index,arg-type]
+            return SlideResult(sid, str(path), "skipped", n_done, 0.0, fingerprint=fp)
         thumb = thumbnail(slide, cfg.thumbnail_px)
-        mask = tissue_mask(thumb)
-        grid = tile_grid(slide, mask, mpp, cfg.target_mpp, cfg.tile_px, cfg.min_tissue)
-        dims = slide.dimensions
+        tissue = tissue_settings(cfg)
+        mask = tissue_mask(thumb, tissue)
+        grid = tile_grid(slide, mask, mpp, cfg.target_mpp, cfg.tile_px, cfg.min_tissue, cfg.overlap_px)
+        dims = tuple(int(v) for v in slide.dimensions)
     finally:
         slide.close()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(out)
     thumb.save(out_dir / f"{sid}.thumb.jpg", quality=90)
-    from PIL import Image
-
-    Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{sid}.mask.png")
-    n = len(grid.coords)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    device = _autodevice(cfg.device)
-    model = enc.model.to(device)
+    save_mask_png(mask, out_dir / f"{sid}.mask.png")
+    save_geojson(mask, (dims[0], dims[1]), out_dir / f"{sid}.tissue.geojson")
+    runner = runner or EncoderRunner(enc, cfg)
+    tmp = _tmp_name(out)
+    attrs = {
+        **want,
+        "slide_id": sid,
+        "slide_path": str(path),
+        "width0": dims[0],
+        "height0": dims[1],
+        "thumb_width": thumb.size[0],
+        "thumb_height": thumb.size[1],
+        "dim": enc.dim,
+        "feature_kind": enc.feature_kind,
+        "level": grid.level,
+        "read_px": grid.read_px,
+        "size0": grid.size0,
+        "precision": runner.precision,
+    }
     try:
-        _encode_into(
-            tmp,
-            path,
-            grid,
-            enc,
-            cfg,
-            device,
-            model,
-            attrs_base={
-                **want,
-                "slide_mpp": float(mpp),
-                "slide_id": sid,
-                "slide_path": str(path),
-                "width0": int(dims[0]),
-                "height0": int(dims[1]),
-                "thumb_width": thumb.size[0],
-                "thumb_height": thumb.size[1],
-            },
-        )
+        n, rejected = _encode_into(tmp, path, grid, runner, cfg, tissue, attrs)
     except BaseException:
         tmp.unlink(missing_ok=True)  # never leave a half-written file behind, even on Ctrl-C
         raise
     os.replace(tmp, out)
-    return SlideResult(sid, str(path), "done" if n else "empty", n, time.perf_counter() - t0)
+    if n == 0:
+        log.warning("%s: no tissue tiles; wrote an empty features file %s", path, out)
+    return SlideResult(sid, str(path), "done" if n else "empty", n, time.perf_counter() - t0, "", rejected, fp)
 
 
 def _encode_into(
     tmp: Path,
     path: Path,
-    grid,
-    enc: TileEncoder,
+    grid: TileGrid,
+    runner: EncoderRunner,
     cfg: ExtractConfig,
-    device: torch.device,
-    model: torch.nn.Module,
-    attrs_base: dict,
-) -> None:
-    """Stream tiles through the encoder into ``tmp`` in chunks; never holds all tiles in memory."""
+    tissue: TissueSettings,
+    attrs: dict,
+) -> tuple[int, int]:
+    """Stream tiles through the encoder into ``tmp`` batch by batch; returns (tiles kept, tiles rejected).
+
+    Holds at most the DataLoader's prefetched batches and one batch of features; never all tiles of a slide.
+    """
     import openslide
 
-    n = len(grid.coords)
+    dim = runner.enc.dim
+    chunk = 256
+    n = rejected = 0
     with h5py.File(tmp, "w") as f:
-        chunks = (min(n, 256), enc.dim) if n else None
-        dset = f.create_dataset("features", shape=(n, enc.dim), dtype="float32", chunks=chunks)
-        f.create_dataset("coords", data=grid.coords.astype(np.int64))
-        f.attrs.update(
-            {
-                **attrs_base,
-                "dim": enc.dim,
-                "feature_kind": enc.feature_kind,
-                "level": grid.level,
-                "read_px": grid.read_px,
-                "size0": grid.size0,
-                "n_tiles": n,
-            }
-        )
-        if n:
-            ds = TileDataset(path, grid, enc.transform)
+        feats = f.create_dataset("features", (0, dim), maxshape=(None, dim), dtype="float32", chunks=(chunk, dim))
+        coords = f.create_dataset("coords", (0, 2), maxshape=(None, 2), dtype="int64", chunks=(chunk, 2))
+        f.attrs.update(attrs)
+        f.attrs["complete"] = False
+
+        def write(out: np.ndarray, xy: np.ndarray) -> None:
+            nonlocal n
+            b = len(out)
+            feats.resize(n + b, axis=0)
+            coords.resize(n + b, axis=0)
+            feats[n : n + b] = out
+            coords[n : n + b] = xy
+            n += b
+
+        if len(grid.coords):
+            ds = TileDataset(path, grid, tissue)
+            workers = cfg.num_workers
             loader = torch.utils.data.DataLoader(
                 ds,
-                batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers,
-                pin_memory=device.type == "cuda",
+                batch_size=runner.batch_size,
+                num_workers=workers,
+                pin_memory=runner.pin,
+                prefetch_factor=cfg.prefetch_factor if workers else None,
                 persistent_workers=False,
             )
-            use_amp = device.type == "cuda"
+            pending: tuple[torch.Tensor, np.ndarray] | None = None
             try:
-                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    for x, idx in loader:
-                        feats = model(x.to(device, non_blocking=True)).float().cpu().numpy()
-                        dset[int(idx[0]) : int(idx[-1]) + 1] = feats  # DataLoader keeps order: contiguous
+                for x, idx, keep in loader:  # x [B, 3, h, w] uint8; DataLoader keeps grid order
+                    if not bool(keep.all()):
+                        rejected += int((~keep).sum())
+                        x, idx = x[keep], idx[keep]
+                    if len(idx) == 0:
+                        continue
+                    nxt = (runner.submit(x), grid.coords[idx.numpy()])
+                    if pending is not None:
+                        write(runner.collect(pending[0]), pending[1])
+                    pending = nxt
+                if pending is not None:
+                    write(runner.collect(pending[0]), pending[1])
             except openslide.OpenSlideError as e:
                 raise SlideError(f"{path}: reading tiles failed ({e}); the file may be truncated or corrupt") from e
-        else:
-            log.warning("%s: no tissue found; writing an empty features file", path)
+            finally:
+                ds.close()
+        f.attrs["n_tiles"] = n
+        f.attrs["n_rejected"] = rejected
         f.attrs["complete"] = True
+        f.flush()
+    with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible as complete
+        os.fsync(fh.fileno())
+    return n, rejected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Many slides.
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` (1 <= K <= N) -> ``(K, N)``; None -> None. Raises ValueError naming the value."""
+    if shard is None:
+        return None
+    try:
+        k_s, n_s = str(shard).split("/")
+        k, n = int(k_s), int(n_s)
+    except ValueError:
+        raise ValueError(f"shard '{shard}': expected K/N, e.g. 2/4 (the second of four parts)") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"shard '{shard}': K must be between 1 and N={n}")
+    return k, n
+
+
+def shard_of(slide_id: str, n: int) -> int:
+    """1-based shard of a slide among ``n``: a hash of its id, so adding slides never moves the others."""
+    return int(hashlib.sha1(slide_id.encode()).hexdigest(), 16) % n + 1
+
+
+def report_stem(shard: tuple[int, int] | None) -> str:
+    return "extract_report" if shard is None else f"extract_report.shard-{shard[0]}-of-{shard[1]}"
+
+
+def _write_report(out_dir: Path, stem: str, results: list[SlideResult]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{stem}.csv.tmp"
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(REPORT_FIELDS)
+        for r in results:
+            d = asdict(r)
+            d["seconds"] = f"{r.seconds:.2f}"
+            w.writerow([d[k] for k in REPORT_FIELDS])
+    tmp.replace(out_dir / f"{stem}.csv")
+    summary: dict[str, int] = {}
+    for r in results:
+        summary[r.status] = summary.get(r.status, 0) + 1
+    tmp = out_dir / f".{stem}.json.tmp"
+    tmp.write_text(json.dumps({"summary": summary, "slides": [asdict(r) for r in results]}, indent=1))
+    tmp.replace(out_dir / f"{stem}.json")
+
+
+def earlier_failures(out_dir: Path) -> dict[str, tuple[str, str]]:
+    """Slides recorded as failed by earlier runs (any shard): slide_id -> (fingerprint, error)."""
+    failed: dict[str, tuple[str, str]] = {}
+    for p in sorted(Path(out_dir).glob("extract_report*.json")):
+        try:
+            rows = json.loads(p.read_text()).get("slides", [])
+        except (OSError, ValueError):
+            continue
+        for r in rows:
+            if r.get("status") == "failed" and r.get("fingerprint"):
+                failed[r["slide_id"]] = (r["fingerprint"], r.get("error", ""))
+    return failed
 
 
 def extract_slides(
@@ -233,30 +492,59 @@ def extract_slides(
     out_dir: Path,
     enc: TileEncoder,
     cfg: ExtractConfig,
-    mpp_override: float | None = None,
+    mpp_fallback: float | None = None,
     progress: bool = True,
+    slide_mpps: Mapping[str, float] | None = None,
 ) -> list[SlideResult]:
-    """Extract many slides; failures are recorded, not raised. Writes ``extract_report.csv`` in ``out_dir``."""
+    """Extract many slides (this run's shard of them); failures are recorded, not raised.
+
+    Args:
+        mpp_fallback: microns per pixel for slides without it in their metadata (the cohort's ``slide_mpp``);
+            ``cfg.slide_mpp`` (``--slide-mpp``), when set, takes its place.
+        slide_mpps: microns per pixel given per slide (``str(path)`` -> mpp), winning over the metadata.
+
+    Writes the run report (see the module docstring) in ``out_dir`` after every slide.
+    """
     from tqdm.auto import tqdm
 
-    ids = [slide_id_of(p) for p in slides]
-    dup = {i for i in ids if ids.count(i) > 1}
+    ids = [slide_id_of(Path(p)) for p in slides]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ValueError(f"several slides share the slide_id(s) {sorted(dup)}; slide file names must be unique")
-    results = []
+        raise ValueError(f"several slides share the slide_id(s) {dup}; slide file names must be unique")
+    shard = parse_shard(cfg.shard)
+    if shard is not None:
+        slides = [p for p, i in zip(slides, ids, strict=True) if shard_of(i, shard[1]) == shard[0]]
+        log.info("shard %d/%d: %d of %d slides", shard[0], shard[1], len(slides), len(ids))
+    fallback = cfg.slide_mpp if cfg.slide_mpp is not None else mpp_fallback
+    per_slide = {str(Path(k)): float(v) for k, v in (slide_mpps or {}).items()}
+    out_dir = Path(out_dir)
+    stem = report_stem(shard)
+    before = earlier_failures(out_dir)
+    runner: EncoderRunner | None = None
+    results: list[SlideResult] = []
     for p in tqdm(slides, desc="extract", unit="slide", disable=not progress):
+        p = Path(p)
+        sid = slide_id_of(p)
+        t0 = time.perf_counter()
+        fp = ""
         try:
-            r = extract_slide(Path(p), out_dir, enc, cfg, mpp_override)
-        except (SlideError, OSError, ValueError) as e:
+            fp = slide_fingerprint(p)
+            if sid in before and before[sid][0] == fp and not cfg.retry_failed:
+                why = f"failed in an earlier run (rerun with --retry-failed): {before[sid][1]}"
+                r = SlideResult(sid, str(p), "failed", 0, 0.0, why, fingerprint=fp)
+            else:
+                if runner is None:
+                    runner = EncoderRunner(enc, cfg)
+                r = extract_slide(p, out_dir, enc, cfg, per_slide.get(str(p)), fallback, runner, fp)
+        except Exception as e:  # one bad slide must not stop a night's run; the report names it
             log.error("slide %s failed: %s", p, e)
-            r = SlideResult(slide_id_of(Path(p)), str(p), "failed", 0, 0.0, str(e))
+            log.debug("slide %s traceback", p, exc_info=True)
+            msg = str(e) if isinstance(e, SlideError) else f"{type(e).__name__}: {e}"
+            if str(p) not in msg:
+                msg = f"{p}: {msg}"
+            r = SlideResult(sid, str(p), "failed", 0, time.perf_counter() - t0, msg, fingerprint=fp)
         results.append(r)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".extract_report.csv.tmp"
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "slide_path", "status", "tiles", "seconds", "error"])
-        for r in results:
-            w.writerow([r.slide_id, r.slide_path, r.status, r.tiles, f"{r.seconds:.2f}", r.error])
-    tmp.replace(out_dir / "extract_report.csv")
+        _write_report(out_dir, stem, results)
+    if not slides:
+        _write_report(out_dir, stem, results)
     return results

@@ -1,15 +1,37 @@
-"""Slides: open with OpenSlide, find tissue on a thumbnail, lay a tile grid at a target resolution."""
+"""Slides: open any format, find tissue on a thumbnail, lay a tile grid at a target resolution, read tiles.
+
+Readers:
+
+- every format OpenSlide reads (SVS, NDPI, MRXS, SCN, VMS, BIF, DICOM, generic tiled/pyramidal TIFF, ...),
+  through the ``openslide-bin`` library;
+- plain images OpenSlide does not read (PNG, JPEG, BMP, a TIFF without tiles or pyramid) through
+  :class:`openslide.ImageSlide`, which has the same interface (``dimensions``, ``level_count``,
+  ``read_region``, ``properties``, ``get_thumbnail``). A plain image is decoded whole into memory when first
+  read, so it suits crops and tissue-microarray cores; convert a large flat image to a pyramidal TIFF first.
+  Plain images carry no microns per pixel: give it per slide (cohort ``slide_mpp`` column), for the cohort
+  (``slide_mpp:``) or with ``--slide-mpp``.
+
+Tiles are cut at ``target_mpp`` from the pyramid level closest to it without being coarser, and resized from
+there; reading yields ``uint8`` tensors at the level's size, and the encoder resizes and normalises whole
+batches (on the GPU when there is one).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from pipeline.tissue import TissueSettings, tile_is_background, tissue_mask  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
+
+PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class SlideError(ValueError):
@@ -27,6 +49,7 @@ class TileGrid:
         tile_px: side of the tile given to the encoder.
         mpp: slide's level-0 microns per pixel; ``target_mpp`` the tiles' resolution.
         size0: side of one tile in level-0 pixels.
+        overlap_px: overlap of neighbouring tiles, in ``tile_px`` pixels.
     """
 
     coords: np.ndarray
@@ -36,12 +59,31 @@ class TileGrid:
     mpp: float
     target_mpp: float
     size0: int
+    overlap_px: int = 0
+
+    def subset(self, rows: np.ndarray | slice) -> TileGrid:
+        """The same grid restricted to some tiles."""
+        return TileGrid(
+            self.coords[rows],
+            self.level,
+            self.read_px,
+            self.tile_px,
+            self.mpp,
+            self.target_mpp,
+            self.size0,
+            self.overlap_px,
+        )
 
 
-def slide_mpp(slide: object, path: Path, override: float | None = None) -> float:
-    """Microns per pixel at level 0 from the slide's metadata, or the override. Raises SlideError."""
-    if override is not None:
-        return float(override)
+def slide_mpp(slide: object, path: Path, override: float | None = None, fallback: float | None = None) -> float:
+    """Microns per pixel at level 0.
+
+    Policy: ``override`` (a value given for this very slide) wins over the slide's metadata, with a warning
+    when they disagree by more than 10%; then the metadata (``openslide.mpp-x``, ``aperio.MPP``, TIFF
+    resolution tags as OpenSlide reports them); then ``fallback`` (the cohort's or the command line's value
+    for slides without metadata). Raises :class:`SlideError` when none gives a positive number.
+    """
+    meta = None
     props = slide.properties  # type: ignore[attr-defined]
     for key in ("openslide.mpp-x", "aperio.MPP"):
         if key in props:
@@ -50,59 +92,56 @@ def slide_mpp(slide: object, path: Path, override: float | None = None) -> float
             except ValueError:
                 continue
             if v > 0:
-                return v
+                meta = v
+                break
+    for name, v in (("slide_mpp override", override), ("fallback slide_mpp", fallback)):
+        if v is not None and not v > 0:
+            raise SlideError(f"{path}: {name} must be a positive number of microns per pixel, got {v!r}")
+    if override is not None:
+        if meta is not None and abs(override - meta) > 0.1 * meta:
+            log.warning("%s: slide_mpp %g given for this slide overrides %g from its metadata", path, override, meta)
+        return float(override)
+    if meta is not None:
+        return meta
+    if fallback is not None:
+        return float(fallback)
     raise SlideError(
         f"{path}: no microns-per-pixel in the slide's metadata (openslide.mpp-x absent); "
-        "give it with `slide_mpp:` in the cohort spec or --slide-mpp"
+        "give it with a `slide_mpp` column in the cohort manifest, `slide_mpp:` in the cohort spec, or --slide-mpp"
     )
 
 
-def open_slide(path: str | Path):  # -> openslide.OpenSlide
+def open_slide(path: str | Path):  # -> openslide.AbstractSlide
+    """Open a slide with OpenSlide, or a plain image with the :class:`openslide.ImageSlide` fallback.
+
+    Raises:
+        SlideError: missing file, a format neither reads, or a corrupt file.
+    """
     import openslide
+    from PIL import UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise SlideError(f"{path}: slide file not found")
     try:
-        return openslide.OpenSlide(str(path))
-    except openslide.OpenSlideError as e:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError as e:  # pragma: no cover - detect_format rarely raises
         raise SlideError(f"{path}: OpenSlide cannot read it ({e})") from e
-    except openslide.OpenSlideUnsupportedFormatError as e:
-        raise SlideError(f"{path}: not a slide format OpenSlide reads ({e})") from e
-
-
-def tissue_mask(thumb: Image.Image, min_object_frac: float = 1e-3) -> np.ndarray:
-    """Tissue on an RGB thumbnail: Otsu on HSV saturation, closed and cleaned of specks.
-
-    Returns:
-        ``[h, w]`` bool mask (True = tissue). All False when the slide is background only.
-    """
-    from scipy import ndimage
-    from skimage.filters import threshold_otsu
-
-    rgb = np.asarray(thumb.convert("RGB"))
-    sat = np.asarray(thumb.convert("RGB").convert("HSV"))[..., 1].astype(np.float32)
-    if sat.max() - sat.min() < 8:  # flat image: no tissue contrast at all
-        return np.zeros(sat.shape, dtype=bool)
-    thr = max(float(threshold_otsu(sat)), 20.0)  # never call faint background tissue
-    mask = (sat > thr) & (rgb.mean(axis=-1) < 235)
-    disk = np.hypot(*np.mgrid[-2:3, -2:3]) <= 2
-    mask = ndimage.binary_closing(mask, structure=disk, border_value=0)
-    min_size = max(16, int(min_object_frac * mask.size))
-    mask = _drop_small(mask, min_size)  # specks of debris
-    return ~_drop_small(~mask, min_size)  # fill small holes
-
-
-def _drop_small(mask: np.ndarray, min_size: int) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_size
-    keep[0] = False
-    return keep[labels]
+    if fmt is not None:
+        try:
+            return openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as e:
+            raise SlideError(f"{path}: OpenSlide cannot read it ({e}); the file may be truncated or corrupt") from e
+    if path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
+        raise SlideError(
+            f"{path}: not a slide format OpenSlide reads, and not a plain image ({', '.join(PLAIN_IMAGE_SUFFIXES)})"
+        )
+    try:
+        with Image.open(path) as im:
+            im.verify()  # header and structure; decoding happens on first read
+        return openslide.ImageSlide(str(path))
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise SlideError(f"{path}: cannot read it as a plain image ({type(e).__name__}: {e})") from e
 
 
 def thumbnail(slide: object, max_px: int) -> Image.Image:
@@ -116,24 +155,29 @@ def tile_grid(
     target_mpp: float,
     tile_px: int,
     min_tissue: float,
+    overlap_px: int = 0,
 ) -> TileGrid:
-    """Non-overlapping grid from the level-0 origin at ``target_mpp``, kept where tissue covers ``min_tissue``.
+    """Grid from the level-0 origin at ``target_mpp``, kept where tissue covers ``min_tissue`` of a tile.
 
-    The level read from is the deepest one whose downsample does not exceed the wanted one, so tiles are
-    only ever shrunk, never enlarged, to ``tile_px``.
+    Neighbouring tiles overlap by ``overlap_px`` output pixels (stride ``tile_px - overlap_px``). The level
+    read from is the deepest one whose downsample does not exceed the wanted one, so tiles are only ever
+    shrunk, never enlarged, to ``tile_px``.
     """
+    if not 0 <= overlap_px < tile_px:
+        raise SlideError(f"overlap_px must be in [0, tile_px={tile_px}), got {overlap_px}")
     w0, h0 = slide.dimensions  # type: ignore[attr-defined]
     ds = target_mpp / mpp  # level-0 pixels per output pixel
     size0 = int(round(tile_px * ds))
     if size0 < 1:
         raise SlideError(f"target_mpp {target_mpp} is finer than the slide's {mpp} um/px by too much")
+    stride0 = max(1, int(round((tile_px - overlap_px) * ds)))
     level = int(slide.get_best_level_for_downsample(ds + 1e-6))  # type: ignore[attr-defined]
     level_ds = float(slide.level_downsamples[level])  # type: ignore[attr-defined]
     read_px = int(round(size0 / level_ds))
-    xs = np.arange(0, w0 - size0 + 1, size0)
-    ys = np.arange(0, h0 - size0 + 1, size0)
+    xs = np.arange(0, w0 - size0 + 1, stride0)
+    ys = np.arange(0, h0 - size0 + 1, stride0)
     if len(xs) == 0 or len(ys) == 0:
-        return TileGrid(np.zeros((0, 2), np.int64), level, read_px, tile_px, mpp, target_mpp, size0)
+        return TileGrid(np.zeros((0, 2), np.int64), level, read_px, tile_px, mpp, target_mpp, size0, overlap_px)
     gx, gy = np.meshgrid(xs, ys)  # row-major: y then x
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
     # Tissue fraction of each tile from the mask (mask pixels map to level-0 by the thumbnail scale).
@@ -147,33 +191,53 @@ def tile_grid(
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     tissue = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     keep = tissue / area >= max(min_tissue, 1e-9)
-    return TileGrid(coords[keep], level, read_px, tile_px, mpp, target_mpp, size0)
+    return TileGrid(coords[keep], level, read_px, tile_px, mpp, target_mpp, size0, overlap_px)
 
 
-class TileDataset:
-    """Reads tiles of one slide; each DataLoader worker opens its own slide handle.
+class TileDataset(torch.utils.data.Dataset):
+    """Reads tiles of one slide as uint8; each DataLoader worker opens its own slide handle, lazily.
 
-    Items are ``(image [3, H, W] float, index)``.
+    Items are ``(tile [3, read_px, read_px] uint8, index, keep)``: ``keep`` is False for a tile that turned
+    out to be mostly near-white/near-black pixels (:func:`pipeline.tissue.tile_is_background`). Resizing to
+    ``tile_px`` and normalising happen batched, in the encoder's ``preprocess``.
     """
 
-    def __init__(self, path: Path, grid: TileGrid, transform):
+    def __init__(self, path: Path, grid: TileGrid, tissue: TissueSettings | None = None):
         self.path = Path(path)
         self.grid = grid
-        self.transform = transform
+        self.tissue = tissue or TissueSettings(max_background=1.0)
         self._slide = None
+        self._pid = -1
 
     def __len__(self) -> int:
         return len(self.grid.coords)
 
-    def read(self, i: int) -> Image.Image:
-        if self._slide is None:
+    def _handle(self):
+        if self._slide is None or self._pid != os.getpid():  # a forked worker never shares its parent's handle
             self._slide = open_slide(self.path)
+            self._pid = os.getpid()
+        return self._slide
+
+    def read_rgb(self, i: int) -> np.ndarray:
+        """Tile ``i`` as read from its level: ``[read_px, read_px, 3]`` uint8."""
         x, y = (int(v) for v in self.grid.coords[i])
         g = self.grid
-        img = self._slide.read_region((x, y), g.level, (g.read_px, g.read_px)).convert("RGB")
-        if g.read_px != g.tile_px:
-            img = img.resize((g.tile_px, g.tile_px), Image.Resampling.BILINEAR)
+        rgba = np.asarray(self._handle().read_region((x, y), g.level, (g.read_px, g.read_px)))
+        return np.ascontiguousarray(rgba[..., :3])  # a writable copy, so torch can share it
+
+    def read(self, i: int) -> Image.Image:
+        """Tile ``i`` at ``tile_px`` as a PIL image (for inspection; extraction resizes batched)."""
+        img = Image.fromarray(self.read_rgb(i))
+        if self.grid.read_px != self.grid.tile_px:
+            img = img.resize((self.grid.tile_px, self.grid.tile_px), Image.Resampling.BILINEAR)
         return img
 
-    def __getitem__(self, i: int):
-        return self.transform(self.read(i)), i
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        rgb = self.read_rgb(i)
+        keep = not tile_is_background(rgb[::4, ::4], self.tissue)
+        return torch.from_numpy(rgb).permute(2, 0, 1), i, keep  # [3, H, W] view, stacked by collate
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None

@@ -1,29 +1,29 @@
+"""Slide reading, resolution, tissue and tiling, on slides built from the real H&E images."""
+
 from __future__ import annotations
 
-import os
+import json
 from importlib import resources
 from pathlib import Path
 
-import h5py
 import numpy as np
 import openslide
-import pandas as pd
 import pytest
 from PIL import Image
 
-from data_specs.config import ExtractConfig
 from pipeline.demo import write_pyramid_tiff
-from pipeline.extract import extract_slides, load_features
-from pipeline.slides import SlideError, TileDataset, open_slide, slide_mpp, thumbnail, tile_grid, tissue_mask
+from pipeline.slides import SlideError, TileDataset, open_slide, slide_mpp, thumbnail, tile_grid
+from pipeline.tissue import (
+    TissueSettings,
+    background_fraction,
+    mask_to_geojson,
+    pen_mask,
+    polygon_area,
+    tissue_mask,
+)
 
 ASSETS = Path(str(resources.files("pipeline.demo_assets")))
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder():
-    from models import build_encoder
-
-    return build_encoder("test_efficientnet", random_weights=True)
+SHARED_SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "histology" / "cmu_small_region.svs"
 
 
 @pytest.fixture(scope="module")
@@ -35,99 +35,183 @@ def he_rgb() -> np.ndarray:
     return canvas
 
 
-def test_demo_slide_opens_with_mpp_and_levels(tiny_demo):
-    s = openslide.OpenSlide(str(next((tiny_demo.parent / "slides").glob("*.tif"))))
-    assert s.properties["openslide.vendor"] == "aperio"
-    assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.5)
-    assert s.level_count == 3 and s.level_downsamples == pytest.approx((1.0, 2.0, 4.0))
+def _generic_tiff(path: Path, rgb: np.ndarray, mpp: float | None) -> None:
+    """Pyramidal tiled TIFF with no vendor description; mpp (if any) only in the resolution tags."""
+    import tifffile
+
+    img = Image.fromarray(rgb)
+    with tifffile.TiffWriter(path) as tif:
+        for lv in range(2):
+            res = {} if mpp is None else {"resolution": (1e4 / (mpp * 2**lv),) * 2, "resolutionunit": "CENTIMETER"}
+            tif.write(
+                np.asarray(img),
+                tile=(256, 256),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=0 if lv == 0 else 1,
+                metadata=None,
+                **res,
+            )
+            img = img.resize((img.width // 2, img.height // 2), Image.Resampling.LANCZOS)
+
+
+def test_aperio_style_tiff_opens_with_mpp_and_levels(tmp_path, he_rgb):
+    p = tmp_path / "aperio.tif"
+    write_pyramid_tiff(p, he_rgb, mpp=0.5)
+    s = open_slide(p)
+    assert isinstance(s, openslide.OpenSlide) and s.properties["openslide.vendor"] == "aperio"
+    assert slide_mpp(s, p) == pytest.approx(0.5) and s.level_count == 3
     assert s.properties["openslide.objective-power"] == "20"
 
 
+def test_generic_tiff_mpp_from_resolution_tags(tmp_path, he_rgb):
+    p, q = tmp_path / "generic.tif", tmp_path / "generic_nompp.tif"
+    _generic_tiff(p, he_rgb, mpp=0.25)
+    _generic_tiff(q, he_rgb, mpp=None)
+    s = open_slide(p)
+    assert s.properties["openslide.vendor"] == "generic-tiff" and s.level_count == 2
+    assert slide_mpp(s, p) == pytest.approx(0.25, rel=1e-3)
+    with pytest.raises(SlideError, match="generic_nompp.tif: no microns-per-pixel"):
+        slide_mpp(open_slide(q), q)
+
+
 def test_real_aperio_svs_reads():
-    s = open_slide(ASSETS / "cmu_small_region.svs")
-    assert slide_mpp(s, ASSETS / "cmu_small_region.svs") == pytest.approx(0.499, abs=1e-3)
-    mask = tissue_mask(thumbnail(s, 512))
-    g = tile_grid(s, mask, 0.499, 0.5, 224, 0.5)
+    path = ASSETS / "cmu_small_region.svs"
+    s = open_slide(path)
+    assert s.properties["openslide.vendor"] == "aperio"
+    assert slide_mpp(s, path) == pytest.approx(0.499, abs=1e-3)
+    g = tile_grid(s, tissue_mask(thumbnail(s, 512)), 0.499, 0.5, 224, 0.5)
     assert 20 < len(g.coords) < (2220 // 224) * (2967 // 224)  # tissue, not the whole slide
 
 
-def test_missing_mpp_error_and_override(tmp_path, he_rgb):
-    p = tmp_path / "nompp.tif"
-    write_pyramid_tiff(p, he_rgb, mpp=None)
+@pytest.mark.skipif(not SHARED_SVS.is_file(), reason=f"shared data folder absent ({SHARED_SVS})")
+def test_shared_svs_is_the_shipped_copy():
+    assert SHARED_SVS.read_bytes() == (ASSETS / "cmu_small_region.svs").read_bytes()
+    assert open_slide(SHARED_SVS).dimensions == (2220, 2967)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_plain_image_fallback_reader(tmp_path, he_rgb, suffix):
+    p = tmp_path / f"plain{suffix}"
+    Image.fromarray(he_rgb).save(p, **({"quality": 95} if suffix == ".jpg" else {}))  # PIL's TIFF: flat, stripped
     s = open_slide(p)
-    with pytest.raises(SlideError, match=r"nompp.tif: no microns-per-pixel.*slide_mpp"):
+    assert isinstance(s, openslide.ImageSlide) and s.dimensions == (1120, 896) and s.level_count == 1
+    with pytest.raises(SlideError, match=rf"plain{suffix}: no microns-per-pixel"):
         slide_mpp(s, p)
-    assert slide_mpp(s, p, override=0.25) == 0.25
+    assert slide_mpp(s, p, fallback=0.5) == 0.5
+    region = np.asarray(s.read_region((100, 50), 0, (64, 64)).convert("RGB"), float)
+    assert np.abs(region - he_rgb[50:114, 100:164]).mean() < (4 if suffix == ".jpg" else 1e-9)
+
+
+def test_unreadable_files_are_slide_errors(tmp_path, he_rgb):
+    with pytest.raises(SlideError, match="missing.svs: slide file not found"):
+        open_slide(tmp_path / "missing.svs")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not a slide")
+    with pytest.raises(SlideError, match="notes.txt: not a slide format"):
+        open_slide(txt)
+    bad_png = tmp_path / "bad.png"
+    Image.fromarray(he_rgb).save(bad_png)
+    bad_png.write_bytes(bad_png.read_bytes()[:100])
+    with pytest.raises(SlideError, match="bad.png"):
+        s = open_slide(bad_png)
+        s.read_region((0, 0), 0, (8, 8))
+
+
+def test_mpp_policy_override_metadata_fallback(tmp_path, he_rgb, caplog):
+    p = tmp_path / "s.tif"
+    write_pyramid_tiff(p, he_rgb, mpp=0.5)
+    s = open_slide(p)
+    assert slide_mpp(s, p, fallback=0.25) == 0.5  # metadata wins over a fallback
+    assert slide_mpp(s, p, override=0.25) == 0.25  # a per-slide value wins over metadata, with a warning
+    assert "overrides 0.5" in caplog.text
+    with pytest.raises(SlideError, match="must be a positive number"):
+        slide_mpp(s, p, override=-1.0)
 
 
 def test_tiles_map_back_to_level0_pixels(tmp_path, he_rgb):
     p = tmp_path / "s.tif"
     write_pyramid_tiff(p, he_rgb, mpp=0.25)  # 40x: 0.5 um/px tiles come from level 1
     s = open_slide(p)
-    mask = tissue_mask(thumbnail(s, 512))
-    g = tile_grid(s, mask, 0.25, 0.5, 112, 0.5)
+    g = tile_grid(s, tissue_mask(thumbnail(s, 512)), 0.25, 0.5, 112, 0.5)
     assert g.level == 1 and g.read_px == 112 and g.size0 == 224
     assert len(g.coords) == 9  # the 672 px tissue square holds 3 x 3 tiles of 224 level-0 px
     assert g.coords[:, 0].max() + g.size0 <= 672 and g.coords[:, 1].max() + g.size0 <= 672
-    ds = TileDataset(p, g, lambda im: im)
+    ds = TileDataset(p, g)
     for i in (0, 4, 8):
         x, y = g.coords[i]
-        tile = np.asarray(ds.read(i), float)
+        tile, idx, keep = ds[i]
+        assert tile.dtype == torch_uint8() and tuple(tile.shape) == (3, 112, 112) and idx == i and keep
         ref = np.asarray(Image.fromarray(he_rgb[y : y + 224, x : x + 224]).resize((112, 112), Image.BILINEAR), float)
-        assert np.abs(tile - ref).mean() < 12, "tile does not show the source pixels at its coordinate"
+        assert np.abs(tile.permute(1, 2, 0).numpy() - ref).mean() < 12, "tile does not show the source pixels"
+        wrong = np.asarray(Image.fromarray(he_rgb[y + 112 : y + 336, x : x + 224]).resize((112, 112)), float)
+        assert np.abs(tile.permute(1, 2, 0).numpy() - wrong).mean() > 20  # the check can tell a shifted tile
 
 
-def test_extract_file_contents_resume_and_failures(tmp_path, he_rgb, tiny_encoder, caplog):
-    good, blank, corrupt = tmp_path / "good.tif", tmp_path / "blank.tif", tmp_path / "corrupt.tif"
-    write_pyramid_tiff(good, he_rgb, mpp=0.5)
-    write_pyramid_tiff(blank, np.full((600, 800, 3), 244, np.uint8), mpp=0.5)
-    write_pyramid_tiff(corrupt, he_rgb, mpp=0.5)
-    corrupt.write_bytes(corrupt.read_bytes()[:5000])  # truncated download
-    cfg = ExtractConfig(encoder="test_efficientnet", random_weights=True, batch_size=4)
-    out = tmp_path / "feat"
-    res = {r.slide_id: r for r in extract_slides([good, blank, corrupt], out, tiny_encoder, cfg, progress=False)}
-    assert res["good"].status == "done" and res["good"].tiles == 9
-    assert res["blank"].status == "empty" and res["blank"].tiles == 0
-    assert res["corrupt"].status == "failed" and "corrupt.tif" in res["corrupt"].error
-    f, c, attrs = load_features(out / "good.h5")
-    assert f.shape == (9, tiny_encoder.dim) and f.dtype == np.float32 and np.isfinite(f).all()
-    assert c.shape == (9, 2) and c.dtype == np.int64
-    assert attrs["encoder"] == "test_efficientnet" and attrs["tile_px"] == 224 and attrs["slide_mpp"] == 0.5
-    assert attrs["target_mpp"] == 0.5 and attrs["weights"] == "random"
-    fe, ce, _ = load_features(out / "blank.h5")
-    assert fe.shape == (0, tiny_encoder.dim) and ce.shape == (0, 2)
-    rep = pd.read_csv(out / "extract_report.csv")
-    assert set(rep.status) == {"done", "empty", "failed"}
-    # features equal a direct encoding of the tile at the stored coordinate
+def torch_uint8():
     import torch
 
-    ds = TileDataset(
-        good,
-        tile_grid(open_slide(good), tissue_mask(thumbnail(open_slide(good), 1024)), 0.5, 0.5, 224, 0.5),
-        tiny_encoder.transform,
-    )
-    with torch.inference_mode():
-        direct = tiny_encoder.model(ds[3][0][None]).numpy()[0]
-    np.testing.assert_allclose(f[3], direct, rtol=1e-4, atol=1e-5)
-    # resume: nothing re-encoded, files untouched
-    mtime = os.stat(out / "good.h5").st_mtime_ns
-    res2 = {r.slide_id: r for r in extract_slides([good, blank, corrupt], out, tiny_encoder, cfg, progress=False)}
-    assert res2["good"].status == "skipped" and res2["blank"].status == "skipped"
-    assert os.stat(out / "good.h5").st_mtime_ns == mtime
+    return torch.uint8
 
 
-def test_incomplete_file_is_recomputed(tmp_path, he_rgb, tiny_encoder):
-    good = tmp_path / "good.tif"
-    write_pyramid_tiff(good, he_rgb, mpp=0.5)
-    cfg = ExtractConfig(encoder="test_efficientnet", random_weights=True, batch_size=4)
-    out = tmp_path / "feat"
-    out.mkdir()
-    with h5py.File(out / "good.h5", "w") as f:  # what a killed writer without atomic rename would leave
-        f.create_dataset("features", data=np.zeros((2, 3), np.float32))
-    with pytest.raises(ValueError, match="incomplete"):
-        load_features(out / "good.h5")
-    (r,) = extract_slides([good], out, tiny_encoder, cfg, progress=False)
-    assert r.status == "done" and load_features(out / "good.h5")[0].shape == (9, tiny_encoder.dim)
-    # other settings (a different tile size) -> recomputed, not reused
-    (r2,) = extract_slides([good], out, tiny_encoder, cfg.model_copy(update={"tile_px": 112}), progress=False)
-    assert r2.status == "done"
+def test_overlap_grid_and_level_choice(tmp_path, he_rgb):
+    p = tmp_path / "s.tif"
+    write_pyramid_tiff(p, he_rgb, mpp=0.25)
+    s = open_slide(p)
+    mask = np.ones((10, 10), bool)
+    g0 = tile_grid(s, mask, 0.25, 1.0, 224, 0.5)  # 4x coarser than level 0 -> level 2 exactly, no resize
+    assert g0.level == 2 and g0.read_px == 224 and g0.size0 == 896
+    g = tile_grid(s, mask, 0.25, 0.5, 112, 0.0, overlap_px=56)
+    assert np.diff(np.unique(g.coords[:, 0]))[0] == 112  # stride (112 - 56) px at 0.5 um/px = 112 level-0 px
+    with pytest.raises(SlideError, match="overlap_px"):
+        tile_grid(s, mask, 0.25, 0.5, 112, 0.0, overlap_px=112)
+
+
+def test_tissue_mask_finds_the_tissue_and_nothing_else(he_rgb):
+    m = tissue_mask(Image.fromarray(he_rgb).resize((280, 224)))
+    assert m[:168, :168].mean() > 0.9 and m[175:, :].mean() == 0 and m[:, 175:].mean() == 0
+    assert not tissue_mask(Image.new("RGB", (200, 100), (243, 243, 243))).any()
+
+
+def test_pen_marks_are_removed(he_rgb):
+    img = he_rgb.copy()
+    img[100:130, 40:600] = (30, 60, 190)  # a blue marker stroke across the tissue
+    img[300:330, 40:600] = (40, 160, 60)  # a green one
+    thumb = Image.fromarray(img).resize((560, 448))
+    ink = pen_mask(np.asarray(thumb))
+    assert ink[55:60, 50:280].mean() > 0.9 and ink[100:140, 50:280].mean() < 0.02
+    keep = tissue_mask(thumb, TissueSettings(remove_pen=True))
+    plain = tissue_mask(thumb, TissueSettings(remove_pen=False))
+    assert plain[55:60, 50:280].mean() > 0.9  # without removal, ink over tissue counts as tissue
+    assert keep[55:60, 50:280].mean() < 0.05 and keep[155:160, 50:280].mean() < 0.05
+    assert (keep[75:140, 20:300] == plain[75:140, 20:300]).mean() > 0.98  # the tissue between the strokes stays
+    assert not pen_mask(np.asarray(Image.fromarray(he_rgb).resize((280, 224)))).mean() > 0.01  # H&E is not ink
+
+
+def test_background_tiles_are_rejected():
+    s = TissueSettings(max_background=0.9)
+    white = np.full((64, 64, 3), 240, np.uint8)
+    assert background_fraction(white, s) == 1.0
+    half = white.copy()
+    half[:, :32] = (180, 100, 160)
+    assert background_fraction(half, s) == pytest.approx(0.5)
+    assert background_fraction(np.moveaxis(half, -1, 0), s) == pytest.approx(0.5)  # channel-first too
+
+
+def test_geojson_contours_in_level0_coordinates(he_rgb):
+    mask = np.zeros((100, 120), bool)
+    mask[10:60, 20:80] = True
+    mask[30:40, 40:50] = False  # a hole
+    mask[80:90, 100:110] = True  # a second piece
+    gj = mask_to_geojson(mask, (1200, 1000))  # level 0 is 10x the mask
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 2
+    json.dumps(gj)  # serialisable as is
+    big = max(gj["features"], key=lambda f: polygon_area(f["geometry"]["coordinates"][0]))
+    outer, *holes = big["geometry"]["coordinates"]
+    assert big["properties"]["classification"]["name"] == "Tissue" and len(holes) == 1
+    assert polygon_area(outer) == pytest.approx(50 * 60 * 100, rel=0.1)
+    assert polygon_area(holes[0]) == pytest.approx(10 * 10 * 100, rel=0.3)
+    xs = [p[0] for p in outer]
+    ys = [p[1] for p in outer]
+    assert min(xs) == pytest.approx(200, abs=10) and max(xs) == pytest.approx(800, abs=10)
+    assert min(ys) == pytest.approx(100, abs=10) and max(ys) == pytest.approx(600, abs=10)

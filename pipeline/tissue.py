@@ -1,0 +1,187 @@
+"""Tissue on a slide thumbnail: a mask, pen-mark removal, per-tile pixel checks, and QuPath GeoJSON contours.
+
+The mask is computed once per slide on an RGB thumbnail (``thumbnail_px`` on its longest side):
+
+1. Otsu threshold on HSV saturation (stained tissue is saturated, glass is not), never below 20/255 so
+   faint background is not called tissue, and pixels that are near white excluded;
+2. optionally, pen marks removed: pixels whose colour no H&E stain produces (blue-dominant, green-dominant
+   or near-black ink), grown by a few pixels to take the stroke's halo;
+3. morphology: closing with a disk, then specks and small holes below ``min_object_frac`` of the
+   thumbnail removed.
+
+Tiles keep or drop on the mask's coverage (``min_tissue``) in :func:`pipeline.slides.tile_grid`; then,
+when read at full resolution, a tile that is mostly near-white or near-black pixels is rejected
+(:func:`tile_is_background`) before it reaches the encoder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class TissueSettings:
+    """How tissue is found. Stored in every features file (a change re-encodes the slide).
+
+    Attributes:
+        remove_pen: drop blue, green and black ink from the mask.
+        min_object_frac: connected pieces (and holes) smaller than this fraction of the thumbnail are removed.
+        white_level: a pixel whose R, G and B are all at least this is background (glass).
+        black_level: a pixel whose R, G and B are all at most this is background (ink, folds, scanner edge).
+        max_background: a tile whose fraction of white or black pixels exceeds this is rejected at read time
+            (1.0 turns the check off).
+    """
+
+    remove_pen: bool = True
+    min_object_frac: float = 1e-3
+    white_level: int = 220
+    black_level: int = 35
+    max_background: float = 0.9
+
+
+def pen_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pen ink on an RGB image: colours that haematoxylin and eosin do not produce.
+
+    Args:
+        rgb: ``[h, w, 3]`` uint8.
+
+    Returns:
+        ``[h, w]`` bool, True where ink is. Blue ink: blue exceeds red by 40 and green by 15 (H&E purple keeps
+        red close to blue). Green ink: green exceeds both red and blue by 15. Black ink: every channel <= 60.
+    """
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    blue = (b - r > 40) & (b - g > 15)
+    green = (g - r > 15) & (g - b > 15)
+    black = (r <= 60) & (g <= 60) & (b <= 60)
+    return blue | green | black
+
+
+def tissue_mask(thumb: Image.Image, settings: TissueSettings | None = None) -> np.ndarray:
+    """Tissue on an RGB thumbnail.
+
+    Returns:
+        ``[h, w]`` bool mask (True = tissue). All False when the slide is background only.
+    """
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    s = settings or TissueSettings()
+    rgb = np.asarray(thumb.convert("RGB"))
+    sat = np.asarray(thumb.convert("RGB").convert("HSV"))[..., 1].astype(np.float32)
+    ink = pen_mask(rgb) if s.remove_pen else np.zeros(sat.shape, bool)
+    if ink.any():
+        # strokes, not the odd dark nucleus: keep ink pieces of some size, then take the stroke's halo
+        ink = _drop_small(ink, max(16, int(5e-4 * ink.size)))
+        ink = ndimage.binary_dilation(ink, iterations=3) if ink.any() else ink
+    valid = ~ink
+    if not valid.any() or sat[valid].max() - sat[valid].min() < 8:  # flat image: no tissue contrast at all
+        return np.zeros(sat.shape, dtype=bool)
+    thr = max(float(threshold_otsu(sat[valid])), 20.0)  # never call faint background tissue
+    mask = (sat > thr) & (rgb.mean(axis=-1) < 235) & valid
+    disk = np.hypot(*np.mgrid[-2:3, -2:3]) <= 2
+    mask = ndimage.binary_closing(mask, structure=disk, border_value=0) & valid
+    min_size = max(16, int(s.min_object_frac * mask.size))
+    mask = _drop_small(mask, min_size)  # specks of debris
+    return ~_drop_small(~mask, min_size) & valid  # fill small holes (never with ink)
+
+
+def _drop_small(mask: np.ndarray, min_size: int) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_size
+    keep[0] = False
+    return keep[labels]
+
+
+def background_fraction(tile: np.ndarray, settings: TissueSettings) -> float:
+    """Fraction of a tile's pixels that are near white or near black.
+
+    Args:
+        tile: ``[H, W, 3]`` or ``[3, H, W]`` uint8 (channel axis found by size 3).
+    """
+    ax = 0 if tile.shape[0] == 3 and tile.shape[-1] != 3 else -1
+    lo, hi = tile.min(axis=ax), tile.max(axis=ax)
+    return float(((lo >= settings.white_level) | (hi <= settings.black_level)).mean())
+
+
+def tile_is_background(tile: np.ndarray, settings: TissueSettings) -> bool:
+    return settings.max_background < 1.0 and background_fraction(tile, settings) > settings.max_background
+
+
+def save_mask_png(mask: np.ndarray, path: Path) -> None:
+    """The mask as an 8-bit PNG (255 = tissue), the thumbnail's size."""
+    Image.fromarray((mask * 255).astype(np.uint8)).save(path)
+
+
+def mask_to_geojson(mask: np.ndarray, level0_size: tuple[int, int], name: str = "Tissue") -> dict:
+    """Tissue contours as a GeoJSON FeatureCollection in level-0 pixel coordinates, as QuPath imports it.
+
+    One Polygon feature per connected piece of tissue: its outer ring, then one ring per hole. A mask pixel
+    ``(row, col)`` covers level-0 ``[col * sx, (col + 1) * sx)`` with ``sx = width0 / mask_width``.
+
+    Args:
+        mask: ``[h, w]`` bool thumbnail mask.
+        level0_size: ``(width0, height0)`` of the slide.
+    """
+    from scipy import ndimage
+    from skimage.measure import approximate_polygon, find_contours
+
+    h, w = mask.shape
+    sx, sy = level0_size[0] / w, level0_size[1] / h
+
+    def ring(region: np.ndarray) -> list[list[float]] | None:
+        cs = find_contours(np.pad(region, 1).astype(np.uint8), 0.5)
+        if not cs:
+            return None
+        c = approximate_polygon(max(cs, key=len), tolerance=0.5) - 1  # back from the padded frame
+        if len(c) < 4:
+            return None
+        pts = [[round((col + 0.5) * sx, 1), round((row + 0.5) * sy, 1)] for row, col in c]
+        if pts[0] != pts[-1]:
+            pts.append(pts[0])
+        return pts
+
+    labels, n = ndimage.label(mask)
+    features = []
+    for i in range(1, n + 1):
+        piece = labels == i
+        filled = ndimage.binary_fill_holes(piece)
+        outer = ring(filled)
+        if outer is None:
+            continue
+        rings = [outer]
+        holes, nh = ndimage.label(filled & ~piece)
+        for j in range(1, nh + 1):
+            r = ring(holes == j)
+            if r is not None:
+                rings.append(r)
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": rings},
+                "properties": {"objectType": "annotation", "classification": {"name": name}},
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def save_geojson(mask: np.ndarray, level0_size: tuple[int, int], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(mask_to_geojson(mask, level0_size)))
+    tmp.replace(path)
+
+
+def polygon_area(ring: list[list[float]]) -> float:
+    """Area of a closed ring by the shoelace formula (level-0 px^2)."""
+    a = np.asarray(ring, float)
+    x, y = a[:, 0], a[:, 1]
+    return float(abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])) / 2)

@@ -1,0 +1,256 @@
+"""Slides -> features files: contents, coordinates, resume, crash safety, failures, shards, workers, precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from data_specs.config import ExtractConfig
+from pipeline.demo import write_pyramid_tiff
+from pipeline.extract import (
+    EncoderRunner,
+    choose_batch_size,
+    extract_slides,
+    load_features,
+    parse_shard,
+    read_attrs,
+    shard_of,
+)
+from pipeline.slides import open_slide
+
+ASSETS = Path(str(resources.files("pipeline.demo_assets")))
+REPO = Path(__file__).resolve().parents[1]
+CFG = ExtractConfig(encoder="test_efficientnet", random_weights=True, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    from models import build_encoder
+
+    return build_encoder("test_efficientnet", random_weights=True)
+
+
+@pytest.fixture(scope="module")
+def he_rgb() -> np.ndarray:
+    he = np.asarray(Image.open(ASSETS / "tumor_target_he.png").convert("RGB"))[:672, :672]
+    canvas = np.full((896, 1120, 3), 243, np.uint8)
+    canvas[:672, :672] = he
+    return canvas
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory, he_rgb) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("slides")
+    out = {
+        "good": d / "good.tif",
+        "blank": d / "blank.tif",
+        "corrupt": d / "corrupt.tif",
+        "nompp": d / "nompp.tif",
+        "plain": d / "plain.png",
+    }
+    write_pyramid_tiff(out["good"], he_rgb, mpp=0.5)
+    write_pyramid_tiff(out["blank"], np.full((600, 800, 3), 244, np.uint8), mpp=0.5)
+    write_pyramid_tiff(out["corrupt"], he_rgb, mpp=0.5)
+    out["corrupt"].write_bytes(out["corrupt"].read_bytes()[:5000])  # a truncated download
+    write_pyramid_tiff(out["nompp"], he_rgb, mpp=None)
+    Image.fromarray(he_rgb).save(out["plain"])
+    return out
+
+
+def _direct(enc, path: Path, xy, size0: int, level: int, read_px: int) -> np.ndarray:
+    """Encode the tile at a level-0 coordinate, read straight from OpenSlide."""
+    s = open_slide(path)
+    rgb = np.asarray(s.read_region((int(xy[0]), int(xy[1])), level, (read_px, read_px)).convert("RGB"))
+    x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        return enc.model(enc.preprocess(x)).numpy()[0]
+
+
+def test_features_files_report_and_failures(tmp_path, slides, enc, caplog):
+    out = tmp_path / "feat"
+    order = ["good", "blank", "corrupt", "nompp", "plain"]
+    res = {r.slide_id: r for r in extract_slides([slides[k] for k in order], out, enc, CFG, progress=False)}
+    assert res["good"].status == "done" and res["good"].tiles == 9
+    assert res["blank"].status == "empty" and res["blank"].tiles == 0
+    assert "no tissue tiles" in caplog.text and "blank.tif" in caplog.text
+    assert res["corrupt"].status == "failed" and "corrupt.tif" in res["corrupt"].error
+    assert res["nompp"].status == "failed" and "no microns-per-pixel" in res["nompp"].error
+    assert res["plain"].status == "failed" and "plain.png" in res["plain"].error
+
+    f, c, attrs = load_features(out / "good.h5")
+    assert f.shape == (9, enc.dim) and f.dtype == np.float32 and np.isfinite(f).all()
+    assert c.shape == (9, 2) and c.dtype == np.int64
+    assert attrs["encoder"] == "test_efficientnet" and attrs["tile_px"] == 224 and attrs["slide_mpp"] == 0.5
+    assert attrs["target_mpp"] == 0.5 and attrs["weights"] == "random" and attrs["n_tiles"] == 9
+    with h5py.File(out / "good.h5") as h:  # grown in chunks, never allocated whole
+        assert h["features"].maxshape == (None, enc.dim) and h["features"].chunks[0] == 256
+    # every stored coordinate maps back to the pixels that were encoded
+    for i in (0, 4, 8):
+        np.testing.assert_allclose(f[i], _direct(enc, slides["good"], c[i], 224, 0, 224), rtol=1e-4, atol=1e-4)
+    fe, ce, ae = load_features(out / "blank.h5")  # empty but well formed
+    assert fe.shape == (0, enc.dim) and ce.shape == (0, 2) and ae["complete"] and ae["n_tiles"] == 0
+    for suffix in (".thumb.jpg", ".mask.png", ".tissue.geojson"):
+        assert (out / f"good{suffix}").is_file()
+    gj = json.loads((out / "good.tissue.geojson").read_text())
+    assert gj["type"] == "FeatureCollection" and gj["features"]
+
+    rep = pd.read_csv(out / "extract_report.csv")
+    cols = ["slide_id", "slide_path", "status", "tiles", "rejected", "seconds", "error", "fingerprint"]
+    assert list(rep.columns) == cols
+    assert dict(zip(rep.slide_id, rep.status, strict=True)) == {k: res[k].status for k in order}
+    js = json.loads((out / "extract_report.json").read_text())
+    assert js["summary"] == {"done": 1, "empty": 1, "failed": 3}
+
+    # rerun: finished slides skipped (files untouched); earlier failures not retried...
+    mtime = os.stat(out / "good.h5").st_mtime_ns
+    res2 = {r.slide_id: r for r in extract_slides([slides[k] for k in order], out, enc, CFG, progress=False)}
+    assert res2["good"].status == "skipped" and res2["blank"].status == "skipped"
+    assert os.stat(out / "good.h5").st_mtime_ns == mtime
+    assert res2["corrupt"].status == "failed" and "earlier run" in res2["corrupt"].error
+    # ... unless asked, and mpp given for slides without it (per slide, or for all): those now succeed
+    cfg = CFG.model_copy(update={"retry_failed": True, "slide_mpp": 0.5})
+    res3 = {
+        r.slide_id: r
+        for r in extract_slides(
+            [slides[k] for k in order], out, enc, cfg, progress=False, slide_mpps={str(slides["plain"]): 0.25}
+        )
+    }
+    assert res3["corrupt"].status == "failed" and "earlier run" not in res3["corrupt"].error
+    assert res3["nompp"].status == "done" and res3["nompp"].tiles == 9
+    assert res3["plain"].status == "done" and load_features(out / "plain.h5")[2]["slide_mpp"] == 0.25
+    assert res3["plain"].tiles == 1  # at 0.25 um/px, 0.5 um/px tiles are 448 level-0 px: one fits the tissue
+    # another tile size -> different attributes -> recomputed, not reused
+    (r4,) = extract_slides([slides["good"]], out, enc, CFG.model_copy(update={"tile_px": 112}), progress=False)
+    assert r4.status == "done" and r4.tiles == 36
+
+
+def test_incomplete_file_is_never_read_as_complete(tmp_path, slides, enc):
+    out = tmp_path / "feat"
+    out.mkdir()
+    with h5py.File(out / "good.h5", "w") as f:  # what a killed writer without atomic rename would leave
+        f.create_dataset("features", data=np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="incomplete"):
+        load_features(out / "good.h5")
+    (r,) = extract_slides([slides["good"]], out, enc, CFG, progress=False)
+    assert r.status == "done" and load_features(out / "good.h5")[0].shape == (9, enc.dim)
+
+
+_KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from data_specs.config import ExtractConfig
+from models import build_encoder
+from pipeline.extract import extract_slides
+cfg = ExtractConfig(encoder="test_efficientnet", random_weights=True, batch_size=1, max_background=1.0)
+enc = build_encoder("test_efficientnet", random_weights=True)
+extract_slides([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]), enc, cfg, progress=False)
+"""
+
+
+def test_resume_after_kill_9(tmp_path, slides, enc, he_rgb):
+    big = tmp_path / "big.tif"
+    write_pyramid_tiff(big, np.tile(he_rgb[:672, :672], (3, 3, 1)), mpp=0.5)  # 81 tiles, one per batch
+    order = [slides["good"], big, slides["blank"]]
+    out = tmp_path / "feat"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(out), *map(str, order)], env=env, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".big.h5.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)  # let it write a few batches
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-slide"
+    tmps = list(out.glob(".big.h5.*.tmp"))
+    assert tmps and not (out / "big.h5").exists(), "a half-written slide must stay under its temporary name"
+    assert read_attrs(tmps[0]) is None  # not complete, whatever state h5 left it in
+    assert (out / "good.h5").is_file()
+    mtime = os.stat(out / "good.h5").st_mtime_ns
+    cfg = CFG.model_copy(update={"max_background": 1.0})
+    res = {r.slide_id: r for r in extract_slides(order, out, enc, cfg, progress=False)}
+    assert res["good"].status == "skipped" and os.stat(out / "good.h5").st_mtime_ns == mtime
+    assert res["big"].status == "done" and res["big"].tiles == 81 and res["blank"].status == "empty"
+    assert not list(out.glob(".*.tmp")), "stale temporary files of the killed run are cleaned up"
+
+
+def test_two_workers_equal_one(tmp_path, slides, enc):
+    a = extract_slides([slides["good"]], tmp_path / "w0", enc, CFG, progress=False)
+    two = CFG.model_copy(update={"num_workers": 2})
+    b = extract_slides([slides["good"]], tmp_path / "w2", enc, two, progress=False)
+    assert a[0].status == b[0].status == "done"
+    fa, ca, _ = load_features(tmp_path / "w0" / "good.h5")
+    fb, cb, _ = load_features(tmp_path / "w2" / "good.h5")
+    np.testing.assert_array_equal(ca, cb)
+    np.testing.assert_allclose(fa, fb, rtol=1e-5, atol=1e-6)
+
+
+def test_shards_partition_the_cohort(tmp_path, slides, enc):
+    ids = [f"slide-{i:03d}" for i in range(300)]
+    parts = [{i for i in ids if shard_of(i, 3) == k} for k in (1, 2, 3)]
+    assert set().union(*parts) == set(ids) and sum(map(len, parts)) == 300
+    assert all(60 < len(p) < 140 for p in parts)  # roughly even
+    assert parse_shard("2/3") == (2, 3) and parse_shard(None) is None
+    for bad in ("0/3", "4/3", "x", "1/2/3"):
+        with pytest.raises(ValueError, match=f"shard '{bad}'"):
+            parse_shard(bad)
+    order = [slides["good"], slides["blank"], slides["nompp"]]
+    seen = []
+    for k in (1, 2):
+        res = extract_slides(order, tmp_path, enc, CFG.model_copy(update={"shard": f"{k}/2"}), progress=False)
+        seen += [r.slide_id for r in res]
+        assert (tmp_path / f"extract_report.shard-{k}-of-2.csv").is_file()
+    assert sorted(seen) == ["blank", "good", "nompp"]
+
+
+def test_background_tiles_rejected_at_read_time(tmp_path, he_rgb, enc):
+    img = he_rgb.copy()
+    img[224:448, 224:448] = 250  # one 224 px tile of glass inside the tissue square: the thumbnail mask fills it
+    p = tmp_path / "hole.tif"
+    write_pyramid_tiff(p, img, mpp=0.5)
+    (r,) = extract_slides([p], tmp_path / "f", enc, CFG.model_copy(update={"min_tissue": 0.0}), progress=False)
+    _, c, attrs = load_features(tmp_path / "f" / "hole.h5")
+    assert r.rejected >= 1 and attrs["n_rejected"] == r.rejected and [224, 224] not in c.tolist()
+
+
+def test_precision_and_memory_format_on_cpu(slides, enc):
+    x = torch.from_numpy(np.asarray(Image.open(ASSETS / "tumor_target_he.png").convert("RGB"))[:448, :448].copy())
+    tiles = x.unflatten(0, (2, 224)).unflatten(2, (2, 224)).permute(0, 2, 4, 1, 3).reshape(4, 3, 224, 224)
+    ref = EncoderRunner(enc, CFG.model_copy(update={"channels_last": False}))
+    fp32 = ref(tiles.contiguous())
+    cl = EncoderRunner(enc, CFG)(tiles.contiguous())
+    np.testing.assert_allclose(cl, fp32, rtol=1e-4, atol=1e-4)
+    bf = EncoderRunner(enc, CFG.model_copy(update={"precision": "bf16"}))
+    assert bf.precision == "bf16" and ref.precision == "fp32"
+    b16 = bf(tiles.contiguous())
+    cos = (b16 * fp32).sum(1) / np.linalg.norm(b16, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cos.min() > 0.98, cos
+
+
+def test_choose_batch_size_stops_before_running_out_of_memory():
+    def fits(b: int) -> None:
+        if b > 300:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert choose_batch_size(fits) == 256
+    assert choose_batch_size(lambda b: (_ for _ in ()).throw(torch.OutOfMemoryError("x")), start=32) == 16
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_features(slides, enc):
+    tiles = torch.randint(0, 255, (4, 3, 224, 224), dtype=torch.uint8)
+    eager = EncoderRunner(enc, CFG)(tiles)
+    compiled = EncoderRunner(enc, CFG.model_copy(update={"compile": True}))(tiles)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-3, atol=1e-3)
