@@ -9,6 +9,7 @@
     histofuse report   RUN_DIR                 report.html
     histofuse run      COHORT                  every stage above, in order
     histofuse demo     [--out DIR]             build the demo cohort and run everything on it
+    histofuse cv       COHORT --folds K        site-stratified K-fold cross-validation (C-index mean +- sd)
 
 Every command takes ``--config FILE.yaml`` and repeated ``--set section.key=value`` overrides.
 """
@@ -16,6 +17,7 @@ Every command takes ``--config FILE.yaml`` and repeated ``--set section.key=valu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -38,6 +40,17 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = "runs/latest")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _overrides(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override the model's saved evaluate/attribute settings, e.g. --set {example} (repeatable)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="histofuse",
@@ -56,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=hlp)
         p.add_argument("cohort", type=Path)
         _common(p)
+        if name == "extract":
+            p.add_argument("--shard", metavar="K/N", help="process the K-th of N parts of the cohort (1 <= K <= N)")
+            p.add_argument("--workers", type=int, metavar="N", help="tile-reading worker processes per slide")
+            p.add_argument("--retry-failed", action="store_true", default=None, help="retry slides that failed before")
+            p.add_argument("--slide-mpp", type=float, metavar="UM", help="microns per pixel for slides without it")
         if name in ("train", "run"):
             g = p.add_mutually_exclusive_group()
             g.add_argument(
@@ -99,15 +117,28 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "attribute":
             p.add_argument("--split", default="test", help="which patients: train, val, test, predict (default test)")
+        _overrides(p, "attribute.max_heatmaps=10" if name == "attribute" else "evaluate.risk_groups=tertiles")
         p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("evaluate", help="C-index and Kaplan-Meier from risk_scores.csv")
     p.add_argument("risk_scores", type=Path)
     p.add_argument("--split", default="test", help="train, val, test, predict or all (default test)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: beside risk_scores.csv)")
+    _overrides(p, "evaluate.bootstrap=1000")
     p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("report", help="assemble report.html for a run folder")
     p.add_argument("run_dir", type=Path)
     p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("cv", help="cross-validation by patient, stratified by site and event (seeded)")
+    p.add_argument("cohort", type=Path)
+    _common(p, "runs/cv")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument(
+        "--federated",
+        dest="federated",
+        action="store_true",
+        default=False,
+        help="train each fold federated across the sites (default: centralised)",
+    )
     p = sub.add_parser("demo", help="build the demo cohort (real tissue, planted signals) and run every stage")
     _common(p, "runs/demo")
     p.add_argument("--build-only", action="store_true", help="only build the demo cohort")
@@ -124,6 +155,11 @@ def _config(args: argparse.Namespace, cohort: Path | None, out_default: str):
         ov.append(f"federated.enabled={str(args.federated).lower()}")
     if getattr(args, "strategy", None) is not None:
         ov.append(f"federated.strategy={args.strategy}")
+    for flag, key in (("shard", "shard"), ("workers", "num_workers"), ("retry_failed", "retry_failed")):
+        if getattr(args, flag, None) is not None:
+            ov.append(f"extract.{key}={str(getattr(args, flag)).lower()}")
+    if getattr(args, "slide_mpp", None) is not None:
+        ov.append(f"extract.slide_mpp={args.slide_mpp!r}")
     out = args.out
     if out is None:
         import yaml
@@ -162,7 +198,7 @@ def _features_for(cohort, model: Path, out: Path, given: Path | None) -> Path | 
 def run_all(cohort_path: Path, cfg, title: str) -> Path:
     from data_specs.cohort import load_cohort
     from pipeline.report import build_report
-    from pipeline.run import stage_attribute, stage_evaluate, stage_extract, stage_predict, stage_train
+    from pipeline.run import load_run_data, stage_attribute, stage_evaluate, stage_extract, stage_predict, stage_train
 
     cohort = load_cohort(cohort_path)
     out = cfg.out
@@ -171,11 +207,15 @@ def run_all(cohort_path: Path, cfg, title: str) -> Path:
     fdir = stage_extract(cohort, cfg)
     log.info("extract: %.0f s", time.perf_counter() - t0)
     t1 = time.perf_counter()
-    model = stage_train(cohort, cfg)
+    data = load_run_data(cohort, cfg)  # built once, shared by train, predict and attribute
+    model = stage_train(cohort, cfg, data=data)
     log.info("train: %.0f s", time.perf_counter() - t1)
-    risk = stage_predict(model, cohort, out, fdir)
-    m = stage_evaluate(risk, out, "test")
-    stage_attribute(model, cohort, out, fdir, "test")
+    risk = stage_predict(model, cohort, out, fdir, data=data)
+    ev = [f"evaluate.{k}={json.dumps(v)}" for k, v in cfg.to_dict()["evaluate"].items()]
+    m = stage_evaluate(risk, out, "test", ev)
+    t2 = time.perf_counter()
+    stage_attribute(model, cohort, out, fdir, "test", data=data)
+    log.info("attribute: %.0f s", time.perf_counter() - t2)
     rep = build_report(out, title)
     c = m["pooled"]["cindex"]
     print(f"test C-index (pooled, {m['pooled']['n']} patients): {c:.3f}")
@@ -220,14 +260,14 @@ def main(argv: list[str] | None = None) -> int:
             cohort = load_cohort(args.cohort)
             fdir = _features_for(cohort, args.model, out, args.features)
             if args.cmd == "predict":
-                print(f"risk scores: {stage_predict(args.model, cohort, out, fdir)}")
+                print(f"risk scores: {stage_predict(args.model, cohort, out, fdir, args.overrides)}")
             else:
-                for k, v in stage_attribute(args.model, cohort, out, fdir, args.split).items():
+                for k, v in stage_attribute(args.model, cohort, out, fdir, args.split, args.overrides).items():
                     print(f"{k}: {v}")
         elif args.cmd == "evaluate":
             from pipeline.run import stage_evaluate
 
-            m = stage_evaluate(args.risk_scores, args.out or args.risk_scores.parent, args.split)
+            m = stage_evaluate(args.risk_scores, args.out or args.risk_scores.parent, args.split, args.overrides)
             print(f"C-index ({args.split}, pooled): {m['pooled']['cindex']:.3f}; log-rank p {m['logrank_p']:.3g}")
         elif args.cmd == "report":
             from pipeline.report import build_report
@@ -235,6 +275,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {build_report(args.run_dir)}")
         elif args.cmd == "run":
             run_all(args.cohort, _config(args, args.cohort, "runs/latest"), f"histofuse: {args.cohort.stem}")
+        elif args.cmd == "cv":
+            from pipeline.cv import run_cv
+            from pipeline.run import stage_extract
+
+            cfg = _config(args, args.cohort, "runs/cv")
+            cfg.save(cfg.out / "config.yaml")
+            cohort = load_cohort(args.cohort)
+            stage_extract(cohort, cfg)  # no-op without slides or when features exist
+            r = run_cv(cohort, cfg, args.folds)
+            for f in r["folds"]:
+                print(f"fold {f['fold']}: C-index {f['cindex']:.3f} (n={f['n_test']}, events={f['test_events']})")
+            print(
+                f"{r['k']}-fold {r['mode']} C-index {r['cindex_mean']:.3f} +- {r['cindex_sd']:.3f} "
+                f"(Uno {r['uno_cindex_mean']:.3f} +- {r['uno_cindex_sd']:.3f}); results in {cfg.out}/cv_results.json"
+            )
         elif args.cmd == "demo":
             from pipeline.demo import DemoSize, build_demo
 
