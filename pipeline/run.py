@@ -45,7 +45,8 @@ def stage_extract(cohort: Cohort, cfg: RunConfig, progress: bool = True) -> Path
     e = cfg.extract
     enc = build_encoder(e.encoder, weights=e.weights, random_weights=e.random_weights)
     out = features_dir(cfg.out, e)
-    res = extract_slides(slides, out, enc, e, cohort.slide_mpp, progress=progress)
+    per_slide = cohort.slide_mpp_overrides()
+    res = extract_slides(slides, out, enc, e, cohort.slide_mpp, progress=progress, slide_mpps=per_slide)
     failed = [r for r in res if r.status == "failed"]
     n = sum(r.tiles for r in res)
     log.info("extracted %d slides (%d tiles) into %s; %d failed", len(res) - len(failed), n, out, len(failed))
