@@ -115,6 +115,7 @@ class Patient:
     event: bool
     slides: tuple[Path, ...] = ()
     split: Split | None = None
+    slide_mpps: tuple[float | None, ...] = ()  # per slide, from the manifest's optional slide_mpp column
 
 
 @dataclass
@@ -146,6 +147,12 @@ class Cohort:
         if self.clinical is not None and p.patient_id in self.clinical_ids:
             out.append("clinical")
         return tuple(out)
+
+    def slide_mpp_overrides(self) -> dict[str, float]:
+        """Microns per pixel given per slide in the manifest: ``str(slide path)`` -> mpp."""
+        return {
+            str(s): m for p in self.patients for s, m in zip(p.slides, p.slide_mpps, strict=False) if m is not None
+        }
 
     def summary(self) -> str:
         n_ev = sum(p.event for p in self.patients)
@@ -225,13 +232,50 @@ def _parse_rows(rows: list[dict[str, Any]], src: str, root: Path, problems: list
                 problems.append(Problem(src, f"slide file not found: {p}", i, "slides", s))
                 ok = False
             slides.append(p)
+        mpps = _parse_slide_mpps(row.get("slide_mpp"), len(slides), src, i, problems)
+        ok = ok and mpps is not None
         split = (str(row.get("split") or "").strip().lower()) or None
         if split is not None and split not in ("train", "val", "test"):
             problems.append(Problem(src, "split must be train, val or test", i, "split", row.get("split")))
             ok = False
         if ok:
-            patients.append(Patient(pid, site, t, ev, tuple(slides), split))  # type: ignore[arg-type]
+            patients.append(Patient(pid, site, t, ev, tuple(slides), split, mpps or ()))  # type: ignore[arg-type]
     return patients
+
+
+def _parse_slide_mpps(
+    raw: Any, n_slides: int, src: str, row: int, problems: list[Problem]
+) -> tuple[float | None, ...] | None:
+    """Optional ``slide_mpp`` field: empty, one value for all the row's slides, or one per slide (``;``).
+
+    Returns one entry per slide (None = from the slide's metadata), or None after recording a problem.
+    """
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return (None,) * n_slides
+    if isinstance(raw, str):
+        parts: list[Any] = [x.strip() for x in raw.split(";")]
+    else:
+        parts = list(raw) if isinstance(raw, list | tuple) else [raw]
+    if len(parts) == 1:
+        parts = parts * n_slides
+    if len(parts) != n_slides:
+        problems.append(Problem(src, f"{len(parts)} slide_mpp values for {n_slides} slides", row, "slide_mpp", raw))
+        return None
+    out: list[float | None] = []
+    for x in parts:
+        if x == "":
+            out.append(None)
+            continue
+        try:
+            v = float(x)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not (math.isfinite(v) and v > 0):
+            msg = "slide_mpp must be a positive number (microns per pixel)"
+            problems.append(Problem(src, msg, row, "slide_mpp", x))
+            return None
+        out.append(v)
+    return tuple(out)
 
 
 def detect_orientation(

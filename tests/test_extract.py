@@ -254,3 +254,31 @@ def test_torch_compile_gives_the_same_features(slides, enc):
     eager = EncoderRunner(enc, CFG)(tiles)
     compiled = EncoderRunner(enc, CFG.model_copy(update={"compile": True}))(tiles)
     np.testing.assert_allclose(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_cli_extract_with_shard_and_per_slide_mpp(tmp_path, slides, capsys):
+    from data_specs.cohort import CohortError, load_cohort
+    from pipeline.cli import main
+
+    manifest = tmp_path / "patients.csv"
+    manifest.write_text(
+        "patient_id,site,time,event,slides,slide_mpp\n"
+        f"P1,a,10,1,{slides['good']},\n"
+        f"P2,a,20,0,{slides['plain']},0.5\n"
+        f"P3,b,30,1,{slides['nompp']},\n"
+    )
+    assert load_cohort(manifest).slide_mpp_overrides() == {str(slides["plain"]): 0.5}
+    out = tmp_path / "run"
+    args = ["extract", str(manifest), "--out", str(out), "--shard", "1/1", "--workers", "1", "--slide-mpp", "0.25"]
+    args += ["--set", "extract.encoder=test_efficientnet", "--set", "extract.random_weights=true"]
+    assert main(args + ["--set", "extract.batch_size=4"]) == 0
+    fdir = next((out / "features").iterdir())
+    rep = pd.read_csv(fdir / "extract_report.shard-1-of-1.csv").set_index("slide_id")
+    assert (rep.status == "done").all()
+    assert load_features(fdir / "plain.h5")[2]["slide_mpp"] == 0.5  # per slide
+    assert load_features(fdir / "nompp.h5")[2]["slide_mpp"] == 0.25  # --slide-mpp for slides without it
+    assert load_features(fdir / "good.h5")[2]["slide_mpp"] == 0.5  # metadata wins over --slide-mpp
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"patient_id,site,time,event,slides,slide_mpp\nP1,a,10,1,{slides['good']},-2\n")
+    with pytest.raises(CohortError, match=r"row 1: field 'slide_mpp' = '-2': slide_mpp must be a positive"):
+        load_cohort(bad)
