@@ -62,3 +62,24 @@ def test_hub_offline_is_a_clear_error(monkeypatch):
 def test_random_weights_only_when_asked(caplog):
     enc = build_encoder("test_resnet", random_weights=True)
     assert enc.weights == "random" and "RANDOM" in caplog.text
+
+
+def test_batched_preprocess_matches_the_models_own_transform():
+    """uint8 batches resized and normalised in torch equal timm's per-image transform (mean/std from timm)."""
+    import timm.data
+
+    enc = build_encoder("test_efficientnet", random_weights=True)  # 160 px input: every tile is resized
+    cfg = timm.data.resolve_model_data_config(enc.model)
+    assert enc.mean == tuple(cfg["mean"]) and enc.std == tuple(cfg["std"]) and enc.interpolation == "bicubic"
+    he = np.asarray(Image.open("pipeline/demo_assets/tumor_target_he.png").convert("RGB"))
+    for side in (160, 224, 448):
+        tiles = [he[:side, :side], he[300 : 300 + side, 500 : 500 + side]]
+        batch = torch.stack([torch.from_numpy(t.copy()).permute(2, 0, 1) for t in tiles])
+        got = enc.preprocess(batch)
+        assert got.shape == (2, 3, 160, 160) and got.dtype == torch.float32
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        ref = torch.stack([enc.transform(Image.fromarray(t)) for t in tiles])
+        err = (got - ref).abs()
+        assert float(err.mean()) < (1e-5 if side == 160 else 0.01), (side, float(err.mean()))
+    with pytest.raises(ValueError, match="uint8"):
+        enc.preprocess(torch.zeros(1, 3, 8, 8))
