@@ -1,21 +1,29 @@
-"""One self-contained HTML report per run (images embedded as data URIs; opens offline)."""
+"""One self-contained HTML report per run (images embedded as data URIs; no script, no external resource,
+so it opens offline). Sections appear when the run folder holds their files:
+
+cohort summary, metrics with bootstrap CIs (pooled and per site), Kaplan-Meier plots, td-AUC, training
+history, top genes, the biomarker table (genes and phenotypes), phenotype example tiles, heatmaps with
+galleries, deletion curves, the resolved config and package versions.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
+VERSIONED = ("torch", "timm", "lightning", "scikit-survival", "lifelines", "captum", "scanpy", "anndata", "flwr")
+
 
 def _img(path: Path, width: int = 480, photo: bool = False) -> str:
-    """Embed an image. Photographic ones (heatmaps over tissue) go in as JPEG: 5-10x smaller than PNG."""
+    """Embed an image. Photographic ones (heatmaps over tissue, tile galleries) go in as JPEG: 5-10x smaller."""
     if photo:
-        import io
-
         from PIL import Image
 
         buf = io.BytesIO()
@@ -27,71 +35,337 @@ def _img(path: Path, width: int = 480, photo: bool = False) -> str:
 
 
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:.4g}")
+    return df.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:.4g}", na_rep="–")
+
+
+def _num(v: object, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, int | float) and np.isfinite(v) else "–"
+
+
+def _ci(m: dict, k: str) -> str:
+    ci = m.get(f"{k}_ci")
+    v = _num(m.get(k))
+    if ci and all(isinstance(c, int | float) for c in ci):
+        return f"{v} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return v
+
+
+def _p(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, int | float) and np.isfinite(v) else "–"
+
+
+def _metrics_section(out: Path) -> list[str]:
+    mj = out / "metrics.json"
+    if not mj.is_file():
+        return []
+    m = json.loads(mj.read_text())
+    rows = []
+    for scope, v in [("pooled", m["pooled"]), *m.get("per_site", {}).items()]:
+        rows.append(
+            {
+                "scope": scope,
+                "patients": v.get("n"),
+                "events": v.get("events"),
+                "Harrell C [95% CI]": _ci(v, "cindex"),
+                "Uno C [95% CI]": _ci(v, "uno_cindex"),
+                "mean td-AUC [95% CI]": _ci(v, "mean_td_auc"),
+                "IBS [95% CI]": _ci(v, "ibs"),
+                "log-rank p": _p(v.get("logrank_p")),
+                "notes": "; ".join(f"{k}: {w}" for k, w in v.get("notes", {}).items()),
+            }
+        )
+    split = html.escape(str(m.get("split")))
+    b = m.get("bootstrap", {})
+    parts = [
+        f"<h2>Metrics ({split} set)</h2>",
+        _table(pd.DataFrame(rows)),
+        "<p class='note'>Harrell and Uno C-index (scikit-survival; Uno's truncated at "
+        f"t={_num(m.get('uno_tau'), 0)}), cumulative/dynamic AUC averaged over the horizons "
+        f"{html.escape(', '.join(f'{h:g}' for h in m.get('horizons', [])))}, integrated Brier score (lower is "
+        f"better; needs survival curves). Censoring weights from the {html.escape(str(m.get('censoring_from')))}. "
+        f"CIs: {b.get('resamples')} patient bootstrap resamples (seed {b.get('seed')}). "
+        "A dash is a metric that cannot be computed on those patients; the notes say why.</p>",
+    ]
+    imgs = [
+        out / f"km_{m.get('split')}.png",
+        out / f"km_{m.get('split')}_sites.png",
+        out / f"td_auc_{m.get('split')}.png",
+    ]
+    parts.append(
+        "<div>" + "".join(_img(p, 420 if "sites" not in p.name else 760) for p in imgs if p.is_file()) + "</div>"
+    )
+    return parts
+
+
+def _cohort_section(out: Path) -> list[str]:
+    rs = out / "risk_scores.csv"
+    if not rs.is_file():
+        return []
+    df = pd.read_csv(rs)
+    summ = (
+        df.groupby("site")
+        .agg(patients=("patient_id", "size"), events=("event", "sum"), median_time=("time", "median"))
+        .reset_index()
+    )
+    splits = df.pivot_table(index="site", columns="split", values="patient_id", aggfunc="size", fill_value=0)
+    summ = summ.merge(splits.reset_index(), on="site")
+    mods = df.modalities.fillna("none").value_counts().to_dict()
+    groups = df.groupby(["split", "risk_group"]).size().unstack(fill_value=0).reset_index()
+    surv_cols = [c for c in df.columns if c.startswith("surv_t")]
+    parts = [
+        "<h2>Cohort</h2>",
+        _table(summ),
+        f"<p>{len(df)} patients, {int(df.event.sum())} events; modalities present: "
+        f"{html.escape(', '.join(f'{k}: {v}' for k, v in mods.items()))}.</p>",
+        "<h3>Risk groups (cut-points fixed on the training patients)</h3>",
+        _table(groups),
+    ]
+    if surv_cols:
+        parts.append(
+            "<p>Predicted survival probability at "
+            f"{html.escape(', '.join(c[6:] for c in surv_cols))} (time units of the cohort) is in "
+            "<code>risk_scores.csv</code>; full curves in <code>survival_curves.csv</code>.</p>"
+        )
+    return parts
+
+
+def _training_section(out: Path) -> list[str]:
+    ts = out / "train_summary.json"
+    if not ts.is_file():
+        return []
+    info = json.loads(ts.read_text())
+    hist = info.get("history")
+    parts = [f"<h2>Training ({html.escape(str(info.get('mode')))})</h2>"]
+    if hist:
+        h = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict | list)} for r in hist])
+        parts.append(f"<details><summary>{len(h)} rounds/epochs</summary>{_table(h)}</details>")
+    parts.append(f"<p>best round/epoch: {html.escape(str(info.get('best_round', info.get('best_epoch'))))}</p>")
+    return parts
+
+
+def _biomarker_sections(adir: Path) -> list[str]:
+    parts: list[str] = []
+    genes = adir / "genes.csv"
+    bio = pd.read_csv(adir / "biomarkers.csv") if (adir / "biomarkers.csv").is_file() else None
+    info = json.loads((adir / "biomarkers.json").read_text()) if (adir / "biomarkers.json").is_file() else {}
+    if genes.is_file():
+        g = pd.read_csv(genes).head(20)[["rank", "gene", "mean_abs_ig", "direction"]]
+        if bio is not None and len(bio):
+            cox = bio[bio.kind == "gene"].set_index("name")
+            g["HR per SD (univariate)"] = [_hr(cox, n, "uni") for n in g.gene]
+            g["FDR"] = [_p(cox.uni_fdr.get(n, np.nan)) for n in g.gene]
+        parts += [
+            "<h2>Top genes (integrated gradients, baseline = training-mean expression)</h2>",
+            _table(g),
+            "<p class='note'>Per-patient attributions: <code>attributions/gene_attributions.h5ad</code> "
+            "(layer <code>ig</code>) and <code>gene_ig.csv</code>.</p>",
+        ]
+    if bio is not None and len(bio):
+        show = bio[bio.top_candidate.astype(bool)] if "top_candidate" in bio else bio
+        t = pd.DataFrame(
+            {
+                "kind": show.kind,
+                "name": show.name,
+                "attribution rank": show.attribution_rank,
+                "univariate HR [95% CI]": [_hr(show.set_index("name"), n, "uni") for n in show.name],
+                "p": show.uni_p.map(_p),
+                "FDR (BH)": show.uni_fdr.map(_p),
+                "multivariable HR [95% CI]": [_hr(show.set_index("name"), n, "multi") for n in show.name],
+                "p (multi)": show.multi_p.map(_p),
+                "note": show.note.fillna(""),
+            }
+        )
+        mv = info.get("variables", [])
+        parts += [
+            "<h2>Biomarker table (Cox regression on held-out patients)</h2>",
+            f"<p class='note'>{info.get('patients', '?')} held-out patients "
+            f"({info.get('left_out_missing_modality', 0)} without a candidate modality left out); "
+            "variables standardised (HR per SD); "
+            f"{'stratified by site; ' if info.get('stratified_by_site') else ''}univariate fits for every gene and "
+            "phenotype, Benjamini-Hochberg FDR over all of them (full table: "
+            "<code>attributions/biomarkers.csv</code>); "
+            f"one multivariable fit of {len(mv)} top candidates (at most one per 10 events: "
+            f"{info.get('max_variables', 0)}).</p>",
+            _table(t),
+        ]
+    if (adir / "phenotypes.png").is_file():
+        parts += [
+            "<h2>Morphological phenotypes</h2>",
+            "<p class='note'>Leiden clusters (scanpy) of tile embeddings of the training patients; each "
+            "patient's fraction of tiles per cluster is in <code>attributions/phenotype_fractions.csv</code>.</p>",
+            _img(adir / "phenotypes.png", 640, photo=True),
+        ]
+    return parts
+
+
+def _hr(df: pd.DataFrame, name: str, pre: str) -> str:
+    if name not in df.index:
+        return "–"
+    r = df.loc[name]
+    hr, lo, hi = r.get(f"{pre}_hr"), r.get(f"{pre}_hr_lo"), r.get(f"{pre}_hr_hi")
+    if not all(isinstance(v, int | float) and np.isfinite(v) for v in (hr, lo, hi)):
+        return "–"
+    return f"{hr:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _tile_sections(adir: Path) -> list[str]:
+    hm = sorted(p for p in (adir / "heatmaps").glob("*.png") if not p.stem.endswith("_ig"))
+    parts: list[str] = []
+    if hm:
+        parts.append(
+            "<h2>Tile attributions</h2><p class='note'>Left: attention (x number of tiles; 1 = uniform). Middle: "
+            "integrated gradients per tile (red raises the risk). Right: the top and bottom tiles by attention, "
+            "cut from the slide at full resolution. QuPath GeoJSON of every scored tile: "
+            "<code>attributions/geojson/</code>.</p>"
+        )
+    for p in hm:
+        sid = p.stem
+        row = [_img(p, 330, photo=True)]
+        ig = adir / "heatmaps" / f"{sid}_ig.png"
+        if ig.is_file():
+            row.append(_img(ig, 330, photo=True))
+        gal = adir / "galleries" / f"{sid}.png"
+        if gal.is_file():
+            row.append(_img(gal, 420, photo=True))
+        parts.append(f"<div class='slide'><h3>{html.escape(sid)}</h3>{''.join(row)}</div>")
+    fj = adir / "faithfulness.json"
+    if fj.is_file():
+        f = json.loads(fj.read_text())
+        rows = []
+        for kind in ("tiles", "genes"):
+            c = f.get(kind)
+            if not isinstance(c, dict) or "auc" not in c:
+                continue
+            for k, v in c["auc"].items():
+                if k != "random":
+                    rows.append(
+                        {
+                            "removed": kind,
+                            "ordered by": k,
+                            "mean |delta log_hz|": v,
+                            "random order": c["auc"]["random"],
+                            "gap": c["gap"][k],
+                            "patients": c["patients"],
+                        }
+                    )
+        parts += [
+            "<h2>Faithfulness: deletion curves</h2>",
+            "<p class='note'>Removing the highest-attributed tiles (or resetting the highest-attributed genes to "
+            "the training mean) should move the risk more than removing random ones: a positive gap.</p>",
+        ]
+        if rows:
+            parts.append(_table(pd.DataFrame(rows)))
+        if (adir / "deletion.png").is_file():
+            parts.append(_img(adir / "deletion.png", 760))
+    return parts
 
 
 def build_report(out: Path, title: str = "histofuse run") -> Path:
     """Assemble ``report.html`` from whatever the run's folder holds."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = Path(out)
+    adir = out / "attributions"
     parts = [f"<h1>{html.escape(title)}</h1>"]
-    rs = out / "risk_scores.csv"
-    if rs.is_file():
-        df = pd.read_csv(rs)
-        summ = df.groupby("site").agg(patients=("patient_id", "size"), events=("event", "sum")).reset_index()
-        parts += [
-            "<h2>Cohort</h2>",
-            _table(summ),
-            f"<p>{len(df)} patients; modalities: {html.escape(str(df.modalities.value_counts().to_dict()))}</p>",
-        ]
-    mj = out / "metrics.json"
-    if mj.is_file():
-        m = json.loads(mj.read_text())
-        rows = [{"scope": "pooled", **m["pooled"]}] + [{"scope": s, **v} for s, v in m["per_site"].items()]
-        parts += [
-            f"<h2>Metrics ({html.escape(m['split'])} set)</h2>",
-            _table(pd.DataFrame(rows)),
-            f"<p>Log-rank p (high vs low risk): {m.get('logrank_p', float('nan')):.3g}</p>",
-        ]
-        km = out / f"km_{m['split']}.png"
-        if km.is_file():
-            parts.append(_img(km))
-    ts = out / "train_summary.json"
-    if ts.is_file():
-        info = json.loads(ts.read_text())
-        hist = info.get("history")
-        parts.append(f"<h2>Training ({html.escape(str(info.get('mode')))})</h2>")
-        if hist:
-            h = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict | list)} for r in hist])
-            parts.append(_table(h))
-        parts.append(f"<p>best round/epoch: {info.get('best_round', info.get('best_epoch'))}</p>")
-    genes = out / "attributions" / "genes.csv"
-    if genes.is_file():
-        g = pd.read_csv(genes).head(20)
-        parts += ["<h2>Top genes (integrated gradients)</h2>", _table(g[["rank", "gene", "mean_abs_ig", "direction"]])]
-    hm = sorted((out / "attributions" / "heatmaps").glob("*.png")) if (out / "attributions").is_dir() else []
-    if hm:
-        parts.append("<h2>Tile attention heatmaps</h2><div>" + "".join(_img(p, 360, photo=True) for p in hm) + "</div>")
+    parts += _cohort_section(out)
+    parts += _metrics_section(out)
+    parts += _training_section(out)
+    if adir.is_dir():
+        parts += _biomarker_sections(adir)
+        parts += _tile_sections(adir)
     cfg = out / "config.yaml"
     if cfg.is_file():
         parts += [
             "<h2>Resolved config</h2>",
-            f"<pre>{html.escape(yaml.safe_dump(yaml.safe_load(cfg.read_text())))}</pre>",
+            f"<pre>{html.escape(yaml.safe_dump(yaml.safe_load(cfg.read_text()), sort_keys=False))}</pre>",
         ]
-    from importlib.metadata import version
-
-    vers = {p: version(p) for p in ("torch", "timm", "lightning", "scikit-survival", "captum", "scanpy")}
+    vers = {}
+    for p in VERSIONED:
+        try:
+            vers[p] = version(p)
+        except PackageNotFoundError:
+            vers[p] = "not installed"
     parts.append(f"<h2>Versions</h2><pre>{html.escape(json.dumps(vers, indent=1))}</pre>")
     style = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table.t{border-collapse:collapse;margin:.5em 0}table.t td,table.t th{padding:2px 8px;"
-        "border-bottom:1px solid #ddd;text-align:right}img{margin:4px}"
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+        "table.t{border-collapse:collapse;margin:.5em 0;font-size:13px}table.t td,table.t th{padding:2px 8px;"
+        "border-bottom:1px solid #ddd;text-align:right}img{margin:4px;vertical-align:top}"
+        ".note{color:#555;font-size:13px}div.slide{border-top:1px solid #eee}"
     )
     page = (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<link rel='icon' href='data:,'><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )
     path = out / "report.html"
     tmp = path.with_name(".report.html.tmp")
     tmp.write_text(page)
     tmp.replace(path)
     return path
+
+
+_PROBE = """<script>
+(function () {
+  var errs = [];
+  window.addEventListener('error', function (e) {
+    errs.push('error: ' + (e.message || (e.target && e.target.src) || e));
+  }, true);
+  var ce = console.error;
+  console.error = function () {
+    errs.push('console.error: ' + Array.from(arguments).join(' '));
+    ce.apply(console, arguments);
+  };
+  window.addEventListener('load', function () {
+    var imgs = Array.from(document.images);
+    var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+                  .map(function (i) { return i.alt; });
+    var out = document.createElement('pre');
+    out.id = 'render-check';
+    out.textContent = JSON.stringify({images: imgs.length, broken: bad, errors: errs});
+    document.body.appendChild(out);
+  });
+})();
+</script>"""
+
+
+def render_check(report: Path, chromium: str = "chromium", timeout: float = 120.0) -> dict:
+    """Open ``report`` in headless Chromium: ``{"images", "broken", "errors", "console"}``.
+
+    A copy of the page gets a probe script that, once the page has loaded, records every image that did not
+    decode (``naturalWidth == 0``) and every error event into the DOM, read back with ``--dump-dom``;
+    console messages Chromium logs at level >= warning (``--enable-logging=stderr``) are in ``console``.
+    """
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = shutil.which(chromium)
+    if exe is None:
+        raise FileNotFoundError(f"{chromium}: not found on PATH (Debian: apt-get install chromium)")
+    page = Path(report).read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "page.html"
+        probe.write_text(page.replace("<head>", "<head>" + _PROBE, 1))
+        cmd = [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp}/profile",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probe.as_uri(),
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    m = re.search(r'<pre id="render-check">(.*?)</pre>', r.stdout, re.S)
+    if m is None:
+        raise RuntimeError(f"chromium did not render the page (exit {r.returncode}): {r.stderr[-2000:]}")
+    res = json.loads(html.unescape(m.group(1)))
+    res["console"] = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln]
+    return res

@@ -274,11 +274,7 @@ def stage_predict(
 
 def _eval_cfg(bundle: dict | None, overrides: list[str] | None):
     """The evaluate section: the model's saved one (if any), then ``overrides``."""
-    from data_specs.config import EvaluateConfig, resolve_config
-
-    base = (bundle or {}).get("config", {}).get("evaluate") or {}
-    ov = [f"evaluate.{k}={json.dumps(v)}" for k, v in base.items()] + list(overrides or [])
-    return resolve_config(None, ov).evaluate if ov else EvaluateConfig()
+    return _section(bundle, overrides, "evaluate")
 
 
 def read_curves(path: Path, ids: list[str]):
@@ -353,3 +349,140 @@ def _nan_to_none(o):
     if isinstance(o, float | np.floating) and not np.isfinite(o):
         return None
     return o
+
+
+def _slide_info(cohort: Cohort, fdir: Path) -> tuple[dict[str, Path], dict[str, int]]:
+    """slide_id -> slide path (from the cohort) and -> tile side in level-0 pixels (from the features file)."""
+    import h5py
+
+    from pipeline.extract import slide_id_of
+
+    paths = {slide_id_of(s): Path(s) for p in cohort.patients for s in p.slides}
+    size0 = {}
+    for sid in paths:
+        f = Path(fdir) / f"{sid}.h5"
+        if f.is_file():
+            with h5py.File(f, "r") as h:
+                size0[sid] = int(h.attrs["size0"])
+    return paths, size0
+
+
+def stage_attribute(
+    model_path: Path,
+    cohort: Cohort,
+    out: Path,
+    fdir: Path | None,
+    split: str = "test",
+    overrides: list[str] | None = None,
+    data: CohortData | None = None,
+) -> dict[str, Path]:
+    """Attributions for the patients of ``split``, written under ``out/attributions/``:
+
+    tiles.csv (attention, integrated gradients, phenotype per tile, level-0 coordinates), heatmaps/
+    (attention and IG over the thumbnail), geojson/ (QuPath), galleries/ (top/bottom tiles at full
+    resolution), genes.csv (ranked, with direction), gene_ig.csv and gene_attributions.h5ad,
+    phenotypes.png + phenotype_fractions.csv, biomarkers.csv (+ .json), faithfulness.json + deletion.png.
+    """
+    from pipeline import attribution as A
+    from pipeline import biomarkers as B
+
+    model, bundle, data = _model_data(model_path, cohort, fdir, data)
+    ac = _section(bundle, overrides, "attribute")
+    idx = data.splits.get(split, np.zeros(0, int))
+    if len(idx) == 0:
+        idx = np.arange(len(data.patient_ids))
+        log.warning("no patients in split '%s': attributing all %d patients", split, len(idx))
+    adir = out / "attributions"
+    adir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    lh, _ = predict_outputs(model, data, idx)
+    ids = [data.patient_ids[i] for i in idx]
+    held = pd.DataFrame(
+        {
+            "patient_id": ids,
+            "site": [data.sites[data.site[i]] for i in idx],
+            "split": split,
+            "risk": lh,
+            "time": data.time[idx],
+            "event": data.event[idx].astype(int),
+        }
+    )
+    faith: dict = {"split": split, "patients": len(idx)}
+    gene_x = rank = phen_x = ph = None
+    if data.bags is not None and fdir is not None:
+        from pipeline.train import predict_log_hz
+
+        _, attn = predict_log_hz(model, data, idx, with_attention=True)
+        tiles = A.tile_attention(data, idx, attn or [])
+        tr = data.splits.get("train", np.zeros(0, int))
+        base = A.mean_tile_feature(data, tr if len(tr) else idx)
+        ig = A.tile_integrated_gradients(model, data, idx, base, ac.ig_steps)
+        tiles["ig"] = np.concatenate(ig) if ig else np.zeros(0)
+        paths, size0 = _slide_info(cohort, fdir)
+        if ac.phenotypes:
+            try:
+                fit_on = tr if len(tr) else idx
+                ph = B.fit_phenotypes(data.bags, data.tiles, fit_on, ac.max_phenotype_tiles,  # type: ignore[arg-type]
+                                      ac.leiden_resolution, seed=ac.seed)  # fmt: skip
+                tiles["phenotype"] = np.concatenate([ph.labels[i] for i in idx]) if len(idx) else []
+                phen_x = pd.DataFrame(ph.fractions[idx], columns=ph.names)
+                pf = phen_x.copy()
+                pf.insert(0, "patient_id", ids)
+                _atomic_csv(pf, adir / "phenotype_fractions.csv")
+                written["phenotypes"] = adir / "phenotype_fractions.csv"
+            except ValueError as e:
+                log.warning("phenotypes skipped: %s", e)
+        _atomic_csv(tiles, adir / "tiles.csv")
+        written["tiles"] = adir / "tiles.csv"
+        for sub in ("heatmaps", "geojson", "galleries"):
+            (adir / sub).mkdir(exist_ok=True)
+        for sid, t in tiles.groupby("slide_id", sort=False):
+            A.write_geojson(t, size0[sid], adir / "geojson" / f"{sid}.geojson")
+        order = np.argsort(-lh)  # the highest- and lowest-risk patients are the most telling
+        k = ac.max_heatmaps
+        pick = list(dict.fromkeys([*order[: (k + 1) // 2], *order[::-1][: k // 2]]))[:k]
+        for j in pick:
+            for sid in dict.fromkeys(s for s, _, _ in data.tiles[idx[j]]):  # type: ignore[index]
+                t = tiles[tiles.slide_id == sid]
+                A.attention_heatmap(tiles, fdir, sid, adir / "heatmaps" / f"{sid}.png")
+                A.attention_heatmap(tiles, fdir, sid, adir / "heatmaps" / f"{sid}_ig.png", column="ig")
+                if sid in paths and len(t) >= 2:
+                    A.tile_gallery(t, paths[sid], size0[sid], adir / "galleries" / f"{sid}.png", ac.gallery_k)
+        if ac.phenotypes and ph is not None and all(s in paths for s, _, _ in sum(ph.examples.values(), [])):
+            written["phenotype_png"] = adir / "phenotypes.png"
+        faith["tiles"] = A.tile_deletion_curves(
+            model, data, idx, {"attention": attn or [], "ig": ig}, ac.deletion_steps, seed=ac.seed
+        )
+    if data.omics is not None:
+        attr = A.gene_integrated_gradients(model, data, idx, ac.ig_steps)
+        A.write_gene_attributions(adir / "gene_ig.csv", attr, ids, data.genes)
+        present = data.omics_present[idx]  # type: ignore[index]
+        rank = A.rank_genes(attr, data.omics[idx], present, data.genes)
+        _atomic_csv(rank, adir / "genes.csv")
+        written["genes"] = adir / "genes.csv"
+        obs = held.assign(omics_present=present)
+        A.write_gene_h5ad(adir / "gene_attributions.h5ad", attr, data.omics[idx], obs, rank, data.genes)
+        written["genes_h5ad"] = adir / "gene_attributions.h5ad"
+        gene_x = pd.DataFrame(np.where(present[:, None], data.omics[idx], np.nan), columns=data.genes)
+        faith["genes"] = A.gene_deletion_curves(model, data, idx, attr, ac.deletion_steps, seed=ac.seed)
+    if gene_x is not None or phen_x is not None:
+        table, info = B.biomarker_table(held, gene_x, rank, phen_x, ac.top_genes)
+        _atomic_csv(table, adir / "biomarkers.csv")
+        _write_json(adir / "biomarkers.json", {"split": split, **info})
+        written["biomarkers"] = adir / "biomarkers.csv"
+        if "phenotype_png" in written:
+            B.phenotype_examples_png(ph, paths, size0, written["phenotype_png"], table[table.kind == "phenotype"])
+    if "tiles" in faith or "genes" in faith:
+        _write_json(adir / "faithfulness.json", _nan_to_none(faith))
+        A.plot_deletion({k: v for k, v in faith.items() if isinstance(v, dict)}, adir / "deletion.png")
+        written["faithfulness"] = adir / "faithfulness.json"
+    return written
+
+
+def _section(bundle: dict | None, overrides: list[str] | None, name: str):
+    """A config section: the model's saved one (if any), then ``overrides`` (``name.key=value``)."""
+    from data_specs.config import resolve_config
+
+    base = (bundle or {}).get("config", {}).get(name) or {}
+    ov = [f"{name}.{k}={json.dumps(v)}" for k, v in base.items()] + [o for o in overrides or [] if o.startswith(name)]
+    return getattr(resolve_config(None, ov), name)

@@ -1,0 +1,178 @@
+"""Survival curves: a Breslow baseline for Cox models (built from per-site summaries) and curves from
+discrete-time hazards.
+
+Breslow's estimator of the cumulative baseline hazard of a Cox model is
+
+    H0(t) = sum_{event times t_k <= t} d_k / sum_{j : t_j >= t_k} exp(log_hz_j)
+
+with ``d_k`` the number of events at ``t_k``. Both sums split over sites, so each site can send
+two vectors on a shared time grid ``g [K]``: ``events [K]`` (events with time in ``(g_{k-1}, g_k]``)
+and ``risk_sum [K]`` (the sum of ``exp(log_hz)`` over its patients still at risk at ``g_k``, i.e.
+``time >= g_k``). No per-patient value leaves the site; the server adds the vectors and divides. On
+a grid that holds every event time this is exactly Breslow's estimator on the pooled patients (a
+test checks it against scikit-survival's ``BreslowEstimator``); on a coarser grid (agreed in advance,
+revealing no event time) events within an interval are charged to its right end.
+
+A patient's survival is ``S(t | x) = exp(-H0(t) * exp(log_hz))``. The baseline is kept per site
+(stratified training gives each site its own baseline hazard) and pooled; a patient from a site the
+model was not trained on gets the pooled one.
+
+For discrete-time models (hazard ``h_k`` in bin ``k`` with edges ``e_0 < e_1 < ... < e_K``),
+``S(e_k) = prod_{i<=k} (1 - h_i)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SiteSummary:
+    """What one site contributes to the baseline: ``events [K]`` and ``risk_sum [K]`` on ``grid [K]``."""
+
+    grid: np.ndarray
+    events: np.ndarray
+    risk_sum: np.ndarray
+
+
+def event_grid(time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    """The exact grid: the distinct event times (sorted). Empty when there is no event."""
+    return np.unique(np.asarray(time, float)[np.asarray(event, bool)])
+
+
+def site_summary(grid: np.ndarray, time: np.ndarray, event: np.ndarray, log_hz: np.ndarray) -> SiteSummary:
+    """One site's summaries on a shared ``grid [K]`` (increasing).
+
+    Args:
+        time, event, log_hz: ``[P]`` the site's patients.
+
+    Events after the last grid point are dropped (the curve ends there).
+    """
+    grid = np.asarray(grid, float)
+    if grid.ndim != 1 or (len(grid) > 1 and np.any(np.diff(grid) <= 0)):
+        raise ValueError("the time grid must be one-dimensional and strictly increasing")
+    time = np.asarray(time, float)
+    event = np.asarray(event, bool)
+    r = np.exp(np.asarray(log_hz, float))
+    k = np.searchsorted(grid, time[event], side="left")  # interval (g_{k-1}, g_k] holding each event
+    keep = k < len(grid)
+    events = np.bincount(k[keep], minlength=len(grid)).astype(float)
+    # at risk at g_k: time >= g_k. Sort once, suffix sums.
+    order = np.argsort(time)
+    ts, rs = time[order], r[order]
+    suffix = np.concatenate([np.cumsum(rs[::-1])[::-1], [0.0]])
+    risk_sum = suffix[np.searchsorted(ts, grid, side="left")]
+    return SiteSummary(grid, events, risk_sum)
+
+
+def combine(summaries: list[SiteSummary]) -> np.ndarray:
+    """Cumulative baseline hazard ``H0 [K]`` on the shared grid from sites' summaries.
+
+    Grid points with no patient at risk add nothing (the hazard is not estimable there).
+    """
+    if not summaries:
+        raise ValueError("no site summaries to combine")
+    grid = summaries[0].grid
+    for s in summaries[1:]:
+        if len(s.grid) != len(grid) or not np.allclose(s.grid, grid):
+            raise ValueError("site summaries are on different time grids")
+    d = np.sum([s.events for s in summaries], axis=0)
+    rsum = np.sum([s.risk_sum for s in summaries], axis=0)
+    inc = np.divide(d, rsum, out=np.zeros_like(d), where=rsum > 0)
+    return np.cumsum(inc)
+
+
+@dataclass
+class BreslowBaseline:
+    """Cumulative baseline hazard on ``grid [K]``, pooled and per site (JSON-able via :meth:`state`)."""
+
+    grid: np.ndarray
+    cumhaz: np.ndarray
+    cumhaz_by_site: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def fit(
+        cls,
+        time: np.ndarray,
+        event: np.ndarray,
+        log_hz: np.ndarray,
+        site: np.ndarray,
+        sites: list[str],
+        grid: np.ndarray | None = None,
+    ) -> BreslowBaseline:
+        """Per-site summaries combined into pooled and per-site baselines.
+
+        Args:
+            time, event, log_hz: ``[P]`` training patients; site ``[P]`` int index into ``sites``.
+            grid: shared time grid; default the distinct event times (exact Breslow).
+        """
+        time, event, site = np.asarray(time, float), np.asarray(event, bool), np.asarray(site)
+        grid = event_grid(time, event) if grid is None else np.asarray(grid, float)
+        if len(grid) == 0:
+            raise ValueError("no events among the training patients: the baseline hazard cannot be estimated")
+        summ = {
+            s: site_summary(grid, time[site == k], event[site == k], np.asarray(log_hz)[site == k])
+            for k, s in enumerate(sites)
+            if (site == k).any()
+        }
+        by_site = {s: combine([v]) for s, v in summ.items() if v.events.sum() > 0}
+        return cls(grid, combine(list(summ.values())), by_site)
+
+    def cumhaz_at(self, t: np.ndarray, site: str | None = None) -> np.ndarray:
+        """``H0(t)`` (step function, 0 before the first grid point, flat after the last)."""
+        h = self.cumhaz_by_site.get(site, self.cumhaz) if site is not None else self.cumhaz
+        k = np.searchsorted(self.grid, np.asarray(t, float), side="right")
+        return np.concatenate([[0.0], h])[k]
+
+    def survival(self, log_hz: np.ndarray, t: np.ndarray, sites: list[str] | None = None) -> np.ndarray:
+        """``S(t | x) [P, T]`` for ``log_hz [P]`` at times ``t [T]``; ``sites [P]`` picks each patient's baseline."""
+        log_hz = np.asarray(log_hz, float)
+        t = np.atleast_1d(np.asarray(t, float))
+        if sites is None:
+            h0 = np.broadcast_to(self.cumhaz_at(t), (len(log_hz), len(t)))
+        else:
+            h0 = np.stack([self.cumhaz_at(t, s) for s in sites]) if len(sites) else np.zeros((0, len(t)))
+        return np.exp(-h0 * np.exp(log_hz)[:, None])
+
+    def state(self) -> dict:
+        return {
+            "kind": "breslow",
+            "grid": self.grid.tolist(),
+            "cumhaz": self.cumhaz.tolist(),
+            "cumhaz_by_site": {k: v.tolist() for k, v in self.cumhaz_by_site.items()},
+        }
+
+    @classmethod
+    def from_state(cls, d: dict) -> BreslowBaseline:
+        if d.get("kind") != "breslow":
+            raise ValueError(f"not a Breslow baseline state (kind {d.get('kind')!r})")
+        return cls(
+            np.asarray(d["grid"], float),
+            np.asarray(d["cumhaz"], float),
+            {k: np.asarray(v, float) for k, v in d.get("cumhaz_by_site", {}).items()},
+        )
+
+
+def survival_from_hazards(hazards: np.ndarray, edges: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Discrete-time survival ``S(t) [P, T]`` from bin hazards ``hazards [P, K]`` and bin edges ``edges [K+1]``.
+
+    ``S`` is 1 before the end of the first bin and ``prod_{i<=k}(1 - h_i)`` from the end of bin ``k``
+    (the right edge ``edges[k+1]``) on, i.e. a step function with steps at the right edges.
+    """
+    hazards = np.asarray(hazards, float)
+    edges = np.asarray(edges, float)
+    if hazards.ndim != 2 or len(edges) != hazards.shape[1] + 1:
+        raise ValueError(f"hazards {hazards.shape} and {len(edges)} bin edges do not match (need K+1 edges)")
+    surv = np.concatenate([np.ones((len(hazards), 1)), np.cumprod(1.0 - hazards, axis=1)], axis=1)  # (P, K+1)
+    k = np.searchsorted(edges[1:], np.atleast_1d(np.asarray(t, float)), side="right")  # completed bins
+    return surv[:, k]
+
+
+def default_horizons(time: np.ndarray, event: np.ndarray) -> list[float]:
+    """Quartiles of the training event times (rounded to 3 significant digits): a unit-free default."""
+    t = np.asarray(time, float)[np.asarray(event, bool)]
+    if len(t) == 0:
+        return []
+    return sorted({float(f"{v:.3g}") for v in np.quantile(t, [0.25, 0.5, 0.75])})
