@@ -4,17 +4,34 @@ No file I/O beyond loading weights an encoder is asked for, no Lightning, no Flo
 """
 
 from models.encoders import TileEncoder, build_encoder, list_encoders
-from models.losses import cox_loss
-from models.mil import GatedAttentionMIL
-from models.survival import MultimodalSurvival, SurvivalOutput, build_model
+from models.losses import (
+    CoxMemoryBank,
+    cox_loss,
+    discrete_time_edges,
+    nll_loss,
+    survival_from_logits,
+    time_to_bin,
+)
+from models.mil import MIL_POOLINGS, GatedAttentionMIL, TransMIL, build_mil
+from models.survival import FUSIONS, MultimodalSurvival, SurvivalOutput, build_fusion, build_model
 
 __all__ = [
+    "FUSIONS",
+    "MIL_POOLINGS",
+    "CoxMemoryBank",
     "GatedAttentionMIL",
     "MultimodalSurvival",
     "SurvivalOutput",
     "TileEncoder",
+    "TransMIL",
     "build_encoder",
+    "build_fusion",
+    "build_mil",
     "build_model",
     "cox_loss",
+    "discrete_time_edges",
     "list_encoders",
+    "nll_loss",
+    "survival_from_logits",
+    "time_to_bin",
 ]

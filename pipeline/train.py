@@ -1,9 +1,12 @@
 """Training: one LightningModule whose ``training_step`` is the unit that local and federated training share.
 
 The backbone (``models.MultimodalSurvival``) is injected. The loss is the Cox partial likelihood
-(Efron ties by default) stratified by site. The best epoch by validation C-index is kept and saved as
-a self-contained bundle (weights, resolved config, gene panel and normalisation, feature attributes,
-risk cut-point) by :func:`save_bundle`.
+(Efron ties by default) stratified by site, optionally with a memory bank of recent patients for small
+batches, or the discrete-time hazards NLL (``train.loss=nll``; bins from quantiles of the training event
+times, stored in the model). The best epoch by validation loss is kept and saved as a self-contained
+bundle (weights, resolved config, gene panel and normalisation, feature attributes, time bins, risk
+cut-points) by :func:`save_bundle`. :func:`predict_outputs` gives risk scores and, for discrete-time
+models, per-patient hazards and survival curves.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import numpy as np
 import torch
 
 from data_specs.config import RunConfig
-from models import build_model, cox_loss
-from models.survival import MultimodalSurvival
+from models import CoxMemoryBank, build_model, cox_loss, discrete_time_edges, nll_loss, time_to_bin
+from models.survival import MultimodalSurvival, SurvivalOutput
 from pipeline.data import CohortData, make_loader, model_inputs
 from pipeline.evaluate import harrell_cindex
 
 log = logging.getLogger(__name__)
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # one Trainer per site-round: keep it quiet
     logging.getLogger(_name).setLevel(logging.WARNING)
-BUNDLE_FORMAT = "histofuse-model/1"
+BUNDLE_FORMAT = "histofuse-model/2"  # /2: time bins, MIL/fusion/head options; /1 bundles still load
+_READABLE_FORMATS = ("histofuse-model/1", BUNDLE_FORMAT)
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*exists and is not empty.*")
@@ -36,13 +40,18 @@ warnings.filterwarnings("ignore", ".*have no `val_dataloader`.*")  # federated l
 
 
 class SurvivalModule(L.LightningModule):
-    """Cox training of an injected survival backbone.
+    """Survival training of an injected backbone: Cox partial likelihood or discrete-time NLL.
 
     Args:
-        model: maps the batch's model inputs to ``SurvivalOutput(log_hz [B], attn)``.
+        model: maps the batch's model inputs to ``SurvivalOutput`` (``log_hz [B]``; ``logits [B, K]`` for
+            a discrete-time head, whose ``bin_edges`` buffer holds the time bins).
         lr, weight_decay: AdamW settings.
-        ties: ``efron`` or ``breslow``.
+        ties: ``efron`` or ``breslow`` (Cox).
         stratify: stratify the partial likelihood by site (baseline hazards differ between hospitals).
+        loss: ``cox`` or ``nll``.
+        nll_alpha: weight of the uncensored term of the NLL.
+        memory_bank: Cox only: recent patients (detached ``log_hz``) added to each training batch's risk set
+            (:class:`models.CoxMemoryBank`); 0 = the batch alone. Emptied at the start of every fit.
     """
 
     def __init__(
@@ -52,35 +61,62 @@ class SurvivalModule(L.LightningModule):
         weight_decay: float = 1e-4,
         ties: str = "efron",
         stratify: bool = True,
+        loss: str = "cox",
+        nll_alpha: float = 0.0,
+        memory_bank: int = 0,
     ):
         super().__init__()
+        if loss not in ("cox", "nll"):
+            raise ValueError(f"unknown loss '{loss}': valid names are ['cox', 'nll']")
+        if loss == "nll" and model.n_bins == 0:
+            raise ValueError("loss 'nll' needs a discrete-time model (build it with n_bins > 0)")
+        if loss == "cox" and model.n_bins > 0:
+            raise ValueError(f"loss 'cox' needs a Cox head; the model has a discrete-time head (n_bins={model.n_bins})")
         self.model = model
         self.save_hyperparameters(ignore=["model"])
+        self.bank = CoxMemoryBank(memory_bank if loss == "cox" else 0)
         self._val: list[tuple[torch.Tensor, ...]] = []
 
-    def forward(self, batch: dict[str, torch.Tensor]):
+    def forward(self, batch: dict[str, torch.Tensor]) -> SurvivalOutput:
         return self.model(**model_inputs(batch))
 
-    def loss(self, batch: dict[str, torch.Tensor], log_hz: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, batch: dict[str, torch.Tensor], out: SurvivalOutput | torch.Tensor, use_bank: bool = False
+    ) -> torch.Tensor:
+        """The configured loss of a batch. ``out``: the model's output (a bare ``log_hz`` tensor is accepted
+        for Cox). ``use_bank``: Cox with the memory bank (training steps), which also pushes the batch in."""
+        if self.hparams.loss == "nll":
+            if not isinstance(out, SurvivalOutput) or out.logits is None:
+                raise ValueError("loss 'nll' needs the model output with logits, not a bare log_hz")
+            edges = self.model.get_buffer("bin_edges")
+            return nll_loss(out.logits, batch["event"], time_to_bin(batch["time"], edges), self.hparams.nll_alpha)
+        log_hz = out.log_hz if isinstance(out, SurvivalOutput) else out
         strata = batch["site"] if self.hparams.stratify else None
+        if use_bank and self.bank.size:
+            return self.bank.loss(log_hz, batch["event"], batch["time"], strata, batch.get("index"), self.hparams.ties)
         return cox_loss(log_hz, batch["event"], batch["time"], strata, self.hparams.ties)
+
+    def on_fit_start(self) -> None:
+        self.bank.reset()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch)
-        loss = self.loss(batch, out.log_hz)
+        loss = self.loss(batch, out, use_bank=True)
         self.log("train_loss", loss, batch_size=len(batch["time"]), on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch)
-        self._val.append((out.log_hz.detach(), batch["event"], batch["time"], batch["site"]))
+        logits = out.logits.detach() if out.logits is not None else out.log_hz.detach()[:, None]
+        self._val.append((out.log_hz.detach(), logits, batch["event"], batch["time"], batch["site"]))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
-        log_hz, event, time, site = (torch.cat(x) for x in zip(*self._val, strict=True))
+        log_hz, logits, event, time, site = (torch.cat(x) for x in zip(*self._val, strict=True))
         self._val.clear()
-        loss = self.loss({"event": event, "time": time, "site": site}, log_hz)
+        out = SurvivalOutput(log_hz, logits=logits if self.hparams.loss == "nll" else None)
+        loss = self.loss({"event": event, "time": time, "site": site}, out)
         c = harrell_cindex(time.numpy(), event.numpy(), log_hz.float().numpy())
         self.log("val_loss", loss, batch_size=len(time))
         self.log("val_cindex", float(c) if np.isfinite(c) else 0.5, batch_size=len(time))
@@ -90,7 +126,7 @@ class SurvivalModule(L.LightningModule):
 
 
 class KeepBest(L.Callback):
-    """Keeps the state dict of the epoch with the lowest validation Cox loss (smoother than a small-sample C)."""
+    """Keeps the state dict of the epoch with the lowest validation loss (smoother than a small-sample C)."""
 
     def __init__(self) -> None:
         self.best: tuple[float, float] | None = None
@@ -125,23 +161,56 @@ def make_trainer(
     )
 
 
+def model_kwargs(model_cfg: dict, train_cfg: dict) -> dict:
+    """``build_model`` keyword arguments from the ``model`` and ``train`` config sections (as dicts, so a
+    bundle written before a key existed still loads with that key's old behaviour)."""
+    m, t = model_cfg, train_cfg
+    return {
+        "hidden": m["hidden"],
+        "omics_hidden": m["omics_hidden"],
+        "clinical_hidden": m["clinical_hidden"],
+        "dropout": m["dropout"],
+        "fusion": m.get("fusion", "concat"),
+        "mil": m.get("mil", "gated_attention"),
+        "mil_layers": m.get("mil_layers", 2),
+        "mil_heads": m.get("mil_heads", 4),
+        "omics_encoder": m.get("omics_encoder", "mlp"),
+        "omics_groups": m.get("omics_groups", 6),
+        "n_bins": t.get("n_bins", 4) if t.get("loss", "cox") == "nll" else 0,
+    }
+
+
 def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
-    """A freshly initialised backbone (seeded by ``cfg.train.seed``) sized for the cohort's modalities."""
+    """A freshly initialised backbone (seeded by ``cfg.train.seed``) sized for the cohort's modalities.
+
+    For ``train.loss=nll`` the time bins are the quantiles of the event times of ``data.splits["train"]``
+    (every site of a simulated federation builds the same ones), stored in the model's ``bin_edges``.
+    """
     torch.manual_seed(cfg.train.seed)
-    m = cfg.model
-    return build_model(
-        **data.model_dims(),
-        hidden=m.hidden,
-        omics_hidden=m.omics_hidden,
-        clinical_hidden=m.clinical_hidden,
-        dropout=m.dropout,
-        fusion=m.fusion,
-    )
+    d = cfg.to_dict()
+    model = build_model(**data.model_dims(), **model_kwargs(d["model"], d["train"]))
+    if model.n_bins:
+        tr = data.splits["train"]
+        try:
+            edges = discrete_time_edges(torch.from_numpy(data.time[tr]), torch.from_numpy(data.event[tr]), model.n_bins)
+        except ValueError as e:
+            raise ValueError(f"train.loss=nll: {e}") from e
+        model.set_bin_edges(edges)
+    return model
 
 
 def new_module(model: MultimodalSurvival, cfg: RunConfig) -> SurvivalModule:
     t = cfg.train
-    return SurvivalModule(model, lr=t.lr, weight_decay=t.weight_decay, ties=t.ties)
+    return SurvivalModule(
+        model,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        ties=t.ties,
+        stratify=t.stratify,
+        loss=t.loss,
+        nll_alpha=t.nll_alpha,
+        memory_bank=t.memory_bank,
+    )
 
 
 def fit_local(
@@ -188,6 +257,33 @@ def predict_log_hz(
     return (np.concatenate(out) if out else np.zeros(0)), (attn if with_attention else None)
 
 
+@torch.inference_mode()
+def predict_outputs(model: MultimodalSurvival, data: CohortData, idx: np.ndarray) -> dict[str, np.ndarray | None]:
+    """Everything the model predicts for the patients ``idx`` (in ``idx`` order).
+
+    Returns:
+        ``log_hz [P]`` (risk score, higher = higher risk), and for a discrete-time model ``hazards [P, K]``,
+        ``survival [P, K]`` (``S`` at the end of each bin, ``cumprod(1 - hazards)``) and ``bin_edges [K + 1]``
+        (bin ``k`` covers ``(e_k, e_{k+1}]``, in the cohort's time unit); these three are None for a Cox
+        model (whose survival curves need a Breslow baseline fitted on the training patients).
+    """
+    model.eval()
+    lh, hz, sv = [], [], []
+    for batch in make_loader(data, idx, 32, train=False):
+        o = model(**model_inputs(batch))
+        lh.append(o.log_hz.float().cpu().numpy())
+        if o.hazards is not None and o.survival is not None:
+            hz.append(o.hazards.float().cpu().numpy())
+            sv.append(o.survival.float().cpu().numpy())
+    k = model.n_bins
+    return {
+        "log_hz": np.concatenate(lh) if lh else np.zeros(0),
+        "hazards": (np.concatenate(hz) if hz else np.zeros((0, k))) if k else None,
+        "survival": (np.concatenate(sv) if sv else np.zeros((0, k))) if k else None,
+        "bin_edges": model.get_buffer("bin_edges").cpu().numpy().copy() if k else None,
+    }
+
+
 def save_bundle(path: Path, model: MultimodalSurvival, data: CohortData, cfg: RunConfig, extra: dict) -> None:
     """A self-contained model file: weights + everything needed to predict on a new cohort. Atomic."""
     train_lh, _ = predict_log_hz(model, data, data.splits["train"])
@@ -200,6 +296,7 @@ def save_bundle(path: Path, model: MultimodalSurvival, data: CohortData, cfg: Ru
         "omics": data.omics_norm.state() if data.omics_norm else None,
         "clinical": data.clinical_norm.state() if data.clinical_norm else None,
         "sites": data.sites,
+        "time_bins": model.get_buffer("bin_edges").tolist() if model.n_bins else None,  # also in state_dict
         "cutpoints": {
             "median": float(np.median(train_lh)) if len(train_lh) else 0.0,
             "tertiles": [float(v) for v in np.quantile(train_lh, [1 / 3, 2 / 3])] if len(train_lh) else [],
@@ -215,18 +312,14 @@ def save_bundle(path: Path, model: MultimodalSurvival, data: CohortData, cfg: Ru
 def load_bundle(path: Path) -> tuple[MultimodalSurvival, dict]:
     """Rebuild the model from a bundle; returns ``(model in eval mode, bundle)``."""
     b = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(b, dict) or b.get("format") != BUNDLE_FORMAT:
+    if not isinstance(b, dict) or b.get("format") not in _READABLE_FORMATS:
         raise ValueError(
-            f"{path}: not a histofuse model bundle (format {b.get('format') if isinstance(b, dict) else '?'})"
+            f"{path}: not a histofuse model bundle (format {b.get('format') if isinstance(b, dict) else '?'}; "
+            f"this version reads {list(_READABLE_FORMATS)})"
         )
-    m = b["config"]["model"]
-    model = build_model(
-        **b["model_dims"],
-        hidden=m["hidden"],
-        omics_hidden=m["omics_hidden"],
-        clinical_hidden=m["clinical_hidden"],
-        dropout=m["dropout"],
-        fusion=m["fusion"],
-    )
-    model.load_state_dict(b["state_dict"])
+    model = build_model(**b["model_dims"], **model_kwargs(b["config"]["model"], b["config"].get("train", {})))
+    state = dict(b["state_dict"])
+    if b["format"] == "histofuse-model/1":  # /1 had a bias on the attention score: a no-op under softmax
+        state.pop("mil.attn_w.bias", None)
+    model.load_state_dict(state)
     return model.eval(), b
