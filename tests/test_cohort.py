@@ -109,3 +109,22 @@ def test_validate_cli(tmp_path, capsys):
     assert main(["validate", str(good)]) == 2
     err = capsys.readouterr().err
     assert "field 'time' = '-5'" in err
+
+
+def test_omics_orientation_detected_or_reported(tmp_path):
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    path = _write(tmp_path, [_row("P1"), _row("P2", event="0")])
+    # genes as rows, patients as columns (an h5ad written the other way round)
+    a = ad.AnnData(
+        X=np.ones((3, 2), np.float32), obs=pd.DataFrame(index=["G1", "G2", "G3"]), var=pd.DataFrame(index=["P1", "P2"])
+    )
+    a.write_h5ad(tmp_path / "t.h5ad")
+    path.write_text(path.read_text() + "omics: {path: t.h5ad}\n")
+    c = load_cohort(path)
+    assert c.omics_ids == frozenset({"P1", "P2"})
+    (tmp_path / "o.csv").write_text("id,X1,X2\nG1,1,2\n")
+    path.write_text(path.read_text().replace("t.h5ad", "o.csv"))
+    assert any("o.csv" in p and "cannot tell the orientation" in p for p in _problems(path))

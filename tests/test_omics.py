@@ -337,3 +337,21 @@ def test_assign_splits_unchanged_by_omics(tmp_path):
     c = load_cohort(spec)
     s = assign_splits(c, 0.2, 0.25, 0)
     assert sum(len(v) for v in s.values()) == N
+
+
+def test_prediction_reuses_the_saved_panel(tmp_path):
+    spec, pids, genes, x = _cohort(tmp_path)
+    d = build_data(load_cohort(spec), None, max_genes=20)
+    state = d.omics_norm.state()
+    # a new cohort file with the genes in another order and one extra gene: same features, same values
+    other = pd.DataFrame(x[:, ::-1], index=pd.Index(pids, name="patient_id"), columns=genes[::-1])
+    other["EXTRA"] = 1.0
+    other.to_csv(tmp_path / "omics.csv")
+    d2 = build_data(load_cohort(spec), None, omics_norm=OmicsNormaliser.from_state(state))
+    assert d2.genes == d.genes
+    lib_ratio = x.sum(1) / (x.sum(1) + 1.0)  # library size now includes EXTRA
+    assert np.isfinite(d2.omics).all() and d2.omics.shape == d.omics.shape
+    assert np.corrcoef(d2.omics.ravel(), d.omics.ravel())[0, 1] > 0.999 and lib_ratio.min() > 0.99
+    other.drop(columns=[d.genes[0]]).to_csv(tmp_path / "omics.csv")
+    with pytest.raises(ValueError, match="lack 1 gene\\(s\\) of the model's panel"):
+        build_data(load_cohort(spec), None, omics_norm=OmicsNormaliser.from_state(state))
