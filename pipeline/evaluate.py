@@ -235,6 +235,20 @@ def logrank_p(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> tuple[f
         return NAN, f"scikit-survival: {e}"
 
 
+def km_at(time: np.ndarray, event: np.ndarray, group: np.ndarray, horizons: list[float]) -> dict[str, dict[str, float]]:
+    """Kaplan-Meier survival of each risk group at each horizon (NaN past the group's last follow-up)."""
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    out: dict[str, dict[str, float]] = {}
+    for g in _group_order(np.asarray(group).astype(str)):
+        m = np.asarray(group).astype(str) == g
+        t, s = kaplan_meier_estimator(np.asarray(event, bool)[m], np.asarray(time, float)[m])
+        k = np.searchsorted(t, np.asarray(horizons, float), side="right")
+        vals = np.concatenate([[1.0], s])[k]
+        out[g] = {f"{h:g}": float(v) if h <= time[m].max() else NAN for h, v in zip(horizons, vals, strict=True)}
+    return out
+
+
 def survival_metrics(
     time: np.ndarray,
     event: np.ndarray,
@@ -282,6 +296,8 @@ def survival_metrics(
             r["logrank_p"], why = logrank_p(t, e, group[idx])
             if why:
                 r["notes"]["logrank_p"] = why
+            if len(t) and horizons:
+                r["km_by_group"] = km_at(t, e, group[idx], horizons)
         if n_boot > 0 and not _why_not(t, e):
 
             def stat(b: np.ndarray) -> dict[str, float]:

@@ -86,6 +86,10 @@ def _metrics_section(out: Path) -> list[str]:
         f"CIs: {b.get('resamples')} patient bootstrap resamples (seed {b.get('seed')}). "
         "A dash is a metric that cannot be computed on those patients; the notes say why.</p>",
     ]
+    km = m["pooled"].get("km_by_group")
+    if km:
+        t = pd.DataFrame([{"risk group": g, **{f"S({h})": _num(v) for h, v in d.items()}} for g, d in km.items()])
+        parts += ["<h3>Kaplan-Meier survival by risk group (pooled)</h3>", _table(t)]
     imgs = [
         out / f"km_{m.get('split')}.png",
         out / f"km_{m.get('split')}_sites.png",

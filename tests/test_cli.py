@@ -56,6 +56,12 @@ def test_run_end_to_end(e2e_run):
         "attributions/tiles.csv",
         "attributions/genes.csv",
         "attributions/gene_ig.csv",
+        "attributions/gene_attributions.h5ad",
+        "attributions/biomarkers.csv",
+        "attributions/faithfulness.json",
+        "attributions/deletion.png",
+        "survival_curves.csv",
+        "km_test_sites.png",
     ):
         assert (out / f).is_file(), f
     rs = pd.read_csv(out / "risk_scores.csv")
@@ -64,14 +70,32 @@ def test_run_end_to_end(e2e_run):
     assert set(rs.split) <= {"train", "val", "test"}
     m = json.loads((out / "metrics.json").read_text())
     assert 0 <= m["pooled"]["cindex"] <= 1 and m["pooled"]["n"] == (rs.split == "test").sum()
+    for k in ("uno_cindex", "td_auc", "ibs", "logrank_p", "notes"):
+        assert k in m["pooled"], k
+    # survival probabilities at the training event-time quartiles, from the Breslow baseline in the bundle
+    surv = [c for c in rs.columns if c.startswith("surv_t")]
+    assert surv and rs[surv].notna().all().all() and ((rs[surv] >= 0) & (rs[surv] <= 1)).all().all()
+    assert (np.diff(rs[surv].to_numpy(), axis=1) <= 1e-9).all()  # non-increasing in time
+    hi = rs.risk.idxmax()
+    assert (rs.loc[hi, surv] <= rs[surv].max() + 1e-9).all() and rs.loc[hi, surv[-1]] == rs[surv[-1]].min()
+    no_omics = rs[rs.patient_id == "DEMO-0010"].iloc[0]  # the demo patient without omics is scored, not dropped
+    assert "omics" not in no_omics.modalities and np.isfinite(no_omics.risk)
+    # tile outputs: IG per tile, a QuPath GeoJSON per slide, galleries cut from the slides
+    gj = json.loads(next((out / "attributions" / "geojson").glob("*.geojson")).read_text())
+    assert gj["type"] == "FeatureCollection" and "attn" in gj["features"][0]["properties"]["measurements"]
+    assert list((out / "attributions" / "galleries").glob("*.png"))
     genes = pd.read_csv(out / "attributions" / "genes.csv")
     assert len(genes) == 40 and genes["rank"].tolist() == list(range(1, 41))
     tiles = pd.read_csv(out / "attributions" / "tiles.csv")
+    assert tiles.ig.notna().all()
     for _, t in tiles.groupby("patient_id"):
         assert t.attn.sum() == pytest.approx(1.0, abs=1e-4)
     assert list((out / "attributions" / "heatmaps").glob("*.png"))
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Top genes" in html and "<table" in html
+    for section in ("Cohort", "Metrics (test set)", "Biomarker table", "Faithfulness", "Resolved config", "Versions"):
+        assert f"<h2>{section}" in html, section
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
     b = torch.load(out / "model.pt", weights_only=False)
     assert b["config"]["federated"]["rounds"] == 2 and sorted(b["omics"]["genes"]) == sorted(genes.gene)
     assert b["features"]["encoder"] == "efficientnet_lite0_imagenet" and b["features"]["feature_kind"] == "imagenet"
@@ -97,6 +121,57 @@ def test_predict_refuses_other_encoder_features(e2e_run, tiny_features, tmp_path
     assert rc == 2
     err = capsys.readouterr().err
     assert "attribute 'encoder' is 'resnet50', expected 'efficientnet_lite0_imagenet'" in err
+
+
+def test_predict_refuses_other_gene_panel_and_takes_overrides(e2e_run, tiny_features, tmp_path, capsys):
+    import anndata as ad
+
+    cohort, out, rc, _ = e2e_run
+    fdir = tiny_features[2]
+    a = ad.read_h5ad(cohort.parent / "omics.h5ad")
+    genes = pd.read_csv(out / "attributions" / "genes.csv").gene
+    a[:, [g for g in a.var_names if g != genes.iloc[0]]].copy().write_h5ad(tmp_path / "omics.h5ad")
+    spec = tmp_path / "cohort.yaml"
+    spec.write_text(cohort.read_text().replace("omics.h5ad", str(tmp_path / "omics.h5ad")))
+    shutil.copy(cohort.parent / "patients.csv", tmp_path / "patients.csv")
+    shutil.copy(cohort.parent / "clinical.csv", tmp_path / "clinical.csv")
+    pts = pd.read_csv(tmp_path / "patients.csv")
+    pts["slides"] = [str(cohort.parent / s) for s in pts.slides]
+    pts.to_csv(tmp_path / "patients.csv", index=False)
+    args = [
+        "predict",
+        str(spec),
+        "--model",
+        str(out / "model.pt"),
+        "--out",
+        str(tmp_path / "p"),
+        "--features",
+        str(fdir),
+    ]
+    assert main(args) == 2
+    assert f"lack 1 gene(s) of the model's panel, e.g. ['{genes.iloc[0]}']" in capsys.readouterr().err
+    # the unchanged cohort with tertile risk groups and chosen horizons
+    args = ["predict", str(cohort), "--model", str(out / "model.pt"), "--out", str(tmp_path / "q"), "--features",
+            str(fdir), "--set", "evaluate.risk_groups=tertiles", "--set", "evaluate.horizons=[1,2]"]  # fmt: skip
+    assert main(args) == 0
+    rs = pd.read_csv(tmp_path / "q" / "risk_scores.csv")
+    assert set(rs.risk_group) <= {"low", "intermediate", "high"} and {"surv_t1", "surv_t2"} <= set(rs.columns)
+    assert (
+        main(["evaluate", str(tmp_path / "q" / "risk_scores.csv"), "--split", "all", "--set", "evaluate.bootstrap=10"])
+        == 0
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(e2e_run):
+    """The run's report in a real browser: it loads without console errors and every image decodes."""
+    from pipeline.report import render_check
+
+    _, out, rc, _ = e2e_run
+    assert rc == 0
+    r = render_check(out / "report.html")
+    assert r["images"] >= 8 and r["broken"] == [] and r["errors"] == [] and r["console"] == []
 
 
 @pytest.mark.parametrize("keep", ["omics", "clinical"])
