@@ -355,3 +355,33 @@ def test_prediction_reuses_the_saved_panel(tmp_path):
     other.drop(columns=[d.genes[0]]).to_csv(tmp_path / "omics.csv")
     with pytest.raises(ValueError, match="lack 1 gene\\(s\\) of the model's panel"):
         build_data(load_cohort(spec), None, omics_norm=OmicsNormaliser.from_state(state))
+
+
+def test_real_gse7390_summaries_match_pooled_and_scanpy(tmp_path):
+    """Real microarray + clinical data (scikit-survival's GSE7390 breast cancer cohort), 3 pseudo-sites."""
+    import scanpy as sc
+    from sksurv.datasets import load_breast_cancer
+
+    X, _ = load_breast_cancer()
+    ids = [f"S{i:03d}" for i in range(len(X))]
+    gcols = [c for c in X.columns if c.startswith("X")]
+    a = _adata(X[gcols].to_numpy(), ids, gcols)
+    train = ids[:150]
+    parts = [train[0::3], train[1::3], train[2::3]]
+    fed = OmicsNormaliser.from_summaries(
+        [OmicsNormaliser.site_summary(a, p, values="log") for p in parts], n_top_genes=20
+    )
+    b = a[train].copy()
+    sc.pp.highly_variable_genes(b, flavor="seurat", n_top_genes=20)
+    assert fed.genes == list(b.var_names[b.var["highly_variable"]]) and len(fed.genes) == 20
+    ref = X.iloc[:150][fed.genes].to_numpy().astype(np.float32).astype(float)  # AnnData holds float32
+    np.testing.assert_allclose(fed.mean, ref.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(fed.std, ref.std(0), rtol=1e-7)
+    clin = X[["age", "size", "er", "grade"]].astype({"er": str, "grade": str}).assign(patient_id=ids)
+    clin.to_csv(tmp_path / "c.csv", index=False)
+    df = ClinicalNormaliser.read(ClinicalSource(path=tmp_path / "c.csv"))
+    cf = ClinicalNormaliser.from_summaries([ClinicalNormaliser.site_summary(df, p) for p in parts])
+    cp = ClinicalNormaliser().fit(df, train)
+    assert cf.categories == cp.categories and set(cf.categories) == {"er", "grade"}
+    assert cf.categories["er"] == ["negative", "positive"]
+    np.testing.assert_allclose(cf.transform(df, ids)[0], cp.transform(df, ids)[0], atol=1e-6)
