@@ -417,14 +417,16 @@ class OmicsNormaliser:
             cand = np.zeros(len(genes), bool)
             cand[c[hv]] = True
         sel = np.flatnonzero(cand)
-        pathways: list[str] = []
-        members: list[list[int]] = []
+        kept: dict[str, list[str]] = {}
         if gene_sets is not None:
             selected = {genes[i] for i in sel}
-            kept, too_small = {}, []
+            too_small: list[str] = []
             for name, gs in gene_sets.items():
                 present = [g for g in gs if g in selected]
-                (kept.__setitem__(name, present) if len(present) >= min_pathway_genes else too_small.append(name))
+                if len(present) >= min_pathway_genes:
+                    kept[name] = present
+                else:
+                    too_small.append(name)
             if too_small:
                 log.warning(
                     "%d gene set(s) have fewer than %d genes in the data and are dropped, e.g. %s",
@@ -450,9 +452,8 @@ class OmicsNormaliser:
         )
         if gene_sets is not None:
             pos = {g: k for k, g in enumerate(out.genes)}
-            pathways = list(kept)
-            members = [[pos[g] for g in kept[p]] for p in pathways]
-            out.pathways, out.pathway_members = pathways, members
+            out.pathways = list(kept)
+            out.pathway_members = [[pos[g] for g in kept[p]] for p in out.pathways]
         return out
 
     def fit(
