@@ -124,7 +124,7 @@ class FederatedConfig(_Frozen):
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity (epsilon) of FedAdam/FedYogi
     secagg: bool = False  # Flower SecAgg+ (masks + secret sharing): the server sees only the sum
-    secagg_shares: int = Field(3, ge=2)  # SecAgg+ shares per site's secrets (capped at the number of sites)
+    secagg_shares: int = Field(3, ge=3)  # SecAgg+ shares per site's secrets (capped at the number of sites)
     secagg_threshold: int = Field(2, ge=1)  # shares needed to reconstruct a dropped site's mask
     secagg_clip: float = Field(1.0, gt=0)  # SecAgg+ quantisation range [-clip, clip] of weight/max_weight * update
     secagg_max_weight: float = Field(1000.0, gt=0)  # largest site weight SecAgg+ expects (patients or events)

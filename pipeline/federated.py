@@ -253,7 +253,8 @@ class ServerOptimizer:
     ``fedsgd``: ``w <- w - lr * g`` (``g``: mean gradient). ``fedavg``/``fedprox``: ``w <- w + lr * d``
     (``d``: mean delta). ``fedadam``/``fedyogi`` (Reddi et al., "Adaptive Federated Optimization", 2021):
     ``m <- b1 m + (1 - b1) d``; Adam ``v <- b2 v + (1 - b2) d^2``, Yogi ``v <- v - (1 - b2) d^2 sign(v - d^2)``
-    (``v0 = tau^2``); ``w <- w + lr_t m / (sqrt(v) + tau)`` with Adam's bias correction in ``lr_t``.
+    (``m0 = v0 = 0``); ``w <- w + lr_t m / (sqrt(v) + tau)``, ``lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)`` for
+    Adam (bias correction) and ``lr`` for Yogi: the update rules of Flower's ``FedAdam``/``FedYogi`` (tested).
     """
 
     def __init__(self, strategy: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
@@ -272,8 +273,10 @@ class ServerOptimizer:
             return {k: (g + self.lr * update[k]).astype(np.float32) for k, g in global_arrays.items()}
         if self.m is None or self.v is None:
             self.m = {k: np.zeros_like(v, np.float64) for k, v in update.items()}
-            self.v = {k: np.full_like(v, self.tau**2, np.float64) for k, v in update.items()}
-        lr_t = self.lr * math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
+            self.v = {k: np.zeros_like(v, np.float64) for k, v in update.items()}
+        lr_t = self.lr
+        if self.strategy == "fedadam":
+            lr_t *= math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
         out = {}
         for k, g in global_arrays.items():
             d = update[k]

@@ -221,7 +221,7 @@ class HistofuseStrategy(Strategy):
             train_loss=float(np.average([x for x, _ in losses], weights=[max(w, 1) for _, w in losses]))
             if losses
             else float("nan"),
-            update_bytes=int(sum(len(t) for t in results[0][1].parameters.tensors)) if results else 0,
+            update_bytes=int(sum(a.nbytes for a in updates[0].arrays.values())) if updates else 0,
         )
         return ndarrays_to_parameters([new[k] for k in self.names or []]), {}
 
@@ -243,7 +243,7 @@ class HistofuseStrategy(Strategy):
             "seconds": _time.perf_counter() - r.get("t0", _time.perf_counter()),
             "dropped": r.get("dropped", []),
             "train_loss": r.get("train_loss", float("nan")),
-            "bytes_per_site": r.get("update_bytes", 0),
+            "update_bytes": r.get("update_bytes", 0),
         }
         rec = self.server.finish_round(rnd, evals, rec)
         return rec["val_loss"], {}
@@ -299,10 +299,11 @@ def serve(
     fit_workflow = None
     if fc.secagg:
         n = max(fc.min_sites, len(list(grid.get_node_ids())))
-        shares = max(2, min(fc.secagg_shares, n))
+        # Flower: an integer share count must exceed 2; 1.0 means "every sampled site" (small federations)
+        shares: int | float = min(fc.secagg_shares, n) if min(fc.secagg_shares, n) > 2 else 1.0
         fit_workflow = SecAggPlusWorkflow(
             num_shares=shares,
-            reconstruction_threshold=min(fc.secagg_threshold, shares),
+            reconstruction_threshold=min(fc.secagg_threshold, n),
             max_weight=1.0 if fc.dp_noise > 0 else fc.secagg_max_weight,
             clipping_range=fc.secagg_clip,
             quantization_range=SECAGG_QUANTISATION,
@@ -333,23 +334,21 @@ def _deployed_main(grid: Grid, context: Context) -> None:
 # ----------------------------------------------------------------------------------------------- embedded
 
 
-def _content_bytes(rd: RecordDict) -> int:
-    """Bytes of a message's content: every array's buffer plus the scalars (8 bytes each)."""
-    n = 0
-    for rec in rd.array_records.values():
-        n += sum(len(a.data) for a in rec.values())
-    for rec in list(rd.config_records.values()) + list(rd.metric_records.values()):
-        for v in rec.values():
-            n += len(v) if isinstance(v, bytes | str) else 8 * (len(v) if isinstance(v, list) else 1)
-    return n
+def _wire(msg: Message) -> tuple[Message, int]:
+    """The message as the receiver gets it over the network (Flower's protobuf round trip), and its size."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    proto = message_to_proto(msg)
+    return message_from_proto(proto), proto.ByteSize()
 
 
 class InProcessGrid(Grid):
     """Flower's ``Grid`` in-process: each pushed message is handled at once by the destination site's ClientApp.
 
+    Messages cross as Flower's protobuf wire format in both directions (no shared objects, as over a network).
     Every site has a persistent ``Context`` (SecAgg+ keeps its keys there). A handler that raises becomes an
     error reply (the workflow counts it as a failure); a reply later than ``timeout`` is discarded. Every
-    reply a site sends is measured (``bytes_by_round``) and, with ``audit``, kept in ``sent`` for inspection.
+    reply a site sends is measured in wire bytes (``bytes_by_round``) and, with ``audit``, kept in ``sent``.
     """
 
     def __init__(self, apps: dict[int, tuple[str, ClientApp]], run_id: int = 1, audit: bool = False):
@@ -382,7 +381,8 @@ class InProcessGrid(Grid):
             site, app = self.apps[msg.metadata.dst_node_id]
             t0 = _time.perf_counter()
             try:
-                reply = app(msg, self.contexts[msg.metadata.dst_node_id])
+                delivered, _ = _wire(msg)
+                reply = app(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as e:  # a failing site must not take the federation down
                 log.warning("site %s failed (%s: %s)", site, type(e).__name__, e)
                 reply = Message(Error(code=0, reason=f"site {site}: {type(e).__name__}: {e}"), reply_to=msg)
@@ -390,11 +390,11 @@ class InProcessGrid(Grid):
             if self._timeout is not None and took > self._timeout:
                 log.warning("site %s answered after %.1f s > round_timeout %.1f s", site, took, self._timeout)
                 continue
-            if reply.has_content():
-                per = self.bytes_by_round.setdefault(msg.metadata.group_id, {})
-                per[site] = per.get(site, 0) + _content_bytes(reply.content)
-            if self.audit:
-                self.sent.append((site, reply))
+            reply, size = _wire(reply)
+            per = self.bytes_by_round.setdefault(msg.metadata.group_id, {})
+            per[site] = per.get(site, 0) + size
+            if self.audit:  # its own copy: the server's compat layer consumes the content it reads
+                self.sent.append((site, _wire(reply)[0]))
             self.replies[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids

@@ -5,9 +5,21 @@ import pytest
 import torch
 
 from data_specs import load_cohort, resolve_config
-from pipeline.data import build_data
-from pipeline.federated import FedAvg, SiteClient, Update, run_federated, trainable_arrays
-from pipeline.train import fit_local, new_model
+from pipeline.data import build_data, make_loader
+from pipeline.federated import (
+    FedAvg,
+    FederatedServer,
+    PrivacyLedger,
+    ProximalTerm,
+    ServerOptimizer,
+    SiteClient,
+    Update,
+    run_federated,
+    site_clients,
+    trainable_arrays,
+)
+from pipeline.flower_app import run_embedded
+from pipeline.train import SurvivalModule, fit_local, make_trainer, new_model, new_module
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +31,14 @@ def fed_data(tiny_features):
 
 def _cfg(cfg, *ov):
     return resolve_config(None, ["train.batch_size=4", "train.max_tiles=8", *ov], out=cfg.out)
+
+
+def _run(data, cfg, clients=None, out=None, resume=False, grids=None):
+    """The embedded runtime, returning the server (global arrays, history) and the grid (audit)."""
+    clients = clients if clients is not None else site_clients(data, cfg)
+    server = FederatedServer(cfg, trainable_arrays(new_model(data, cfg)), out, resume=resume)
+    run_embedded(clients, server, grid_out=grids)
+    return server
 
 
 def test_one_site_one_round_equals_local_training(fed_data):
@@ -37,34 +57,232 @@ def test_one_site_one_round_equals_local_training(fed_data):
     assert moved > 0  # training did something, so the equality is not vacuous
 
 
-def test_site_message_holds_only_parameter_deltas_and_counts(fed_data):
+FIT_METRICS = {"train_loss", "train_events"}
+EVAL_METRICS = {"cindex", "concordant", "comparable", "loss_sum", "events"}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [(), pytest.param(("federated.dp_noise=0.5", "federated.dp_clip=0.1"), marks=pytest.mark.slow)],
+    ids=["plain", "dp"],
+)
+def test_every_message_a_site_sends_holds_only_updates_counts_and_scalars(fed_data, extra):
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
     data, base = fed_data
-    cfg = _cfg(base)
-    model = new_model(data, cfg)
-    g = trainable_arrays(model)
-    tr = data.subset_sites(data.splits["train"])
-    site = next(s for s in data.sites if len(tr[s]) > 1)
-    client = SiteClient(site, data, tr[site], data.subset_sites(data.splits["val"])[site], cfg)
-    upd = client.fit(g, {"round": 0, "local_epochs": 1})
-    assert isinstance(upd, Update) and set(vars(upd)) == {"arrays", "num_examples", "metrics"}
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert set(upd.arrays) == names
-    for k, v in upd.arrays.items():
-        assert isinstance(v, np.ndarray) and v.dtype == np.float32 and v.shape == g[k].shape
-    assert type(upd.num_examples) is int and upd.num_examples == len(tr[site])
-    assert all(isinstance(k, str) and isinstance(v, float) for k, v in upd.metrics.items())
-    # nothing in the message equals patient data: no array has the shape of features, omics or outcomes
-    patient_shapes = {data.omics.shape, data.time.shape, (len(tr[site]),)}
-    assert not any(v.shape in patient_shapes for v in upd.arrays.values())
-    ev = client.evaluate(g, {"round": 0})
-    assert set(vars(ev)) == {"num_examples", "metrics"}
-    assert all(isinstance(v, float) for v in ev.metrics.values())
+    cfg = _cfg(base, "federated.rounds=2", "federated.local_epochs=1", *extra)
+    shapes = [v.shape for v in trainable_arrays(new_model(data, cfg)).values()]
+    grids: list = []
+    _run(data, cfg, grids=grids)
+    sent = grids[0].sent
+    clients = site_clients(data, cfg)
+    assert len(sent) == 2 * 2 * len(clients)  # per round: one train and one evaluate reply per site
+    for site, msg in sent:
+        assert msg.has_content() and msg.metadata.message_type in ("train", "evaluate")
+        c = msg.content
+        kind = "fitres" if msg.metadata.message_type == "train" else "evaluateres"
+        if kind == "fitres":
+            assert set(c.array_records) == {"fitres.parameters"}
+            # decoded exactly as the server decodes it
+            arrays = parameters_to_ndarrays(recorddict_to_fitres(c, keep_input=True).parameters)
+            assert [a.shape for a in arrays] == shapes  # exactly the trainable parameters, in order
+            assert all(a.dtype == np.float32 for a in arrays)
+            if extra:  # DP: every update is clipped to dp_clip before it leaves the site
+                norm = np.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays))
+                assert norm <= 0.1 + 1e-5
+        else:
+            assert not c.array_records
+        assert set(c.config_records) == {f"{kind}.metrics", f"{kind}.status"}
+        metrics = dict(c.config_records[f"{kind}.metrics"])
+        assert metrics.pop("site") == site
+        allowed = FIT_METRICS if kind == "fitres" else EVAL_METRICS
+        if extra and kind == "fitres":
+            allowed = set()  # DP: no data-derived scalar leaves with the update
+        assert set(metrics) <= allowed
+        assert all(isinstance(v, float) for v in metrics.values())
+        assert dict(c.config_records[f"{kind}.status"]) == {"code": 0, "message": "Success"}
+        scal = {k: dict(v) for k, v in c.metric_records.items()}
+        want = {f"{kind}.num_examples"} | ({"evaluateres.loss"} if kind == "evaluateres" else set())
+        assert set(scal) == want
+        n = scal[f"{kind}.num_examples"]["num_examples"]
+        assert isinstance(n, int) and n >= 0
+        if extra and kind == "fitres":
+            assert n == 1  # equal weights under DP
 
 
 def test_fedavg_is_example_weighted():
     g = {"w": np.zeros(3, np.float32)}
     ups = [Update({"w": np.ones(3, np.float32)}, 1), Update({"w": np.full(3, 4.0, np.float32)}, 3)]
     np.testing.assert_allclose(FedAvg().aggregate(g, ups)["w"], np.full(3, (1 + 12) / 4))
+
+
+def test_fedsgd_full_batch_equals_centralised_gradient_descent(fed_data):
+    """Event-weighted mean of site gradients == gradient of the pooled site-stratified Cox loss."""
+    data, base = fed_data
+    lr, rounds = 0.05, 3
+    cfg = _cfg(
+        base,
+        "train.max_tiles=100000",  # no tile sampling: full bags on both sides
+        "model.dropout=0.0",
+        "federated.strategy=fedsgd",
+        "federated.weighting=events",
+        f"federated.server_lr={lr}",
+        f"federated.rounds={rounds}",
+    )
+    clients = site_clients(data, cfg)
+    assert len(clients) >= 2
+    server = _run(data, cfg, clients)
+    idx = np.concatenate([c.train_idx for c in clients])
+    module = new_module(new_model(data, cfg), cfg)
+    module.train()
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    for _ in range(rounds):
+        batch = next(iter(make_loader(data, idx, len(idx), True, 0, None)))
+        module.zero_grad(set_to_none=True)
+        module.loss(batch, module(batch).log_hz).backward()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p -= lr * p.grad
+    central = trainable_arrays(module.model)
+    moved = 0.0
+    init = trainable_arrays(new_model(data, cfg))
+    for k, v in central.items():
+        np.testing.assert_allclose(server.global_arrays[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+        moved += float(np.abs(v - init[k]).sum())
+    assert moved > 0
+
+
+class _ProxInLoss(SurvivalModule):
+    """The textbook FedProx local objective: loss + (mu / 2) ||w - w_global||^2 inside the training step."""
+
+    def __init__(self, model, anchor, mu, **kw):
+        super().__init__(model, **kw)
+        self.anchor, self.mu = anchor, mu
+
+    def training_step(self, batch, batch_idx):
+        out = self(batch)
+        prox = sum(((p - a) ** 2).sum() for p, a in zip(self.model.parameters(), self.anchor, strict=True))
+        return self.loss(batch, out.log_hz) + 0.5 * self.mu * prox
+
+
+def test_fedprox_callback_equals_squared_norm_in_the_loss(fed_data):
+    data, base = fed_data
+    cfg = _cfg(base, "model.dropout=0.0", "train.lr=0.05")
+    mu, idx = 0.5, data.splits["train"]
+    start = new_model(data, cfg)
+    with torch.no_grad():  # move away from the anchor so the proximal term bites from the first step
+        for p in start.parameters():
+            p.add_(0.05)
+    anchor = [p.detach().clone() for p in new_model(data, cfg).parameters()]
+    results = []
+    for variant in ("callback", "loss"):
+        model = new_model(data, cfg)
+        model.load_state_dict(start.state_dict())
+        if variant == "callback":
+            module, cbs = new_module(model, cfg), [_AnchoredProx(mu, anchor)]
+        else:
+            t = cfg.train
+            module, cbs = _ProxInLoss(model, anchor, mu, lr=t.lr, weight_decay=t.weight_decay, ties=t.ties), []
+        torch.manual_seed(0)
+        make_trainer(2, cbs, validate=False).fit(module, make_loader(data, idx, 4, True, 0, 8))
+        results.append(trainable_arrays(module.model))
+    without = new_module(new_model(data, cfg), cfg)
+    without.model.load_state_dict(start.state_dict())
+    torch.manual_seed(0)
+    make_trainer(2, [], validate=False).fit(without, make_loader(data, idx, 4, True, 0, 8))
+    plain = trainable_arrays(without.model)
+    diff = 0.0
+    for k in results[0]:
+        np.testing.assert_allclose(results[0][k], results[1][k], rtol=1e-5, atol=1e-6, err_msg=k)
+        diff += float(np.abs(results[0][k] - plain[k]).sum())
+    assert diff > 1e-3  # the proximal term changed training, so the equality is not vacuous
+
+
+class _AnchoredProx(ProximalTerm):
+    """ProximalTerm with a given anchor (the test starts away from the global weights on purpose)."""
+
+    def __init__(self, mu, anchor):
+        super().__init__(mu)
+        self._given = anchor
+
+    def on_train_start(self, trainer, pl_module):
+        self.anchor = [a.clone() for a in self._given]
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimizers_match_flower_strategies(name):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import FedAdam, FedYogi
+
+    rng = np.random.default_rng(0)
+    w0 = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)]
+    ref = (FedAdam if name == "fedadam" else FedYogi)(
+        initial_parameters=ndarrays_to_parameters(w0), eta=0.03, beta_1=0.9, beta_2=0.99, tau=1e-3
+    )
+    ours = ServerOptimizer(name, 0.03, 0.9, 0.99, 1e-3)
+    g = {"a": w0[0], "b": w0[1]}
+    for t in range(1, 5):
+        d = {k: rng.normal(scale=0.1, size=v.shape).astype(np.float32) for k, v in g.items()}
+        res = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([g["a"] + d["a"], g["b"] + d["b"]]), 5, {}))]
+        # Flower's FedAdam bias-corrects with (server_round + 1): feed t - 1 to compare step t
+        want = parameters_to_ndarrays(ref.aggregate_fit(t - 1, res, [])[0])
+        g = ours.step(g, {k: v.astype(np.float64) for k, v in d.items()})
+        np.testing.assert_allclose(g["a"], want[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(g["b"], want[1], rtol=1e-4, atol=1e-6)
+
+
+def test_secagg_plus_equals_plain_aggregation(fed_data):
+    data, base = fed_data
+    plain_cfg = _cfg(base, "federated.rounds=1", "federated.local_epochs=1")
+    secure_cfg = _cfg(base, "federated.rounds=1", "federated.local_epochs=1", "federated.secagg=true")
+    plain = _run(data, plain_cfg)
+    grids: list = []
+    secure = _run(data, secure_cfg, grids=grids)
+    init = trainable_arrays(new_model(data, plain_cfg))
+    moved = 0.0
+    for k, v in plain.global_arrays.items():
+        # quantisation: 2 * clip / 2**26 per value, scaled back by max_weight / total weight
+        np.testing.assert_allclose(secure.global_arrays[k], v, atol=2e-5, err_msg=k)
+        moved += float(np.abs(v - init[k]).sum())
+    assert moved > 0
+    # and no site sent its plain update: the fit replies carry only masked integer vectors
+    fits = [
+        m
+        for _, m in grids[0].sent
+        if m.metadata.message_type == "train" and "fitres.status" in m.content.config_records
+    ]
+    assert fits and all(len(m.content.array_records["fitres.parameters"]) == 0 for m in fits)
+
+
+def _rdp_epsilon(sigma: float, rounds: int, delta: float) -> float:
+    """Closed form: Gaussian mechanism, sampling rate 1 -> RDP(alpha) = T alpha / (2 sigma^2), then Opacus'
+    (Balle et al. 2020) conversion, minimised over Opacus' default orders."""
+    from opacus.accountants import RDPAccountant
+
+    a = np.asarray(RDPAccountant.DEFAULT_ALPHAS, float)
+    rdp = rounds * a / (2 * sigma**2)
+    eps = rdp - (np.log(delta) + np.log(a)) / (a - 1) + np.log((a - 1) / a)
+    return float(np.nanmin(eps))
+
+
+def test_dp_epsilon_grows_with_rounds_and_matches_the_accountant_formula(fed_data):
+    data, base = fed_data
+    cfg = _cfg(
+        base, "federated.rounds=3", "federated.local_epochs=1", "federated.dp_noise=1.5", "federated.dp_clip=0.5"
+    )
+    server = _run(data, cfg)
+    eps = [r["epsilon"] for r in server.history]
+    assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
+    for t, e in enumerate(eps, start=1):
+        assert e == pytest.approx(_rdp_epsilon(1.5, t, 1e-5), rel=1e-9)
+    assert server.summary()["privacy"]["epsilon"] == pytest.approx(eps[-1])
+    # the issue's reference point: sigma 1, 100 rounds, delta 1e-5 -> epsilon 96.1
+    led = PrivacyLedger(1.0, 1e-5)
+    for _ in range(100):
+        led.step()
+    assert led.epsilon == pytest.approx(96.1, abs=0.05) == _rdp_epsilon(1.0, 100, 1e-5)
 
 
 class _Broken(SiteClient):
@@ -86,3 +304,58 @@ def test_failing_site_is_dropped_not_fatal(fed_data, caplog):
     with pytest.raises(RuntimeError, match="fewer than min_sites"):
         run_federated(data, cfg_strict, clients=clients)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _Slow(SiteClient):
+    def fit(self, arrays, config):
+        import time
+
+        time.sleep(6.0)
+        return super().fit(arrays, config)
+
+
+@pytest.mark.slow
+def test_site_past_the_round_timeout_is_dropped(fed_data, caplog):
+    data, base = fed_data
+    cfg = _cfg(base, "federated.rounds=1", "federated.local_epochs=1", "federated.round_timeout=5.0")
+    clients = site_clients(data, cfg)
+    c0 = clients[0]
+    clients[0] = _Slow(c0.site, data, c0.train_idx, c0.val_idx, cfg, c0.rank)
+    server = _run(data, cfg, clients)
+    assert server.history[0]["dropped"] == [c0.site]
+    assert "round_timeout" in caplog.text
+
+
+class _Killed(SiteClient):
+    """Simulates the coordinator dying in the middle of a round (not a site failure: nothing catches it)."""
+
+    def fit(self, arrays, config):
+        if int(config["round"]) == 2:
+            raise KeyboardInterrupt
+        return super().fit(arrays, config)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_uninterrupted_model(fed_data, tmp_path):
+    data, base = fed_data
+    extra = ("federated.strategy=fedadam", "federated.dp_noise=1.0")  # server optimizer and accountant state
+    cfg = _cfg(base, "federated.rounds=3", "federated.local_epochs=1", *extra)
+    whole = _run(data, cfg, out=tmp_path / "whole")
+    clients = site_clients(data, cfg)
+    c0 = clients[0]
+    clients[0] = _Killed(c0.site, data, c0.train_idx, c0.val_idx, cfg, c0.rank)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, cfg, clients, out=tmp_path / "killed")
+    state = torch.load(tmp_path / "killed" / "server_state.pt", weights_only=False)
+    assert state["round"] == 1  # rounds 0 and 1 finished before the kill
+    resumed = _run(data, cfg, out=tmp_path / "killed", resume=True)
+    assert [r["round"] for r in resumed.history] == [0, 1, 2]
+    for k, v in whole.global_arrays.items():
+        np.testing.assert_allclose(resumed.global_arrays[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    assert resumed.best[1] == whole.best[1]
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6, nan_ok=True)
+        assert a.get("epsilon") == pytest.approx(b.get("epsilon"))
+    other = _cfg(base, "federated.rounds=3", "federated.local_epochs=2", *extra)
+    with pytest.raises(ValueError, match="another config"):
+        FederatedServer(other, None, tmp_path / "killed", resume=True)
