@@ -48,7 +48,16 @@ import torch
 
 from data_specs.config import ExtractConfig
 from models.encoders import TileEncoder
-from pipeline.slides import SlideError, TileDataset, TileGrid, open_slide, slide_mpp, thumbnail, tile_grid
+from pipeline.slides import (
+    SlideError,
+    TileDataset,
+    TileGrid,
+    collate_tiles,
+    open_slide,
+    slide_mpp,
+    thumbnail,
+    tile_grid,
+)
 from pipeline.tissue import TissueSettings, save_geojson, save_mask_png, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -194,8 +203,9 @@ def choose_batch_size(fits, start: int = 32, cap: int = 2048) -> int:
 class EncoderRunner:
     """The encoder placed for inference: device, autocast precision, channels-last, optional ``torch.compile``.
 
-    ``runner(tiles)`` maps ``[B, 3, h, w]`` uint8 tiles to ``[B, D]`` float32 features on the CPU. On CUDA, the
-    device-to-host copy of one batch overlaps the next (``submit`` / ``collect``).
+    ``runner(tiles)`` maps uint8 tiles, ``[B, 3, h, w]`` or as the reader yields them ``[B, h, w, 4]`` (RGBA;
+    alpha dropped on the device), to ``[B, D]`` float32 features on the CPU. On CUDA, the device-to-host copy
+    of one batch overlaps the next (``submit`` / ``collect``).
     """
 
     def __init__(self, enc: TileEncoder, cfg: ExtractConfig):
@@ -221,7 +231,10 @@ class EncoderRunner:
 
     def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            x = self.enc.preprocess(tiles.to(self.device, non_blocking=True))  # [B, 3, H, W] float
+            tiles = tiles.to(self.device, non_blocking=True)
+            if tiles.shape[1] != 3:  # [B, H, W, 3|4] from the reader -> [B, 3, H, W] channels-last view
+                tiles = tiles.permute(0, 3, 1, 2)[:, :3]
+            x = self.enc.preprocess(tiles)  # [B, 3, H, W] float
             if not self.channels_last:
                 x = x.contiguous()
             amp = self.amp_dtype != torch.float32
@@ -396,13 +409,14 @@ def _encode_into(
                 ds,
                 batch_size=runner.batch_size,
                 num_workers=workers,
+                collate_fn=collate_tiles,
                 pin_memory=runner.pin,
                 prefetch_factor=cfg.prefetch_factor if workers else None,
                 persistent_workers=False,
             )
             pending: tuple[torch.Tensor, np.ndarray] | None = None
             try:
-                for x, idx, keep in loader:  # x [B, 3, h, w] uint8; DataLoader keeps grid order
+                for x, idx, keep in loader:  # x [B, h, w, 4] uint8 RGBA; DataLoader keeps grid order
                     if not bool(keep.all()):
                         rejected += int((~keep).sum())
                         x, idx = x[keep], idx[keep]

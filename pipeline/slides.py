@@ -197,9 +197,12 @@ def tile_grid(
 class TileDataset(torch.utils.data.Dataset):
     """Reads tiles of one slide as uint8; each DataLoader worker opens its own slide handle, lazily.
 
-    Items are ``(tile [3, read_px, read_px] uint8, index, keep)``: ``keep`` is False for a tile that turned
-    out to be mostly near-white/near-black pixels (:func:`pipeline.tissue.tile_is_background`). Resizing to
-    ``tile_px`` and normalising happen batched, in the encoder's ``preprocess``.
+    Items are ``(tile [read_px, read_px, 4] uint8 RGBA numpy, index, keep)``, exactly as OpenSlide decodes
+    them: no per-tile copy or transpose. :func:`collate_tiles` stacks a batch into ``[B, H, W, 4]``, which
+    becomes the ``[B, 3, H, W]`` channels-last view the encoder wants on the device
+    (:meth:`pipeline.extract.EncoderRunner.submit`). ``keep`` is False for a tile that turned out to be mostly
+    near-white/near-black pixels (:func:`pipeline.tissue.tile_is_background`). Resizing to ``tile_px`` and
+    normalising happen batched, in the encoder's ``preprocess``.
     """
 
     def __init__(self, path: Path, grid: TileGrid, tissue: TissueSettings | None = None):
@@ -218,12 +221,15 @@ class TileDataset(torch.utils.data.Dataset):
             self._pid = os.getpid()
         return self._slide
 
-    def read_rgb(self, i: int) -> np.ndarray:
-        """Tile ``i`` as read from its level: ``[read_px, read_px, 3]`` uint8."""
+    def read_rgba(self, i: int) -> np.ndarray:
+        """Tile ``i`` as read from its level: ``[read_px, read_px, 4]`` uint8 RGBA (read-only, no copy made)."""
         x, y = (int(v) for v in self.grid.coords[i])
         g = self.grid
-        rgba = np.asarray(self._handle().read_region((x, y), g.level, (g.read_px, g.read_px)))
-        return np.ascontiguousarray(rgba[..., :3])  # a writable copy, so torch can share it
+        return np.asarray(self._handle().read_region((x, y), g.level, (g.read_px, g.read_px)))
+
+    def read_rgb(self, i: int) -> np.ndarray:
+        """Tile ``i`` as read from its level: ``[read_px, read_px, 3]`` uint8."""
+        return np.ascontiguousarray(self.read_rgba(i)[..., :3])
 
     def read(self, i: int) -> Image.Image:
         """Tile ``i`` at ``tile_px`` as a PIL image (for inspection; extraction resizes batched)."""
@@ -232,12 +238,26 @@ class TileDataset(torch.utils.data.Dataset):
             img = img.resize((self.grid.tile_px, self.grid.tile_px), Image.Resampling.BILINEAR)
         return img
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
-        rgb = self.read_rgb(i)
-        keep = not tile_is_background(rgb[::4, ::4], self.tissue)
-        return torch.from_numpy(rgb).permute(2, 0, 1), i, keep  # [3, H, W] view, stacked by collate
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, bool]:
+        rgba = self.read_rgba(i)  # [H, W, 4]
+        return rgba, i, not tile_is_background(rgba[::4, ::4], self.tissue)
 
     def close(self) -> None:
         if self._slide is not None:
             self._slide.close()
             self._slide = None
+
+
+def collate_tiles(batch: list[tuple[np.ndarray, int, bool]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack tiles into ``([B, H, W, 4] uint8, index [B], keep [B])`` with one single-threaded copy.
+
+    In a DataLoader worker the batch is built straight in shared memory, so handing it to the main process
+    copies nothing. (torch's default collate stacks with intra-op threads, which stalls badly when the
+    encoder already keeps every core busy.)
+    """
+    arrays, idx, keep = zip(*batch, strict=True)
+    out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        out = out.share_memory_()
+    np.stack(arrays, out=out.numpy())
+    return out, torch.tensor(idx, dtype=torch.int64), torch.tensor(keep, dtype=torch.bool)

@@ -106,11 +106,15 @@ def background_fraction(tile: np.ndarray, settings: TissueSettings) -> float:
     """Fraction of a tile's pixels that are near white or near black.
 
     Args:
-        tile: ``[H, W, 3]`` or ``[3, H, W]`` uint8 (channel axis found by size 3).
+        tile: ``[H, W, 3|4]`` or ``[3, H, W]`` uint8 (RGB, or RGBA with alpha ignored).
     """
-    ax = 0 if tile.shape[0] == 3 and tile.shape[-1] != 3 else -1
-    lo, hi = tile.min(axis=ax), tile.max(axis=ax)
-    return float(((lo >= settings.white_level) | (hi <= settings.black_level)).mean())
+    if tile.shape[0] == 3 and tile.shape[-1] not in (3, 4):
+        r, g, b = tile[0], tile[1], tile[2]
+    else:
+        r, g, b = tile[..., 0], tile[..., 1], tile[..., 2]
+    # channel-wise min/max on 2-D views: ~20x faster than reducing over a 3-long strided axis
+    lo, hi = np.minimum(np.minimum(r, g), b), np.maximum(np.maximum(r, g), b)
+    return float(np.count_nonzero((lo >= settings.white_level) | (hi <= settings.black_level)) / lo.size)
 
 
 def tile_is_background(tile: np.ndarray, settings: TissueSettings) -> bool:

@@ -160,6 +160,7 @@ extract_slides([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]), enc, cfg, pro
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and timm: ~10-30 s
 def test_resume_after_kill_9(tmp_path, slides, enc, he_rgb):
     big = tmp_path / "big.tif"
     write_pyramid_tiff(big, np.tile(he_rgb[:672, :672], (3, 3, 1)), mpp=0.5)  # 81 tiles, one per batch
