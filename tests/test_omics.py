@@ -385,3 +385,20 @@ def test_real_gse7390_summaries_match_pooled_and_scanpy(tmp_path):
     assert cf.categories == cp.categories and set(cf.categories) == {"er", "grade"}
     assert cf.categories["er"] == ["negative", "positive"]
     np.testing.assert_allclose(cf.transform(df, ids)[0], cp.transform(df, ids)[0], atol=1e-6)
+
+
+def test_tsv_genes_as_rows_with_a_symbol_column(tmp_path):
+    (tmp_path / "o.tsv").write_text(
+        "ensembl\tsymbol\tP1\tP2\tP3\n"
+        "ENSG00000141510.16\ttp53\t1\t2\t3\n"
+        "ENSG00000012048.2\tBRCA1\t4\t5\t6\n"
+        "ENSG00000012048.9\tbrca1\t6\t7\t8\n"
+    )
+    a = read_omics(OmicsSource(path=tmp_path / "o.tsv", gene_column="symbol"), ["P1", "P2", "P3"])
+    assert list(a.obs_names) == ["P1", "P2", "P3"] and list(a.var_names) == ["TP53", "BRCA1"]
+    np.testing.assert_allclose(a.X[:, 1], [5, 6, 7])
+    (tmp_path / "e.tsv").write_text("ensembl\tP1\tP2\nENSG00000141510.16\t1\t2\nENSG00000012048.2\t4\t5\n")
+    b = read_omics(OmicsSource(path=tmp_path / "e.tsv", gene_column="ensembl"), ["P1", "P2", "P3"])
+    assert list(b.var_names) == ["ENSG00000141510", "ENSG00000012048"] and list(b.obs_names) == ["P1", "P2"]
+    with pytest.raises(ValueError, match="patient column 'symbol' is not numeric.*name it as gene_column"):
+        read_omics(OmicsSource(path=tmp_path / "o.tsv"), ["P1", "P2", "P3"])
