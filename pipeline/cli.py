@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("cohort", type=Path)
     p.add_argument("-v", "--verbose", action="store_true")
     for name, hlp in (
-        ("extract", "slides -> tile features (one .h5 per slide)"),
+        ("extract", "slides -> tile features (one .h5 per slide); COHORT may be a folder of slides"),
         ("train", "train the survival model (federated across sites by default)"),
         ("run", "extract, train, predict, evaluate, attribute and report"),
     ):
@@ -245,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = _config(args, args.cohort, "runs/latest")
             cfg.save(cfg.out / "config.yaml")
-            fdir = stage_extract(load_cohort(args.cohort), cfg)
+            if args.cohort.is_dir():  # a folder of slides: no cohort spec needed
+                from pipeline.extract import extract_folder
+
+                fdir = extract_folder(args.cohort, cfg.out, cfg.extract)
+            else:
+                fdir = stage_extract(load_cohort(args.cohort), cfg)
             print(f"features in {fdir}" if fdir else "the cohort has no slides: nothing to extract")
         elif args.cmd == "train":
             from pipeline.run import stage_train

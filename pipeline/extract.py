@@ -562,3 +562,49 @@ def extract_slides(
     if not slides:
         _write_report(out_dir, stem, results)
     return results
+
+
+# Files a slide folder is searched for (OpenSlide's formats; DICOM: one file per folder opens the slide).
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+
+
+def discover_slides(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """Whole-slide files under ``folder`` (recursively, sorted), skipping hidden files and ``exclude``.
+
+    A folder of DICOM files is one slide: its first ``.dcm`` file (OpenSlide finds the rest). Plain images
+    (PNG/JPEG) are not picked up from a folder; list them in a cohort spec.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    ex = Path(exclude).resolve() if exclude is not None else None
+    found: list[Path] = []
+    dicom_dirs: set[Path] = set()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in SLIDE_SUFFIXES:
+            continue
+        if ex is not None and (p.resolve() == ex or ex in p.resolve().parents):
+            continue
+        if p.suffix.lower() == ".dcm":
+            if p.parent in dicom_dirs:
+                continue
+            dicom_dirs.add(p.parent)
+        found.append(p)
+    return found
+
+
+def extract_folder(folder: Path, out: Path, cfg: ExtractConfig, progress: bool = True) -> Path:
+    """Features for every slide file in a folder (no cohort spec needed); returns the features folder."""
+    from models.encoders import build_encoder
+
+    slides = discover_slides(folder, exclude=out)
+    if not slides:
+        raise ValueError(f"{folder}: no slide files ({', '.join(SLIDE_SUFFIXES)}) found")
+    enc = build_encoder(cfg.encoder, weights=cfg.weights, random_weights=cfg.random_weights)
+    fdir = features_dir(out, cfg)
+    res = extract_slides(slides, fdir, enc, cfg, progress=progress)
+    failed = [r for r in res if r.status == "failed"]
+    log.info("%d slides, %d tiles into %s; %d failed", len(res), sum(r.tiles for r in res), fdir, len(failed))
+    for r in failed:
+        log.error("  %s: %s", r.slide_path, r.error)
+    return fdir

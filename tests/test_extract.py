@@ -283,3 +283,25 @@ def test_cli_extract_with_shard_and_per_slide_mpp(tmp_path, slides, capsys):
     bad.write_text(f"patient_id,site,time,event,slides,slide_mpp\nP1,a,10,1,{slides['good']},-2\n")
     with pytest.raises(CohortError, match=r"row 1: field 'slide_mpp' = '-2': slide_mpp must be a positive"):
         load_cohort(bad)
+
+
+def test_cli_extract_a_folder_of_slides(tmp_path, slides):
+    import shutil
+
+    from pipeline.cli import main
+    from pipeline.extract import discover_slides
+
+    folder = tmp_path / "slides"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(slides["good"], folder / "good.svs")
+    shutil.copy(slides["blank"], folder / "sub" / "blank.tif")
+    (folder / ".partial.tif").write_bytes(b"x")
+    (folder / "notes.txt").write_text("not a slide")
+    out = folder / "out"  # an output folder inside the slide folder is never searched
+    args = ["extract", str(folder), "--out", str(out), "--set", "extract.encoder=test_efficientnet"]
+    assert main(args + ["--set", "extract.random_weights=true", "--set", "extract.batch_size=4"]) == 0
+    fdir = next((out / "features").iterdir())
+    assert discover_slides(folder, exclude=out) == [folder / "good.svs", folder / "sub" / "blank.tif"]
+    rep = pd.read_csv(fdir / "extract_report.csv").set_index("slide_id")
+    assert rep.status.to_dict() == {"good": "done", "blank": "empty"}
+    assert main(["extract", str(tmp_path / "nothing_here"), "--out", str(out)]) == 2
