@@ -32,6 +32,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_features.py
+	$(BIN)/python scripts/bench_models.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
