@@ -228,6 +228,8 @@ class EncoderRunner:
         else:
             self.batch_size = int(cfg.batch_size)
         self.pin = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed tile size: let cuDNN pick its fastest kernels
 
     def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -254,18 +256,23 @@ class EncoderRunner:
         log.info("batch size %d chosen for %s on %s", b, self.enc.name, self.device)
         return b
 
-    def submit(self, tiles: torch.Tensor) -> torch.Tensor:
+    def submit(self, tiles: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Queue one batch; returns a handle for :meth:`collect`. On CUDA this returns before the GPU is done."""
         out = self._forward(tiles).float()
         if self.device.type == "cuda":
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host.copy_(out, non_blocking=True)
-            return host
-        return out
+            done = torch.cuda.Event()
+            done.record()
+            return host, done
+        return out, None
 
-    def collect(self, pending: torch.Tensor) -> np.ndarray:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return pending.numpy()
+    def collect(self, pending: tuple[torch.Tensor, object]) -> np.ndarray:
+        """Wait for that batch only (later batches keep the GPU busy meanwhile): ``[B, D]`` float32."""
+        host, done = pending
+        if done is not None:
+            done.synchronize()  # type: ignore[attr-defined]
+        return host.numpy()
 
     def __call__(self, tiles: torch.Tensor) -> np.ndarray:
         return self.collect(self.submit(tiles))
@@ -414,7 +421,7 @@ def _encode_into(
                 prefetch_factor=cfg.prefetch_factor if workers else None,
                 persistent_workers=False,
             )
-            pending: tuple[torch.Tensor, np.ndarray] | None = None
+            pending: tuple[tuple[torch.Tensor, object], np.ndarray] | None = None
             try:
                 for x, idx, keep in loader:  # x [B, h, w, 4] uint8 RGBA; DataLoader keeps grid order
                     if not bool(keep.all()):

@@ -305,3 +305,18 @@ def test_cli_extract_a_folder_of_slides(tmp_path, slides):
     rep = pd.read_csv(fdir / "extract_report.csv").set_index("slide_id")
     assert rep.status.to_dict() == {"good": "done", "blank": "empty"}
     assert main(["extract", str(tmp_path / "nothing_here"), "--out", str(out)]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_path_matches_cpu(tmp_path, slides, enc):
+    """bf16 autocast, pinned memory, on-device preprocessing, automatic batch size: same features as CPU fp32."""
+    cpu = extract_slides([slides["good"]], tmp_path / "cpu", enc, CFG.model_copy(update={"device": "cpu"}))
+    gpu_cfg = CFG.model_copy(update={"device": "cuda", "batch_size": "auto", "num_workers": 2})
+    gpu = extract_slides([slides["good"]], tmp_path / "gpu", enc, gpu_cfg)
+    assert cpu[0].tiles == gpu[0].tiles == 9
+    a, b = load_features(tmp_path / "cpu" / "good.h5")[0], load_features(tmp_path / "gpu" / "good.h5")
+    assert b[2]["precision"] in ("bf16", "fp16")
+    cos = (a * b[0]).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b[0], axis=1)
+    assert cos.min() > 0.98
+    enc.model.to("cpu")
