@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +136,27 @@ def test_linear_omics_cox_recovers_lifelines_coefficients(tmp_path):
     df = pd.DataFrame(data.omics, columns=data.genes).assign(T=data.time, E=data.event)
     ref = CoxPHFitter().fit(df, "T", "E").params_[data.genes].to_numpy()
     np.testing.assert_allclose(beta, ref, atol=5e-3)
+
+
+def _script(*args: str) -> str:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_validate_cox_script_recovers_lifelines_on_gse7390(tmp_path):
+    out = _script("scripts/validate_cox.py", "--genes", "20", "--out", str(tmp_path))
+    line = next(x for x in out.splitlines() if x.startswith("max |beta - beta_lifelines|"))
+    assert float(line.split("=")[1].split(";")[0]) < 1e-3, out
+
+
+@pytest.mark.slow
+def test_bench_models_script_runs(tmp_path):
+    small = ["--patients", "8", "--tiles", "20", "--dim", "16", "--genes", "12", "--tmp", str(tmp_path)]
+    out = _script("scripts/bench_models.py", *small, "--configs", "concat:16", "coattention+transmil:1")
+    assert "failed" not in out and "relative to concat:16" in out, out
