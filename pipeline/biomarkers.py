@@ -2,15 +2,19 @@
 held-out patients.
 
 - Phenotypes: tile embeddings of the training patients (a seeded subsample) are reduced by PCA and
-  clustered with scanpy (``neighbors`` + ``leiden``); every tile of every patient is then assigned to a
-  cluster by its nearest neighbours in that PCA space, and each patient gets the fraction of their
-  tiles in each cluster. Example tiles (nearest to each cluster's centre) are cut from the slides.
+  clustered with scanpy (``neighbors``: exact kNN, Gaussian kernel; then ``leiden``); every tile of
+  every patient is then assigned to a cluster by its nearest neighbours in that PCA space, and each
+  patient gets the fraction of their tiles in each cluster. Example tiles (nearest to each cluster's
+  centre) are cut from the slides.
 - Cox fits (lifelines ``CoxPHFitter``) on the held-out patients, stratified by site when several sites
-  have events: a univariate fit per candidate (every gene of the panel and every phenotype, so that
-  the Benjamini-Hochberg FDR accounts for every test made), and one multivariable fit of the
-  top-ranked candidates together. The multivariable model keeps at most one candidate per 10 events
-  (the usual events-per-variable rule), taking the best-ranked first; candidates left out have NaN
-  with a note. Variables are standardised on the held-out patients: hazard ratios are per 1 SD.
+  have events: a univariate fit per candidate and one multivariable fit of the top-ranked candidates
+  together. The candidates are the ``top_genes`` best genes by attribution plus every phenotype: both
+  are chosen without looking at any outcome (attributions use the model and the patients' inputs
+  only; clusters use tile embeddings only), so testing just these on the held-out outcomes is valid,
+  and the Benjamini-Hochberg FDR is over exactly the tests made. The multivariable model keeps at
+  most one candidate per 10 events (the usual events-per-variable rule), taking the best-ranked
+  first; candidates left out have NaN with a note. Variables are standardised on the held-out
+  patients: hazard ratios are per 1 SD.
 
 Degenerate cases: fewer than 2 events, a constant variable, or a fit that does not converge give NaN
 and a ``note`` in the row, not a crash.
@@ -72,7 +76,8 @@ def fit_phenotypes(
     z = pca.transform(x)
     a = ad.AnnData(X=z.astype(np.float32))
     a.obsm["X_pca"] = z
-    sc.pp.neighbors(a, n_neighbors=15, use_rep="X_pca", random_state=seed)
+    # exact kNN (scikit-learn) and Gaussian-kernel connectivities: no numba compilation on first use
+    sc.pp.neighbors(a, n_neighbors=15, use_rep="X_pca", method="gauss", transformer="sklearn", random_state=seed)
     sc.tl.leiden(a, resolution=resolution, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
     fit_labels = a.obs["leiden"].astype(int).to_numpy()
     names = [f"P{c}" for c in range(fit_labels.max() + 1)]
@@ -186,8 +191,8 @@ def biomarker_table(
     phenos: pd.DataFrame | None,
     top_genes: int = 20,
 ) -> tuple[pd.DataFrame, dict]:
-    """The table: for every gene (ranked by attribution) and every phenotype, univariate and multivariable
-    Cox on the held-out patients.
+    """The table: for the ``top_genes`` best genes by attribution and every phenotype, univariate and
+    multivariable Cox on the held-out patients.
 
     Args:
         held_out: ``patient_id, site, time, event`` of the held-out patients.
@@ -212,6 +217,7 @@ def biomarker_table(
     x, ho = x[keep].reset_index(drop=True), held_out[keep].reset_index(drop=True)
     gene_cands = sorted((g for g in x.columns if kind_of[g] == "gene"), key=lambda g: rank_of.get(g, 1e9))
     ranked = gene_cands[:top_genes] + [p for p in x.columns if kind_of[p] == "phenotype"]
+    x = x[ranked]
     t = cox_table(x, ho.time.to_numpy(), ho.event.to_numpy(), ho.site.to_numpy(), ranked)
     info = {
         **t.attrs.get("multivariable", {}),
