@@ -1,13 +1,18 @@
-"""TCGA-BRCA clinical survival (FLamby's 6 regional centres and fixed train/test split) through histofuse.
+"""TCGA-BRCA clinical survival (FLamby's 6 regional centres and fixed train/test split): federated benchmark.
 
     python scripts/tcga_brca.py --data PATH/TO/tcga_brca [--out runs/tcga_brca] [--seeds 42 43 44 45 46]
+        [--methods pooled sites fedsgd fedavg fedprox fedadam fedadam_secagg fedadam_dp] [--tune fedsgd]
+        [--set section.key=value ...]
 
-Builds a clinical-only cohort spec from FLamby's preprocessed ``brca.csv`` (39 covariates, ``E``,
-``T``) and ``train_test_split.csv`` (``fold2`` = ``train_K``/``test_K`` for centre K), carves a
-validation set (15% of each centre's training patients, seeded) for model selection, then trains
-centralised and federated (FedAvg) models with the default config and prints the pooled test
-C-index in FLamby's metric (lifelines ``concordance_index(T, -risk, E)``), mean +- sd over seeds.
-The test set is never used for any choice.
+Builds a clinical-only cohort spec from FLamby's preprocessed ``brca.csv`` (39 covariates, ``E``, ``T``) and
+``train_test_split.csv`` (``fold2`` = ``train_K``/``test_K`` for centre K), carves a validation set (15% of
+each centre's training patients, seeded), then trains each method and prints the pooled test C-index in
+FLamby's metric (lifelines ``concordance_index(T, -risk, E)``), mean +- sd over seeds, with wall time per
+round and bytes each site sent per round (Flower wire format, embedded runtime).
+
+Choices use the validation split only: the best round / epoch by pooled validation Cox loss, and with
+``--tune M ...`` each listed method's candidate settings (``CANDIDATES``) are compared on the first seed by
+pooled validation C-index before any test number is computed. The test set is never used for a choice.
 """
 
 from __future__ import annotations
@@ -16,11 +21,34 @@ import argparse
 import csv
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+# Settings fixed before any run (no test-set look): rounds x local epochs match the pooled epochs.
+COMMON = ["train.epochs=16", "federated.rounds=8", "federated.local_epochs=2"]
+METHODS: dict[str, list[str]] = {
+    "pooled": ["federated.enabled=false"],
+    "sites": ["federated.enabled=false"],  # each centre alone on its own training patients
+    "fedsgd": ["federated.strategy=fedsgd", "federated.rounds=40"],
+    "fedavg": ["federated.strategy=fedavg"],
+    "fedprox": ["federated.strategy=fedprox", "federated.proximal_mu=0.01"],
+    "fedadam": ["federated.strategy=fedadam", "federated.server_lr=0.01"],
+    "fedadam_secagg": ["federated.strategy=fedadam", "federated.server_lr=0.01", "federated.secagg=true"],
+    "fedadam_dp": [
+        "federated.strategy=fedadam",
+        "federated.server_lr=0.01",
+        "federated.dp_noise=1.0",
+        "federated.dp_clip=0.1",
+    ],
+}
+CANDIDATES: dict[str, list[list[str]]] = {
+    "fedsgd": [[f"federated.server_lr={lr}"] for lr in (0.1, 0.3, 1.0)],
+    "fedadam": [[f"federated.server_lr={lr}"] for lr in (0.003, 0.01, 0.03)],
+}
 
 
 def build_cohort(data: Path, out: Path, seed: int) -> Path:
@@ -47,39 +75,119 @@ def build_cohort(data: Path, out: Path, seed: int) -> Path:
     return spec
 
 
+def _cindex(data, idx: np.ndarray, model) -> float:
+    from lifelines.utils import concordance_index
+
+    from pipeline.train import predict_log_hz
+
+    lh, _ = predict_log_hz(model, data, idx)
+    return float(concordance_index(data.time[idx], -lh, data.event[idx]))
+
+
+def train_one(method: str, data, cfg) -> list[dict]:
+    """Train ``method``; one record per model (``sites``: one per centre) with val/test C-index and costs."""
+    from pipeline.federated import run_federated
+    from pipeline.train import fit_local
+
+    te, va = data.splits["test"], data.splits["val"]
+    if method == "sites":
+        tr_s, va_s = data.subset_sites(data.splits["train"]), data.subset_sites(va)
+        out = []
+        for s in data.sites:
+            module, _ = fit_local(data, cfg, train_idx=tr_s[s], val_idx=va_s[s])
+            out.append({"site": s, "test": _cindex(data, te, module.model), "val": _cindex(data, va, module.model)})
+        return out
+    t0 = time.perf_counter()
+    if method == "pooled":
+        module, _ = fit_local(data, cfg)
+        model, secs = module.model, time.perf_counter() - t0
+        return [{"test": _cindex(data, te, model), "val": _cindex(data, va, model), "seconds_per_epoch":
+                 secs / cfg.train.epochs}]  # fmt: skip
+    model, info = run_federated(data, cfg)
+    h = info["history"]
+    sent = [np.mean(list(r["bytes_sent_per_site"].values())) for r in h if r.get("bytes_sent_per_site")]
+    rec = {
+        "test": _cindex(data, te, model),
+        "val": _cindex(data, va, model),
+        "best_round": info["best_round"],
+        "seconds_per_round": float(np.mean([r["seconds"] for r in h])),
+        "bytes_sent_per_site_per_round": float(np.mean(sent)) if sent else None,
+        "update_bytes": h[-1].get("update_bytes"),
+        "seconds_per_epoch": (time.perf_counter() - t0) / (cfg.federated.rounds * cfg.federated.local_epochs),
+    }
+    if "privacy" in info:
+        rec["epsilon"], rec["delta"] = info["privacy"]["epsilon"], info["privacy"]["delta"]
+    return [rec]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="folder with brca.csv and train_test_split.csv")
     ap.add_argument("--out", type=Path, default=Path("runs/tcga_brca"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44, 45, 46])
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--tune", nargs="*", default=[], choices=list(CANDIDATES), help="pick settings on validation")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides for every run")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.WARNING)
-    from lifelines.utils import concordance_index
-
+    logging.basicConfig(level=logging.ERROR)
     from data_specs import load_cohort, resolve_config
-    from pipeline.run import stage_predict, stage_train
+    from pipeline.run import load_run_data
 
-    results: dict[str, list[float]] = {"centralised": [], "federated": []}
+    def config(method: str, seed: int, extra: list[str]):
+        ov = [*COMMON, *METHODS[method], *extra, *args.overrides, f"train.seed={seed}"]
+        return resolve_config(None, ov, out=args.out / "scratch")
+
+    chosen: dict[str, list[str]] = {m: [] for m in args.methods}
+    datasets = {}
     for seed in args.seeds:
         spec = build_cohort(args.data, args.out / f"cohort_seed{seed}", seed)
-        cohort = load_cohort(spec)
-        for mode in results:
-            out = args.out / f"{mode}_seed{seed}"
-            ov = [*args.overrides, f"train.seed={seed}", f"federated.enabled={str(mode == 'federated').lower()}"]
-            cfg = resolve_config(None, ov, cohort=spec, out=out)
-            stage_train(cohort, cfg, progress=False)
-            rs = pd.read_csv(stage_predict(out / "model.pt", cohort, out, None))
-            te = rs[rs.split == "test"]
-            c = concordance_index(te.time, -te.risk, te.event)
-            results[mode].append(c)
-            print(f"seed {seed} {mode:12s} pooled test C-index {c:.3f} (n={len(te)})", flush=True)
-    summary = {m: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "runs": v}
-               for m, v in results.items()}  # fmt: skip
-    for m, s in summary.items():
-        print(f"{m:12s}: {s['mean']:.3f} +- {s['sd']:.3f} over {len(s['runs'])} seeds")
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        datasets[seed] = load_run_data(load_cohort(spec), config("pooled", seed, []))
+    for m in args.tune:
+        seed = args.seeds[0]
+        scores = []
+        for cand in CANDIDATES[m]:
+            v = train_one(m, datasets[seed], config(m, seed, cand))[0]["val"]
+            scores.append(v)
+            print(f"tune {m} {' '.join(cand)}: validation C-index {v:.3f} (seed {seed})", flush=True)
+        best = CANDIDATES[m][int(np.argmax(scores))]
+        for dep in [x for x in chosen if x == m or x.startswith(m + "_")]:
+            chosen[dep] = best
+        print(f"tune {m}: chose {' '.join(best)}", flush=True)
+
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        for m in args.methods:
+            for rec in train_one(m, datasets[seed], config(m, seed, chosen.get(m, []))):
+                results[m].append({"seed": seed, **rec})
+                site = f" {rec['site']}" if "site" in rec else ""
+                print(f"seed {seed} {m}{site}: test {rec['test']:.3f} val {rec['val']:.3f}", flush=True)
+    summary = {}
+    for m, recs in results.items():
+        groups = {}
+        for r in recs:
+            groups.setdefault(r.get("site", m), []).append(r)
+        for name, rs in groups.items():
+            t = [r["test"] for r in rs]
+            s = {"test_mean": float(np.mean(t)), "test_sd": float(np.std(t, ddof=1)) if len(t) > 1 else 0.0,
+                 "runs": t, "settings": [*METHODS[m], *chosen.get(m, [])]}  # fmt: skip
+            for k in ("seconds_per_round", "bytes_sent_per_site_per_round", "update_bytes", "seconds_per_epoch",
+                      "epsilon"):  # fmt: skip
+                vals = [r[k] for r in rs if r.get(k) is not None]
+                if vals:
+                    s[k] = float(np.mean(vals))
+            summary[name if m != "sites" else f"alone:{name}"] = s
+    for name, s in summary.items():
+        extra = " ".join(
+            f"{k}={s[k]:.4g}" for k in ("seconds_per_round", "bytes_sent_per_site_per_round", "epsilon") if k in s
+        )
+        print(f"{name:18s}: {s['test_mean']:.3f} +- {s['test_sd']:.3f} over {len(s['runs'])} seeds {extra}")
+    if "pooled" in summary and "fedavg" in summary:
+        r = summary["fedavg"]["seconds_per_epoch"] / summary["pooled"]["seconds_per_epoch"]
+        print(f"embedded FedAvg vs centralised, wall time per epoch of data: {r:.2f}x")
+        summary["embedded_vs_centralised_time_per_epoch"] = {"ratio": r}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "federated_summary.json").write_text(json.dumps({"common": COMMON, "results": summary}, indent=2))
 
 
 if __name__ == "__main__":
