@@ -55,11 +55,13 @@ def fit_phenotypes(
     n_pcs: int = 30,
     n_examples: int = 6,
     seed: int = 0,
+    assign_idx: np.ndarray | None = None,
 ) -> Phenotypes:
     """Leiden clusters of tile embeddings fitted on the tiles of ``fit_idx`` (training patients).
 
     Args:
         bags: per patient ``features [N_i, D]``; tiles: per patient ``[(slide_id, x, y)]``.
+        assign_idx: patients whose tiles get a cluster (default all; others get empty labels, zero fractions).
     """
     import anndata as ad
     import scanpy as sc
@@ -83,8 +85,9 @@ def fit_phenotypes(
     names = [f"P{c}" for c in range(fit_labels.max() + 1)]
     knn = KNeighborsClassifier(n_neighbors=15).fit(z, fit_labels)
     labels, fractions = [], np.zeros((len(bags), len(names)))
+    assign = set(range(len(bags)) if assign_idx is None else np.asarray(assign_idx).tolist())
     for i, b in enumerate(bags):
-        lab = knn.predict(pca.transform(b)) if len(b) else np.zeros(0, int)
+        lab = knn.predict(pca.transform(b)) if len(b) and i in assign else np.zeros(0, int)
         labels.append(lab)
         if len(lab):
             fractions[i] = np.bincount(lab, minlength=len(names)) / len(lab)

@@ -423,7 +423,7 @@ def stage_attribute(
             try:
                 fit_on = tr if len(tr) else idx
                 ph = B.fit_phenotypes(data.bags, data.tiles, fit_on, ac.max_phenotype_tiles,  # type: ignore[arg-type]
-                                      ac.leiden_resolution, seed=ac.seed)  # fmt: skip
+                                      ac.leiden_resolution, seed=ac.seed, assign_idx=idx)  # fmt: skip
                 tiles["phenotype"] = np.concatenate([ph.labels[i] for i in idx]) if len(idx) else []
                 phen_x = pd.DataFrame(ph.fractions[idx], columns=ph.names)
                 pf = phen_x.copy()

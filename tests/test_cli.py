@@ -218,3 +218,29 @@ def test_bad_config_value_is_one_line(tiny_demo, capsys):
     rc = main(["train", str(tiny_demo), "--set", "train.lr=-1"])
     assert rc == 2
     assert "train.lr = -1" in capsys.readouterr().err
+
+
+def test_discrete_time_model_predicts_curves_from_hazards(tiny_demo, tmp_path):
+    """A clinical-only NLL model: survival curves come from its hazards (cumprod(1 - h)) at the bin edges."""
+    root = tiny_demo.parent
+    pts = pd.read_csv(root / "patients.csv")
+    pts["slides"] = ""
+    pts.to_csv(tmp_path / "patients.csv", index=False)
+    spec = tmp_path / "cohort.yaml"
+    spec.write_text("patients: patients.csv\nclinical: {path: %s}\n" % (root / "clinical.csv"))
+    run = tmp_path / "run"
+    sets = ["train.loss=nll", "train.epochs=2", "train.batch_size=4", "evaluate.risk_groups=tertiles"]
+    assert main(["train", str(spec), "--out", str(run), "--centralised", *sum((["--set", s] for s in sets), [])]) == 0
+    assert main(["predict", str(spec), "--model", str(run / "model.pt")]) == 0
+    b = torch.load(run / "model.pt", weights_only=False)
+    assert "baseline" not in b  # no Breslow baseline for a discrete-time head
+    edges = b["state_dict"]["bin_edges"].numpy()
+    curves = pd.read_csv(run / "survival_curves.csv")
+    assert [float(c) for c in curves.columns[1:]] == pytest.approx(edges[1:].tolist())
+    s = curves.iloc[:, 1:].to_numpy()
+    assert ((s >= 0) & (s <= 1)).all() and (np.diff(s, axis=1) <= 1e-9).all()
+    rs = pd.read_csv(run / "risk_scores.csv")
+    assert set(rs.risk_group) <= {"low", "intermediate", "high"} and any(c.startswith("surv_t") for c in rs.columns)
+    assert main(["evaluate", str(run / "risk_scores.csv"), "--split", "all", "--set", "evaluate.bootstrap=5"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["pooled"]["ibs"] is not None or "ibs" in m["pooled"]["notes"]
