@@ -5,7 +5,8 @@
 
 Measures, on a pyramidal JPEG TIFF built from the demo's real H&E image:
 
-1. raw OpenSlide ``read_region`` of 224 px tiles in a loop, grid order, one process (the baseline);
+1. raw OpenSlide ``read_region`` of 224 px tiles in a loop, grid order, one process (the baseline), and the
+   same loop split over two processes (what two workers could reach on this machine);
 2. histofuse's reader alone (``TileDataset`` -> DataLoader, uint8 tiles, background check) at 0, 1 and 2
    workers, as a ratio to the baseline;
 3. reader + encoder through the extraction code path (``_encode_into``: batched preprocessing, encoder,
@@ -106,6 +107,15 @@ def write_island_slide(path: Path, side: int, block: int = 2048, mpp: float = 0.
             lv, ds = lv + 1, ds * 2
 
 
+def _raw_part(path: str, coords: np.ndarray) -> None:
+    import openslide
+
+    sl = openslide.OpenSlide(path)
+    for x, y in coords:
+        sl.read_region((int(x), int(y)), 0, (224, 224)).convert("RGB")
+    sl.close()
+
+
 def _rate(fn, n_items: int, repeats: int = 2) -> float:
     """Best of ``repeats`` runs (the machine is shared), items per second."""
     best = 0.0
@@ -191,6 +201,15 @@ def main() -> None:
 
         raw_rate = _rate(raw, len(coords))
         print(f"raw read_region loop (1 process)        : {raw_rate:8.1f} tiles/s  (1.00x)")
+
+        def raw2() -> None:  # the same loop split over 2 processes: what 2 workers could reach on this machine
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(2) as pool:
+                pool.starmap(_raw_part, [(str(path), coords[0::2]), (str(path), coords[1::2])])
+
+        raw2_rate = _rate(raw2, len(coords))
+        print(f"raw read_region loop (2 processes)      : {raw2_rate:8.1f} tiles/s  ({raw2_rate / raw_rate:.2f}x)")
         for workers in (0, 1, 2):
 
             def read(workers=workers) -> None:
