@@ -145,14 +145,7 @@ class KeepBest(L.Callback):
 def make_trainer(
     epochs: int, callbacks: list[L.Callback] | None = None, progress: bool = False, validate: bool = True
 ) -> L.Trainer:
-    """The one Trainer recipe used by local and federated training (CPU unless a GPU is present).
-
-    Also turns on flushing of subnormal floats for the process: AdamW's moment estimates of parameters whose
-    gradient is zero for many steps (ReLU-sparse layers such as the bilinear fusion's outer-product encoder)
-    decay geometrically through the subnormal range, where x86 CPUs run ~100x slower; measured: an AdamW
-    step of the bilinear model took 1.38 s instead of 0.10 s at batch size 1.
-    """
-    torch.set_flush_denormal(True)
+    """The one Trainer recipe used by local and federated training (CPU unless a GPU is present)."""
     return L.Trainer(
         max_epochs=epochs,
         accelerator="auto",
