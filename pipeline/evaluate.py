@@ -100,20 +100,25 @@ def td_auc(time, event, log_hz, train: np.ndarray, horizons: list[float]) -> tup
     time, event = np.asarray(time, float), np.asarray(event, bool)
     out: dict[str, float] = {}
     notes: dict[str, str] = {}
+    ok = []
     for h in horizons:
         key = f"{h:g}"
         cases, controls = int(((time <= h) & event).sum()), int((time > h).sum())
         if cases == 0 or controls == 0:
             out[key] = NAN
             notes[key] = f"at t={h:g}: {cases} events by then and {controls} patients still at risk (need >= 1 each)"
-            continue
+        else:
+            ok.append(h)
+    if ok:  # one call: the censoring distribution is estimated once for every horizon
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                auc, _ = cumulative_dynamic_auc(train, _y(event, time), np.asarray(log_hz, float), [h])
-            out[key] = float(auc[0])
+                auc, _ = cumulative_dynamic_auc(train, _y(event, time), np.asarray(log_hz, float), ok)
+            out.update({f"{h:g}": float(a) for h, a in zip(ok, auc, strict=True)})
         except (ValueError, ZeroDivisionError) as e:
-            out[key], notes[key] = NAN, f"at t={h:g}: scikit-survival: {e}"
+            for h in ok:
+                out[f"{h:g}"], notes[f"{h:g}"] = NAN, f"at t={h:g}: scikit-survival: {e}"
+    out = {f"{h:g}": out[f"{h:g}"] for h in horizons}  # horizon order
     return out, notes
 
 
