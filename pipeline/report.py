@@ -185,9 +185,9 @@ def _biomarker_sections(adir: Path) -> list[str]:
             f"<p class='note'>{info.get('patients', '?')} held-out patients "
             f"({info.get('left_out_missing_modality', 0)} without a candidate modality left out); "
             "variables standardised (HR per SD); "
-            f"{'stratified by site; ' if info.get('stratified_by_site') else ''}univariate fits for every gene and "
-            "phenotype, Benjamini-Hochberg FDR over all of them (full table: "
-            "<code>attributions/biomarkers.csv</code>); "
+            f"{'stratified by site; ' if info.get('stratified_by_site') else ''}candidates: the top genes by "
+            "attribution and every phenotype, both chosen without looking at outcomes; a univariate fit for each, "
+            "Benjamini-Hochberg FDR over exactly these tests (also in <code>attributions/biomarkers.csv</code>); "
             f"one multivariable fit of {len(mv)} top candidates (at most one per 10 events: "
             f"{info.get('max_variables', 0)}).</p>",
             _table(t),
