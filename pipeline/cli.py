@@ -219,6 +219,10 @@ def run_all(cohort_path: Path, cfg, title: str) -> Path:
     rep = build_report(out, title)
     c = m["pooled"]["cindex"]
     print(f"test C-index (pooled, {m['pooled']['n']} patients): {c:.3f}")
+    p = m["pooled"]
+    ci = p.get("cindex_ci") or [float("nan")] * 2
+    print(f"  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]; Uno C {p['uno_cindex']:.3f}; IBS {p['ibs']:.3f}; ", end="")
+    print(f"log-rank p {p['logrank_p']:.3g}")
     for s, v in m["per_site"].items():
         print(f"  {s}: {v['cindex']:.3f} (n={v['n']}, events={v['events']})")
     print(f"outputs in {out}/: model.pt, risk_scores.csv, metrics.json, attributions/, report.html")
