@@ -16,6 +16,7 @@ and checkpoints live in :class:`pipeline.federated.FederatedServer`; local train
 
 from __future__ import annotations
 
+import json
 import logging
 import time as _time
 import uuid
@@ -23,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -93,10 +94,11 @@ def _secagg_when_asked(msg: Message, ctxt: Context, call_next) -> Message:
     return call_next(msg, ctxt)
 
 
-def make_client_app(client_fn) -> ClientApp:
+def make_client_app(client_fn, mods: list | None = None) -> ClientApp:
     """The one ClientApp recipe: ``client_fn(context) -> SiteClient``, wrapped, with the SecAgg+ mod."""
     return ClientApp(
-        client_fn=lambda context: HistofuseClient(client_fn(context)).to_client(), mods=[_secagg_when_asked]
+        client_fn=lambda context: HistofuseClient(client_fn(context)).to_client(),
+        mods=[*(mods or []), _secagg_when_asked],
     )
 
 
@@ -111,48 +113,117 @@ def _run_config(user_config: dict) -> RunConfig:
 
 
 _DEPLOYED: dict[tuple, SiteClient] = {}
+STATS_KEY = "histofuse.cohort_statistics"
 
 
-def _deployed_site(context: Context) -> SiteClient:
-    """A SuperNode's site: ``node_config`` names it (``site``) and its cohort spec (``cohort``).
+def _dumps(obj) -> str:
+    """JSON with numpy arrays/scalars as tagged lists (summaries and normaliser states: no patient axis)."""
 
-    The cohort spec lists the site's own patients (other sites' patients, if present, are ignored). Its
-    normalisers are fitted on the site's own training patients (see README: cohort-level statistics).
-    """
-    from data_specs import load_cohort
-    from pipeline.data import build_data
+    def enc(o):
+        if isinstance(o, np.ndarray):
+            return {"__ndarray__": o.tolist(), "dtype": str(o.dtype)}
+        if isinstance(o, np.generic):
+            return o.item()
+        raise TypeError(f"cannot encode {type(o).__name__}")
 
+    return json.dumps(obj, default=enc)
+
+
+def _loads(text: str):
+    return json.loads(text, object_hook=lambda d: np.asarray(d["__ndarray__"], d["dtype"]) if "__ndarray__" in d else d)
+
+
+def _node_site(context: Context) -> tuple[str, Path, RunConfig]:
     nc = context.node_config
     for key in ("site", "cohort"):
         if not str(nc.get(key, "")):
             raise ValueError(
                 f"SuperNode --node-config lacks '{key}' (got {dict(nc)}); e.g. \"site='A' cohort='a.yaml'\""
             )
-    cfg = _run_config(dict(context.run_config))
-    site, spec = str(nc["site"]), Path(str(nc["cohort"]))
-    key = (site, str(spec.resolve()), cfg.digest())
+    return str(nc["site"]), Path(str(nc["cohort"])), _run_config(dict(context.run_config))
+
+
+def _local_summaries(context: Context) -> dict:
+    """This site's omics/clinical summaries of its own training patients (counts, sums, sums of squares)."""
+    from data_specs import load_cohort
+    from pipeline.data import assign_splits
+    from pipeline.omics import ClinicalNormaliser, OmicsNormaliser, read_omics
+
+    site, spec, cfg = _node_site(context)
+    cohort = load_cohort(spec)
+    t = cfg.train
+    splits = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed)
+    train_ids = [cohort.patients[i].patient_id for i in splits["train"] if cohort.patients[i].site == site]
+    out: dict = {}
+    if cohort.omics is not None:
+        adata = read_omics(cohort.omics)
+        out["omics"] = OmicsNormaliser.site_summary(adata, train_ids, cohort.omics.values)
+    if cohort.clinical is not None:
+        out["clinical"] = ClinicalNormaliser.site_summary(ClinicalNormaliser.read(cohort.clinical), train_ids)
+    return out
+
+
+def _cohort_statistics_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """Site side of the statistics exchange: answer ``query.summaries`` with this site's summaries; keep
+    the cohort-level normalisers sent in ``query.normalisers`` in the node's state for later rounds."""
+    kind = msg.metadata.message_type
+    if kind == "query.summaries":
+        body = _dumps(_local_summaries(ctxt))
+        return Message(RecordDict({"summaries": ConfigRecord({"json": body})}), reply_to=msg)
+    if kind == "query.normalisers":
+        ctxt.state.config_records[STATS_KEY] = ConfigRecord({"json": str(msg.content.config_records["stats"]["json"])})
+        return Message(RecordDict({"ack": ConfigRecord({"ok": True})}), reply_to=msg)
+    return call_next(msg, ctxt)
+
+
+def _deployed_site(context: Context) -> SiteClient:
+    """A SuperNode's site: ``node_config`` names it (``site``) and its cohort spec (``cohort``).
+
+    The cohort spec lists the site's own patients (other sites' patients, if present, are ignored). The
+    omics/clinical normalisers are the cohort-level ones the ServerApp computed from every site's summaries
+    before training; a node that missed that exchange fits them on its own training patients (warning).
+    """
+    from data_specs import load_cohort
+    from pipeline.data import build_data
+    from pipeline.omics import ClinicalNormaliser, OmicsNormaliser
+
+    site, spec, cfg = _node_site(context)
+    rec = context.state.config_records.get(STATS_KEY)
+    stats_json = str(rec["json"]) if rec is not None else ""
+    key = (site, str(spec.resolve()), cfg.digest(), stats_json)
     if key not in _DEPLOYED:
         cohort = load_cohort(spec)
         if site not in cohort.sites:
             raise ValueError(f"{spec}: node site '{site}' has no patients (sites: {cohort.sites})")
+        stats = _loads(stats_json) if stats_json else {}
+        if not stats:
+            log.warning("site %s: no cohort-level statistics received; normalising on its own training patients", site)
         t = cfg.train
         fdir = None
         if any(p.slides for p in cohort.patients):
             from pipeline.extract import features_dir
 
-            fdir = features_dir(Path(str(nc.get("out", cfg.out))), cfg.extract)
+            fdir = features_dir(Path(str(context.node_config.get("out", cfg.out))), cfg.extract)
         data = build_data(
-            cohort, fdir, seed=t.seed, val_fraction=t.val_fraction, test_fraction=t.test_fraction,
-            gene_panel=cfg.omics.gene_panel, max_genes=cfg.omics.max_genes,
-        )  # fmt: skip
-        k = data.sites.index(site)
+            cohort,
+            fdir,
+            seed=t.seed,
+            val_fraction=t.val_fraction,
+            test_fraction=t.test_fraction,
+            gene_panel=cfg.omics.gene_panel,
+            max_genes=cfg.omics.max_genes,
+            gene_sets=cfg.omics.gene_sets,
+            min_pathway_genes=cfg.omics.min_pathway_genes,
+            omics_norm=OmicsNormaliser.from_state(stats["omics"]) if "omics" in stats else None,
+            clinical_norm=ClinicalNormaliser.from_state(stats["clinical"]) if "clinical" in stats else None,
+        )
         tr, va = data.subset_sites(data.splits["train"])[site], data.subset_sites(data.splits["val"])[site]
-        rank = int(nc.get("rank", k))
+        rank = int(context.node_config.get("rank", data.sites.index(site)))
         _DEPLOYED[key] = SiteClient(site, data, tr, va, cfg, rank)
     return _DEPLOYED[key]
 
 
-client_app = make_client_app(_deployed_site)
+client_app = make_client_app(_deployed_site, [_cohort_statistics_mod])
 
 
 # ----------------------------------------------------------------------------------------------- server
@@ -313,17 +384,60 @@ def serve(
     return strategy
 
 
+def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> dict:
+    """Before training: every site sends its omics/clinical summaries (no patient axis), the server
+    combines them into cohort-level normalisers and sends those back, so every site uses one feature space.
+
+    Waits until ``federated.min_sites`` SuperNodes are connected. Returns the combined normaliser states.
+    """
+    from pipeline.omics import ClinicalNormaliser, OmicsNormaliser, read_gmt, read_panel
+
+    t0 = _time.time()
+    while len(list(grid.get_node_ids())) < cfg.federated.min_sites:
+        if _time.time() - t0 > timeout:
+            raise RuntimeError(f"fewer than min_sites={cfg.federated.min_sites} SuperNodes after {timeout:.0f} s")
+        _time.sleep(1.0)
+    nodes = sorted(grid.get_node_ids())
+    ask = [Message(RecordDict(), nid, "query.summaries", group_id="statistics") for nid in nodes]
+    omics, clinical = [], []
+    for reply in grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
+        if reply.has_error():
+            log.warning("node %s sent no summaries (%s)", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        summ = _loads(str(reply.content.config_records["summaries"]["json"]))
+        omics += [summ["omics"]] if "omics" in summ else []
+        clinical += [summ["clinical"]] if "clinical" in summ else []
+    stats: dict = {}
+    o = cfg.omics
+    if omics:
+        panel = read_panel(o.gene_panel) if o.gene_panel else None
+        sets = read_gmt(o.gene_sets) if o.gene_sets else None
+        norm = OmicsNormaliser.from_summaries(omics, panel, o.max_genes, sets, o.min_pathway_genes)
+        stats["omics"] = norm.state()
+    if clinical:
+        stats["clinical"] = ClinicalNormaliser.from_summaries(clinical).state()
+    body = ConfigRecord({"json": _dumps(stats)})
+    tell = [Message(RecordDict({"stats": body}), nid, "query.normalisers", group_id="statistics") for nid in nodes]
+    acks = list(grid.send_and_receive(tell, timeout=cfg.federated.round_timeout))
+    log.info(
+        "cohort statistics from %d omics / %d clinical site summaries sent to %d site(s)",
+        len(omics),
+        len(clinical),
+        sum(a.has_content() for a in acks),
+    )
+    return stats
+
+
 server_app = ServerApp()
 
 
 @server_app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
-    """Deployment ServerApp: config from the run config; checkpoints + best weights under ``out/federated``."""
-    import json
-
+    """Deployment ServerApp: statistics exchange, then training; state and history under ``out/federated``."""
     cfg = _run_config(dict(context.run_config))
     out = Path(cfg.out) / "federated"
     resume = str(context.run_config.get("resume", "false")).lower() == "true"
+    exchange_cohort_statistics(grid, cfg)
     server = FederatedServer(cfg, None, out, resume=resume)
     strategy = serve(grid, context, server, None)
     info = {**server.summary(), "sites": sorted(set(strategy.node_site.values()))}
@@ -351,10 +465,23 @@ class InProcessGrid(Grid):
     reply a site sends is measured in wire bytes (``bytes_by_round``) and, with ``audit``, kept in ``sent``.
     """
 
-    def __init__(self, apps: dict[int, tuple[str, ClientApp]], run_id: int = 1, audit: bool = False):
+    def __init__(
+        self,
+        apps: dict[int, tuple[str, ClientApp]],
+        run_id: int = 1,
+        audit: bool = False,
+        node_configs: dict[int, dict] | None = None,
+        run_config: dict | None = None,
+    ):
         self.apps = apps
         self._run = Run.create_empty(run_id)
-        self.contexts = {nid: Context(run_id, nid, {"site": s}, RecordDict(), {}) for nid, (s, _) in apps.items()}
+        nc = node_configs or {}
+        self.contexts = {
+            nid: Context(run_id, nid, nc.get(nid, {"site": s}), RecordDict(), dict(run_config or {}))
+            for nid, (s, _) in apps.items()
+        }
+        # this process is the server: messages it creates carry the SuperLink's identity
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
         self.replies: dict[str, Message] = {}
         self.audit = audit
         self.sent: list[tuple[str, Message]] = []
@@ -423,7 +550,6 @@ def run_embedded(
     grid = InProcessGrid({nid: (c.site, app) for nid, c in by_node.items()}, audit=grid_out is not None)
     if grid_out is not None:
         grid_out.append(grid)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = grid.run.run_id, SUPERLINK_NODE_ID, 1
     context = Context(grid.run.run_id, SUPERLINK_NODE_ID, {}, RecordDict(), {})
     names = list(clients[0].initial_arrays()) if server.global_arrays is None else None
     start, t0 = server.next_round, _time.perf_counter()

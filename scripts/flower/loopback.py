@@ -1,0 +1,143 @@
+"""A real Flower deployment on one machine: SuperLink + one SuperNode per site as processes, then `flwr run`.
+
+    python scripts/flower/loopback.py --cohort COHORT.yaml --sites A B C --out DIR \
+        [--overrides "federated.rounds=3;federated.strategy=fedadam"] [--timeout 600]
+
+Every process gets its own FLWR_HOME under DIR/flwr/ and free loopback ports; they run without TLS
+(`--insecure`, loopback only; see README "Across hospitals" for TLS and node authentication). Prints the
+start-up time (processes launched -> run accepted), the run's wall time and the mean round time, and
+writes DIR/loopback.json. Every process started here is stopped before the script returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+# the roles start helper processes (flower-superexec, flwr-serverapp, flwr-clientapp) found on PATH
+PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def run_loopback(cohort: Path, sites: list[str], out: Path, overrides: str = "", timeout: float = 600.0) -> dict:
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    home = out / "flwr"
+    link_port = free_port()
+    procs: list[subprocess.Popen] = []
+    logs = []
+
+    def start(cmd: list[str], flwr_home: Path, name: str) -> None:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        fh = (out / f"{name}.log").open("w")
+        logs.append(fh)
+        env = {**os.environ, "FLWR_HOME": str(flwr_home), "HF_HUB_OFFLINE": "1", "PATH": PATH}
+        procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+
+    t0 = time.perf_counter()
+    history = out / "federated" / "federated_history.json"
+    history.unlink(missing_ok=True)
+    try:
+        start(
+            [_bin("flower-superlink"), "--insecure", "--port", str(link_port), "--database", str(home / "link.db"),
+             "--disable-runtime-dependency-installation"],
+            home / "link",
+            "superlink",
+        )  # fmt: skip
+        for k, site in enumerate(sites):
+            start(
+                [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                 "--port", str(free_port()), "--node-config", f"site='{site}' cohort='{cohort.resolve()}' rank={k}"],
+                home / f"node_{k}",
+                f"supernode_{site}",
+            )  # fmt: skip
+        user = home / "user"
+        user.mkdir(parents=True, exist_ok=True)
+        (user / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
+            "insecure = true\n"
+        )
+        rc = f"overrides='{overrides}' out='{out}'"
+        env = {**os.environ, "FLWR_HOME": str(user), "PATH": PATH}
+        deadline = time.perf_counter() + timeout
+        submit_by = time.perf_counter() + 30.0
+        while True:  # the SuperLink may still be starting: retry the submission for a while
+            sub = subprocess.run(
+                [_bin("flwr"), "run", str(ROOT), "loopback", "--run-config", rc],
+                env=env, capture_output=True, text=True, cwd=ROOT,
+            )  # fmt: skip
+            if sub.returncode == 0:
+                break
+            if time.perf_counter() > submit_by:
+                raise RuntimeError(f"flwr run failed: {sub.stdout}\n{sub.stderr}")
+            time.sleep(1.0)
+        t_start = time.perf_counter() - t0
+        while not history.is_file():
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"no {history} after {timeout:.0f} s; see the logs in {out}")
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see the logs in {out}")
+            time.sleep(0.5)
+        t_total = time.perf_counter() - t0
+        info = json.loads(history.read_text())
+        rounds = [r["seconds"] for r in info["history"]]
+        res = {
+            "sites": sites,
+            "startup_seconds": t_start,
+            "total_seconds": t_total,
+            "rounds": len(rounds),
+            "mean_round_seconds": sum(rounds) / len(rounds),
+            "best_round": info["best_round"],
+            "history": info["history"],
+        }
+        (out / "loopback.json").write_text(json.dumps(res, indent=2, default=float))
+        return res
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for fh in logs:
+            fh.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cohort", type=Path, required=True, help="cohort spec every node reads (its own site only)")
+    ap.add_argument("--sites", nargs="+", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--overrides", default="", help="';'-separated section.key=value")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    a = ap.parse_args()
+    r = run_loopback(a.cohort, a.sites, a.out, a.overrides, a.timeout)
+    print(
+        f"{len(a.sites)} SuperNodes: start-up {r['startup_seconds']:.1f} s, {r['rounds']} rounds in "
+        f"{r['total_seconds']:.1f} s total, mean round {r['mean_round_seconds']:.1f} s, best round {r['best_round']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The deployment path: the project's Flower ClientApp/ServerApp (pyproject components) end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_specs import load_cohort, resolve_config
+from pipeline.data import build_data
+
+
+@pytest.fixture(scope="module")
+def clinical_omics_cohort(tiny_demo, tmp_path_factory) -> Path:
+    """The tiny demo's patients, omics and clinical data without slides, regrouped into 3 sites of 4 patients
+    (1 validation patient each) so every SuperNode has a few training patients."""
+    src = Path(tiny_demo).parent
+    out = tmp_path_factory.mktemp("flower_cohort")
+    pts = pd.read_csv(src / "patients.csv")
+    pts["slides"] = ""
+    pts["site"] = [f"site_{'abc'[k % 3]}" for k in range(len(pts))]
+    pts["split"] = np.where(pts.groupby("site").cumcount() == 0, "val", "train")
+    pts.to_csv(out / "patients.csv", index=False)
+    (out / "cohort.yaml").write_text(
+        "name: flower_test\ntime_unit: days\npatients: patients.csv\n"
+        f"omics: {{path: {src / 'omics.h5ad'}, values: counts, allow_missing: true}}\n"
+        f"clinical: {{path: {src / 'clinical.csv'}, id_column: patient_id}}\n"
+    )
+    return out / "cohort.yaml"
+
+
+OVERRIDES = "train.batch_size=4;federated.rounds=2;federated.local_epochs=1;federated.min_sites=3"
+
+
+def test_deployed_apps_exchange_statistics_and_train_in_process(clinical_omics_cohort, tmp_path):
+    """The pyproject ServerApp and ClientApp, unchanged, over the in-process Grid."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from pipeline.flower_app import InProcessGrid, client_app, server_app
+
+    cohort = load_cohort(clinical_omics_cohort)
+    nodes = {100 + k: s for k, s in enumerate(cohort.sites)}
+    grid = InProcessGrid(
+        {nid: (s, client_app) for nid, s in nodes.items()},
+        node_configs={nid: {"site": s, "cohort": str(clinical_omics_cohort)} for nid, s in nodes.items()},
+        run_config={
+            "overrides": OVERRIDES.replace("rounds=2", "rounds=1"),
+            "out": str(tmp_path),
+            "config": "",
+            "resume": False,
+        },
+    )
+    ctx = Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[100].run_config))
+    server_app(grid, ctx)
+    info = json.loads((tmp_path / "federated" / "federated_history.json").read_text())
+    assert [r["round"] for r in info["history"]] == [0] and sorted(info["sites"]) == sorted(cohort.sites)
+    assert all(np.isfinite(r["train_loss"]) for r in info["history"])
+    # every site received the same cohort-level normalisers, equal to those built from the same summaries here
+    from pipeline.flower_app import STATS_KEY, _loads
+
+    stats = [_loads(str(c.state.config_records[STATS_KEY]["json"])) for c in grid.contexts.values()]
+    cfg = resolve_config(None, OVERRIDES.split(";"))
+    ref = build_data(cohort, None, seed=cfg.train.seed)
+    for s in stats:
+        assert s["omics"]["genes"] == ref.omics_norm.genes
+        np.testing.assert_allclose(s["omics"]["mean"], ref.omics_norm.mean, rtol=1e-10)
+        np.testing.assert_allclose(s["omics"]["std"], ref.omics_norm.std, rtol=1e-10)
+        np.testing.assert_allclose(s["clinical"]["mean"], ref.clinical_norm.mean, rtol=1e-10)
+    # what the exchange carried has no patient axis: per-gene / per-column vectors only
+    n = len(cohort.patients)
+    assert all(np.ndim(v) <= 1 and np.size(v) != n for v in stats[0]["omics"].values() if isinstance(v, np.ndarray))
+
+
+@pytest.mark.slow
+def test_flower_deployment_on_loopback(clinical_omics_cohort, tmp_path):
+    """SuperLink + 3 SuperNodes as processes on 127.0.0.1, `flwr run` of the project's app, a few rounds."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "flower"))
+    from loopback import run_loopback
+
+    sites = load_cohort(clinical_omics_cohort).sites
+    assert len(sites) == 3
+    res = run_loopback(clinical_omics_cohort, sites, tmp_path, OVERRIDES, timeout=540)
+    assert res["rounds"] == 2
+    h = res["history"]
+    assert all(not r["dropped"] for r in h) and all(np.isfinite(r["train_loss"]) for r in h)
+    state = tmp_path / "federated" / "server_state.pt"
+    assert state.is_file()
