@@ -83,3 +83,34 @@ def test_batched_preprocess_matches_the_models_own_transform():
         assert float(err.mean()) < (1e-5 if side == 160 else 0.01), (side, float(err.mean()))
     with pytest.raises(ValueError, match="uint8"):
         enc.preprocess(torch.zeros(1, 3, 8, 8))
+
+
+def test_hub_model_from_a_filled_cache_offline(tmp_path, monkeypatch):
+    """``hf-hub:`` ids load from the local hub cache with HF_HUB_OFFLINE=1 (no network), carrying the
+    model's own preprocessing from its config."""
+    import json
+
+    import huggingface_hub.constants as hub_constants
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    ref = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    repo = tmp_path / "models--lab--tiny-path"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    pre = {"input_size": [3, 160, 160], "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}
+    cfg = {"architecture": "test_resnet", "num_classes": 0, "pretrained_cfg": {**pre, "crop_pct": 1.0}}
+    (snap / "config.json").write_text(json.dumps(cfg))
+    save_file(ref.state_dict(), str(snap / "model.safetensors"))
+    enc = build_encoder("hf-hub:lab/tiny-path")
+    assert enc.weights == "hub" and enc.feature_kind == "unknown" and enc.dim == ref.num_features
+    assert enc.mean == (0.1, 0.2, 0.3) and enc.interpolation == "bilinear" and enc.input_size == (3, 160, 160)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.inference_mode():
+        np.testing.assert_allclose(enc.model(x).numpy(), ref(x).numpy(), rtol=1e-5, atol=1e-6)
