@@ -179,3 +179,15 @@ def test_bilinear_missing_modality_keeps_only_the_others_terms():
     present = [torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)]
     torch.testing.assert_close(f([a, o], present), f([a, o * 100], present))
     assert f([a, o], [present[0], present[0]]).shape == (3, 8)
+
+
+def test_bilinear_form_equals_torch_bilinear():
+    from models.survival import BilinearForm
+
+    torch.manual_seed(0)
+    ref, mine = torch.nn.Bilinear(7, 5, 3), BilinearForm(7, 5, 3)
+    with torch.no_grad():
+        mine.weight.copy_(ref.weight)
+        mine.bias.copy_(ref.bias)
+    x1, x2 = torch.randn(4, 7), torch.randn(4, 5)
+    torch.testing.assert_close(mine(x1, x2), ref(x1, x2))
