@@ -359,3 +359,16 @@ def test_resume_after_kill_gives_the_uninterrupted_model(fed_data, tmp_path):
     other = _cfg(base, "federated.rounds=3", "federated.local_epochs=2", *extra)
     with pytest.raises(ValueError, match="another config"):
         FederatedServer(other, None, tmp_path / "killed", resume=True)
+
+
+def test_site_without_events_is_reported_not_fatal(fed_data, caplog):
+    data, base = fed_data
+    cfg = _cfg(base, "federated.rounds=1", "federated.local_epochs=1", "federated.weighting=events")
+    clients = site_clients(data, cfg)
+    tr = data.splits["train"]
+    censored = tr[~data.event[tr]]
+    assert len(censored) >= 2
+    clients.append(SiteClient("no_events", data, censored, np.array([], int), cfg, site_rank=9))
+    assert "no_events has 0 training event(s)" in caplog.text
+    server = _run(data, cfg, clients)
+    assert server.history[0]["dropped"] == [] and len(server.history) == 1
