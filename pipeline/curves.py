@@ -15,7 +15,7 @@ revealing no event time) events within an interval are charged to its right end.
 
 A patient's survival is ``S(t | x) = exp(-H0(t) * exp(log_hz))``. The baseline is kept per site
 (stratified training gives each site its own baseline hazard) and pooled; a patient from a site the
-model was not trained on gets the pooled one.
+model was not trained on, or from a site with fewer than 10 training events, gets the pooled one.
 
 For discrete-time models (hazard ``h_k`` in bin ``k`` with edges ``e_0 < e_1 < ... < e_K``),
 ``S(e_k) = prod_{i<=k} (1 - h_i)``.
@@ -101,12 +101,15 @@ class BreslowBaseline:
         site: np.ndarray,
         sites: list[str],
         grid: np.ndarray | None = None,
+        min_site_events: int = 10,
     ) -> BreslowBaseline:
         """Per-site summaries combined into pooled and per-site baselines.
 
         Args:
             time, event, log_hz: ``[P]`` training patients; site ``[P]`` int index into ``sites``.
             grid: shared time grid; default the distinct event times (exact Breslow).
+            min_site_events: a site gets its own baseline only with at least this many training events
+                (fewer give a jagged, unreliable curve); its patients otherwise use the pooled one.
         """
         time, event, site = np.asarray(time, float), np.asarray(event, bool), np.asarray(site)
         grid = event_grid(time, event) if grid is None else np.asarray(grid, float)
@@ -117,7 +120,7 @@ class BreslowBaseline:
             for k, s in enumerate(sites)
             if (site == k).any()
         }
-        by_site = {s: combine([v]) for s, v in summ.items() if v.events.sum() > 0}
+        by_site = {s: combine([v]) for s, v in summ.items() if v.events.sum() >= max(1, min_site_events)}
         return cls(grid, combine(list(summ.values())), by_site)
 
     def cumhaz_at(self, t: np.ndarray, site: str | None = None) -> np.ndarray:

@@ -55,6 +55,9 @@ def test_breslow_coarse_grid_is_site_additive_and_monotone():
     parts = [site_summary(grid, time[site == k], event[site == k], lh[site == k]) for k in range(3)]
     np.testing.assert_allclose(base.cumhaz, combine(parts))
     assert set(base.cumhaz_by_site) == {"a", "b", "c"}
+    few = BreslowBaseline.fit(time, event, lh, site, ["a", "b", "c"], grid=grid, min_site_events=1000)
+    assert few.cumhaz_by_site == {}  # too few events per site: every patient gets the pooled baseline
+    np.testing.assert_allclose(few.survival(lh[:2], grid, ["a", "b"]), few.survival(lh[:2], grid))
 
 
 def test_breslow_policy_no_events_and_bad_grid():
