@@ -6,11 +6,14 @@
 Synthetic cohort (features are random: this measures cost, not accuracy): ``--patients`` patients, each
 with ``--tiles`` tile features of ``--dim`` (1,280 = EfficientNet-B0/lite0 width), ``--genes`` omics and
 ``--clinical`` clinical covariates, two sites. Each configuration runs in a fresh process through the
-pipeline's own training path (``pipeline.train.fit_local``: Lightning, the model, the loss, AdamW) with every
-tile used (``train.max_tiles`` = ``--tiles``) and no validation, for ``--epochs`` epochs after a warm-up
-epoch on 16 patients. Batch size 1 uses the Cox memory bank (32 patients). Reported: seconds per epoch, the process's
-peak resident memory (``ru_maxrss``) and the part of it above the resident memory once the cohort was in
-memory (the training's own peak). Configurations are ``FUSION[+MIL]:BATCH`` (``concat+transmil:16``).
+training recipe of ``fit_local`` and the federated sites (``new_model``, ``new_module``, ``make_trainer``,
+``make_loader``: Lightning, collate, model, loss, AdamW), every tile used (``train.max_tiles`` =
+``--tiles``). Up to ``--steps`` steps are timed (a whole epoch at batch size 16); the time per epoch is the
+median step (collate included, the first step left out) x steps per epoch, which a shared machine's load
+spikes disturb less than one wall-clock epoch. Batch size 1 uses the Cox memory bank (32 patients).
+Reported: seconds per step and per epoch, the process's peak resident memory (``ru_maxrss``), the part of
+it above the resident memory once the cohort was in memory (the training's own peak), and the 1-minute
+load average. Configurations are ``FUSION[+MIL]:BATCH`` (``concat+transmil:16``).
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ def run_one(args: argparse.Namespace, config: str) -> dict:
     import torch
 
     from data_specs.config import resolve_config
-    from pipeline.data import CohortData
-    from pipeline.train import fit_local
+    from pipeline.data import CohortData, make_loader
+    from pipeline.train import make_trainer, new_model, new_module
 
     name, bs = config.split(":")
     fusion, _, mil = name.partition("+")
@@ -87,17 +90,41 @@ def run_one(args: argparse.Namespace, config: str) -> dict:
         "federated.enabled=false",
     ]
     cfg = resolve_config(None, [*overrides, "train.epochs=1"], out=Path(args.tmp))
-    fit_local(data, cfg, idx[:16], idx[:0])  # warm-up on 16 patients (allocator, kernels)
-    cfg = resolve_config(None, [*overrides, f"train.epochs={args.epochs}"], out=Path(args.tmp))
+    import lightning as L
+
+    class StepClock(L.Callback):
+        """A timestamp at the start of the epoch and after every training step."""
+
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            self.t.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: object) -> None:
+            self.t.append(time.perf_counter())
+
+    clock = StepClock()
+    module = new_module(new_model(data, cfg), cfg)
+    trainer = make_trainer(1, [clock], validate=False)  # the recipe fit_local and federated sites use
+    b = int(bs)
+    timed = idx[: min(p, args.steps * b)]  # a full epoch when it has at most --steps steps
+    loader = make_loader(data, timed, b, True, cfg.train.seed, cfg.train.max_tiles)
     t0 = time.perf_counter()
-    fit_local(data, cfg, idx, idx[:0])
-    per_epoch = (time.perf_counter() - t0) / args.epochs
+    trainer.fit(module, loader)
+    wall = time.perf_counter() - t0
+    steps = np.diff(clock.t)  # per step, collate included
+    steps = steps[1:] if len(steps) > 1 else steps  # the first (loader start-up) left out
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {
         "config": config,
-        "s_per_epoch": per_epoch,
+        "steps_timed": len(steps),
+        "s_per_step_median": float(np.median(steps)),
+        "s_per_epoch": float(np.median(steps)) * -(-p // b),
+        "timed_wall_s": wall,
         "peak_rss_gib": peak,
         "train_peak_gib": peak - rss_data,
+        "load_avg_1min": os.getloadavg()[0],
         "threads": torch.get_num_threads(),
     }
 
@@ -109,7 +136,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--clinical", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=1, help="timed epochs (after a short warm-up)")
+    ap.add_argument("--steps", type=int, default=24, help="training steps timed per configuration")
     ap.add_argument("--configs", nargs="+", default=DEFAULT)
     ap.add_argument("--tmp", default="runs/bench_models")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -119,21 +146,26 @@ def main() -> None:
         return
     print(
         f"{args.patients} patients x {args.tiles} tiles x {args.dim}-d, {args.genes} genes, {args.clinical} clinical; "
-        f"{args.epochs} timed epoch(s); MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}"
+        f"up to {args.steps} timed steps; MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}"
     )
-    print(f"{'config':22s} {'s/epoch':>8s} {'peak RSS GiB':>13s} {'training peak GiB':>18s}")
+    head = f"{'s/step':>7s} {'s/epoch':>8s} {'peak RSS GiB':>13s} {'training peak GiB':>18s} {'load':>5s}"
+    print(f"{'config':22s} {head}")
     rows = []
     for c in args.configs:
         cmd = [sys.executable, __file__, "--one", c, "--patients", str(args.patients), "--tiles", str(args.tiles)]
         cmd += ["--dim", str(args.dim), "--genes", str(args.genes), "--clinical", str(args.clinical)]
-        cmd += ["--epochs", str(args.epochs), "--tmp", args.tmp]
+        cmd += ["--steps", str(args.steps), "--tmp", args.tmp]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             print(f"{c:22s} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"{c:22s} {r['s_per_epoch']:8.1f} {r['peak_rss_gib']:13.2f} {r['train_peak_gib']:18.2f}", flush=True)
+        print(
+            f"{c:22s} {r['s_per_step_median']:7.2f} {r['s_per_epoch']:8.1f} {r['peak_rss_gib']:13.2f} "
+            f"{r['train_peak_gib']:18.2f} {r['load_avg_1min']:5.1f}",
+            flush=True,
+        )
     ref = next((r for r in rows if r["config"] == "concat:16"), None)
     if ref:
         ratios = ", ".join(f"{r['config']} {r['s_per_epoch'] / ref['s_per_epoch']:.2f}x" for r in rows)
