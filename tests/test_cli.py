@@ -36,6 +36,8 @@ def e2e_run(tiny_features):
                 "train.batch_size=4",
                 "--set",
                 "extract.batch_size=32",
+                "--set",
+                "evaluate.bootstrap=20",
             ]
         )
     return cohort, out, rc, buf.getvalue()
