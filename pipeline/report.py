@@ -218,8 +218,8 @@ def _tile_sections(adir: Path) -> list[str]:
     if hm:
         parts.append(
             "<h2>Tile attributions</h2><p class='note'>Left: attention (x number of tiles; 1 = uniform). Middle: "
-            "integrated gradients per tile (red raises the risk). Right: the top and bottom tiles by attention, "
-            "cut from the slide at full resolution. QuPath GeoJSON of every scored tile: "
+            "integrated gradients per tile (red raises the risk). Then the top and bottom tiles by attention and by "
+            "integrated gradients, cut from the slide at full resolution. QuPath GeoJSON of every scored tile: "
             "<code>attributions/geojson/</code>.</p>"
         )
     for p in hm:
@@ -228,9 +228,9 @@ def _tile_sections(adir: Path) -> list[str]:
         ig = adir / "heatmaps" / f"{sid}_ig.png"
         if ig.is_file():
             row.append(_img(ig, 330, photo=True))
-        gal = adir / "galleries" / f"{sid}.png"
-        if gal.is_file():
-            row.append(_img(gal, 420, photo=True))
+        for gal in (adir / "galleries" / f"{sid}.png", adir / "galleries" / f"{sid}_ig.png"):
+            if gal.is_file():
+                row.append(_img(gal, 420, photo=True))
         parts.append(f"<div class='slide'><h3>{html.escape(sid)}</h3>{''.join(row)}</div>")
     fj = adir / "faithfulness.json"
     if fj.is_file():

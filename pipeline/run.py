@@ -448,6 +448,7 @@ def stage_attribute(
                 A.attention_heatmap(tiles, fdir, sid, adir / "heatmaps" / f"{sid}_ig.png", column="ig")
                 if sid in paths and len(t) >= 2:
                     A.tile_gallery(t, paths[sid], size0[sid], adir / "galleries" / f"{sid}.png", ac.gallery_k)
+                    A.tile_gallery(t, paths[sid], size0[sid], adir / "galleries" / f"{sid}_ig.png", ac.gallery_k, "ig")
         if ac.phenotypes and ph is not None and all(s in paths for s, _, _ in sum(ph.examples.values(), [])):
             written["phenotype_png"] = adir / "phenotypes.png"
         faith["tiles"] = A.tile_deletion_curves(
