@@ -150,9 +150,8 @@ class Cohort:
 
     def slide_mpp_overrides(self) -> dict[str, float]:
         """Microns per pixel given per slide in the manifest: ``str(slide path)`` -> mpp."""
-        return {
-            str(s): m for p in self.patients for s, m in zip(p.slides, p.slide_mpps, strict=False) if m is not None
-        }
+        pairs = (pair for p in self.patients for pair in zip(p.slides, p.slide_mpps, strict=False))
+        return {str(s): m for s, m in pairs if m is not None}
 
     def summary(self) -> str:
         n_ev = sum(p.event for p in self.patients)
