@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--workers", type=int, metavar="N", help="tile-reading worker processes per slide")
             p.add_argument("--retry-failed", action="store_true", default=None, help="retry slides that failed before")
             p.add_argument("--slide-mpp", type=float, metavar="UM", help="microns per pixel for slides without it")
+            p.add_argument("--procs", type=int, default=1, metavar="N", help="N processes, one shard (and GPU) each")
         if name in ("train", "run"):
             g = p.add_mutually_exclusive_group()
             g.add_argument(
@@ -248,7 +249,18 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.run import stage_extract
 
             cfg = _config(args, args.cohort, "runs/latest")
-            cfg.save(cfg.out / "config.yaml")
+            shard = cfg.extract.shard  # shards may share one output folder: each keeps its own config copy
+            cfg.save(cfg.out / ("config.yaml" if not shard else f"config.shard-{shard.replace('/', '-of-')}.yaml"))
+            if args.procs > 1:  # one process per shard (and per GPU when there are enough)
+                from pipeline.extract import extract_in_processes, features_dir, without_option
+
+                if args.shard:
+                    raise ValueError("--procs and --shard cannot be combined: --procs N runs shards 1/N..N/N")
+                sub = without_option(list(sys.argv[1:] if argv is None else argv), "--procs")
+                fdir = features_dir(cfg.out, cfg.extract)
+                rc = extract_in_processes(sub, args.procs, fdir)
+                print(f"features in {fdir} ({args.procs} processes; report: {fdir / 'extract_report.csv'})")
+                return rc
             if args.cohort.is_dir():  # a folder of slides: no cohort spec needed
                 from pipeline.extract import extract_folder
 

@@ -615,3 +615,51 @@ def extract_folder(folder: Path, out: Path, cfg: ExtractConfig, progress: bool =
     for r in failed:
         log.error("  %s: %s", r.slide_path, r.error)
     return fdir
+
+
+def merge_reports(out_dir: Path, n: int) -> list[dict]:
+    """Combine the ``n`` shard reports in ``out_dir`` into ``extract_report.csv`` / ``.json``."""
+    rows: list[dict] = []
+    for k in range(1, n + 1):
+        p = Path(out_dir) / f"{report_stem((k, n))}.json"
+        if p.is_file():
+            rows += json.loads(p.read_text())["slides"]
+    results = [SlideResult(**{f: r[f] for f in SlideResult.__dataclass_fields__ if f in r}) for r in rows]
+    _write_report(Path(out_dir), report_stem(None), sorted(results, key=lambda r: r.slide_id))
+    return rows
+
+
+def extract_in_processes(argv: list[str], n: int, out_dir: Path) -> int:
+    """Run ``histofuse extract <argv> --shard k/n`` in ``n`` processes at once, one GPU each when there are ``n``.
+
+    Each process takes one shard of the cohort; when all have finished, their reports are merged into
+    ``out_dir/extract_report.csv``. Returns the worst exit status.
+    """
+    import subprocess
+    import sys
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    procs = []
+    for k in range(1, n + 1):
+        env = dict(os.environ)
+        if len(gpus) >= n:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[k - 1]
+        cmd = [sys.executable, "-m", "pipeline.cli", *argv, "--shard", f"{k}/{n}"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    merge_reports(out_dir, n)
+    return max(codes)
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out

@@ -320,3 +320,22 @@ def test_gpu_path_matches_cpu(tmp_path, slides, enc):
     cos = (a * b[0]).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b[0], axis=1)
     assert cos.min() > 0.98
     enc.model.to("cpu")
+
+
+@pytest.mark.slow  # two fresh interpreters
+def test_cli_extract_in_two_processes_merges_the_shard_reports(tmp_path, slides):
+    from pipeline.cli import main
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for k in ("good", "blank", "corrupt", "nompp"):
+        (folder / slides[k].name).write_bytes(slides[k].read_bytes())
+    out = tmp_path / "out"
+    args = ["extract", str(folder), "--out", str(out), "--procs", "2", "--set", "extract.encoder=test_efficientnet"]
+    assert main(args + ["--set", "extract.random_weights=true", "--set", "extract.batch_size=4"]) == 0
+    fdir = next((out / "features").iterdir())
+    assert (fdir / "extract_report.shard-1-of-2.csv").is_file() and (fdir / "extract_report.shard-2-of-2.csv").is_file()
+    rep = pd.read_csv(fdir / "extract_report.csv").set_index("slide_id").status.to_dict()
+    assert rep == {"blank": "empty", "corrupt": "failed", "good": "done", "nompp": "failed"}
+    assert (out / "config.shard-1-of-2.yaml").is_file() and (out / "config.yaml").is_file()
+    assert load_features(fdir / "good.h5")[0].shape[0] == 9
