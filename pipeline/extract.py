@@ -92,6 +92,10 @@ class SlideResult:
 
 
 def slide_id_of(path: Path) -> str:
+    """The slide's id: its file name without extension(s); for DICOM (one folder per slide), the folder's name."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return path.parent.name
     name = path.name
     for suf in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suf):

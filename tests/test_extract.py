@@ -339,3 +339,11 @@ def test_cli_extract_in_two_processes_merges_the_shard_reports(tmp_path, slides)
     assert rep == {"blank": "empty", "corrupt": "failed", "good": "done", "nompp": "failed"}
     assert (out / "config.shard-1-of-2.yaml").is_file() and (out / "config.yaml").is_file()
     assert load_features(fdir / "good.h5")[0].shape[0] == 9
+
+
+def test_slide_ids():
+    from pipeline.extract import slide_id_of
+
+    assert slide_id_of(Path("a/TCGA-01.svs")) == "TCGA-01"
+    assert slide_id_of(Path("a/case-7.ome.tiff")) == "case-7"
+    assert slide_id_of(Path("dicom/case-9/1.2.840.1234.dcm")) == "case-9"  # DICOM: one folder per slide
