@@ -45,8 +45,9 @@ class TileGrid:
     Attributes:
         coords: ``[N, 2]`` int64 top-left (x, y) of each tile at level 0.
         level: pyramid level read from.
-        read_px: side of the square read at ``level`` (then resized to ``tile_px``).
-        tile_px: side of the tile given to the encoder.
+        read_px: side of the square read at ``level``.
+        tile_px: side of the tile at ``target_mpp``; the encoder's batched ``preprocess`` resizes the
+            ``read_px`` square straight to its own input size (equal to ``tile_px`` for the usual 224 px).
         mpp: slide's level-0 microns per pixel; ``target_mpp`` the tiles' resolution.
         size0: side of one tile in level-0 pixels.
         overlap_px: overlap of neighbouring tiles, in ``tile_px`` pixels.
