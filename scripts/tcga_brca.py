@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 
 # Settings fixed before any run (no test-set look): rounds x local epochs match the pooled epochs.
-COMMON = ["train.epochs=16", "federated.rounds=8", "federated.local_epochs=2"]
+COMMON = ["train.epochs=8", "federated.rounds=8", "federated.local_epochs=1"]
 METHODS: dict[str, list[str]] = {
     "pooled": ["federated.enabled=false"],
     "sites": ["federated.enabled=false"],  # each centre alone on its own training patients
-    "fedsgd": ["federated.strategy=fedsgd", "federated.rounds=40"],
+    "fedsgd": ["federated.strategy=fedsgd", "federated.rounds=40", "federated.server_lr=0.1"],
     "fedavg": ["federated.strategy=fedavg"],
     "fedprox": ["federated.strategy=fedprox", "federated.proximal_mu=0.01"],
     "fedadam": ["federated.strategy=fedadam", "federated.server_lr=0.01"],
@@ -47,7 +47,7 @@ METHODS: dict[str, list[str]] = {
 }
 CANDIDATES: dict[str, list[list[str]]] = {
     "fedsgd": [[f"federated.server_lr={lr}"] for lr in (0.1, 0.3, 1.0)],
-    "fedadam": [[f"federated.server_lr={lr}"] for lr in (0.003, 0.01, 0.03)],
+    "fedadam": [[f"federated.server_lr={lr}"] for lr in (0.01, 0.05)],
 }
 
 
