@@ -292,7 +292,7 @@ class HistofuseStrategy(Strategy):
             train_loss=float(np.average([x for x, _ in losses], weights=[max(w, 1) for _, w in losses]))
             if losses
             else float("nan"),
-            update_bytes=int(sum(a.nbytes for a in updates[0].arrays.values())) if updates else 0,
+            update_bytes=int(sum(4 * a.size for a in updates[0].arrays.values())) if updates else 0,  # float32 payload
         )
         return ndarrays_to_parameters([new[k] for k in self.names or []]), {}
 
