@@ -1,6 +1,6 @@
 """A linear omics-only Cox model trained by histofuse recovers lifelines' ``CoxPHFitter`` coefficients.
 
-    python scripts/validate_cox.py [--genes 76] [--out runs/validate_cox] [--epochs 1500]
+    python scripts/validate_cox.py [--genes 76] [--out runs/validate_cox] [--epochs 4000]
 
 Data: scikit-survival's ``load_breast_cancer`` (GSE7390, Desmedt et al. 2007: 198 node-negative breast
 cancers, 76-gene expression signature, distant-metastasis-free time ``t.tdm`` and event ``e.tdm``). The
@@ -49,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--genes", type=int, default=76, help="first K genes of the 76-gene signature")
     ap.add_argument("--out", type=Path, default=Path("runs/validate_cox"))
-    ap.add_argument("--epochs", type=int, default=1500)
+    ap.add_argument("--epochs", type=int, default=4000)
     ap.add_argument("--lr", type=float, default=0.02)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")

@@ -150,7 +150,7 @@ def _script(*args: str) -> str:
 
 @pytest.mark.slow
 def test_validate_cox_script_recovers_lifelines_on_gse7390(tmp_path):
-    out = _script("scripts/validate_cox.py", "--genes", "20", "--out", str(tmp_path))
+    out = _script("scripts/validate_cox.py", "--genes", "20", "--epochs", "1500", "--out", str(tmp_path))
     line = next(x for x in out.splitlines() if x.startswith("max |beta - beta_lifelines|"))
     assert float(line.split("=")[1].split(";")[0]) < 1e-3, out
 
