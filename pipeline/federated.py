@@ -174,7 +174,7 @@ class SiteClient:
             module.zero_grad(set_to_none=True)
             n = len(self.train_idx)
             batch = next(iter(make_loader(self.data, self.train_idx, n, True, seed, self.cfg.train.max_tiles)))
-            loss_t = module.loss(batch, module(batch).log_hz)  # the training step's own forward + loss
+            loss_t = module.loss(batch, module(batch))  # the training step's own forward + loss (Cox or NLL)
             loss_t.backward()
             params = dict(module.model.named_parameters())
             upd = {
@@ -210,9 +210,19 @@ class SiteClient:
         lh, _ = predict_log_hz(module.model, self.data, self.val_idx)
         t, e = self.data.time[self.val_idx], self.data.event[self.val_idx]
         conc, comp = concordant_pairs(t, e, lh)
-        from models.losses import cox_loss
+        if self.cfg.train.loss == "nll":  # the configured loss: per-patient mean NLL over the validation patients
+            module.eval()
+            total = 0.0
+            with torch.no_grad():
+                for batch in make_loader(self.data, self.val_idx, 32, False):
+                    total += float(module.loss(batch, module(batch))) * len(batch["time"])
+            nll = total / len(self.val_idx)
+        else:
+            from models.losses import cox_loss
 
-        nll = float(cox_loss(torch.from_numpy(lh), torch.from_numpy(e), torch.from_numpy(t), ties=self.cfg.train.ties))
+            nll = float(
+                cox_loss(torch.from_numpy(lh), torch.from_numpy(e), torch.from_numpy(t), ties=self.cfg.train.ties)
+            )
         return Evaluation(
             len(self.val_idx),
             {

@@ -372,3 +372,25 @@ def test_site_without_events_is_reported_not_fatal(fed_data, caplog):
     assert "no_events has 0 training event(s)" in caplog.text
     server = _run(data, cfg, clients)
     assert server.history[0]["dropped"] == [] and len(server.history) == 1
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsgd"])
+def test_discrete_time_model_trains_federated_and_validates_with_its_own_loss(fed_data, strategy):
+    data, base = fed_data
+    cfg = _cfg(base, "train.loss=nll", "train.n_bins=4", "federated.rounds=2", f"federated.strategy={strategy}")
+    server = _run(data, cfg)
+    losses = [h["val_loss"] for h in server.history if "val_loss" in h]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    # the site-side validation loss is the NLL the training step minimises, not a Cox loss on the ranking score
+    val = np.concatenate([data.splits["val"], data.splits["test"]])
+    client = SiteClient("all", data, data.splits["train"], val, cfg, site_rank=0)
+    ev = client.evaluate(server.global_arrays, {})
+    module = new_module(new_model(data, cfg), cfg)
+    from pipeline.federated import load_arrays
+
+    load_arrays(module.model, server.global_arrays)
+    module.eval()
+    batch = next(iter(make_loader(data, client.val_idx, len(client.val_idx), False)))
+    with torch.no_grad():
+        want = float(module.loss(batch, module(batch)))
+    assert ev.metrics["loss_sum"] / ev.metrics["events"] == pytest.approx(want, rel=1e-5)
