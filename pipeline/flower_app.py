@@ -184,7 +184,6 @@ def _deployed_site(context: Context) -> SiteClient:
     before training; a node that missed that exchange fits them on its own training patients (warning).
     """
     from data_specs import load_cohort
-    from pipeline.data import build_data
     from pipeline.omics import ClinicalNormaliser, OmicsNormaliser
 
     site, spec, cfg = _node_site(context)
@@ -198,22 +197,12 @@ def _deployed_site(context: Context) -> SiteClient:
         stats = _loads(stats_json) if stats_json else {}
         if not stats:
             log.warning("site %s: no cohort-level statistics received; normalising on its own training patients", site)
-        t = cfg.train
-        fdir = None
-        if any(p.slides for p in cohort.patients):
-            from pipeline.extract import features_dir
+        from pipeline.run import load_run_data
 
-            fdir = features_dir(Path(str(context.node_config.get("out", cfg.out))), cfg.extract)
-        data = build_data(
+        data = load_run_data(
             cohort,
-            fdir,
-            seed=t.seed,
-            val_fraction=t.val_fraction,
-            test_fraction=t.test_fraction,
-            gene_panel=cfg.omics.gene_panel,
-            max_genes=cfg.omics.max_genes,
-            gene_sets=cfg.omics.gene_sets,
-            min_pathway_genes=cfg.omics.min_pathway_genes,
+            cfg,
+            out=Path(str(context.node_config.get("out", cfg.out))),
             omics_norm=OmicsNormaliser.from_state(stats["omics"]) if "omics" in stats else None,
             clinical_norm=ClinicalNormaliser.from_state(stats["clinical"]) if "clinical" in stats else None,
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -55,8 +56,11 @@ def stage_extract(cohort: Cohort, cfg: RunConfig, progress: bool = True) -> Path
     return out
 
 
-def load_run_data(cohort: Cohort, cfg: RunConfig) -> CohortData:
-    fdir = features_dir(cfg.out, cfg.extract) if any(p.slides for p in cohort.patients) else None
+def load_run_data(cohort: Cohort, cfg: RunConfig, out: Path | None = None, **normalisers: Any) -> CohortData:
+    """The cohort's data as the run config asks (splits, gene panel/HVG/pathways); features from ``out``
+    (default ``cfg.out``). ``normalisers``: ``omics_norm`` / ``clinical_norm`` fitted elsewhere (e.g. from the
+    federation's site summaries), passed on to ``build_data``."""
+    fdir = features_dir(out or cfg.out, cfg.extract) if any(p.slides for p in cohort.patients) else None
     t = cfg.train
     return build_data(
         cohort,
@@ -68,6 +72,7 @@ def load_run_data(cohort: Cohort, cfg: RunConfig) -> CohortData:
         max_genes=cfg.omics.max_genes,
         gene_sets=cfg.omics.gene_sets,
         min_pathway_genes=cfg.omics.min_pathway_genes,
+        **normalisers,
     )
 
 
