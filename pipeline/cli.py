@@ -28,27 +28,18 @@ log = logging.getLogger("histofuse")
 
 def _common(p: argparse.ArgumentParser, out_default: str | None = "runs/latest") -> None:
     p.add_argument("--config", type=Path, help="run config YAML (defaults <- this file <- --set)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
-    )
+    _overrides(p, "override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {out_default})")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def _overrides(p: argparse.ArgumentParser, example: str) -> None:
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override the model's saved evaluate/attribute settings, e.g. --set {example} (repeatable)",
-    )
+def _overrides(p: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` flag, collected into ``args.overrides``."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _model_overrides(p: argparse.ArgumentParser, example: str) -> None:
+    _overrides(p, f"override the model's saved evaluate/attribute settings, e.g. --set {example} (repeatable)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,13 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "attribute":
             p.add_argument("--split", default="test", help="which patients: train, val, test, predict (default test)")
-        _overrides(p, "attribute.max_heatmaps=10" if name == "attribute" else "evaluate.risk_groups=tertiles")
+        _model_overrides(p, "attribute.max_heatmaps=10" if name == "attribute" else "evaluate.risk_groups=tertiles")
         p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("evaluate", help="C-index and Kaplan-Meier from risk_scores.csv")
     p.add_argument("risk_scores", type=Path)
     p.add_argument("--split", default="test", help="train, val, test, predict or all (default test)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: beside risk_scores.csv)")
-    _overrides(p, "evaluate.bootstrap=1000")
+    _model_overrides(p, "evaluate.bootstrap=1000")
     p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("report", help="assemble report.html for a run folder")
     p.add_argument("run_dir", type=Path)

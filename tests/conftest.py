@@ -30,3 +30,19 @@ def tiny_features(tiny_demo, tmp_path_factory):
     cfg = resolve_config(None, ["extract.batch_size=32"], out=out)
     stage_extract(load_cohort(tiny_demo), cfg, progress=False)
     return tiny_demo, cfg, features_dir(out, cfg.extract)
+
+
+@pytest.fixture(scope="session")
+def he_rgb():
+    """Real carcinoma H&E on a near-white canvas (background on the right and bottom): ``[896, 1120, 3]`` uint8."""
+    from importlib import resources
+
+    import numpy as np
+    from PIL import Image
+
+    assets = Path(str(resources.files("pipeline.demo_assets")))
+    he = np.asarray(Image.open(assets / "tumor_target_he.png").convert("RGB"))[:672, :672]
+    canvas = np.full((896, 1120, 3), 243, np.uint8)
+    canvas[:672, :672] = he
+    canvas.setflags(write=False)  # shared by every test of the session: copy before changing it
+    return canvas

@@ -44,14 +44,6 @@ def enc():
 
 
 @pytest.fixture(scope="module")
-def he_rgb() -> np.ndarray:
-    he = np.asarray(Image.open(ASSETS / "tumor_target_he.png").convert("RGB"))[:672, :672]
-    canvas = np.full((896, 1120, 3), 243, np.uint8)
-    canvas[:672, :672] = he
-    return canvas
-
-
-@pytest.fixture(scope="module")
 def slides(tmp_path_factory, he_rgb) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("slides")
     out = {

@@ -26,15 +26,6 @@ ASSETS = Path(str(resources.files("pipeline.demo_assets")))
 SHARED_SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "histology" / "cmu_small_region.svs"
 
 
-@pytest.fixture(scope="module")
-def he_rgb() -> np.ndarray:
-    """Real carcinoma H&E on a near-white canvas (background on the right and bottom)."""
-    he = np.asarray(Image.open(ASSETS / "tumor_target_he.png").convert("RGB"))[:672, :672]
-    canvas = np.full((896, 1120, 3), 243, np.uint8)
-    canvas[:672, :672] = he
-    return canvas
-
-
 def _generic_tiff(path: Path, rgb: np.ndarray, mpp: float | None) -> None:
     """Pyramidal tiled TIFF with no vendor description; mpp (if any) only in the resolution tags."""
     import tifffile
