@@ -62,19 +62,6 @@ from pipeline.tissue import TissueSettings, save_geojson, save_mask_png, tissue_
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
-# Attributes that must match for an existing features file to be reused.
-MATCH_KEYS = (
-    "format_version",
-    "encoder",
-    "weights",
-    "tile_px",
-    "target_mpp",
-    "overlap_px",
-    "min_tissue",
-    "thumbnail_px",
-    "remove_pen",
-    "max_background",
-)
 REPORT_FIELDS = ("slide_id", "slide_path", "status", "tiles", "rejected", "seconds", "error", "fingerprint")
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

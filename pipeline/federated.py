@@ -244,19 +244,6 @@ def weighted_mean(updates: list[Update]) -> Arrays | None:
     return {k: sum(u.arrays[k].astype(np.float64) * (u.num_examples / total) for u in updates) for k in keys}
 
 
-class FedAvg:
-    """Example-weighted mean of the site deltas, applied with ``server_lr`` (1.0 = FedAvg)."""
-
-    def __init__(self, server_lr: float = 1.0):
-        self.server_lr = server_lr
-
-    def aggregate(self, global_arrays: Arrays, updates: list[Update]) -> Arrays:
-        mean = weighted_mean(updates)
-        if mean is None:
-            return global_arrays
-        return {k: (g + self.server_lr * mean[k]).astype(np.float32) for k, g in global_arrays.items()}
-
-
 class ServerOptimizer:
     """Applies the aggregated update to the global weights.
 

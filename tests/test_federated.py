@@ -7,7 +7,6 @@ import torch
 from data_specs import load_cohort, resolve_config
 from pipeline.data import build_data, make_loader
 from pipeline.federated import (
-    FedAvg,
     FederatedServer,
     PrivacyLedger,
     ProximalTerm,
@@ -17,6 +16,7 @@ from pipeline.federated import (
     run_federated,
     site_clients,
     trainable_arrays,
+    weighted_mean,
 )
 from pipeline.flower_app import run_embedded
 from pipeline.train import SurvivalModule, fit_local, make_trainer, new_model, new_module
@@ -114,7 +114,8 @@ def test_every_message_a_site_sends_holds_only_updates_counts_and_scalars(fed_da
 def test_fedavg_is_example_weighted():
     g = {"w": np.zeros(3, np.float32)}
     ups = [Update({"w": np.ones(3, np.float32)}, 1), Update({"w": np.full(3, 4.0, np.float32)}, 3)]
-    np.testing.assert_allclose(FedAvg().aggregate(g, ups)["w"], np.full(3, (1 + 12) / 4))
+    fedavg = ServerOptimizer("fedavg", lr=1.0)  # the server's FedAvg step: w + 1.0 * weighted mean delta
+    np.testing.assert_allclose(fedavg.step(g, weighted_mean(ups))["w"], np.full(3, (1 + 12) / 4))
 
 
 def test_fedsgd_full_batch_equals_centralised_gradient_descent(fed_data):
