@@ -175,8 +175,8 @@ def _model_extract_cfg(model_path: Path, out: Path):
 
 
 def _features_for(cohort, model: Path, out: Path, given: Path | None) -> Path | None:
-    from pipeline.extract import features_dir
-    from pipeline.run import stage_extract
+    from pipeline.slides.features import features_dir
+    from pipeline.stages import stage_extract
 
     if not any(p.slides for p in cohort.patients):
         return None
@@ -189,8 +189,10 @@ def _features_for(cohort, model: Path, out: Path, given: Path | None) -> Path | 
 
 def run_all(cohort_path: Path, cfg, title: str) -> Path:
     from data_specs.cohort import load_cohort
-    from pipeline.report import build_report
-    from pipeline.run import load_run_data, stage_attribute, stage_evaluate, stage_extract, stage_predict, stage_train
+    from pipeline.outputs.evaluate import stage_evaluate
+    from pipeline.outputs.report import build_report
+    from pipeline.stages import stage_attribute, stage_extract, stage_predict, stage_train
+    from pipeline.training.data import load_run_data
 
     cohort = load_cohort(cohort_path)
     out = cfg.out
@@ -231,19 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from data_specs.cohort import CohortError, load_cohort
     from data_specs.config import ConfigError
-    from pipeline.slides import SlideError
+    from pipeline.slides.reader import SlideError
 
     try:
         if args.cmd == "validate":
             print(load_cohort(args.cohort).summary())
         elif args.cmd == "extract":
-            from pipeline.run import stage_extract
+            from pipeline.stages import stage_extract
 
             cfg = _config(args, args.cohort, "runs/latest")
             shard = cfg.extract.shard  # shards may share one output folder: each keeps its own config copy
             cfg.save(cfg.out / ("config.yaml" if not shard else f"config.shard-{shard.replace('/', '-of-')}.yaml"))
             if args.procs > 1:  # one process per shard (and per GPU when there are enough)
-                from pipeline.extract import extract_in_processes, features_dir, without_option
+                from pipeline.slides.extract import extract_in_processes, without_option
+                from pipeline.slides.features import features_dir
 
                 if args.shard:
                     raise ValueError("--procs and --shard cannot be combined: --procs N runs shards 1/N..N/N")
@@ -253,20 +256,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"features in {fdir} ({args.procs} processes; report: {fdir / 'extract_report.csv'})")
                 return rc
             if args.cohort.is_dir():  # a folder of slides: no cohort spec needed
-                from pipeline.extract import extract_folder
+                from pipeline.slides.extract import extract_folder
 
                 fdir = extract_folder(args.cohort, cfg.out, cfg.extract)
             else:
                 fdir = stage_extract(load_cohort(args.cohort), cfg)
             print(f"features in {fdir}" if fdir else "the cohort has no slides: nothing to extract")
         elif args.cmd == "train":
-            from pipeline.run import stage_train
+            from pipeline.stages import stage_train
 
             cfg = _config(args, args.cohort, "runs/latest")
             cfg.save(cfg.out / "config.yaml")
             print(f"model: {stage_train(load_cohort(args.cohort), cfg, resume=args.resume)}")
         elif args.cmd in ("predict", "attribute"):
-            from pipeline.run import stage_attribute, stage_predict
+            from pipeline.stages import stage_attribute, stage_predict
 
             out = args.out or args.model.parent
             cohort = load_cohort(args.cohort)
@@ -277,19 +280,19 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in stage_attribute(args.model, cohort, out, fdir, args.split, args.overrides).items():
                     print(f"{k}: {v}")
         elif args.cmd == "evaluate":
-            from pipeline.run import stage_evaluate
+            from pipeline.outputs.evaluate import stage_evaluate
 
             m = stage_evaluate(args.risk_scores, args.out or args.risk_scores.parent, args.split, args.overrides)
             print(f"C-index ({args.split}, pooled): {m['pooled']['cindex']:.3f}; log-rank p {m['logrank_p']:.3g}")
         elif args.cmd == "report":
-            from pipeline.report import build_report
+            from pipeline.outputs.report import build_report
 
             print(f"report: {build_report(args.run_dir)}")
         elif args.cmd == "run":
             run_all(args.cohort, _config(args, args.cohort, "runs/latest"), f"histofuse: {args.cohort.stem}")
         elif args.cmd == "cv":
-            from pipeline.cv import run_cv
-            from pipeline.run import stage_extract
+            from pipeline.stages import stage_extract
+            from pipeline.stages_cv import run_cv
 
             cfg = _config(args, args.cohort, "runs/cv")
             cfg.save(cfg.out / "config.yaml")
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(Uno {r['uno_cindex_mean']:.3f} +- {r['uno_cindex_sd']:.3f}); results in {cfg.out}/cv_results.json"
             )
         elif args.cmd == "demo":
-            from pipeline.demo import DemoSize, build_demo
+            from pipeline.cohorts.demo import DemoSize, build_demo
 
             cfg = _config(args, None, "runs/demo")
             t0 = time.perf_counter()
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo_truth(out: Path) -> None:
     """Print how well the run recovered the demo's planted truth (and save it as truth_check.json)."""
-    from pipeline.demo_check import check_demo
+    from pipeline.cohorts.demo_check import check_demo
 
     r = check_demo(out)
     print(f"oracle C-index on the same test patients: {r['oracle_test_cindex']:.3f}")

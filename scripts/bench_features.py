@@ -44,11 +44,11 @@ sys.path.insert(0, str(REPO))
 def _he() -> np.ndarray:
     from importlib import resources
 
-    return np.asarray(Image.open(str(resources.files("pipeline.demo_assets") / "tumor_target_he.png")).convert("RGB"))
+    return np.asarray(Image.open(str(resources.files("pipeline.cohorts.demo_assets") / "tumor_target_he.png")).convert("RGB"))
 
 
 def _small_slide(path: Path, side: int) -> None:
-    from pipeline.demo import write_pyramid_tiff
+    from pipeline.cohorts.demo import write_pyramid_tiff
 
     he = _he()
     reps = -(-side // he.shape[0])
@@ -131,7 +131,7 @@ def _rss_child(path: str, out: str, encoder: str, random_weights: bool, target_m
 
     from data_specs.config import ExtractConfig
     from models import build_encoder
-    from pipeline.extract import extract_slides
+    from pipeline.slides.extract import extract_slides
 
     cfg = ExtractConfig(encoder=encoder, random_weights=random_weights, target_mpp=target_mpp, batch_size=64)
     enc = build_encoder(encoder, random_weights=random_weights)
@@ -176,8 +176,11 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     from data_specs.config import ExtractConfig
     from models import build_encoder
-    from pipeline.extract import EncoderRunner, _encode_into, tissue_settings
-    from pipeline.slides import TileDataset, collate_tiles, open_slide, slide_mpp, thumbnail, tile_grid, tissue_mask
+    from pipeline.slides.encode import EncoderRunner
+    from pipeline.slides.extract import _encode_into
+    from pipeline.slides.features import tissue_settings
+    from pipeline.slides.reader import TileDataset, collate_tiles, open_slide, slide_mpp, thumbnail, tile_grid
+    from pipeline.slides.tissue import tissue_mask
 
     alloc = {k: os.environ.get(k, "unset") for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"

@@ -54,8 +54,8 @@ def run_one(args: argparse.Namespace, config: str) -> dict:
     import torch
 
     from data_specs.config import resolve_config
-    from pipeline.data import CohortData, make_loader
-    from pipeline.train import make_trainer, new_model, new_module
+    from pipeline.training.data import CohortData, make_loader
+    from pipeline.training.module import make_trainer, new_model, new_module
 
     name, bs = config.split(":")
     fusion, _, mil = name.partition("+")

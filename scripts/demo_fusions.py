@@ -50,10 +50,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from data_specs import load_cohort, resolve_config
-    from pipeline.evaluate import harrell_cindex
-    from pipeline.extract import features_dir
-    from pipeline.run import load_run_data
-    from pipeline.train import fit_local, predict_outputs
+    from pipeline.slides.features import features_dir
+    from pipeline.stats.metrics import harrell_cindex
+    from pipeline.training.data import load_run_data
+    from pipeline.training.module import fit_local
+    from pipeline.training.predict import predict_outputs
 
     cohort = load_cohort(args.cohort)
     base = resolve_config(None, [*args.overrides, "federated.enabled=false"], out=args.out)

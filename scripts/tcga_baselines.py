@@ -114,7 +114,7 @@ def fit_rsf(d: dict, seed: int) -> tuple[float, dict]:
 def fit_histofuse(spec: Path, out: Path, seed: int, overrides: list[str]) -> tuple[float, dict]:
     """Pooled (centralised) histofuse training through the CLI's stage functions."""
     from data_specs import load_cohort, resolve_config
-    from pipeline.run import stage_predict, stage_train
+    from pipeline.stages import stage_predict, stage_train
 
     cohort = load_cohort(spec)
     cfg = resolve_config(None, [*overrides, f"train.seed={seed}", "federated.enabled=false"], cohort=spec, out=out)

@@ -80,7 +80,7 @@ def build_cohort(data: Path, out: Path, seed: int) -> Path:
 def _cindex(data, idx: np.ndarray, model) -> float:
     from lifelines.utils import concordance_index
 
-    from pipeline.train import predict_log_hz
+    from pipeline.training.predict import predict_log_hz
 
     lh, _ = predict_log_hz(model, data, idx)
     return float(concordance_index(data.time[idx], -lh, data.event[idx]))
@@ -88,8 +88,8 @@ def _cindex(data, idx: np.ndarray, model) -> float:
 
 def train_one(method: str, data, cfg) -> list[dict]:
     """Train ``method``; one record per model (``sites``: one per centre) with val/test C-index and costs."""
-    from pipeline.federated import run_federated
-    from pipeline.train import fit_local
+    from pipeline.federated.embedded import run_federated
+    from pipeline.training.module import fit_local
 
     te, va = data.splits["test"], data.splits["val"]
     if method == "sites":
@@ -134,7 +134,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
     from data_specs import load_cohort, resolve_config
-    from pipeline.run import load_run_data
+    from pipeline.training.data import load_run_data
 
     def config(method: str, seed: int, extra: list[str]):
         ov = [*COMMON, *METHODS[method], *extra, *args.overrides, f"train.seed={seed}"]

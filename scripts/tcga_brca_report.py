@@ -34,8 +34,10 @@ def main() -> None:
     from tcga_brca import build_cohort
 
     from data_specs import load_cohort, resolve_config
-    from pipeline.report import build_report
-    from pipeline.run import load_run_data, stage_evaluate, stage_predict, stage_train
+    from pipeline.outputs.evaluate import stage_evaluate
+    from pipeline.outputs.report import build_report
+    from pipeline.stages import stage_predict, stage_train
+    from pipeline.training.data import load_run_data
 
     spec = build_cohort(args.data, args.out / "cohort", args.seed)
     cohort = load_cohort(spec)

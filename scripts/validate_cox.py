@@ -59,8 +59,8 @@ def main() -> None:
 
     from data_specs import load_cohort, resolve_config
     from models import cox_loss
-    from pipeline.data import build_data
-    from pipeline.train import fit_local
+    from pipeline.training.data import build_data
+    from pipeline.training.module import fit_local
 
     spec = write_cohort(args.out / "cohort", args.genes)
     cohort = load_cohort(spec)

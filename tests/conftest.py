@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
     """A 12-patient demo cohort (real tissue, planted truth), built once per test session."""
-    from pipeline.demo import DemoSize, build_demo
+    from pipeline.cohorts.demo import DemoSize, build_demo
 
     return build_demo(
         tmp_path_factory.mktemp("demo") / "cohort", DemoSize(patients=12, cols=5, rows=4, genes=40), seed=3
@@ -23,8 +23,8 @@ def tiny_demo(tmp_path_factory) -> Path:
 def tiny_features(tiny_demo, tmp_path_factory):
     """Features for the tiny demo with the real ImageNet encoder: (cohort path, run config, features dir)."""
     from data_specs import load_cohort, resolve_config
-    from pipeline.extract import features_dir
-    from pipeline.run import stage_extract
+    from pipeline.slides.features import features_dir
+    from pipeline.stages import stage_extract
 
     out = tmp_path_factory.mktemp("run")
     cfg = resolve_config(None, ["extract.batch_size=32"], out=out)
@@ -40,7 +40,7 @@ def he_rgb():
     import numpy as np
     from PIL import Image
 
-    assets = Path(str(resources.files("pipeline.demo_assets")))
+    assets = Path(str(resources.files("pipeline.cohorts.demo_assets")))
     he = np.asarray(Image.open(assets / "tumor_target_he.png").convert("RGB"))[:672, :672]
     canvas = np.full((896, 1120, 3), 243, np.uint8)
     canvas[:672, :672] = he

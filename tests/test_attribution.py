@@ -11,9 +11,17 @@ import pytest
 import torch
 
 from models import build_model
-from pipeline import attribution as A
-from pipeline import biomarkers as B
-from pipeline.data import CohortData, make_loader, model_inputs
+from pipeline.outputs.attribution import (
+    gene_deletion_curves,
+    gene_integrated_gradients,
+    mean_tile_feature,
+    rank_genes,
+    tile_deletion_curves,
+    tile_integrated_gradients,
+)
+from pipeline.outputs.biomarkers import cox_table, fit_phenotypes
+from pipeline.outputs.writers import write_gene_h5ad, write_geojson
+from pipeline.training.data import CohortData, make_loader, model_inputs
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +66,8 @@ def _lh(model, data, i, **replace):
 def test_tile_ig_completeness_and_shapes(toy):
     data, model = toy
     idx = np.arange(12)
-    base = A.mean_tile_feature(data, data.splits["train"])
-    ig = A.tile_integrated_gradients(model, data, idx, base, n_steps=64)
+    base = mean_tile_feature(data, data.splits["train"])
+    ig = tile_integrated_gradients(model, data, idx, base, n_steps=64)
     assert [len(a) for a in ig] == [len(b) for b in data.bags]
     for i in (0, 7):  # sum over tiles = log_hz(x) - log_hz(every tile at the baseline)
         x = torch.from_numpy(data.bags[i])[None]
@@ -70,7 +78,7 @@ def test_tile_ig_completeness_and_shapes(toy):
 def test_gene_ig_completeness_and_missing_omics(toy):
     data, model = toy
     idx = np.arange(12)
-    attr = A.gene_integrated_gradients(model, data, idx, n_steps=64)
+    attr = gene_integrated_gradients(model, data, idx, n_steps=64)
     assert attr.shape == (12, 6)
     assert np.all(attr[3] == 0)  # no omics: no attribution
     ref = _lh(model, data, 0) - _lh(model, data, 0, omics=torch.zeros(1, 6))
@@ -80,7 +88,7 @@ def test_gene_ig_completeness_and_missing_omics(toy):
 def test_geojson_is_a_qupath_feature_collection(tmp_path):
     t = pd.DataFrame({"slide_id": "S", "x": [0, 448], "y": [224, 0], "attn": [0.2, 0.8], "attn_rel": [0.4, 1.6],
                       "ig": [-0.1, 0.3]})  # fmt: skip
-    A.write_geojson(t, 448, tmp_path / "s.geojson")
+    write_geojson(t, 448, tmp_path / "s.geojson")
     g = json.loads((tmp_path / "s.geojson").read_text())
     assert g["type"] == "FeatureCollection" and len(g["features"]) == 2
     f = g["features"][1]
@@ -95,10 +103,10 @@ def test_gene_h5ad_round_trip(toy, tmp_path):
 
     data, model = toy
     idx = data.splits["test"]
-    attr = A.gene_integrated_gradients(model, data, idx)
-    rank = A.rank_genes(attr, data.omics[idx], data.omics_present[idx], data.genes)
+    attr = gene_integrated_gradients(model, data, idx)
+    rank = rank_genes(attr, data.omics[idx], data.omics_present[idx], data.genes)
     obs = pd.DataFrame({"patient_id": [data.patient_ids[i] for i in idx], "site": "a", "risk": [0.1, 0.2, 0.3, 0.4]})
-    A.write_gene_h5ad(tmp_path / "g.h5ad", attr, data.omics[idx], obs, rank, data.genes)
+    write_gene_h5ad(tmp_path / "g.h5ad", attr, data.omics[idx], obs, rank, data.genes)
     a = ad.read_h5ad(tmp_path / "g.h5ad")
     np.testing.assert_allclose(a.layers["ig"], attr, rtol=1e-6)
     assert list(a.obs_names) == obs.patient_id.tolist() and list(a.var_names) == data.genes
@@ -128,11 +136,11 @@ def test_deletion_curves_start_at_zero_and_favour_attributed_inputs():
 
     m = Lin()
     idx = np.arange(n)
-    attr = A.gene_integrated_gradients(m, data, idx)
-    gc = A.gene_deletion_curves(m, data, idx, attr, steps=5)
+    attr = gene_integrated_gradients(m, data, idx)
+    gc = gene_deletion_curves(m, data, idx, attr, steps=5)
     assert gc["ig"][0] == pytest.approx(0, abs=1e-6) and gc["gap"]["ig"] > 0.5
     scores = [b.sum(1) for b in bags]  # the first tile carries the signal
-    tc = A.tile_deletion_curves(m, data, idx, {"signal": scores}, steps=5)
+    tc = tile_deletion_curves(m, data, idx, {"signal": scores}, steps=5)
     assert tc["gap"]["signal"] > 0 and tc["patients"] == n
 
 
@@ -147,12 +155,12 @@ def test_phenotypes_recover_planted_clusters():
         bags.append((centres[lab] + rng.normal(size=(60, 16))).astype(np.float32))
         truth.append(lab)
     tiles = [[("S", j, 0) for j in range(60)] for _ in range(20)]
-    ph = B.fit_phenotypes(bags, tiles, np.arange(10), max_tiles=400, resolution=0.2, seed=0)
+    ph = fit_phenotypes(bags, tiles, np.arange(10), max_tiles=400, resolution=0.2, seed=0)
     assert adjusted_rand_score(np.concatenate(truth), np.concatenate(ph.labels)) > 0.95
     np.testing.assert_allclose(ph.fractions.sum(1), 1.0)
     assert ph.n_fit_tiles == 400 and all(len(v) == 6 for v in ph.examples.values())
     with pytest.raises(ValueError, match="too few training tiles"):
-        B.fit_phenotypes([np.zeros((3, 4), np.float32)], [[("S", 0, 0)] * 3], np.arange(1))
+        fit_phenotypes([np.zeros((3, 4), np.float32)], [[("S", 0, 0)] * 3], np.arange(1))
 
 
 def test_cox_table_matches_lifelines_and_statsmodels():
@@ -165,7 +173,7 @@ def test_cox_table_matches_lifelines_and_statsmodels():
     t = rng.exponential(np.exp(-0.8 * x.G0.to_numpy()))
     e = rng.random(n) < 0.7
     site = np.where(np.arange(n) < 75, "a", "b")
-    tab = B.cox_table(x, t, e, site, ranked=["G0", "G1", "G2"])
+    tab = cox_table(x, t, e, site, ranked=["G0", "G1", "G2"])
     z = (x - x.mean()) / x.std(ddof=0)
     ref = CoxPHFitter().fit(z[["G0"]].assign(time=t, event=e.astype(int), site=site), "time", "event", strata=["site"])
     r0 = tab.set_index("name").loc["G0"]
@@ -173,7 +181,7 @@ def test_cox_table_matches_lifelines_and_statsmodels():
     assert r0.uni_p == pytest.approx(ref.summary.loc["G0", "p"], rel=1e-6) and r0.uni_hr > 1.5
     np.testing.assert_allclose(tab.uni_fdr, multipletests(tab.uni_p, method="fdr_bh")[1])
     assert tab.in_multivariable.sum() == 3  # 100+ events allow all three ranked candidates
-    few = B.cox_table(x.head(30), t[:30], np.r_[np.ones(12, bool), np.zeros(18, bool)], site[:30], ["G0", "G1"])
+    few = cox_table(x.head(30), t[:30], np.r_[np.ones(12, bool), np.zeros(18, bool)], site[:30], ["G0", "G1"])
     assert few.in_multivariable.sum() == 1  # 12 events: one variable (10 events per variable)
-    none = B.cox_table(x.head(10), t[:10], np.r_[True, np.zeros(9, bool)], site[:10], ["G0"])
+    none = cox_table(x.head(10), t[:10], np.r_[True, np.zeros(9, bool)], site[:10], ["G0"])
     assert none.uni_hr.isna().all() and none.note.str.contains("fewer than 2 events").all()

@@ -168,7 +168,7 @@ def test_predict_refuses_other_gene_panel_and_takes_overrides(e2e_run, tiny_feat
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(e2e_run):
     """The run's report in a real browser: it loads without console errors and every image decodes."""
-    from pipeline.report import render_check
+    from pipeline.outputs.report import render_check
 
     _, out, rc, _ = e2e_run
     assert rc == 0

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from data_specs import load_cohort
-from pipeline.cv import assign_folds, fold_splits
+from pipeline.training.splits import assign_folds, fold_splits
 
 
 def _cohort(tmp_path, n: int = 90, sites=("A", "B", "C")):
@@ -78,7 +78,7 @@ def _cv_args(spec):
 
 def test_cv_command_end_to_end(tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.evaluate import harrell_cindex
+    from pipeline.stats.metrics import harrell_cindex
 
     spec = _cohort(tmp_path)
     assert main([*_cv_args(spec), "--out", str(tmp_path / "a")]) == 0

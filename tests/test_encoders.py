@@ -71,7 +71,7 @@ def test_batched_preprocess_matches_the_models_own_transform():
     enc = build_encoder("test_efficientnet", random_weights=True)  # 160 px input: every tile is resized
     cfg = timm.data.resolve_model_data_config(enc.model)
     assert enc.mean == tuple(cfg["mean"]) and enc.std == tuple(cfg["std"]) and enc.interpolation == "bicubic"
-    he = np.asarray(Image.open("pipeline/demo_assets/tumor_target_he.png").convert("RGB"))
+    he = np.asarray(Image.open("pipeline/cohorts/demo_assets/tumor_target_he.png").convert("RGB"))
     for side in (160, 224, 448):
         tiles = [he[:side, :side], he[300 : 300 + side, 500 : 500 + side]]
         batch = torch.stack([torch.from_numpy(t.copy()).permute(2, 0, 1) for t in tiles])

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.curves import BreslowBaseline, combine, event_grid, site_summary, survival_from_hazards
-from pipeline.evaluate import Curves, _y, harrell_cindex, survival_metrics
+from pipeline.stats.curves import BreslowBaseline, combine, event_grid, site_summary, survival_from_hazards
+from pipeline.stats.metrics import Curves, _y, harrell_cindex, survival_metrics
 
 
 def _cohort(n=240, seed=0, ties=True):
@@ -156,7 +156,7 @@ def test_harrell_in_unit_interval_or_nan(rows):
 
 
 def test_stage_evaluate_writes_json_and_plots(tmp_path):
-    from pipeline.run import stage_evaluate
+    from pipeline.outputs.evaluate import stage_evaluate
 
     time, event, lh, site = _cohort(n=150, seed=5)
     split = np.where(np.arange(150) < 90, "train", "test")
@@ -185,7 +185,7 @@ def test_stage_evaluate_writes_json_and_plots(tmp_path):
 
 
 def test_risk_groups_tertiles():
-    from pipeline.run import risk_groups
+    from pipeline.outputs.writers import risk_groups
 
     cut = {"median": 0.0, "tertiles": [-1.0, 1.0]}
     g = risk_groups(np.array([-2.0, 0.0, 2.0]), cut, "tertiles")

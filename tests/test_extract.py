@@ -19,19 +19,13 @@ import torch
 from PIL import Image
 
 from data_specs.config import ExtractConfig
-from pipeline.demo import write_pyramid_tiff
-from pipeline.extract import (
-    EncoderRunner,
-    choose_batch_size,
-    extract_slides,
-    load_features,
-    parse_shard,
-    read_attrs,
-    shard_of,
-)
-from pipeline.slides import open_slide
+from pipeline.cohorts.demo import write_pyramid_tiff
+from pipeline.slides.encode import EncoderRunner, choose_batch_size
+from pipeline.slides.extract import extract_slides, parse_shard, shard_of
+from pipeline.slides.features import load_features, read_attrs
+from pipeline.slides.reader import open_slide
 
-ASSETS = Path(str(resources.files("pipeline.demo_assets")))
+ASSETS = Path(str(resources.files("pipeline.cohorts.demo_assets")))
 REPO = Path(__file__).resolve().parents[1]
 CFG = ExtractConfig(encoder="test_efficientnet", random_weights=True, batch_size=4)
 
@@ -145,7 +139,7 @@ import sys
 from pathlib import Path
 from data_specs.config import ExtractConfig
 from models import build_encoder
-from pipeline.extract import extract_slides
+from pipeline.slides.extract import extract_slides
 cfg = ExtractConfig(encoder="test_efficientnet", random_weights=True, batch_size=1, max_background=1.0)
 enc = build_encoder("test_efficientnet", random_weights=True)
 extract_slides([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]), enc, cfg, progress=False)
@@ -281,7 +275,7 @@ def test_cli_extract_a_folder_of_slides(tmp_path, slides):
     import shutil
 
     from pipeline.cli import main
-    from pipeline.extract import discover_slides
+    from pipeline.slides.extract import discover_slides
 
     folder = tmp_path / "slides"
     (folder / "sub").mkdir(parents=True)
@@ -334,7 +328,7 @@ def test_cli_extract_in_two_processes_merges_the_shard_reports(tmp_path, slides)
 
 
 def test_slide_ids():
-    from pipeline.extract import slide_id_of
+    from pipeline.slides.features import slide_id_of
 
     assert slide_id_of(Path("a/TCGA-01.svs")) == "TCGA-01"
     assert slide_id_of(Path("a/case-7.ome.tiff")) == "case-7"

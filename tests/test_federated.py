@@ -5,21 +5,12 @@ import pytest
 import torch
 
 from data_specs import load_cohort, resolve_config
-from pipeline.data import build_data, make_loader
-from pipeline.federated import (
-    FederatedServer,
-    PrivacyLedger,
-    ProximalTerm,
-    ServerOptimizer,
-    SiteClient,
-    Update,
-    run_federated,
-    site_clients,
-    trainable_arrays,
-    weighted_mean,
-)
-from pipeline.flower_app import run_embedded
-from pipeline.train import SurvivalModule, fit_local, make_trainer, new_model, new_module
+from pipeline.federated.embedded import run_embedded, run_federated
+from pipeline.federated.protocol import Update, trainable_arrays
+from pipeline.federated.server import FederatedServer, PrivacyLedger, ServerOptimizer, weighted_mean
+from pipeline.federated.site import ProximalTerm, SiteClient, site_clients
+from pipeline.training.data import build_data, make_loader
+from pipeline.training.module import SurvivalModule, fit_local, make_trainer, new_model, new_module
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +378,7 @@ def test_discrete_time_model_trains_federated_and_validates_with_its_own_loss(fe
     client = SiteClient("all", data, data.splits["train"], val, cfg, site_rank=0)
     ev = client.evaluate(server.global_arrays, {})
     module = new_module(new_model(data, cfg), cfg)
-    from pipeline.federated import load_arrays
+    from pipeline.federated.protocol import load_arrays
 
     load_arrays(module.model, server.global_arrays)
     module.eval()

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from data_specs import load_cohort, resolve_config
-from pipeline.data import build_data
+from pipeline.training.data import build_data
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,9 @@ def test_deployed_apps_exchange_statistics_and_train_in_process(clinical_omics_c
     from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
 
-    from pipeline.flower_app import InProcessGrid, client_app, server_app
+    from pipeline.federated.client_app import client_app
+    from pipeline.federated.embedded import InProcessGrid
+    from pipeline.federated.server_app import server_app
 
     cohort = load_cohort(clinical_omics_cohort)
     nodes = {100 + k: s for k, s in enumerate(cohort.sites)}
@@ -60,7 +62,7 @@ def test_deployed_apps_exchange_statistics_and_train_in_process(clinical_omics_c
     assert [r["round"] for r in info["history"]] == [0] and sorted(info["sites"]) == sorted(cohort.sites)
     assert all(np.isfinite(r["train_loss"]) for r in info["history"])
     # every site received the same cohort-level normalisers, equal to those built from the same summaries here
-    from pipeline.flower_app import STATS_KEY, _loads
+    from pipeline.federated.protocol import STATS_KEY, _loads
 
     stats = [_loads(str(c.state.config_records[STATS_KEY]["json"])) for c in grid.contexts.values()]
     cfg = resolve_config(None, OVERRIDES.split(";"))

@@ -12,14 +12,11 @@ import pytest
 
 from data_specs import load_cohort
 from data_specs.cohort import ClinicalSource, OmicsSource
-from pipeline.data import assign_splits, build_data
-from pipeline.omics import (
-    ClinicalNormaliser,
-    OmicsNormaliser,
-    harmonise_gene_ids,
-    read_gmt,
-    read_omics,
-)
+from pipeline.omics.clinical import ClinicalNormaliser
+from pipeline.omics.normalise import OmicsNormaliser
+from pipeline.omics.readers import harmonise_gene_ids, read_gmt, read_omics
+from pipeline.training.data import build_data
+from pipeline.training.splits import assign_splits
 
 N, G = 60, 120
 SITES = ["A", "B", "C"]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.report import build_report, render_check
+from pipeline.outputs.report import build_report, render_check
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.run import stage_evaluate
+    from pipeline.outputs.evaluate import stage_evaluate
 
     out = tmp_path_factory.mktemp("run")
     rng = np.random.default_rng(0)

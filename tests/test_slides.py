@@ -11,9 +11,9 @@ import openslide
 import pytest
 from PIL import Image
 
-from pipeline.demo import write_pyramid_tiff
-from pipeline.slides import SlideError, TileDataset, open_slide, slide_mpp, thumbnail, tile_grid
-from pipeline.tissue import (
+from pipeline.cohorts.demo import write_pyramid_tiff
+from pipeline.slides.reader import SlideError, TileDataset, open_slide, slide_mpp, thumbnail, tile_grid
+from pipeline.slides.tissue import (
     TissueSettings,
     background_fraction,
     mask_to_geojson,
@@ -22,7 +22,7 @@ from pipeline.tissue import (
     tissue_mask,
 )
 
-ASSETS = Path(str(resources.files("pipeline.demo_assets")))
+ASSETS = Path(str(resources.files("pipeline.cohorts.demo_assets")))
 SHARED_SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "histology" / "cmu_small_region.svs"
 
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from data_specs.config import ConfigError, resolve_config
-from pipeline.data import CohortData
-from pipeline.evaluate import harrell_cindex
-from pipeline.train import BUNDLE_FORMAT, fit_local, load_bundle, new_model, predict_outputs, save_bundle
+from pipeline.stats.metrics import harrell_cindex
+from pipeline.training.bundle import BUNDLE_FORMAT, load_bundle, save_bundle
+from pipeline.training.data import CohortData
+from pipeline.training.module import fit_local, new_model
+from pipeline.training.predict import predict_outputs
 
 
 def _data(n: int = 60, d: int = 6, g: int = 4, seed: int = 0, tiles: bool = True) -> tuple[CohortData, np.ndarray]:

@@ -10,20 +10,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from data_specs.cohort import Cohort
-from pipeline.extract import load_features, slide_id_of
-from pipeline.omics import (
-    MIN_SUMMARY_PATIENTS,
-    ClinicalNormaliser,
-    OmicsNormaliser,
-    read_gmt,
-    read_omics,
-    read_panel,
-)
+from data_specs.config import RunConfig
+from pipeline.omics.clinical import ClinicalNormaliser
+from pipeline.omics.normalise import OmicsNormaliser, _site_summaries
+from pipeline.omics.readers import read_gmt, read_omics, read_panel
+from pipeline.slides.features import features_dir, load_features, slide_id_of
+from pipeline.training.splits import assign_splits
 
 log = logging.getLogger(__name__)
 
@@ -77,31 +75,6 @@ class CohortData:
 
     def subset_sites(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return {s: idx[self.site[idx] == k] for k, s in enumerate(self.sites)}
-
-
-def assign_splits(cohort: Cohort, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """The manifest's ``split`` column when every patient has one; otherwise a split stratified by
-    site and event, deterministic from ``seed``."""
-    n = len(cohort.patients)
-    given = [p.split for p in cohort.patients]
-    if all(s is not None for s in given):
-        arr = np.array(given)
-    else:
-        if any(s is not None for s in given):
-            log.warning("split given for some patients only: ignoring it and splitting by seed %d", seed)
-        rng = np.random.default_rng(seed)
-        arr = np.empty(n, dtype=object)
-        strata: dict[tuple[str, bool], list[int]] = {}
-        for i, p in enumerate(cohort.patients):
-            strata.setdefault((p.site, p.event), []).append(i)
-        for key in sorted(strata):
-            idx = np.array(strata[key])[rng.permutation(len(strata[key]))]
-            n_test = int(round(test_fraction * len(idx)))
-            n_val = int(round(val_fraction * len(idx)))
-            arr[idx[:n_test]] = "test"
-            arr[idx[n_test : n_test + n_val]] = "val"
-            arr[idx[n_test + n_val :]] = "train"
-    return {s: np.flatnonzero(arr == s) for s in ("train", "val", "test")}
 
 
 def build_data(
@@ -204,33 +177,6 @@ def build_data(
     return data
 
 
-def _site_summaries(kind: str, site_train: dict[str, list[str]], have: set[str], summarise) -> list[dict]:
-    """One summary per site with enough training patients for ``kind``; ``ValueError`` when no site has."""
-    out = []
-    for s, ids in site_train.items():
-        ids = [i for i in ids if i in have]
-        if len(ids) < MIN_SUMMARY_PATIENTS:
-            if ids:
-                log.warning(
-                    "site %s: %d training patient(s) with %s data, fewer than %d: the site's %s summary is left "
-                    "out of the cohort-level statistics",
-                    s,
-                    len(ids),
-                    kind,
-                    MIN_SUMMARY_PATIENTS,
-                    kind,
-                )
-            continue
-        out.append(summarise(ids))
-    if not out:
-        n = sum(len([i for i in ids if i in have]) for ids in site_train.values())
-        raise ValueError(
-            f"no site has {MIN_SUMMARY_PATIENTS} or more training patients with {kind} data "
-            f"({n} in all): cannot fit the {kind} normalisation"
-        )
-    return out
-
-
 class _Patients(torch.utils.data.Dataset):
     def __init__(self, data: CohortData, idx: np.ndarray):
         self.data, self.idx = data, np.asarray(idx)
@@ -301,4 +247,24 @@ def make_loader(
         generator=g if train else None,
         collate_fn=Collate(data, max_tiles if train else None, seed),
         drop_last=drop_last,
+    )
+
+
+def load_run_data(cohort: Cohort, cfg: RunConfig, out: Path | None = None, **normalisers: Any) -> CohortData:
+    """The cohort's data as the run config asks (splits, gene panel/HVG/pathways); features from ``out``
+    (default ``cfg.out``). ``normalisers``: ``omics_norm`` / ``clinical_norm`` fitted elsewhere (e.g. from the
+    federation's site summaries), passed on to ``build_data``."""
+    fdir = features_dir(out or cfg.out, cfg.extract) if any(p.slides for p in cohort.patients) else None
+    t = cfg.train
+    return build_data(
+        cohort,
+        fdir,
+        seed=t.seed,
+        val_fraction=t.val_fraction,
+        test_fraction=t.test_fraction,
+        gene_panel=cfg.omics.gene_panel,
+        max_genes=cfg.omics.max_genes,
+        gene_sets=cfg.omics.gene_sets,
+        min_pathway_genes=cfg.omics.min_pathway_genes,
+        **normalisers,
     )

@@ -29,11 +29,22 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
+
 BLOCK = 224  # px at level 0 (0.5 um/px)
+
+
 MPP = 0.5
+
+
 PLANTED = {"MKI67": 0.8, "FOXM1": 0.6, "CCNB1": 0.5, "ESR1": -0.7, "PGR": -0.5}
+
+
 B_TUMOUR = 1.2
+
+
 B_AGE = 0.3
+
+
 SITES = ("north", "central", "south")
 
 
@@ -46,7 +57,7 @@ class DemoSize:
 
 
 def _asset(name: str) -> Path:
-    return Path(str(resources.files("pipeline.demo_assets") / name))
+    return Path(str(resources.files("pipeline.cohorts.demo_assets") / name))
 
 
 def _sources() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,10 +12,6 @@ models, per-patient hazards and survival curves.
 from __future__ import annotations
 
 import copy
-import logging
-import os
-import warnings
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -24,19 +20,8 @@ import torch
 from data_specs.config import RunConfig
 from models import CoxMemoryBank, build_model, cox_loss, discrete_time_edges, nll_loss, time_to_bin
 from models.survival import MultimodalSurvival, SurvivalOutput
-from pipeline.data import CohortData, make_loader, model_inputs
-from pipeline.evaluate import harrell_cindex
-
-log = logging.getLogger(__name__)
-for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # one Trainer per site-round: keep it quiet
-    logging.getLogger(_name).setLevel(logging.WARNING)
-BUNDLE_FORMAT = "histofuse-model/2"  # /2: time bins, MIL/fusion/head options; /1 bundles still load
-_READABLE_FORMATS = ("histofuse-model/1", BUNDLE_FORMAT)
-
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*exists and is not empty.*")
-warnings.filterwarnings("ignore", ".*LeafSpec.*")
-warnings.filterwarnings("ignore", ".*have no `val_dataloader`.*")  # federated local fits validate at the server
+from pipeline.stats.metrics import harrell_cindex
+from pipeline.training.data import CohortData, make_loader, model_inputs
 
 
 class SurvivalModule(L.LightningModule):
@@ -239,87 +224,3 @@ def fit_local(
         "best_val_loss": -keep.best[0] if keep.best else None,
         "best_val_cindex": keep.best[1] if keep.best else None,
     }
-
-
-@torch.inference_mode()
-def predict_log_hz(
-    model: MultimodalSurvival, data: CohortData, idx: np.ndarray, with_attention: bool = False
-) -> tuple[np.ndarray, list[np.ndarray] | None]:
-    """``log_hz [len(idx)]`` in ``idx`` order, and each patient's tile attention (unpadded) if asked."""
-    model.eval()
-    out, attn = [], []
-    for batch in make_loader(data, idx, 32, train=False):
-        o = model(**model_inputs(batch))
-        out.append(o.log_hz.float().cpu().numpy())
-        if with_attention and o.attn is not None:
-            for a, m in zip(o.attn, batch["mask"], strict=True):
-                attn.append(a[m].cpu().numpy())
-    return (np.concatenate(out) if out else np.zeros(0)), (attn if with_attention else None)
-
-
-@torch.inference_mode()
-def predict_outputs(model: MultimodalSurvival, data: CohortData, idx: np.ndarray) -> dict[str, np.ndarray | None]:
-    """Everything the model predicts for the patients ``idx`` (in ``idx`` order).
-
-    Returns:
-        ``log_hz [P]`` (risk score, higher = higher risk), and for a discrete-time model ``hazards [P, K]``,
-        ``survival [P, K]`` (``S`` at the end of each bin, ``cumprod(1 - hazards)``) and ``bin_edges [K + 1]``
-        (bin ``k`` covers ``(e_k, e_{k+1}]``, in the cohort's time unit); these three are None for a Cox
-        model (whose survival curves need a Breslow baseline fitted on the training patients).
-    """
-    model.eval()
-    lh, hz, sv = [], [], []
-    for batch in make_loader(data, idx, 32, train=False):
-        o = model(**model_inputs(batch))
-        lh.append(o.log_hz.float().cpu().numpy())
-        if o.hazards is not None and o.survival is not None:
-            hz.append(o.hazards.float().cpu().numpy())
-            sv.append(o.survival.float().cpu().numpy())
-    k = model.n_bins
-    return {
-        "log_hz": np.concatenate(lh) if lh else np.zeros(0),
-        "hazards": (np.concatenate(hz) if hz else np.zeros((0, k))) if k else None,
-        "survival": (np.concatenate(sv) if sv else np.zeros((0, k))) if k else None,
-        "bin_edges": model.get_buffer("bin_edges").cpu().numpy().copy() if k else None,
-    }
-
-
-def save_bundle(path: Path, model: MultimodalSurvival, data: CohortData, cfg: RunConfig, extra: dict) -> None:
-    """A self-contained model file: weights + everything needed to predict on a new cohort. Atomic."""
-    train_lh, _ = predict_log_hz(model, data, data.splits["train"])
-    bundle = {
-        "format": BUNDLE_FORMAT,
-        "config": cfg.to_dict(),
-        "model_dims": data.model_dims(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "features": data.feature_attrs or None,
-        "omics": data.omics_norm.state() if data.omics_norm else None,
-        "clinical": data.clinical_norm.state() if data.clinical_norm else None,
-        "sites": data.sites,
-        "time_bins": model.get_buffer("bin_edges").tolist() if model.n_bins else None,  # also in state_dict
-        "cutpoints": {
-            "median": float(np.median(train_lh)) if len(train_lh) else 0.0,
-            "tertiles": [float(v) for v in np.quantile(train_lh, [1 / 3, 2 / 3])] if len(train_lh) else [],
-        },
-        **extra,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(bundle, tmp)
-    tmp.replace(path)
-
-
-def load_bundle(path: Path) -> tuple[MultimodalSurvival, dict]:
-    """Rebuild the model from a bundle; returns ``(model in eval mode, bundle)``."""
-    b = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(b, dict) or b.get("format") not in _READABLE_FORMATS:
-        raise ValueError(
-            f"{path}: not a histofuse model bundle (format {b.get('format') if isinstance(b, dict) else '?'}; "
-            f"this version reads {list(_READABLE_FORMATS)})"
-        )
-    model = build_model(**b["model_dims"], **model_kwargs(b["config"]["model"], b["config"].get("train", {})))
-    state = dict(b["state_dict"])
-    if b["format"] == "histofuse-model/1":  # /1 had a bias on the attention score: a no-op under softmax
-        state.pop("mil.attn_w.bias", None)
-    model.load_state_dict(state)
-    return model.eval(), b

@@ -18,15 +18,12 @@ Example::
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger(__name__)
 NAN = float("nan")
 
 
@@ -245,7 +242,7 @@ def km_at(time: np.ndarray, event: np.ndarray, group: np.ndarray, horizons: list
     from sksurv.nonparametric import kaplan_meier_estimator
 
     out: dict[str, dict[str, float]] = {}
-    for g in _group_order(np.asarray(group).astype(str)):
+    for g in group_order(np.asarray(group).astype(str)):
         m = np.asarray(group).astype(str) == g
         t, s = kaplan_meier_estimator(np.asarray(event, bool)[m], np.asarray(time, float)[m])
         k = np.searchsorted(t, np.asarray(horizons, float), side="right")
@@ -284,7 +281,7 @@ def survival_metrics(
         ytr = _y(event, time)
         censoring_from = f"the evaluated patients (n={len(time)})"
     if horizons is None:
-        from pipeline.curves import default_horizons
+        from pipeline.stats.curves import default_horizons
 
         horizons = default_horizons(time, event)
     # Uno's C truncation: inside the training follow-up (IPCW needs G(t) > 0)
@@ -328,87 +325,22 @@ def survival_metrics(
     return out
 
 
-def _km_axes(ax, time: np.ndarray, event: np.ndarray, group: np.ndarray, title: str, order: list[str]) -> float:
-    from sksurv.nonparametric import kaplan_meier_estimator
+def concordant_pairs(time: np.ndarray, event: np.ndarray, log_hz: np.ndarray) -> tuple[float, float]:
+    """(concordant + 0.5 * tied, comparable) Harrell pairs: sums over sites give a pooled C without pooling data."""
+    from sksurv.metrics import concordance_index_censored
 
-    colours = {"low": "#2b83ba", "intermediate": "#fdae61", "high": "#d7191c"}
-    for g in order:
-        m = group == g
-        if m.sum() == 0:
-            continue
-        t, s = kaplan_meier_estimator(event[m].astype(bool), time[m].astype(float))
-        ax.step(np.r_[0, t], np.r_[1, s], where="post", label=f"{g} (n={m.sum()}, {int(event[m].sum())} events)",
-                color=colours.get(str(g)))  # fmt: skip
-    p, _ = logrank_p(time, event, group)
-    ax.set_xlabel("time")
-    ax.set_ylabel("survival probability")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"{title} log-rank p = {p:.3g}" if np.isfinite(p) else f"{title} (log-rank n/a)", fontsize=9)
-    ax.legend(frameon=False, fontsize=7)
-    return p
+    if event.sum() == 0 or len(time) < 2:
+        return 0.0, 0.0
+    try:
+        _, conc, disc, tied, _ = concordance_index_censored(
+            event.astype(bool), time.astype(float), log_hz.astype(float)
+        )
+    except ValueError:
+        return 0.0, 0.0
+    return conc + 0.5 * tied, float(conc + disc + tied)
 
 
-def _group_order(group: np.ndarray) -> list[str]:
+def group_order(group: np.ndarray) -> list[str]:
+    """Risk-group labels in reading order: low, intermediate, high, then any others sorted."""
     known = ["low", "intermediate", "high"]
     return [g for g in known if g in set(group)] + sorted(set(map(str, group)) - set(known))
-
-
-def km_by_group(time: np.ndarray, event: np.ndarray, group: np.ndarray, path, title: str = "") -> float:
-    """Kaplan-Meier curves per risk group (PNG at ``path``); returns the log-rank p-value (NaN if one group)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    group = np.asarray(group).astype(str)
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
-    p = _km_axes(ax, np.asarray(time, float), np.asarray(event), group, title, _group_order(group))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return float(p)
-
-
-def km_per_site(time: np.ndarray, event: np.ndarray, group: np.ndarray, site_names: np.ndarray, path: Path) -> None:
-    """One Kaplan-Meier panel per site (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    group, site_names = np.asarray(group).astype(str), np.asarray(site_names).astype(str)
-    sites = sorted(set(site_names))
-    cols = min(3, len(sites))
-    rows = int(np.ceil(len(sites) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
-    order = _group_order(group)
-    for ax, s in zip(axes.ravel(), sites, strict=False):
-        m = site_names == s
-        _km_axes(ax, np.asarray(time, float)[m], np.asarray(event)[m], group[m], f"{s}:", order)
-    for ax in axes.ravel()[len(sites) :]:
-        ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_td_auc(metrics: dict, path: Path) -> None:
-    """Time-dependent AUC per horizon, pooled and per site (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
-    for name, m in [("pooled", metrics["pooled"]), *metrics["per_site"].items()]:
-        hs = [float(h) for h in m["td_auc"]]
-        ax.plot(hs, list(m["td_auc"].values()), "o-" if name == "pooled" else ".--", label=name,
-                lw=2 if name == "pooled" else 1)  # fmt: skip
-    ax.axhline(0.5, color="grey", lw=0.8)
-    ax.set_xlabel("horizon (time)")
-    ax.set_ylabel("cumulative/dynamic AUC")
-    ax.set_ylim(0, 1)
-    ax.legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -22,15 +22,12 @@ and a ``note`` in the row, not a crash.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-log = logging.getLogger(__name__)
 NAN = float("nan")
 
 
@@ -235,38 +232,3 @@ def biomarker_table(
     t["top_candidate"] = t.name.isin(ranked)
     t = t.sort_values(["kind", "attribution_rank", "uni_p"], na_position="last", kind="stable").reset_index(drop=True)
     return t, info
-
-
-def phenotype_examples_png(
-    ph: Phenotypes, slide_paths: dict[str, Path], size0: dict[str, int], out_png: Path, stats: pd.DataFrame | None
-) -> None:
-    """One row of example tiles (full resolution) per phenotype, labelled with its univariate HR."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.attribution import read_tiles
-
-    k = max(len(v) for v in ph.examples.values())
-    fig, axes = plt.subplots(len(ph.names), k, figsize=(1.5 * k, 1.6 * len(ph.names)), dpi=90, squeeze=False)
-    hr = dict(zip(stats.name, stats.uni_hr, strict=True)) if stats is not None and len(stats) else {}
-    for r, name in enumerate(ph.names):
-        ex = ph.examples[name]
-        imgs = []
-        for sid in dict.fromkeys(s for s, _, _ in ex):
-            imgs += read_tiles(slide_paths[sid], [(x, y) for s, x, y in ex if s == sid], size0[sid], 160)
-        for c in range(k):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(imgs):
-                ax.imshow(imgs[c])
-            else:
-                ax.set_axis_off()
-        h = hr.get(name, NAN)
-        axes[r, 0].set_ylabel(f"{name}\nHR {h:.2f}" if np.isfinite(h) else name, fontsize=8)
-    fig.suptitle("phenotypes (Leiden clusters of tile embeddings): tiles nearest each centre", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -48,7 +47,18 @@ import torch
 
 from data_specs.config import ExtractConfig
 from models.encoders import TileEncoder
-from pipeline.slides import (
+from pipeline.slides.encode import EncoderRunner
+from pipeline.slides.features import (
+    _remove_stale_tmp,
+    _tmp_name,
+    expected_attrs,
+    features_dir,
+    is_done,
+    read_attrs,
+    slide_id_of,
+    tissue_settings,
+)
+from pipeline.slides.reader import (
     SlideError,
     TileDataset,
     TileGrid,
@@ -58,12 +68,12 @@ from pipeline.slides import (
     thumbnail,
     tile_grid,
 )
-from pipeline.tissue import TissueSettings, save_geojson, save_mask_png, tissue_mask
+from pipeline.slides.tissue import TissueSettings, save_geojson, save_mask_png, tissue_mask
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2
+
+
 REPORT_FIELDS = ("slide_id", "slide_path", "status", "tiles", "rejected", "seconds", "error", "fingerprint")
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -78,27 +88,6 @@ class SlideResult:
     fingerprint: str = ""
 
 
-def slide_id_of(path: Path) -> str:
-    """The slide's id: its file name without extension(s); for DICOM (one folder per slide), the folder's name."""
-    path = Path(path)
-    if path.suffix.lower() == ".dcm":
-        return path.parent.name
-    name = path.name
-    for suf in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
-
-
-def features_dir(out: Path, cfg: ExtractConfig) -> Path:
-    """Output folder named by the parameters that define the features."""
-    return (
-        Path(out)
-        / "features"
-        / f"{cfg.encoder.replace('/', '_').replace(':', '_')}_{cfg.tile_px}px_{cfg.target_mpp:g}mpp"
-    )
-
-
 def slide_fingerprint(path: Path) -> str:
     """Cheap identity of a slide file (size + hash of its first and last MiB): a replaced slide is re-encoded."""
     size = path.stat().st_size
@@ -109,194 +98,6 @@ def slide_fingerprint(path: Path) -> str:
             fh.seek(-(1 << 20), os.SEEK_END)
             h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
-
-
-def tissue_settings(cfg: ExtractConfig) -> TissueSettings:
-    return TissueSettings(remove_pen=cfg.remove_pen, max_background=cfg.max_background)
-
-
-def expected_attrs(enc: TileEncoder, cfg: ExtractConfig) -> dict[str, object]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "encoder": enc.name,
-        "weights": enc.weights,
-        "tile_px": cfg.tile_px,
-        "target_mpp": float(cfg.target_mpp),
-        "overlap_px": cfg.overlap_px,
-        "min_tissue": float(cfg.min_tissue),
-        "thumbnail_px": cfg.thumbnail_px,
-        "remove_pen": bool(cfg.remove_pen),
-        "max_background": float(cfg.max_background),
-    }
-
-
-def _attrs(f: h5py.File) -> dict[str, object]:
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-
-
-def read_attrs(path: Path) -> dict[str, object] | None:
-    """Attributes of a complete features file, or None if absent/incomplete/corrupt."""
-    try:
-        with h5py.File(path, "r") as f:
-            if not f.attrs.get("complete", False):
-                return None
-            return _attrs(f)
-    except (OSError, KeyError):
-        return None
-
-
-def is_done(path: Path, want: dict[str, object]) -> bool:
-    have = read_attrs(path)
-    return have is not None and all(have.get(k) == v for k, v in want.items())
-
-
-def load_features(path: Path, expect: dict[str, object] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read ``(features [N, D], coords [N, 2], attrs)``; with ``expect``, check attributes match."""
-    with h5py.File(path, "r") as f:
-        attrs = _attrs(f)
-        if not attrs.get("complete", False):
-            raise ValueError(f"{path}: features file is incomplete (an interrupted write?)")
-        for k, v in (expect or {}).items():
-            if attrs.get(k) != v:
-                raise ValueError(f"{path}: attribute '{k}' is {attrs.get(k)!r}, expected {v!r}")
-        feats, coords = f["features"][:], f["coords"][:]
-        if feats.shape[0] != coords.shape[0] or feats.shape[0] != attrs.get("n_tiles", feats.shape[0]):
-            raise ValueError(f"{path}: features {feats.shape} and coords {coords.shape} disagree with n_tiles")
-        return feats, coords, attrs
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The device side: encoder placement, precision, compile, batch size.
-
-
-def _autodevice(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def choose_batch_size(fits, start: int = 32, cap: int = 2048) -> int:
-    """Largest power-of-two batch in ``[start, cap]`` for which ``fits(b)`` runs without running out of memory.
-
-    ``fits`` raises :class:`torch.OutOfMemoryError` when a batch does not fit. Returns ``start // 2`` (at
-    least 1) when not even ``start`` fits.
-    """
-    best, b = 0, start
-    while b <= cap:
-        try:
-            fits(b)
-        except torch.OutOfMemoryError:
-            break
-        best, b = b, b * 2
-    return best or max(1, start // 2)
-
-
-class EncoderRunner:
-    """The encoder placed for inference: device, autocast precision, channels-last, optional ``torch.compile``.
-
-    ``runner(tiles)`` maps uint8 tiles, ``[B, 3, h, w]`` or as the reader yields them ``[B, h, w, 4]`` (RGBA;
-    alpha dropped on the device), to ``[B, D]`` float32 features on the CPU. On CUDA, the device-to-host copy
-    of one batch overlaps the next (``submit`` / ``collect``).
-    """
-
-    def __init__(self, enc: TileEncoder, cfg: ExtractConfig):
-        self.enc = enc
-        self.device = _autodevice(cfg.device)
-        prec = cfg.precision if cfg.precision != "auto" else (enc.precision if self.device.type == "cuda" else "fp32")
-        if prec == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            prec = "fp16"
-        self.precision = prec
-        self.amp_dtype = _PRECISIONS[prec]
-        model = enc.model.to(self.device).eval()
-        self.channels_last = cfg.channels_last
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            model = torch.compile(model)  # type: ignore[assignment]
-        self.model = model
-        if cfg.batch_size == "auto":
-            self.batch_size = self._auto_batch() if self.device.type == "cuda" else 64
-        else:
-            self.batch_size = int(cfg.batch_size)
-        self.pin = self.device.type == "cuda"
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed tile size: let cuDNN pick its fastest kernels
-
-    def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            tiles = tiles.to(self.device, non_blocking=True)
-            if tiles.shape[1] != 3:  # [B, H, W, 3|4] from the reader -> [B, 3, H, W] channels-last view
-                tiles = tiles.permute(0, 3, 1, 2)[:, :3]
-            x = self.enc.preprocess(tiles)  # [B, 3, H, W] float
-            if not self.channels_last:
-                x = x.contiguous()
-            amp = self.amp_dtype != torch.float32
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=amp):
-                return self.model(x)  # [B, D]
-
-    def _auto_batch(self) -> int:
-        _, h, w = self.enc.input_size
-
-        def fits(b: int) -> None:
-            self._forward(torch.zeros(b, 3, h, w, dtype=torch.uint8))
-            torch.cuda.synchronize(self.device)
-
-        b = choose_batch_size(fits)
-        torch.cuda.empty_cache()
-        b = max(1, b // 2)  # headroom for the other process-level allocations
-        log.info("batch size %d chosen for %s on %s", b, self.enc.name, self.device)
-        return b
-
-    def submit(self, tiles: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """Queue one batch; returns a handle for :meth:`collect`. On CUDA this returns before the GPU is done."""
-        out = self._forward(tiles).float()
-        if self.device.type == "cuda":
-            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            host.copy_(out, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            return host, done
-        return out, None
-
-    def collect(self, pending: tuple[torch.Tensor, object]) -> np.ndarray:
-        """Wait for that batch only (later batches keep the GPU busy meanwhile): ``[B, D]`` float32."""
-        host, done = pending
-        if done is not None:
-            done.synchronize()  # type: ignore[attr-defined]
-        return host.numpy()
-
-    def __call__(self, tiles: torch.Tensor) -> np.ndarray:
-        return self.collect(self.submit(tiles))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One slide.
-
-
-def _tmp_name(out: Path) -> Path:
-    return out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def _remove_stale_tmp(out: Path) -> None:
-    """Delete temporary files of this slide left by dead processes on this host (a kill -9)."""
-    host = socket.gethostname()
-    for p in out.parent.glob(f".{out.name}.{host}.*.tmp"):
-        try:
-            pid = int(p.name.rsplit(".", 2)[-2])
-        except ValueError:
-            continue
-        if pid == os.getpid() or not _alive(pid):
-            p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def extract_slide(
@@ -439,10 +240,6 @@ def _encode_into(
     return n, rejected
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Many slides.
-
-
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
     """``"K/N"`` (1 <= K <= N) -> ``(K, N)``; None -> None. Raises ValueError naming the value."""
     if shard is None:
@@ -562,7 +359,6 @@ def extract_slides(
     return results
 
 
-# Files a slide folder is searched for (OpenSlide's formats; DICOM: one file per folder opens the slide).
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 
 

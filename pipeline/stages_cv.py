@@ -32,57 +32,9 @@ import pandas as pd
 
 from data_specs.cohort import Cohort
 from data_specs.config import RunConfig
+from pipeline.training.splits import assign_folds, fold_splits
 
 log = logging.getLogger(__name__)
-
-
-def _strata(cohort: Cohort, idx: np.ndarray) -> dict[tuple[str, bool], np.ndarray]:
-    out: dict[tuple[str, bool], list[int]] = {}
-    for i in idx:
-        p = cohort.patients[i]
-        out.setdefault((p.site, p.event), []).append(int(i))
-    return {k: np.array(out[k]) for k in sorted(out)}
-
-
-def assign_folds(cohort: Cohort, k: int, seed: int) -> np.ndarray:
-    """``fold [P]`` int in ``0..k-1`` for the cohort's patients (cohort order), stratified by site and event.
-
-    Deterministic from ``seed``; fold sizes differ by at most one. Raises ``ValueError`` for ``k < 2`` or
-    more folds than patients, and warns when a site has fewer patients than folds.
-    """
-    n = len(cohort.patients)
-    if k < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds, got folds={k}")
-    if k > n:
-        raise ValueError(f"folds={k} is more than the cohort's {n} patients")
-    for s in cohort.sites:
-        m = sum(p.site == s for p in cohort.patients)
-        if m < k:
-            log.warning("site %s has %d patient(s), fewer than %d folds: some test folds lack the site", s, m, k)
-    rng = np.random.default_rng(seed)
-    fold = np.full(n, -1, int)
-    offset = 0
-    for members in _strata(cohort, np.arange(n)).values():
-        members = members[rng.permutation(len(members))]
-        fold[members] = (offset + np.arange(len(members))) % k
-        offset = (offset + len(members)) % k
-    assert (fold >= 0).all()
-    return fold
-
-
-def fold_splits(cohort: Cohort, folds: np.ndarray, f: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """``{"train", "val", "test"}`` index arrays for fold ``f``: test = fold ``f``; validation carved from the
-    rest per (site, event) stratum (``round(val_fraction * n)`` each, seeded)."""
-    test = np.flatnonzero(folds == f)
-    rest = np.flatnonzero(folds != f)
-    rng = np.random.default_rng([seed, f])
-    val: list[int] = []
-    for members in _strata(cohort, rest).values():
-        n_val = int(round(val_fraction * len(members)))
-        val += members[rng.permutation(len(members))][:n_val].tolist()
-    val_arr = np.array(sorted(val), int)
-    train = np.setdiff1d(rest, val_arr)
-    return {"train": train, "val": val_arr, "test": test}
 
 
 def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -> dict:
@@ -91,11 +43,12 @@ def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -
     Returns the ``cv_results.json`` content: ``folds`` (list of per-fold dicts), ``cindex_mean``,
     ``cindex_sd`` (ddof=1), ``uno_cindex_mean``/``_sd``, ``k``, ``seed``, ``mode``.
     """
-    from pipeline.data import build_data
-    from pipeline.evaluate import _y, harrell_cindex, uno_cindex
-    from pipeline.extract import features_dir
-    from pipeline.run import stage_train
-    from pipeline.train import load_bundle, predict_log_hz
+    from pipeline.slides.features import features_dir
+    from pipeline.stages import stage_train
+    from pipeline.stats.metrics import _y, harrell_cindex, uno_cindex
+    from pipeline.training.bundle import load_bundle
+    from pipeline.training.data import build_data
+    from pipeline.training.predict import predict_log_hz
 
     t = cfg.train
     out = Path(cfg.out)

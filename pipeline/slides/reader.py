@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.tissue import TissueSettings, tile_is_background, tissue_mask  # noqa: F401  (re-exported)
+from pipeline.slides.tissue import TissueSettings, tile_is_background
 
 log = logging.getLogger(__name__)
+
 
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.evaluate import harrell_cindex
+from pipeline.stats.metrics import harrell_cindex
 
 
 def check_demo(out: Path) -> dict:

@@ -12,8 +12,6 @@ risk moves.
 
 from __future__ import annotations
 
-import csv
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +19,7 @@ import pandas as pd
 import torch
 
 from models.survival import MultimodalSurvival
-from pipeline.data import CohortData, make_loader, model_inputs
-
-log = logging.getLogger(__name__)
+from pipeline.training.data import CohortData, make_loader, model_inputs
 
 
 def tile_attention(data: CohortData, idx: np.ndarray, attn: list[np.ndarray]) -> pd.DataFrame:
@@ -40,48 +36,6 @@ def tile_attention(data: CohortData, idx: np.ndarray, attn: list[np.ndarray]) ->
         for (sid, x, y), w in zip(tiles, a, strict=True):
             rows.append((data.patient_ids[i], sid, x, y, float(w), float(w) * len(a)))
     return pd.DataFrame(rows, columns=["patient_id", "slide_id", "x", "y", "attn", "attn_rel"])
-
-
-def attention_heatmap(
-    tiles: pd.DataFrame, features_dir: Path, slide_id: str, out_png: Path, column: str = "attn_rel"
-) -> None:
-    """Overlay one slide's tile scores (``column``: ``attn_rel`` or ``ig``) on its thumbnail, tissue tiles
-    only, with a colour bar. Signed scores (``ig``) use a diverging map centred on zero."""
-    import h5py
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
-    from PIL import Image
-
-    t = tiles[tiles.slide_id == slide_id]
-    with h5py.File(Path(features_dir) / f"{slide_id}.h5", "r") as f:
-        w0, size0 = int(f.attrs["width0"]), int(f.attrs["size0"])
-    thumb = Image.open(Path(features_dir) / f"{slide_id}.thumb.jpg")
-    scale = thumb.size[0] / w0
-    grid = np.full((thumb.size[1], thumb.size[0]), np.nan)
-    side = int(np.ceil(size0 * scale))
-    for x, y, a in zip(t.x, t.y, t[column], strict=True):
-        x0, y0 = int(x * scale), int(y * scale)
-        grid[y0 : y0 + side, x0 : x0 + side] = a
-    signed = column != "attn_rel"
-    fig, ax = plt.subplots(figsize=(6, 6 * thumb.size[1] / thumb.size[0] + 0.3), dpi=100)
-    ax.imshow(thumb)
-    if signed:
-        lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
-        norm = TwoSlopeNorm(0.0, -lim or -1.0, lim or 1.0)
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap="coolwarm", norm=norm, alpha=0.6)
-        label = "integrated gradients (+ raises risk)"
-    else:
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap="inferno", alpha=0.55)
-        label = "attention x tiles (1 = uniform)"
-    fig.colorbar(im, ax=ax, fraction=0.035, label=label)
-    ax.set_axis_off()
-    ax.set_title(slide_id, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
 
 
 def tile_integrated_gradients(
@@ -127,34 +81,11 @@ def mean_tile_feature(data: CohortData, idx: np.ndarray) -> np.ndarray:
     return np.concatenate(bags).mean(axis=0).astype(np.float32)
 
 
-def write_geojson(tiles: pd.DataFrame, size0: int, path: Path) -> None:
-    """A QuPath-readable GeoJSON FeatureCollection: one square detection per tile in level-0 pixels,
-    with the tile's scores as measurements."""
-    import json
-
-    meas = [c for c in ("attn", "attn_rel", "ig", "phenotype") if c in tiles.columns]
-    feats = []
-    for r in tiles.itertuples(index=False):
-        x, y = int(r.x), int(r.y)
-        ring = [[x, y], [x + size0, y], [x + size0, y + size0], [x, y + size0], [x, y]]
-        m = {c: float(getattr(r, c)) for c in meas}
-        feats.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {"objectType": "detection", "name": f"tile {x},{y}", "measurements": m},
-            }
-        )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    tmp.replace(path)
-
-
 def read_tiles(slide_path: Path, xy: list[tuple[int, int]], size0: int, max_px: int = 256) -> list:
     """Tiles cut from the slide at full resolution (level 0, ``size0`` px), shrunk to ``max_px`` for display."""
     from PIL import Image
 
-    from pipeline.slides import open_slide
+    from pipeline.slides.reader import open_slide
 
     slide = open_slide(slide_path)
     try:
@@ -167,33 +98,6 @@ def read_tiles(slide_path: Path, xy: list[tuple[int, int]], size0: int, max_px: 
         return out
     finally:
         slide.close()
-
-
-def tile_gallery(
-    tiles: pd.DataFrame, slide_path: Path, size0: int, out_png: Path, k: int = 6, column: str = "attn"
-) -> None:
-    """Top-k (first row) and bottom-k (second row) tiles of one slide by ``column``, at full resolution."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = tiles.sort_values(column, ascending=False, kind="stable")
-    k = max(1, min(k, len(t) // 2 or 1))
-    top, bottom = t.head(k), t.tail(k).iloc[::-1]
-    imgs = read_tiles(slide_path, [(r.x, r.y) for r in pd.concat([top, bottom]).itertuples()], size0)
-    fig, axes = plt.subplots(2, k, figsize=(1.7 * k, 3.9), dpi=100, squeeze=False)
-    for j, (ax, img, r) in enumerate(zip(axes.ravel(), imgs, pd.concat([top, bottom]).itertuples(), strict=False)):
-        ax.imshow(img)
-        ax.set_title(f"{getattr(r, column):.3g}", fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if j % k == 0:
-            ax.set_ylabel("top" if j == 0 else "bottom", fontsize=8)
-    fig.suptitle(f"{t.slide_id.iloc[0]}: top and bottom {k} tiles by {column}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
 
 
 def gene_integrated_gradients(
@@ -250,39 +154,6 @@ def rank_genes(attr: np.ndarray, omics: np.ndarray, present: np.ndarray, genes: 
     df = df.sort_values("mean_abs_ig", ascending=False, kind="stable").reset_index(drop=True)
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     return df
-
-
-def write_gene_attributions(path: Path, attr: np.ndarray, ids: list[str], genes: list[str]) -> None:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["patient_id"] + genes)
-        for pid, row in zip(ids, attr, strict=True):
-            w.writerow([pid] + [f"{v:.6g}" for v in row])
-
-
-def write_gene_h5ad(
-    path: Path, attr: np.ndarray, omics: np.ndarray, obs: pd.DataFrame, ranked: pd.DataFrame, genes: list[str]
-) -> None:
-    """AnnData with patients as obs (``obs``: site, split, risk, ...), genes as var (rank, mean |IG|,
-    direction); ``X`` the model's standardised expression, ``layers["ig"]`` the attributions ``[P, G]``."""
-    import anndata as ad
-
-    var = ranked.set_index("gene").loc[genes]
-    a = ad.AnnData(
-        X=np.asarray(omics, np.float32),
-        obs=obs.set_index("patient_id"),
-        var=var,
-        layers={"ig": attr.astype(np.float32)},
-    )
-    a.obs_names, a.var_names = a.obs_names.astype(str), a.var_names.astype(str)
-    a.uns["attribution"] = {
-        "method": "integrated_gradients",
-        "baseline": "training-mean expression",
-        "target": "log_hz",
-    }
-    tmp = path.with_name(f".{path.name}.tmp.h5ad")
-    a.write_h5ad(tmp)
-    tmp.replace(path)
 
 
 def _fractions(steps: int) -> np.ndarray:
@@ -394,30 +265,3 @@ def _summarise(fr: np.ndarray, curves: dict[str, list[np.ndarray]], n_random: in
         if k != "random":
             out["gap"][k] = out["auc"][k] - out["auc"]["random"]
     return out
-
-
-def plot_deletion(curves: dict[str, dict], path: Path) -> None:
-    """One panel per curve set (tiles, genes): |delta log_hz| against the fraction removed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = {k: v for k, v in curves.items() if "random" in v}
-    fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(4.4 * max(1, len(sets)), 3.3), dpi=100, squeeze=False)
-    for ax, (name, c) in zip(axes.ravel(), sets.items(), strict=False):
-        x = c.get("genes_reset", c["fraction"])
-        for k in c["auc"]:
-            ax.plot(x, c[k], "--" if k == "random" else "-o", ms=3,
-                    label=f"{k} (mean {c['auc'][k]:.3g})", color="grey" if k == "random" else None)  # fmt: skip
-        if "genes_reset" in c:
-            ax.set_xscale("symlog", linthresh=1)
-            ax.set_xlabel("genes reset to the training mean (highest-attributed first)")
-        else:
-            ax.set_xlabel(f"fraction of {name} removed (highest-attributed first)")
-        ax.set_ylabel("mean |change in log hazard|")
-        ax.set_title(f"{name}: deletion curves ({c['patients']} patients)", fontsize=9)
-        ax.legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -1,0 +1,253 @@
+"""TODO federated.server_app."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time as _time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+
+from data_specs.config import RunConfig
+from pipeline.federated.client_app import _run_config
+from pipeline.federated.protocol import SECAGG_QUANTISATION, Arrays, Evaluation, Update, _dumps, _loads
+from pipeline.federated.server import FederatedServer
+
+log = logging.getLogger(__name__)
+
+
+class HistofuseStrategy(Strategy):
+    """Flower's Strategy interface over :class:`FederatedServer` (all sites every round; round-numbered
+    absolutely so a resumed run continues the same sequence)."""
+
+    def __init__(self, server: FederatedServer, names: list[str] | None = None):
+        self.server = server
+        self.names = names
+        self.start = server.next_round
+        self.node_site: dict[int, str] = {}
+        self._round: dict = {}
+
+    def _abs(self, server_round: int) -> int:
+        return self.start + server_round - 1
+
+    def _arrays(self, arrs: list[np.ndarray]) -> Arrays:
+        if self.names is None:
+            self.names = [str(i) for i in range(len(arrs))]
+        return dict(zip(self.names, arrs, strict=True))
+
+    def _params(self) -> Parameters:
+        assert self.server.global_arrays is not None and self.names is not None
+        return ndarrays_to_parameters([self.server.global_arrays[k] for k in self.names])
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        if self.server.global_arrays is None:
+            return None  # deployment: Flower asks one site for the seeded initial weights
+        if self.names is None:
+            self.names = list(self.server.global_arrays)
+        return self._params()
+
+    def _clients(self, client_manager: ClientManager) -> list[ClientProxy]:
+        client_manager.wait_for(self.server.fc.min_sites, timeout=3600)
+        return sorted(client_manager.all().values(), key=lambda c: str(c.cid))
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+        rnd = self._abs(server_round)
+        if self.server.global_arrays is None:  # first round of a deployment: the site-given initial weights
+            self.server.global_arrays = self._arrays(parameters_to_ndarrays(parameters))
+        clients = self._clients(client_manager)
+        self._round = {"t0": _time.perf_counter(), "sent": [int(c.node_id) for c in clients]}
+        ins = FitIns(parameters, self.server.fit_config(rnd))
+        return [(c, ins) for c in clients]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list):
+        rnd = self._abs(server_round)
+        answered = set()
+        updates = []
+        for proxy, res in results:
+            site = str(res.metrics.get("site", f"node {proxy.node_id}"))
+            self.node_site[int(proxy.node_id)] = site
+            answered.add(int(proxy.node_id))
+            metrics = {k: float(v) for k, v in res.metrics.items() if k != "site"}
+            updates.append(Update(self._arrays(parameters_to_ndarrays(res.parameters)), int(res.num_examples), metrics))
+        dropped = [self.node_site.get(n, f"node {n}") for n in self._round.get("sent", []) if n not in answered]
+        if dropped:
+            log.warning("round %d: dropped site(s) %s; %d site(s) aggregated", rnd, dropped, len(updates))
+        new = self.server.aggregate(rnd, updates, dropped)
+        losses = [(u.metrics["train_loss"], u.num_examples) for u in updates if "train_loss" in u.metrics]
+        self._round.update(
+            dropped=dropped,
+            train_loss=float(np.average([x for x, _ in losses], weights=[max(w, 1) for _, w in losses]))
+            if losses
+            else float("nan"),
+            update_bytes=int(sum(4 * a.size for a in updates[0].arrays.values())) if updates else 0,  # float32 payload
+        )
+        return ndarrays_to_parameters([new[k] for k in self.names or []]), {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+        ins = EvaluateIns(parameters, {"round": self._abs(server_round)})
+        return [(c, ins) for c in self._clients(client_manager)]
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list):
+        rnd = self._abs(server_round)
+        for f in failures:
+            log.warning("round %d: a site failed to evaluate (%s)", rnd, f)
+        evals = {}
+        for proxy, res in results:
+            m = dict(res.metrics)
+            site = str(m.pop("site", f"node {proxy.node_id}"))
+            evals[site] = Evaluation(int(res.num_examples), {k: float(v) for k, v in m.items()})
+        r = self._round
+        rec = {
+            "seconds": _time.perf_counter() - r.get("t0", _time.perf_counter()),
+            "dropped": r.get("dropped", []),
+            "train_loss": r.get("train_loss", float("nan")),
+            "update_bytes": r.get("update_bytes", 0),
+        }
+        rec = self.server.finish_round(rnd, evals, rec)
+        return rec["val_loss"], {}
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        return None  # no central data: validation is pooled from the sites' scalars
+
+
+class _TimeoutGrid(Grid):
+    """Forwards to a Grid, giving every ``send_and_receive`` the round timeout (the workflows pass none)."""
+
+    def __init__(self, inner: Grid, timeout: float | None):
+        self.inner, self.timeout = inner, timeout
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout if timeout is not None else self.timeout)
+
+
+def serve(
+    grid: Grid,
+    context: Context,
+    server: FederatedServer,
+    names: list[str] | None,
+    node_site: dict[int, str] | None = None,
+) -> HistofuseStrategy:
+    """The ServerApp body shared by both runtimes: legacy workflow, SecAgg+ when configured.
+
+    ``node_site``: site names of node ids known in advance (otherwise learnt from the sites' replies).
+    """
+    fc = server.fc
+    strategy = HistofuseStrategy(server, names)
+    strategy.node_site.update(node_site or {})
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=server.rounds_left), strategy=strategy)
+    fit_workflow = None
+    if fc.secagg:
+        n = max(fc.min_sites, len(list(grid.get_node_ids())))
+        # Flower: an integer share count must exceed 2; 1.0 means "every sampled site" (small federations)
+        shares: int | float = min(fc.secagg_shares, n) if min(fc.secagg_shares, n) > 2 else 1.0
+        fit_workflow = SecAggPlusWorkflow(
+            num_shares=shares,
+            reconstruction_threshold=min(fc.secagg_threshold, n),
+            max_weight=1.0 if fc.dp_noise > 0 else fc.secagg_max_weight,
+            clipping_range=fc.secagg_clip,
+            quantization_range=SECAGG_QUANTISATION,
+            timeout=fc.round_timeout,
+        )
+    DefaultWorkflow(fit_workflow=fit_workflow)(_TimeoutGrid(grid, fc.round_timeout), legacy)
+    return strategy
+
+
+def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> dict:
+    """Before training: every site sends its omics/clinical summaries (no patient axis), the server
+    combines them into cohort-level normalisers and sends those back, so every site uses one feature space.
+
+    Waits until ``federated.min_sites`` SuperNodes are connected. Returns the combined normaliser states.
+    """
+    from pipeline.omics.clinical import ClinicalNormaliser
+    from pipeline.omics.normalise import OmicsNormaliser
+    from pipeline.omics.readers import read_gmt, read_panel
+
+    t0 = _time.time()
+    while len(list(grid.get_node_ids())) < cfg.federated.min_sites:
+        if _time.time() - t0 > timeout:
+            raise RuntimeError(f"fewer than min_sites={cfg.federated.min_sites} SuperNodes after {timeout:.0f} s")
+        _time.sleep(1.0)
+    nodes = sorted(grid.get_node_ids())
+    ask = [Message(RecordDict(), nid, "query.summaries", group_id="statistics") for nid in nodes]
+    omics, clinical = [], []
+    for reply in grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
+        if reply.has_error():
+            log.warning("node %s sent no summaries (%s)", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        summ = _loads(str(reply.content.config_records["summaries"]["json"]))
+        omics += [summ["omics"]] if "omics" in summ else []
+        clinical += [summ["clinical"]] if "clinical" in summ else []
+    stats: dict = {}
+    o = cfg.omics
+    if omics:
+        panel = read_panel(o.gene_panel) if o.gene_panel else None
+        sets = read_gmt(o.gene_sets) if o.gene_sets else None
+        norm = OmicsNormaliser.from_summaries(omics, panel, o.max_genes, sets, o.min_pathway_genes)
+        stats["omics"] = norm.state()
+    if clinical:
+        stats["clinical"] = ClinicalNormaliser.from_summaries(clinical).state()
+    body = ConfigRecord({"json": _dumps(stats)})
+    tell = [Message(RecordDict({"stats": body}), nid, "query.normalisers", group_id="statistics") for nid in nodes]
+    acks = list(grid.send_and_receive(tell, timeout=cfg.federated.round_timeout))
+    log.info(
+        "cohort statistics from %d omics / %d clinical site summaries sent to %d site(s)",
+        len(omics),
+        len(clinical),
+        sum(a.has_content() for a in acks),
+    )
+    return stats
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _deployed_main(grid: Grid, context: Context) -> None:
+    """Deployment ServerApp: statistics exchange, then training; state and history under ``out/federated``."""
+    cfg = _run_config(dict(context.run_config))
+    out = Path(cfg.out) / "federated"
+    resume = str(context.run_config.get("resume", "false")).lower() == "true"
+    exchange_cohort_statistics(grid, cfg)
+    server = FederatedServer(cfg, None, out, resume=resume)
+    strategy = serve(grid, context, server, None)
+    info = {**server.summary(), "sites": sorted(set(strategy.node_site.values()))}
+    (out / "federated_history.json").write_text(json.dumps(info, indent=2, default=float))
+    log.info("federated run finished: best round %d; state in %s", info["best_round"], out)

@@ -1,0 +1,171 @@
+"""TODO federated.site."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import numpy as np
+import torch
+
+from data_specs.config import RunConfig
+from pipeline.federated.protocol import Arrays, Evaluation, Update, clip_l2, load_arrays, trainable_arrays
+from pipeline.stats.metrics import concordant_pairs, harrell_cindex
+from pipeline.training.data import CohortData, make_loader
+from pipeline.training.module import make_trainer, new_model, new_module
+from pipeline.training.predict import predict_log_hz
+
+log = logging.getLogger(__name__)
+
+
+class ProximalTerm(L.Callback):
+    """FedProx from outside the training step: adds ``mu * (w - w_global)`` to every trainable gradient.
+
+    That is the gradient of ``(mu / 2) * ||w - w_global||^2``, so training with this callback equals
+    training on ``loss + (mu / 2) * ||w - w_global||^2`` (tested). ``w_global`` is the weights at fit start.
+    """
+
+    def __init__(self, mu: float):
+        self.mu = float(mu)
+        self.anchor: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.anchor = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with torch.no_grad():
+            for p, a in zip((p for p in pl_module.parameters() if p.requires_grad), self.anchor, strict=True):
+                prox = self.mu * (p - a)
+                if p.grad is None:
+                    p.grad = prox.clone()
+                else:
+                    p.grad.add_(prox)
+
+
+class SiteClient:
+    """One hospital. Holds its own data; trains with the same Lightning step as local training.
+
+    Args:
+        site: the site's name.
+        data: the site's data (in a real deployment, only its own patients).
+        train_idx / val_idx: its training and validation patients.
+        cfg: the shared run config.
+        site_rank: position of the site in the federation (decorrelates local shuffling seeds).
+    """
+
+    def __init__(
+        self,
+        site: str,
+        data: CohortData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        cfg: RunConfig,
+        site_rank: int = 0,
+    ):
+        self.site, self.data, self.cfg, self.rank = site, data, cfg, site_rank
+        self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
+        self.n_events = int(data.event[self.train_idx].sum())
+        if self.n_events < 2:
+            # Policy: reported, not fatal. Its updates are (near) zero under a site-stratified Cox loss.
+            log.warning("site %s has %d training event(s): its updates carry little signal", site, self.n_events)
+
+    def initial_arrays(self) -> Arrays:
+        """The seeded initial trainable weights (identical at every site with the same config)."""
+        return trainable_arrays(new_model(self.data, self.cfg))
+
+    def _module(self, arrays: Arrays):
+        module = new_module(new_model(self.data, self.cfg), self.cfg)
+        load_arrays(module.model, arrays)
+        return module
+
+    def _seed(self, rnd: int) -> int:
+        return self.cfg.train.seed + 7919 * rnd + 104729 * self.rank
+
+    def fit(self, arrays: Arrays, config: dict) -> Update:
+        """Local training from the global weights.
+
+        ``config``: ``round``, ``mode`` (``delta``: train ``local_epochs`` and return local - global;
+        ``gradient``: return the gradient of the loss over all training patients, no step),
+        ``local_epochs``, ``proximal_mu`` (FedProx), ``dp_clip`` (> 0: clip the update's L2 norm, send
+        weight 1 and no metrics), ``weighting`` (``examples`` or ``events``).
+        """
+        rnd = int(config.get("round", 0))
+        seed = self._seed(rnd)
+        module = self._module(arrays)
+        L.seed_everything(seed, workers=True, verbose=False)
+        if config.get("mode", "delta") == "gradient":
+            module.train()
+            module.zero_grad(set_to_none=True)
+            n = len(self.train_idx)
+            batch = next(iter(make_loader(self.data, self.train_idx, n, True, seed, self.cfg.train.max_tiles)))
+            loss_t = module.loss(batch, module(batch))  # the training step's own forward + loss (Cox or NLL)
+            loss_t.backward()
+            params = dict(module.model.named_parameters())
+            upd = {
+                k: (params[k].grad.detach().cpu().numpy() if params[k].grad is not None else np.zeros_like(v))
+                for k, v in arrays.items()
+            }
+            loss = float(loss_t.detach())
+        else:
+            mu = float(config.get("proximal_mu", 0.0))
+            trainer = make_trainer(
+                int(config.get("local_epochs", 1)), [ProximalTerm(mu)] if mu > 0 else [], validate=False
+            )
+            loader = make_loader(
+                self.data, self.train_idx, self.cfg.train.batch_size, True, seed, self.cfg.train.max_tiles
+            )
+            trainer.fit(module, loader)
+            new = trainable_arrays(module.model)
+            upd = {k: new[k] - arrays[k] for k in arrays}
+            loss = float(trainer.callback_metrics.get("train_loss", torch.tensor(float("nan"))))
+        upd = {k: v.astype(np.float32) for k, v in upd.items()}
+        clip = float(config.get("dp_clip", 0.0))
+        if clip > 0:  # sensitivity bounded by the clip; equal weights; no data-derived scalars leave the site
+            upd, _ = clip_l2(upd, clip)
+            return Update(upd, 1, {})
+        weight = self.n_events if config.get("weighting", "examples") == "events" else len(self.train_idx)
+        return Update(upd, int(weight), {"train_loss": loss, "train_events": float(self.n_events)})
+
+    def evaluate(self, arrays: Arrays, config: dict) -> Evaluation:
+        """Validation of the global model on this site's validation patients: scalars only."""
+        if len(self.val_idx) == 0:
+            return Evaluation(0, {})
+        module = self._module(arrays)
+        lh, _ = predict_log_hz(module.model, self.data, self.val_idx)
+        t, e = self.data.time[self.val_idx], self.data.event[self.val_idx]
+        conc, comp = concordant_pairs(t, e, lh)
+        if self.cfg.train.loss == "nll":  # the configured loss: per-patient mean NLL over the validation patients
+            module.eval()
+            total = 0.0
+            with torch.no_grad():
+                for batch in make_loader(self.data, self.val_idx, 32, False):
+                    total += float(module.loss(batch, module(batch))) * len(batch["time"])
+            nll = total / len(self.val_idx)
+        else:
+            from models.losses import cox_loss
+
+            nll = float(
+                cox_loss(torch.from_numpy(lh), torch.from_numpy(e), torch.from_numpy(t), ties=self.cfg.train.ties)
+            )
+        return Evaluation(
+            len(self.val_idx),
+            {
+                "cindex": harrell_cindex(t, e, lh),
+                "concordant": conc,
+                "comparable": comp,
+                "loss_sum": nll * float(e.sum()),
+                "events": float(e.sum()),
+            },
+        )
+
+
+def site_clients(data: CohortData, cfg: RunConfig) -> list[SiteClient]:
+    """One client per site with at least 2 training patients (rank = the site's position in the cohort)."""
+    tr, va = data.subset_sites(data.splits["train"]), data.subset_sites(data.splits["val"])
+    out = []
+    for k, s in enumerate(data.sites):
+        if len(tr[s]) > 1:
+            out.append(SiteClient(s, data, tr[s], va[s], cfg, k))
+        else:
+            log.warning("site %s has %d training patient(s): left out of the federation", s, len(tr[s]))
+    return out

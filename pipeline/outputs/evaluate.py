@@ -1,0 +1,78 @@
+"""TODO outputs.evaluate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.outputs.writers import _nan_to_none, _write_json
+from pipeline.stages import _eval_cfg
+
+log = logging.getLogger(__name__)
+
+
+def read_curves(path: Path, ids: list[str]):
+    """Survival curves for ``ids`` from ``survival_curves.csv`` (None if absent or incomplete)."""
+    from pipeline.stats.metrics import Curves
+
+    if not path.is_file():
+        return None
+    c = pd.read_csv(path).set_index("patient_id")
+    c.index = c.index.astype(str)
+    missing = [p for p in ids if p not in c.index]
+    if missing:
+        log.warning("%s: no curves for %d patients (e.g. %s); no Brier score", path, len(missing), missing[0])
+        return None
+    return Curves(np.array([float(t) for t in c.columns]), c.loc[ids].to_numpy(float))
+
+
+def stage_evaluate(risk_csv: Path, out: Path, split: str = "test", overrides: list[str] | None = None) -> dict:
+    """Metrics for one split (``all``: every patient) of ``risk_scores.csv``, pooled and per site:
+    Harrell and Uno C, td-AUC, integrated Brier score (from ``survival_curves.csv`` beside it), each
+    with a patient-bootstrap CI, log-rank p by risk group; ``metrics.json`` and PNG plots."""
+    from pipeline.outputs.plots import km_by_group, km_per_site, plot_td_auc
+    from pipeline.stats.metrics import survival_metrics
+
+    ev = _eval_cfg(None, overrides)
+    risk_csv = Path(risk_csv)
+    df = pd.read_csv(risk_csv, dtype={"patient_id": str})
+    need = {"patient_id", "site", "split", "risk", "risk_group", "time", "event"}
+    if not need <= set(df.columns):
+        raise ValueError(f"{risk_csv}: missing columns {sorted(need - set(df.columns))}")
+    d = df[df.split == split] if split != "all" else df
+    if d.empty:
+        raise ValueError(f"{risk_csv}: no patients in split '{split}' (splits: {sorted(df.split.unique())})")
+    tr = df[df.split == "train"]
+    horizons = ev.horizons
+    if horizons is None:
+        horizons = [float(c[6:]) for c in df.columns if c.startswith("surv_t")] or None
+    sites = sorted(d.site.unique())
+    curves = read_curves(risk_csv.with_name("survival_curves.csv"), d.patient_id.tolist())
+    m = survival_metrics(
+        d.time.to_numpy(float),
+        d.event.to_numpy(bool),
+        d.risk.to_numpy(float),
+        np.array([sites.index(s) for s in d.site]),
+        sites,
+        group=d.risk_group.to_numpy(str),
+        curves=curves,
+        train=(tr.time.to_numpy(float), tr.event.to_numpy(bool)) if split not in ("train", "all") else None,
+        horizons=horizons,
+        n_boot=ev.bootstrap,
+        seed=ev.seed,
+    )
+    m["split"] = split
+    m["logrank_p"] = m["pooled"].get("logrank_p", float("nan"))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    km_by_group(d.time.to_numpy(), d.event.to_numpy(), d.risk_group.to_numpy(), out / f"km_{split}.png",
+                title=f"{split} set:")  # fmt: skip
+    km_per_site(d.time.to_numpy(), d.event.to_numpy(), d.risk_group.to_numpy(), d.site.to_numpy(),
+                out / f"km_{split}_sites.png")  # fmt: skip
+    if m["horizons"]:
+        plot_td_auc(m, out / f"td_auc_{split}.png")
+    _write_json(out / "metrics.json", _nan_to_none(m))
+    return m
