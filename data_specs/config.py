@@ -176,11 +176,26 @@ class RunConfig(_Frozen):
         d = self.to_dict() if section is None else self.to_dict()[section]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        """Write the config as YAML (atomically: a reader never sees half a file)."""
+        from pipeline.files import write_text  # lazy: data_specs has no import-time tie to pipeline
+
+        write_text(path, self.to_yaml())
+
+    def with_overrides(self, overrides: list[str] | None) -> RunConfig:
+        """This config with dotted ``section.key=value`` overrides applied, validated again.
+
+        Every section is kept (a saved model's config, changed only where ``overrides`` say).
+        Raises ``ConfigError`` naming the override or field that is wrong.
+        """
+        if not overrides:
+            return self
+        data = self.to_dict()
+        apply_overrides(data, overrides)
+        return validate_config(data, "overrides " + " ".join(overrides))
 
 
 class ConfigError(ValueError):
@@ -198,6 +213,27 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
+    """Set each ``section.key=value`` (value parsed as a YAML scalar) in the nested dict ``data``."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' is not of the form section.key=value")
+        k, v = ov.split("=", 1)
+        _set_dotted(data, k.strip(), yaml.safe_load(v))
+
+
+def validate_config(data: dict[str, Any], source: str | None = None) -> RunConfig:
+    """``RunConfig`` from a nested dict; ``ConfigError`` listing every bad field (and ``source``)."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        msgs = "; ".join(
+            f"{'.'.join(str(x) for x in er['loc'])} = {er.get('input')!r}: {er['msg']}" for er in e.errors()
+        )
+        src = f" in {source}" if source else ""
+        raise ConfigError(f"invalid config{src}: {msgs}") from e
+
+
 def resolve_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> RunConfig:
     """Defaults <- YAML file <- dotted overrides <- keyword arguments for top-level keys."""
     data: dict[str, Any] = {}
@@ -209,19 +245,8 @@ def resolve_config(yaml_path: str | Path | None = None, overrides: list[str] | N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise ConfigError(f"override '{ov}' is not of the form section.key=value")
-        k, v = ov.split("=", 1)
-        _set_dotted(data, k.strip(), yaml.safe_load(v))
+    apply_overrides(data, overrides or [])
     for k, v in top.items():
         if v is not None:
             data[k] = v
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        msgs = "; ".join(
-            f"{'.'.join(str(x) for x in er['loc'])} = {er.get('input')!r}: {er['msg']}" for er in e.errors()
-        )
-        src = f" in {yaml_path}" if yaml_path else ""
-        raise ConfigError(f"invalid config{src}: {msgs}") from e
+    return validate_config(data, str(yaml_path) if yaml_path else None)

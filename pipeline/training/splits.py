@@ -1,4 +1,9 @@
-"""TODO training.splits."""
+"""Patient splits: train/val/test for one run, K folds for cross-validation, both stratified by (site, event).
+
+:func:`shuffled_strata` is the one stratifier: every (site, event) stratum's patients, in sorted stratum
+order, each shuffled by the caller's generator. :func:`assign_splits` cuts each stratum by fraction,
+:func:`assign_folds` deals them round-robin, :func:`fold_splits` carves each fold's validation set.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +26,8 @@ def assign_splits(cohort: Cohort, val_fraction: float, test_fraction: float, see
     else:
         if any(s is not None for s in given):
             log.warning("split given for some patients only: ignoring it and splitting by seed %d", seed)
-        rng = np.random.default_rng(seed)
         arr = np.empty(n, dtype=object)
-        strata: dict[tuple[str, bool], list[int]] = {}
-        for i, p in enumerate(cohort.patients):
-            strata.setdefault((p.site, p.event), []).append(i)
-        for key in sorted(strata):
-            idx = np.array(strata[key])[rng.permutation(len(strata[key]))]
+        for idx in shuffled_strata(cohort, np.arange(n), np.random.default_rng(seed)):
             n_test = int(round(test_fraction * len(idx)))
             n_val = int(round(val_fraction * len(idx)))
             arr[idx[:n_test]] = "test"
@@ -36,12 +36,17 @@ def assign_splits(cohort: Cohort, val_fraction: float, test_fraction: float, see
     return {s: np.flatnonzero(arr == s) for s in ("train", "val", "test")}
 
 
-def _strata(cohort: Cohort, idx: np.ndarray) -> dict[tuple[str, bool], np.ndarray]:
+def shuffled_strata(cohort: Cohort, idx: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """The patients ``idx`` grouped by (site, event), strata in sorted order, each shuffled by ``rng``.
+
+    Returns one int array of cohort indices per stratum; ``rng`` draws one permutation per stratum, in
+    that order (so the same seed gives the same split everywhere this is used).
+    """
     out: dict[tuple[str, bool], list[int]] = {}
     for i in idx:
         p = cohort.patients[i]
         out.setdefault((p.site, p.event), []).append(int(i))
-    return {k: np.array(out[k]) for k in sorted(out)}
+    return [np.array(out[k])[rng.permutation(len(out[k]))] for k in sorted(out)]
 
 
 def assign_folds(cohort: Cohort, k: int, seed: int) -> np.ndarray:
@@ -62,8 +67,7 @@ def assign_folds(cohort: Cohort, k: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     fold = np.full(n, -1, int)
     offset = 0
-    for members in _strata(cohort, np.arange(n)).values():
-        members = members[rng.permutation(len(members))]
+    for members in shuffled_strata(cohort, np.arange(n), rng):
         fold[members] = (offset + np.arange(len(members))) % k
         offset = (offset + len(members)) % k
     assert (fold >= 0).all()
@@ -77,9 +81,9 @@ def fold_splits(cohort: Cohort, folds: np.ndarray, f: int, val_fraction: float, 
     rest = np.flatnonzero(folds != f)
     rng = np.random.default_rng([seed, f])
     val: list[int] = []
-    for members in _strata(cohort, rest).values():
+    for members in shuffled_strata(cohort, rest, rng):
         n_val = int(round(val_fraction * len(members)))
-        val += members[rng.permutation(len(members))][:n_val].tolist()
+        val += members[:n_val].tolist()
     val_arr = np.array(sorted(val), int)
     train = np.setdiff1d(rest, val_arr)
     return {"train": train, "val": val_arr, "test": test}
