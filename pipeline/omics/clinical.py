@@ -10,12 +10,14 @@ import numpy as np
 import pandas as pd
 
 from data_specs.cohort import ClinicalSource
-from pipeline.omics.normalise import MIN_SUMMARY_PATIENTS, _as_array
 
 log = logging.getLogger(__name__)
 
 
 CLINICAL_SUMMARY = "histofuse-clinical-summary/1"
+
+
+MIN_SUMMARY_PATIENTS = 2  # a summary of one patient is that patient's values: refuse it
 
 
 def _is_number(v: str) -> bool:
@@ -147,9 +149,9 @@ class ClinicalNormaliser:
         for s in summaries:
             pos = {c: k for k, c in enumerate(s["numeric"]["columns"])}
             ix = np.array([pos[c] for c in numeric], dtype=int)
-            n += _as_array(s["numeric"]["n"])[ix]
-            sm += _as_array(s["numeric"]["sum"])[ix]
-            sq += _as_array(s["numeric"]["sumsq"])[ix]
+            n += np.asarray(s["numeric"]["n"], np.float64)[ix]
+            sm += np.asarray(s["numeric"]["sum"], np.float64)[ix]
+            sq += np.asarray(s["numeric"]["sumsq"], np.float64)[ix]
         empty = [c for c, k in zip(numeric, n, strict=True) if k == 0]
         if empty:
             raise ValueError(f"clinical column(s) {empty} have no value in any training patient")

@@ -1,23 +1,27 @@
-"""TODO omics.normalise."""
+"""Omics normalisation, and the cohort statistics fitted from site summaries (no patient values pooled).
+
+Owns :class:`OmicsNormaliser` (gene panel, HVG selection, per-gene mean/sd, pathway tokens) and the two
+functions every run uses for cohort-level statistics, embedded and deployed alike: :func:`site_summaries`
+(what one site shares about its training patients) and :func:`fit_normalisers` (the cohort-level omics and
+clinical normalisers from those summaries).
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.omics.readers import log_normalise
+from pipeline.omics.clinical import MIN_SUMMARY_PATIENTS, ClinicalNormaliser
+from pipeline.omics.readers import log_normalise, read_gmt, read_panel
 
 log = logging.getLogger(__name__)
 
 
 OMICS_SUMMARY = "histofuse-omics-summary/1"
-
-
-MIN_SUMMARY_PATIENTS = 2  # a summary of one patient is that patient's values: refuse it
 
 
 def seurat_hvg(n: np.ndarray, mean: np.ndarray, var: np.ndarray, n_top_genes: int, n_bins: int = 20) -> np.ndarray:
@@ -53,10 +57,6 @@ def seurat_hvg(n: np.ndarray, mean: np.ndarray, var: np.ndarray, n_top_genes: in
     k = min(n_top_genes, len(finite))
     cut = np.sort(finite)[::-1][k - 1]
     return np.nan_to_num(norm, nan=-np.inf) >= cut
-
-
-def _as_array(v: Any, dtype: Any = np.float64) -> np.ndarray:
-    return np.asarray(v, dtype=dtype)
 
 
 @dataclass
@@ -155,7 +155,7 @@ class OmicsNormaliser:
             pos = {g: k for k, g in enumerate(s["genes"])}
             ix = np.array([pos[g] for g in genes], dtype=int)
             for key in ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"):
-                tot[key] = tot.get(key, 0) + _as_array(s[key])[ix]
+                tot[key] = tot.get(key, 0) + np.asarray(s[key], np.float64)[ix]
         n = tot["n"]
         cand = np.ones(len(genes), bool)
         if panel is not None:
@@ -282,28 +282,81 @@ class OmicsNormaliser:
         )
 
 
-def _site_summaries(kind: str, site_train: dict[str, list[str]], have: set[str], summarise) -> list[dict]:
-    """One summary per site with enough training patients for ``kind``; ``ValueError`` when no site has."""
-    out = []
-    for s, ids in site_train.items():
-        ids = [i for i in ids if i in have]
+def site_summaries(
+    site: str,
+    train_ids: list[str],
+    adata=None,
+    omics_values: str = "counts",
+    clinical: pd.DataFrame | None = None,
+) -> dict[str, dict]:
+    """What one site shares about its own training patients: ``{"omics": ..., "clinical": ...}``.
+
+    Args:
+        site: the site's name (for messages).
+        train_ids: the site's training patients.
+        adata: its omics (AnnData, patients x genes), or None.
+        omics_values: ``counts`` or ``log``.
+        clinical: its clinical table (index = patient id, :meth:`ClinicalNormaliser.read`), or None.
+
+    A modality with fewer than ``MIN_SUMMARY_PATIENTS`` training patients is left out with a warning
+    naming the site: a one-patient summary would be that patient's values.
+    """
+    out: dict[str, dict] = {}
+    for kind, have in (("omics", adata), ("clinical", clinical)):
+        if have is None:
+            continue
+        index = set(map(str, have.obs_names)) if kind == "omics" else set(map(str, have.index))
+        ids = [i for i in train_ids if i in index]
         if len(ids) < MIN_SUMMARY_PATIENTS:
             if ids:
                 log.warning(
                     "site %s: %d training patient(s) with %s data, fewer than %d: the site's %s summary is left "
                     "out of the cohort-level statistics",
-                    s,
+                    site,
                     len(ids),
                     kind,
                     MIN_SUMMARY_PATIENTS,
                     kind,
                 )
             continue
-        out.append(summarise(ids))
-    if not out:
-        n = sum(len([i for i in ids if i in have]) for ids in site_train.values())
-        raise ValueError(
-            f"no site has {MIN_SUMMARY_PATIENTS} or more training patients with {kind} data "
-            f"({n} in all): cannot fit the {kind} normalisation"
-        )
+        if kind == "omics":
+            out[kind] = OmicsNormaliser.site_summary(adata, ids, omics_values)
+        else:
+            out[kind] = ClinicalNormaliser.site_summary(clinical, ids)
     return out
+
+
+def fit_normalisers(
+    summaries: list[dict[str, dict]],
+    gene_panel: Path | str | list[str] | None = None,
+    max_genes: int | None = None,
+    gene_sets: Path | str | dict[str, list[str]] | None = None,
+    min_pathway_genes: int = 3,
+    require: tuple[str, ...] = (),
+) -> tuple[OmicsNormaliser | None, ClinicalNormaliser | None]:
+    """The cohort-level normalisers from every site's :func:`site_summaries` (no patient values).
+
+    Args:
+        summaries: one dict per site (a site may lack a modality).
+        gene_panel / gene_sets: a file (read here) or the list / mapping itself.
+        max_genes, min_pathway_genes: as in :meth:`OmicsNormaliser.from_summaries`.
+        require: modalities that must be fitted (``ValueError`` when no site summarised one).
+
+    Returns ``(omics, clinical)``; None for a modality no site summarised.
+    """
+    omics = [s["omics"] for s in summaries if "omics" in s]
+    clinical = [s["clinical"] for s in summaries if "clinical" in s]
+    for kind, got in (("omics", omics), ("clinical", clinical)):
+        if kind in require and not got:
+            raise ValueError(
+                f"no site has {MIN_SUMMARY_PATIENTS} or more training patients with {kind} data: "
+                f"cannot fit the {kind} normalisation"
+            )
+    o_norm = c_norm = None
+    if omics:
+        panel = read_panel(gene_panel) if isinstance(gene_panel, Path | str) else gene_panel
+        sets = read_gmt(gene_sets) if isinstance(gene_sets, Path | str) else gene_sets
+        o_norm = OmicsNormaliser.from_summaries(omics, panel, max_genes, sets, min_pathway_genes)
+    if clinical:
+        c_norm = ClinicalNormaliser.from_summaries(clinical)
+    return o_norm, c_norm

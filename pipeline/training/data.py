@@ -18,8 +18,8 @@ import torch
 from data_specs.cohort import Cohort
 from data_specs.config import RunConfig
 from pipeline.omics.clinical import ClinicalNormaliser
-from pipeline.omics.normalise import OmicsNormaliser, _site_summaries
-from pipeline.omics.readers import read_gmt, read_omics, read_panel
+from pipeline.omics.normalise import OmicsNormaliser, fit_normalisers, site_summaries
+from pipeline.omics.readers import read_omics
 from pipeline.slides.features import features_dir, load_features, slide_id_of
 from pipeline.training.splits import assign_splits
 
@@ -150,16 +150,8 @@ def build_data(
     if cohort.omics is not None:
         adata = read_omics(cohort.omics, pids)
         if omics_norm is None:
-            panel = read_panel(gene_panel) if isinstance(gene_panel, Path | str) else gene_panel
-            sets = read_gmt(gene_sets) if isinstance(gene_sets, Path | str) else gene_sets
-            have = set(adata.obs_names)
-            summaries = _site_summaries(
-                "omics",
-                site_train,
-                have,
-                lambda ids: OmicsNormaliser.site_summary(adata, ids, cohort.omics.values),  # type: ignore[union-attr]
-            )
-            omics_norm = OmicsNormaliser.from_summaries(summaries, panel, max_genes, sets, min_pathway_genes)
+            summaries = [site_summaries(s, ids, adata, cohort.omics.values) for s, ids in site_train.items()]
+            omics_norm, _ = fit_normalisers(summaries, gene_panel, max_genes, gene_sets, min_pathway_genes, ("omics",))
         data.omics, data.omics_present = omics_norm.transform(adata, pids)
         data.genes, data.omics_norm = omics_norm.features, omics_norm
         data.pathways = list(omics_norm.pathways)
@@ -167,11 +159,8 @@ def build_data(
     if cohort.clinical is not None:
         df = ClinicalNormaliser.read(cohort.clinical)
         if clinical_norm is None:
-            have = set(df.index)
-            summaries = _site_summaries(
-                "clinical", site_train, have, lambda ids: ClinicalNormaliser.site_summary(df, ids)
-            )
-            clinical_norm = ClinicalNormaliser.from_summaries(summaries)
+            summaries = [site_summaries(s, ids, clinical=df) for s, ids in site_train.items()]
+            _, clinical_norm = fit_normalisers(summaries, require=("clinical",))
         data.clinical, data.clinical_present = clinical_norm.transform(df, pids)
         data.clinical_columns, data.clinical_norm = clinical_norm.columns, clinical_norm
     return data
