@@ -17,7 +17,6 @@ row, field and value (:class:`CohortError`).
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections import Counter
@@ -27,6 +26,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from data_specs.tables import FLOAT32_MAX, read_csv_dicts, read_expression
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +175,16 @@ def _read_manifest(path: Path, problems: list[Problem]) -> list[dict[str, Any]]:
     if not path.is_file():
         problems.append(Problem(str(path), "patient manifest not found"))
         return []
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            problems.append(Problem(str(path), f"missing required column(s) {missing}; header is {header}"))
-            return []
-        return [dict(r) for r in reader]
+    try:
+        header, rows = read_csv_dicts(path)
+    except ValueError as e:
+        problems.append(Problem(str(path), str(e).removeprefix(f"{path}: ")))
+        return []
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        problems.append(Problem(str(path), f"missing required column(s) {missing}; header is {header}"))
+        return []
+    return rows
 
 
 def _parse_rows(rows: list[dict[str, Any]], src: str, root: Path, problems: list[Problem]) -> list[Patient]:
@@ -208,6 +211,10 @@ def _parse_rows(rows: list[dict[str, Any]], src: str, root: Path, problems: list
             if not math.isfinite(t) or t < 0:
                 problems.append(Problem(src, "time must be a finite number >= 0", i, "time", raw_t))
                 ok = False
+            elif t > FLOAT32_MAX:
+                msg = f"time is beyond the float32 range training uses (at most {FLOAT32_MAX:.4g})"
+                problems.append(Problem(src, msg, i, "time", raw_t))
+                ok = False
         except (TypeError, ValueError):
             problems.append(Problem(src, "time is not a number", i, "time", raw_t))
             ok = False
@@ -230,6 +237,9 @@ def _parse_rows(rows: list[dict[str, Any]], src: str, root: Path, problems: list
             if not p.exists():
                 problems.append(Problem(src, f"slide file not found: {p}", i, "slides", s))
                 ok = False
+            elif not p.is_file():
+                problems.append(Problem(src, _not_a_file(p), i, "slides", s))
+                ok = False
             slides.append(p)
         mpps = _parse_slide_mpps(row.get("slide_mpp"), len(slides), src, i, problems)
         ok = ok and mpps is not None
@@ -240,6 +250,15 @@ def _parse_rows(rows: list[dict[str, Any]], src: str, root: Path, problems: list
         if ok:
             patients.append(Patient(pid, site, t, ev, tuple(slides), split, mpps or ()))  # type: ignore[arg-type]
     return patients
+
+
+def _not_a_file(p: Path) -> str:
+    """Why a slide path that exists is not a slide: a folder (a DICOM series is opened by one of its files)."""
+    if p.is_dir():
+        dcm = sorted(p.glob("*.dcm"))[:1]
+        hint = f"; for a DICOM slide give one of its .dcm files (e.g. {dcm[0].name})" if dcm else ""
+        return f"slide path is a folder, not a slide file: {p}{hint}"
+    return f"slide path is not a regular file: {p}"
 
 
 def _parse_slide_mpps(
@@ -277,58 +296,22 @@ def _parse_slide_mpps(
     return tuple(out)
 
 
-def detect_orientation(
-    rows: list[str], cols: list[str], patient_ids: list[str] | set[str] | None, declared: str, file: str
-) -> str:
-    """``patients_by_genes`` or ``genes_by_patients`` for a table with row ids ``rows`` and column ids
-    ``cols``: ``declared`` unless it is ``auto``; then the axis sharing more ids with the cohort's
-    patients (rows when no patient ids are known). Raises ``ValueError`` when neither axis matches."""
-    if declared != "auto":
-        return declared
-    if patient_ids is None:
-        return "patients_by_genes"
-    ids = set(patient_ids)
-    in_rows = sum(str(r).strip() in ids for r in rows)
-    in_cols = sum(str(c).strip() in ids for c in cols)
-    if in_rows == 0 and in_cols == 0:
-        raise ValueError(
-            f"{file}: cannot tell the orientation: neither the row ids (e.g. {list(rows)[:3]}) nor the column ids "
-            f"(e.g. {list(cols)[:3]}) match the cohort's patient ids; set orientation: patients_by_genes or "
-            "genes_by_patients in the omics section"
-        )
-    return "genes_by_patients" if in_cols > in_rows else "patients_by_genes"
-
-
 def read_omics_ids(src: OmicsSource, patient_ids: list[str] | set[str] | None = None) -> list[str]:
-    """Patient ids in an omics file, in file order, without loading the matrix (orientation declared or
-    detected against ``patient_ids``)."""
-    fmt = src.resolved_format()
-    if fmt == "h5ad":
-        import anndata as ad
-
-        a = ad.read_h5ad(src.path, backed="r")
-        try:
-            obs, var = [str(x) for x in a.obs_names], [str(x) for x in a.var_names]
-        finally:
-            a.file.close()
-        orient = detect_orientation(obs, var, patient_ids, src.orientation, str(src.path))
-        return obs if orient == "patients_by_genes" else var
-    delim = "\t" if fmt == "tsv" else ","
-    with src.path.open(newline="") as fh:
-        reader = csv.reader(fh, delimiter=delim)
-        header = [h.strip() for h in next(reader, [])]
-        first = [r[0].strip() for r in reader if r]
-    cols = [h for h in header[1:] if h != src.gene_column]
-    orient = detect_orientation(first, cols, patient_ids, src.orientation, str(src.path))
-    return first if orient == "patients_by_genes" else cols
+    """Patient ids in an omics file, in file order, after reading and checking every value the way training
+    does (:func:`data_specs.tables.read_expression`). Raises ``ValueError`` naming the file and value."""
+    return read_expression(src, patient_ids).patient_ids
 
 
 def read_clinical_ids(src: ClinicalSource) -> list[str]:
-    with src.path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if src.id_column not in (reader.fieldnames or []):
-            raise CohortError([Problem(str(src.path), "id column not in header", None, src.id_column)])
-        return [str(r[src.id_column]).strip() for r in reader]
+    """Patient ids of a clinical CSV, in file order. Raises :class:`CohortError` for a missing id column."""
+    try:
+        header, rows = read_csv_dicts(src.path)
+    except ValueError as e:
+        raise CohortError([Problem(str(src.path), str(e).removeprefix(f"{src.path}: "))]) from e
+    if src.id_column not in header:
+        msg = f"id column not in header {header}"
+        raise CohortError([Problem(str(src.path), msg, None, "clinical.id_column", src.id_column)])
+    return [str(r.get(src.id_column) or "").strip() for r in rows]
 
 
 def _check_coverage(
@@ -359,32 +342,90 @@ def _check_coverage(
     return warnings
 
 
+def _read_doc(path: Path) -> CohortFile:
+    """The YAML document (or a bare CSV manifest as one). Raises :class:`CohortError`."""
+    if path.suffix.lower() == ".csv":
+        return CohortFile(name=path.stem, patients=path.name)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CohortError([Problem(str(path), f"not valid YAML: {e}")]) from e
+    if not isinstance(raw, dict):
+        raise CohortError([Problem(str(path), "expected a mapping with at least 'patients'", value=raw)])
+    try:
+        return CohortFile.model_validate(raw)
+    except ValidationError as e:
+        raise CohortError(
+            [
+                Problem(str(path), err["msg"], None, ".".join(str(x) for x in err["loc"]), err.get("input"))
+                for err in e.errors()
+            ]
+        ) from e
+
+
+@dataclass
+class _SourceCheck:
+    """What reading the omics and clinical files found; ``complete`` is False when one could not be read."""
+
+    warnings: list[str] = field(default_factory=list)
+    omics_ids: list[str] = field(default_factory=list)
+    clinical_ids: list[str] = field(default_factory=list)
+    complete: bool = True
+
+
+def _check_sources(
+    spec: Path,
+    omics: OmicsSource | None,
+    clinical: ClinicalSource | None,
+    ids: set[str] | None,
+    problems: list[Problem],
+) -> _SourceCheck:
+    """Read the omics and clinical files as training will and check their patients against ``ids`` (the ids
+    of every manifest row, valid or not). ``ids`` None (the manifest itself is unreadable): only check that
+    the files exist, so that one root cause is not reported again as every patient missing."""
+    out = _SourceCheck()
+    if omics is not None:
+        if not omics.path.is_file():
+            problems.append(Problem(str(spec), "omics file not found", None, "omics.path", str(omics.path)))
+            out.complete = False
+        elif ids is not None:
+            try:
+                out.omics_ids = read_omics_ids(omics, ids)
+            except (ValueError, OSError) as e:
+                problems.append(Problem(str(omics.path), str(e).removeprefix(f"{omics.path}: ")))
+                out.complete = False
+            else:
+                out.warnings += _check_coverage("omics", omics.path, out.omics_ids, ids, omics.allow_missing, problems)
+    if clinical is not None:
+        if not clinical.path.is_file():
+            problems.append(Problem(str(spec), "clinical file not found", None, "clinical.path", str(clinical.path)))
+            out.complete = False
+        elif ids is not None:
+            try:
+                out.clinical_ids = read_clinical_ids(clinical)
+            except CohortError as e:
+                problems += e.problems
+                out.complete = False
+            else:
+                out.warnings += _check_coverage(
+                    "clinical", clinical.path, out.clinical_ids, ids, clinical.allow_missing, problems
+                )
+    return out
+
+
 def load_cohort(path: str | Path) -> Cohort:
-    """Read and validate a cohort YAML (or a bare CSV manifest). Raises :class:`CohortError`."""
+    """Read and validate a cohort YAML (or a bare CSV manifest). Raises :class:`CohortError`.
+
+    Every problem is collected before raising, and each root cause is reported once: a row rejected for
+    its time or event still counts as a cohort patient when the omics and clinical files are checked, and
+    an unreadable manifest or omics file is not reported again as every patient missing.
+    """
     path = Path(path).resolve()
     if not path.is_file():
         raise CohortError([Problem(str(path), "cohort file not found")])
     root = path.parent
     problems: list[Problem] = []
-    if path.suffix.lower() == ".csv":
-        doc = CohortFile(name=path.stem, patients=path.name)
-    else:
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise CohortError([Problem(str(path), f"not valid YAML: {e}")]) from e
-        if not isinstance(raw, dict):
-            raise CohortError([Problem(str(path), "expected a mapping with at least 'patients'", value=raw)])
-        try:
-            doc = CohortFile.model_validate(raw)
-        except ValidationError as e:
-            raise CohortError(
-                [
-                    Problem(str(path), err["msg"], None, ".".join(str(x) for x in err["loc"]), err.get("input"))
-                    for err in e.errors()
-                ]
-            ) from e
-
+    doc = _read_doc(path)
     if isinstance(doc.patients, str):
         manifest = Path(doc.patients)
         manifest = manifest if manifest.is_absolute() else root / manifest
@@ -405,32 +446,8 @@ def load_cohort(path: str | Path) -> Cohort:
 
     omics = doc.omics.model_copy(update={"path": _abs(doc.omics.path)}) if doc.omics else None
     clinical = doc.clinical.model_copy(update={"path": _abs(doc.clinical.path)}) if doc.clinical else None
-    ids = {p.patient_id for p in patients}
-    warnings: list[str] = []
-    omics_ids: list[str] = []
-    clinical_ids: list[str] = []
-    if omics is not None:
-        if not omics.path.is_file():
-            problems.append(Problem(str(path), "omics file not found", None, "omics.path", str(omics.path)))
-        else:
-            try:
-                omics_ids = read_omics_ids(omics, ids)
-            except ValueError as e:
-                problems.append(Problem(str(omics.path), str(e).removeprefix(f"{omics.path}: ")))
-            warnings += _check_coverage("omics", omics.path, omics_ids, ids, omics.allow_missing, problems)
-    if clinical is not None:
-        if not clinical.path.is_file():
-            problems.append(Problem(str(path), "clinical file not found", None, "clinical.path", str(clinical.path)))
-        else:
-            try:
-                clinical_ids = read_clinical_ids(clinical)
-            except CohortError as e:
-                problems += e.problems
-            else:
-                warnings += _check_coverage(
-                    "clinical", clinical.path, clinical_ids, ids, clinical.allow_missing, problems
-                )
-
+    known = {str(r.get("patient_id") or "").strip() for r in rows} - {""} if rows else None
+    found = _check_sources(path, omics, clinical, known, problems)
     cohort = Cohort(
         doc.name,
         root,
@@ -439,21 +456,15 @@ def load_cohort(path: str | Path) -> Cohort:
         omics,
         clinical,
         doc.slide_mpp,
-        warnings,
-        frozenset(omics_ids),
-        frozenset(clinical_ids),
+        found.warnings,
+        frozenset(found.omics_ids),
+        frozenset(found.clinical_ids),
     )
-    for p in patients:
-        if not cohort.modalities(p):
-            problems.append(
-                Problem(
-                    src,
-                    "patient has no modality (no slides, no omics row, no clinical row)",
-                    None,
-                    "patient_id",
-                    p.patient_id,
-                )
-            )
+    if found.complete:  # a file that could not be read is one problem, not one per patient
+        for p in patients:
+            if not cohort.modalities(p):
+                msg = "patient has no modality (no slides, no omics row, no clinical row)"
+                problems.append(Problem(src, msg, None, "patient_id", p.patient_id))
     if problems:
         raise CohortError(problems)
     for s in cohort.sites:

@@ -1,4 +1,6 @@
-"""TODO omics.clinical."""
+"""Clinical covariates: read the clinical CSV (with the cohort's shared CSV reader) and turn it into
+``clinical [P, C]``: numeric columns standardised, categorical columns one-hot, missing indicators, all
+fitted from per-site summaries (:class:`ClinicalNormaliser`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from data_specs.cohort import ClinicalSource
+from data_specs.tables import read_csv_frame
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class ClinicalNormaliser:
         """The clinical CSV indexed by patient id: numeric columns float64 (NaN = missing), categorical
         columns str (NaN = missing). Categorical columns are those named in ``src.categorical``; when
         that is not given, every column with a non-numeric value."""
-        df = pd.read_csv(src.path, dtype=str, keep_default_na=True)
+        df = read_csv_frame(src.path)  # the cohort's CSV reader: BOM, `;` or `,`, repeated names refused
         if src.id_column not in df.columns:
             raise ValueError(f"{src.path}: id column '{src.id_column}' not in header {list(df.columns)}")
         df[src.id_column] = df[src.id_column].str.strip()

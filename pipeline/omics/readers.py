@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_specs.cohort import OmicsSource, detect_orientation
+from data_specs.cohort import OmicsSource
+from data_specs.tables import read_expression
 
 log = logging.getLogger(__name__)
 
@@ -96,108 +97,27 @@ def _merge_duplicate_genes(x: np.ndarray, genes: list[str], file: Path) -> tuple
     return merged.astype(np.float32), order
 
 
-def _read_table(src: OmicsSource, patient_ids: list[str] | None) -> tuple[np.ndarray, list[str], list[str]]:
-    """CSV/TSV -> ``(x [P, G] float, patient ids, raw gene ids)`` in the declared or detected orientation."""
-    fmt = src.resolved_format()
-    df = pd.read_csv(src.path, sep="\t" if fmt == "tsv" else ",", index_col=0, dtype={0: str})
-    df.index = df.index.astype(str).str.strip()
-    df.columns = df.columns.astype(str).str.strip()
-    gene_col = src.gene_column
-    data_cols = [c for c in df.columns if c != gene_col]
-    orient = detect_orientation(list(df.index), data_cols, patient_ids, src.orientation, str(src.path))
-    gene_ids: list[str] | None = None
-    if gene_col is not None:
-        if orient != "genes_by_patients":
-            raise ValueError(
-                f"{src.path}: gene_column '{gene_col}' applies to a genes-by-patients table (one row per gene); "
-                "this table has one row per patient"
-            )
-        if gene_col == df.index.name:
-            gene_ids = list(df.index)
-        elif gene_col in df.columns:
-            gene_ids = df[gene_col].astype(str).tolist()
-            df = df.drop(columns=[gene_col])
-        else:
-            raise ValueError(f"{src.path}: gene_column '{gene_col}' not in header {[df.index.name, *df.columns]}")
-    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
-    if bad:
-        c = bad[0]
-        r = df.index[pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()]
-        what = "gene" if orient == "patients_by_genes" else "patient"
-        other = "patient" if orient == "patients_by_genes" else "gene"
-        v = df.loc[r[0], c] if len(r) else None
-        raise ValueError(
-            f"{src.path}: {what} column '{c}' is not numeric ({other} '{r[0] if len(r) else '?'}': {v!r})"
-            + ("; name it as gene_column if it holds gene identifiers" if orient == "genes_by_patients" else "")
-        )
-    x = df.to_numpy(np.float64)
-    if orient == "patients_by_genes":
-        return x, list(df.index), list(df.columns)
-    return x.T, list(df.columns), gene_ids if gene_ids is not None else list(df.index)
-
-
 def read_omics(src: OmicsSource, patient_ids: list[str] | None = None):  # -> anndata.AnnData (patients x genes)
     """Read an omics file as AnnData with patients as ``obs_names`` and harmonised genes as ``var_names``.
 
     Args:
         src: the cohort's omics section (path, format, orientation, values, gene_column, impute).
-        patient_ids: the cohort's patient ids, used to detect the orientation when it is ``auto``.
+        patient_ids: the cohort's patient ids, used to detect (or check) the orientation.
 
-    ``X`` is float32 ``[P, G]``; with ``impute: mean`` it may hold NaN (filled at transform time with the
-    cohort-level training mean). Raises ``ValueError`` naming the file, patient, gene and value.
+    The file is read and its values checked by :func:`data_specs.tables.read_expression`, the same reader
+    ``histofuse validate`` uses; gene identifiers repeated in the file (exactly, or after
+    :func:`harmonise_gene_ids`) are merged by their mean with a warning. ``X`` is float32 ``[P, G]``; with
+    ``impute: mean`` it may hold NaN (filled at transform time with the cohort-level training mean).
+    Raises ``ValueError`` naming the file, patient, gene and value.
     """
     import anndata as ad
 
-    fmt = src.resolved_format()
-    if fmt == "h5ad":
-        a = ad.read_h5ad(src.path)
-        obs, var = [str(i) for i in a.obs_names], [str(g) for g in a.var_names]
-        orient = detect_orientation(obs, var, patient_ids, src.orientation, str(src.path))
-        x = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
-        x = np.asarray(x, np.float64)
-        if src.gene_column is not None:
-            frame = a.var if orient == "patients_by_genes" else a.obs
-            if src.gene_column not in frame.columns:
-                where = "var" if orient == "patients_by_genes" else "obs"
-                raise ValueError(
-                    f"{src.path}: gene_column '{src.gene_column}' is not a {where} column (have {list(frame.columns)})"
-                )
-            ids = frame[src.gene_column].astype(str).tolist()
-            var, obs = (ids, obs) if orient == "patients_by_genes" else (var, ids)
-        if orient == "genes_by_patients":
-            x, obs, var = x.T, var, obs
-        pids, raw_genes = obs, var
-    else:
-        x, pids, raw_genes = _read_table(src, patient_ids)
-    pids = [str(p).strip() for p in pids]
-    genes = harmonise_gene_ids(raw_genes)
-    if np.isinf(x).any():
-        i, j = np.argwhere(np.isinf(x))[0]
-        raise ValueError(f"{src.path}: infinite value for patient '{pids[i]}', gene '{raw_genes[j]}'")
-    miss = np.isnan(x)
-    if miss.any():
-        rows, cols = np.flatnonzero(miss.any(1)), np.flatnonzero(miss.any(0))
-        msg = (
-            f"{src.path}: {int(miss.sum())} missing value(s) in {len(rows)} patient(s) (e.g. "
-            f"{[pids[i] for i in rows[:3]]}) and {len(cols)} gene(s) (e.g. {[raw_genes[j] for j in cols[:3]]})"
-        )
-        if src.impute == "none":
-            raise ValueError(msg + "; set impute: mean or impute: zero in the cohort's omics section")
-        log.warning("%s; imputed with the %s", msg, "training mean" if src.impute == "mean" else "value 0")
-        if src.impute == "zero":
-            x = np.where(miss, 0.0, x)
-    if src.values == "counts" and (x < 0).any():
-        i, j = np.argwhere(x < 0)[0]
-        raise ValueError(
-            f"{src.path}: negative count {x[i, j]} for patient '{pids[i]}', gene "
-            f"'{raw_genes[j]}' (values: counts); set values: log for already-log data"
-        )
-    x, genes = _merge_duplicate_genes(x, genes, src.path)
-    if len(set(pids)) != len(pids):
-        dup = [p for p, n in Counter(pids).items() if n > 1]
-        raise ValueError(f"{src.path}: patient id(s) listed more than once: {dup[:5]}")
+    t = read_expression(src, patient_ids)
+    x, genes = _merge_duplicate_genes(t.x, harmonise_gene_ids(t.gene_ids), src.path)
     return ad.AnnData(
-        X=np.asarray(x, np.float32), obs=pd.DataFrame(index=pd.Index(pids)), var=pd.DataFrame(index=pd.Index(genes))
+        X=np.asarray(x, np.float32),
+        obs=pd.DataFrame(index=pd.Index(t.patient_ids)),
+        var=pd.DataFrame(index=pd.Index(genes)),
     )
 
 
