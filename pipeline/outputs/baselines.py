@@ -1,0 +1,354 @@
+"""Reference models beside the network: centralised linear Cox baselines and modality contributions.
+
+:func:`fit_baselines` fits an elastic-net Cox model (scikit-survival ``CoxnetSurvivalAnalysis``) on each
+modality alone and on all of them together, on the run's own split, and scores it on the test patients
+next to the model (paired bootstrap CI of the C-index difference). These baselines pool every patient's
+features in one place, so they are labelled ``centralised``. :func:`modality_contributions` removes one
+modality at inference and reports the model's C-index without it. :func:`baselines_html` renders both for
+the report.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from pipeline.stats.metrics import bootstrap_ci, harrell_cindex
+
+if TYPE_CHECKING:
+    from pipeline.training.data import CohortData
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("slides", "omics", "clinical")
+PredictFn = Callable[["CohortData", np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """How the baselines are fitted and scored (defaults follow issue 11's measurement)."""
+
+    l1_ratio: float = 0.5
+    n_folds: int = 5  # stratified by event, over train + val patients
+    n_pcs: int = 10  # principal components of mean-pooled tile features (fitted on training slides)
+    alpha_min_ratio: float = 0.01
+    n_alphas: int = 50
+    n_boot: int = 200
+    seed: int = 0
+
+
+def _has(data: CohortData, m: str) -> bool:
+    return {"slides": data.bags is not None, "omics": data.omics is not None, "clinical": data.clinical is not None}[m]
+
+
+def _raw_block(data: CohortData, m: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(X [P, k], present [P] bool)`` for one modality; slides as the mean of each patient's tiles."""
+    if m == "slides":
+        assert data.bags is not None
+        present = np.array([len(b) > 0 for b in data.bags])
+        x = np.stack([b.mean(0) if len(b) else np.zeros(data.feature_dim) for b in data.bags]).astype(np.float64)
+        return x, present
+    x, present = (data.omics, data.omics_present) if m == "omics" else (data.clinical, data.clinical_present)
+    assert x is not None and present is not None
+    return np.asarray(x, np.float64), np.asarray(present, bool)
+
+
+def modality_block(data: CohortData, m: str, train: np.ndarray, n_pcs: int = 10) -> tuple[np.ndarray, dict]:
+    """One modality as a standardised design matrix ``[P, k]``, every statistic fitted on ``train`` only.
+
+    Slides: PCA (``min(n_pcs, training slides, D)`` components) of the mean-pooled tile features. Each
+    column is standardised with the mean/SD of the training patients who have the modality; a patient
+    without it gets the training mean (0 after standardising). Returns the matrix and what was done.
+    """
+    x, present = _raw_block(data, m)
+    tr = np.asarray(train)[present[train]]
+    if len(tr) < 2:
+        raise ValueError(f"modality {m}: {len(tr)} training patients have it (need >= 2)")
+    info: dict = {"columns": x.shape[1], "train_with_modality": len(tr), "imputed": int((~present).sum())}
+    if m == "slides":
+        from sklearn.decomposition import PCA
+
+        k = min(n_pcs, len(tr), x.shape[1])
+        pca = PCA(n_components=k, random_state=0).fit(x[tr])
+        x = pca.transform(x)
+        info.update(columns=k, pca_explained=float(pca.explained_variance_ratio_.sum()))
+    mu, sd = x[tr].mean(0), x[tr].std(0)
+    z = (x - mu) / np.where(sd > 0, sd, 1.0)
+    z[~present] = 0.0  # missing modality: the training mean
+    return z, info
+
+
+def _folds(event: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    k = min(n_folds, int(event.sum()), int((~event).sum()))
+    if k >= 2:
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(event, event))
+    return list(KFold(min(n_folds, len(event)), shuffle=True, random_state=seed).split(event))
+
+
+def fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, s: BaselineSettings) -> tuple[object, float, dict]:
+    """Coxnet on exactly these rows: the alpha path from all of them, alpha by K-fold CV (mean fold C).
+
+    Args:
+        x: ``[n, k]`` design matrix of the fitting patients; time ``[n]`` float; event ``[n]`` bool.
+
+    Returns the path model (predict with ``alpha=``), the chosen alpha and the CV record. Ties go to the
+    larger (more regularised) alpha.
+    """
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
+    from sksurv.util import Surv
+
+    event = np.asarray(event, bool)
+    if event.sum() < 2:
+        raise ValueError(f"{int(event.sum())} events among the {len(event)} fitting patients (need >= 2)")
+    kw = {"l1_ratio": s.l1_ratio, "fit_baseline_model": False, "alpha_min_ratio": s.alpha_min_ratio}
+    y = Surv.from_arrays(event, time)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings at the smallest alphas
+        path = CoxnetSurvivalAnalysis(n_alphas=s.n_alphas, **kw).fit(x, y)
+        alphas = path.alphas_
+        scores = np.full((s.n_folds, len(alphas)), np.nan)
+        for f, (a, b) in enumerate(_folds(event, s.n_folds, s.seed)):
+            try:
+                m = CoxnetSurvivalAnalysis(alphas=alphas, **kw).fit(x[a], y[a])
+            except ArithmeticError as e:  # sksurv gives up on a diverging path
+                log.warning("baseline CV fold %d: %s", f, e)
+                continue
+            for j, al in enumerate(alphas):
+                scores[f, j] = harrell_cindex(time[b], event[b], m.predict(x[b], alpha=al))
+    mean = np.nanmean(scores, 0) if np.isfinite(scores).any() else np.zeros(len(alphas))
+    mean = np.nan_to_num(mean, nan=-1.0)
+    j = int(np.flatnonzero(mean == mean.max())[0])  # alphas_ decrease: first max = largest alpha
+    return path, float(alphas[j]), {"cv_cindex": float(mean[j]), "alpha_index": j, "n_alphas": len(alphas)}
+
+
+def _scored(time: np.ndarray, event: np.ndarray, lh: np.ndarray, ref: np.ndarray | None, s: BaselineSettings) -> dict:
+    """Harrell C of ``lh`` with its bootstrap CI and, given ``ref``, the paired CI of ``C(ref) - C(lh)``."""
+
+    def stat(i: np.ndarray) -> dict[str, float]:
+        c = harrell_cindex(time[i], event[i], lh[i])
+        return {"c": c} if ref is None else {"c": c, "d": harrell_cindex(time[i], event[i], ref[i]) - c}
+
+    out: dict = {"cindex": harrell_cindex(time, event, lh), "n": len(time), "events": int(event.sum())}
+    b = bootstrap_ci(stat, len(time), s.n_boot, s.seed) if s.n_boot else {}
+    out["cindex_ci"] = b.get("c", {}).get("ci")
+    if ref is not None:
+        d = harrell_cindex(time, event, ref) - out["cindex"]
+        out["model_minus_this"] = {"diff": d, "ci": b.get("d", {}).get("ci"), "valid": b.get("d", {}).get("valid")}
+    return out
+
+
+def _verdict(d: dict) -> str:
+    ci = d.get("ci") or [float("nan")] * 2
+    if np.isfinite(ci[1]) and ci[1] < 0:
+        return "the model loses"
+    if np.isfinite(ci[0]) and ci[0] > 0:
+        return "the model wins"
+    return "no clear difference" if np.isfinite(ci[0]) else ("the model loses" if d["diff"] < 0 else "not tested")
+
+
+def _names(data: CohortData, m: str, k: int) -> list[str]:
+    pcs = [f"slide_pc{j + 1}" for j in range(k)]
+    names = {"slides": pcs, "omics": data.genes, "clinical": data.clinical_columns}[m]
+    return list(names) if len(names) == k else [f"{m}_{j}" for j in range(k)]
+
+
+def fit_baselines(
+    data: CohortData,
+    model_log_hz: np.ndarray | None = None,
+    settings: BaselineSettings | None = None,
+    return_predictions: bool = False,
+) -> dict | tuple[dict, dict[str, np.ndarray]]:
+    """Centralised Coxnet baselines on the run's split, scored on its test patients (a dict for metrics.json).
+
+    Args:
+        data: the run's data; ``splits`` must hold ``train`` and ``test`` (``val`` joins the fitting set).
+        model_log_hz: the model's ``log_hz [len(test)]`` in ``data.splits["test"]`` order, for the paired
+            bootstrap CI of (model - baseline) C-index; None: baselines only.
+
+    Each modality alone and ``all`` of them: blocks from :func:`modality_block` (PCA and standardisation on
+    the training patients), alpha by stratified K-fold CV and the final fit on train + val patients; test
+    patients are only scored. ``best`` is the baseline with the highest CV C-index (chosen without test data).
+    With ``return_predictions``, also each baseline's test ``log_hz``.
+    """
+    s = settings or BaselineSettings()
+    train, test = np.asarray(data.splits["train"]), np.asarray(data.splits["test"])
+    fit = np.sort(np.concatenate([train, np.asarray(data.splits.get("val", []), int)]))
+    if len(np.intersect1d(fit, test)):
+        raise ValueError("splits: train/val and test overlap; baselines need disjoint splits")
+    mods = [m for m in MODALITIES if _has(data, m)]
+    blocks, notes = {}, {}
+    for m in mods:
+        try:
+            blocks[m] = modality_block(data, m, train, s.n_pcs)
+        except ValueError as e:
+            notes[m] = str(e)
+    sets = {m: [m] for m in blocks}
+    if len(blocks) > 1:
+        sets["all"] = list(blocks)
+    ref = None if model_log_hz is None else np.asarray(model_log_hz, float)
+    if ref is not None and len(ref) != len(test):
+        raise ValueError(f"model_log_hz: {len(ref)} values for {len(test)} test patients")
+    t, e = data.time.astype(float), data.event.astype(bool)
+    res: dict = {}
+    preds: dict[str, np.ndarray] = {}
+    for name, parts in sets.items():
+        x = np.concatenate([blocks[m][0] for m in parts], axis=1)
+        try:
+            path, alpha, cv = fit_coxnet(x[fit], t[fit], e[fit], s)
+        except ValueError as err:
+            notes[name] = str(err)
+            continue
+        lh = preds[name] = path.predict(x[test], alpha=alpha)
+        coef = path.coef_[:, cv["alpha_index"]]
+        names = [n for m in parts for n in _names(data, m, blocks[m][0].shape[1])]
+        top = [j for j in np.argsort(-np.abs(coef), kind="stable")[:10] if coef[j] != 0]
+        res[name] = {
+            "modalities": parts,
+            "features": int(x.shape[1]),
+            "nonzero": int((coef != 0).sum()),
+            "alpha": alpha,
+            **cv,
+            **_scored(t[test], e[test], lh, ref, s),
+            "imputed_test": {m: int((~_raw_block(data, m)[1][test]).sum()) for m in parts},
+            "top_coef": {names[j]: float(coef[j]) for j in top},
+        }
+    out: dict = {
+        "label": "centralised",
+        "why": "fitted on pooled patient data in one place; not available to a federation without pooling",
+        "method": {
+            "model": "scikit-survival CoxnetSurvivalAnalysis",
+            "l1_ratio": s.l1_ratio,
+            "alpha": f"{s.n_folds}-fold CV stratified by event on train+val patients (mean fold Harrell C)",
+            "slides": f"mean-pooled tile features -> PCA (<= {s.n_pcs} components) fitted on training slides",
+            "standardise": "each column on training patients who have the modality",
+            "missing_modality": "imputed with the training mean",
+            "fit_patients": len(fit),
+            "bootstrap": {"resamples": s.n_boot, "seed": s.seed, "unit": "patient"},
+        },
+        "baselines": res,
+        "notes": notes,
+        "modality_info": {m: b[1] for m, b in blocks.items()},
+    }
+    if res:
+        best = max(res, key=lambda k: res[k]["cv_cindex"])
+        out["best"] = best
+        if ref is not None:
+            out["model"] = _scored(t[test], e[test], ref, None, s)
+            out["model_minus_best"] = {**res[best]["model_minus_this"], "verdict": ""}
+            out["model_minus_best"]["verdict"] = _verdict(out["model_minus_best"])
+    return (out, preds) if return_predictions else out
+
+
+def mask_modality(data: CohortData, m: str) -> CohortData:
+    """A copy of ``data`` with modality ``m`` removed for every patient (empty bags, or present = False)."""
+    if m == "slides":
+        assert data.bags is not None
+        empty = [np.zeros((0, data.feature_dim), np.float32) for _ in data.bags]
+        return replace(data, bags=empty, tiles=[[] for _ in data.bags])
+    if m == "omics":
+        assert data.omics_present is not None
+        return replace(data, omics_present=np.zeros_like(data.omics_present, bool))
+    if m == "clinical":
+        assert data.clinical_present is not None
+        return replace(data, clinical_present=np.zeros_like(data.clinical_present, bool))
+    raise ValueError(f"modality '{m}': expected one of {', '.join(MODALITIES)}")
+
+
+def modality_contributions(
+    data: CohortData, predict_fn: PredictFn, settings: BaselineSettings | None = None, split: str = "test"
+) -> dict:
+    """The model's C-index on ``split`` with each modality masked at inference, and the drop from the full model.
+
+    ``predict_fn(data, idx) -> log_hz [len(idx)]``. ``drop`` is C(full) - C(without), with the paired
+    patient-bootstrap CI; a positive drop means the modality helps. The model is not retrained.
+    """
+    s = settings or BaselineSettings()
+    idx = np.asarray(data.splits[split])
+    t, e = data.time[idx].astype(float), data.event[idx].astype(bool)
+    full = np.asarray(predict_fn(data, idx), float)
+    out: dict = {"split": split, "how": "masked at inference (not retrained)", "full": _scored(t, e, full, None, s)}
+    for m in MODALITIES:
+        if not _has(data, m):
+            continue
+        lh = np.asarray(predict_fn(mask_modality(data, m), idx), float)
+        r = _scored(t, e, lh, full, s)
+        r["drop"] = r.pop("model_minus_this")
+        out[f"without_{m}"] = r
+    return out
+
+
+def _fmt(c: float | None, ci: list | None) -> str:
+    if c is None or not np.isfinite(c):
+        return "-"
+    ok = ci is not None and all(v is not None and np.isfinite(v) for v in ci)
+    return f"{c:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ok else f"{c:.3f}"  # type: ignore[index]
+
+
+def summary_lines(baselines: dict, contributions: dict | None = None) -> list[str]:
+    """A few console lines: the model against the best centralised baseline (and each one), plainly."""
+    res = baselines.get("baselines", {})
+    if not res or "model" not in baselines:
+        return [f"baselines: none fitted ({'; '.join(f'{k}: {v}' for k, v in baselines.get('notes', {}).items())})"]
+    best, d = baselines["best"], baselines["model_minus_best"]
+    lines = [
+        f"model vs best centralised Coxnet baseline ({best}, chosen by CV on train+val): "
+        f"{_fmt(baselines['model']['cindex'], None)} vs {_fmt(res[best]['cindex'], None)}; "
+        f"model - baseline {_fmt(d['diff'], d.get('ci'))}: {d['verdict']}",
+        "  Coxnet (centralised) test C: " + ", ".join(f"{k} {v['cindex']:.3f}" for k, v in res.items()),
+    ]
+    if contributions:
+        drops = [f"{k[8:]} {v['drop']['diff']:+.3f}" for k, v in contributions.items() if k.startswith("without_")]
+        lines.append("  C-index drop with a modality masked at inference: " + ", ".join(drops))
+    return lines
+
+
+def baselines_html(metrics: dict) -> list[str]:
+    """Report section: the model beside each centralised baseline, and the modality contributions."""
+    bl, mc = metrics.get("baselines"), metrics.get("modality_contributions")
+    if not bl or not bl.get("baselines"):
+        return []
+    rows = []
+    if "model" in bl:
+        c = _fmt(bl["model"]["cindex"], bl["model"].get("cindex_ci"))
+        rows.append({"model": "histofuse (this run)", "test Harrell C [95% CI]": c})
+    for k, v in bl["baselines"].items():
+        d = v.get("model_minus_this", {})
+        rows.append(
+            {
+                "model": f"Coxnet {k}" + (" (best by CV)" if k == bl.get("best") else ""),
+                "test Harrell C [95% CI]": _fmt(v["cindex"], v.get("cindex_ci")),
+                "model - this [95% CI]": _fmt(d.get("diff"), d.get("ci")) if d else "",
+                "CV C (train+val)": f"{v['cv_cindex']:.3f}",
+            }
+        )
+    verdict = bl.get("model_minus_best", {}).get("verdict", "")
+    parts = [
+        "<h2>Baselines (centralised)</h2>",
+        pd.DataFrame(rows).fillna("").to_html(index=False, classes="t", border=0),
+        f"<p class='note'>Against the best baseline: <b>{html.escape(verdict)}</b>. Elastic-net Cox "
+        "(scikit-survival Coxnet, l1_ratio 0.5, alpha by stratified CV on train+val patients) on each modality "
+        "and all together; slides as PCA of mean-pooled tile features. These baselines pool patient data "
+        "in one place (centralised). Paired patient-bootstrap CIs on the same test patients.</p>",
+    ]
+    if mc:
+        rows = [{"inputs": "all", "test Harrell C [95% CI]": _fmt(mc["full"]["cindex"], mc["full"].get("cindex_ci"))}]
+        for k, v in mc.items():
+            if k.startswith("without_"):
+                c, d = _fmt(v["cindex"], v.get("cindex_ci")), _fmt(v["drop"]["diff"], v["drop"].get("ci"))
+                rows.append({"inputs": k.replace("_", " "), "test Harrell C [95% CI]": c, "drop [95% CI]": d})
+        parts += [
+            "<h3>Modality contributions</h3>",
+            pd.DataFrame(rows).fillna("").to_html(index=False, classes="t", border=0),
+            "<p class='note'>Each modality masked at inference (the model is not retrained); a positive drop "
+            "means the model uses that modality.</p>",
+        ]
+    return parts

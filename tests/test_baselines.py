@@ -1,0 +1,152 @@
+"""Centralised Coxnet baselines and modality contributions on a small synthetic cohort."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from pipeline.outputs import baselines as bl
+from pipeline.outputs.baselines import BaselineSettings, fit_baselines, mask_modality, modality_contributions
+from pipeline.training.data import CohortData
+
+FAST = BaselineSettings(n_alphas=20, n_boot=100)
+
+
+def synthetic(driver: str, n: int = 200, seed: int = 0) -> CohortData:
+    """``n`` patients with slides (bags of 4-12 tiles, D=6), 12 genes and 3 clinical covariates.
+
+    The log hazard is ``1.5 * u``: with ``driver="omics"`` ``u`` is gene 0, with ``"slides"`` it shifts
+    tile feature 0 of every tile (so the mean-pooled bag carries it). Every other input is noise.
+    """
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=n)
+    bags = []
+    for i in range(n):
+        b = rng.normal(size=(int(rng.integers(4, 13)), 6)).astype(np.float32)  # (N_i, D)
+        if driver == "slides":
+            b[:, 0] += 2.0 * u[i]
+        bags.append(b)
+    omics = rng.normal(size=(n, 12)).astype(np.float32)  # (P, G)
+    if driver == "omics":
+        omics[:, 0] = u
+    clinical = rng.normal(size=(n, 3)).astype(np.float32)  # (P, C)
+    time = rng.exponential(np.exp(-1.5 * u)).astype(np.float32)
+    event = rng.random(n) < 0.8
+    perm = rng.permutation(n)
+    splits = {"train": np.sort(perm[:110]), "val": np.sort(perm[110:140]), "test": np.sort(perm[140:])}
+    omics_present = np.ones(n, bool)
+    omics_present[perm[:5]] = False  # a few training patients without omics: imputed
+    return CohortData(
+        patient_ids=[f"P{i:03d}" for i in range(n)],
+        sites=["a"],
+        site=np.zeros(n, int),
+        time=time,
+        event=event,
+        splits=splits,
+        bags=bags,
+        tiles=[[("s", 0, 0)] * len(b) for b in bags],
+        feature_dim=6,
+        omics=omics,
+        omics_present=omics_present,
+        genes=[f"G{j}" for j in range(12)],
+        clinical=clinical,
+        clinical_present=np.ones(n, bool),
+        clinical_columns=["age", "grade", "stage"],
+    )
+
+
+@pytest.mark.parametrize("driver", ["omics", "slides"])
+def test_the_matching_modality_wins_the_others_are_chance(driver):
+    res = fit_baselines(synthetic(driver), settings=FAST)
+    assert res["label"] == "centralised"
+    b = res["baselines"]
+    assert set(b) == {"slides", "omics", "clinical", "all"}
+    assert b[driver]["cindex"] > 0.75, b[driver]
+    assert b["all"]["cindex"] > 0.7
+    for other in {"slides", "omics", "clinical"} - {driver}:
+        assert abs(b[other]["cindex"] - 0.5) < 0.15, (other, b[other]["cindex"])
+    if driver == "omics":
+        assert next(iter(b["omics"]["top_coef"])) == "G0"
+        assert b["omics"]["top_coef"]["G0"] > 0  # higher expression, higher risk
+    assert res["best"] in (driver, "all")
+    assert res["modality_info"]["slides"]["columns"] == 6  # min(10 PCs, D=6)
+    assert res["modality_info"]["omics"]["imputed"] == 5
+
+
+def test_test_patients_are_never_used_in_fitting(monkeypatch):
+    data = synthetic("omics")
+    test = data.splits["test"]
+    rng = np.random.default_rng(1)
+    other = replace(data, time=data.time.copy(), event=data.event.copy(), omics=data.omics.copy())
+    p = rng.permutation(len(test))
+    other.time[test], other.event[test] = data.time[test][p], data.event[test][p]
+    other.omics[test] = rng.normal(size=(len(test), data.omics.shape[1]))
+    other.bags = [b if i not in set(test) else b[::-1] * 3 for i, b in enumerate(data.bags)]
+    a, b = fit_baselines(data, settings=FAST), fit_baselines(other, settings=FAST)
+    for k in a["baselines"]:
+        for f in ("alpha", "cv_cindex", "nonzero", "top_coef"):
+            assert a["baselines"][k][f] == b["baselines"][k][f], (k, f)
+
+    # the alpha CV (inside fit_coxnet) only ever gets the train + val rows
+    seen = []
+    real = bl.fit_coxnet
+    monkeypatch.setattr(bl, "fit_coxnet", lambda x, t, e, s: seen.append(t.copy()) or real(x, t, e, s))
+    marked = replace(data, time=data.time.copy())
+    marked.time[test] = 1e6 + np.arange(len(test))  # a value no fitting patient has
+    fit_baselines(marked, settings=FAST)
+    assert len(seen) == 4
+    fit = np.concatenate([data.splits["train"], data.splits["val"]])
+    for t in seen:
+        assert len(t) == len(fit) and t.max() < 1e6
+
+
+def test_paired_difference_is_zero_when_the_model_is_the_baseline():
+    data = synthetic("omics")
+    _, preds = fit_baselines(data, settings=FAST, return_predictions=True)
+    res = fit_baselines(data, preds["omics"], settings=FAST)
+    d = res["baselines"]["omics"]["model_minus_this"]
+    assert d["diff"] == 0 and d["ci"][0] <= 0 <= d["ci"][1]
+    assert res["model"]["cindex"] == pytest.approx(res["baselines"]["omics"]["cindex"])
+    # a model at chance loses to the gene baseline, and says so
+    chance = fit_baselines(data, np.zeros(len(data.splits["test"])), settings=FAST)
+    assert chance["model_minus_best"]["verdict"] == "the model loses"
+
+
+def _omics_only(d: CohortData, idx: np.ndarray) -> np.ndarray:
+    """A 'model' that reads gene 0 where omics are present (0 otherwise) and nothing else."""
+    return np.where(d.omics_present[idx], d.omics[idx, 0], 0.0)
+
+
+def test_masking_a_modality_the_model_ignores_changes_nothing():
+    data = synthetic("omics")
+    before = [b.copy() for b in data.bags]
+    mc = modality_contributions(data, _omics_only, FAST)
+    for m in ("slides", "clinical"):
+        d = mc[f"without_{m}"]["drop"]
+        assert d["diff"] == 0 and d["ci"] == [0.0, 0.0]
+        assert mc[f"without_{m}"]["cindex"] == mc["full"]["cindex"]
+    assert mc["without_omics"]["drop"]["diff"] > 0.2
+    assert mc["without_omics"]["drop"]["ci"][0] > 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, data.bags, strict=True))  # the copy is masked
+
+
+def test_mask_modality():
+    data = synthetic("slides", n=20)
+    assert all(len(b) == 0 and b.shape[1] == 6 for b in mask_modality(data, "slides").bags)
+    assert not mask_modality(data, "omics").omics_present.any() and data.omics_present.sum() > 0
+    assert not mask_modality(data, "clinical").clinical_present.any()
+    with pytest.raises(ValueError, match="modality 'genes'"):
+        mask_modality(data, "genes")
+
+
+def test_report_and_console_render():
+    data = synthetic("omics")
+    res = fit_baselines(data, np.zeros(len(data.splits["test"])), settings=FAST)
+    mc = modality_contributions(data, _omics_only, FAST)
+    lines = bl.summary_lines(res, mc)
+    assert "the model loses" in lines[0] and "centralised" in lines[0]
+    page = "".join(bl.baselines_html({"baselines": res, "modality_contributions": mc}))
+    assert "Coxnet omics" in page and "without omics" in page
+    assert bl.baselines_html({}) == []
