@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from data_specs.artifacts import MODEL_FORMAT, RunFiles
 from data_specs.config import ConfigError, resolve_config
 from pipeline.stats.metrics import harrell_cindex
-from pipeline.training.bundle import BUNDLE_FORMAT, load_bundle, save_bundle
+from pipeline.training.bundle import ModelFileError, PickleModelError, load_bundle, save_bundle
 from pipeline.training.data import CohortData
 from pipeline.training.module import fit_local, new_model
-from pipeline.training.predict import predict_outputs
+from pipeline.training.predict import predict
 
 
 def _data(n: int = 60, d: int = 6, g: int = 4, seed: int = 0, tiles: bool = True) -> tuple[CohortData, np.ndarray]:
@@ -62,45 +63,53 @@ def test_nll_model_predicts_survival_curves_and_the_bundle_round_trips(tmp_path)
     tr = data.splits["train"]
     expect_edges = np.quantile(data.time[tr][data.event[tr]], [1 / 3, 2 / 3])
     idx = np.arange(len(data.patient_ids))
-    out = predict_outputs(model, data, idx)
-    assert out["hazards"] is not None and out["survival"] is not None and out["bin_edges"] is not None
-    assert out["hazards"].shape == (60, 3) and out["survival"].shape == (60, 3)
-    np.testing.assert_allclose(out["survival"], np.cumprod(1 - out["hazards"], axis=1), rtol=1e-5)
-    np.testing.assert_allclose(out["log_hz"], -out["survival"].sum(1), rtol=1e-5)
-    np.testing.assert_allclose(out["bin_edges"][1:-1], expect_edges, rtol=1e-6)
-    assert out["bin_edges"][-1] == pytest.approx(float(data.time[tr].max()))
-    path = tmp_path / "model.pt"
+    out = predict(model, data, idx)
+    assert out.hazards is not None and out.survival is not None and out.bin_edges is not None
+    assert out.hazards.shape == (60, 3) and out.survival.shape == (60, 3)
+    np.testing.assert_allclose(out.survival, np.cumprod(1 - out.hazards, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(out.log_hz, -out.survival.sum(1), rtol=1e-5)
+    np.testing.assert_allclose(out.bin_edges[1:-1], expect_edges, rtol=1e-6)
+    assert out.bin_edges[-1] == pytest.approx(float(data.time[tr].max()))
+    path = RunFiles(root=tmp_path).model
     save_bundle(path, model, data, cfg, {"train_info": info})
-    loaded, bundle = load_bundle(path)
-    assert bundle["format"] == BUNDLE_FORMAT and bundle["time_bins"] == pytest.approx(out["bin_edges"].tolist())
-    again = predict_outputs(loaded, data, idx)
-    np.testing.assert_allclose(again["hazards"], out["hazards"], rtol=1e-6)
-    assert predict_outputs(new_model(data, _cfg(tmp_path)), data, idx)["hazards"] is None  # Cox: no curves here
+    loaded, card = load_bundle(path)
+    assert card.format == MODEL_FORMAT and card.time_bins == pytest.approx(out.bin_edges.tolist())
+    again = predict(loaded, data, idx)
+    np.testing.assert_allclose(again.hazards, out.hazards, rtol=1e-6)
+    assert predict(new_model(data, _cfg(tmp_path)), data, idx).hazards is None  # Cox: no curves here
 
 
-def test_format_1_bundles_still_load(tmp_path):
+def test_format_1_pickles_load_only_when_trusted(tmp_path):
     data, _ = _data(tiles=True)
     cfg = _cfg(tmp_path)
     model = new_model(data, cfg).eval()
-    path = tmp_path / "model.pt"
-    save_bundle(path, model, data, cfg, {})
-    b = torch.load(path, weights_only=False)
-    b["format"] = "histofuse-model/1"  # as written before format 2: no new config keys, a no-op attention bias
-    b["state_dict"]["mil.attn_w.bias"] = torch.zeros(1)
+    b = {  # a format-1 bundle as written then: no newer config keys, a no-op attention bias, no time bins
+        "format": "histofuse-model/1",
+        "config": cfg.to_dict(),
+        "model_dims": data.model_dims(),
+        "state_dict": {**model.state_dict(), "mil.attn_w.bias": torch.zeros(1)},
+        "features": None,
+        "omics": None,
+        "clinical": None,
+        "sites": data.sites,
+        "cutpoints": {"median": 0.0, "tertiles": [-1.0, 1.0]},
+    }
     for k in ("mil", "mil_layers", "mil_heads", "omics_encoder", "omics_groups"):
         b["config"]["model"].pop(k)
     for k in ("n_bins", "memory_bank", "nll_alpha", "stratify"):
         b["config"]["train"].pop(k)
-    del b["time_bins"]
+    path = tmp_path / RunFiles.LEGACY_MODEL
     torch.save(b, path)
-    loaded, _ = load_bundle(path)
+    with pytest.raises(PickleModelError, match="trust-pickle"):
+        load_bundle(path)
+    loaded, card = load_bundle(path, trust_pickle=True)
+    assert card.cutpoints.tertiles == [-1.0, 1.0] and card.time_bins is None
     idx = np.arange(10)
-    old_lh = predict_outputs(loaded, data, idx)["log_hz"]
-    np.testing.assert_allclose(old_lh, predict_outputs(model, data, idx)["log_hz"])
+    np.testing.assert_allclose(predict(loaded, data, idx).log_hz, predict(model, data, idx).log_hz)
     b["format"] = "histofuse-model/0"
     torch.save(b, path)
-    with pytest.raises(ValueError, match="histofuse-model/0"):
-        load_bundle(path)
+    with pytest.raises(ModelFileError, match="histofuse-model/0"):
+        load_bundle(path, trust_pickle=True)
 
 
 def test_batch_size_one_needs_a_risk_set_and_the_memory_bank_learns(tmp_path):
@@ -111,7 +120,7 @@ def test_batch_size_one_needs_a_risk_set_and_the_memory_bank_learns(tmp_path):
     module, _ = fit_local(data, cfg)
     assert len(module.bank) == 32  # filled by the last training steps
     val = data.splits["val"]
-    pred = predict_outputs(module.model.eval(), data, val)["log_hz"]
+    pred = predict(module.model.eval(), data, val).log_hz
     c = harrell_cindex(data.time[val], data.event[val], pred)
     c_oracle = harrell_cindex(data.time[val], data.event[val], lh[val])
     assert c > 0.6 and c > c_oracle - 0.1, (c, c_oracle)  # seeded: 0.70 vs oracle 0.69

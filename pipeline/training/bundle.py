@@ -1,107 +1,225 @@
-"""TODO training.bundle."""
+"""The model file: the only code that writes or reads it.
+
+One ``model.safetensors``: the weights as safetensors tensors, and in the header's metadata the
+:class:`~data_specs.artifacts.ModelCard` as JSON (config, input sizes, normaliser states, cut-points,
+baseline, splits, and each tensor's shape plus a SHA-256 of the weights). Reading parses JSON and raw
+tensor bytes only, so a file from another hospital cannot run code. A legacy ``.pt`` pickle is refused
+unless the caller passes ``trust_pickle=True``; a truncated, tampered or foreign file raises
+:class:`ModelFileError` naming the path and what is wrong. :func:`data_for_model` aligns a cohort to a model.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
+from data_specs.artifacts import MODEL_FORMAT, Cutpoints, FeatureAttrs, ModelCard, TensorSpec
 from data_specs.cohort import Cohort
 from data_specs.config import RunConfig
 from models import build_model
 from models.survival import MultimodalSurvival
+from pipeline.files import json_safe, write_bytes
 from pipeline.training.data import CohortData, build_data
 from pipeline.training.module import model_kwargs
-from pipeline.training.predict import predict_log_hz
+from pipeline.training.predict import predict
 
 log = logging.getLogger(__name__)
 
-
-BUNDLE_FORMAT = "histofuse-model/2"  # /2: time bins, MIL/fusion/head options; /1 bundles still load
-
-
-_READABLE_FORMATS = ("histofuse-model/1", BUNDLE_FORMAT)
+CARD_KEY = "histofuse_card"  # the safetensors metadata entry holding the card JSON
+_LEGACY_FORMATS = ("histofuse-model/1", "histofuse-model/2")
 
 
-def save_bundle(path: Path, model: MultimodalSurvival, data: CohortData, cfg: RunConfig, extra: dict) -> None:
-    """A self-contained model file: weights + everything needed to predict on a new cohort. Atomic."""
-    train_lh, _ = predict_log_hz(model, data, data.splits["train"])
-    bundle = {
-        "format": BUNDLE_FORMAT,
-        "config": cfg.to_dict(),
-        "model_dims": data.model_dims(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "features": data.feature_attrs or None,
-        "omics": data.omics_norm.state() if data.omics_norm else None,
-        "clinical": data.clinical_norm.state() if data.clinical_norm else None,
-        "sites": data.sites,
-        "time_bins": model.get_buffer("bin_edges").tolist() if model.n_bins else None,  # also in state_dict
-        "cutpoints": {
-            "median": float(np.median(train_lh)) if len(train_lh) else 0.0,
-            "tertiles": [float(v) for v in np.quantile(train_lh, [1 / 3, 2 / 3])] if len(train_lh) else [],
-        },
-        **extra,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(bundle, tmp)
-    tmp.replace(path)
+class ModelFileError(ValueError):
+    """A model file that cannot be used: truncated, tampered, not a histofuse model, or an untrusted pickle."""
 
 
-def load_bundle(path: Path) -> tuple[MultimodalSurvival, dict]:
-    """Rebuild the model from a bundle; returns ``(model in eval mode, bundle)``."""
+class PickleModelError(ModelFileError):
+    """A legacy pickled model file (``model.pt``) opened without ``trust_pickle=True``."""
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def make_card(model: MultimodalSurvival, data: CohortData, cfg: RunConfig, **extra: Any) -> ModelCard:
+    """The card for ``model`` trained on ``data``: cut-points from its training patients' risks.
+
+    ``extra``: further card fields (``train_info``, ``splits``, ``horizons``, ``baseline``).
+    """
+    train_lh = predict(model, data, data.splits["train"]).log_hz
+    cut = Cutpoints(
+        median=float(np.median(train_lh)) if len(train_lh) else 0.0,
+        tertiles=[float(v) for v in np.quantile(train_lh, [1 / 3, 2 / 3])] if len(train_lh) else [],
+    )
+    state = model.state_dict()
+    return ModelCard(
+        config=cfg,
+        model_dims=data.model_dims(),
+        features=data.feature_attrs,
+        omics=json_safe(data.omics_norm.state()) if data.omics_norm else None,
+        clinical=json_safe(data.clinical_norm.state()) if data.clinical_norm else None,
+        sites=data.sites,
+        time_bins=model.get_buffer("bin_edges").tolist() if model.n_bins else None,
+        cutpoints=cut,
+        tensors={k: TensorSpec(shape=list(v.shape), dtype=str(v.dtype)) for k, v in state.items()},
+        weights_sha256=weights_digest(state),
+        **json_safe(extra),
+    )
+
+
+def save_bundle(path: Path, model: MultimodalSurvival, data: CohortData, cfg: RunConfig, extra: dict) -> ModelCard:
+    """Write the model file (atomically): weights + card. Returns the card written."""
+    from safetensors.torch import save
+
+    card = make_card(model, data, cfg, **extra)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    write_bytes(path, save(tensors, metadata={CARD_KEY: card.model_dump_json()}))
+    return card
+
+
+def _is_pickle(head: bytes) -> bool:
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # torch.save zip archive, or a raw pickle
+
+
+def _read_header(path: Path, raw: bytes) -> dict:
+    if len(raw) < 8:
+        raise ModelFileError(f"{path}: {len(raw)} bytes: not a model file (truncated or empty)")
+    n = int.from_bytes(raw[:8], "little")
+    if n > len(raw) - 8:
+        raise ModelFileError(f"{path}: header of {n} bytes but the file has {len(raw)}: truncated or not a model file")
+    try:
+        header = json.loads(raw[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: unreadable safetensors header ({e}): not a model file") from e
+    if not isinstance(header, dict) or CARD_KEY not in (header.get("__metadata__") or {}):
+        raise ModelFileError(f"{path}: a safetensors file without a histofuse model card")
+    return header
+
+
+def read_card(path: Path, trust_pickle: bool = False) -> ModelCard:
+    """The model file's card, without building the network (weights are not checked here)."""
+    return _read(Path(path), trust_pickle, weights=False)[0]
+
+
+def _read(path: Path, trust_pickle: bool, weights: bool) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    raw = path.read_bytes()
+    if _is_pickle(raw[:4]):
+        if not trust_pickle:
+            raise PickleModelError(
+                f"{path}: a legacy pickled model file; loading a pickle runs any code it carries. Retrain, or pass "
+                "--trust-pickle (trust_pickle=True) only for a file you made yourself"
+            )
+        return _read_legacy(path)
+    header = _read_header(path, raw)
+    try:
+        card = ModelCard.model_validate_json(header["__metadata__"][CARD_KEY])
+    except ValidationError as e:
+        raise ModelFileError(f"{path}: invalid model card: {e}") from e
+    if card.format != MODEL_FORMAT:
+        raise ModelFileError(f"{path}: model format {card.format!r}; this version reads {MODEL_FORMAT!r}")
+    if not weights:
+        return card, {}
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        state = load(raw)
+    except SafetensorError as e:
+        raise ModelFileError(f"{path}: unreadable weights ({e}): truncated or corrupted") from e
+    _check_weights(path, card, state)
+    return card, state
+
+
+def _check_weights(path: Path, card: ModelCard, state: dict[str, torch.Tensor]) -> None:
+    have = {k: TensorSpec(shape=list(v.shape), dtype=str(v.dtype)) for k, v in state.items()}
+    if have != card.tensors:
+        diff = sorted(set(have) ^ set(card.tensors)) or [k for k in card.tensors if have[k] != card.tensors[k]]
+        raise ModelFileError(f"{path}: weights do not match the card's tensor shapes/dtypes (e.g. {diff[:3]})")
+    if weights_digest(state) != card.weights_sha256:
+        raise ModelFileError(f"{path}: weights do not match the card's SHA-256: the file was altered or corrupted")
+
+
+def _read_legacy(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """A format /1 or /2 pickle (trusted by the caller), converted to a card and a state dict."""
     b = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(b, dict) or b.get("format") not in _READABLE_FORMATS:
-        raise ValueError(
-            f"{path}: not a histofuse model bundle (format {b.get('format') if isinstance(b, dict) else '?'}; "
-            f"this version reads {list(_READABLE_FORMATS)})"
-        )
-    model = build_model(**b["model_dims"], **model_kwargs(b["config"]["model"], b["config"].get("train", {})))
+    if not isinstance(b, dict) or b.get("format") not in _LEGACY_FORMATS:
+        fmt = b.get("format") if isinstance(b, dict) else "?"
+        raise ModelFileError(f"{path}: not a histofuse model bundle (format {fmt}; pickles read: {_LEGACY_FORMATS})")
     state = dict(b["state_dict"])
     if b["format"] == "histofuse-model/1":  # /1 had a bias on the attention score: a no-op under softmax
         state.pop("mil.attn_w.bias", None)
-    model.load_state_dict(state)
-    return model.eval(), b
+    fields = ("omics", "clinical", "sites", "time_bins", "cutpoints", "horizons", "baseline", "train_info", "splits")
+    known = {k: b[k] for k in fields if b.get(k) is not None}
+    try:
+        card = ModelCard(
+            config=RunConfig.model_validate(b["config"]),  # keys a /1 file lacks take their (old) defaults
+            model_dims=b["model_dims"],
+            features=FeatureAttrs.from_h5_attrs(b["features"]) if b.get("features") else None,
+            tensors={k: TensorSpec(shape=list(v.shape), dtype=str(v.dtype)) for k, v in state.items()},
+            weights_sha256=weights_digest(state),
+            **json_safe(known),
+        )
+    except ValidationError as e:
+        raise ModelFileError(f"{path}: legacy model file with an invalid card: {e}") from e
+    return card, state
 
 
-def data_for_model(cohort: Cohort, bundle: dict, fdir: Path | None) -> CohortData:
+def load_bundle(path: Path, trust_pickle: bool = False) -> tuple[MultimodalSurvival, ModelCard]:
+    """Rebuild the model from its file; returns ``(model in eval mode, card)``.
+
+    Raises:
+        PickleModelError: a legacy ``.pt`` pickle and ``trust_pickle`` is False.
+        ModelFileError: truncated, tampered (weights differ from the card) or not a histofuse model file.
+    """
+    path = Path(path)
+    card, state = _read(path, trust_pickle, weights=True)
+    model = build_model(**card.model_dims, **model_kwargs(card.config.model, card.config.train))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelFileError(f"{path}: weights do not fit the network the card describes: {e}") from e
+    return model.eval(), card
+
+
+def data_for_model(cohort: Cohort, card: ModelCard, fdir: Path | None) -> CohortData:
     """Align a (possibly new) cohort to a trained model: its gene panel, normalisation and encoder."""
     from pipeline.omics.clinical import ClinicalNormaliser
     from pipeline.omics.normalise import OmicsNormaliser
 
-    if bundle["model_dims"]["n_genes"] and cohort.omics is None:
+    if card.model_dims["n_genes"] and cohort.omics is None:
         log.warning("the model uses omics but the cohort has none: every patient's omics is masked")
-    splits_saved = bundle.get("splits", {})
-    labels = np.array([splits_saved.get(p.patient_id, p.split or "predict") for p in cohort.patients])
+    labels = np.array([card.splits.get(p.patient_id, p.split or "predict") for p in cohort.patients])
     splits = {s: np.flatnonzero(labels == s) for s in ("train", "val", "test", "predict")}
-    feat = bundle.get("features")
-    expect = (
-        {
-            "encoder": feat["encoder"],
-            "weights": feat["weights"],
-            "tile_px": feat["tile_px"],
-            "target_mpp": feat["target_mpp"],
-        }
-        if feat
-        else None
-    )
     data = build_data(
         cohort,
         fdir,
         splits=splits,
-        omics_norm=OmicsNormaliser.from_state(bundle["omics"]) if bundle.get("omics") else None,
-        clinical_norm=ClinicalNormaliser.from_state(bundle["clinical"]) if bundle.get("clinical") else None,
-        expect_features=expect,
+        omics_norm=OmicsNormaliser.from_state(card.omics) if card.omics else None,
+        clinical_norm=ClinicalNormaliser.from_state(card.clinical) if card.clinical else None,
+        expect_features=card.features,
     )
-    _check_dims(data, bundle)
+    check_dims(data, card)
     return data
 
 
-def _check_dims(data: CohortData, bundle: dict) -> None:
-    if data.model_dims() != bundle["model_dims"]:
-        have, want = data.model_dims(), bundle["model_dims"]
+def check_dims(data: CohortData, card: ModelCard) -> None:
+    """``ValueError`` naming each input size where the cohort's data differs from the model's."""
+    if data.model_dims() != card.model_dims:
+        have, want = data.model_dims(), card.model_dims
         diff = ", ".join(f"{k} {have.get(k)} (model: {want.get(k)})" for k in want if have.get(k) != want.get(k))
         raise ValueError(f"the cohort does not match the model: {diff}")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_specs.artifacts import FeatureAttrs
 from data_specs.cohort import Cohort
 from data_specs.config import RunConfig
 from pipeline.omics.clinical import ClinicalNormaliser
@@ -50,7 +51,7 @@ class CohortData:
     bags: list[np.ndarray] | None = None
     tiles: list[list[tuple[str, int, int]]] | None = None
     feature_dim: int = 0
-    feature_attrs: dict = field(default_factory=dict)
+    feature_attrs: FeatureAttrs | None = None
     omics: np.ndarray | None = None
     omics_present: np.ndarray | None = None
     genes: list[str] = field(default_factory=list)
@@ -88,11 +89,11 @@ def build_data(
     max_genes: int | None = None,
     omics_norm: OmicsNormaliser | None = None,
     clinical_norm: ClinicalNormaliser | None = None,
-    expect_features: dict | None = None,
+    expect_features: FeatureAttrs | None = None,
     gene_sets: Path | dict[str, list[str]] | None = None,
     min_pathway_genes: int = 3,
 ) -> CohortData:
-    """Align every modality to the cohort. ``expect_features``: attributes every features file must carry.
+    """Align every modality to the cohort. ``expect_features``: the encoder identity every features file must carry.
 
     Normalisers are given (prediction reuses the model's) or fitted on the train split the way a
     federation fits them: each site summarises its own training patients
@@ -113,57 +114,84 @@ def build_data(
         np.array([p.event for p in cohort.patients], bool),
         splits,
     )
-
     if any(p.slides for p in cohort.patients):
         if features_dir is None:
             raise ValueError("the cohort has slides: give the features folder (run `histofuse extract` first)")
-        bags, tiles = [], []
-        ref: dict | None = None
-        for p in cohort.patients:
-            feats, tl = [], []
-            for s in p.slides:
-                sid = slide_id_of(s)
-                fpath = Path(features_dir) / f"{sid}.h5"
-                if not fpath.is_file():
-                    log.warning("patient %s: no features for slide %s (%s); slide left out", p.patient_id, sid, fpath)
-                    continue
-                f, c, attrs = load_features(fpath, expect_features)
-                if ref is None:
-                    ref = attrs
-                elif (attrs["encoder"], attrs["weights"], attrs["dim"]) != (ref["encoder"], ref["weights"], ref["dim"]):
-                    raise ValueError(
-                        f"{fpath}: encoder {attrs['encoder']}/{attrs['weights']} differs from "
-                        f"{ref['encoder']}/{ref['weights']} used by other slides"
-                    )
-                feats.append(f)
-                tl += [(sid, int(x), int(y)) for x, y in c]
-            bags.append(np.concatenate(feats) if feats else None)
-            tiles.append(tl)
-        if ref is None:
-            raise ValueError(f"no features file found in {features_dir} for any slide of the cohort")
-        dim = int(ref["dim"])
-        data.bags = [b if b is not None else np.zeros((0, dim), np.float32) for b in bags]
-        data.tiles, data.feature_dim = tiles, dim
-        data.feature_attrs = {k: ref[k] for k in ("encoder", "weights", "feature_kind", "dim", "tile_px", "target_mpp")}
-
+        _add_bags(data, cohort, Path(features_dir), expect_features)
     site_train = {s: [pids[i] for i in idx] for s, idx in data.subset_sites(np.asarray(splits["train"])).items()}
     if cohort.omics is not None:
-        adata = read_omics(cohort.omics, pids)
-        if omics_norm is None:
-            summaries = [site_summaries(s, ids, adata, cohort.omics.values) for s, ids in site_train.items()]
-            omics_norm, _ = fit_normalisers(summaries, gene_panel, max_genes, gene_sets, min_pathway_genes, ("omics",))
-        data.omics, data.omics_present = omics_norm.transform(adata, pids)
-        data.genes, data.omics_norm = omics_norm.features, omics_norm
-        data.pathways = list(omics_norm.pathways)
-        data.pathway_genes = [[omics_norm.genes[k] for k in m] for m in omics_norm.pathway_members]
+        _add_omics(data, cohort, site_train, omics_norm, gene_panel, max_genes, gene_sets, min_pathway_genes)
     if cohort.clinical is not None:
-        df = ClinicalNormaliser.read(cohort.clinical)
-        if clinical_norm is None:
-            summaries = [site_summaries(s, ids, clinical=df) for s, ids in site_train.items()]
-            _, clinical_norm = fit_normalisers(summaries, require=("clinical",))
-        data.clinical, data.clinical_present = clinical_norm.transform(df, pids)
-        data.clinical_columns, data.clinical_norm = clinical_norm.columns, clinical_norm
+        _add_clinical(data, cohort, site_train, clinical_norm)
     return data
+
+
+def _add_bags(data: CohortData, cohort: Cohort, fdir: Path, expect: FeatureAttrs | None) -> None:
+    """Each patient's tiles from the features files of its slides (a missing file: slide left out, warned)."""
+    bags, tiles = [], []
+    ref: FeatureAttrs | None = None
+    for p in cohort.patients:
+        feats, tl = [], []
+        for s in p.slides:
+            sid = slide_id_of(s)
+            fpath = fdir / f"{sid}.h5"
+            if not fpath.is_file():
+                log.warning("patient %s: no features for slide %s (%s); slide left out", p.patient_id, sid, fpath)
+                continue
+            f, c, raw = load_features(fpath, expect.identity() if expect else None)
+            attrs = FeatureAttrs.from_h5_attrs(raw)
+            if ref is None:
+                ref = attrs
+            elif not attrs.same_encoder(ref):
+                raise ValueError(
+                    f"{fpath}: encoder {attrs.encoder}/{attrs.weights} differs from "
+                    f"{ref.encoder}/{ref.weights} used by other slides"
+                )
+            feats.append(f)
+            tl += [(sid, int(x), int(y)) for x, y in c]
+        bags.append(np.concatenate(feats) if feats else None)
+        tiles.append(tl)
+    if ref is None:
+        raise ValueError(f"no features file found in {fdir} for any slide of the cohort")
+    data.bags = [b if b is not None else np.zeros((0, ref.dim), np.float32) for b in bags]
+    data.tiles, data.feature_dim, data.feature_attrs = tiles, ref.dim, ref
+
+
+def _add_omics(
+    data: CohortData,
+    cohort: Cohort,
+    site_train: dict[str, list[str]],
+    omics_norm: OmicsNormaliser | None,
+    gene_panel: Path | list[str] | None,
+    max_genes: int | None,
+    gene_sets: Path | dict[str, list[str]] | None,
+    min_pathway_genes: int,
+) -> None:
+    """Standardised omics ``[P, G]`` (normaliser given, or fitted from per-site training summaries)."""
+    assert cohort.omics is not None
+    adata = read_omics(cohort.omics, data.patient_ids)
+    if omics_norm is None:
+        summaries = [site_summaries(s, ids, adata, cohort.omics.values) for s, ids in site_train.items()]
+        omics_norm, _ = fit_normalisers(summaries, gene_panel, max_genes, gene_sets, min_pathway_genes, ("omics",))
+    assert omics_norm is not None
+    data.omics, data.omics_present = omics_norm.transform(adata, data.patient_ids)
+    data.genes, data.omics_norm = omics_norm.features, omics_norm
+    data.pathways = list(omics_norm.pathways)
+    data.pathway_genes = [[omics_norm.genes[k] for k in m] for m in omics_norm.pathway_members]
+
+
+def _add_clinical(
+    data: CohortData, cohort: Cohort, site_train: dict[str, list[str]], clinical_norm: ClinicalNormaliser | None
+) -> None:
+    """Standardised / one-hot clinical ``[P, C]`` (normaliser given, or fitted from per-site summaries)."""
+    assert cohort.clinical is not None
+    df = ClinicalNormaliser.read(cohort.clinical)
+    if clinical_norm is None:
+        summaries = [site_summaries(s, ids, clinical=df) for s, ids in site_train.items()]
+        _, clinical_norm = fit_normalisers(summaries, require=("clinical",))
+    assert clinical_norm is not None
+    data.clinical, data.clinical_present = clinical_norm.transform(df, data.patient_ids)
+    data.clinical_columns, data.clinical_norm = clinical_norm.columns, clinical_norm
 
 
 class _Patients(torch.utils.data.Dataset):

@@ -4,20 +4,21 @@ The backbone (``models.MultimodalSurvival``) is injected. The loss is the Cox pa
 (Efron ties by default) stratified by site, optionally with a memory bank of recent patients for small
 batches, or the discrete-time hazards NLL (``train.loss=nll``; bins from quantiles of the training event
 times, stored in the model). The best epoch by validation loss is kept and saved as a self-contained
-bundle (weights, resolved config, gene panel and normalisation, feature attributes, time bins, risk
-cut-points) by :func:`save_bundle`. :func:`predict_outputs` gives risk scores and, for discrete-time
-models, per-patient hazards and survival curves.
+model file (weights, resolved config, gene panel and normalisation, feature attributes, time bins, risk
+cut-points) by :func:`pipeline.training.bundle.save_bundle`; :func:`pipeline.training.predict.predict`
+gives risk scores and, for discrete-time models, per-patient hazards and survival curves.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 
-from data_specs.config import RunConfig
+from data_specs.config import ModelConfig, RunConfig, TrainConfig
 from models import CoxMemoryBank, build_model, cox_loss, discrete_time_edges, nll_loss, time_to_bin
 from models.survival import MultimodalSurvival, SurvivalOutput
 from pipeline.stats.metrics import harrell_cindex
@@ -146,22 +147,21 @@ def make_trainer(
     )
 
 
-def model_kwargs(model_cfg: dict, train_cfg: dict) -> dict:
-    """``build_model`` keyword arguments from the ``model`` and ``train`` config sections (as dicts, so a
-    bundle written before a key existed still loads with that key's old behaviour)."""
-    m, t = model_cfg, train_cfg
+def model_kwargs(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    """``build_model`` keyword arguments from the ``model`` and ``train`` config sections."""
+    m = model_cfg
     return {
-        "hidden": m["hidden"],
-        "omics_hidden": m["omics_hidden"],
-        "clinical_hidden": m["clinical_hidden"],
-        "dropout": m["dropout"],
-        "fusion": m.get("fusion", "concat"),
-        "mil": m.get("mil", "gated_attention"),
-        "mil_layers": m.get("mil_layers", 2),
-        "mil_heads": m.get("mil_heads", 4),
-        "omics_encoder": m.get("omics_encoder", "mlp"),
-        "omics_groups": m.get("omics_groups", 6),
-        "n_bins": t.get("n_bins", 4) if t.get("loss", "cox") == "nll" else 0,
+        "hidden": m.hidden,
+        "omics_hidden": m.omics_hidden,
+        "clinical_hidden": m.clinical_hidden,
+        "dropout": m.dropout,
+        "fusion": m.fusion,
+        "mil": m.mil,
+        "mil_layers": m.mil_layers,
+        "mil_heads": m.mil_heads,
+        "omics_encoder": m.omics_encoder,
+        "omics_groups": m.omics_groups,
+        "n_bins": train_cfg.n_bins if train_cfg.loss == "nll" else 0,
     }
 
 
@@ -172,8 +172,7 @@ def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
     (every site of a simulated federation builds the same ones), stored in the model's ``bin_edges``.
     """
     torch.manual_seed(cfg.train.seed)
-    d = cfg.to_dict()
-    model = build_model(**data.model_dims(), **model_kwargs(d["model"], d["train"]))
+    model = build_model(**data.model_dims(), **model_kwargs(cfg.model, cfg.train))
     if model.n_bins:
         tr = data.splits["train"]
         try:

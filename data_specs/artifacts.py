@@ -1,0 +1,163 @@
+"""Typed artifacts: what a features file, a model file and a run folder hold, checked when read.
+
+- :class:`FeatureAttrs`: the attributes of a features ``.h5`` that readers check (encoder identity, tile
+  geometry); ``from_h5_attrs`` takes the file's raw attribute dict and keeps what it knows.
+- :class:`ModelCard`: everything a model file holds besides its weights (config, input sizes, normaliser
+  states, cut-points, baseline, splits); stored as JSON beside the weights by ``pipeline.training.bundle``.
+- :class:`RunFiles`: the names of the files of a run folder, one place for every reader and writer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from data_specs.config import RunConfig
+
+MODEL_FORMAT = "histofuse-model/3"  # /3: safetensors weights + JSON card; /1 and /2 were pickles
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FeatureAttrs(_Frozen):
+    """The identity of a features file: which encoder made the embeddings, from which tiles.
+
+    ``encoder``/``weights``/``tile_px``/``target_mpp`` must match between a model and the features it is
+    given (:meth:`identity`); ``dim`` is the embedding width ``D``.
+    """
+
+    encoder: str
+    weights: str | None = None
+    feature_kind: str = ""
+    dim: int = Field(ge=0)
+    tile_px: int = Field(ge=1)
+    target_mpp: float = Field(gt=0)
+
+    @classmethod
+    def from_h5_attrs(cls, attrs: dict[str, Any]) -> FeatureAttrs:
+        """From a features file's raw attributes (other attributes of the file are ignored)."""
+        known = {k: attrs[k] for k in cls.model_fields if k in attrs}
+        return cls.model_validate(known)
+
+    def identity(self) -> dict[str, Any]:
+        """The attributes every features file read for this model must carry, as ``{name: value}``."""
+        return {k: getattr(self, k) for k in ("encoder", "weights", "tile_px", "target_mpp")}
+
+    def same_encoder(self, other: FeatureAttrs) -> bool:
+        return (self.encoder, self.weights, self.dim) == (other.encoder, other.weights, other.dim)
+
+
+class Cutpoints(_Frozen):
+    """Risk-group cut-points on ``log_hz``, fixed on the training patients."""
+
+    median: float = 0.0
+    tertiles: list[float] = []
+
+
+class TensorSpec(_Frozen):
+    shape: list[int]
+    dtype: str
+
+
+class ModelCard(_Frozen):
+    """Everything a model file holds besides the weights.
+
+    Attributes:
+        config: the resolved run config the model was trained with.
+        model_dims: ``{"feature_dim", "n_genes", "n_clinical"}``, the input sizes the network was built for.
+        features: the features-file identity (None for a model without slides).
+        omics, clinical: normaliser states (``OmicsNormaliser.state()`` / ``ClinicalNormaliser.state()``).
+        time_bins: discrete-time bin edges ``[K + 1]`` (None for Cox heads).
+        baseline: Breslow baseline state (Cox heads with events in training).
+        splits: ``patient_id -> split`` of the training cohort.
+        tensors: name -> shape/dtype of every weight tensor; weights_sha256: digest of the weights
+            (:func:`pipeline.training.bundle.weights_digest`), checked on load.
+    """
+
+    format: str = MODEL_FORMAT
+    config: RunConfig
+    model_dims: dict[str, int]
+    features: FeatureAttrs | None = None
+    omics: dict[str, Any] | None = None
+    clinical: dict[str, Any] | None = None
+    sites: list[str] = []
+    time_bins: list[float] | None = None
+    cutpoints: Cutpoints = Cutpoints()
+    horizons: list[float] = []
+    baseline: dict[str, Any] | None = None
+    train_info: dict[str, Any] = {}
+    splits: dict[str, str] = {}
+    tensors: dict[str, TensorSpec] = {}
+    weights_sha256: str = ""
+
+
+class RunFiles(_Frozen):
+    """The files of a run folder: ``RunFiles(root=out).model`` etc. Names are class constants."""
+
+    root: Path
+
+    CONFIG: ClassVar[str] = "config.yaml"
+    MODEL: ClassVar[str] = "model.safetensors"
+    LEGACY_MODEL: ClassVar[str] = "model.pt"
+    TRAIN_SUMMARY: ClassVar[str] = "train_summary.json"
+    RISK_SCORES: ClassVar[str] = "risk_scores.csv"
+    SURVIVAL_CURVES: ClassVar[str] = "survival_curves.csv"
+    METRICS: ClassVar[str] = "metrics.json"
+    REPORT: ClassVar[str] = "report.html"
+    ATTRIBUTIONS: ClassVar[str] = "attributions"
+    TILES: ClassVar[str] = "tiles.csv"  # under ATTRIBUTIONS, as are the next three
+    GENES: ClassVar[str] = "genes.csv"
+    GENE_IG: ClassVar[str] = "gene_ig.csv"
+    BIOMARKERS: ClassVar[str] = "biomarkers.csv"
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def model(self) -> Path:
+        return self.root / self.MODEL
+
+    @property
+    def train_summary(self) -> Path:
+        return self.root / self.TRAIN_SUMMARY
+
+    @property
+    def risk_scores(self) -> Path:
+        return self.root / self.RISK_SCORES
+
+    @property
+    def survival_curves(self) -> Path:
+        return self.root / self.SURVIVAL_CURVES
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT
+
+    @property
+    def attributions(self) -> Path:
+        return self.root / self.ATTRIBUTIONS
+
+    @property
+    def tiles(self) -> Path:
+        return self.attributions / self.TILES
+
+    @property
+    def genes(self) -> Path:
+        return self.attributions / self.GENES
+
+    @property
+    def gene_ig(self) -> Path:
+        return self.attributions / self.GENE_IG
+
+    @property
+    def biomarkers(self) -> Path:
+        return self.attributions / self.BIOMARKERS
