@@ -65,8 +65,9 @@ def repeated(names: list[str]) -> list[str]:
 
 
 def read_csv_dicts(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """``(header, rows)`` of a CSV as dicts of stripped-header -> raw cell. Raises ``ValueError`` for a
-    repeated column name (the second would silently replace the first)."""
+    """``(header, rows)`` of a CSV as dicts of stripped-header -> raw cell (blank lines skipped). Raises
+    ``ValueError`` for a repeated column name (the second would silently replace the first) and for a row
+    with more fields than the header (its values would shift into the wrong columns)."""
     header, delim = read_header(path)
     dup = repeated(header)
     if dup:
@@ -74,7 +75,16 @@ def read_csv_dicts(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh, delimiter=delim)
         next(reader, None)
-        rows = [dict(zip(header, r, strict=False)) for r in reader if any(c.strip() for c in r)]
+        rows = []
+        for r in reader:
+            if not any(c.strip() for c in r):
+                continue
+            if len(r) > len(header) and any(c.strip() for c in r[len(header) :]):
+                raise ValueError(
+                    f"{path}: row {len(rows) + 1} has {len(r)} fields but the header has {len(header)} {header} "
+                    f"(a {delim!r} inside a value? quote the value); the row is {r}"
+                )
+            rows.append(dict(zip(header, r, strict=False)))
     return header, rows
 
 

@@ -163,3 +163,8 @@ def test_unreadable_omics_is_one_problem(tmp_path, capsys):
     omics = "patient_id,G1\n" + "".join(f"P{i:02d},x\n" for i in range(N))
     rc, msg = _validate(_cohort(tmp_path, omics=omics, clinical=False), capsys)
     assert rc == 2 and "1 problem(s)" in msg, msg
+
+
+def test_row_with_more_fields_than_the_header_is_named(tmp_path, capsys):
+    rc, msg = _validate(_cohort(tmp_path, _rows(bad={1: "P01,B,3,5,1"})), capsys)
+    assert rc == 2 and "patients.csv" in msg and "row 2 has 5 fields but the header has 4" in msg, msg
