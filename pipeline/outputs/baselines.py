@@ -11,10 +11,12 @@ the report.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -352,3 +354,41 @@ def baselines_html(metrics: dict) -> list[str]:
             "means the model uses that modality.</p>",
         ]
     return parts
+
+
+def bundle_predict_fn(model_path: Path) -> PredictFn:
+    """``predict_fn(data, idx) -> log_hz`` for a saved model (``model.safetensors``).
+
+    Each call runs under a forked torch RNG, so the stages after it draw the same random numbers as
+    a run without baselines (a DataLoader draws its base seed from the global generator).
+    """
+    import torch
+
+    from pipeline.training.bundle import load_bundle
+    from pipeline.training.predict import predict as predict_model
+
+    model, _ = load_bundle(model_path)
+
+    def predict(data: CohortData, idx: np.ndarray) -> np.ndarray:
+        with torch.random.fork_rng(devices=[]):
+            return predict_model(model, data, idx).log_hz
+
+    return predict
+
+
+def add_to_run(out: Path, data: CohortData, predict_fn: PredictFn, n_boot: int = 200, seed: int = 0) -> list[str]:
+    """Baselines and modality contributions on the run's test split, added to ``out/metrics.json``
+    (keys ``baselines`` and ``modality_contributions``); returns the console summary lines."""
+    from pipeline.files import write_json
+
+    s = BaselineSettings(n_boot=n_boot, seed=seed)
+    path = Path(out) / "metrics.json"
+    m = json.loads(path.read_text())
+    try:
+        m["baselines"] = fit_baselines(data, predict_fn(data, np.asarray(data.splits["test"])), s)
+    except ValueError as e:  # too few events or patients: say so, keep the run
+        log.warning("baselines not fitted: %s", e)
+        m["baselines"] = {"label": "centralised", "baselines": {}, "notes": {"all": str(e)}}
+    m["modality_contributions"] = modality_contributions(data, predict_fn, s)
+    write_json(path, m)
+    return summary_lines(m["baselines"], m["modality_contributions"])
