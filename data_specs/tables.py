@@ -29,12 +29,16 @@ ORIENTATIONS = ("patients_by_genes", "genes_by_patients")
 class ExpressionSpec(Protocol):
     """What :func:`read_expression` needs of the cohort's omics section (``OmicsSource``)."""
 
-    path: Path
-    values: str
-    orientation: str
-    gene_column: str | None
-    impute: str
-
+    @property
+    def path(self) -> Path: ...
+    @property
+    def values(self) -> str: ...
+    @property
+    def orientation(self) -> str: ...
+    @property
+    def gene_column(self) -> str | None: ...
+    @property
+    def impute(self) -> str: ...
     def resolved_format(self) -> str: ...
 
 
@@ -75,7 +79,7 @@ def read_csv_dicts(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh, delimiter=delim)
         next(reader, None)
-        rows = []
+        rows: list[dict[str, str]] = []
         for r in reader:
             if not any(c.strip() for c in r):
                 continue
