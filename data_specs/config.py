@@ -29,6 +29,8 @@ class ExtractConfig(_Frozen):
     tile_px: int = Field(224, ge=16)
     thumbnail_px: int = Field(1024, ge=64)  # longest side of the thumbnail the tissue mask is computed on
     min_tissue: float = Field(0.5, ge=0, le=1)  # minimum tissue fraction for a tile to be kept
+    min_piece_um2: float = Field(500.0, ge=0)  # tissue pieces smaller than this (square microns) are dropped
+    fill_holes_um2: float = Field(500.0, ge=0)  # holes in tissue smaller than this (square microns) are filled
     overlap_px: int = Field(0, ge=0)  # overlap of neighbouring tiles, in tile pixels (< tile_px)
     remove_pen: bool = False  # drop blue/green/black pen ink from the tissue mask
     max_background: float = Field(0.9, gt=0, le=1)  # reject a read tile with more near-white/black pixels (1: off)

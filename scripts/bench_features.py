@@ -9,8 +9,9 @@ Measures, on a pyramidal JPEG TIFF built from the demo's real H&E image:
    same loop split over two processes (what two workers could reach on this machine);
 2. histofuse's reader alone (``TileDataset`` -> DataLoader, uint8 tiles, background check) at 0, 1 and 2
    workers, as a ratio to the baseline;
-3. reader + encoder through the extraction code path (``_encode_into``: batched preprocessing, encoder,
-   chunked h5 writes) at 0, 1 and 2 workers, and the encoder alone on pre-decoded tiles (the ceiling),
+3. reader + encoder through the extraction code path (``encode_tiles`` into a ``features_writer``: batched
+   preprocessing, encoder, chunked h5 writes) at 0, 1 and 2 workers, and the encoder alone on pre-decoded
+   tiles (the ceiling),
    with channels-last on and off;
 4. peak RSS of a full ``extract_slides`` run in a fresh process, for slides of ``--rss-sides`` px
    (tissue islands of the real image over a third of the area, written tile by tile: the slide is never
@@ -44,7 +45,8 @@ sys.path.insert(0, str(REPO))
 def _he() -> np.ndarray:
     from importlib import resources
 
-    return np.asarray(Image.open(str(resources.files("pipeline.cohorts.demo_assets") / "tumor_target_he.png")).convert("RGB"))
+    asset = resources.files("pipeline.cohorts.demo_assets") / "tumor_target_he.png"
+    return np.asarray(Image.open(str(asset)).convert("RGB"))
 
 
 def _small_slide(path: Path, side: int) -> None:
@@ -177,8 +179,8 @@ def main() -> None:
     from data_specs.config import ExtractConfig
     from models import build_encoder
     from pipeline.slides.encode import EncoderRunner
-    from pipeline.slides.extract import _encode_into
-    from pipeline.slides.features import tissue_settings
+    from pipeline.slides.extract import encode_tiles
+    from pipeline.slides.features import features_writer, tissue_settings
     from pipeline.slides.reader import TileDataset, collate_tiles, open_slide, slide_mpp, thumbnail, tile_grid
     from pipeline.slides.tissue import tissue_mask
 
@@ -191,7 +193,9 @@ def main() -> None:
         path = Path(td) / "bench.tif"
         _small_slide(path, args.side)
         s = open_slide(path)
-        grid = tile_grid(s, tissue_mask(thumbnail(s, 1024)), slide_mpp(s, path), 0.5, 224, 0.5)
+        mpp, thumb = slide_mpp(s, path), thumbnail(s, 1024)
+        mask = tissue_mask(thumb, tissue, um_per_px=mpp * s.dimensions[0] / thumb.size[0])
+        grid = tile_grid(s, mask, mpp, 0.5, 224, 0.5)
         s.close()
         coords = grid.coords
         print(f"slide {args.side}x{args.side} px, {len(coords)} tissue tiles of 224 px at 0.5 um/px")
@@ -244,7 +248,8 @@ def main() -> None:
             c = cfg.model_copy(update={"num_workers": workers})
 
             def e2e(c=c) -> None:
-                _encode_into(Path(td) / "e2e.h5", path, sub, runner, c, tissue, {"complete": False})
+                with features_writer(Path(td) / "e2e.h5", enc.dim, {}) as w:
+                    w.finish(encode_tiles(path, sub, runner, c, tissue, w))
 
             rate = _rate(e2e, n_sub, repeats=1)
             print(f"reader + encoder + h5, {workers} workers        : {rate:8.1f} tiles/s")

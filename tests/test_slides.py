@@ -66,12 +66,17 @@ def test_generic_tiff_mpp_from_resolution_tags(tmp_path, he_rgb):
         slide_mpp(open_slide(q), q)
 
 
+def _slide_mask(slide, thumb_px: int, mpp: float) -> np.ndarray:
+    th = thumbnail(slide, thumb_px)
+    return tissue_mask(th, um_per_px=mpp * slide.dimensions[0] / th.size[0])
+
+
 def test_real_aperio_svs_reads():
     path = ASSETS / "cmu_small_region.svs"
     s = open_slide(path)
     assert s.properties["openslide.vendor"] == "aperio"
     assert slide_mpp(s, path) == pytest.approx(0.499, abs=1e-3)
-    g = tile_grid(s, tissue_mask(thumbnail(s, 512)), 0.499, 0.5, 224, 0.5)
+    g = tile_grid(s, _slide_mask(s, 512, 0.499), 0.499, 0.5, 224, 0.5)
     assert 20 < len(g.coords) < (2220 // 224) * (2967 // 224)  # tissue, not the whole slide
 
 
@@ -124,7 +129,7 @@ def test_tiles_map_back_to_level0_pixels(tmp_path, he_rgb):
     p = tmp_path / "s.tif"
     write_pyramid_tiff(p, he_rgb, mpp=0.25)  # 40x: 0.5 um/px tiles come from level 1
     s = open_slide(p)
-    g = tile_grid(s, tissue_mask(thumbnail(s, 512)), 0.25, 0.5, 112, 0.5)
+    g = tile_grid(s, _slide_mask(s, 512, 0.25), 0.25, 0.5, 112, 0.5)
     assert g.level == 1 and g.read_px == 112 and g.size0 == 224
     assert len(g.coords) == 9  # the 672 px tissue square holds 3 x 3 tiles of 224 level-0 px
     assert g.coords[:, 0].max() + g.size0 <= 672 and g.coords[:, 1].max() + g.size0 <= 672
@@ -154,9 +159,9 @@ def test_overlap_grid_and_level_choice(tmp_path, he_rgb):
 
 
 def test_tissue_mask_finds_the_tissue_and_nothing_else(he_rgb):
-    m = tissue_mask(Image.fromarray(he_rgb).resize((280, 224)))
+    m = tissue_mask(Image.fromarray(he_rgb).resize((280, 224)), um_per_px=2.0)  # he_rgb is 0.5 um/px
     assert m[:168, :168].mean() > 0.9 and m[175:, :].mean() == 0 and m[:, 175:].mean() == 0
-    assert not tissue_mask(Image.new("RGB", (200, 100), (243, 243, 243))).any()
+    assert not tissue_mask(Image.new("RGB", (200, 100), (243, 243, 243)), um_per_px=2.0).any()
 
 
 def test_pen_marks_are_removed(he_rgb):
@@ -166,8 +171,8 @@ def test_pen_marks_are_removed(he_rgb):
     thumb = Image.fromarray(img).resize((560, 448))
     ink = pen_mask(np.asarray(thumb))
     assert ink[55:60, 50:280].mean() > 0.9 and ink[100:140, 50:280].mean() < 0.02
-    keep = tissue_mask(thumb, TissueSettings(remove_pen=True))
-    plain = tissue_mask(thumb, TissueSettings(remove_pen=False))
+    keep = tissue_mask(thumb, TissueSettings(remove_pen=True), um_per_px=1.0)
+    plain = tissue_mask(thumb, TissueSettings(remove_pen=False), um_per_px=1.0)
     assert plain[55:60, 50:280].mean() > 0.9  # without removal, ink over tissue counts as tissue
     assert keep[55:60, 50:280].mean() < 0.05 and keep[155:160, 50:280].mean() < 0.05
     assert (keep[75:140, 20:300] == plain[75:140, 20:300]).mean() > 0.98  # the tissue between the strokes stays

@@ -98,7 +98,6 @@ def attention_heatmap(
 ) -> None:
     """Overlay one slide's tile scores (``column``: ``attn_rel`` or ``ig``) on its thumbnail, tissue tiles
     only, with a colour bar. Signed scores (``ig``) use a diverging map centred on zero."""
-    import h5py
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,9 +105,11 @@ def attention_heatmap(
     from matplotlib.colors import TwoSlopeNorm
     from PIL import Image
 
+    from pipeline.slides.features import read_tile_geometry
+
     t = tiles[tiles.slide_id == slide_id]
-    with h5py.File(Path(features_dir) / f"{slide_id}.h5", "r") as f:
-        w0, size0 = int(f.attrs["width0"]), int(f.attrs["size0"])
+    geo = read_tile_geometry(Path(features_dir) / f"{slide_id}.h5")
+    w0, size0 = geo.width0, geo.size0
     thumb = Image.open(Path(features_dir) / f"{slide_id}.thumb.jpg")
     scale = thumb.size[0] / w0
     grid = np.full((thumb.size[1], thumb.size[0]), np.nan)

@@ -25,34 +25,31 @@ Scale and safety:
 - ``shard="K/N"`` takes the K-th of N disjoint parts of the cohort (by a hash of the slide id, stable when
   slides are added), so several machines or GPUs split one cohort; each shard writes its own report.
 
-The run report (``extract_report[.shard-K-of-N].csv`` and ``.json``) is rewritten after every slide:
-slide_id, slide_path, status (done | empty | skipped | failed), tiles, rejected, seconds, error, fingerprint.
+The run report (``extract_report[.shard-K-of-N].csv`` and ``.json``, see :mod:`pipeline.slides.report`) is
+rewritten after every slide. ``--procs N`` runs N shards in N worker processes (:func:`extract_in_processes`).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from data_specs.config import ExtractConfig
 from models.encoders import TileEncoder
+from pipeline.files import atomic_path
 from pipeline.slides.encode import EncoderRunner
 from pipeline.slides.features import (
-    _remove_stale_tmp,
-    _tmp_name,
+    FeaturesWriter,
     expected_attrs,
     features_dir,
+    features_writer,
     is_done,
     read_attrs,
     slide_id_of,
@@ -68,24 +65,18 @@ from pipeline.slides.reader import (
     thumbnail,
     tile_grid,
 )
+from pipeline.slides.report import (
+    SlideResult,
+    earlier_failures,
+    merge_reports,
+    parse_shard,
+    report_stem,
+    shard_of,
+    write_report,
+)
 from pipeline.slides.tissue import TissueSettings, save_geojson, save_mask_png, tissue_mask
 
 log = logging.getLogger(__name__)
-
-
-REPORT_FIELDS = ("slide_id", "slide_path", "status", "tiles", "rejected", "seconds", "error", "fingerprint")
-
-
-@dataclass
-class SlideResult:
-    slide_id: str
-    slide_path: str
-    status: str  # done | empty | skipped | failed
-    tiles: int = 0
-    seconds: float = 0.0
-    error: str = ""
-    rejected: int = 0  # tiles read but dropped as near-white/near-black
-    fingerprint: str = ""
 
 
 def slide_fingerprint(path: Path) -> str:
@@ -98,6 +89,32 @@ def slide_fingerprint(path: Path) -> str:
             fh.seek(-(1 << 20), os.SEEK_END)
             h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+def _slide_attrs(sid: str, path: Path, want: dict, dims: tuple[int, int], thumb, grid: TileGrid, enc, precision):
+    return {
+        **want,
+        "slide_id": sid,
+        "slide_path": str(path),
+        "width0": dims[0],
+        "height0": dims[1],
+        "thumb_width": thumb.size[0],
+        "thumb_height": thumb.size[1],
+        "dim": enc.dim,
+        "feature_kind": enc.feature_kind,
+        "level": grid.level,
+        "read_px": grid.read_px,
+        "size0": grid.size0,
+        "precision": precision,
+    }
+
+
+def _write_tissue_files(out_dir: Path, sid: str, thumb, mask: np.ndarray, dims: tuple[int, int]) -> None:
+    """``<sid>.thumb.jpg``, ``<sid>.mask.png`` and ``<sid>.tissue.geojson`` beside the features file."""
+    with atomic_path(out_dir / f"{sid}.thumb.jpg") as tmp:
+        thumb.save(tmp, format="JPEG", quality=90)
+    save_mask_png(mask, out_dir / f"{sid}.mask.png")
+    save_geojson(mask, dims, out_dir / f"{sid}.tissue.geojson")
 
 
 def extract_slide(
@@ -129,171 +146,72 @@ def extract_slide(
             n_done = int(read_attrs(out)["n_tiles"])  # type: ignore[index,arg-type]
             return SlideResult(sid, str(path), "skipped", n_done, 0.0, fingerprint=fp)
         thumb = thumbnail(slide, cfg.thumbnail_px)
+        dims = (int(slide.dimensions[0]), int(slide.dimensions[1]))
         tissue = tissue_settings(cfg)
-        mask = tissue_mask(thumb, tissue)
+        mask = tissue_mask(thumb, tissue, um_per_px=mpp * dims[0] / thumb.size[0])
         grid = tile_grid(slide, mask, mpp, cfg.target_mpp, cfg.tile_px, cfg.min_tissue, cfg.overlap_px)
-        dims = tuple(int(v) for v in slide.dimensions)
     finally:
         slide.close()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-    thumb.save(out_dir / f"{sid}.thumb.jpg", quality=90)
-    save_mask_png(mask, out_dir / f"{sid}.mask.png")
-    save_geojson(mask, (dims[0], dims[1]), out_dir / f"{sid}.tissue.geojson")
+    _write_tissue_files(out_dir, sid, thumb, mask, dims)
     runner = runner or EncoderRunner(enc, cfg)
-    tmp = _tmp_name(out)
-    attrs = {
-        **want,
-        "slide_id": sid,
-        "slide_path": str(path),
-        "width0": dims[0],
-        "height0": dims[1],
-        "thumb_width": thumb.size[0],
-        "thumb_height": thumb.size[1],
-        "dim": enc.dim,
-        "feature_kind": enc.feature_kind,
-        "level": grid.level,
-        "read_px": grid.read_px,
-        "size0": grid.size0,
-        "precision": runner.precision,
-    }
-    try:
-        n, rejected = _encode_into(tmp, path, grid, runner, cfg, tissue, attrs)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written file behind, even on Ctrl-C
-        raise
-    os.replace(tmp, out)
+    attrs = _slide_attrs(sid, path, want, dims, thumb, grid, enc, runner.precision)
+    with features_writer(out, enc.dim, attrs) as writer:
+        rejected = encode_tiles(path, grid, runner, cfg, tissue, writer)
+        writer.finish(rejected)
+    n = writer.n
     if n == 0:
         log.warning("%s: no tissue tiles; wrote an empty features file %s", path, out)
     return SlideResult(sid, str(path), "done" if n else "empty", n, time.perf_counter() - t0, "", rejected, fp)
 
 
-def _encode_into(
-    tmp: Path,
+def encode_tiles(
     path: Path,
     grid: TileGrid,
     runner: EncoderRunner,
     cfg: ExtractConfig,
     tissue: TissueSettings,
-    attrs: dict,
-) -> tuple[int, int]:
-    """Stream tiles through the encoder into ``tmp`` batch by batch; returns (tiles kept, tiles rejected).
+    writer: FeaturesWriter,
+) -> int:
+    """Stream the grid's tiles through the encoder into ``writer`` batch by batch; returns the tiles rejected.
 
     Holds at most the DataLoader's prefetched batches and one batch of features; never all tiles of a slide.
+    The next batch is submitted before the previous one is collected (on CUDA they overlap).
     """
     import openslide
 
-    dim = runner.enc.dim
-    chunk = 256
-    n = rejected = 0
-    with h5py.File(tmp, "w") as f:
-        feats = f.create_dataset("features", (0, dim), maxshape=(None, dim), dtype="float32", chunks=(chunk, dim))
-        coords = f.create_dataset("coords", (0, 2), maxshape=(None, 2), dtype="int64", chunks=(chunk, 2))
-        f.attrs.update(attrs)
-        f.attrs["complete"] = False
-
-        def write(out: np.ndarray, xy: np.ndarray) -> None:
-            nonlocal n
-            b = len(out)
-            feats.resize(n + b, axis=0)
-            coords.resize(n + b, axis=0)
-            feats[n : n + b] = out
-            coords[n : n + b] = xy
-            n += b
-
-        if len(grid.coords):
-            ds = TileDataset(path, grid, tissue)
-            workers = cfg.num_workers
-            loader = torch.utils.data.DataLoader(
-                ds,
-                batch_size=runner.batch_size,
-                num_workers=workers,
-                collate_fn=collate_tiles,
-                pin_memory=runner.pin,
-                prefetch_factor=cfg.prefetch_factor if workers else None,
-                persistent_workers=False,
-            )
-            pending: tuple[tuple[torch.Tensor, object], np.ndarray] | None = None
-            try:
-                for x, idx, keep in loader:  # x [B, h, w, 4] uint8 RGBA; DataLoader keeps grid order
-                    if not bool(keep.all()):
-                        rejected += int((~keep).sum())
-                        x, idx = x[keep], idx[keep]
-                    if len(idx) == 0:
-                        continue
-                    nxt = (runner.submit(x), grid.coords[idx.numpy()])
-                    if pending is not None:
-                        write(runner.collect(pending[0]), pending[1])
-                    pending = nxt
-                if pending is not None:
-                    write(runner.collect(pending[0]), pending[1])
-            except openslide.OpenSlideError as e:
-                raise SlideError(f"{path}: reading tiles failed ({e}); the file may be truncated or corrupt") from e
-            finally:
-                ds.close()
-        f.attrs["n_tiles"] = n
-        f.attrs["n_rejected"] = rejected
-        f.attrs["complete"] = True
-        f.flush()
-    with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible as complete
-        os.fsync(fh.fileno())
-    return n, rejected
-
-
-def parse_shard(shard: str | None) -> tuple[int, int] | None:
-    """``"K/N"`` (1 <= K <= N) -> ``(K, N)``; None -> None. Raises ValueError naming the value."""
-    if shard is None:
-        return None
+    if not len(grid.coords):
+        return 0
+    rejected = 0
+    ds = TileDataset(path, grid, tissue)
+    workers = cfg.num_workers
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=runner.batch_size,
+        num_workers=workers,
+        collate_fn=collate_tiles,
+        pin_memory=runner.pin,
+        prefetch_factor=cfg.prefetch_factor if workers else None,
+        persistent_workers=False,
+    )
+    pending: tuple[tuple[torch.Tensor, object], np.ndarray] | None = None
     try:
-        k_s, n_s = str(shard).split("/")
-        k, n = int(k_s), int(n_s)
-    except ValueError:
-        raise ValueError(f"shard '{shard}': expected K/N, e.g. 2/4 (the second of four parts)") from None
-    if not 1 <= k <= n:
-        raise ValueError(f"shard '{shard}': K must be between 1 and N={n}")
-    return k, n
-
-
-def shard_of(slide_id: str, n: int) -> int:
-    """1-based shard of a slide among ``n``: a hash of its id, so adding slides never moves the others."""
-    return int(hashlib.sha1(slide_id.encode()).hexdigest(), 16) % n + 1
-
-
-def report_stem(shard: tuple[int, int] | None) -> str:
-    return "extract_report" if shard is None else f"extract_report.shard-{shard[0]}-of-{shard[1]}"
-
-
-def _write_report(out_dir: Path, stem: str, results: list[SlideResult]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{stem}.csv.tmp"
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(REPORT_FIELDS)
-        for r in results:
-            d = asdict(r)
-            d["seconds"] = f"{r.seconds:.2f}"
-            w.writerow([d[k] for k in REPORT_FIELDS])
-    tmp.replace(out_dir / f"{stem}.csv")
-    summary: dict[str, int] = {}
-    for r in results:
-        summary[r.status] = summary.get(r.status, 0) + 1
-    tmp = out_dir / f".{stem}.json.tmp"
-    tmp.write_text(json.dumps({"summary": summary, "slides": [asdict(r) for r in results]}, indent=1))
-    tmp.replace(out_dir / f"{stem}.json")
-
-
-def earlier_failures(out_dir: Path) -> dict[str, tuple[str, str]]:
-    """Slides recorded as failed by earlier runs (any shard): slide_id -> (fingerprint, error)."""
-    failed: dict[str, tuple[str, str]] = {}
-    for p in sorted(Path(out_dir).glob("extract_report*.json")):
-        try:
-            rows = json.loads(p.read_text()).get("slides", [])
-        except (OSError, ValueError):
-            continue
-        for r in rows:
-            if r.get("status") == "failed" and r.get("fingerprint"):
-                failed[r["slide_id"]] = (r["fingerprint"], r.get("error", ""))
-    return failed
+        for x, idx, keep in loader:  # x [B, h, w, 4] uint8 RGBA; DataLoader keeps grid order
+            if not bool(keep.all()):
+                rejected += int((~keep).sum())
+                x, idx = x[keep], idx[keep]
+            if len(idx) == 0:
+                continue
+            nxt = (runner.submit(x), grid.coords[idx.numpy()])
+            if pending is not None:
+                writer.append(runner.collect(pending[0]), pending[1])
+            pending = nxt
+        if pending is not None:
+            writer.append(runner.collect(pending[0]), pending[1])
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"{path}: reading tiles failed ({e}); the file may be truncated or corrupt") from e
+    finally:
+        ds.close()
+    return rejected
 
 
 def extract_slides(
@@ -329,34 +247,46 @@ def extract_slides(
     out_dir = Path(out_dir)
     stem = report_stem(shard)
     before = earlier_failures(out_dir)
-    runner: EncoderRunner | None = None
+    runners: list[EncoderRunner] = []  # built on the first slide that needs encoding, then reused
     results: list[SlideResult] = []
     for p in tqdm(slides, desc="extract", unit="slide", disable=not progress):
         p = Path(p)
-        sid = slide_id_of(p)
-        t0 = time.perf_counter()
-        fp = ""
-        try:
-            fp = slide_fingerprint(p)
-            if sid in before and before[sid][0] == fp and not cfg.retry_failed:
-                why = f"failed in an earlier run (rerun with --retry-failed): {before[sid][1]}"
-                r = SlideResult(sid, str(p), "failed", 0, 0.0, why, fingerprint=fp)
-            else:
-                if runner is None:
-                    runner = EncoderRunner(enc, cfg)
-                r = extract_slide(p, out_dir, enc, cfg, per_slide.get(str(p)), fallback, runner, fp)
-        except Exception as e:  # one bad slide must not stop a night's run; the report names it
-            log.error("slide %s failed: %s", p, e)
-            log.debug("slide %s traceback", p, exc_info=True)
-            msg = str(e) if isinstance(e, SlideError) else f"{type(e).__name__}: {e}"
-            if str(p) not in msg:
-                msg = f"{p}: {msg}"
-            r = SlideResult(sid, str(p), "failed", 0, time.perf_counter() - t0, msg, fingerprint=fp)
-        results.append(r)
-        _write_report(out_dir, stem, results)
+        results.append(_extract_or_record(p, out_dir, enc, cfg, per_slide.get(str(p)), fallback, before, runners))
+        write_report(out_dir, stem, results)
     if not slides:
-        _write_report(out_dir, stem, results)
+        write_report(out_dir, stem, results)
     return results
+
+
+def _extract_or_record(
+    p: Path,
+    out_dir: Path,
+    enc: TileEncoder,
+    cfg: ExtractConfig,
+    mpp_override: float | None,
+    mpp_fallback: float | None,
+    before: dict[str, tuple[str, str]],
+    runners: list[EncoderRunner],
+) -> SlideResult:
+    """One slide of :func:`extract_slides`: extracted, skipped as failed before, or its failure recorded."""
+    sid = slide_id_of(p)
+    t0 = time.perf_counter()
+    fp = ""
+    try:
+        fp = slide_fingerprint(p)
+        if sid in before and before[sid][0] == fp and not cfg.retry_failed:
+            why = f"failed in an earlier run (rerun with --retry-failed): {before[sid][1]}"
+            return SlideResult(sid, str(p), "failed", 0, 0.0, why, fingerprint=fp)
+        if not runners:
+            runners.append(EncoderRunner(enc, cfg))
+        return extract_slide(p, out_dir, enc, cfg, mpp_override, mpp_fallback, runners[0], fp)
+    except Exception as e:  # one bad slide must not stop a night's run; the report names it
+        log.error("slide %s failed: %s", p, e)
+        log.debug("slide %s traceback", p, exc_info=True)
+        msg = str(e) if isinstance(e, SlideError) else f"{type(e).__name__}: {e}"
+        if str(p) not in msg:
+            msg = f"{p}: {msg}"
+        return SlideResult(sid, str(p), "failed", 0, time.perf_counter() - t0, msg, fingerprint=fp)
 
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
@@ -404,49 +334,57 @@ def extract_folder(folder: Path, out: Path, cfg: ExtractConfig, progress: bool =
     return fdir
 
 
-def merge_reports(out_dir: Path, n: int) -> list[dict]:
-    """Combine the ``n`` shard reports in ``out_dir`` into ``extract_report.csv`` / ``.json``."""
-    rows: list[dict] = []
-    for k in range(1, n + 1):
-        p = Path(out_dir) / f"{report_stem((k, n))}.json"
-        if p.is_file():
-            rows += json.loads(p.read_text())["slides"]
-    results = [SlideResult(**{f: r[f] for f in SlideResult.__dataclass_fields__ if f in r}) for r in rows]
-    _write_report(Path(out_dir), report_stem(None), sorted(results, key=lambda r: r.slide_id))
-    return rows
+def extract_in_processes(
+    slides: list[Path],
+    out_dir: Path,
+    cfg: ExtractConfig,
+    n: int,
+    mpp_fallback: float | None = None,
+    slide_mpps: Mapping[str, float] | None = None,
+) -> int:
+    """:func:`extract_slides` in ``n`` processes at once, shard ``k/n`` each, one GPU each when there are ``n``.
 
-
-def extract_in_processes(argv: list[str], n: int, out_dir: Path) -> int:
-    """Run ``histofuse extract <argv> --shard k/n`` in ``n`` processes at once, one GPU each when there are ``n``.
-
-    Each process takes one shard of the cohort; when all have finished, their reports are merged into
-    ``out_dir/extract_report.csv``. Returns the worst exit status.
+    Each worker (a fresh ``spawn`` process) rebuilds the encoder from ``cfg`` and extracts its shard into
+    ``out_dir``; when all have finished, their reports are merged into ``out_dir/extract_report.csv``.
+    Returns the worst exit status (0 when every worker finished; failed slides are in the report).
     """
-    import subprocess
-    import sys
+    import multiprocessing as mp
 
+    if cfg.shard is not None:
+        raise ValueError(f"extract.shard={cfg.shard!r} cannot be combined with {n} processes (they run 1/N..N/N)")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    ctx = mp.get_context("spawn")
+    job = ([str(p) for p in slides], str(out_dir), cfg.model_dump(mode="json"), mpp_fallback, dict(slide_mpps or {}))
     procs = []
     for k in range(1, n + 1):
-        env = dict(os.environ)
-        if len(gpus) >= n:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[k - 1]
-        cmd = [sys.executable, "-m", "pipeline.cli", *argv, "--shard", f"{k}/{n}"]
-        procs.append(subprocess.Popen(cmd, env=env))
-    codes = [p.wait() for p in procs]
+        gpu = gpus[k - 1] if len(gpus) >= n else None
+        proc = ctx.Process(target=extract_shard, args=(k, n, gpu, *job), name=f"extract-{k}-of-{n}")
+        proc.start()
+        procs.append(proc)
+    for proc in procs:
+        proc.join()
     merge_reports(out_dir, n)
-    return max(codes)
+    return max(c if c >= 0 else 128 - c for c in (proc.exitcode or 0 for proc in procs))
 
 
-def without_option(argv: list[str], name: str) -> list[str]:
-    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == name:
-            skip = True
-        elif not a.startswith(name + "="):
-            out.append(a)
-    return out
+def extract_shard(
+    k: int,
+    n: int,
+    gpu: str | None,
+    slides: list[str],
+    out_dir: str,
+    cfg: dict,
+    mpp_fallback: float | None,
+    slide_mpps: dict[str, float],
+) -> None:
+    """Worker of :func:`extract_in_processes`: shard ``k/n`` of ``slides`` with the resolved ``cfg`` (a dict)."""
+    from models.encoders import build_encoder
+
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA is first touched in this process
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=f"%(levelname)s shard {k}/{n} %(name)s: %(message)s")
+    c = ExtractConfig.model_validate({**cfg, "shard": f"{k}/{n}"})
+    enc = build_encoder(c.encoder, weights=c.weights, random_weights=c.random_weights)
+    extract_slides([Path(p) for p in slides], Path(out_dir), enc, c, mpp_fallback, False, slide_mpps)

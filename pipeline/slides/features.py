@@ -1,16 +1,27 @@
-"""TODO slides.features."""
+"""The features ``.h5`` file: the only code that opens one, for reading or writing.
+
+Layout (TRIDENT-like): ``features [N, D] float32``, ``coords [N, 2] int64`` (top-left (x, y) of each tile
+at level 0) and attributes describing how they were made (encoder, tile size, mpp, tissue settings, slide
+fingerprint, ``complete``). The attributes sit on the file's root and on ``coords`` (where CLAM and TRIDENT
+readers look, with their ``patch_size`` / ``patch_level`` / ``patch_size_level0`` names added).
+:func:`features_writer` writes one atomically; :func:`load_features`, :func:`read_attrs` and
+:func:`read_tile_geometry` read one and check it.
+"""
 
 from __future__ import annotations
 
-import os
-import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from data_specs.artifacts import FeatureAttrs
 from data_specs.config import ExtractConfig
 from models.encoders import TileEncoder
+from pipeline.files import atomic_path, remove_stale_tmp
 from pipeline.slides.tissue import TissueSettings
 
 FORMAT_VERSION = 2
@@ -38,7 +49,12 @@ def features_dir(out: Path, cfg: ExtractConfig) -> Path:
 
 
 def tissue_settings(cfg: ExtractConfig) -> TissueSettings:
-    return TissueSettings(remove_pen=cfg.remove_pen, max_background=cfg.max_background)
+    return TissueSettings(
+        remove_pen=cfg.remove_pen,
+        max_background=cfg.max_background,
+        min_piece_um2=cfg.min_piece_um2,
+        fill_holes_um2=cfg.fill_holes_um2,
+    )
 
 
 def expected_attrs(enc: TileEncoder, cfg: ExtractConfig) -> dict[str, object]:
@@ -53,6 +69,8 @@ def expected_attrs(enc: TileEncoder, cfg: ExtractConfig) -> dict[str, object]:
         "thumbnail_px": cfg.thumbnail_px,
         "remove_pen": bool(cfg.remove_pen),
         "max_background": float(cfg.max_background),
+        "min_piece_um2": float(cfg.min_piece_um2),
+        "fill_holes_um2": float(cfg.fill_holes_um2),
     }
 
 
@@ -85,33 +103,90 @@ def load_features(path: Path, expect: dict[str, object] | None = None) -> tuple[
         for k, v in (expect or {}).items():
             if attrs.get(k) != v:
                 raise ValueError(f"{path}: attribute '{k}' is {attrs.get(k)!r}, expected {v!r}")
+        feature_attrs(path, attrs)
         feats, coords = f["features"][:], f["coords"][:]
         if feats.shape[0] != coords.shape[0] or feats.shape[0] != attrs.get("n_tiles", feats.shape[0]):
             raise ValueError(f"{path}: features {feats.shape} and coords {coords.shape} disagree with n_tiles")
         return feats, coords, attrs
 
 
-def _tmp_name(out: Path) -> Path:
-    return out.with_name(f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def _remove_stale_tmp(out: Path) -> None:
-    """Delete temporary files of this slide left by dead processes on this host (a kill -9)."""
-    host = socket.gethostname()
-    for p in out.parent.glob(f".{out.name}.{host}.*.tmp"):
-        try:
-            pid = int(p.name.rsplit(".", 2)[-2])
-        except ValueError:
-            continue
-        if pid == os.getpid() or not _alive(pid):
-            p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
+def feature_attrs(path: Path, attrs: Mapping[str, object]) -> FeatureAttrs:
+    """The typed identity (encoder, weights, dim, tile_px, target_mpp) of a features file's attributes."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return FeatureAttrs.from_h5_attrs(dict(attrs))
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"{path}: features file attributes are not valid: {e}") from None
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Where a features file's tiles sit on the slide (level-0 pixels)."""
+
+    width0: int
+    height0: int
+    size0: int  # side of one tile
+
+
+def read_tile_geometry(path: Path) -> TileGeometry:
+    """The slide size and tile side recorded in a complete features file; raises ValueError naming the file."""
+    attrs = read_attrs(path)
+    if attrs is None:
+        raise ValueError(f"{path}: no complete features file (missing, interrupted or corrupt)")
+    try:
+        return TileGeometry(int(attrs["width0"]), int(attrs["height0"]), int(attrs["size0"]))  # type: ignore[call-overload]
+    except KeyError as e:
+        raise ValueError(f"{path}: features file lacks the attribute {e} (written by an older version?)") from None
+
+
+class FeaturesWriter:
+    """Appends batches of tile features to the resizable datasets of an open features file."""
+
+    def __init__(
+        self, f: h5py.File, dim: int, attrs: Mapping[str, object], coords_attrs: Mapping[str, object], chunk: int = 256
+    ):
+        self._f = f
+        self._feats = f.create_dataset("features", (0, dim), maxshape=(None, dim), dtype="float32", chunks=(chunk, dim))
+        self._coords = f.create_dataset("coords", (0, 2), maxshape=(None, 2), dtype="int64", chunks=(chunk, 2))
+        self._set_attrs({**attrs, "complete": False})
+        self._coords.attrs.update(coords_attrs)
+        self.n = 0
+
+    def _set_attrs(self, attrs: Mapping[str, object]) -> None:
+        self._f.attrs.update(attrs)
+        self._coords.attrs.update(attrs)
+
+    def append(self, features: np.ndarray, coords: np.ndarray) -> None:
+        """Add ``features [B, D]`` float32 and ``coords [B, 2]`` int64."""
+        b = len(features)
+        assert len(coords) == b, (features.shape, coords.shape)
+        self._feats.resize(self.n + b, axis=0)
+        self._coords.resize(self.n + b, axis=0)
+        self._feats[self.n : self.n + b] = features
+        self._coords[self.n : self.n + b] = coords
+        self.n += b
+
+    def finish(self, n_rejected: int) -> None:
+        """Record the counts and mark the file complete (it becomes visible when the writer's block ends)."""
+        self._set_attrs({"n_tiles": self.n, "n_rejected": n_rejected, "complete": True})
+        self._f.flush()
+
+
+@contextmanager
+def features_writer(path: Path, dim: int, attrs: Mapping[str, object]) -> Iterator[FeaturesWriter]:
+    """Write ``path`` under a temporary name; it replaces ``path`` (flushed to disk) only when the block ends
+    without an exception and :meth:`FeaturesWriter.finish` was called. Temporary files left by dead processes
+    are removed first.
+
+    ``attrs`` should hold ``level``, ``read_px`` and ``size0``: they are also written on ``coords`` as CLAM's
+    ``patch_level`` / ``patch_size`` and TRIDENT's ``patch_size_level0``.
+    """
+    path = Path(path)
+    remove_stale_tmp(path)
+    extra = {}
+    if {"level", "read_px", "size0"} <= set(attrs):
+        extra = {"patch_level": attrs["level"], "patch_size": attrs["read_px"], "patch_size_level0": attrs["size0"]}
+    with atomic_path(path, fsync=True) as tmp, h5py.File(tmp, "w") as f:
+        w = FeaturesWriter(f, dim, attrs, extra)
+        yield w
+        if not f.attrs["complete"]:
+            raise RuntimeError(f"{path}: features writer closed before finish()")

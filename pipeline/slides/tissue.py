@@ -6,8 +6,13 @@ The mask is computed once per slide on an RGB thumbnail (``thumbnail_px`` on its
    faint background is not called tissue, and pixels that are near white excluded;
 2. optionally, pen marks removed: pixels whose colour no H&E stain produces (blue-dominant, green-dominant
    or near-black ink), grown by a few pixels to take the stroke's halo;
-3. morphology: closing with a disk, then specks and small holes below ``min_object_frac`` of the
-   thumbnail removed.
+3. morphology: closing with a disk, then pieces of tissue smaller than ``min_piece_um2`` removed (debris)
+   and holes smaller than ``fill_holes_um2`` filled. Both are physical areas (square microns, from the
+   slide's microns per pixel and the thumbnail's downsample), so the same tissue is kept whatever the
+   slide's size and the thumbnail's. The default 500 um^2 (a 22 um square, a few cells) keeps every
+   biopsy fragment (a needle-core fragment of 0.1 x 0.1 mm is 10,000 um^2) and drops only specks; a piece
+   that small cannot hold a tile by itself anyway (a default tile, 224 px at 0.5 um/px, is 12,544 um^2 and
+   needs ``min_tissue`` = half of it covered).
 
 Tiles keep or drop on the mask's coverage (``min_tissue``) in :func:`pipeline.slides.tile_grid`; then,
 when read at full resolution, a tile that is mostly near-white or near-black pixels is rejected
@@ -30,7 +35,8 @@ class TissueSettings:
 
     Attributes:
         remove_pen: drop blue, green and black ink from the mask.
-        min_object_frac: connected pieces (and holes) smaller than this fraction of the thumbnail are removed.
+        min_piece_um2: connected pieces of tissue smaller than this area (square microns) are removed.
+        fill_holes_um2: holes in the tissue smaller than this area (square microns) are filled.
         white_level: a pixel whose R, G and B are all at least this is background (glass).
         black_level: a pixel whose R, G and B are all at most this is background (ink, folds, scanner edge).
         max_background: a tile whose fraction of white or black pixels exceeds this is rejected at read time
@@ -38,7 +44,8 @@ class TissueSettings:
     """
 
     remove_pen: bool = True
-    min_object_frac: float = 1e-3
+    min_piece_um2: float = 500.0
+    fill_holes_um2: float = 500.0
     white_level: int = 220
     black_level: int = 35
     max_background: float = 0.9
@@ -61,8 +68,11 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
     return blue | green | black
 
 
-def tissue_mask(thumb: Image.Image, settings: TissueSettings | None = None) -> np.ndarray:
+def tissue_mask(thumb: Image.Image, settings: TissueSettings | None = None, *, um_per_px: float) -> np.ndarray:
     """Tissue on an RGB thumbnail.
+
+    Args:
+        um_per_px: microns per thumbnail pixel (the slide's level-0 mpp x the thumbnail's downsample).
 
     Returns:
         ``[h, w]`` bool mask (True = tissue). All False when the slide is background only.
@@ -85,9 +95,11 @@ def tissue_mask(thumb: Image.Image, settings: TissueSettings | None = None) -> n
     mask = (sat > thr) & (rgb.mean(axis=-1) < 235) & valid
     disk = np.hypot(*np.mgrid[-2:3, -2:3]) <= 2
     mask = ndimage.binary_closing(mask, structure=disk, border_value=0) & valid
-    min_size = max(16, int(s.min_object_frac * mask.size))
-    mask = _drop_small(mask, min_size)  # specks of debris
-    return ~_drop_small(~mask, min_size) & valid  # fill small holes (never with ink)
+    if not um_per_px > 0:
+        raise ValueError(f"tissue_mask: um_per_px must be > 0, got {um_per_px}")
+    px_um2 = um_per_px**2
+    mask = _drop_small(mask, max(1, int(np.ceil(s.min_piece_um2 / px_um2))))  # specks of debris
+    return ~_drop_small(~mask, max(1, int(np.ceil(s.fill_holes_um2 / px_um2)))) & valid  # small holes (never ink)
 
 
 def _drop_small(mask: np.ndarray, min_size: int) -> np.ndarray:
