@@ -32,7 +32,7 @@ def clinical_omics_cohort(tiny_demo, tmp_path_factory) -> Path:
     return out / "cohort.yaml"
 
 
-OVERRIDES = "train.batch_size=4;federated.rounds=2;federated.local_epochs=1;federated.min_sites=3"
+RUN_CONFIG = {"train.batch_size": 4, "federated.rounds": 2, "federated.local_epochs": 1, "federated.min_sites": 3}
 
 
 def test_deployed_apps_exchange_statistics_and_train_in_process(clinical_omics_cohort, tmp_path):
@@ -49,12 +49,7 @@ def test_deployed_apps_exchange_statistics_and_train_in_process(clinical_omics_c
     grid = InProcessGrid(
         {nid: (s, client_app) for nid, s in nodes.items()},
         node_configs={nid: {"site": s, "cohort": str(clinical_omics_cohort)} for nid, s in nodes.items()},
-        run_config={
-            "overrides": OVERRIDES.replace("rounds=2", "rounds=1"),
-            "out": str(tmp_path),
-            "config": "",
-            "resume": False,
-        },
+        run_config={**RUN_CONFIG, "federated.rounds": 1, "out": str(tmp_path), "config": "", "resume": False},
     )
     ctx = Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[100].run_config))
     server_app(grid, ctx)
@@ -62,10 +57,10 @@ def test_deployed_apps_exchange_statistics_and_train_in_process(clinical_omics_c
     assert [r["round"] for r in info["history"]] == [0] and sorted(info["sites"]) == sorted(cohort.sites)
     assert all(np.isfinite(r["train_loss"]) for r in info["history"])
     # every site received the same cohort-level normalisers, equal to those built from the same summaries here
-    from pipeline.federated.protocol import STATS_KEY, _loads
+    from pipeline.federated.protocol import STATS_KEY, decode_record
 
-    stats = [_loads(str(c.state.config_records[STATS_KEY]["json"])) for c in grid.contexts.values()]
-    cfg = resolve_config(None, OVERRIDES.split(";"))
+    stats = [decode_record(str(c.state.config_records[STATS_KEY]["json"])) for c in grid.contexts.values()]
+    cfg = resolve_config(None, [f"{k}={v}" for k, v in RUN_CONFIG.items()])
     ref = build_data(cohort, None, seed=cfg.train.seed)
     for s in stats:
         assert s["omics"]["genes"] == ref.omics_norm.genes
@@ -87,9 +82,38 @@ def test_flower_deployment_on_loopback(clinical_omics_cohort, tmp_path):
 
     sites = load_cohort(clinical_omics_cohort).sites
     assert len(sites) == 3
-    res = run_loopback(clinical_omics_cohort, sites, tmp_path, OVERRIDES, timeout=540)
+    res = run_loopback(clinical_omics_cohort, sites, tmp_path, RUN_CONFIG, timeout=540)
     assert res["rounds"] == 2
     h = res["history"]
     assert all(not r["dropped"] for r in h) and all(np.isfinite(r["train_loss"]) for r in h)
-    state = tmp_path / "federated" / "server_state.pt"
-    assert state.is_file()
+    state = json.loads((tmp_path / "federated" / "server_state.json").read_text())
+    assert state["round"] == 1 and (tmp_path / "federated" / state["arrays_file"]).is_file()
+
+
+def test_flower_run_config_keys_map_onto_the_histofuse_config():
+    """Every SECTION.KEY declared in [tool.flwr.app.config] is a histofuse setting; "" keeps the default."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    from data_specs.config import RunConfig
+    from pipeline.federated.protocol import FLOWER_RUN_KEYS, run_config_from_flower
+
+    root = Path(__file__).resolve().parents[1]
+    declared = flatten_dict(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    fields = {
+        f"{s}.{k}" for s, sec in RunConfig.model_fields.items() for k in getattr(sec.annotation, "model_fields", {})
+    }
+    assert set(declared) - set(FLOWER_RUN_KEYS) <= fields
+    assert run_config_from_flower(declared) == resolve_config(None, [], out="runs/flower")
+    cfg = run_config_from_flower(
+        {**declared, "federated.rounds": 7, "federated.secagg": True, "federated.strategy": "fedadam", "train.lr": 0.1}
+    )
+    assert (cfg.federated.rounds, cfg.federated.secagg, cfg.federated.strategy, cfg.train.lr) == (
+        7,
+        True,
+        "fedadam",
+        0.1,
+    )
+    with pytest.raises(ValueError, match="SECTION.KEY"):
+        run_config_from_flower({"rounds": 3})

@@ -1,13 +1,24 @@
-"""TODO federated.protocol."""
+"""What travels between a site and the server, and how: the Flower-free contract of a federated run.
+
+Owns the message payloads (:class:`Update`, :class:`Evaluation`), the array helpers both halves use
+(trainable weights in and out of a model, L2 clipping), the JSON encoding of site summaries and normaliser
+states (:func:`encode_record` / :func:`decode_record`), and the mapping of Flower's run config
+(``[tool.flwr.app.config]``, ``flwr run --run-config``) onto the histofuse :class:`RunConfig`
+(:func:`run_config_from_flower`). Imports no Flower.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+
+from data_specs.config import RunConfig, resolve_config
 
 Arrays = dict[str, np.ndarray]
 
@@ -60,13 +71,13 @@ def clip_l2(arrays: Arrays, max_norm: float) -> tuple[Arrays, float]:
 SECAGG_QUANTISATION = 2**26  # with modulus 2**32, up to 64 sites sum without overflow
 
 
-STATS_KEY = "histofuse.cohort_statistics"
+STATS_KEY = "histofuse.cohort_statistics"  # where a site keeps the cohort-level normalisers it was sent
 
 
-def _dumps(obj) -> str:
+def encode_record(obj: Any) -> str:
     """JSON with numpy arrays/scalars as tagged lists (summaries and normaliser states: no patient axis)."""
 
-    def enc(o):
+    def enc(o: Any) -> Any:
         if isinstance(o, np.ndarray):
             return {"__ndarray__": o.tolist(), "dtype": str(o.dtype)}
         if isinstance(o, np.generic):
@@ -76,5 +87,32 @@ def _dumps(obj) -> str:
     return json.dumps(obj, default=enc)
 
 
-def _loads(text: str):
+def decode_record(text: str) -> Any:
+    """The inverse of :func:`encode_record` (tagged lists back to numpy arrays of their dtype)."""
     return json.loads(text, object_hook=lambda d: np.asarray(d["__ndarray__"], d["dtype"]) if "__ndarray__" in d else d)
+
+
+FLOWER_RUN_KEYS = ("config", "out", "resume")  # the run config's own keys; every other key is SECTION.KEY
+
+
+def run_config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
+    """The histofuse run config from Flower's run config (the same for the ServerApp and every ClientApp).
+
+    ``config``: a histofuse YAML ("" = defaults); ``out``: the run folder; every other key is a histofuse
+    setting ``SECTION.KEY`` (``[tool.flwr.app.config.federated]`` ``rounds`` arrives as
+    ``federated.rounds``), applied over the YAML; ``""`` leaves the YAML's (or default) value. E.g.
+    ``flwr run . CONNECTION --run-config 'federated.rounds=30 federated.strategy="fedadam"'``.
+    """
+    overrides = []
+    for key, value in sorted(run_config.items()):
+        if key in FLOWER_RUN_KEYS or value == "":
+            continue
+        if "." not in key:
+            raise ValueError(
+                f"Flower run config key {key!r}: expected SECTION.KEY (e.g. federated.rounds) "
+                f"or one of {FLOWER_RUN_KEYS}"
+            )
+        overrides.append(f"{key}={json.dumps(value)}")
+    yaml_path = str(run_config.get("config", "")) or None
+    out = str(run_config.get("out", "")) or None
+    return resolve_config(yaml_path, overrides, out=out)

@@ -1,35 +1,47 @@
 """Federated training: each site runs the unchanged local training step and returns only a model update.
 
-Two halves, neither of which imports Flower (``pipeline.flower_app`` wraps them in a Flower ClientApp and
-ServerApp, run by the embedded in-process runtime or by Flower's deployment engine):
+Two halves, neither of which imports Flower (``client_app.py`` / ``server_app.py`` wrap them in a Flower
+ClientApp and ServerApp, run by the embedded in-process runtime (``embedded.py``) or Flower's deployment engine):
 
 - :class:`SiteClient` (one hospital): from the global trainable weights and a round config it returns an
   :class:`Update` holding only the update of the trainable parameters (the true full-batch gradient for
   FedSGD; the weight delta, i.e. pseudo-gradient, for local-epoch strategies), a weight (its number of
   training patients or events) and scalar metrics; and an :class:`Evaluation` (count + scalars) of the
   global model on its validation patients. Never features, omics, clinical values, times, events or ids.
-- :class:`FederatedServer`: weighted mean of the updates, optional DP noise (with an RDP accountant),
-  a server optimizer (SGD, FedAvg, FedAdam, FedYogi), pooled validation every round, the best round's
-  weights, and an atomic checkpoint after every finished round so a killed run resumes.
+- :class:`FederatedServer` (this module): weighted mean of the updates, optional DP noise (with an RDP
+  accountant), a server optimizer (SGD, FedAvg, FedAdam, FedYogi), pooled validation every round, the best
+  round's weights, and a checkpoint after every finished round so a killed run resumes: arrays in
+  safetensors, everything else in JSON (no pickle: loading it runs no code), both written atomically.
+
+Differential privacy (``federated.dp_noise`` = sigma > 0) covers exactly this: each site clips its model update
+to L2 norm ``C = dp_clip`` and sends it with weight 1; the server averages the ``n`` updates of the round and
+adds Gaussian noise of std ``sigma * 2C / n`` to the mean, drawn from a generator seeded by the operating
+system's CSPRNG (``secrets``), never from the run config. ``2C / n`` is the L2 sensitivity of the mean under
+replace-one adjacency (one site's update swapped for any other, roster of ``n`` sites fixed), so the RDP
+accountant's noise multiplier is ``sigma``, sampling rate 1 (every site every round): the (epsilon, delta)
+is site-level, for the sequence of aggregated updates. It does not cover the evaluation replies (per-site
+validation C-index, pair counts, loss), the best-round selection made from them, or anything computed
+after training. The DP is central: the server sees the clipped updates unless SecAgg+ is on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import os
+import secrets
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from data_specs.config import FederatedConfig, RunConfig
 from pipeline.federated.protocol import DEFAULT_SERVER_LR, STRATEGIES, Arrays, Evaluation, Update
+from pipeline.files import write_bytes, write_text
 
 log = logging.getLogger(__name__)
 
 
-STATE_FILE = "server_state.pt"
+STATE_FILE = "server_state.json"  # scalars, history, resume key; names its arrays file
 
 
 def weighted_mean(updates: list[Update]) -> Arrays | None:
@@ -39,6 +51,19 @@ def weighted_mean(updates: list[Update]) -> Arrays | None:
         return None
     keys = updates[0].arrays.keys()
     return {k: sum(u.arrays[k].astype(np.float64) * (u.num_examples / total) for u in updates) for k in keys}
+
+
+def dp_noise_std(noise_multiplier: float, clip: float, n_sites: int) -> float:
+    """Std of the Gaussian noise on the mean of ``n_sites`` updates clipped to L2 norm ``clip``:
+    ``noise_multiplier`` times the replace-one sensitivity of that mean, ``2 * clip / n_sites``."""
+    return noise_multiplier * 2.0 * clip / n_sites
+
+
+def add_dp_noise(mean: Arrays, std: float, rng: np.random.Generator | None = None) -> Arrays:
+    """``mean`` plus N(0, std^2) per value, from a generator seeded by the OS CSPRNG (128 bits of
+    ``secrets``): nothing saved with the run (seed, config, checkpoint) regenerates the noise."""
+    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    return {k: v + rng.normal(0.0, std, size=v.shape) for k, v in mean.items()}
 
 
 class ServerOptimizer:
@@ -113,10 +138,38 @@ class PrivacyLedger:
         return float(self.acc.get_epsilon(self.delta)) if self.acc.history else 0.0
 
 
-def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+def save_state(folder: Path, state: dict, arrays: dict[str, Arrays]) -> Path:
+    """Checkpoint: ``arrays`` (group -> name -> array) in ``server_state.r<round>.safetensors``, then ``state``
+    (JSON: round, history, optimizer step, accountant history, resume key) in ``server_state.json`` naming
+    that file. Each is written atomically and the JSON last, so a kill at any point leaves the previous
+    complete checkpoint; older arrays files are removed afterwards."""
+    from safetensors.numpy import save
+
+    flat = {f"{g}/{k}": np.ascontiguousarray(v) for g, a in arrays.items() for k, v in a.items()}
+    name = f"server_state.r{int(state['round'])}.safetensors"
+    write_bytes(folder / name, save(flat))
+    write_text(folder / STATE_FILE, json.dumps({**state, "arrays_file": name}, indent=1))
+    for old in folder.glob("server_state.r*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return folder / STATE_FILE
+
+
+def load_state(path: Path) -> tuple[dict, dict[str, Arrays]]:
+    """The inverse of :func:`save_state`; a truncated or mismatched checkpoint is a ``ValueError`` naming the file."""
+    from safetensors.numpy import load_file
+
+    try:
+        state = json.loads(path.read_text())
+        arrays_path = path.with_name(str(state["arrays_file"]))
+        flat = load_file(str(arrays_path))
+    except (ValueError, KeyError, OSError) as e:  # JSON, safetensors header and missing-file errors
+        raise ValueError(f"{path}: unreadable federated checkpoint ({type(e).__name__}: {e})") from e
+    arrays: dict[str, Arrays] = {}
+    for key, v in flat.items():
+        group, name = key.split("/", 1)
+        arrays.setdefault(group, {})[name] = v
+    return state, arrays
 
 
 def _resume_key(cfg: RunConfig) -> dict:
@@ -155,13 +208,23 @@ class FederatedServer:
         path = None if self.out is None else self.out / STATE_FILE
         if path is None or not path.is_file():
             raise FileNotFoundError(f"--resume: no federated checkpoint at {path}")
-        s = torch.load(path, map_location="cpu", weights_only=False)
-        if s.get("resume_key") != _resume_key(self.cfg):
+        s, arrays = load_state(path)
+        if s.get("resume_key") != json.loads(json.dumps(_resume_key(self.cfg), default=str)):
             raise ValueError(f"{path}: the checkpoint was written with another config; resume needs the same one")
-        self.global_arrays, self.history, self.best = s["global"], s["history"], s["best"]
-        self.opt.load_state(s["optimizer"])
+        names = s["array_names"]  # the parameter order of the run (safetensors stores keys sorted)
+        self.global_arrays = {k: arrays["global"][k] for k in names}
+        self.history = s["history"]
+        self.best = (float(s["best_score"]), int(s["best_round"]), {k: arrays["best"][k] for k in names})
+        self.opt.load_state(
+            {
+                "t": s["optimizer_t"],
+                "m": {k: arrays["m"][k] for k in names} if "m" in arrays else None,
+                "v": {k: arrays["v"][k] for k in names} if "v" in arrays else None,
+            }
+        )
         if self.ledger is not None:
-            self.ledger = PrivacyLedger(self.fc.dp_noise, self.fc.dp_delta, s["privacy_history"])
+            hist = [tuple(h) for h in s["privacy_history"]]
+            self.ledger = PrivacyLedger(self.fc.dp_noise, self.fc.dp_delta, hist)
         self.next_round = int(s["round"]) + 1
         log.info("resuming from %s after round %d", path, s["round"])
 
@@ -193,9 +256,7 @@ class FederatedServer:
             log.warning("round %d: every update has weight 0 (no events); global model unchanged", rnd)
             return self.global_arrays
         if self.ledger is not None:
-            std = self.fc.dp_noise * self.fc.dp_clip / len(updates)
-            rng = np.random.default_rng([self.cfg.train.seed, rnd, 0xD9])
-            mean = {k: v + rng.normal(0.0, std, size=v.shape) for k, v in mean.items()}
+            mean = add_dp_noise(mean, dp_noise_std(self.fc.dp_noise, self.fc.dp_clip, len(updates)))
         self.global_arrays = self.opt.step(self.global_arrays, mean)
         return self.global_arrays
 
@@ -229,21 +290,27 @@ class FederatedServer:
             self.best = (score, rnd, {k: v.copy() for k, v in self.global_arrays.items()})
         self.next_round = rnd + 1
         if self.out is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            _save_state(
-                self.out / STATE_FILE,
-                {
-                    "round": rnd,
-                    "global": self.global_arrays,
-                    "optimizer": self.opt.state(),
-                    "privacy_history": self.ledger.acc.history if self.ledger else None,
-                    "best": self.best,
-                    "history": self.history,
-                    "config": self.cfg.to_dict(),
-                    "resume_key": _resume_key(self.cfg),
-                },
-            )
+            self.checkpoint(rnd)
         return rec
+
+    def checkpoint(self, rnd: int) -> None:
+        """Write the state after round ``rnd`` to ``out`` (see :func:`save_state`)."""
+        assert self.out is not None and self.global_arrays is not None and self.best is not None
+        arrays = {"global": self.global_arrays, "best": self.best[2]}
+        if self.opt.m is not None and self.opt.v is not None:
+            arrays.update(m=self.opt.m, v=self.opt.v)
+        state = {
+            "round": rnd,
+            "array_names": list(self.global_arrays),
+            "best_score": self.best[0],
+            "best_round": self.best[1],
+            "optimizer_t": self.opt.t,
+            "privacy_history": [list(h) for h in self.ledger.acc.history] if self.ledger else None,
+            "history": self.history,
+            "config": self.cfg.to_dict(),
+            "resume_key": _resume_key(self.cfg),
+        }
+        save_state(self.out, json.loads(json.dumps(state, default=str)), arrays)
 
     def summary(self) -> dict:
         assert self.best is not None, "no round finished"

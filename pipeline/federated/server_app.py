@@ -1,8 +1,15 @@
-"""TODO federated.server_app."""
+"""The Flower ServerApp: :class:`~pipeline.federated.server.FederatedServer` behind Flower's Strategy interface.
+
+:func:`serve` is the body both runtimes run (embedded: ``embedded.py``; deployment: ``server_app``, the
+``[tool.flwr.app.components]`` serverapp). It drives Flower's legacy workflow (``LegacyContext`` +
+``DefaultWorkflow``) because SecAgg+ is available only there (``SecAggPlusWorkflow`` when
+``federated.secagg`` is on). A deployment first runs :func:`exchange_cohort_statistics` (site summaries in,
+cohort-level normalisers out, fitted by ``omics.normalise.fit_normalisers``). Aggregation, DP, validation
+pooling and checkpoints live in ``server.py``; this module only adapts them to Flower.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import time as _time
 from collections.abc import Iterable
@@ -28,9 +35,18 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
 from data_specs.config import RunConfig
-from pipeline.federated.client_app import _run_config
-from pipeline.federated.protocol import SECAGG_QUANTISATION, Arrays, Evaluation, Update, _dumps, _loads
+from pipeline.federated.protocol import (
+    SECAGG_QUANTISATION,
+    Arrays,
+    Evaluation,
+    Update,
+    decode_record,
+    encode_record,
+    run_config_from_flower,
+)
 from pipeline.federated.server import FederatedServer
+from pipeline.files import write_json
+from pipeline.omics.normalise import fit_normalisers
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +212,6 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
 
     Waits until ``federated.min_sites`` SuperNodes are connected. Returns the combined normaliser states.
     """
-    from pipeline.omics.clinical import ClinicalNormaliser
-    from pipeline.omics.normalise import OmicsNormaliser
-    from pipeline.omics.readers import read_gmt, read_panel
-
     t0 = _time.time()
     while len(list(grid.get_node_ids())) < cfg.federated.min_sites:
         if _time.time() - t0 > timeout:
@@ -207,30 +219,26 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
         _time.sleep(1.0)
     nodes = sorted(grid.get_node_ids())
     ask = [Message(RecordDict(), nid, "query.summaries", group_id="statistics") for nid in nodes]
-    omics, clinical = [], []
+    summaries = []
     for reply in grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
         if reply.has_error():
             log.warning("node %s sent no summaries (%s)", reply.metadata.src_node_id, reply.error.reason)
             continue
-        summ = _loads(str(reply.content.config_records["summaries"]["json"]))
-        omics += [summ["omics"]] if "omics" in summ else []
-        clinical += [summ["clinical"]] if "clinical" in summ else []
-    stats: dict = {}
+        summaries.append(decode_record(str(reply.content.config_records["summaries"]["json"])))
     o = cfg.omics
-    if omics:
-        panel = read_panel(o.gene_panel) if o.gene_panel else None
-        sets = read_gmt(o.gene_sets) if o.gene_sets else None
-        norm = OmicsNormaliser.from_summaries(omics, panel, o.max_genes, sets, o.min_pathway_genes)
-        stats["omics"] = norm.state()
-    if clinical:
-        stats["clinical"] = ClinicalNormaliser.from_summaries(clinical).state()
-    body = ConfigRecord({"json": _dumps(stats)})
+    omics_norm, clinical_norm = fit_normalisers(summaries, o.gene_panel, o.max_genes, o.gene_sets, o.min_pathway_genes)
+    stats: dict = {}
+    if omics_norm is not None:
+        stats["omics"] = omics_norm.state()
+    if clinical_norm is not None:
+        stats["clinical"] = clinical_norm.state()
+    body = ConfigRecord({"json": encode_record(stats)})
     tell = [Message(RecordDict({"stats": body}), nid, "query.normalisers", group_id="statistics") for nid in nodes]
     acks = list(grid.send_and_receive(tell, timeout=cfg.federated.round_timeout))
     log.info(
         "cohort statistics from %d omics / %d clinical site summaries sent to %d site(s)",
-        len(omics),
-        len(clinical),
+        sum("omics" in x for x in summaries),
+        sum("clinical" in x for x in summaries),
         sum(a.has_content() for a in acks),
     )
     return stats
@@ -242,12 +250,12 @@ server_app = ServerApp()
 @server_app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
     """Deployment ServerApp: statistics exchange, then training; state and history under ``out/federated``."""
-    cfg = _run_config(dict(context.run_config))
+    cfg = run_config_from_flower(dict(context.run_config))
     out = Path(cfg.out) / "federated"
     resume = str(context.run_config.get("resume", "false")).lower() == "true"
     exchange_cohort_statistics(grid, cfg)
     server = FederatedServer(cfg, None, out, resume=resume)
     strategy = serve(grid, context, server, None)
     info = {**server.summary(), "sites": sorted(set(strategy.node_site.values()))}
-    (out / "federated_history.json").write_text(json.dumps(info, indent=2, default=float))
+    write_json(out / "federated_history.json", info)
     log.info("federated run finished: best round %d; state in %s", info["best_round"], out)

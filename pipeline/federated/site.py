@@ -1,19 +1,31 @@
-"""TODO federated.site."""
+"""One hospital's half of a federated run, Flower-free: local training and validation, and its data.
+
+:class:`SiteClient` trains the unchanged Lightning step from the global weights and returns only an
+:class:`Update` (and an :class:`Evaluation` of scalars); :class:`ProximalTerm` is FedProx as a callback.
+:func:`site_clients` makes the embedded sites; :func:`local_summaries` and :func:`deployed_client` are
+what a deployed site (one SuperNode) does with its own cohort spec, loading it through ``pipeline.training``.
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
+from data_specs import load_cohort
 from data_specs.config import RunConfig
 from pipeline.federated.protocol import Arrays, Evaluation, Update, clip_l2, load_arrays, trainable_arrays
+from pipeline.omics.clinical import ClinicalNormaliser
+from pipeline.omics.normalise import OmicsNormaliser, site_summaries
+from pipeline.omics.readers import read_omics
 from pipeline.stats.metrics import concordant_pairs, harrell_cindex
-from pipeline.training.data import CohortData, make_loader
+from pipeline.training.data import CohortData, load_run_data, make_loader
 from pipeline.training.module import make_trainer, new_model, new_module
-from pipeline.training.predict import predict_log_hz
+from pipeline.training.predict import predict
+from pipeline.training.splits import assign_splits
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +143,7 @@ class SiteClient:
         if len(self.val_idx) == 0:
             return Evaluation(0, {})
         module = self._module(arrays)
-        lh, _ = predict_log_hz(module.model, self.data, self.val_idx)
+        lh = predict(module.model, self.data, self.val_idx).log_hz
         t, e = self.data.time[self.val_idx], self.data.event[self.val_idx]
         conc, comp = concordant_pairs(t, e, lh)
         if self.cfg.train.loss == "nll":  # the configured loss: per-patient mean NLL over the validation patients
@@ -169,3 +181,40 @@ def site_clients(data: CohortData, cfg: RunConfig) -> list[SiteClient]:
         else:
             log.warning("site %s has %d training patient(s): left out of the federation", s, len(tr[s]))
     return out
+
+
+def local_summaries(spec: Path, site: str, cfg: RunConfig) -> dict[str, dict]:
+    """A deployed site's :func:`site_summaries` of its own training patients (same split rule as training)."""
+    cohort = load_cohort(spec)
+    t = cfg.train
+    splits = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed)
+    train_ids = [cohort.patients[i].patient_id for i in splits["train"] if cohort.patients[i].site == site]
+    adata = read_omics(cohort.omics) if cohort.omics is not None else None
+    clinical = ClinicalNormaliser.read(cohort.clinical) if cohort.clinical is not None else None
+    values = cohort.omics.values if cohort.omics is not None else "counts"
+    return site_summaries(site, train_ids, adata, values, clinical)
+
+
+def deployed_client(
+    spec: Path, site: str, cfg: RunConfig, stats: dict, out: Path, rank: int | None = None
+) -> SiteClient:
+    """A deployed site's client: its cohort spec loaded through ``pipeline.training`` with the cohort-level
+    normaliser states ``stats`` (``omics`` / ``clinical``) from the statistics exchange.
+
+    The spec lists the site's own patients (other sites' patients, if present, are ignored). Without
+    ``stats`` (the node missed the exchange) the site normalises on its own training patients (warning).
+    """
+    cohort = load_cohort(spec)
+    if site not in cohort.sites:
+        raise ValueError(f"{spec}: node site '{site}' has no patients (sites: {cohort.sites})")
+    if not stats:
+        log.warning("site %s: no cohort-level statistics received; normalising on its own training patients", site)
+    data = load_run_data(
+        cohort,
+        cfg,
+        out=out,
+        omics_norm=OmicsNormaliser.from_state(stats["omics"]) if "omics" in stats else None,
+        clinical_norm=ClinicalNormaliser.from_state(stats["clinical"]) if "clinical" in stats else None,
+    )
+    tr, va = data.subset_sites(data.splits["train"])[site], data.subset_sites(data.splits["val"])[site]
+    return SiteClient(site, data, tr, va, cfg, data.sites.index(site) if rank is None else rank)

@@ -1,7 +1,7 @@
 """A real Flower deployment on one machine: SuperLink + one SuperNode per site as processes, then `flwr run`.
 
     python scripts/flower/loopback.py --cohort COHORT.yaml --sites A B C --out DIR \
-        [--overrides "federated.rounds=3;federated.strategy=fedadam"] [--timeout 600]
+        [--run-config 'federated.rounds=3 federated.strategy="fedadam"'] [--timeout 600]
 
 Every process gets its own FLWR_HOME under DIR/flwr/ and free loopback ports; they run without TLS
 (`--insecure`, loopback only; see README "Across hospitals" for TLS and node authentication). Prints the
@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.files import write_json
+
 ROOT = Path(__file__).resolve().parents[2]
 # the roles start helper processes (flower-superexec, flwr-serverapp, flwr-clientapp) found on PATH
 PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -36,7 +38,15 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def run_loopback(cohort: Path, sites: list[str], out: Path, overrides: str = "", timeout: float = 600.0) -> dict:
+def run_config_arg(settings: dict, out: Path) -> str:
+    """``flwr run --run-config`` text: histofuse SECTION.KEY settings (TOML values) plus the run folder."""
+    return " ".join([*(f"{k}={json.dumps(v)}" for k, v in settings.items()), f"out={json.dumps(str(out))}"])
+
+
+def run_loopback(
+    cohort: Path, sites: list[str], out: Path, settings: dict | None = None, timeout: float = 600.0
+) -> dict:
+    """``settings``: histofuse run-config keys (``{"federated.rounds": 3}``), as in ``[tool.flwr.app.config]``."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     home = out / "flwr"
@@ -74,7 +84,7 @@ def run_loopback(cohort: Path, sites: list[str], out: Path, overrides: str = "",
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
             "insecure = true\n"
         )
-        rc = f"overrides='{overrides}' out='{out}'"
+        rc = run_config_arg(settings or {}, out)
         env = {**os.environ, "FLWR_HOME": str(user), "PATH": PATH}
         deadline = time.perf_counter() + timeout
         submit_by = time.perf_counter() + 30.0
@@ -108,7 +118,7 @@ def run_loopback(cohort: Path, sites: list[str], out: Path, overrides: str = "",
             "best_round": info["best_round"],
             "history": info["history"],
         }
-        (out / "loopback.json").write_text(json.dumps(res, indent=2, default=float))
+        write_json(out / "loopback.json", res)
         return res
     finally:
         for p in procs:
@@ -129,10 +139,12 @@ def main() -> None:
     ap.add_argument("--cohort", type=Path, required=True, help="cohort spec every node reads (its own site only)")
     ap.add_argument("--sites", nargs="+", required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--overrides", default="", help="';'-separated section.key=value")
+    ap.add_argument("--run-config", default="", help="space-separated SECTION.KEY=VALUE (TOML values)")
     ap.add_argument("--timeout", type=float, default=600.0)
     a = ap.parse_args()
-    r = run_loopback(a.cohort, a.sites, a.out, a.overrides, a.timeout)
+    from flwr.common.config import parse_config_args
+
+    r = run_loopback(a.cohort, a.sites, a.out, parse_config_args([a.run_config]), a.timeout)
     print(
         f"{len(a.sites)} SuperNodes: start-up {r['startup_seconds']:.1f} s, {r['rounds']} rounds in "
         f"{r['total_seconds']:.1f} s total, mean round {r['mean_round_seconds']:.1f} s, best round {r['best_round']}"
