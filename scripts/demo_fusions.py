@@ -54,7 +54,7 @@ def main() -> None:
     from pipeline.stats.metrics import harrell_cindex
     from pipeline.training.data import load_run_data
     from pipeline.training.module import fit_local
-    from pipeline.training.predict import predict_outputs
+    from pipeline.training.predict import predict
 
     cohort = load_cohort(args.cohort)
     base = resolve_config(None, [*args.overrides, "federated.enabled=false"], out=args.out)
@@ -76,7 +76,7 @@ def main() -> None:
         t0 = time.perf_counter()
         module, info = fit_local(data, cfg)
         secs = time.perf_counter() - t0
-        lh = predict_outputs(module.model.eval(), data, test)["log_hz"]
+        lh = predict(module.model.eval(), data, test).log_hz
         c = harrell_cindex(t, e, lh)
         rows.append({"variant": v, "test_cindex": c, "oracle_test_cindex": c_oracle, "train_s": secs, **info})
         print(f"{v:40s} {c:7.3f} {info['best_val_cindex'] or float('nan'):7.3f} {info['best_epoch']:7d} {secs:8.0f}")

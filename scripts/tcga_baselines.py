@@ -114,12 +114,13 @@ def fit_rsf(d: dict, seed: int) -> tuple[float, dict]:
 def fit_histofuse(spec: Path, out: Path, seed: int, overrides: list[str]) -> tuple[float, dict]:
     """Pooled (centralised) histofuse training through the CLI's stage functions."""
     from data_specs import load_cohort, resolve_config
+    from data_specs.artifacts import RunFiles
     from pipeline.stages import stage_predict, stage_train
 
     cohort = load_cohort(spec)
     cfg = resolve_config(None, [*overrides, f"train.seed={seed}", "federated.enabled=false"], cohort=spec, out=out)
     stage_train(cohort, cfg, progress=False)
-    rs = pd.read_csv(stage_predict(out / "model.pt", cohort, out, None))
+    rs = pd.read_csv(stage_predict(RunFiles(root=out).model, cohort, out, None))
     te = rs[rs.split == "test"]
     info = json.loads((out / "train_summary.json").read_text())
     return _cindex(te.time.to_numpy(), te.event.to_numpy(bool), te.risk.to_numpy()), {

@@ -80,9 +80,9 @@ def build_cohort(data: Path, out: Path, seed: int) -> Path:
 def _cindex(data, idx: np.ndarray, model) -> float:
     from lifelines.utils import concordance_index
 
-    from pipeline.training.predict import predict_log_hz
+    from pipeline.training.predict import predict
 
-    lh, _ = predict_log_hz(model, data, idx)
+    lh = predict(model, data, idx).log_hz
     return float(concordance_index(data.time[idx], -lh, data.event[idx]))
 
 

@@ -7,9 +7,12 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
+from data_specs.artifacts import RunFiles
 from pipeline.cli import main
+from pipeline.training.bundle import load_bundle, read_card
+
+MODEL = RunFiles.MODEL
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def test_run_end_to_end(e2e_run):
     assert "test C-index (pooled" in printed and "report.html" in printed
     for f in (
         "config.yaml",
-        "model.pt",
+        "model.safetensors",
         "risk_scores.csv",
         "metrics.json",
         "km_test.png",
@@ -98,11 +101,11 @@ def test_run_end_to_end(e2e_run):
     for section in ("Cohort", "Metrics (test set)", "Biomarker table", "Faithfulness", "Resolved config", "Versions"):
         assert f"<h2>{section}" in html, section
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
-    b = torch.load(out / "model.pt", weights_only=False)
-    assert b["config"]["federated"]["rounds"] == 2 and sorted(b["omics"]["genes"]) == sorted(genes.gene)
-    assert b["features"]["encoder"] == "efficientnet_lite0_imagenet" and b["features"]["feature_kind"] == "imagenet"
+    b = read_card(out / "model.safetensors")
+    assert b.config.federated.rounds == 2 and b.omics and sorted(b.omics["genes"]) == sorted(genes.gene)
+    assert b.features and b.features.encoder == "efficientnet_lite0_imagenet" and b.features.feature_kind == "imagenet"
     # predict again from the saved model alone: same scores
-    rc = main(["predict", str(cohort), "--model", str(out / "model.pt"), "--out", str(out / "again")])
+    rc = main(["predict", str(cohort), "--model", str(out / MODEL), "--out", str(out / "again")])
     assert rc == 0
     rs2 = pd.read_csv(out / "again" / "risk_scores.csv")
     np.testing.assert_allclose(rs2.risk, rs.risk, atol=1e-5)
@@ -117,9 +120,7 @@ def test_predict_refuses_other_encoder_features(e2e_run, tiny_features, tmp_path
     for f in other.glob("*.h5"):
         with h5py.File(f, "a") as h:
             h.attrs["encoder"] = "resnet50"
-    rc = main(
-        ["predict", str(cohort), "--model", str(out / "model.pt"), "--out", str(tmp_path), "--features", str(other)]
-    )
+    rc = main(["predict", str(cohort), "--model", str(out / MODEL), "--out", str(tmp_path), "--features", str(other)])
     assert rc == 2
     err = capsys.readouterr().err
     assert "attribute 'encoder' is 'resnet50', expected 'efficientnet_lite0_imagenet'" in err
@@ -144,7 +145,7 @@ def test_predict_refuses_other_gene_panel_and_takes_overrides(e2e_run, tiny_feat
         "predict",
         str(spec),
         "--model",
-        str(out / "model.pt"),
+        str(out / MODEL),
         "--out",
         str(tmp_path / "p"),
         "--features",
@@ -153,7 +154,7 @@ def test_predict_refuses_other_gene_panel_and_takes_overrides(e2e_run, tiny_feat
     assert main(args) == 2
     assert f"lack 1 gene(s) of the model's panel, e.g. ['{genes.iloc[0]}']" in capsys.readouterr().err
     # the unchanged cohort with tertile risk groups and chosen horizons
-    args = ["predict", str(cohort), "--model", str(out / "model.pt"), "--out", str(tmp_path / "q"), "--features",
+    args = ["predict", str(cohort), "--model", str(out / MODEL), "--out", str(tmp_path / "q"), "--features",
             str(fdir), "--set", "evaluate.risk_groups=tertiles", "--set", "evaluate.horizons=[1,2]"]  # fmt: skip
     assert main(args) == 0
     rs = pd.read_csv(tmp_path / "q" / "risk_scores.csv")
@@ -209,11 +210,9 @@ def test_single_modality_cohorts_train(tiny_demo, tmp_path, keep, capsys):
         ]
     )
     assert rc == 0
-    b = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
-    assert (b["model_dims"]["n_genes"] > 0) == (keep == "omics") and (b["model_dims"]["n_clinical"] > 0) == (
-        keep == "clinical"
-    )
-    assert b["model_dims"]["feature_dim"] == 0
+    dims = read_card(tmp_path / "run" / "model.safetensors").model_dims
+    assert (dims["n_genes"] > 0) == (keep == "omics") and (dims["n_clinical"] > 0) == (keep == "clinical")
+    assert dims["feature_dim"] == 0
 
 
 def test_bad_config_value_is_one_line(tiny_demo, capsys):
@@ -233,10 +232,10 @@ def test_discrete_time_model_predicts_curves_from_hazards(tiny_demo, tmp_path):
     run = tmp_path / "run"
     sets = ["train.loss=nll", "train.epochs=2", "train.batch_size=4", "evaluate.risk_groups=tertiles"]
     assert main(["train", str(spec), "--out", str(run), "--centralised", *sum((["--set", s] for s in sets), [])]) == 0
-    assert main(["predict", str(spec), "--model", str(run / "model.pt")]) == 0
-    b = torch.load(run / "model.pt", weights_only=False)
-    assert "baseline" not in b  # no Breslow baseline for a discrete-time head
-    edges = b["state_dict"]["bin_edges"].numpy()
+    assert main(["predict", str(spec), "--model", str(run / "model.safetensors")]) == 0
+    model, card = load_bundle(run / "model.safetensors")
+    assert card.baseline is None  # no Breslow baseline for a discrete-time head
+    edges = model.get_buffer("bin_edges").numpy()
     curves = pd.read_csv(run / "survival_curves.csv")
     assert [float(c) for c in curves.columns[1:]] == pytest.approx(edges[1:].tolist())
     s = curves.iloc[:, 1:].to_numpy()

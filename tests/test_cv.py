@@ -93,7 +93,7 @@ def test_cv_command_end_to_end(tmp_path, capsys):
         assert r["n_test"] == len(d)
         c = harrell_cindex(d.time.to_numpy(), d.event.to_numpy(), d.risk.to_numpy())
         assert r["cindex"] == pytest.approx(c, abs=1e-4)
-        assert (tmp_path / "a" / f"fold_{r['fold']}" / "model.pt").is_file()
+        assert (tmp_path / "a" / f"fold_{r['fold']}" / "model.safetensors").is_file()
     cs = [r["cindex"] for r in res["folds"]]
     assert res["cindex_mean"] == pytest.approx(np.mean(cs)) and res["cindex_sd"] == pytest.approx(np.std(cs, ddof=1))
     assert res["cindex_mean"] > 0.65  # the planted covariates are learnable

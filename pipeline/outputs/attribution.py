@@ -27,7 +27,7 @@ def tile_attention(data: CohortData, idx: np.ndarray, attn: list[np.ndarray]) ->
 
     Args:
         idx: the patients, in the order of ``attn``.
-        attn: each patient's unpadded tile attention, as returned by ``predict_log_hz(..., with_attention=True)``.
+        attn: each patient's unpadded tile attention, as returned by ``predict(..., attention=True).attn``.
     """
     rows = []
     for i, a in zip(idx, attn, strict=True):
