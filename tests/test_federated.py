@@ -389,3 +389,44 @@ def test_discrete_time_model_trains_federated_and_validates_with_its_own_loss(fe
     with torch.no_grad():
         want = float(module.loss(batch, module(batch)))
     assert ev.metrics["loss_sum"] / ev.metrics["events"] == pytest.approx(want, rel=1e-5)
+
+
+def _dp_server(sigma=1.0, clip=0.5, seed=0):
+    cfg = resolve_config(
+        None,
+        [f"train.seed={seed}", "federated.strategy=fedavg", f"federated.dp_noise={sigma}", f"federated.dp_clip={clip}"],
+    )
+    return FederatedServer(cfg, {"w": np.zeros(20000, np.float32)})
+
+
+def _dp_updates(n=4, clip=0.5):
+    rng = np.random.default_rng(1)
+    from pipeline.federated.protocol import clip_l2
+
+    return [Update(clip_l2({"w": rng.normal(size=20000).astype(np.float32)}, clip)[0], 1) for _ in range(n)]
+
+
+def test_dp_noise_is_fresh_and_not_derived_from_the_saved_seed():
+    ups = _dp_updates()
+    true_mean = weighted_mean(ups)["w"]
+    a, b = _dp_server().aggregate(0, ups, []), _dp_server().aggregate(0, ups, [])
+    assert not np.allclose(a["w"], b["w"])  # same config and seed, different noise
+    noise = a["w"].astype(np.float64) - true_mean  # fedavg, lr 1, from zeros: global = noisy mean
+    std = 1.0 * 2 * 0.5 / len(ups)
+    for guess_std in (std, 1.0 * 0.5 / len(ups)):  # the old scheme: rng([train.seed, round, 0xD9])
+        regen = np.random.default_rng([0, 0, 0xD9]).normal(0.0, guess_std, size=noise.shape)
+        assert np.linalg.norm(noise - regen) > 0.5 * np.linalg.norm(noise)  # nothing cancels
+
+
+def test_dp_noise_std_is_sigma_times_the_replace_one_sensitivity_of_the_mean():
+    from pipeline.federated.server import dp_noise_std
+
+    sigma, clip, n = 1.3, 0.5, 4
+    assert dp_noise_std(sigma, clip, n) == pytest.approx(sigma * 2 * clip / n)
+    ups = _dp_updates(n, clip)
+    noisy = _dp_server(sigma, clip).aggregate(0, ups, [])["w"].astype(np.float64) - weighted_mean(ups)["w"]
+    assert np.std(noisy) == pytest.approx(sigma * 2 * clip / n, rel=0.03)  # 20000 draws: ~0.5% sd
+    # replace-one: swapping one site's clipped update moves the mean by at most 2C/n
+    other = [*ups[:-1], Update({"w": -ups[-1].arrays["w"]}, 1)]
+    shift = np.linalg.norm(weighted_mean(ups)["w"] - weighted_mean(other)["w"])
+    assert shift <= 2 * clip / n + 1e-6
