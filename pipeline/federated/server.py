@@ -118,8 +118,9 @@ class PrivacyLedger:
     """(epsilon, delta) of the Gaussian mechanism on clipped site updates, by Opacus' RDP accountant.
 
     Every site takes part in every round (sampling rate 1), so each round is one full-batch Gaussian step
-    with noise multiplier ``sigma``: RDP(alpha) = rounds * alpha / (2 sigma^2), converted to (epsilon, delta).
-    The guarantee is per site (site-level DP), for the updates; validation scalars are not covered.
+    with noise multiplier ``sigma`` (noise std ``sigma`` times the mean's replace-one sensitivity ``2C/n``,
+    :func:`dp_noise_std`): RDP(alpha) = rounds * alpha / (2 sigma^2), converted to (epsilon, delta).
+    The guarantee is per site (site-level DP), for the aggregated updates; validation scalars are not covered.
     """
 
     def __init__(self, noise_multiplier: float, delta: float, history: list | None = None):
@@ -327,6 +328,7 @@ class FederatedServer:
                 "delta": self.fc.dp_delta,
                 "noise_multiplier": self.fc.dp_noise,
                 "clip": self.fc.dp_clip,
-                "accountant": "opacus RDPAccountant, sampling rate 1 (every site every round)",
+                "accountant": "opacus RDPAccountant, sampling rate 1 (every site every round), noise std sigma*2C/n "
+                "(replace-one, fixed roster); covers the aggregated updates, not the evaluation replies",
             }
         return info
