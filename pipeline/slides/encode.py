@@ -1,4 +1,9 @@
-"""TODO slides.encode."""
+"""The tile encoder placed for inference: device, precision, batch size, and the batched forward pass.
+
+:class:`EncoderRunner` turns uint8 tile batches as the reader yields them into ``[B, D]`` float32 features
+(preprocessing on the device, autocast, channels-last, optional ``torch.compile``, pinned asynchronous copies
+on CUDA); :func:`choose_batch_size` finds the largest batch that fits on a GPU.
+"""
 
 from __future__ import annotations
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.files import atomic_path, write_text
+
 
 @dataclass(frozen=True)
 class TissueSettings:
@@ -135,7 +137,8 @@ def tile_is_background(tile: np.ndarray, settings: TissueSettings) -> bool:
 
 def save_mask_png(mask: np.ndarray, path: Path) -> None:
     """The mask as an 8-bit PNG (255 = tissue), the thumbnail's size."""
-    Image.fromarray((mask * 255).astype(np.uint8)).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
 
 
 def mask_to_geojson(mask: np.ndarray, level0_size: tuple[int, int], name: str = "Tissue") -> dict:
@@ -154,30 +157,33 @@ def mask_to_geojson(mask: np.ndarray, level0_size: tuple[int, int], name: str = 
     h, w = mask.shape
     sx, sy = level0_size[0] / w, level0_size[1] / h
 
-    def ring(region: np.ndarray) -> list[list[float]] | None:
+    def ring(region: np.ndarray, r0: int, c0: int) -> list[list[float]] | None:
         cs = find_contours(np.pad(region, 1).astype(np.uint8), 0.5)
         if not cs:
             return None
         c = approximate_polygon(max(cs, key=len), tolerance=0.5) - 1  # back from the padded frame
         if len(c) < 4:
             return None
-        pts = [[round((col + 0.5) * sx, 1), round((row + 0.5) * sy, 1)] for row, col in c]
+        pts = [[round((c0 + col + 0.5) * sx, 1), round((r0 + row + 0.5) * sy, 1)] for row, col in c]
         if pts[0] != pts[-1]:
             pts.append(pts[0])
         return pts
 
-    labels, n = ndimage.label(mask)
+    labels, _ = ndimage.label(mask)
     features = []
-    for i in range(1, n + 1):
-        piece = labels == i
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):  # each piece on its bounding box only
+        if box is None:
+            continue
+        r0, c0 = box[0].start, box[1].start
+        piece = labels[box] == i
         filled = ndimage.binary_fill_holes(piece)
-        outer = ring(filled)
+        outer = ring(filled, r0, c0)
         if outer is None:
             continue
         rings = [outer]
         holes, nh = ndimage.label(filled & ~piece)
         for j in range(1, nh + 1):
-            r = ring(holes == j)
+            r = ring(holes == j, r0, c0)
             if r is not None:
                 rings.append(r)
         features.append(
@@ -191,9 +197,7 @@ def mask_to_geojson(mask: np.ndarray, level0_size: tuple[int, int], name: str = 
 
 
 def save_geojson(mask: np.ndarray, level0_size: tuple[int, int], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(mask_to_geojson(mask, level0_size)))
-    tmp.replace(path)
+    write_text(path, json.dumps(mask_to_geojson(mask, level0_size)))
 
 
 def polygon_area(ring: list[list[float]]) -> float:
