@@ -251,6 +251,42 @@ def km_at(time: np.ndarray, event: np.ndarray, group: np.ndarray, horizons: list
     return out
 
 
+def _subset_metrics(
+    idx: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    log_hz: np.ndarray,
+    group: np.ndarray | None,
+    curves: Curves | None,
+    ytr: np.ndarray,
+    horizons: list[float],
+    tau: float | None,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """:func:`survival_metrics` of the patients ``idx``: metrics, log-rank and KM by group, bootstrap CIs."""
+    t, e, lh = time[idx], event[idx], log_hz[idx]
+    cv = curves.take(idx) if curves is not None else None
+    times = ibs_times(t)  # each set's own follow-up
+    r = evaluate_set(t, e, lh, cv, ytr, horizons, times, tau)
+    r["ibs_range"] = [float(times[0]), float(times[-1])] if len(times) else None
+    if group is not None:
+        r["logrank_p"], why = logrank_p(t, e, group[idx])
+        if why:
+            r["notes"]["logrank_p"] = why
+        if len(t) and horizons:
+            r["km_by_group"] = km_at(t, e, group[idx], horizons)
+    if n_boot > 0 and not _why_not(t, e):
+
+        def stat(b: np.ndarray) -> dict[str, float]:
+            s = evaluate_set(t[b], e[b], lh[b], cv.take(b) if cv else None, ytr, horizons, times, tau)
+            return {k: s[k] for k in ("cindex", "uno_cindex", "mean_td_auc", "ibs")}
+
+        for k, v in bootstrap_ci(stat, len(idx), n_boot, seed).items():
+            r[f"{k}_ci"] = v["ci"]
+    return r
+
+
 def survival_metrics(
     time: np.ndarray,
     event: np.ndarray,
@@ -288,27 +324,7 @@ def survival_metrics(
     tau = float(min(np.quantile(ytr["time"], 0.9), time.max())) if len(time) else None
 
     def one(m: np.ndarray) -> dict:
-        idx = np.flatnonzero(m)
-        t, e, lh = time[idx], event[idx], log_hz[idx]
-        cv = curves.take(idx) if curves is not None else None
-        times = ibs_times(t)  # each set's own follow-up
-        r = evaluate_set(t, e, lh, cv, ytr, horizons, times, tau)
-        r["ibs_range"] = [float(times[0]), float(times[-1])] if len(times) else None
-        if group is not None:
-            r["logrank_p"], why = logrank_p(t, e, group[idx])
-            if why:
-                r["notes"]["logrank_p"] = why
-            if len(t) and horizons:
-                r["km_by_group"] = km_at(t, e, group[idx], horizons)
-        if n_boot > 0 and not _why_not(t, e):
-
-            def stat(b: np.ndarray) -> dict[str, float]:
-                s = evaluate_set(t[b], e[b], lh[b], cv.take(b) if cv else None, ytr, horizons, times, tau)
-                return {k: s[k] for k in ("cindex", "uno_cindex", "mean_td_auc", "ibs")}
-
-            for k, v in bootstrap_ci(stat, len(idx), n_boot, seed).items():
-                r[f"{k}_ci"] = v["ci"]
-        return r
+        return _subset_metrics(np.flatnonzero(m), time, event, log_hz, group, curves, ytr, horizons, tau, n_boot, seed)
 
     out: dict = {
         "pooled": one(np.ones(len(time), bool)),
