@@ -1,34 +1,42 @@
-"""The stages, as functions the CLI (and users' scripts) call: extract, train, predict, evaluate, attribute.
+"""The stages, as functions the CLI (and users' scripts) call: extract, train, predict, attribute, cross-validate.
 
-Output folder of a run::
+This module only orchestrates: it loads what a stage needs, calls the compute in ``training/`` and
+``outputs/``, and writes the results through :mod:`pipeline.files`. Output folder of a run::
 
     config.yaml                   the resolved config
     features/<encoder>_<px>px_<mpp>mpp/<slide_id>.h5 (+ thumb, mask, extract_report.csv)
-    model.pt                      weights + config + gene panel + normalisation + cut-points
+    model.safetensors             weights + config + gene panel + normalisation + cut-points
     train_summary.json            training history (federated rounds or epochs)
     risk_scores.csv               patient_id, site, split, risk, risk_group, modalities
     metrics.json, km_test.png     C-index pooled and per site; Kaplan-Meier by risk group
     attributions/                 tiles.csv, heatmaps/*.png, genes.csv, gene_ig.csv
     report.html                   one self-contained page
+
+Cross-validation (:func:`run_cv`) writes ``folds.csv``, ``fold_<f>/`` (each fold's model and config),
+``cv_risk_scores.csv`` (out-of-fold log hazards) and ``cv_results.json`` (per fold and mean +- sd).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from data_specs.artifacts import RunFiles
 from data_specs.cohort import Cohort
 from data_specs.config import RunConfig
-from pipeline.outputs.writers import _atomic_csv, _nan_to_none, _write_json, risk_groups
+from pipeline.files import write_csv, write_json
+from pipeline.outputs.predictions import curves_table, risk_table, survival_curves
 from pipeline.slides.extract import extract_slides
 from pipeline.slides.features import features_dir
-from pipeline.training.bundle import _check_dims, data_for_model
-from pipeline.training.data import CohortData, load_run_data
-from pipeline.training.predict import predict_arrays as predict_outputs
+from pipeline.training.bundle import check_dims, data_for_model, load_bundle
+from pipeline.training.data import CohortData, build_data, load_run_data
+from pipeline.training.predict import predict
+from pipeline.training.splits import assign_folds, fold_splits
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +61,27 @@ def stage_extract(cohort: Cohort, cfg: RunConfig, progress: bool = True) -> Path
     return out
 
 
+class NoEventsError(ValueError):
+    """Training refused: no site has an event among its training or validation patients."""
+
+
+def check_trainable(data: CohortData, source: object) -> None:
+    """Raise :class:`NoEventsError` (naming ``source``, the cohort) when no site has an event in training or
+    validation: a survival model cannot learn from all-censored patients (the validation loss would be NaN)."""
+    idx = np.concatenate([data.splits.get("train", np.zeros(0, int)), data.splits.get("val", np.zeros(0, int))])
+    idx = idx.astype(int)
+    per_site = {s: int(data.event[idx][data.site[idx] == j].sum()) for j, s in enumerate(data.sites)}
+    if not any(per_site.values()):
+        raise NoEventsError(
+            f"{source}: no site has an event among its training or validation patients (events per site: "
+            f"{per_site}); a survival model cannot be trained on all-censored patients"
+        )
+
+
 def stage_train(
     cohort: Cohort, cfg: RunConfig, progress: bool = True, data: CohortData | None = None, resume: bool = False
 ) -> Path:
-    """Train (federated across the cohort's sites, or centralised) and save ``model.pt``.
+    """Train (federated across the cohort's sites, or centralised) and save the model file (``model.safetensors``).
 
     ``data``: the cohort already built by :func:`load_run_data` (``histofuse run`` builds it once).
     ``resume``: federated only, continue after the last finished round checkpointed in ``out/federated``.
@@ -65,6 +90,7 @@ def stage_train(
     from pipeline.training.module import fit_local
 
     data = load_run_data(cohort, cfg) if data is None else data
+    check_trainable(data, cfg.cohort or "the cohort")
     n = {k: len(v) for k, v in data.splits.items()}
     log.info("training on %s patients (train/val/test), %d sites, modalities %s", n, len(data.sites), data.model_dims())
     if cfg.federated.enabled:
@@ -76,9 +102,9 @@ def stage_train(
         module, info = fit_local(data, cfg, progress=progress)
         model, info = module.model.eval(), {"mode": "centralised", **info}
     splits = {data.patient_ids[i]: s for s, idx in data.splits.items() for i in idx}
-    path = cfg.out / "model.pt"
+    path = RunFiles(root=cfg.out).model
     save_bundle(path, model, data, cfg, {"train_info": info, "splits": splits, **survival_summary(model, data)})
-    _write_json(cfg.out / "train_summary.json", info)
+    write_json(cfg.out / "train_summary.json", info)
     return path
 
 
@@ -86,37 +112,25 @@ def survival_summary(model, data: CohortData) -> dict:
     """What ``predict`` needs for survival curves, fixed on the training patients: a Breslow baseline
     (Cox heads; per site and pooled, built from per-site summaries) and default horizons."""
     from pipeline.stats.curves import BreslowBaseline, default_horizons
-    from pipeline.training.predict import predict_log_hz
 
     tr = data.splits["train"]
     out: dict = {"horizons": default_horizons(data.time[tr], data.event[tr])}
     if getattr(model, "n_bins", 0) == 0 and data.event[tr].any():
-        lh, _ = predict_log_hz(model, data, tr)
+        lh = predict(model, data, tr).log_hz
         out["baseline"] = BreslowBaseline.fit(data.time[tr], data.event[tr], lh, data.site[tr], data.sites).state()
     return out
 
 
-def _modalities(data: CohortData, i: int) -> str:
-    m = []
-    if data.bags is not None and len(data.bags[i]):
-        m.append("slides")
-    if data.omics_present is not None and data.omics_present[i]:
-        m.append("omics")
-    if data.clinical_present is not None and data.clinical_present[i]:
-        m.append("clinical")
-    return "+".join(m)
-
-
-def _model_data(model_path: Path, cohort: Cohort, fdir: Path | None, data: CohortData | None):
-    """``(model, bundle, data)``: the cohort aligned to the model, or the run's own ``data`` when given."""
-    from pipeline.training.bundle import load_bundle
-
-    model, bundle = load_bundle(model_path)
+def _model_data(
+    model_path: Path, cohort: Cohort, fdir: Path | None, data: CohortData | None, trust_pickle: bool = False
+):
+    """``(model, card, data)``: the cohort aligned to the model, or the run's own ``data`` when given."""
+    model, card = load_bundle(model_path, trust_pickle=trust_pickle)
     if data is None:
-        data = data_for_model(cohort, bundle, fdir)
+        data = data_for_model(cohort, card, fdir)
     else:
-        _check_dims(data, bundle)
-    return model, bundle, data
+        check_dims(data, card)
+    return model, card, data
 
 
 def stage_predict(
@@ -126,82 +140,56 @@ def stage_predict(
     fdir: Path | None,
     overrides: list[str] | None = None,
     data: CohortData | None = None,
+    trust_pickle: bool = False,
 ) -> Path:
-    """``risk_scores.csv``: patient_id, site, split, risk (log hazard), risk_group, surv_t<h> (survival
-    probability at each horizon), modalities, time, event; and ``survival_curves.csv`` (one row per
-    patient, one column per time).
+    """``risk_scores.csv`` (see :func:`pipeline.outputs.predictions.risk_table`) and ``survival_curves.csv``
+    (one row per patient, one column per time).
 
     Risk-group cut-points and the Breslow baseline come from the model (fixed on its training
     patients); ``overrides`` (``evaluate.risk_groups=tertiles``, ``evaluate.horizons=[365,730]``)
     change the model's saved settings for this prediction.
     """
-    from pipeline.stats.curves import BreslowBaseline, survival_from_hazards
-
-    model, bundle, data = _model_data(model_path, cohort, fdir, data)
-    ev = _eval_cfg(bundle, overrides)
-    idx = np.arange(len(data.patient_ids))
-    lh, hz = predict_outputs(model, data, idx)
-    site_names = [data.sites[k] for k in data.site]
-    horizons = ev.horizons if ev.horizons is not None else bundle.get("horizons", [])
-    times, surv = None, None
-    if hz is not None:
-        edges = model.get_buffer("bin_edges").double().numpy()
-        times = edges[1:]
-        surv = survival_from_hazards(hz, edges, times)
-    elif bundle.get("baseline"):
-        base = BreslowBaseline.from_state(bundle["baseline"])
-        times = base.grid if len(base.grid) <= 200 else np.unique(np.quantile(base.grid, np.linspace(0, 1, 200)))
-        surv = base.survival(lh, times, site_names)
-    labels = {data.patient_ids[i]: s for s, ix in data.splits.items() for i in ix}
-    df = pd.DataFrame(
-        {
-            "patient_id": data.patient_ids,
-            "site": site_names,
-            "split": [labels[p] for p in data.patient_ids],
-            "risk": np.round(lh, 6),
-            "risk_group": risk_groups(lh, bundle["cutpoints"], ev.risk_groups),
-        }
-    )
-    if surv is not None and times is not None:
-        from pipeline.stats.metrics import Curves
-
-        at = Curves(times, surv).at(np.asarray(horizons, float)) if horizons else np.zeros((len(lh), 0))
-        for j, h in enumerate(horizons):
-            df[f"surv_t{h:g}"] = np.round(at[:, j], 5)
-    df["modalities"] = [_modalities(data, i) for i in idx]
-    df["time"], df["event"] = data.time, data.event.astype(int)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "risk_scores.csv"
-    _atomic_csv(df, path)
-    if surv is not None and times is not None:
-        curves = pd.DataFrame(np.round(surv, 5), columns=[f"{t:g}" for t in times])
-        curves.insert(0, "patient_id", data.patient_ids)
-        _atomic_csv(curves, out / "survival_curves.csv")
+    model, card, data = _model_data(model_path, cohort, fdir, data, trust_pickle)
+    ev = card.config.with_overrides(overrides).evaluate
+    pred = predict(model, data, np.arange(len(data.patient_ids)))
+    sites = [data.sites[k] for k in data.site]
+    horizons = ev.horizons if ev.horizons is not None else card.horizons
+    curves = survival_curves(pred, card.baseline, sites)
+    table = risk_table(data, pred.log_hz, card.cutpoints.model_dump(), ev.risk_groups, horizons, curves)
+    path = write_csv(out / "risk_scores.csv", table)
+    if curves is not None:
+        write_csv(out / "survival_curves.csv", curves_table(data.patient_ids, curves))
     else:
         (out / "survival_curves.csv").unlink(missing_ok=True)
         log.warning("%s: no survival baseline in the model; risk scores only (no Brier score)", model_path)
     return path
 
 
-def _eval_cfg(bundle: dict | None, overrides: list[str] | None):
-    """The evaluate section: the model's saved one (if any), then ``overrides``."""
-    return _section(bundle, overrides, "evaluate")
-
-
 def _slide_info(cohort: Cohort, fdir: Path) -> tuple[dict[str, Path], dict[str, int]]:
     """slide_id -> slide path (from the cohort) and -> tile side in level-0 pixels (from the features file)."""
-    import h5py
-
-    from pipeline.slides.features import slide_id_of
+    from pipeline.slides.features import read_attrs, slide_id_of
 
     paths = {slide_id_of(s): Path(s) for p in cohort.patients for s in p.slides}
-    size0 = {}
-    for sid in paths:
-        f = Path(fdir) / f"{sid}.h5"
-        if f.is_file():
-            with h5py.File(f, "r") as h:
-                size0[sid] = int(h.attrs["size0"])
-    return paths, size0
+    attrs = {sid: read_attrs(Path(fdir) / f"{sid}.h5") for sid in paths}
+    return paths, {sid: int(a["size0"]) for sid, a in attrs.items() if a is not None}  # type: ignore[call-overload]
+
+
+@dataclass
+class _TileResult:
+    """What the tile part of :func:`stage_attribute` hands to the biomarker part."""
+
+    faith: dict
+    paths: dict[str, Path]
+    size0: dict[str, int]
+    phenotypes: Any = None  # pipeline.outputs.biomarkers.Phenotypes, when fitted
+    fractions: pd.DataFrame | None = None  # [patients of the split, phenotypes]
+
+
+@dataclass
+class _GeneResult:
+    faith: dict
+    ranked: pd.DataFrame
+    expression: pd.DataFrame  # [patients of the split, genes], NaN where a patient has no omics
 
 
 def stage_attribute(
@@ -212,6 +200,7 @@ def stage_attribute(
     split: str = "test",
     overrides: list[str] | None = None,
     data: CohortData | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Path]:
     """Attributions for the patients of ``split``, written under ``out/attributions/``:
 
@@ -220,21 +209,10 @@ def stage_attribute(
     resolution), genes.csv (ranked, with direction), gene_ig.csv and gene_attributions.h5ad,
     phenotypes.png + phenotype_fractions.csv, biomarkers.csv (+ .json), faithfulness.json + deletion.png.
     """
-    from pipeline.outputs.attribution import (
-        gene_deletion_curves,
-        gene_integrated_gradients,
-        mean_tile_feature,
-        rank_genes,
-        tile_attention,
-        tile_deletion_curves,
-        tile_integrated_gradients,
-    )
-    from pipeline.outputs.biomarkers import biomarker_table, fit_phenotypes
-    from pipeline.outputs.plots import attention_heatmap, phenotype_examples_png, plot_deletion, tile_gallery
-    from pipeline.outputs.writers import write_gene_attributions, write_gene_h5ad, write_geojson
+    from pipeline.outputs.plots import plot_deletion
 
-    model, bundle, data = _model_data(model_path, cohort, fdir, data)
-    ac = _section(bundle, overrides, "attribute")
+    model, card, data = _model_data(model_path, cohort, fdir, data, trust_pickle)
+    ac = card.config.with_overrides(overrides).attribute
     idx = data.splits.get(split, np.zeros(0, int))
     if len(idx) == 0:
         idx = np.arange(len(data.patient_ids))
@@ -242,11 +220,10 @@ def stage_attribute(
     adir = out / "attributions"
     adir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    lh, _ = predict_outputs(model, data, idx)
-    ids = [data.patient_ids[i] for i in idx]
+    lh = predict(model, data, idx).log_hz
     held = pd.DataFrame(
         {
-            "patient_id": ids,
+            "patient_id": [data.patient_ids[i] for i in idx],
             "site": [data.sites[data.site[i]] for i in idx],
             "split": split,
             "risk": lh,
@@ -255,82 +232,155 @@ def stage_attribute(
         }
     )
     faith: dict = {"split": split, "patients": len(idx)}
-    gene_x = rank = phen_x = ph = None
+    tiles = genes = None
     if data.bags is not None and fdir is not None:
-        from pipeline.training.predict import predict_log_hz
-
-        _, attn = predict_log_hz(model, data, idx, with_attention=True)
-        tiles = tile_attention(data, idx, attn or [])
-        tr = data.splits.get("train", np.zeros(0, int))
-        base = mean_tile_feature(data, tr if len(tr) else idx)
-        ig = tile_integrated_gradients(model, data, idx, base, ac.ig_steps)
-        tiles["ig"] = np.concatenate(ig) if ig else np.zeros(0)
-        paths, size0 = _slide_info(cohort, fdir)
-        if ac.phenotypes:
-            try:
-                fit_on = tr if len(tr) else idx
-                ph = fit_phenotypes(data.bags, data.tiles, fit_on, ac.max_phenotype_tiles,  # type: ignore[arg-type]
-                                      ac.leiden_resolution, seed=ac.seed, assign_idx=idx)  # fmt: skip
-                tiles["phenotype"] = np.concatenate([ph.labels[i] for i in idx]) if len(idx) else []
-                phen_x = pd.DataFrame(ph.fractions[idx], columns=ph.names)
-                pf = phen_x.copy()
-                pf.insert(0, "patient_id", ids)
-                _atomic_csv(pf, adir / "phenotype_fractions.csv")
-                written["phenotypes"] = adir / "phenotype_fractions.csv"
-            except ValueError as e:
-                log.warning("phenotypes skipped: %s", e)
-        _atomic_csv(tiles, adir / "tiles.csv")
-        written["tiles"] = adir / "tiles.csv"
-        for sub in ("heatmaps", "geojson", "galleries"):
-            (adir / sub).mkdir(exist_ok=True)
-        for sid, t in tiles.groupby("slide_id", sort=False):
-            write_geojson(t, size0[sid], adir / "geojson" / f"{sid}.geojson")
-        order = np.argsort(-lh)  # the highest- and lowest-risk patients are the most telling
-        k = ac.max_heatmaps
-        pick = list(dict.fromkeys([*order[: (k + 1) // 2], *order[::-1][: k // 2]]))[:k]
-        for j in pick:
-            for sid in dict.fromkeys(s for s, _, _ in data.tiles[idx[j]]):  # type: ignore[index]
-                t = tiles[tiles.slide_id == sid]
-                attention_heatmap(tiles, fdir, sid, adir / "heatmaps" / f"{sid}.png")
-                attention_heatmap(tiles, fdir, sid, adir / "heatmaps" / f"{sid}_ig.png", column="ig")
-                if sid in paths and len(t) >= 2:
-                    tile_gallery(t, paths[sid], size0[sid], adir / "galleries" / f"{sid}.png", ac.gallery_k)
-                    tile_gallery(t, paths[sid], size0[sid], adir / "galleries" / f"{sid}_ig.png", ac.gallery_k, "ig")
-        if ac.phenotypes and ph is not None and all(s in paths for s, _, _ in sum(ph.examples.values(), [])):
-            written["phenotype_png"] = adir / "phenotypes.png"
-        faith["tiles"] = tile_deletion_curves(
-            model, data, idx, {"attention": attn or [], "ig": ig}, ac.deletion_steps, seed=ac.seed
-        )
+        tiles = _attribute_tiles(model, data, idx, lh, cohort, fdir, ac, adir, written)
+        faith["tiles"] = tiles.faith
     if data.omics is not None:
-        attr = gene_integrated_gradients(model, data, idx, ac.ig_steps)
-        write_gene_attributions(adir / "gene_ig.csv", attr, ids, data.genes)
-        present = data.omics_present[idx]  # type: ignore[index]
-        rank = rank_genes(attr, data.omics[idx], present, data.genes)
-        _atomic_csv(rank, adir / "genes.csv")
-        written["genes"] = adir / "genes.csv"
-        obs = held.assign(omics_present=present)
-        write_gene_h5ad(adir / "gene_attributions.h5ad", attr, data.omics[idx], obs, rank, data.genes)
-        written["genes_h5ad"] = adir / "gene_attributions.h5ad"
-        gene_x = pd.DataFrame(np.where(present[:, None], data.omics[idx], np.nan), columns=data.genes)
-        faith["genes"] = gene_deletion_curves(model, data, idx, attr, ac.deletion_steps, seed=ac.seed)
-    if gene_x is not None or phen_x is not None:
-        table, info = biomarker_table(held, gene_x, rank, phen_x, ac.top_genes)
-        _atomic_csv(table, adir / "biomarkers.csv")
-        _write_json(adir / "biomarkers.json", {"split": split, **info})
-        written["biomarkers"] = adir / "biomarkers.csv"
-        if "phenotype_png" in written:
-            phenotype_examples_png(ph, paths, size0, written["phenotype_png"], table[table.kind == "phenotype"])
+        genes = _attribute_genes(model, data, idx, held, ac, adir, written)
+        faith["genes"] = genes.faith
+    if genes is not None or (tiles is not None and tiles.fractions is not None):
+        _write_biomarkers(held, tiles, genes, ac.top_genes, split, adir, written)
     if "tiles" in faith or "genes" in faith:
-        _write_json(adir / "faithfulness.json", _nan_to_none(faith))
+        write_json(adir / "faithfulness.json", faith)
         plot_deletion({k: v for k, v in faith.items() if isinstance(v, dict)}, adir / "deletion.png")
         written["faithfulness"] = adir / "faithfulness.json"
     return written
 
 
-def _section(bundle: dict | None, overrides: list[str] | None, name: str):
-    """A config section: the model's saved one (if any), then ``overrides`` (``name.key=value``)."""
-    from data_specs.config import resolve_config
+def _attribute_tiles(model, data, idx, lh, cohort, fdir, ac, adir: Path, written: dict) -> _TileResult:
+    """Tile attention, IG and phenotypes -> tiles.csv (+ phenotype_fractions.csv), pictures, deletion curves."""
+    from pipeline.outputs.attribution import mean_tile_feature, tile_attention, tile_deletion_curves
+    from pipeline.outputs.attribution import tile_integrated_gradients as tile_ig
 
-    base = (bundle or {}).get("config", {}).get(name) or {}
-    ov = [f"{name}.{k}={json.dumps(v)}" for k, v in base.items()] + [o for o in overrides or [] if o.startswith(name)]
-    return getattr(resolve_config(None, ov), name)
+    attn = predict(model, data, idx, attention=True).attn or []
+    tiles = tile_attention(data, idx, attn)
+    tr = data.splits.get("train", np.zeros(0, int))
+    ig = tile_ig(model, data, idx, mean_tile_feature(data, tr if len(tr) else idx), ac.ig_steps)
+    tiles["ig"] = np.concatenate(ig) if ig else np.zeros(0)
+    paths, size0 = _slide_info(cohort, fdir)
+    res = _TileResult({}, paths, size0)
+    if ac.phenotypes:
+        _tile_phenotypes(data, idx, tr, tiles, ac, adir, res, written)
+    written["tiles"] = write_csv(adir / "tiles.csv", tiles)
+    _tile_pictures(data, idx, lh, tiles, fdir, res, ac, adir)
+    ph = res.phenotypes
+    if ac.phenotypes and ph is not None and all(s in paths for s, _, _ in sum(ph.examples.values(), [])):
+        written["phenotype_png"] = adir / "phenotypes.png"
+    curves = {"attention": attn, "ig": ig}
+    res.faith = tile_deletion_curves(model, data, idx, curves, ac.deletion_steps, seed=ac.seed)
+    return res
+
+
+def _tile_phenotypes(data, idx, tr, tiles: pd.DataFrame, ac, adir: Path, res: _TileResult, written: dict) -> None:
+    """Leiden phenotypes fitted on the training tiles, assigned to the split's: a column of ``tiles`` and
+    ``phenotype_fractions.csv``; skipped with a warning when they cannot be fitted."""
+    from pipeline.outputs.biomarkers import fit_phenotypes
+
+    try:
+        fit_on = tr if len(tr) else idx
+        ph = fit_phenotypes(data.bags, data.tiles, fit_on, ac.max_phenotype_tiles, ac.leiden_resolution,
+                            seed=ac.seed, assign_idx=idx)  # fmt: skip
+    except ValueError as e:
+        log.warning("phenotypes skipped: %s", e)
+        return
+    tiles["phenotype"] = np.concatenate([ph.labels[i] for i in idx]) if len(idx) else []
+    res.phenotypes, res.fractions = ph, pd.DataFrame(ph.fractions[idx], columns=ph.names)
+    pf = res.fractions.copy()
+    pf.insert(0, "patient_id", [data.patient_ids[i] for i in idx])
+    written["phenotypes"] = write_csv(adir / "phenotype_fractions.csv", pf)
+
+
+def _tile_pictures(data, idx, lh, tiles: pd.DataFrame, fdir: Path, res: _TileResult, ac, adir: Path) -> None:
+    """QuPath GeoJSON per slide; heatmaps and galleries for the highest- and lowest-risk patients."""
+    from pipeline.outputs.plots import attention_heatmap, tile_gallery
+    from pipeline.outputs.writers import write_geojson
+
+    for sub in ("heatmaps", "geojson", "galleries"):
+        (adir / sub).mkdir(exist_ok=True)
+    for sid, t in tiles.groupby("slide_id", sort=False):
+        write_geojson(t, res.size0[sid], adir / "geojson" / f"{sid}.geojson")
+    order = np.argsort(-lh)  # the highest- and lowest-risk patients are the most telling
+    k = ac.max_heatmaps
+    pick = list(dict.fromkeys([*order[: (k + 1) // 2], *order[::-1][: k // 2]]))[:k]
+    for j in pick:
+        for sid in dict.fromkeys(s for s, _, _ in data.tiles[idx[j]]):
+            t = tiles[tiles.slide_id == sid]
+            attention_heatmap(tiles, fdir, sid, adir / "heatmaps" / f"{sid}.png")
+            attention_heatmap(tiles, fdir, sid, adir / "heatmaps" / f"{sid}_ig.png", column="ig")
+            if sid in res.paths and len(t) >= 2:
+                g = adir / "galleries"
+                tile_gallery(t, res.paths[sid], res.size0[sid], g / f"{sid}.png", ac.gallery_k)
+                tile_gallery(t, res.paths[sid], res.size0[sid], g / f"{sid}_ig.png", ac.gallery_k, "ig")
+
+
+def _attribute_genes(model, data, idx, held: pd.DataFrame, ac, adir: Path, written: dict) -> _GeneResult:
+    """Gene IG -> gene_ig.csv, genes.csv (ranked), gene_attributions.h5ad, deletion curves."""
+    from pipeline.outputs.attribution import gene_deletion_curves, gene_integrated_gradients, rank_genes
+    from pipeline.outputs.writers import write_gene_attributions, write_gene_h5ad
+
+    attr = gene_integrated_gradients(model, data, idx, ac.ig_steps)
+    write_gene_attributions(adir / "gene_ig.csv", attr, held.patient_id.tolist(), data.genes)
+    present = data.omics_present[idx]
+    rank = rank_genes(attr, data.omics[idx], present, data.genes)
+    written["genes"] = write_csv(adir / "genes.csv", rank)
+    obs = held.assign(omics_present=present)
+    write_gene_h5ad(adir / "gene_attributions.h5ad", attr, data.omics[idx], obs, rank, data.genes)
+    written["genes_h5ad"] = adir / "gene_attributions.h5ad"
+    expression = pd.DataFrame(np.where(present[:, None], data.omics[idx], np.nan), columns=data.genes)
+    faith = gene_deletion_curves(model, data, idx, attr, ac.deletion_steps, seed=ac.seed)
+    return _GeneResult(faith, rank, expression)
+
+
+def _write_biomarkers(held, tiles: _TileResult | None, genes: _GeneResult | None, top_genes: int, split: str,
+                      adir: Path, written: dict) -> None:  # fmt: skip
+    """biomarkers.csv/.json (Cox tests of genes and phenotypes on the split) and phenotypes.png."""
+    from pipeline.outputs.biomarkers import biomarker_table
+    from pipeline.outputs.plots import phenotype_examples_png
+
+    fractions = tiles.fractions if tiles is not None else None
+    gene_x, rank = (genes.expression, genes.ranked) if genes is not None else (None, None)
+    table, info = biomarker_table(held, gene_x, rank, fractions, top_genes)
+    written["biomarkers"] = write_csv(adir / "biomarkers.csv", table)
+    write_json(adir / "biomarkers.json", {"split": split, **info})
+    if "phenotype_png" in written and tiles is not None:
+        kind = table[table.kind == "phenotype"]
+        phenotype_examples_png(tiles.phenotypes, tiles.paths, tiles.size0, written["phenotype_png"], kind)
+
+
+def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -> dict:
+    """Site- and event-stratified ``k``-fold cross-validation by patient; returns ``cv_results.json``'s content.
+
+    For fold ``f`` (:func:`pipeline.training.splits.fold_splits`): test = the fold's patients, validation
+    carved (seeded) from the rest per (site, event) stratum, normalisers refitted on the fold's training
+    patients. Each fold trains through :func:`stage_train` (centralised by default; federated with
+    ``federated.enabled``). The cohort's own ``split`` column is ignored: every patient is tested once.
+    """
+    from pipeline.outputs.cv import folds_table, score_fold, summarise
+
+    t, out = cfg.train, Path(cfg.out)
+    if any(p.split for p in cohort.patients):
+        log.info("cross-validation ignores the cohort's split column: every patient is tested once")
+    folds = assign_folds(cohort, k, t.seed)
+    write_csv(out / "folds.csv", folds_table(cohort, folds))
+    fdir = features_dir(out, cfg.extract) if any(p.slides for p in cohort.patients) else None
+    o = cfg.omics
+    oof = np.full(len(cohort.patients), np.nan)
+    rows = []
+    for f in range(k):
+        splits = fold_splits(cohort, folds, f, t.val_fraction, t.seed)
+        data = build_data(cohort, fdir, splits=splits, seed=t.seed, gene_panel=o.gene_panel, max_genes=o.max_genes,
+                          gene_sets=o.gene_sets, min_pathway_genes=o.min_pathway_genes)  # fmt: skip
+        fcfg = cfg.model_copy(update={"out": out / f"fold_{f}"})
+        fcfg.save(fcfg.out / "config.yaml")
+        model, _ = load_bundle(stage_train(cohort, fcfg, progress=progress, data=data))
+        oof[splits["test"]] = lh = predict(model, data, splits["test"]).log_hz
+        rows.append(score_fold(f, data, splits, lh))
+        r = rows[-1]
+        log.info(
+            "fold %d/%d: test C-index %.3f (n=%d, events=%d)", f + 1, k, r["cindex"], r["n_test"], r["test_events"]
+        )
+    res = summarise(rows, k, t.seed, "federated" if cfg.federated.enabled else "centralised")
+    write_csv(out / "cv_risk_scores.csv", folds_table(cohort, folds, oof))
+    write_json(out / "cv_results.json", res)
+    return res

@@ -185,7 +185,7 @@ def test_stage_evaluate_writes_json_and_plots(tmp_path):
 
 
 def test_risk_groups_tertiles():
-    from pipeline.outputs.writers import risk_groups
+    from pipeline.outputs.predictions import risk_groups
 
     cut = {"median": 0.0, "tertiles": [-1.0, 1.0]}
     g = risk_groups(np.array([-2.0, 0.0, 2.0]), cut, "tertiles")

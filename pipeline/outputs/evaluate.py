@@ -1,4 +1,8 @@
-"""TODO outputs.evaluate."""
+"""The evaluate stage: ``risk_scores.csv`` (+ ``survival_curves.csv``) in, ``metrics.json`` and plots out.
+
+The metrics themselves live in :mod:`pipeline.stats`; this module reads the tables, picks the split,
+hands the arrays over, and writes the results (through :mod:`pipeline.files`) and the plots.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.outputs.writers import _nan_to_none, _write_json
-from pipeline.stages import _eval_cfg
+from data_specs.config import RunConfig
+from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +33,17 @@ def read_curves(path: Path, ids: list[str]):
     return Curves(np.array([float(t) for t in c.columns]), c.loc[ids].to_numpy(float))
 
 
-def stage_evaluate(risk_csv: Path, out: Path, split: str = "test", overrides: list[str] | None = None) -> dict:
+def stage_evaluate(
+    risk_csv: Path, out: Path, split: str = "test", overrides: list[str] | None = None, config: RunConfig | None = None
+) -> dict:
     """Metrics for one split (``all``: every patient) of ``risk_scores.csv``, pooled and per site:
     Harrell and Uno C, td-AUC, integrated Brier score (from ``survival_curves.csv`` beside it), each
-    with a patient-bootstrap CI, log-rank p by risk group; ``metrics.json`` and PNG plots."""
+    with a patient-bootstrap CI, log-rank p by risk group; ``metrics.json`` and PNG plots. Settings: the
+    ``evaluate`` section of ``config`` (default: the defaults), then ``overrides``."""
     from pipeline.outputs.plots import km_by_group, km_per_site, plot_td_auc
     from pipeline.stats.metrics import survival_metrics
 
-    ev = _eval_cfg(None, overrides)
+    ev = (config or RunConfig()).with_overrides(overrides).evaluate
     risk_csv = Path(risk_csv)
     df = pd.read_csv(risk_csv, dtype={"patient_id": str})
     need = {"patient_id", "site", "split", "risk", "risk_group", "time", "event"}
@@ -74,5 +81,5 @@ def stage_evaluate(risk_csv: Path, out: Path, split: str = "test", overrides: li
                 out / f"km_{split}_sites.png")  # fmt: skip
     if m["horizons"]:
         plot_td_auc(m, out / f"td_auc_{split}.png")
-    _write_json(out / "metrics.json", _nan_to_none(m))
+    write_json(out / "metrics.json", m)
     return m

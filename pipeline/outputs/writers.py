@@ -1,4 +1,8 @@
-"""TODO outputs.writers."""
+"""Writers of the attribution files QuPath, scanpy and spreadsheets read: GeoJSON tiles, per-gene IG CSV, AnnData.
+
+Nothing here computes: the callers pass finished tables and arrays. Every file is written through
+:mod:`pipeline.files`, so a reader never sees a half-written one.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.files import atomic_path, write_text
+
 
 def write_geojson(tiles: pd.DataFrame, size0: int, path: Path) -> None:
     """A QuPath-readable GeoJSON FeatureCollection: one square detection per tile in level-0 pixels,
     with the tile's scores as measurements."""
-    import json
-
     meas = [c for c in ("attn", "attn_rel", "ig", "phenotype") if c in tiles.columns]
     feats = []
     for r in tiles.itertuples(index=False):
@@ -28,13 +32,12 @@ def write_geojson(tiles: pd.DataFrame, size0: int, path: Path) -> None:
                 "properties": {"objectType": "detection", "name": f"tile {x},{y}", "measurements": m},
             }
         )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    tmp.replace(path)
+    write_text(path, json.dumps({"type": "FeatureCollection", "features": feats}))
 
 
 def write_gene_attributions(path: Path, attr: np.ndarray, ids: list[str], genes: list[str]) -> None:
-    with path.open("w", newline="") as fh:
+    """``gene_ig.csv``: one row per patient, one column per gene, the attributions ``attr [P, G]``."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["patient_id"] + genes)
         for pid, row in zip(ids, attr, strict=True):
@@ -61,39 +64,5 @@ def write_gene_h5ad(
         "baseline": "training-mean expression",
         "target": "log_hz",
     }
-    tmp = path.with_name(f".{path.name}.tmp.h5ad")
-    a.write_h5ad(tmp)
-    tmp.replace(path)
-
-
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    tmp.replace(path)
-
-
-def risk_groups(log_hz: np.ndarray, cutpoints: dict, scheme: str) -> np.ndarray:
-    """``low``/``high`` (median) or ``low``/``intermediate``/``high`` (tertiles), cut-points from training."""
-    if scheme == "tertiles":
-        lo, hi = cutpoints["tertiles"]
-        return np.where(log_hz > hi, "high", np.where(log_hz > lo, "intermediate", "low"))
-    if scheme != "median":
-        raise ValueError(f"unknown risk_groups '{scheme}': valid names are ['median', 'tertiles']")
-    return np.where(log_hz > cutpoints["median"], "high", "low")
-
-
-def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-
-
-def _nan_to_none(o):
-    """Standard JSON: NaN becomes null (the reason is in the neighbouring ``notes``)."""
-    if isinstance(o, dict):
-        return {k: _nan_to_none(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_nan_to_none(v) for v in o]
-    if isinstance(o, float | np.floating) and not np.isfinite(o):
-        return None
-    return o
+    with atomic_path(path) as tmp:
+        a.write_h5ad(tmp)

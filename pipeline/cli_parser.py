@@ -1,0 +1,138 @@
+"""The ``histofuse`` command line's arguments: the parser of every command, and the run config they resolve to.
+
+:func:`build_parser` defines the flags; :func:`config_from_args` turns a command's flags into a
+:class:`~data_specs.config.RunConfig` (defaults <- ``--config`` YAML <- flags and ``--set`` overrides).
+Dispatching the commands is :mod:`pipeline.cli`'s job.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser, out_default: str | None = "runs/latest") -> None:
+    p.add_argument("--config", type=Path, help="run config YAML (defaults <- this file <- --set)")
+    _overrides(p, "override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {out_default})")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+
+
+def _overrides(p: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` flag, collected into ``args.overrides``."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _model_overrides(p: argparse.ArgumentParser, example: str) -> None:
+    _overrides(p, f"override the model's saved evaluate/attribute settings, e.g. --set {example} (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="histofuse",
+        description="Federated multimodal survival models and biomarkers "
+        "from whole-slide images, gene expression and clinical data.",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate", help="validate a cohort spec and summarise it")
+    p.add_argument("cohort", type=Path)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+    _extract_parser(sub)
+    _train_parser(sub, "train", "train the survival model (federated across sites by default)")
+    _train_parser(sub, "run", "extract, train, predict, evaluate, attribute and report")
+    _model_parser(sub, "predict", "risk scores for a cohort from a trained model", "evaluate.risk_groups=tertiles")
+    _model_parser(sub, "attribute", "tile and gene attributions for a cohort from a trained model",
+                  "attribute.max_heatmaps=10")  # fmt: skip
+    p = sub.add_parser("evaluate", help="C-index and Kaplan-Meier from risk_scores.csv")
+    p.add_argument("risk_scores", type=Path)
+    p.add_argument("--split", default="test", help="train, val, test, predict or all (default test)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: beside risk_scores.csv)")
+    _model_overrides(p, "evaluate.bootstrap=1000")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+    p = sub.add_parser("report", help="assemble report.html for a run folder")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+    _cv_parser(sub)
+    p = sub.add_parser("demo", help="build the demo cohort (real tissue, planted signals) and run every stage")
+    _common(p, "runs/demo")
+    p.add_argument("--build-only", action="store_true", help="only build the demo cohort")
+    p.add_argument("--patients", type=int, default=120, help="number of demo patients (default 120)")
+    p.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def _extract_parser(sub) -> None:
+    p = sub.add_parser("extract", help="slides -> tile features (one .h5 per slide); COHORT may be a folder of slides")
+    p.add_argument("cohort", type=Path)
+    _common(p)
+    p.add_argument("--shard", metavar="K/N", help="process the K-th of N parts of the cohort (1 <= K <= N)")
+    p.add_argument("--workers", type=int, metavar="N", help="tile-reading worker processes per slide")
+    p.add_argument("--retry-failed", action="store_true", default=None, help="retry slides that failed before")
+    p.add_argument("--slide-mpp", type=float, metavar="UM", help="microns per pixel for slides without it")
+    p.add_argument("--procs", type=int, default=1, metavar="N", help="N processes, one shard (and GPU) each")
+
+
+def _train_parser(sub, name: str, hlp: str) -> None:
+    p = sub.add_parser(name, help=hlp)
+    p.add_argument("cohort", type=Path)
+    _common(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--federated", dest="federated", action="store_true", default=None,
+                   help="federated training across the cohort's sites (default)")  # fmt: skip
+    g.add_argument("--centralised", dest="federated", action="store_false",
+                   help="pool all training patients in one place (a reference, not for real hospitals)")  # fmt: skip
+    if name == "train":
+        p.add_argument("--strategy", choices=("fedsgd", "fedavg", "fedprox", "fedadam", "fedyogi"), default=None,
+                       help="federated strategy (same as --set federated.strategy=NAME; default fedavg)")  # fmt: skip
+        p.add_argument("--resume", action="store_true", help="continue a killed federated run after its last "
+                       "finished round (DIR/federated/server_state.pt)")  # fmt: skip
+
+
+def _model_parser(sub, name: str, hlp: str, example: str) -> None:
+    p = sub.add_parser(name, help=hlp)
+    p.add_argument("cohort", type=Path)
+    p.add_argument("--model", type=Path, required=True, help="model.safetensors written by `histofuse train`")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a legacy pickled model.pt (unpickling runs its code: only your own files)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the model's folder)")
+    p.add_argument("--features", type=Path, default=None, help="features folder "
+                   "(default: extracted under --out with the model's encoder settings)")  # fmt: skip
+    if name == "attribute":
+        p.add_argument("--split", default="test", help="which patients: train, val, test, predict (default test)")
+    _model_overrides(p, example)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+
+
+def _cv_parser(sub) -> None:
+    p = sub.add_parser("cv", help="cross-validation by patient, stratified by site and event (seeded)")
+    p.add_argument("cohort", type=Path)
+    _common(p, "runs/cv")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--federated", dest="federated", action="store_true", default=False,
+                   help="train each fold federated across the sites (default: centralised)")  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace, cohort: Path | None, out_default: str):
+    from data_specs.config import resolve_config
+
+    ov = list(args.overrides)
+    if getattr(args, "federated", None) is not None:
+        ov.append(f"federated.enabled={str(args.federated).lower()}")
+    if getattr(args, "strategy", None) is not None:
+        ov.append(f"federated.strategy={args.strategy}")
+    for flag, key in (("shard", "shard"), ("workers", "num_workers"), ("retry_failed", "retry_failed")):
+        if getattr(args, flag, None) is not None:
+            ov.append(f"extract.{key}={str(getattr(args, flag)).lower()}")
+    if getattr(args, "slide_mpp", None) is not None:
+        ov.append(f"extract.slide_mpp={args.slide_mpp!r}")
+    out = args.out
+    if out is None:
+        import yaml
+
+        in_yaml = (
+            (yaml.safe_load(args.config.read_text()) or {}).get("out")
+            if args.config and args.config.is_file()
+            else None
+        )
+        out = Path(in_yaml) if in_yaml else Path(out_default)
+    return resolve_config(args.config, ov, cohort=cohort, out=out)
