@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cohort", type=Path, help="cohort spec (default: the one in the run's config.yaml)")
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--json", type=Path, help="also write the baselines dict here")
+    ap.add_argument("--model", type=Path, help="model file: also the C-index with each modality masked at inference")
+    ap.add_argument("--trust-pickle", action="store_true", help="allow a legacy model.pt pickle (your own file)")
     a = ap.parse_args(argv)
     cfg = resolve_config(a.run / "config.yaml", out=a.run)
     cohort_path = a.cohort or cfg.cohort
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{a.run / 'risk_scores.csv'}: its test split differs from the config's split")
     model_lh = risk.loc[ids, "risk"].to_numpy(float)
     t0 = time.perf_counter()
-    bl = fit_baselines(data, model_lh, BaselineSettings(n_boot=a.bootstrap, seed=cfg.evaluate.seed))
+    bl_settings = BaselineSettings(n_boot=a.bootstrap, seed=cfg.evaluate.seed)
+    bl = fit_baselines(data, model_lh, bl_settings)
     secs = time.perf_counter() - t0
     print(f"{len(data.patient_ids)} patients, test {len(test)} ({int(data.event[test].sum())} events)")
     print(f"model (risk_scores.csv)        test C {bl['model']['cindex']:.3f}")
@@ -63,6 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oracle (planted log hazard)    test C {c:.3f}")
     print("\n".join(summary_lines(bl)))
     print(f"baselines fitted in {secs:.1f} s")
+    if a.model:
+        from pipeline.outputs.baselines import bundle_predict_fn, modality_contributions
+
+        mc = modality_contributions(data, bundle_predict_fn(a.model, a.trust_pickle), bl_settings)
+        print(f"model (recomputed) test C {mc['full']['cindex']:.3f}; with a modality masked at inference:")
+        for k, v in mc.items():
+            if k.startswith("without_"):
+                d = v["drop"]
+                ci = d["ci"] or [float("nan")] * 2
+                print(f"  {k:<17} C {v['cindex']:.3f}  drop {d['diff']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+        bl["modality_contributions"] = mc
     if a.json:
         from pipeline.files import write_json
 

@@ -356,7 +356,7 @@ def baselines_html(metrics: dict) -> list[str]:
     return parts
 
 
-def bundle_predict_fn(model_path: Path) -> PredictFn:
+def bundle_predict_fn(model_path: Path, trust_pickle: bool = False) -> PredictFn:
     """``predict_fn(data, idx) -> log_hz`` for a saved model (``model.safetensors``).
 
     Each call runs under a forked torch RNG, so the stages after it draw the same random numbers as
@@ -367,7 +367,7 @@ def bundle_predict_fn(model_path: Path) -> PredictFn:
     from pipeline.training.bundle import load_bundle
     from pipeline.training.predict import predict as predict_model
 
-    model, _ = load_bundle(model_path)
+    model, _ = load_bundle(model_path, trust_pickle=trust_pickle)  # trust_pickle: a legacy model.pt
 
     def predict(data: CohortData, idx: np.ndarray) -> np.ndarray:
         with torch.random.fork_rng(devices=[]):
