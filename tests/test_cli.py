@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from data_specs.artifacts import RunFiles
 from pipeline.cli import main
@@ -245,3 +246,126 @@ def test_discrete_time_model_predicts_curves_from_hazards(tiny_demo, tmp_path):
     assert main(["evaluate", str(run / "risk_scores.csv"), "--split", "all", "--set", "evaluate.bootstrap=5"]) == 0
     m = json.loads((run / "metrics.json").read_text())
     assert m["pooled"]["ibs"] is not None or "ibs" in m["pooled"]["notes"]
+
+
+# ---------------------------------------------------------------- named errors, and a refused run damages nothing
+
+
+def _clinical_cohort(tiny_demo, tmp_path, **changes):
+    """The tiny demo's patients without slides (clinical only: trains in seconds), with column ``changes``."""
+    root = tiny_demo.parent
+    pts = pd.read_csv(root / "patients.csv")
+    pts["slides"] = ""
+    for k, v in changes.items():
+        pts[k] = v
+    pts.to_csv(tmp_path / "patients.csv", index=False)
+    spec = tmp_path / "cohort.yaml"
+    spec.write_text("patients: patients.csv\nclinical: {path: %s}\n" % (root / "clinical.csv"))
+    return spec
+
+
+def _one_line_error(capsys, *needles, lines: int | None = 1):
+    """The stderr of a refused command: one ``error: ...`` (``lines`` lines long; a cohort's problem list is
+    longer) naming every one of ``needles``, and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    msg = err[err.index("error: ") :].rstrip("\n")
+    assert lines is None or len(msg.splitlines()) == lines, err
+    for n in needles:
+        assert str(n) in msg, msg
+    return msg
+
+
+def test_all_censored_train_is_refused_and_keeps_the_previous_run(tiny_demo, tmp_path, capsys):
+    spec = _clinical_cohort(tiny_demo, tmp_path, event=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("the record of an earlier model\n")
+    (run / "model.safetensors").write_bytes(b"earlier weights")
+    rc = main(["train", str(spec), "--out", str(run), "--centralised", "--set", "train.epochs=1"])
+    assert rc == 2
+    _one_line_error(capsys, spec, "no patient has an event")
+    assert (run / "config.yaml").read_text() == "the record of an earlier model\n"
+    assert (run / "model.safetensors").read_bytes() == b"earlier weights"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "model.safetensors"]
+
+
+def test_a_bad_cohort_writes_nothing_into_the_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("earlier\n")
+    for cmd in ("train", "run", "cv"):
+        assert main([cmd, str(tmp_path / "missing.yaml"), "--out", str(run)]) == 2
+        _one_line_error(capsys, "missing.yaml", lines=None)
+    assert [p.name for p in run.iterdir()] == ["config.yaml"] and (run / "config.yaml").read_text() == "earlier\n"
+
+
+def test_no_event_in_training_or_validation_is_a_named_error():
+    from types import SimpleNamespace
+
+    from pipeline.stages import NoEventsError, check_trainable
+
+    data = SimpleNamespace(
+        splits={"train": np.array([0, 1]), "val": np.array([2]), "test": np.array([3])},
+        event=np.array([False, False, False, True]),
+        site=np.array([0, 1, 0, 1]),
+        sites=["north", "south"],
+    )
+    with pytest.raises(NoEventsError, match=r"cohort.yaml: no site has an event .*'north': 0, 'south': 0"):
+        check_trainable(data, "cohort.yaml")
+    data.event[2] = True
+    check_trainable(data, "cohort.yaml")  # one validation event is enough
+
+
+def test_out_that_is_a_file_or_not_writable_is_a_named_error(tiny_demo, tmp_path, capsys, monkeypatch):
+    spec = _clinical_cohort(tiny_demo, tmp_path)
+    f = tmp_path / "taken"
+    f.write_text("not a folder")
+    assert main(["train", str(spec), "--out", str(f)]) == 2
+    _one_line_error(capsys, f"--out {f}", "existing file")
+    assert main(["train", str(spec), "--out", str(f / "sub")]) == 2
+    _one_line_error(capsys, f"{f} is a file")
+    import pipeline.cli
+
+    monkeypatch.setattr(pipeline.cli.os, "access", lambda *a: False)  # running as root ignores chmod
+    assert main(["train", str(spec), "--out", str(tmp_path / "ro")]) == 2
+    _one_line_error(capsys, "not writable")
+    assert f.read_text() == "not a folder" and not (tmp_path / "ro").exists()
+
+
+def test_a_damaged_model_file_is_one_line_and_verbose_shows_the_traceback(tiny_demo, tmp_path, capsys):
+    spec = _clinical_cohort(tiny_demo, tmp_path)
+    for name, content in (("model.safetensors", b"\x00\x01 truncated"), ("model.pt", b"plain text, not a pickle")):
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        assert main(["predict", str(spec), "--model", str(bad), "--out", str(tmp_path / "o")]) == 2
+        _one_line_error(capsys, bad)
+    assert main(["predict", str(spec), "--model", str(bad), "--out", str(tmp_path / "o"), "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "exc, needles",
+    [
+        (PermissionError(13, "Permission denied", "/runs/x/config.yaml"), ["/runs/x/config.yaml", "Permission denied"]),
+        (IsADirectoryError(21, "Is a directory", "/data/slide.svs"), ["/data/slide.svs", "folder"]),
+        (FileExistsError(17, "File exists", "/runs/x"), ["/runs/x", "File exists"]),
+        (OSError(22, "Invalid argument", "/m/model.pt"), ["/m/model.pt", "Invalid argument"]),
+        (EOFError("Ran out of input"), ["/m/model.pt", "not a readable model file"]),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), ["out of GPU memory", "batch_size"]),
+    ],
+)
+def test_every_expected_failure_is_one_line_naming_the_path(exc, needles, monkeypatch, capsys):
+    import pickle
+
+    import pipeline.cli
+
+    assert isinstance(exc, pipeline.cli.expected_errors())
+    assert issubclass(pickle.UnpicklingError, pipeline.cli.expected_errors())
+
+    def boom(args, argv):
+        raise exc
+
+    monkeypatch.setitem(pipeline.cli.COMMANDS, "predict", boom)
+    assert main(["predict", "c.yaml", "--model", "/m/model.pt"]) == 2
+    _one_line_error(capsys, *needles)
