@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.files import atomic_path, write_json, write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -96,8 +98,7 @@ def write_pyramid_tiff(path: Path, rgb: np.ndarray, mpp: float | None, levels: i
         else f"Aperio Image Library v12.0.0\r\n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q={quality}"
         f"|AppMag = {10 / mpp:g}|MPP = {mpp}"
     )
-    tmp = path.with_name(path.name + ".tmp")
-    with tifffile.TiffWriter(tmp, bigtiff=False) as tif:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=False) as tif:
         img = Image.fromarray(rgb)
         for lv in range(levels):
             arr = np.asarray(img)
@@ -114,14 +115,33 @@ def write_pyramid_tiff(path: Path, rgb: np.ndarray, mpp: float | None, levels: i
                 metadata=None,
             )
             img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.LANCZOS)
-    tmp.replace(path)
+
+
+@dataclass
+class _Draws:
+    """Everything drawn for the demo's ``n`` patients (arrays of length ``n`` unless said otherwise)."""
+
+    pids: list[str]
+    site_idx: np.ndarray
+    age: np.ndarray
+    tumour_frac: np.ndarray | None = None
+    tiles_rows: list | None = None  # (slide_id, x, y, is_tumour) per block
+    genes: list[str] | None = None
+    counts: np.ndarray | None = None  # [n, G] float32
+    planted_s: np.ndarray | None = None  # [n, len(PLANTED)]
+    log_hz: np.ndarray | None = None
+    time: np.ndarray | None = None
+    event: np.ndarray | None = None
+    split: np.ndarray | None = None
+    no_omics: set[int] | None = None
+    noise: np.ndarray | None = None
 
 
 def build_demo(out: str | Path, size: DemoSize | None = None, seed: int = 0, force: bool = False) -> Path:
-    """Build the demo cohort into ``out`` and return the cohort YAML path. Deterministic from ``seed``."""
-    import anndata as ad
-    import pandas as pd
+    """Build the demo cohort into ``out`` and return the cohort YAML path. Deterministic from ``seed``.
 
+    The random draws happen in one fixed order (slides, expression, outcomes, split, missing omics,
+    clinical noise), so a seed always gives the same cohort."""
     size = size or DemoSize()
     out = Path(out)
     spec = out / "cohort.yaml"
@@ -133,135 +153,147 @@ def build_demo(out: str | Path, size: DemoSize | None = None, seed: int = 0, for
     rng = np.random.default_rng(seed)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(parents=True, exist_ok=True)
-    tumour_img, other_img, other_mask = _sources()
-
     n = size.patients
     site_idx = rng.choice(len(SITES), size=n, p=[0.42, 0.33, 0.25])
     tumour_frac_target = rng.uniform(0.05, 0.85, size=n)
     age = rng.normal(60, 11, size=n).clip(25, 90).round()
-    # Stain: each site casts a colour; each slide jitters around it.
-    site_cast = np.array([[1.0, 1.0, 1.0], [1.04, 0.96, 1.02], [0.95, 1.0, 1.05]])
+    d = _Draws([f"DEMO-{i:04d}" for i in range(n)], site_idx, age)
+    _draw_slides(rng, size, out, d, tumour_frac_target)
+    _draw_expression(rng, size, d)
+    _draw_outcomes(rng, d)
+    _draw_split(rng, d)
+    d.no_omics = set(rng.choice(n, size=max(1, n // 30), replace=False).tolist())  # masking a missing modality
+    d.noise = rng.normal(size=n)  # an uninformative clinical covariate
+    _write_cohort(out, spec, d)
+    _write_truth(out, d)
+    write_json(stamp, want)  # last: its presence means the cohort is complete
+    return spec
 
-    tiles_rows = []
-    tumour_frac = np.zeros(n)
-    pids = [f"DEMO-{i:04d}" for i in range(n)]
-    cy, cx = (size.rows - 1) / 2, (size.cols - 1) / 2
+
+def _draw_slides(rng: np.random.Generator, size: DemoSize, out: Path, d: _Draws, tumour_target: np.ndarray) -> None:
+    """One pyramidal TIFF per patient: an ellipse of blocks with a ragged edge, tumour the blocks nearest a
+    random focus; each site casts a stain colour and each slide jitters around it."""
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(n), desc="demo slides", unit="slide"):
-        # Tissue: an ellipse of blocks with a ragged edge; tumour: the blocks nearest a random focus.
+    tumour_img, other_img, other_mask = _sources()
+    site_cast = np.array([[1.0, 1.0, 1.0], [1.04, 0.96, 1.02], [0.95, 1.0, 1.05]])
+    d.tiles_rows, d.tumour_frac = [], np.zeros(len(d.pids))
+    cy, cx = (size.rows - 1) / 2, (size.cols - 1) / 2
+    for i in tqdm(range(len(d.pids)), desc="demo slides", unit="slide"):
         yy, xx = np.mgrid[0 : size.rows, 0 : size.cols]
         r = ((yy - cy) / (size.rows / 2)) ** 2 + ((xx - cx) / (size.cols / 2)) ** 2
         tissue = r + rng.normal(0, 0.15, r.shape) < 0.9
         cells = np.argwhere(tissue)
         focus = cells[rng.integers(len(cells))]
-        d = ((cells - focus) ** 2).sum(1) + rng.uniform(0, 0.5, len(cells))
-        k = int(round(tumour_frac_target[i] * len(cells)))
+        dist = ((cells - focus) ** 2).sum(1) + rng.uniform(0, 0.5, len(cells))
+        k = int(round(tumour_target[i] * len(cells)))
         is_tumour = np.zeros(len(cells), bool)
-        is_tumour[np.argsort(d)[:k]] = True
-        tumour_frac[i] = is_tumour.mean()
+        is_tumour[np.argsort(dist)[:k]] = True
+        d.tumour_frac[i] = is_tumour.mean()
         canvas = np.full((size.rows * BLOCK, size.cols * BLOCK, 3), 242, np.uint8)
         canvas = (canvas + rng.normal(0, 2, canvas.shape)).clip(0, 255).astype(np.uint8)
-        cast = site_cast[site_idx[i]] * rng.normal(1, 0.015, 3)
+        cast = site_cast[d.site_idx[i]] * rng.normal(1, 0.015, 3)
         for (by, bx), tum in zip(cells, is_tumour, strict=True):
             block = _crop(rng, tumour_img, None) if tum else _crop(rng, other_img, other_mask)
             canvas[by * BLOCK : (by + 1) * BLOCK, bx * BLOCK : (bx + 1) * BLOCK] = (block * cast).clip(0, 255)
-            tiles_rows.append((pids[i], int(bx * BLOCK), int(by * BLOCK), int(tum)))
-        write_pyramid_tiff(out / "slides" / f"{pids[i]}.tif", canvas, MPP)
+            d.tiles_rows.append((d.pids[i], int(bx * BLOCK), int(by * BLOCK), int(tum)))
+        write_pyramid_tiff(out / "slides" / f"{d.pids[i]}.tif", canvas, MPP)
 
-    # Gene expression: latent programmes + planted genes + site batch shift; negative-binomial counts.
-    g_names = list(PLANTED) + [f"G{j:04d}" for j in range(size.genes - len(PLANTED))]
+
+def _draw_expression(rng: np.random.Generator, size: DemoSize, d: _Draws) -> None:
+    """Latent programmes + planted genes + a site batch shift; negative-binomial counts ``[n, G]``."""
+    n = len(d.pids)
+    d.genes = list(PLANTED) + [f"G{j:04d}" for j in range(size.genes - len(PLANTED))]
     n_fac = 8
     latent = rng.normal(size=(n, n_fac))
     loadings = rng.normal(0, 0.35, size=(n_fac, size.genes)) * (rng.random((n_fac, size.genes)) < 0.3)
-    planted_s = rng.normal(size=(n, len(PLANTED)))
+    d.planted_s = rng.normal(size=(n, len(PLANTED)))
     base = rng.normal(3.0, 1.0, size=size.genes)
     logmu = base + latent @ loadings
-    logmu[:, : len(PLANTED)] += 1.2 * planted_s
+    logmu[:, : len(PLANTED)] += 1.2 * d.planted_s
     batch = rng.normal(0, 0.25, size=(len(SITES), size.genes))
-    logmu += batch[site_idx]
+    logmu += batch[d.site_idx]
     libsize = rng.lognormal(0, 0.25, size=(n, 1))
     mu = np.exp(logmu) * libsize
     disp = 10.0  # NB: Gamma-Poisson with shape `disp`
-    counts = rng.poisson(rng.gamma(disp, mu / disp)).astype(np.float32)
+    d.counts = rng.poisson(rng.gamma(disp, mu / disp)).astype(np.float32)
+
+
+def _draw_outcomes(rng: np.random.Generator, d: _Draws) -> None:
+    """The planted log hazard; exponential event times with a site baseline; uniform censoring."""
 
     def z(v: np.ndarray) -> np.ndarray:
         return (v - v.mean()) / v.std()
 
     beta = np.array(list(PLANTED.values()))
-    log_hz = B_TUMOUR * z(tumour_frac) + B_AGE * z(age) + planted_s @ beta
-    base_hz = np.array([1 / 1500, 1 / 1100, 1 / 1900])[site_idx]
-    t_event = rng.exponential(1.0 / (base_hz * np.exp(log_hz)))
-    t_cens = rng.uniform(500, 5000, size=n)
-    time_ = np.minimum(t_event, t_cens).round(1).clip(1.0)
-    event = (t_event <= t_cens).astype(int)
+    d.log_hz = B_TUMOUR * z(d.tumour_frac) + B_AGE * z(d.age) + d.planted_s @ beta
+    base_hz = np.array([1 / 1500, 1 / 1100, 1 / 1900])[d.site_idx]
+    t_event = rng.exponential(1.0 / (base_hz * np.exp(d.log_hz)))
+    t_cens = rng.uniform(500, 5000, size=len(d.pids))
+    d.time = np.minimum(t_event, t_cens).round(1).clip(1.0)
+    d.event = (t_event <= t_cens).astype(int)
 
-    # Fixed split, stratified by site and event: ~60% train, 15% val, 25% test.
-    split = np.empty(n, dtype=object)
+
+def _draw_split(rng: np.random.Generator, d: _Draws) -> None:
+    """A fixed split, stratified by site and event: ~60% train, 15% val, 25% test."""
+    d.split = np.empty(len(d.pids), dtype=object)
     for s in range(len(SITES)):
         for e in (0, 1):
-            idx = np.flatnonzero((site_idx == s) & (event == e))
+            idx = np.flatnonzero((d.site_idx == s) & (d.event == e))
             idx = idx[rng.permutation(len(idx))]
             n_test, n_val = int(round(0.25 * len(idx))), int(round(0.15 * len(idx)))
-            split[idx[:n_test]] = "test"
-            split[idx[n_test : n_test + n_val]] = "val"
-            split[idx[n_test + n_val :]] = "train"
+            d.split[idx[:n_test]] = "test"
+            d.split[idx[n_test : n_test + n_val]] = "val"
+            d.split[idx[n_test + n_val :]] = "train"
 
-    # A few patients without omics, to show masking of a missing modality.
-    no_omics = set(rng.choice(n, size=max(1, n // 30), replace=False).tolist())
-    keep = [i for i in range(n) if i not in no_omics]
-    adata = ad.AnnData(X=counts[keep], obs=pd.DataFrame(index=[pids[i] for i in keep]), var=pd.DataFrame(index=g_names))
+
+def _write_rows(path: Path, header: list[str], rows) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _write_cohort(out: Path, spec: Path, d: _Draws) -> None:
+    """omics.h5ad (raw counts), patients.csv, clinical.csv and the cohort YAML."""
+    import anndata as ad
+    import pandas as pd
+
+    n = len(d.pids)
+    keep = [i for i in range(n) if i not in d.no_omics]
+    obs = pd.DataFrame(index=[d.pids[i] for i in keep])
+    adata = ad.AnnData(X=d.counts[keep], obs=obs, var=pd.DataFrame(index=d.genes))
     adata.uns["description"] = "demo cohort raw counts (negative binomial), patients x genes"
-    adata.write_h5ad(out / "omics.h5ad")
-
-    with (out / "patients.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["patient_id", "site", "time", "event", "slides", "split"])
-        for i in range(n):
-            w.writerow([pids[i], SITES[site_idx[i]], time_[i], event[i], f"slides/{pids[i]}.tif", split[i]])
-    with (out / "clinical.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["patient_id", "age", "grade_score"])
-        noise = rng.normal(size=n)  # an uninformative covariate
-        for i in range(n):
-            w.writerow([pids[i], age[i], round(float(noise[i]), 3)])
-    spec.write_text(
+    with atomic_path(out / "omics.h5ad") as tmp:
+        adata.write_h5ad(tmp)
+    sites = [SITES[k] for k in d.site_idx]
+    rows = ([d.pids[i], sites[i], d.time[i], d.event[i], f"slides/{d.pids[i]}.tif", d.split[i]] for i in range(n))
+    _write_rows(out / "patients.csv", ["patient_id", "site", "time", "event", "slides", "split"], rows)
+    rows = ([d.pids[i], d.age[i], round(float(d.noise[i]), 3)] for i in range(n))
+    _write_rows(out / "clinical.csv", ["patient_id", "age", "grade_score"], rows)
+    write_text(
+        spec,
         "# histofuse demo cohort (built by `histofuse demo --build`)\n"
         "name: demo\ntime_unit: days\npatients: patients.csv\n"
         "omics: {path: omics.h5ad, values: counts, allow_missing: true}\n"
-        "clinical: {path: clinical.csv, id_column: patient_id}\n"
+        "clinical: {path: clinical.csv, id_column: patient_id}\n",
     )
-    with (out / "truth" / "patients.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(
-            ["patient_id", "site", "split", "oracle_log_hz", "tumour_fraction", "age"] + [f"s_{g}" for g in PLANTED]
-        )
-        for i in range(n):
-            w.writerow(
-                [
-                    pids[i],
-                    SITES[site_idx[i]],
-                    split[i],
-                    round(float(log_hz[i]), 5),
-                    round(float(tumour_frac[i]), 4),
-                    age[i],
-                ]
-                + [round(float(v), 5) for v in planted_s[i]]
-            )
-    with (out / "truth" / "tiles.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "x", "y", "is_tumour"])
-        w.writerows(tiles_rows)
-    (out / "truth" / "genes.json").write_text(
-        json.dumps(
-            {
-                "planted": PLANTED,
-                "b_tumour": B_TUMOUR,
-                "b_age": B_AGE,
-                "patients_without_omics": [pids[i] for i in sorted(no_omics)],
-            },
-            indent=2,
-        )
-    )
-    stamp.write_text(json.dumps(want))
-    return spec
+
+
+def _write_truth(out: Path, d: _Draws) -> None:
+    """truth/: patients.csv (oracle log hazard, tumour fraction, planted programmes), tiles.csv, genes.json."""
+    header = ["patient_id", "site", "split", "oracle_log_hz", "tumour_fraction", "age"] + [f"s_{g}" for g in PLANTED]
+    rows = (
+        [d.pids[i], SITES[d.site_idx[i]], d.split[i], round(float(d.log_hz[i]), 5), round(float(d.tumour_frac[i]), 4),
+         d.age[i]] + [round(float(v), 5) for v in d.planted_s[i]]
+        for i in range(len(d.pids))
+    )  # fmt: skip
+    _write_rows(out / "truth" / "patients.csv", header, rows)
+    _write_rows(out / "truth" / "tiles.csv", ["slide_id", "x", "y", "is_tumour"], d.tiles_rows)
+    truth = {
+        "planted": PLANTED,
+        "b_tumour": B_TUMOUR,
+        "b_age": B_AGE,
+        "patients_without_omics": [d.pids[i] for i in sorted(d.no_omics)],
+    }
+    write_json(out / "truth" / "genes.json", truth)

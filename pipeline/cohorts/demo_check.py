@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.files import write_json
 from pipeline.stats.metrics import harrell_cindex
 
 
@@ -55,5 +56,5 @@ def check_demo(out: Path) -> dict:
             "auc": float(np.mean(aucs)) if aucs else float("nan"),
             "slides": len(aucs),
         }
-    (out / "truth_check.json").write_text(json.dumps(r, indent=2))
+    write_json(out / "truth_check.json", r)
     return r
