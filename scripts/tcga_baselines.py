@@ -23,7 +23,6 @@ over seeds, beside FLamby's published pooled-training 0.704.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import time
@@ -33,19 +32,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.cohorts.tcga_brca import build_cohort
+
 FLAMBY_POOLED = 0.704
 COXNET_L1 = (0.1, 0.5, 0.9, 1.0)
 RSF_GRID = [{"min_samples_leaf": m, "max_features": f} for m in (5, 15, 30) for f in ("sqrt", 0.5)]
-
-
-def _build_cohort():
-    """``build_cohort`` from the TCGA-BRCA benchmark script (same split and validation carving)."""
-    path = Path(__file__).with_name("tcga_brca.py")
-    spec = importlib.util.spec_from_file_location("_tcga_brca", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.build_cohort
 
 
 def _cindex(time_: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
@@ -141,7 +132,6 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {args.data / f} not found (give --data the TCGA-BRCA folder)")
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    build_cohort = _build_cohort()
     methods = {"coxnet": fit_coxnet, "rsf": fit_rsf}
     results: dict[str, list[float]] = {m: [] for m in methods}
     if not args.skip_histofuse:

@@ -4,11 +4,11 @@
         [--methods pooled sites fedsgd fedavg fedprox fedadam fedadam_secagg fedadam_dp] [--tune fedsgd]
         [--set section.key=value ...]
 
-Builds a clinical-only cohort spec from FLamby's preprocessed ``brca.csv`` (39 covariates, ``E``, ``T``) and
-``train_test_split.csv`` (``fold2`` = ``train_K``/``test_K`` for centre K), carves a validation set (15% of
-each centre's training patients, seeded), then trains each method and prints the pooled test C-index in
-FLamby's metric (lifelines ``concordance_index(T, -risk, E)``), mean +- sd over seeds, with wall time per
-round and bytes each site sent per round (Flower wire format, embedded runtime).
+Builds a clinical-only cohort spec with :func:`pipeline.cohorts.tcga_brca.build_cohort` (FLamby's ``brca.csv``
+and ``train_test_split.csv``; validation: 15% of each centre's training patients, seeded), then trains each
+method and prints the pooled test C-index in FLamby's metric (lifelines ``concordance_index(T, -risk, E)``),
+mean +- sd over seeds, with wall time per round and bytes each site sent per round (Flower wire format,
+embedded runtime).
 
 Choices use the validation split only: the best round / epoch by pooled validation Cox loss, and with
 ``--tune M ...`` each listed method's candidate settings (``CANDIDATES``) are compared on the first seed by
@@ -18,7 +18,6 @@ pooled validation C-index before any test number is computed. The test set is ne
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import time
@@ -26,7 +25,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+from pipeline.cohorts.tcga_brca import build_cohort
 
 # Settings fixed before any run (no test-set look): rounds x local epochs match the pooled epochs. Server
 # learning rates were chosen on the validation split of seed 42 (`--tune fedsgd fedadam`): FedSGD 0.1 (val C
@@ -51,30 +51,6 @@ CANDIDATES: dict[str, list[list[str]]] = {
     "fedsgd": [[f"federated.server_lr={lr}"] for lr in (0.1, 0.3, 1.0)],
     "fedadam": [[f"federated.server_lr={lr}"] for lr in (0.01, 0.05)],
 }
-
-
-def build_cohort(data: Path, out: Path, seed: int) -> Path:
-    df = pd.read_csv(data / "brca.csv")
-    split = pd.read_csv(data / "train_test_split.csv").set_index("pid")
-    df = df[df.pid.isin(split.index)]
-    rng = np.random.default_rng(seed)
-    rows = []
-    for centre, grp in df.groupby(df.pid.map(lambda p: split.loc[p, "fold2"].split("_")[1])):
-        tr = [p for p in grp.pid if split.loc[p, "fold"] == "train"]
-        val = set(rng.choice(tr, size=int(round(0.15 * len(tr))), replace=False).tolist())
-        for _, r in grp.iterrows():
-            s = "test" if split.loc[r.pid, "fold"] == "test" else ("val" if r.pid in val else "train")
-            rows.append((r.pid, f"centre_{centre}", float(r["T"]), int(r["E"]), "", s))
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "patients.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["patient_id", "site", "time", "event", "slides", "split"])
-        w.writerows(rows)
-    covs = [c for c in df.columns if c not in ("pid", "E", "T")]
-    df[["pid", *covs]].rename(columns={"pid": "patient_id"}).to_csv(out / "clinical.csv", index=False)
-    spec = out / "cohort.yaml"
-    spec.write_text("name: tcga_brca\ntime_unit: days\npatients: patients.csv\nclinical: {path: clinical.csv}\n")
-    return spec
 
 
 def _cindex(data, idx: np.ndarray, model) -> float:

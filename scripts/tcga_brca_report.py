@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -30,10 +29,8 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tcga_brca import build_cohort
-
     from data_specs import load_cohort, resolve_config
+    from pipeline.cohorts.tcga_brca import build_cohort
     from pipeline.outputs.evaluate import stage_evaluate
     from pipeline.outputs.report import build_report
     from pipeline.stages import stage_predict, stage_train
