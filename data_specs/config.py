@@ -111,14 +111,14 @@ class FederatedConfig(_Frozen):
     Strategies: ``fedsgd`` (one full-batch local gradient per round, server SGD), ``fedavg``, ``fedprox``
     (local loss + mu/2 ||w - w_global||^2), ``fedadam`` / ``fedyogi`` (server Adam/Yogi on the mean
     pseudo-gradient, Reddi et al. 2021). DP (``dp_noise`` > 0): each site clips its update to ``dp_clip``
-    (L2), the server adds Gaussian noise ``dp_noise * dp_clip / n_sites`` to the equal-weight mean.
+    (L2), the server adds Gaussian noise ``dp_noise * 2 * dp_clip / n_sites`` to the equal-weight mean.
     """
 
     enabled: bool = True
     strategy: Literal["fedsgd", "fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
     rounds: int = Field(20, ge=1)
     local_epochs: int = Field(2, ge=1)
-    min_sites: int = Field(1, ge=1)  # a round with fewer answering sites fails the run
+    min_sites: int | None = Field(None, ge=1)  # None: every site; a round with fewer answering sites fails the run
     weighting: Literal["examples", "events"] = "examples"  # weight of a site's update in the mean
     server_lr: float | None = Field(None, gt=0)  # None: 1.0 (fedavg/fedprox), 0.1 (fedsgd), 0.01 (fedadam/yogi)
     proximal_mu: float = Field(0.01, ge=0)  # FedProx

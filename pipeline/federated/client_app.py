@@ -22,6 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from data_specs.config import RunConfig
 from pipeline.federated.protocol import (
+    REPEATING_ERRORS,
     STATS_KEY,
     Arrays,
     Evaluation,
@@ -29,6 +30,7 @@ from pipeline.federated.protocol import (
     decode_record,
     encode_record,
     run_config_from_flower,
+    site_data_error,
 )
 from pipeline.federated.site import SiteClient, deployed_client, local_summaries
 
@@ -51,12 +53,18 @@ class HistofuseClient(NumPyClient):
         return list(self.site.initial_arrays().values())
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        upd: Update = self.site.fit(self._arrays(parameters), config)
+        try:
+            upd: Update = self.site.fit(self._arrays(parameters), config)
+        except REPEATING_ERRORS as e:
+            raise site_data_error(self.site.site, e) from e
         metrics = {**upd.metrics, "site": self.site.site}
         return [upd.arrays[k] for k in self.names], upd.num_examples, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
-        ev: Evaluation = self.site.evaluate(self._arrays(parameters), config)
+        try:
+            ev: Evaluation = self.site.evaluate(self._arrays(parameters), config)
+        except REPEATING_ERRORS as e:
+            raise site_data_error(self.site.site, e) from e
         m = ev.metrics
         loss = m["loss_sum"] / m["events"] if m.get("events") else 0.0
         return float(loss), ev.num_examples, {**m, "site": self.site.site}
@@ -71,11 +79,19 @@ def _secagg_when_asked(msg: Message, ctxt: Context, call_next) -> Message:
 
 
 def make_client_app(client_fn, mods: list | None = None) -> ClientApp:
-    """The one ClientApp recipe: ``client_fn(context) -> SiteClient``, wrapped, with the SecAgg+ mod."""
-    return ClientApp(
-        client_fn=lambda context: HistofuseClient(client_fn(context)).to_client(),
-        mods=[*(mods or []), _secagg_when_asked],
-    )
+    """The one ClientApp recipe: ``client_fn(context) -> SiteClient``, wrapped, with the SecAgg+ mod.
+
+    A site whose data cannot be loaded or used (``ValueError``, ``FileNotFoundError``) answers with a
+    :class:`~pipeline.federated.protocol.SiteDataError` naming it, which stops the run at the server.
+    """
+
+    def build(context: Context):
+        try:
+            return HistofuseClient(client_fn(context)).to_client()
+        except REPEATING_ERRORS as e:
+            raise site_data_error(str(context.node_config.get("site", f"node {context.node_id}")), e) from e
+
+    return ClientApp(client_fn=build, mods=[*(mods or []), _secagg_when_asked])
 
 
 _DEPLOYED: dict[tuple, SiteClient] = {}
@@ -97,7 +113,10 @@ def _cohort_statistics_mod(msg: Message, ctxt: Context, call_next) -> Message:
     kind = msg.metadata.message_type
     if kind == "query.summaries":
         site, spec, cfg = _node_site(ctxt)
-        body = encode_record(local_summaries(spec, site, cfg))
+        try:
+            body = encode_record(local_summaries(spec, site, cfg))
+        except REPEATING_ERRORS as e:
+            raise site_data_error(site, e) from e
         return Message(RecordDict({"summaries": ConfigRecord({"json": body})}), reply_to=msg)
     if kind == "query.normalisers":
         ctxt.state.config_records[STATS_KEY] = ConfigRecord({"json": str(msg.content.config_records["stats"]["json"])})

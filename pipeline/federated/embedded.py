@@ -1,4 +1,10 @@
-"""TODO federated.embedded."""
+"""The embedded runtime: the project's Flower ServerApp body and ClientApp, with every site in this process.
+
+:class:`InProcessGrid` is Flower's ``Grid`` in-process (messages cross as Flower's protobuf wire format, no
+Ray, sockets or threads; deterministic); :func:`run_embedded` runs :func:`~pipeline.federated.server_app.serve`
+over it and :func:`run_federated` is what ``histofuse train`` calls: the cohort's sites as clients, the best
+round's model back, ``federated_history.json`` written through ``pipeline.files``.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +24,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from data_specs.config import RunConfig
 from models.survival import MultimodalSurvival
 from pipeline.federated.client_app import make_client_app
-from pipeline.federated.protocol import load_arrays, trainable_arrays
+from pipeline.federated.protocol import SiteDataError, load_arrays, trainable_arrays
 from pipeline.federated.server import FederatedServer
 from pipeline.federated.server_app import serve
 from pipeline.federated.site import SiteClient, site_clients
+from pipeline.files import write_json
 from pipeline.training.data import CohortData
 from pipeline.training.module import new_model
 
@@ -36,19 +43,21 @@ def run_federated(
     clients: list[SiteClient] | None = None,
     resume: bool = False,
 ) -> tuple[MultimodalSurvival, dict]:
-    """The embedded runtime: Flower's ServerApp and ClientApp (``pipeline.flower_app``), sites in-process.
+    """The embedded runtime: the project's ServerApp body and ClientApp, sites in-process.
 
     Each round: every site trains from the global weights and returns an update; the server aggregates
     (strategy, optional SecAgg+ and DP); every site evaluates the new global model on its validation
-    patients and returns scalars. A site that raises or times out is dropped from that round (warning)
-    as long as ``min_sites`` remain. Server state is checkpointed atomically after each round; with
-    ``resume`` the run continues after the last finished round in ``out``. Returns the best round's model.
+    patients and returns scalars. A site failing for a reason that repeats (``ValueError``,
+    ``FileNotFoundError``) stops the run (:class:`SiteDataError` naming it); one that raises otherwise or times
+    out is retried once, then dropped from that round (warning) as long as ``min_sites`` remain (default:
+    every site). Server state is checkpointed atomically after each round; with ``resume`` the run continues
+    after the last finished round in ``out``. Returns the best round's model.
     """
 
     fc = cfg.federated
     if clients is None:
         clients = site_clients(data, cfg)
-    if len(clients) < fc.min_sites:
+    if fc.min_sites is not None and len(clients) < fc.min_sites:
         raise ValueError(f"{len(clients)} site(s) with training patients, fewer than min_sites={fc.min_sites}")
     model = new_model(data, cfg)
     server = FederatedServer(cfg, trainable_arrays(model), out, resume=resume)
@@ -57,9 +66,7 @@ def run_federated(
     load_arrays(model, server.best[2])
     info = {**server.summary(), "sites": [c.site for c in clients], **info}
     if out is not None:
-        import json
-
-        (out / "federated_history.json").write_text(json.dumps(info, indent=2, default=float))
+        write_json(out / "federated_history.json", info)
     return model.eval(), info
 
 
@@ -127,7 +134,12 @@ class InProcessGrid(Grid):
                 reply = app(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as e:  # a failing site must not take the federation down
                 log.warning("site %s failed (%s: %s)", site, type(e).__name__, e)
-                reply = Message(Error(code=0, reason=f"site {site}: {type(e).__name__}: {e}"), reply_to=msg)
+                reason = (
+                    f"{type(e).__name__}: {e}"
+                    if isinstance(e, SiteDataError)
+                    else f"site {site}: {type(e).__name__}: {e}"
+                )
+                reply = Message(Error(code=0, reason=reason), reply_to=msg)
             took = _time.perf_counter() - t0
             if self._timeout is not None and took > self._timeout:
                 log.warning("site %s answered after %.1f s > round_timeout %.1f s", site, took, self._timeout)
@@ -161,6 +173,7 @@ def run_embedded(
     Returns runtime facts (bytes sent per site per round, seconds).
     """
     by_node = {1000 + i: c for i, c in enumerate(clients)}
+    server.roster = len(clients)
     app = make_client_app(lambda ctx: by_node[ctx.node_id])
     grid = InProcessGrid({nid: (c.site, app) for nid, c in by_node.items()}, audit=grid_out is not None)
     if grid_out is not None:

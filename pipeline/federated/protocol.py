@@ -116,3 +116,24 @@ def run_config_from_flower(run_config: Mapping[str, Any]) -> RunConfig:
     yaml_path = str(run_config.get("config", "")) or None
     out = str(run_config.get("out", "")) or None
     return resolve_config(yaml_path, overrides, out=out)
+
+
+REPEATING_ERRORS = (ValueError, FileNotFoundError)  # a site's data or files: the same error every round
+
+
+class SiteDataError(RuntimeError):
+    """A site failed for a reason that will repeat (invalid data, a missing file): the run stops, naming it.
+
+    Raised at the site around its work (so Flower's error reply carries this class name and the message
+    ``site NAME: ValueError: ...``) and again at the server when such a reply arrives.
+    """
+
+
+def site_data_error(site: str, e: BaseException) -> SiteDataError:
+    """The :class:`SiteDataError` for ``e`` at ``site`` (message: ``site NAME: TYPE: text``)."""
+    return SiteDataError(f"site {site}: {type(e).__name__}: {e}")
+
+
+def is_repeating_failure(reason: str) -> bool:
+    """Whether an error reply's reason is a :class:`SiteDataError` (embedded and deployed reply formats)."""
+    return SiteDataError.__name__ in reason

@@ -202,6 +202,7 @@ class FederatedServer:
         self.history: list[dict] = []
         self.best: tuple[float, int, Arrays] | None = None
         self.next_round = 0
+        self.roster: int | None = None  # sites in the federation (set by the runtime): min_sites' default
         if resume:
             self._resume()
 
@@ -230,6 +231,13 @@ class FederatedServer:
         log.info("resuming from %s after round %d", path, s["round"])
 
     @property
+    def required_sites(self) -> int:
+        """Sites that must answer a round: ``federated.min_sites``, or every site of the roster when unset."""
+        if self.fc.min_sites is not None:
+            return self.fc.min_sites
+        return self.roster or 1
+
+    @property
     def rounds_left(self) -> int:
         return max(0, self.fc.rounds - self.next_round)
 
@@ -247,10 +255,10 @@ class FederatedServer:
     def aggregate(self, rnd: int, updates: list[Update], dropped: list[str]) -> Arrays:
         """New global arrays from the round's updates (or from their secure sum: identical updates)."""
         assert self.global_arrays is not None, "initial arrays not set"
-        if len(updates) < self.fc.min_sites:
+        if len(updates) < self.required_sites:
             raise RuntimeError(
                 f"round {rnd}: only {len(updates)} site(s) answered ({len(dropped)} dropped: {dropped}), "
-                f"fewer than min_sites={self.fc.min_sites}"
+                f"fewer than min_sites={self.required_sites}"
             )
         mean = weighted_mean(updates)
         if mean is None:
@@ -321,6 +329,9 @@ class FederatedServer:
             "best_val_loss": -self.best[0],
             "history": self.history,
             "secagg": self.fc.secagg,
+            "min_sites": self.required_sites,
+            "dropped": [{"round": r["round"], "site": s} for r in self.history for s in r.get("dropped", [])],
+            "retried": [{"round": r["round"], "site": s} for r in self.history for s in r.get("retried", [])],
         }
         if self.ledger is not None:
             info["privacy"] = {

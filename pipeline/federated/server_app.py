@@ -39,9 +39,11 @@ from pipeline.federated.protocol import (
     SECAGG_QUANTISATION,
     Arrays,
     Evaluation,
+    SiteDataError,
     Update,
     decode_record,
     encode_record,
+    is_repeating_failure,
     run_config_from_flower,
 )
 from pipeline.federated.server import FederatedServer
@@ -60,6 +62,7 @@ class HistofuseStrategy(Strategy):
         self.names = names
         self.start = server.next_round
         self.node_site: dict[int, str] = {}
+        self.retried: dict[str, list[int]] = {}  # group id (Flower's round) -> nodes asked twice
         self._round: dict = {}
 
     def _abs(self, server_round: int) -> int:
@@ -82,7 +85,7 @@ class HistofuseStrategy(Strategy):
         return self._params()
 
     def _clients(self, client_manager: ClientManager) -> list[ClientProxy]:
-        client_manager.wait_for(self.server.fc.min_sites, timeout=3600)
+        client_manager.wait_for(self.server.required_sites, timeout=3600)
         return sorted(client_manager.all().values(), key=lambda c: str(c.cid))
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
@@ -96,6 +99,7 @@ class HistofuseStrategy(Strategy):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list):
         rnd = self._abs(server_round)
+        stop_on_repeating_failure(rnd, failures)
         answered = set()
         updates = []
         for proxy, res in results:
@@ -124,6 +128,7 @@ class HistofuseStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list):
         rnd = self._abs(server_round)
+        stop_on_repeating_failure(rnd, failures)
         for f in failures:
             log.warning("round %d: a site failed to evaluate (%s)", rnd, f)
         evals = {}
@@ -135,6 +140,7 @@ class HistofuseStrategy(Strategy):
         rec = {
             "seconds": _time.perf_counter() - r.get("t0", _time.perf_counter()),
             "dropped": r.get("dropped", []),
+            "retried": [self.node_site.get(n, f"node {n}") for n in self.retried.get(str(server_round), [])],
             "train_loss": r.get("train_loss", float("nan")),
             "update_bytes": r.get("update_bytes", 0),
         }
@@ -145,11 +151,32 @@ class HistofuseStrategy(Strategy):
         return None  # no central data: validation is pooled from the sites' scalars
 
 
-class _TimeoutGrid(Grid):
-    """Forwards to a Grid, giving every ``send_and_receive`` the round timeout (the workflows pass none)."""
+def failure_reason(failure) -> str:
+    """The text of a workflow failure: an ``Exception(Error)`` for an error reply, or ``(proxy, res)``."""
+    if isinstance(failure, BaseException):
+        arg = failure.args[0] if failure.args else failure
+        return str(getattr(arg, "reason", arg))
+    return str(failure[1].status.message)
 
-    def __init__(self, inner: Grid, timeout: float | None):
-        self.inner, self.timeout = inner, timeout
+
+def stop_on_repeating_failure(rnd: int, failures: list) -> None:
+    """Raise :class:`SiteDataError` (site and error text) when a site failed for a reason that will repeat."""
+    for f in failures:
+        reason = failure_reason(f)
+        if is_repeating_failure(reason):
+            raise SiteDataError(f"round {rnd}: {reason}; fix the site's data and rerun (--resume continues)")
+
+
+class _TimeoutGrid(Grid):
+    """Forwards to a Grid, giving every ``send_and_receive`` the round timeout (the workflows pass none).
+
+    With ``retry``, a site that did not answer (timeout, lost connection) or answered with an error that is
+    not a :class:`SiteDataError` is asked once more; its node id is recorded in ``retried[group_id]``.
+    """
+
+    def __init__(self, inner: Grid, timeout: float | None, retry: bool = False):
+        self.inner, self.timeout, self.retry = inner, timeout, retry
+        self.retried: dict[str, list[int]] = {}
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -171,7 +198,27 @@ class _TimeoutGrid(Grid):
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.inner.send_and_receive(messages, timeout=timeout if timeout is not None else self.timeout)
+        messages = list(messages)
+        t = timeout if timeout is not None else self.timeout
+        replies = list(self.inner.send_and_receive(messages, timeout=t))
+        if not self.retry:
+            return replies
+        good = {r.metadata.src_node_id for r in replies if not r.has_error() or is_repeating_failure(r.error.reason)}
+        again = [m for m in messages if m.metadata.dst_node_id not in good]
+        if not again:
+            return replies
+        for m in again:
+            log.warning(
+                "node %s: no usable answer to %s; asking once more", m.metadata.dst_node_id, m.metadata.message_type
+            )
+            self.retried.setdefault(m.metadata.group_id, []).append(int(m.metadata.dst_node_id))
+        resend = [
+            Message(m.content, m.metadata.dst_node_id, m.metadata.message_type, group_id=m.metadata.group_id)
+            for m in again
+        ]
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        by_node.update({r.metadata.src_node_id: r for r in self.inner.send_and_receive(resend, timeout=t)})
+        return list(by_node.values())
 
 
 def serve(
@@ -191,7 +238,7 @@ def serve(
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=server.rounds_left), strategy=strategy)
     fit_workflow = None
     if fc.secagg:
-        n = max(fc.min_sites, len(list(grid.get_node_ids())))
+        n = max(server.required_sites, len(list(grid.get_node_ids())))
         # Flower: an integer share count must exceed 2; 1.0 means "every sampled site" (small federations)
         shares: int | float = min(fc.secagg_shares, n) if min(fc.secagg_shares, n) > 2 else 1.0
         fit_workflow = SecAggPlusWorkflow(
@@ -202,7 +249,9 @@ def serve(
             quantization_range=SECAGG_QUANTISATION,
             timeout=fc.round_timeout,
         )
-    DefaultWorkflow(fit_workflow=fit_workflow)(_TimeoutGrid(grid, fc.round_timeout), legacy)
+    timeout_grid = _TimeoutGrid(grid, fc.round_timeout, retry=not fc.secagg)  # SecAgg+ stages are not re-sent
+    strategy.retried = timeout_grid.retried
+    DefaultWorkflow(fit_workflow=fit_workflow)(timeout_grid, legacy)
     return strategy
 
 
@@ -210,18 +259,22 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
     """Before training: every site sends its omics/clinical summaries (no patient axis), the server
     combines them into cohort-level normalisers and sends those back, so every site uses one feature space.
 
-    Waits until ``federated.min_sites`` SuperNodes are connected. Returns the combined normaliser states.
+    Waits until ``federated.min_sites`` SuperNodes (at least one) are connected. A site whose summaries fail
+    for a reason that repeats stops the run. Returns the combined normaliser states.
     """
     t0 = _time.time()
-    while len(list(grid.get_node_ids())) < cfg.federated.min_sites:
+    need = cfg.federated.min_sites or 1
+    while len(list(grid.get_node_ids())) < need:
         if _time.time() - t0 > timeout:
-            raise RuntimeError(f"fewer than min_sites={cfg.federated.min_sites} SuperNodes after {timeout:.0f} s")
+            raise RuntimeError(f"fewer than min_sites={need} SuperNodes after {timeout:.0f} s")
         _time.sleep(1.0)
     nodes = sorted(grid.get_node_ids())
     ask = [Message(RecordDict(), nid, "query.summaries", group_id="statistics") for nid in nodes]
     summaries = []
     for reply in grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
         if reply.has_error():
+            if is_repeating_failure(reply.error.reason):
+                raise SiteDataError(f"statistics exchange: {reply.error.reason}")
             log.warning("node %s sent no summaries (%s)", reply.metadata.src_node_id, reply.error.reason)
             continue
         summaries.append(decode_record(str(reply.content.config_records["summaries"]["json"])))
@@ -255,6 +308,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     resume = str(context.run_config.get("resume", "false")).lower() == "true"
     exchange_cohort_statistics(grid, cfg)
     server = FederatedServer(cfg, None, out, resume=resume)
+    server.roster = len(list(grid.get_node_ids()))  # the sites connected at the statistics exchange
     strategy = serve(grid, context, server, None)
     info = {**server.summary(), "sites": sorted(set(strategy.node_site.values()))}
     write_json(out / "federated_history.json", info)
