@@ -1,4 +1,10 @@
-"""TODO outputs.plots."""
+"""The run's figures: Kaplan-Meier by risk group (pooled and per site), td-AUC, attention/IG heatmaps over
+the slide thumbnail, tile galleries, deletion curves, phenotype examples.
+
+Draws only (the numbers come from :mod:`pipeline.stats` and :mod:`pipeline.outputs`); every PNG is
+written through :func:`save_figure`, atomically. Matplotlib's non-interactive backend is chosen when a
+figure is first drawn, never at import.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.files import atomic_path
 from pipeline.outputs.attribution import read_tiles
 from pipeline.outputs.biomarkers import NAN, Phenotypes
 from pipeline.stats.metrics import group_order, logrank_p
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (chosen here, at first use, not at import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (atomically, through :mod:`pipeline.files`) and close it."""
+    plt = pyplot()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _km_axes(ax, time: np.ndarray, event: np.ndarray, group: np.ndarray, title: str, order: list[str]) -> float:
@@ -34,26 +62,19 @@ def _km_axes(ax, time: np.ndarray, event: np.ndarray, group: np.ndarray, title: 
 
 def km_by_group(time: np.ndarray, event: np.ndarray, group: np.ndarray, path, title: str = "") -> float:
     """Kaplan-Meier curves per risk group (PNG at ``path``); returns the log-rank p-value (NaN if one group)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     group = np.asarray(group).astype(str)
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
     p = _km_axes(ax, np.asarray(time, float), np.asarray(event), group, title, group_order(group))
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return float(p)
 
 
 def km_per_site(time: np.ndarray, event: np.ndarray, group: np.ndarray, site_names: np.ndarray, path: Path) -> None:
     """One Kaplan-Meier panel per site (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     group, site_names = np.asarray(group).astype(str), np.asarray(site_names).astype(str)
     sites = sorted(set(site_names))
@@ -67,16 +88,12 @@ def km_per_site(time: np.ndarray, event: np.ndarray, group: np.ndarray, site_nam
     for ax in axes.ravel()[len(sites) :]:
         ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_td_auc(metrics: dict, path: Path) -> None:
     """Time-dependent AUC per horizon, pooled and per site (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
     for name, m in [("pooled", metrics["pooled"]), *metrics["per_site"].items()]:
@@ -89,8 +106,7 @@ def plot_td_auc(metrics: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def attention_heatmap(
@@ -98,10 +114,7 @@ def attention_heatmap(
 ) -> None:
     """Overlay one slide's tile scores (``column``: ``attn_rel`` or ``ig``) on its thumbnail, tissue tiles
     only, with a colour bar. Signed scores (``ig``) use a diverging map centred on zero."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import TwoSlopeNorm
     from PIL import Image
 
@@ -132,18 +145,14 @@ def attention_heatmap(
     ax.set_axis_off()
     ax.set_title(slide_id, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    save_figure(fig, out_png)
 
 
 def tile_gallery(
     tiles: pd.DataFrame, slide_path: Path, size0: int, out_png: Path, k: int = 6, column: str = "attn"
 ) -> None:
     """Top-k (first row) and bottom-k (second row) tiles of one slide by ``column``, at full resolution."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t = tiles.sort_values(column, ascending=False, kind="stable")
     k = max(1, min(k, len(t) // 2 or 1))
@@ -159,16 +168,12 @@ def tile_gallery(
             ax.set_ylabel("top" if j == 0 else "bottom", fontsize=8)
     fig.suptitle(f"{t.slide_id.iloc[0]}: top and bottom {k} tiles by {column}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    save_figure(fig, out_png)
 
 
 def plot_deletion(curves: dict[str, dict], path: Path) -> None:
     """One panel per curve set (tiles, genes): |delta log_hz| against the fraction removed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sets = {k: v for k, v in curves.items() if "random" in v}
     fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(4.4 * max(1, len(sets)), 3.3), dpi=100, squeeze=False)
@@ -186,20 +191,14 @@ def plot_deletion(curves: dict[str, dict], path: Path) -> None:
         ax.set_title(f"{name}: deletion curves ({c['patients']} patients)", fontsize=9)
         ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def phenotype_examples_png(
     ph: Phenotypes, slide_paths: dict[str, Path], size0: dict[str, int], out_png: Path, stats: pd.DataFrame | None
 ) -> None:
     """One row of example tiles (full resolution) per phenotype, labelled with its univariate HR."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.outputs.attribution import read_tiles
+    plt = pyplot()
 
     k = max(len(v) for v in ph.examples.values())
     fig, axes = plt.subplots(len(ph.names), k, figsize=(1.5 * k, 1.6 * len(ph.names)), dpi=90, squeeze=False)
@@ -221,5 +220,4 @@ def phenotype_examples_png(
         axes[r, 0].set_ylabel(f"{name}\nHR {h:.2f}" if np.isfinite(h) else name, fontsize=8)
     fig.suptitle("phenotypes (Leiden clusters of tile embeddings): tiles nearest each centre", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    save_figure(fig, out_png)

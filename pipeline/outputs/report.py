@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pipeline.files import write_text
+
 VERSIONED = ("torch", "timm", "lightning", "scikit-survival", "lifelines", "captum", "scanpy", "anndata", "flwr")
 
 
@@ -304,10 +306,7 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<link rel='icon' href='data:,'><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )
-    path = out / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    path = write_text(out / "report.html", page)
     return path
 
 
