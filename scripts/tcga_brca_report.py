@@ -11,7 +11,6 @@ patients carved out for validation, seeded). Prints the test-set numbers and wri
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -44,9 +43,7 @@ def main() -> None:
     data = load_run_data(cohort, cfg)
     model = stage_train(cohort, cfg, progress=False, data=data)
     risk = stage_predict(model, cohort, args.out, None, data=data)
-    m = stage_evaluate(
-        risk, args.out, "test", [f"evaluate.{k}={json.dumps(v)}" for k, v in cfg.to_dict()["evaluate"].items()]
-    )
+    m = stage_evaluate(risk, args.out, "test", config=cfg)
     rep = build_report(
         args.out, f"TCGA-BRCA clinical ({'centralised' if args.centralised else 'FedAvg'}, seed {args.seed})"
     )
