@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -112,6 +113,8 @@ def test_paired_difference_is_zero_when_the_model_is_the_baseline():
     # a model at chance loses to the gene baseline, and says so
     chance = fit_baselines(data, np.zeros(len(data.splits["test"])), settings=FAST)
     assert chance["model_minus_best"]["verdict"] == "the model loses"
+    assert bl.verdict({"diff": -0.1, "ci": [-0.2, 0.05]}).startswith("the model is lower, within noise")
+    assert "point estimate" in bl.verdict({"diff": -0.5, "ci": None})
 
 
 def _omics_only(d: CohortData, idx: np.ndarray) -> np.ndarray:
@@ -150,3 +153,28 @@ def test_report_and_console_render():
     page = "".join(bl.baselines_html({"baselines": res, "modality_contributions": mc}))
     assert "Coxnet omics" in page and "without omics" in page
     assert bl.baselines_html({}) == []
+
+
+def test_few_training_slides_and_constant_columns_stay_finite():
+    data = synthetic("slides", n=40)
+    data.splits = {"train": np.arange(6), "val": np.arange(6, 20), "test": np.arange(20, 40)}
+    data.clinical[:, 1] = 3.0  # constant: carries nothing, must not blow up
+    z, info = bl.modality_block(data, "slides", data.splits["train"], n_pcs=10)
+    assert info["columns"] == 5  # 6 centred training slides span 5 directions
+    assert np.isfinite(z).all() and np.abs(z).max() < 100
+    zc, _ = bl.modality_block(data, "clinical", data.splits["train"])
+    assert (zc[:, 1] == 0).all()
+    res = fit_baselines(data, settings=FAST)
+    assert set(res["baselines"]) == {"slides", "omics", "clinical", "all"}
+    assert res["baselines"]["slides"]["nonzero"] > 0
+
+
+def test_add_to_run_extends_metrics_json(tmp_path):
+    data = synthetic("omics")
+    (tmp_path / "metrics.json").write_text('{"pooled": {"cindex": 0.7}}')
+    lines = bl.add_to_run(tmp_path, data, _omics_only, n_boot=50)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["pooled"] == {"cindex": 0.7}
+    assert m["baselines"]["label"] == "centralised" and m["baselines"]["best"] in m["baselines"]["baselines"]
+    assert m["modality_contributions"]["without_omics"]["drop"]["diff"] > 0
+    assert any("model vs best centralised Coxnet baseline" in s for s in lines)

@@ -65,7 +65,7 @@ def _raw_block(data: CohortData, m: str) -> tuple[np.ndarray, np.ndarray]:
 def modality_block(data: CohortData, m: str, train: np.ndarray, n_pcs: int = 10) -> tuple[np.ndarray, dict]:
     """One modality as a standardised design matrix ``[P, k]``, every statistic fitted on ``train`` only.
 
-    Slides: PCA (``min(n_pcs, training slides, D)`` components) of the mean-pooled tile features. Each
+    Slides: PCA (``min(n_pcs, training slides - 1, D)`` components) of the mean-pooled tile features. Each
     column is standardised with the mean/SD of the training patients who have the modality; a patient
     without it gets the training mean (0 after standardising). Returns the matrix and what was done.
     """
@@ -77,12 +77,13 @@ def modality_block(data: CohortData, m: str, train: np.ndarray, n_pcs: int = 10)
     if m == "slides":
         from sklearn.decomposition import PCA
 
-        k = min(n_pcs, len(tr), x.shape[1])
+        k = min(n_pcs, len(tr) - 1, x.shape[1])  # n centred slides span at most n - 1 directions
         pca = PCA(n_components=k, random_state=0).fit(x[tr])
         x = pca.transform(x)
         info.update(columns=k, pca_explained=float(pca.explained_variance_ratio_.sum()))
     mu, sd = x[tr].mean(0), x[tr].std(0)
-    z = (x - mu) / np.where(sd > 0, sd, 1.0)
+    const = sd <= 1e-8 * np.maximum(1.0, np.abs(mu))  # constant on training patients: carries nothing
+    z = np.where(const, 0.0, (x - mu) / np.where(const, 1.0, sd))
     z[~present] = 0.0  # missing modality: the training mean
     return z, info
 
@@ -148,13 +149,20 @@ def _scored(time: np.ndarray, event: np.ndarray, lh: np.ndarray, ref: np.ndarray
     return out
 
 
-def _verdict(d: dict) -> str:
-    ci = d.get("ci") or [float("nan")] * 2
-    if np.isfinite(ci[1]) and ci[1] < 0:
+def verdict(d: dict) -> str:
+    """Plain words for (model - baseline): loses / wins when the paired CI excludes 0."""
+    ci = d.get("ci") or [None, None]
+    diff = d.get("diff")
+    if diff is None or not np.isfinite(diff):
+        return "not comparable (no C-index on these test patients)"
+    if ci[0] is None or not (np.isfinite(ci[0]) and np.isfinite(ci[1])):
+        word = "loses" if diff < 0 else "wins" if diff > 0 else "ties"
+        return f"the model {word} on the point estimate (too few test patients for a CI)"
+    if ci[1] < 0:
         return "the model loses"
-    if np.isfinite(ci[0]) and ci[0] > 0:
+    if ci[0] > 0:
         return "the model wins"
-    return "no clear difference" if np.isfinite(ci[0]) else ("the model loses" if d["diff"] < 0 else "not tested")
+    return f"the model is {'lower' if diff < 0 else 'higher' if diff > 0 else 'equal'}, within noise (CI contains 0)"
 
 
 def _names(data: CohortData, m: str, k: int) -> list[str]:
@@ -246,7 +254,7 @@ def fit_baselines(
         if ref is not None:
             out["model"] = _scored(t[test], e[test], ref, None, s)
             out["model_minus_best"] = {**res[best]["model_minus_this"], "verdict": ""}
-            out["model_minus_best"]["verdict"] = _verdict(out["model_minus_best"])
+            out["model_minus_best"]["verdict"] = verdict(out["model_minus_best"])
     return (out, preds) if return_predictions else out
 
 
