@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.files import write_json
+
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
@@ -62,7 +64,7 @@ def main() -> None:
 
     rep = out / "report.html"
     r["report"] = {"bytes": rep.stat().st_size, **render_check(rep)}
-    (out / "biomarker_check.json").write_text(json.dumps(r, indent=2))
+    write_json(out / "biomarker_check.json", r)
     print(json.dumps(r, indent=1))
 
 

@@ -14,7 +14,6 @@ space-free list of ``key=value`` overrides joined by ``,`` (a bare name means ``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 import warnings
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from pipeline.files import write_json
 
 DEFAULT_VARIANTS = [
     "concat",
@@ -80,7 +81,7 @@ def main() -> None:
         c = harrell_cindex(t, e, lh)
         rows.append({"variant": v, "test_cindex": c, "oracle_test_cindex": c_oracle, "train_s": secs, **info})
         print(f"{v:40s} {c:7.3f} {info['best_val_cindex'] or float('nan'):7.3f} {info['best_epoch']:7d} {secs:8.0f}")
-    (args.out / "demo_fusions.json").write_text(json.dumps(rows, indent=2, default=float))
+    write_json(args.out / "demo_fusions.json", rows)
     print(f"mean test C over variants: {np.mean([r['test_cindex'] for r in rows]):.3f}; oracle {c_oracle:.3f}")
 
 

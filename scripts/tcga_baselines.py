@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cohorts.tcga_brca import build_cohort
+from pipeline.files import write_json
 
 FLAMBY_POOLED = 0.704
 COXNET_L1 = (0.1, 0.5, 0.9, 1.0)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {m:17s} {s['mean']:.3f} +- {s['sd']:.3f}   ({s['seconds_per_seed']:.1f} s per seed)")
     print(f"  {'FLamby pooled':17s} {FLAMBY_POOLED:.3f}   (published)")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(args.out / "summary.json", summary)
     return summary
 
 

@@ -18,7 +18,6 @@ pooled validation C-index before any test number is computed. The test set is ne
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 import warnings
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cohorts.tcga_brca import build_cohort
+from pipeline.files import write_json
 
 # Settings fixed before any run (no test-set look): rounds x local epochs match the pooled epochs. Server
 # learning rates were chosen on the validation split of seed 42 (`--tune fedsgd fedadam`): FedSGD 0.1 (val C
@@ -165,7 +165,7 @@ def main() -> None:
         print(f"embedded FedAvg vs centralised, wall time per epoch of data: {r:.2f}x")
         summary["embedded_vs_centralised_time_per_epoch"] = {"ratio": r}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "federated_summary.json").write_text(json.dumps({"common": COMMON, "results": summary}, indent=2))
+    write_json(args.out / "federated_summary.json", {"common": COMMON, "results": summary})
 
 
 if __name__ == "__main__":

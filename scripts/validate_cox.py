@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.files import write_csv, write_text
+
 
 def write_cohort(out: Path, n_genes: int) -> Path:
     from sksurv.datasets import load_breast_cancer
@@ -31,16 +33,16 @@ def write_cohort(out: Path, n_genes: int) -> Path:
     genes = [c for c in x.columns if c.startswith("X")][:n_genes]
     ids = [f"GSE7390-{i:03d}" for i in range(len(x))]
     out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(
-        {"patient_id": ids, "site": "desmedt", "time": y["t.tdm"], "event": y["e.tdm"].astype(int), "slides": ""}
-    ).to_csv(out / "patients.csv", index=False)
+    patients = {"patient_id": ids, "site": "desmedt", "time": y["t.tdm"], "event": y["e.tdm"].astype(int), "slides": ""}
+    write_csv(out / "patients.csv", pd.DataFrame(patients))
     expr = pd.DataFrame(x[genes].to_numpy(float).T, index=genes, columns=ids)  # genes x patients
     expr.index.name = "gene"
-    expr.to_csv(out / "expression.csv")
+    write_csv(out / "expression.csv", expr, index=True)
     spec = out / "cohort.yaml"
-    spec.write_text(
+    write_text(
+        spec,
         "name: gse7390\ntime_unit: days\npatients: patients.csv\n"
-        "omics: {path: expression.csv, values: log, orientation: genes_by_patients}\n"
+        "omics: {path: expression.csv, values: log, orientation: genes_by_patients}\n",
     )
     return spec
 
