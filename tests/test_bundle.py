@@ -145,3 +145,23 @@ def test_feature_attrs_from_h5_attrs_keeps_what_it_knows():
     assert a.identity() == {"encoder": "e", "weights": None, "tile_px": 224, "target_mpp": 0.5}
     with pytest.raises(ValueError, match="dim"):
         FeatureAttrs.from_h5_attrs({**raw, "dim": -1})
+
+
+def test_weights_of_another_shape_are_caught(saved, tmp_path):
+    """A file whose tensors were swapped for others (same names, other shapes) under the original card."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save
+
+    path, _, _ = saved
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8 : 8 + n])["__metadata__"]
+    state = load_file(path)
+    name = next(k for k, v in state.items() if v.ndim == 2)
+    state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
+    bad = tmp_path / "swapped.safetensors"
+    bad.write_bytes(save(state, metadata=meta))
+    with pytest.raises(ModelFileError, match=rf"{bad}.*shapes"):
+        load_bundle(bad)
