@@ -89,7 +89,7 @@ def test_format_1_pickles_load_only_when_trusted(tmp_path):
         "model_dims": data.model_dims(),
         "state_dict": {**model.state_dict(), "mil.attn_w.bias": torch.zeros(1)},
         "features": None,
-        "omics": None,
+        "omics": {"genes": data.genes, "mean": np.zeros(4), "std": np.ones(4), "values": "log"},  # numpy, as then
         "clinical": None,
         "sites": data.sites,
         "cutpoints": {"median": 0.0, "tertiles": [-1.0, 1.0]},
@@ -103,7 +103,7 @@ def test_format_1_pickles_load_only_when_trusted(tmp_path):
     with pytest.raises(PickleModelError, match="trust-pickle"):
         load_bundle(path)
     loaded, card = load_bundle(path, trust_pickle=True)
-    assert card.cutpoints.tertiles == [-1.0, 1.0] and card.time_bins is None
+    assert card.cutpoints.tertiles == [-1.0, 1.0] and card.time_bins is None and card.omics["std"] == [1.0] * 4
     idx = np.arange(10)
     np.testing.assert_allclose(predict(loaded, data, idx).log_hz, predict(model, data, idx).log_hz)
     b["format"] = "histofuse-model/0"
