@@ -171,6 +171,45 @@ def _names(data: CohortData, m: str, k: int) -> list[str]:
     return list(names) if len(names) == k else [f"{m}_{j}" for j in range(k)]
 
 
+def _fit_scored(
+    x: np.ndarray,
+    names: list[str],
+    data: CohortData,
+    fit: np.ndarray,
+    test: np.ndarray,
+    ref: np.ndarray | None,
+    s: BaselineSettings,
+) -> tuple[dict, np.ndarray]:
+    """Coxnet on ``x [P, k]`` rows ``fit``, scored on rows ``test``: its record and test ``log_hz``."""
+    t, e = data.time.astype(float), data.event.astype(bool)
+    path, alpha, cv = fit_coxnet(x[fit], t[fit], e[fit], s)
+    lh = path.predict(x[test], alpha=alpha)
+    coef = path.coef_[:, cv["alpha_index"]]
+    top = [j for j in np.argsort(-np.abs(coef), kind="stable")[:10] if coef[j] != 0]
+    rec = {
+        "features": int(x.shape[1]),
+        "nonzero": int((coef != 0).sum()),
+        "alpha": alpha,
+        **cv,
+        **_scored(t[test], e[test], lh, ref, s),
+        "top_coef": {names[j]: float(coef[j]) for j in top},
+    }
+    return rec, lh
+
+
+def _method(s: BaselineSettings, n_fit: int) -> dict:
+    return {
+        "model": "scikit-survival CoxnetSurvivalAnalysis",
+        "l1_ratio": s.l1_ratio,
+        "alpha": f"{s.n_folds}-fold CV stratified by event on train+val patients (mean fold Harrell C)",
+        "slides": f"mean-pooled tile features -> PCA (<= {s.n_pcs} components) fitted on training slides",
+        "standardise": "each column on training patients who have the modality",
+        "missing_modality": "imputed with the training mean",
+        "fit_patients": n_fit,
+        "bootstrap": {"resamples": s.n_boot, "seed": s.seed, "unit": "patient"},
+    }
+
+
 def fit_baselines(
     data: CohortData,
     model_log_hz: np.ndarray | None = None,
@@ -212,38 +251,18 @@ def fit_baselines(
     preds: dict[str, np.ndarray] = {}
     for name, parts in sets.items():
         x = np.concatenate([blocks[m][0] for m in parts], axis=1)
+        names = [n for m in parts for n in _names(data, m, blocks[m][0].shape[1])]
         try:
-            path, alpha, cv = fit_coxnet(x[fit], t[fit], e[fit], s)
+            res[name], preds[name] = _fit_scored(x, names, data, fit, test, ref, s)
         except ValueError as err:
             notes[name] = str(err)
             continue
-        lh = preds[name] = path.predict(x[test], alpha=alpha)
-        coef = path.coef_[:, cv["alpha_index"]]
-        names = [n for m in parts for n in _names(data, m, blocks[m][0].shape[1])]
-        top = [j for j in np.argsort(-np.abs(coef), kind="stable")[:10] if coef[j] != 0]
-        res[name] = {
-            "modalities": parts,
-            "features": int(x.shape[1]),
-            "nonzero": int((coef != 0).sum()),
-            "alpha": alpha,
-            **cv,
-            **_scored(t[test], e[test], lh, ref, s),
-            "imputed_test": {m: int((~_raw_block(data, m)[1][test]).sum()) for m in parts},
-            "top_coef": {names[j]: float(coef[j]) for j in top},
-        }
+        res[name] = {"modalities": parts, **res[name]}
+        res[name]["imputed_test"] = {m: int((~_raw_block(data, m)[1][test]).sum()) for m in parts}
     out: dict = {
         "label": "centralised",
         "why": "fitted on pooled patient data in one place; not available to a federation without pooling",
-        "method": {
-            "model": "scikit-survival CoxnetSurvivalAnalysis",
-            "l1_ratio": s.l1_ratio,
-            "alpha": f"{s.n_folds}-fold CV stratified by event on train+val patients (mean fold Harrell C)",
-            "slides": f"mean-pooled tile features -> PCA (<= {s.n_pcs} components) fitted on training slides",
-            "standardise": "each column on training patients who have the modality",
-            "missing_modality": "imputed with the training mean",
-            "fit_patients": len(fit),
-            "bootstrap": {"resamples": s.n_boot, "seed": s.seed, "unit": "patient"},
-        },
+        "method": _method(s, len(fit)),
         "baselines": res,
         "notes": notes,
         "modality_info": {m: b[1] for m, b in blocks.items()},
