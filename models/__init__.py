@@ -4,6 +4,7 @@ No file I/O beyond loading weights an encoder is asked for, no Lightning, no Flo
 """
 
 from models.encoders import TileEncoder, build_encoder, list_encoders
+from models.fusion import FUSIONS, build_fusion
 from models.losses import (
     CoxMemoryBank,
     cox_loss,
@@ -13,7 +14,7 @@ from models.losses import (
     time_to_bin,
 )
 from models.mil import MIL_POOLINGS, GatedAttentionMIL, TransMIL, build_mil
-from models.survival import FUSIONS, MultimodalSurvival, SurvivalOutput, build_fusion, build_model
+from models.survival import MultimodalSurvival, SurvivalOutput, build_model
 
 __all__ = [
     "FUSIONS",

@@ -183,7 +183,7 @@ def test_bilinear_missing_modality_keeps_only_the_others_terms():
 
 
 def test_bilinear_form_equals_torch_bilinear():
-    from models.survival import BilinearForm
+    from models.fusion import BilinearForm
 
     torch.manual_seed(0)
     ref, mine = torch.nn.Bilinear(7, 5, 3), BilinearForm(7, 5, 3)
