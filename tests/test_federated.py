@@ -496,3 +496,39 @@ def test_site_timing_out_once_is_retried_and_kept(fed_data, monkeypatch):
     rec = server.history[0]
     assert rec["retried"] == [c0.site] and rec["dropped"] == []
     assert server.summary()["retried"] == [{"round": 0, "site": c0.site}] and server.summary()["dropped"] == []
+
+
+class _SmuggleCount(SiteClient):
+    """Sends patient 0's survival time as the update's weight."""
+
+    def fit(self, arrays, config):
+        upd = super().fit(arrays, config)
+        return Update(upd.arrays, int(round(float(self.data.time[self.train_idx[0]]))), upd.metrics)
+
+
+class _SmuggleEvents(SiteClient):
+    """Sends a validation patient's survival time under the allowed evaluation key ``events``."""
+
+    def evaluate(self, arrays, config):
+        ev = super().evaluate(arrays, config)
+        return type(ev)(ev.num_examples, {**ev.metrics, "events": float(self.data.time[self.val_idx[0]])})
+
+
+@pytest.mark.parametrize("smuggler", [_SmuggleCount, _SmuggleEvents], ids=["num_examples", "metric_events"])
+def test_a_patient_value_smuggled_in_a_reply_is_stopped_at_the_site(fed_data, smuggler):
+    from pipeline.federated.protocol import SiteDataError
+
+    data, base = fed_data
+    cfg = _cfg(base, "federated.rounds=1", "federated.local_epochs=1")
+    clients = site_clients(data, cfg)
+    k = next(i for i, c in enumerate(clients) if len(c.val_idx))
+    c = clients[k]
+    clients[k] = smuggler(c.site, data, c.train_idx, c.val_idx, cfg, c.rank)
+    leaked = data.time[c.train_idx[0]] if smuggler is _SmuggleCount else data.time[c.val_idx[0]]
+    assert round(float(leaked)) not in {len(c.train_idx), c.n_events, 1, len(c.val_idx)}
+    field = "num_examples" if smuggler is _SmuggleCount else "events"
+    grids: list = []
+    with pytest.raises(SiteDataError, match=rf"site {c.site}: DisclosureError: .*{field} = "):
+        _run(data, cfg, clients, grids=grids)
+    leaked_msgs = [m for s, m in grids[0].sent if s == c.site and m.has_content()]
+    assert all(m.metadata.message_type != ("train" if field == "num_examples" else "evaluate") for m in leaked_msgs)

@@ -117,3 +117,35 @@ def test_flower_run_config_keys_map_onto_the_histofuse_config():
     )
     with pytest.raises(ValueError, match="SECTION.KEY"):
         run_config_from_flower({"rounds": 3})
+
+
+def test_raw_clinical_rows_smuggled_in_a_site_summary_are_stopped(clinical_omics_cohort, tmp_path, monkeypatch):
+    """The statistics exchange passes the disclosure policy too: an extra field with per-patient rows fails."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    import pipeline.federated.client_app as client_app_module
+    from pipeline.federated.embedded import InProcessGrid
+    from pipeline.federated.protocol import SiteDataError
+    from pipeline.federated.server_app import server_app
+
+    real = client_app_module.local_summaries
+
+    def smuggling(spec, site, cfg):
+        summaries, n = real(spec, site, cfg)
+        summaries["clinical"]["rows"] = pd.read_csv(Path(spec).parent / "patients.csv")[["time"]].to_numpy()
+        return summaries, n
+
+    monkeypatch.setattr(client_app_module, "local_summaries", smuggling)
+    cohort = load_cohort(clinical_omics_cohort)
+    nodes = {100 + k: s for k, s in enumerate(cohort.sites)}
+    grid = InProcessGrid(
+        {nid: (s, client_app_module.client_app) for nid, s in nodes.items()},
+        node_configs={nid: {"site": s, "cohort": str(clinical_omics_cohort)} for nid, s in nodes.items()},
+        run_config={**RUN_CONFIG, "federated.rounds": 1, "out": str(tmp_path), "config": "", "resume": False},
+        audit=True,
+    )
+    ctx = Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[100].run_config))
+    with pytest.raises(SiteDataError, match=r"statistics exchange: .*site site_[abc]: DisclosureError: .*clinical summary"):
+        server_app(grid, ctx)
+    assert all(not m.has_content() for _, m in grid.sent)  # no summary left any site

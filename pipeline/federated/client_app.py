@@ -18,9 +18,18 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common.recorddict_compat import recorddict_to_evaluateres, recorddict_to_fitres
 
 from data_specs.config import RunConfig
+from pipeline.federated.policy import (
+    DisclosureError,
+    SiteFacts,
+    check_evaluate_reply,
+    check_fit_reply,
+    check_summaries,
+)
 from pipeline.federated.protocol import (
     REPEATING_ERRORS,
     STATS_KEY,
@@ -78,6 +87,41 @@ def _secagg_when_asked(msg: Message, ctxt: Context, call_next) -> Message:
     return call_next(msg, ctxt)
 
 
+SUMMARY_FACTS_KEY = "histofuse.summary_facts"  # node state only: the training count behind the summaries
+
+
+def _check_reply(msg: Message, reply: Message, ctxt: Context, client_fn) -> None:
+    """The disclosure policy (:mod:`pipeline.federated.policy`) on one reply, by what it carries."""
+    c = reply.content
+    if msg.metadata.message_type == "query.summaries":
+        n = int(ctxt.state.config_records[SUMMARY_FACTS_KEY]["n_train"])
+        site = str(ctxt.node_config.get("site", ""))
+        check_summaries(SiteFacts(site, n, 0, 0, 0, ()), decode_record(str(c.config_records["summaries"]["json"])))
+    elif "fitres.metrics" in c.config_records:
+        res = recorddict_to_fitres(c, keep_input=True)
+        shapes = [a.shape for a in parameters_to_ndarrays(res.parameters)]
+        check_fit_reply(client_fn(ctxt).facts(), res.num_examples, dict(res.metrics), shapes)
+    elif "evaluateres.metrics" in c.config_records:
+        res = recorddict_to_evaluateres(c)
+        check_evaluate_reply(client_fn(ctxt).facts(), res.num_examples, dict(res.metrics))
+
+
+def disclosure_mod(client_fn):
+    """The outermost ClientApp mod: every reply the site sends passes :func:`_check_reply`; a violation
+    is a :class:`SiteDataError` (the run stops, nothing of the reply leaves the site)."""
+
+    def mod(msg: Message, ctxt: Context, call_next) -> Message:
+        reply = call_next(msg, ctxt)
+        if reply.has_content():
+            try:
+                _check_reply(msg, reply, ctxt, client_fn)
+            except DisclosureError as e:
+                raise site_data_error(str(ctxt.node_config.get("site", f"node {ctxt.node_id}")), e) from e
+        return reply
+
+    return mod
+
+
 def make_client_app(client_fn, mods: list | None = None) -> ClientApp:
     """The one ClientApp recipe: ``client_fn(context) -> SiteClient``, wrapped, with the SecAgg+ mod.
 
@@ -91,7 +135,7 @@ def make_client_app(client_fn, mods: list | None = None) -> ClientApp:
         except REPEATING_ERRORS as e:
             raise site_data_error(str(context.node_config.get("site", f"node {context.node_id}")), e) from e
 
-    return ClientApp(client_fn=build, mods=[*(mods or []), _secagg_when_asked])
+    return ClientApp(client_fn=build, mods=[disclosure_mod(client_fn), *(mods or []), _secagg_when_asked])
 
 
 _DEPLOYED: dict[tuple, SiteClient] = {}
@@ -114,9 +158,11 @@ def _cohort_statistics_mod(msg: Message, ctxt: Context, call_next) -> Message:
     if kind == "query.summaries":
         site, spec, cfg = _node_site(ctxt)
         try:
-            body = encode_record(local_summaries(spec, site, cfg))
+            summaries, n_train = local_summaries(spec, site, cfg)
         except REPEATING_ERRORS as e:
             raise site_data_error(site, e) from e
+        ctxt.state.config_records[SUMMARY_FACTS_KEY] = ConfigRecord({"n_train": n_train})
+        body = encode_record(summaries)
         return Message(RecordDict({"summaries": ConfigRecord({"json": body})}), reply_to=msg)
     if kind == "query.normalisers":
         ctxt.state.config_records[STATS_KEY] = ConfigRecord({"json": str(msg.content.config_records["stats"]["json"])})

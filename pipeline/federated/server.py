@@ -250,6 +250,7 @@ class FederatedServer:
             "proximal_mu": fc.proximal_mu if fc.strategy == "fedprox" else 0.0,
             "dp_clip": fc.dp_clip if fc.dp_noise > 0 else 0.0,
             "weighting": fc.weighting,
+            "send_metrics": not fc.secagg,  # SecAgg+ masks only the arrays: plain scalars would bypass it
         }
 
     def aggregate(self, rnd: int, updates: list[Update], dropped: list[str]) -> Arrays:

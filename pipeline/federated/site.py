@@ -17,6 +17,7 @@ import torch
 
 from data_specs import load_cohort
 from data_specs.config import RunConfig
+from pipeline.federated.policy import SiteFacts
 from pipeline.federated.protocol import Arrays, Evaluation, Update, clip_l2, load_arrays, trainable_arrays
 from pipeline.omics.clinical import ClinicalNormaliser
 from pipeline.omics.normalise import OmicsNormaliser, site_summaries
@@ -81,6 +82,16 @@ class SiteClient:
             # Policy: reported, not fatal. Its updates are (near) zero under a site-stratified Cox loss.
             log.warning("site %s has %d training event(s): its updates carry little signal", site, self.n_events)
 
+    def facts(self) -> SiteFacts:
+        """This site's counts and the model's parameter shapes: what the disclosure policy checks against."""
+        if getattr(self, "_facts", None) is None:
+            shapes = tuple(tuple(v.shape) for v in self.initial_arrays().values())
+            n_val_events = int(self.data.event[self.val_idx].sum()) if len(self.val_idx) else 0
+            self._facts = SiteFacts(
+                self.site, len(self.train_idx), self.n_events, len(self.val_idx), n_val_events, shapes
+            )
+        return self._facts
+
     def initial_arrays(self) -> Arrays:
         """The seeded initial trainable weights (identical at every site with the same config)."""
         return trainable_arrays(new_model(self.data, self.cfg))
@@ -99,7 +110,8 @@ class SiteClient:
         ``config``: ``round``, ``mode`` (``delta``: train ``local_epochs`` and return local - global;
         ``gradient``: return the gradient of the loss over all training patients, no step),
         ``local_epochs``, ``proximal_mu`` (FedProx), ``dp_clip`` (> 0: clip the update's L2 norm, send
-        weight 1 and no metrics), ``weighting`` (``examples`` or ``events``).
+        weight 1 and no metrics), ``weighting`` (``examples`` or ``events``), ``send_metrics`` (False under
+        SecAgg+: the scalars would travel unmasked).
         """
         rnd = int(config.get("round", 0))
         seed = self._seed(rnd)
@@ -136,7 +148,8 @@ class SiteClient:
             upd, _ = clip_l2(upd, clip)
             return Update(upd, 1, {})
         weight = self.n_events if config.get("weighting", "examples") == "events" else len(self.train_idx)
-        return Update(upd, int(weight), {"train_loss": loss, "train_events": float(self.n_events)})
+        metrics = {"train_loss": loss, "train_events": float(self.n_events)} if config.get("send_metrics", True) else {}
+        return Update(upd, int(weight), metrics)
 
     def evaluate(self, arrays: Arrays, config: dict) -> Evaluation:
         """Validation of the global model on this site's validation patients: scalars only."""
@@ -183,8 +196,9 @@ def site_clients(data: CohortData, cfg: RunConfig) -> list[SiteClient]:
     return out
 
 
-def local_summaries(spec: Path, site: str, cfg: RunConfig) -> dict[str, dict]:
-    """A deployed site's :func:`site_summaries` of its own training patients (same split rule as training)."""
+def local_summaries(spec: Path, site: str, cfg: RunConfig) -> tuple[dict[str, dict], int]:
+    """A deployed site's :func:`site_summaries` of its own training patients (same split rule as training),
+    and its number of training patients (kept at the site: the disclosure policy checks against it)."""
     cohort = load_cohort(spec)
     t = cfg.train
     splits = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed)
@@ -192,7 +206,7 @@ def local_summaries(spec: Path, site: str, cfg: RunConfig) -> dict[str, dict]:
     adata = read_omics(cohort.omics) if cohort.omics is not None else None
     clinical = ClinicalNormaliser.read(cohort.clinical) if cohort.clinical is not None else None
     values = cohort.omics.values if cohort.omics is not None else "counts"
-    return site_summaries(site, train_ids, adata, values, clinical)
+    return site_summaries(site, train_ids, adata, values, clinical), len(train_ids)
 
 
 def deployed_client(

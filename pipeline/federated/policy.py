@@ -1,0 +1,131 @@
+"""The disclosure policy: the one check every message a site sends passes before it leaves the site.
+
+:func:`check_site_message` compares a reply with a declared schema (which keys, which types, which shapes)
+and with what the site knows about itself (:class:`SiteFacts`: its patient and event counts, the model's
+parameter shapes), so a value that is not the declared aggregate fails, e.g. a survival time sent as
+``num_examples``, as the allowed metric ``events``, or as an extra field of a site summary. Any aggregate
+must cover at least ``min_count`` patients. Flower-free: ``client_app.py`` calls it from a ClientApp mod.
+
+What it cannot catch: a float metric (``train_loss``, ``loss_sum``, ``cindex``) is a real number a
+modified client could choose freely within its range; those channels are closed only by not sending
+them (DP and SecAgg+ runs send no fit metrics) or by noising them (not done).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MIN_COUNT = 2  # patients behind any aggregate a site sends (the summaries' own floor; see README on k)
+
+FIT_METRICS = {"train_loss": float, "train_events": float}
+EVAL_METRICS = {"cindex": float, "concordant": float, "comparable": float, "loss_sum": float, "events": float}
+SUMMARY_KINDS = {"omics": "histofuse-omics-summary/1", "clinical": "histofuse-clinical-summary/1"}
+OMICS_KEYS = {"kind", "values", "genes", "n_patients", "n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"}
+CLINICAL_KEYS = {"kind", "n_patients", "columns", "numeric", "categorical", "missing"}
+
+
+class DisclosureError(ValueError):
+    """A site message that is not what the protocol declares (raised at the site: nothing is sent)."""
+
+
+@dataclass(frozen=True)
+class SiteFacts:
+    """What the site knows about itself, against which its replies are checked."""
+
+    site: str
+    n_train: int
+    n_train_events: int
+    n_val: int
+    n_val_events: int
+    shapes: tuple[tuple[int, ...], ...]  # trainable parameter shapes, in order
+    min_count: int = MIN_COUNT
+
+
+def _fail(facts: SiteFacts, what: str) -> DisclosureError:
+    return DisclosureError(f"site {facts.site}: disclosure policy: {what}")
+
+
+def _check_metrics(facts: SiteFacts, metrics: Mapping[str, Any], allowed: dict[str, type]) -> None:
+    extra = set(metrics) - set(allowed) - {"site"}
+    if extra:
+        raise _fail(facts, f"undeclared metric(s) {sorted(extra)}; allowed {sorted(allowed)}")
+    if metrics.get("site", facts.site) != facts.site:
+        raise _fail(facts, f"metric 'site' is {metrics['site']!r}")
+    for k, v in metrics.items():
+        if k != "site" and not isinstance(v, allowed[k]):
+            raise _fail(facts, f"metric {k!r} is {type(v).__name__}, declared {allowed[k].__name__}")
+
+
+def _check_count(facts: SiteFacts, field: str, value: Any, expected: set[int]) -> None:
+    if isinstance(value, bool) or not float(value).is_integer() or int(value) not in expected:
+        raise _fail(facts, f"{field} = {value!r} is not the site's count ({sorted(expected)})")
+
+
+def check_fit_reply(facts: SiteFacts, num_examples: int, metrics: Mapping[str, Any], shapes: list[tuple]) -> None:
+    """A train reply: the update's shapes (none under SecAgg+), a weight that is the site's training patient
+    or event count (1 under DP), and only the declared metrics, ``train_events`` equal to the site's count."""
+    if shapes and tuple(map(tuple, shapes)) != facts.shapes:
+        raise _fail(facts, f"update shapes {shapes} are not the model's trainable parameters")
+    _check_count(facts, "num_examples", num_examples, {facts.n_train, facts.n_train_events, 1})
+    if num_examples != 1 and facts.n_train < facts.min_count:
+        raise _fail(facts, f"{facts.n_train} training patients, fewer than the minimum count {facts.min_count}")
+    _check_metrics(facts, metrics, FIT_METRICS)
+    if "train_events" in metrics:
+        _check_count(facts, "train_events", metrics["train_events"], {facts.n_train_events})
+
+
+def check_evaluate_reply(facts: SiteFacts, num_examples: int, metrics: Mapping[str, Any]) -> None:
+    """An evaluate reply: ``num_examples`` and ``events`` are the site's validation counts, pair counts
+    are within what ``n_val`` patients allow, the C-index is in [0, 1]."""
+    _check_count(facts, "num_examples", num_examples, {facts.n_val})
+    _check_metrics(facts, metrics, EVAL_METRICS)
+    if "events" in metrics:
+        _check_count(facts, "events", metrics["events"], {facts.n_val_events})
+    pairs = facts.n_val * (facts.n_val - 1) / 2
+    comp, conc = float(metrics.get("comparable", 0.0)), float(metrics.get("concordant", 0.0))
+    if not (comp.is_integer() and 0 <= comp <= pairs and 0 <= conc <= comp and (2 * conc).is_integer()):
+        raise _fail(facts, f"pair counts concordant={conc}, comparable={comp} impossible for {facts.n_val} patients")
+    c = float(metrics.get("cindex", 0.5))
+    if not (math.isnan(c) or 0.0 <= c <= 1.0):
+        raise _fail(facts, f"cindex = {c} outside [0, 1]")
+
+
+def _check_vector(facts: SiteFacts, where: str, v: Any, length: int) -> None:
+    a = np.asarray(v)
+    if a.ndim != 1 or len(a) != length:
+        raise _fail(facts, f"{where} has shape {a.shape}; declared [{length}] (no patient axis)")
+
+
+def check_summaries(facts: SiteFacts, summaries: Mapping[str, Any]) -> None:
+    """The statistics exchange: only declared summary kinds and fields, per-gene / per-column vectors, and
+    at least ``min_count`` patients behind each (and each count no larger than that)."""
+    extra = set(summaries) - set(SUMMARY_KINDS)
+    if extra:
+        raise _fail(facts, f"undeclared summary part(s) {sorted(extra)}")
+    for part, s in summaries.items():
+        keys = OMICS_KEYS if part == "omics" else CLINICAL_KEYS
+        if not isinstance(s, Mapping) or set(s) != keys or s["kind"] != SUMMARY_KINDS[part]:
+            got = sorted(s) if isinstance(s, Mapping) else type(s).__name__
+            raise _fail(facts, f"{part} summary fields {got}; declared {sorted(keys)}")
+        n = s["n_patients"]
+        _check_count(facts, f"{part}.n_patients", n, set(range(facts.min_count, facts.n_train + 1)))
+        if part == "omics":
+            for key in ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"):
+                _check_vector(facts, f"omics.{key}", s[key], len(s["genes"]))
+            counts = [np.asarray(s["n"])]
+        else:
+            num = s["numeric"]
+            if set(num) != {"columns", "n", "sum", "sumsq"}:
+                raise _fail(facts, f"clinical.numeric fields {sorted(num)}")
+            for key in ("n", "sum", "sumsq"):
+                _check_vector(facts, f"clinical.numeric.{key}", num[key], len(num["columns"]))
+            cats = [np.asarray(list(c.values()), float) for c in s["categorical"].values()]
+            counts = [np.asarray(num["n"]), np.asarray(list(s["missing"].values()), float), *cats]
+        for c in counts:
+            if c.size and (c.min() < 0 or c.max() > n or not np.all(np.mod(c, 1) == 0)):
+                raise _fail(facts, f"{part} summary holds a count outside 0..{n} patients")
