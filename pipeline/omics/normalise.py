@@ -137,71 +137,17 @@ class OmicsNormaliser:
                 the union of the sets' members present among the candidates.
             min_pathway_genes: gene sets with fewer members present are dropped (with a warning).
         """
-        if not summaries:
-            raise ValueError("no site summaries to fit the omics normalisation on")
-        for k, s in enumerate(summaries):
-            if s.get("kind") != OMICS_SUMMARY:
-                raise ValueError(f"summary {k}: not an omics site summary (kind {s.get('kind')!r})")
-        vals = {s["values"] for s in summaries}
-        if len(vals) > 1:
-            raise ValueError(f"sites disagree on omics values: {sorted(vals)}; every site must declare the same")
-        common = set(summaries[0]["genes"]).intersection(*(s["genes"] for s in summaries[1:]))
-        genes = [g for g in summaries[0]["genes"] if g in common]
-        dropped = len(set().union(*(s["genes"] for s in summaries))) - len(genes)
-        if dropped:
-            log.warning("%d gene(s) are not measured at every site and are left out of the panel", dropped)
-        tot: dict[str, np.ndarray] = {}
-        for s in summaries:
-            pos = {g: k for k, g in enumerate(s["genes"])}
-            ix = np.array([pos[g] for g in genes], dtype=int)
-            for key in ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"):
-                tot[key] = tot.get(key, 0) + np.asarray(s[key], np.float64)[ix]
-        n = tot["n"]
-        cand = np.ones(len(genes), bool)
-        if panel is not None:
-            pos = {g: k for k, g in enumerate(genes)}
-            missing = [g for g in panel if g not in pos]
-            if missing:
-                raise ValueError(f"{len(missing)} panel gene(s) absent from the omics data, e.g. {missing[:5]}")
-            cand = np.zeros(len(genes), bool)
-            cand[[pos[g] for g in panel]] = True
-        few = cand & (n < 2)
-        if few.any():
-            log.warning("%d gene(s) have fewer than 2 training values and are left out", int(few.sum()))
-            cand &= ~few
-        if n_top_genes is not None and n_top_genes < int(cand.sum()):
-            c = np.flatnonzero(cand)
-            nn = n[c].astype(np.float64)
-            m = tot["sum_expm1"][c] / nn
-            v = (tot["sumsq_expm1"][c] - nn * m**2) / (nn - 1)
-            hv = seurat_hvg(nn, m, np.maximum(v, 0.0), n_top_genes)
-            cand = np.zeros(len(genes), bool)
-            cand[c[hv]] = True
+        genes, tot = _pooled_totals(summaries)
+        cand = _candidates(genes, tot, panel, n_top_genes)
         sel = np.flatnonzero(cand)
         kept: dict[str, list[str]] = {}
         if gene_sets is not None:
-            selected = {genes[i] for i in sel}
-            too_small: list[str] = []
-            for name, gs in gene_sets.items():
-                present = [g for g in gs if g in selected]
-                if len(present) >= min_pathway_genes:
-                    kept[name] = present
-                else:
-                    too_small.append(name)
-            if too_small:
-                log.warning(
-                    "%d gene set(s) have fewer than %d genes in the data and are dropped, e.g. %s",
-                    len(too_small),
-                    min_pathway_genes,
-                    too_small[:5],
-                )
-            if not kept:
-                raise ValueError(f"no gene set has at least {min_pathway_genes} gene(s) present in the omics data")
+            kept = _kept_gene_sets({genes[i] for i in sel}, gene_sets, min_pathway_genes)
             used = set().union(*kept.values())
             sel = np.array([i for i in sel if genes[i] in used], dtype=int)
         if len(sel) == 0:
             raise ValueError("no gene left in the omics panel")
-        nn = n[sel].astype(np.float64)
+        nn = tot["n"][sel].astype(np.float64)
         mean = tot["sum"][sel] / nn
         var = np.maximum(tot["sumsq"][sel] / nn - mean**2, 0.0)
         sd = np.sqrt(var)
@@ -280,6 +226,82 @@ class OmicsNormaliser:
             list(s.get("pathways", [])),
             [list(m) for m in s.get("pathway_members", [])],
         )
+
+
+def _pooled_totals(summaries: list[dict]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Genes measured at every site (first site's order) and the sites' summed ``[G]`` statistics."""
+    if not summaries:
+        raise ValueError("no site summaries to fit the omics normalisation on")
+    for k, s in enumerate(summaries):
+        if s.get("kind") != OMICS_SUMMARY:
+            raise ValueError(f"summary {k}: not an omics site summary (kind {s.get('kind')!r})")
+    vals = {s["values"] for s in summaries}
+    if len(vals) > 1:
+        raise ValueError(f"sites disagree on omics values: {sorted(vals)}; every site must declare the same")
+    common = set(summaries[0]["genes"]).intersection(*(s["genes"] for s in summaries[1:]))
+    genes = [g for g in summaries[0]["genes"] if g in common]
+    dropped = len(set().union(*(s["genes"] for s in summaries))) - len(genes)
+    if dropped:
+        log.warning("%d gene(s) are not measured at every site and are left out of the panel", dropped)
+    tot: dict[str, np.ndarray] = {}
+    for s in summaries:
+        pos = {g: k for k, g in enumerate(s["genes"])}
+        ix = np.array([pos[g] for g in genes], dtype=int)
+        for key in ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"):
+            tot[key] = tot.get(key, 0) + np.asarray(s[key], np.float64)[ix]
+    return genes, tot
+
+
+def _candidates(
+    genes: list[str], tot: dict[str, np.ndarray], panel: list[str] | None, n_top_genes: int | None
+) -> np.ndarray:
+    """``[G]`` bool: the panel's genes (or all) with 2+ training values, then the top HVGs among them."""
+    n = tot["n"]
+    cand = np.ones(len(genes), bool)
+    if panel is not None:
+        pos = {g: k for k, g in enumerate(genes)}
+        missing = [g for g in panel if g not in pos]
+        if missing:
+            raise ValueError(f"{len(missing)} panel gene(s) absent from the omics data, e.g. {missing[:5]}")
+        cand = np.zeros(len(genes), bool)
+        cand[[pos[g] for g in panel]] = True
+    few = cand & (n < 2)
+    if few.any():
+        log.warning("%d gene(s) have fewer than 2 training values and are left out", int(few.sum()))
+        cand &= ~few
+    if n_top_genes is not None and n_top_genes < int(cand.sum()):
+        c = np.flatnonzero(cand)
+        nn = n[c].astype(np.float64)
+        m = tot["sum_expm1"][c] / nn
+        v = (tot["sumsq_expm1"][c] - nn * m**2) / (nn - 1)
+        hv = seurat_hvg(nn, m, np.maximum(v, 0.0), n_top_genes)
+        cand = np.zeros(len(genes), bool)
+        cand[c[hv]] = True
+    return cand
+
+
+def _kept_gene_sets(
+    selected: set[str], gene_sets: dict[str, list[str]], min_pathway_genes: int
+) -> dict[str, list[str]]:
+    """Gene sets with at least ``min_pathway_genes`` members among ``selected`` (their present members)."""
+    kept: dict[str, list[str]] = {}
+    too_small: list[str] = []
+    for name, gs in gene_sets.items():
+        present = [g for g in gs if g in selected]
+        if len(present) >= min_pathway_genes:
+            kept[name] = present
+        else:
+            too_small.append(name)
+    if too_small:
+        log.warning(
+            "%d gene set(s) have fewer than %d genes in the data and are dropped, e.g. %s",
+            len(too_small),
+            min_pathway_genes,
+            too_small[:5],
+        )
+    if not kept:
+        raise ValueError(f"no gene set has at least {min_pathway_genes} gene(s) present in the omics data")
+    return kept
 
 
 def site_summaries(
