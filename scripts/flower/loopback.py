@@ -43,6 +43,53 @@ def run_config_arg(settings: dict, out: Path) -> str:
     return " ".join([*(f"{k}={json.dumps(v)}" for k, v in settings.items()), f"out={json.dumps(str(out))}"])
 
 
+def _submit(user: Path, link_port: int, run_config: str) -> None:
+    """``flwr run`` of this project against the loopback SuperLink (retried while the SuperLink starts)."""
+    user.mkdir(parents=True, exist_ok=True)
+    (user / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
+        "insecure = true\n"
+    )
+    env = {**os.environ, "FLWR_HOME": str(user), "PATH": PATH}
+    submit_by = time.perf_counter() + 30.0
+    while True:
+        sub = subprocess.run(
+            [_bin("flwr"), "run", str(ROOT), "loopback", "--run-config", run_config],
+            env=env, capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        if sub.returncode == 0:
+            return
+        if time.perf_counter() > submit_by:
+            raise RuntimeError(f"flwr run failed: {sub.stdout}\n{sub.stderr}")
+        time.sleep(1.0)
+
+
+def _wait_for(history: Path, procs: list[subprocess.Popen], deadline: float, out: Path) -> None:
+    """Until the ServerApp wrote ``history``; an exited role or the deadline is an error naming the logs."""
+    while not history.is_file():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"no {history} by the deadline; see the logs in {out}")
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see the logs in {out}")
+        time.sleep(0.5)
+
+
+def _stop(procs: list[subprocess.Popen], logs: list) -> None:
+    """SIGTERM every process group started here, SIGKILL after 10 s, close the logs."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    for fh in logs:
+        fh.close()
+
+
 def run_loopback(
     cohort: Path, sites: list[str], out: Path, settings: dict | None = None, timeout: float = 600.0
 ) -> dict:
@@ -78,34 +125,10 @@ def run_loopback(
                 home / f"node_{k}",
                 f"supernode_{site}",
             )  # fmt: skip
-        user = home / "user"
-        user.mkdir(parents=True, exist_ok=True)
-        (user / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
-            "insecure = true\n"
-        )
-        rc = run_config_arg(settings or {}, out)
-        env = {**os.environ, "FLWR_HOME": str(user), "PATH": PATH}
         deadline = time.perf_counter() + timeout
-        submit_by = time.perf_counter() + 30.0
-        while True:  # the SuperLink may still be starting: retry the submission for a while
-            sub = subprocess.run(
-                [_bin("flwr"), "run", str(ROOT), "loopback", "--run-config", rc],
-                env=env, capture_output=True, text=True, cwd=ROOT,
-            )  # fmt: skip
-            if sub.returncode == 0:
-                break
-            if time.perf_counter() > submit_by:
-                raise RuntimeError(f"flwr run failed: {sub.stdout}\n{sub.stderr}")
-            time.sleep(1.0)
+        _submit(home / "user", link_port, run_config_arg(settings or {}, out))
         t_start = time.perf_counter() - t0
-        while not history.is_file():
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"no {history} after {timeout:.0f} s; see the logs in {out}")
-            for p in procs:
-                if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see the logs in {out}")
-            time.sleep(0.5)
+        _wait_for(history, procs, deadline, out)
         t_total = time.perf_counter() - t0
         info = json.loads(history.read_text())
         rounds = [r["seconds"] for r in info["history"]]
@@ -121,17 +144,7 @@ def run_loopback(
         write_json(out / "loopback.json", res)
         return res
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        for fh in logs:
-            fh.close()
+        _stop(procs, logs)
 
 
 def main() -> None:
