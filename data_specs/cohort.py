@@ -12,13 +12,14 @@ A cohort is a YAML file. Patients are listed inline or in a CSV manifest referen
 folder. Any non-empty subset of the modalities {slides, omics, clinical} is accepted.
 
 Validation happens once, here, and collects every problem before raising, each naming the file,
-row, field and value (:class:`CohortError`).
+row, field and value (:class:`CohortError`). The manifest's rows are checked in :mod:`data_specs.manifest`,
+the tables read in :mod:`data_specs.tables`; this module owns the YAML, the omics/clinical sources and
+their patient coverage, and re-exports the manifest's and problems' public names.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,39 +28,26 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from data_specs.tables import FLOAT32_MAX, read_csv_dicts, read_expression
+from data_specs.manifest import REQUIRED_COLUMNS, Patient, Split, parse_rows, read_manifest
+from data_specs.problems import CohortError, Problem
+from data_specs.tables import read_csv_dicts, read_expression
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "ClinicalSource",
+    "Cohort",
+    "CohortError",
+    "CohortFile",
+    "OmicsSource",
+    "Patient",
+    "Problem",
+    "Split",
+    "load_cohort",
+    "read_clinical_ids",
+    "read_omics_ids",
+]
 
 log = logging.getLogger(__name__)
-
-Split = Literal["train", "val", "test"]
-REQUIRED_COLUMNS = ("patient_id", "site", "time", "event")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the cohort, located precisely."""
-
-    file: str
-    message: str
-    row: int | None = None  # 1-based data row (header excluded) in CSV manifests / list index in YAML
-    field: str | None = None
-    value: Any = None
-
-    def __str__(self) -> str:
-        where = self.file + (f", row {self.row}" if self.row is not None else "")
-        what = f" field '{self.field}'" if self.field else ""
-        val = f" = {self.value!r}" if self.value is not None else ""
-        return f"{where}:{what}{val}: {self.message}" if what or val else f"{where}: {self.message}"
-
-
-class CohortError(ValueError):
-    """Raised when a cohort spec is invalid; ``problems`` lists every problem found."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in cohort:\n{lines}")
-
 
 Orientation = Literal["auto", "patients_by_genes", "genes_by_patients"]
 
@@ -106,17 +94,6 @@ class CohortFile(BaseModel):
     omics: OmicsSource | None = None
     clinical: ClinicalSource | None = None
     slide_mpp: float | None = None  # microns per pixel for slides whose metadata lacks it
-
-
-@dataclass(frozen=True)
-class Patient:
-    patient_id: str
-    site: str
-    time: float
-    event: bool
-    slides: tuple[Path, ...] = ()
-    split: Split | None = None
-    slide_mpps: tuple[float | None, ...] = ()  # per slide, from the manifest's optional slide_mpp column
 
 
 @dataclass
@@ -169,131 +146,6 @@ class Cohort:
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
-
-
-def _read_manifest(path: Path, problems: list[Problem]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        problems.append(Problem(str(path), "patient manifest not found"))
-        return []
-    try:
-        header, rows = read_csv_dicts(path)
-    except ValueError as e:
-        problems.append(Problem(str(path), str(e).removeprefix(f"{path}: ")))
-        return []
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        problems.append(Problem(str(path), f"missing required column(s) {missing}; header is {header}"))
-        return []
-    return rows
-
-
-def _parse_rows(rows: list[dict[str, Any]], src: str, root: Path, problems: list[Problem]) -> list[Patient]:
-    patients: list[Patient] = []
-    seen: dict[str, int] = {}
-    for i, row in enumerate(rows, start=1):
-        ok = True
-        pid = str(row.get("patient_id") or "").strip()
-        if not pid:
-            problems.append(Problem(src, "patient_id is empty", i, "patient_id", row.get("patient_id")))
-            ok = False
-        elif pid in seen:
-            problems.append(Problem(src, f"duplicate patient_id (first at row {seen[pid]})", i, "patient_id", pid))
-            ok = False
-        else:
-            seen[pid] = i
-        site = str(row.get("site") or "").strip()
-        if not site:
-            problems.append(Problem(src, "site is empty", i, "site", row.get("site")))
-            ok = False
-        raw_t = row.get("time")
-        try:
-            t = float(raw_t)  # type: ignore[arg-type]
-            if not math.isfinite(t) or t < 0:
-                problems.append(Problem(src, "time must be a finite number >= 0", i, "time", raw_t))
-                ok = False
-            elif t > FLOAT32_MAX:
-                msg = f"time is beyond the float32 range training uses (at most {FLOAT32_MAX:.4g})"
-                problems.append(Problem(src, msg, i, "time", raw_t))
-                ok = False
-        except (TypeError, ValueError):
-            problems.append(Problem(src, "time is not a number", i, "time", raw_t))
-            ok = False
-        raw_e = row.get("event")
-        ev_s = str(raw_e).strip().lower()
-        if ev_s in ("1", "1.0", "true"):
-            ev = True
-        elif ev_s in ("0", "0.0", "false"):
-            ev = False
-        else:
-            problems.append(Problem(src, "event must be 0 or 1", i, "event", raw_e))
-            ok = False
-        raw_slides = row.get("slides") or []
-        if isinstance(raw_slides, str):
-            raw_slides = [s for s in (x.strip() for x in raw_slides.split(";")) if s]
-        slides = []
-        for s in raw_slides:
-            p = Path(s)
-            p = p if p.is_absolute() else root / p
-            if not p.exists():
-                problems.append(Problem(src, f"slide file not found: {p}", i, "slides", s))
-                ok = False
-            elif not p.is_file():
-                problems.append(Problem(src, _not_a_file(p), i, "slides", s))
-                ok = False
-            slides.append(p)
-        mpps = _parse_slide_mpps(row.get("slide_mpp"), len(slides), src, i, problems)
-        ok = ok and mpps is not None
-        split = (str(row.get("split") or "").strip().lower()) or None
-        if split is not None and split not in ("train", "val", "test"):
-            problems.append(Problem(src, "split must be train, val or test", i, "split", row.get("split")))
-            ok = False
-        if ok:
-            patients.append(Patient(pid, site, t, ev, tuple(slides), split, mpps or ()))  # type: ignore[arg-type]
-    return patients
-
-
-def _not_a_file(p: Path) -> str:
-    """Why a slide path that exists is not a slide: a folder (a DICOM series is opened by one of its files)."""
-    if p.is_dir():
-        dcm = sorted(p.glob("*.dcm"))[:1]
-        hint = f"; for a DICOM slide give one of its .dcm files (e.g. {dcm[0].name})" if dcm else ""
-        return f"slide path is a folder, not a slide file: {p}{hint}"
-    return f"slide path is not a regular file: {p}"
-
-
-def _parse_slide_mpps(
-    raw: Any, n_slides: int, src: str, row: int, problems: list[Problem]
-) -> tuple[float | None, ...] | None:
-    """Optional ``slide_mpp`` field: empty, one value for all the row's slides, or one per slide (``;``).
-
-    Returns one entry per slide (None = from the slide's metadata), or None after recording a problem.
-    """
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return (None,) * n_slides
-    if isinstance(raw, str):
-        parts: list[Any] = [x.strip() for x in raw.split(";")]
-    else:
-        parts = list(raw) if isinstance(raw, list | tuple) else [raw]
-    if len(parts) == 1:
-        parts = parts * n_slides
-    if len(parts) != n_slides:
-        problems.append(Problem(src, f"{len(parts)} slide_mpp values for {n_slides} slides", row, "slide_mpp", raw))
-        return None
-    out: list[float | None] = []
-    for x in parts:
-        if x == "":
-            out.append(None)
-            continue
-        try:
-            v = float(x)
-        except (TypeError, ValueError):
-            v = float("nan")
-        if not (math.isfinite(v) and v > 0):
-            msg = "slide_mpp must be a positive number (microns per pixel)"
-            problems.append(Problem(src, msg, row, "slide_mpp", x))
-            return None
-        out.append(v)
-    return tuple(out)
 
 
 def read_omics_ids(src: OmicsSource, patient_ids: list[str] | set[str] | None = None) -> list[str]:
@@ -429,7 +281,7 @@ def load_cohort(path: str | Path) -> Cohort:
     if isinstance(doc.patients, str):
         manifest = Path(doc.patients)
         manifest = manifest if manifest.is_absolute() else root / manifest
-        rows = _read_manifest(manifest, problems)
+        rows = read_manifest(manifest, problems)
         src = str(manifest)
     else:
         rows, src = doc.patients, f"{path} (patients)"
@@ -437,7 +289,7 @@ def load_cohort(path: str | Path) -> Cohort:
             missing = [c for c in REQUIRED_COLUMNS if c not in r]
             if missing:
                 problems.append(Problem(src, f"missing required field(s) {missing}", i))
-    patients = _parse_rows(rows, src, root, problems)
+    patients = parse_rows(rows, src, root, problems)
     if not rows and not problems:
         problems.append(Problem(src, "the cohort lists no patients"))
 
