@@ -22,7 +22,8 @@ import pandas as pd
 def main(argv: list[str] | None = None) -> int:
     from data_specs.cohort import load_cohort
     from data_specs.config import resolve_config
-    from pipeline.outputs.baselines import BaselineSettings, fit_baselines, summary_lines
+    from pipeline.outputs.baseline_report import summary_lines
+    from pipeline.outputs.baselines import BaselineSettings, fit_baselines
     from pipeline.stats.metrics import harrell_cindex
     from pipeline.training.data import load_run_data
 

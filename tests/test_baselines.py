@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from pipeline.outputs import baseline_report
 from pipeline.outputs import baselines as bl
 from pipeline.outputs.baselines import BaselineSettings, fit_baselines, mask_modality, modality_contributions
 from pipeline.training.data import CohortData
@@ -148,11 +149,11 @@ def test_report_and_console_render():
     data = synthetic("omics")
     res = fit_baselines(data, np.zeros(len(data.splits["test"])), settings=FAST)
     mc = modality_contributions(data, _omics_only, FAST)
-    lines = bl.summary_lines(res, mc)
+    lines = baseline_report.summary_lines(res, mc)
     assert "the model loses" in lines[0] and "centralised" in lines[0]
-    page = "".join(bl.baselines_html({"baselines": res, "modality_contributions": mc}))
+    page = "".join(baseline_report.baselines_html({"baselines": res, "modality_contributions": mc}))
     assert "Coxnet omics" in page and "without omics" in page
-    assert bl.baselines_html({}) == []
+    assert baseline_report.baselines_html({}) == []
 
 
 def test_few_training_slides_and_constant_columns_stay_finite():

@@ -4,13 +4,12 @@
 modality alone and on all of them together, on the run's own split, and scores it on the test patients
 next to the model (paired bootstrap CI of the C-index difference). These baselines pool every patient's
 features in one place, so they are labelled ``centralised``. :func:`modality_contributions` removes one
-modality at inference and reports the model's C-index without it. :func:`baselines_html` renders both for
-the report.
+modality at inference and reports the model's C-index without it. :mod:`pipeline.outputs.baseline_report`
+renders both for the console and the report.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import warnings
@@ -20,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
+from pipeline.outputs.baseline_report import summary_lines
 from pipeline.stats.metrics import bootstrap_ci, harrell_cindex
 
 if TYPE_CHECKING:
@@ -229,24 +228,14 @@ def fit_baselines(
     With ``return_predictions``, also each baseline's test ``log_hz``.
     """
     s = settings or BaselineSettings()
-    train, test = np.asarray(data.splits["train"]), np.asarray(data.splits["test"])
-    fit = np.sort(np.concatenate([train, np.asarray(data.splits.get("val", []), int)]))
-    if len(np.intersect1d(fit, test)):
-        raise ValueError("splits: train/val and test overlap; baselines need disjoint splits")
-    mods = [m for m in MODALITIES if _has(data, m)]
-    blocks, notes = {}, {}
-    for m in mods:
-        try:
-            blocks[m] = modality_block(data, m, train, s.n_pcs)
-        except ValueError as e:
-            notes[m] = str(e)
+    train, fit, test = _split_indices(data)
+    blocks, notes = _modality_blocks(data, train, s)
     sets = {m: [m] for m in blocks}
     if len(blocks) > 1:
         sets["all"] = list(blocks)
     ref = None if model_log_hz is None else np.asarray(model_log_hz, float)
     if ref is not None and len(ref) != len(test):
         raise ValueError(f"model_log_hz: {len(ref)} values for {len(test)} test patients")
-    t, e = data.time.astype(float), data.event.astype(bool)
     res: dict = {}
     preds: dict[str, np.ndarray] = {}
     for name, parts in sets.items():
@@ -268,13 +257,43 @@ def fit_baselines(
         "modality_info": {m: b[1] for m, b in blocks.items()},
     }
     if res:
-        best = max(res, key=lambda k: res[k]["cv_cindex"])
-        out["best"] = best
-        if ref is not None:
-            out["model"] = _scored(t[test], e[test], ref, None, s)
-            out["model_minus_best"] = {**res[best]["model_minus_this"], "verdict": ""}
-            out["model_minus_best"]["verdict"] = verdict(out["model_minus_best"])
+        out.update(_best(data, res, test, ref, s))
     return (out, preds) if return_predictions else out
+
+
+def _split_indices(data: CohortData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, fit, test)`` patient indices: fit is train + val, sorted; raises if it overlaps test."""
+    train, test = np.asarray(data.splits["train"]), np.asarray(data.splits["test"])
+    fit = np.sort(np.concatenate([train, np.asarray(data.splits.get("val", []), int)]))
+    if len(np.intersect1d(fit, test)):
+        raise ValueError("splits: train/val and test overlap; baselines need disjoint splits")
+    return train, fit, test
+
+
+def _modality_blocks(
+    data: CohortData, train: np.ndarray, s: BaselineSettings
+) -> tuple[dict[str, tuple[np.ndarray, dict]], dict[str, str]]:
+    """Each present modality's :func:`modality_block`, and why any could not be built (``notes``)."""
+    blocks, notes = {}, {}
+    for m in (m for m in MODALITIES if _has(data, m)):
+        try:
+            blocks[m] = modality_block(data, m, train, s.n_pcs)
+        except ValueError as e:
+            notes[m] = str(e)
+    return blocks, notes
+
+
+def _best(data: CohortData, res: dict, test: np.ndarray, ref: np.ndarray | None, s: BaselineSettings) -> dict:
+    """The baseline with the highest CV C-index and, given the model's ``ref`` log_hz, the model's score
+    and its difference from that baseline in plain words."""
+    best = max(res, key=lambda k: res[k]["cv_cindex"])
+    out: dict = {"best": best}
+    if ref is not None:
+        t, e = data.time.astype(float), data.event.astype(bool)
+        out["model"] = _scored(t[test], e[test], ref, None, s)
+        out["model_minus_best"] = {**res[best]["model_minus_this"], "verdict": ""}
+        out["model_minus_best"]["verdict"] = verdict(out["model_minus_best"])
+    return out
 
 
 def mask_modality(data: CohortData, m: str) -> CohortData:
@@ -313,74 +332,6 @@ def modality_contributions(
         r["drop"] = r.pop("model_minus_this")
         out[f"without_{m}"] = r
     return out
-
-
-def _fmt(c: float | None, ci: list | None) -> str:
-    if c is None or not np.isfinite(c):
-        return "-"
-    ok = ci is not None and all(v is not None and np.isfinite(v) for v in ci)
-    return f"{c:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ok else f"{c:.3f}"  # type: ignore[index]
-
-
-def summary_lines(baselines: dict, contributions: dict | None = None) -> list[str]:
-    """A few console lines: the model against the best centralised baseline (and each one), plainly."""
-    res = baselines.get("baselines", {})
-    if not res or "model" not in baselines:
-        return [f"baselines: none fitted ({'; '.join(f'{k}: {v}' for k, v in baselines.get('notes', {}).items())})"]
-    best, d = baselines["best"], baselines["model_minus_best"]
-    lines = [
-        f"model vs best centralised Coxnet baseline ({best}, chosen by CV on train+val): "
-        f"{_fmt(baselines['model']['cindex'], None)} vs {_fmt(res[best]['cindex'], None)}; "
-        f"model - baseline {_fmt(d['diff'], d.get('ci'))}: {d['verdict']}",
-        "  Coxnet (centralised) test C: " + ", ".join(f"{k} {v['cindex']:.3f}" for k, v in res.items()),
-    ]
-    if contributions:
-        drops = [f"{k[8:]} {v['drop']['diff']:+.3f}" for k, v in contributions.items() if k.startswith("without_")]
-        lines.append("  C-index drop with a modality masked at inference: " + ", ".join(drops))
-    return lines
-
-
-def baselines_html(metrics: dict) -> list[str]:
-    """Report section: the model beside each centralised baseline, and the modality contributions."""
-    bl, mc = metrics.get("baselines"), metrics.get("modality_contributions")
-    if not bl or not bl.get("baselines"):
-        return []
-    rows = []
-    if "model" in bl:
-        c = _fmt(bl["model"]["cindex"], bl["model"].get("cindex_ci"))
-        rows.append({"model": "histofuse (this run)", "test Harrell C [95% CI]": c})
-    for k, v in bl["baselines"].items():
-        d = v.get("model_minus_this", {})
-        rows.append(
-            {
-                "model": f"Coxnet {k}" + (" (best by CV)" if k == bl.get("best") else ""),
-                "test Harrell C [95% CI]": _fmt(v["cindex"], v.get("cindex_ci")),
-                "model - this [95% CI]": _fmt(d.get("diff"), d.get("ci")) if d else "",
-                "CV C (train+val)": f"{v['cv_cindex']:.3f}",
-            }
-        )
-    verdict = bl.get("model_minus_best", {}).get("verdict", "")
-    parts = [
-        "<h2>Baselines (centralised)</h2>",
-        pd.DataFrame(rows).fillna("").to_html(index=False, classes="t", border=0),
-        f"<p class='note'>Against the best baseline: <b>{html.escape(verdict)}</b>. Elastic-net Cox "
-        "(scikit-survival Coxnet, l1_ratio 0.5, alpha by stratified CV on train+val patients) on each modality "
-        "and all together; slides as PCA of mean-pooled tile features. These baselines pool patient data "
-        "in one place (centralised). Paired patient-bootstrap CIs on the same test patients.</p>",
-    ]
-    if mc:
-        rows = [{"inputs": "all", "test Harrell C [95% CI]": _fmt(mc["full"]["cindex"], mc["full"].get("cindex_ci"))}]
-        for k, v in mc.items():
-            if k.startswith("without_"):
-                c, d = _fmt(v["cindex"], v.get("cindex_ci")), _fmt(v["drop"]["diff"], v["drop"].get("ci"))
-                rows.append({"inputs": k.replace("_", " "), "test Harrell C [95% CI]": c, "drop [95% CI]": d})
-        parts += [
-            "<h3>Modality contributions</h3>",
-            pd.DataFrame(rows).fillna("").to_html(index=False, classes="t", border=0),
-            "<p class='note'>Each modality masked at inference (the model is not retrained); a positive drop "
-            "means the model uses that modality.</p>",
-        ]
-    return parts
 
 
 def bundle_predict_fn(model_path: Path, trust_pickle: bool = False) -> PredictFn:

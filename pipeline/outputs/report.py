@@ -276,7 +276,7 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
     parts += _cohort_section(out)
     parts += _metrics_section(out)
     if (out / "metrics.json").is_file():  # model vs centralised baselines, modality contributions
-        from pipeline.outputs.baselines import baselines_html
+        from pipeline.outputs.baseline_report import baselines_html
 
         parts += baselines_html(json.loads((out / "metrics.json").read_text()))
     parts += _training_section(out)

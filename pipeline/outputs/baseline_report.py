@@ -1,0 +1,80 @@
+"""The baselines as people read them: console lines and the report's HTML section.
+
+Renders what :mod:`pipeline.outputs.baselines` puts in ``metrics.json`` (keys ``baselines`` and
+``modality_contributions``): :func:`summary_lines` for the console, :func:`baselines_html` for the report.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+
+
+def _fmt(c: float | None, ci: list | None) -> str:
+    if c is None or not np.isfinite(c):
+        return "-"
+    ok = ci is not None and all(v is not None and np.isfinite(v) for v in ci)
+    return f"{c:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ok else f"{c:.3f}"  # type: ignore[index]
+
+
+def summary_lines(baselines: dict, contributions: dict | None = None) -> list[str]:
+    """A few console lines: the model against the best centralised baseline (and each one), plainly."""
+    res = baselines.get("baselines", {})
+    if not res or "model" not in baselines:
+        return [f"baselines: none fitted ({'; '.join(f'{k}: {v}' for k, v in baselines.get('notes', {}).items())})"]
+    best, d = baselines["best"], baselines["model_minus_best"]
+    lines = [
+        f"model vs best centralised Coxnet baseline ({best}, chosen by CV on train+val): "
+        f"{_fmt(baselines['model']['cindex'], None)} vs {_fmt(res[best]['cindex'], None)}; "
+        f"model - baseline {_fmt(d['diff'], d.get('ci'))}: {d['verdict']}",
+        "  Coxnet (centralised) test C: " + ", ".join(f"{k} {v['cindex']:.3f}" for k, v in res.items()),
+    ]
+    if contributions:
+        drops = [f"{k[8:]} {v['drop']['diff']:+.3f}" for k, v in contributions.items() if k.startswith("without_")]
+        lines.append("  C-index drop with a modality masked at inference: " + ", ".join(drops))
+    return lines
+
+
+def baselines_html(metrics: dict) -> list[str]:
+    """Report section: the model beside each centralised baseline, and the modality contributions."""
+    bl, mc = metrics.get("baselines"), metrics.get("modality_contributions")
+    if not bl or not bl.get("baselines"):
+        return []
+    rows = []
+    if "model" in bl:
+        c = _fmt(bl["model"]["cindex"], bl["model"].get("cindex_ci"))
+        rows.append({"model": "histofuse (this run)", "test Harrell C [95% CI]": c})
+    for k, v in bl["baselines"].items():
+        d = v.get("model_minus_this", {})
+        rows.append(
+            {
+                "model": f"Coxnet {k}" + (" (best by CV)" if k == bl.get("best") else ""),
+                "test Harrell C [95% CI]": _fmt(v["cindex"], v.get("cindex_ci")),
+                "model - this [95% CI]": _fmt(d.get("diff"), d.get("ci")) if d else "",
+                "CV C (train+val)": f"{v['cv_cindex']:.3f}",
+            }
+        )
+    verdict = bl.get("model_minus_best", {}).get("verdict", "")
+    parts = [
+        "<h2>Baselines (centralised)</h2>",
+        pd.DataFrame(rows).fillna("").to_html(index=False, classes="t", border=0),
+        f"<p class='note'>Against the best baseline: <b>{html.escape(verdict)}</b>. Elastic-net Cox "
+        "(scikit-survival Coxnet, l1_ratio 0.5, alpha by stratified CV on train+val patients) on each modality "
+        "and all together; slides as PCA of mean-pooled tile features. These baselines pool patient data "
+        "in one place (centralised). Paired patient-bootstrap CIs on the same test patients.</p>",
+    ]
+    if mc:
+        rows = [{"inputs": "all", "test Harrell C [95% CI]": _fmt(mc["full"]["cindex"], mc["full"].get("cindex_ci"))}]
+        for k, v in mc.items():
+            if k.startswith("without_"):
+                c, d = _fmt(v["cindex"], v.get("cindex_ci")), _fmt(v["drop"]["diff"], v["drop"].get("ci"))
+                rows.append({"inputs": k.replace("_", " "), "test Harrell C [95% CI]": c, "drop [95% CI]": d})
+        parts += [
+            "<h3>Modality contributions</h3>",
+            pd.DataFrame(rows).fillna("").to_html(index=False, classes="t", border=0),
+            "<p class='note'>Each modality masked at inference (the model is not retrained); a positive drop "
+            "means the model uses that modality.</p>",
+        ]
+    return parts
