@@ -532,3 +532,23 @@ def test_a_patient_value_smuggled_in_a_reply_is_stopped_at_the_site(fed_data, sm
         _run(data, cfg, clients, grids=grids)
     leaked_msgs = [m for s, m in grids[0].sent if s == c.site and m.has_content()]
     assert all(m.metadata.message_type != ("train" if field == "num_examples" else "evaluate") for m in leaked_msgs)
+
+
+def test_checkpoint_is_safetensors_plus_json_and_a_damaged_one_is_a_named_error(tmp_path):
+    from pipeline.federated.protocol import Evaluation
+
+    cfg = resolve_config(None, ["federated.strategy=fedadam", "federated.rounds=3"])
+    server = FederatedServer(cfg, {"w": np.zeros(4, np.float32), "b": np.ones(2, np.float32)}, tmp_path)
+    for rnd in range(2):
+        server.aggregate(rnd, [Update({"w": np.full(4, 0.1, np.float32), "b": np.zeros(2, np.float32)}, 3)], [])
+        server.finish_round(rnd, {"a": Evaluation(3, {"concordant": 1.0, "comparable": 2.0})}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server_state.json", "server_state.r1.safetensors"]
+    back = FederatedServer(cfg, None, tmp_path, resume=True)
+    assert back.next_round == 2 and back.opt.t == 2 and list(back.global_arrays) == ["w", "b"]
+    for k in server.global_arrays:
+        np.testing.assert_array_equal(back.global_arrays[k], server.global_arrays[k])
+        np.testing.assert_array_equal(back.opt.m[k], server.opt.m[k])
+    arrays = tmp_path / "server_state.r1.safetensors"
+    arrays.write_bytes(arrays.read_bytes()[:20])  # truncated
+    with pytest.raises(ValueError, match=r"server_state.json: unreadable federated checkpoint"):
+        FederatedServer(cfg, None, tmp_path, resume=True)

@@ -158,13 +158,14 @@ def save_state(folder: Path, state: dict, arrays: dict[str, Arrays]) -> Path:
 
 def load_state(path: Path) -> tuple[dict, dict[str, Arrays]]:
     """The inverse of :func:`save_state`; a truncated or mismatched checkpoint is a ``ValueError`` naming the file."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
         state = json.loads(path.read_text())
         arrays_path = path.with_name(str(state["arrays_file"]))
         flat = load_file(str(arrays_path))
-    except (ValueError, KeyError, OSError) as e:  # JSON, safetensors header and missing-file errors
+    except (ValueError, KeyError, OSError, SafetensorError) as e:  # JSON, missing file, safetensors header
         raise ValueError(f"{path}: unreadable federated checkpoint ({type(e).__name__}: {e})") from e
     arrays: dict[str, Arrays] = {}
     for key, v in flat.items():
