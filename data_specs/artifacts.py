@@ -96,7 +96,12 @@ class ModelCard(_Frozen):
 
 
 class RunFiles(_Frozen):
-    """The files of a run folder: ``RunFiles(root=out).model`` etc. Names are class constants."""
+    """The files of a run folder: ``RunFiles(root=out).model`` etc. Names are class constants.
+
+    Every reader and writer of a run folder names its files through this class, so a file is renamed in
+    one place. Paths under ``attributions/`` hang off :attr:`attributions`; per-slide, per-split and
+    per-fold names are methods.
+    """
 
     root: Path
 
@@ -104,19 +109,38 @@ class RunFiles(_Frozen):
     MODEL: ClassVar[str] = "model.safetensors"
     LEGACY_MODEL: ClassVar[str] = "model.pt"
     TRAIN_SUMMARY: ClassVar[str] = "train_summary.json"
+    FEDERATED: ClassVar[str] = "federated"  # folder: round checkpoints and history of a federated run
     RISK_SCORES: ClassVar[str] = "risk_scores.csv"
     SURVIVAL_CURVES: ClassVar[str] = "survival_curves.csv"
     METRICS: ClassVar[str] = "metrics.json"
     REPORT: ClassVar[str] = "report.html"
+    TRUTH_CHECK: ClassVar[str] = "truth_check.json"  # demo runs only
+    DEMO_COHORT: ClassVar[str] = "cohort"  # folder: the cohort `histofuse demo` builds
+    FOLDS: ClassVar[str] = "folds.csv"  # cross-validation runs: the fold of each patient
+    CV_RISK_SCORES: ClassVar[str] = "cv_risk_scores.csv"
+    CV_RESULTS: ClassVar[str] = "cv_results.json"
     ATTRIBUTIONS: ClassVar[str] = "attributions"
-    TILES: ClassVar[str] = "tiles.csv"  # under ATTRIBUTIONS, as are the next three
+    TILES: ClassVar[str] = "tiles.csv"  # under ATTRIBUTIONS, as are the names below
     GENES: ClassVar[str] = "genes.csv"
     GENE_IG: ClassVar[str] = "gene_ig.csv"
+    GENE_H5AD: ClassVar[str] = "gene_attributions.h5ad"
     BIOMARKERS: ClassVar[str] = "biomarkers.csv"
+    BIOMARKERS_INFO: ClassVar[str] = "biomarkers.json"
+    PHENOTYPES_PNG: ClassVar[str] = "phenotypes.png"
+    PHENOTYPE_FRACTIONS: ClassVar[str] = "phenotype_fractions.csv"
+    FAITHFULNESS: ClassVar[str] = "faithfulness.json"
+    DELETION_PNG: ClassVar[str] = "deletion.png"
+    HEATMAPS: ClassVar[str] = "heatmaps"  # folders of per-slide files
+    GEOJSON: ClassVar[str] = "geojson"
+    GALLERIES: ClassVar[str] = "galleries"
 
     @property
     def config(self) -> Path:
         return self.root / self.CONFIG
+
+    def shard_config(self, shard: str | None) -> Path:
+        """The config copy of extract shard ``"K/N"`` (``config.shard-K-of-N.yaml``); :attr:`config` for None."""
+        return self.config if not shard else self.root / f"config.shard-{shard.replace('/', '-of-')}.yaml"
 
     @property
     def model(self) -> Path:
@@ -125,6 +149,10 @@ class RunFiles(_Frozen):
     @property
     def train_summary(self) -> Path:
         return self.root / self.TRAIN_SUMMARY
+
+    @property
+    def federated(self) -> Path:
+        return self.root / self.FEDERATED
 
     @property
     def risk_scores(self) -> Path:
@@ -138,9 +166,40 @@ class RunFiles(_Frozen):
     def metrics(self) -> Path:
         return self.root / self.METRICS
 
+    def km_plot(self, split: str, by_site: bool = False) -> Path:
+        """Kaplan-Meier curves by risk group of ``split`` (``km_<split>.png``; ``km_<split>_sites.png`` per site)."""
+        return self.root / (f"km_{split}_sites.png" if by_site else f"km_{split}.png")
+
+    def td_auc_plot(self, split: str) -> Path:
+        return self.root / f"td_auc_{split}.png"
+
     @property
     def report(self) -> Path:
         return self.root / self.REPORT
+
+    @property
+    def truth_check(self) -> Path:
+        return self.root / self.TRUTH_CHECK
+
+    @property
+    def demo_cohort(self) -> Path:
+        return self.root / self.DEMO_COHORT
+
+    @property
+    def folds(self) -> Path:
+        return self.root / self.FOLDS
+
+    @property
+    def cv_risk_scores(self) -> Path:
+        return self.root / self.CV_RISK_SCORES
+
+    @property
+    def cv_results(self) -> Path:
+        return self.root / self.CV_RESULTS
+
+    def fold(self, f: int) -> RunFiles:
+        """The run folder of cross-validation fold ``f`` (``fold_<f>/``)."""
+        return RunFiles(root=self.root / f"fold_{f}")
 
     @property
     def attributions(self) -> Path:
@@ -159,5 +218,52 @@ class RunFiles(_Frozen):
         return self.attributions / self.GENE_IG
 
     @property
+    def gene_h5ad(self) -> Path:
+        return self.attributions / self.GENE_H5AD
+
+    @property
     def biomarkers(self) -> Path:
         return self.attributions / self.BIOMARKERS
+
+    @property
+    def biomarkers_info(self) -> Path:
+        return self.attributions / self.BIOMARKERS_INFO
+
+    @property
+    def phenotypes_png(self) -> Path:
+        return self.attributions / self.PHENOTYPES_PNG
+
+    @property
+    def phenotype_fractions(self) -> Path:
+        return self.attributions / self.PHENOTYPE_FRACTIONS
+
+    @property
+    def faithfulness(self) -> Path:
+        return self.attributions / self.FAITHFULNESS
+
+    @property
+    def deletion_png(self) -> Path:
+        return self.attributions / self.DELETION_PNG
+
+    @property
+    def heatmaps(self) -> Path:
+        return self.attributions / self.HEATMAPS
+
+    @property
+    def geojson_dir(self) -> Path:
+        return self.attributions / self.GEOJSON
+
+    @property
+    def galleries(self) -> Path:
+        return self.attributions / self.GALLERIES
+
+    def heatmap(self, slide_id: str, ig: bool = False) -> Path:
+        """A slide's attention heatmap (``<slide_id>.png``; integrated gradients: ``<slide_id>_ig.png``)."""
+        return self.heatmaps / (f"{slide_id}_ig.png" if ig else f"{slide_id}.png")
+
+    def gallery(self, slide_id: str, ig: bool = False) -> Path:
+        """A slide's top/bottom tiles by attention (``<slide_id>.png``) or by IG (``<slide_id>_ig.png``)."""
+        return self.galleries / (f"{slide_id}_ig.png" if ig else f"{slide_id}.png")
+
+    def geojson(self, slide_id: str) -> Path:
+        return self.geojson_dir / f"{slide_id}.geojson"

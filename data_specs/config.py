@@ -1,7 +1,8 @@
 """The run config: one frozen object per run, resolved from defaults <- YAML <- CLI overrides.
 
 Overrides are dotted ``key=value`` strings (``train.lr=3e-4``, ``extract.encoder=resnet18``); values
-are parsed as YAML scalars. The resolved config is saved beside the outputs and inside checkpoints.
+are parsed as YAML scalars. The resolved config is saved beside the outputs (``to_yaml``, written by
+``pipeline``) and inside model files. This module does no I/O beyond reading a config file.
 """
 
 from __future__ import annotations
@@ -179,13 +180,8 @@ class RunConfig(_Frozen):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
+        """The config as YAML text (what a run folder's ``config.yaml`` holds; written by the caller)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def save(self, path: Path) -> None:
-        """Write the config as YAML (atomically: a reader never sees half a file)."""
-        from pipeline.files import write_text  # lazy: data_specs has no import-time tie to pipeline
-
-        write_text(path, self.to_yaml())
 
     def with_overrides(self, overrides: list[str] | None) -> RunConfig:
         """This config with dotted ``section.key=value`` overrides applied, validated again.

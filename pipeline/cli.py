@@ -24,9 +24,15 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_specs.artifacts import RunFiles
 from pipeline.cli_parser import build_parser, config_from_args
+from pipeline.files import write_text
+
+if TYPE_CHECKING:
+    from data_specs.cohort import Cohort
+    from data_specs.config import RunConfig
 
 log = logging.getLogger("histofuse")
 
@@ -84,12 +90,13 @@ def _print_metrics(m: dict, out: Path, rep: Path) -> None:
     print(f"log-rank p {p['logrank_p']:.3g}")
     for s, v in m["per_site"].items():
         print(f"  {s}: {v['cindex']:.3f} (n={v['n']}, events={v['events']})")
-    print(f"outputs in {out}/: {RunFiles.MODEL}, risk_scores.csv, metrics.json, attributions/, report.html")
+    rf = RunFiles
+    print(f"outputs in {out}/: {rf.MODEL}, {rf.RISK_SCORES}, {rf.METRICS}, {rf.ATTRIBUTIONS}/, {rf.REPORT}")
     print(f"report: {rep}")
 
 
 def run_all(cohort_path: Path, cfg, title: str) -> Path:
-    """Every stage on one cohort; ``config.yaml`` is written once the cohort and its data have loaded."""
+    """Every stage on one cohort; the config is written once the cohort and its data have loaded."""
     from data_specs.cohort import load_cohort
     from pipeline.outputs.evaluate import stage_evaluate
     from pipeline.outputs.report import build_report
@@ -106,7 +113,7 @@ def run_all(cohort_path: Path, cfg, title: str) -> Path:
     t1 = time.perf_counter()
     data = load_run_data(cohort, cfg)  # built once, shared by train, predict and attribute
     check_trainable(data, cohort_path)
-    cfg.save(out / "config.yaml")
+    save_config(cfg)
     model = stage_train(cohort, cfg, data=data)
     log.info("train: %.0f s", time.perf_counter() - t1)
     risk = stage_predict(model, cohort, out, fdir, data=data)
@@ -138,7 +145,7 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
     check_out(cfg.out)
     cohort = None if args.cohort.is_dir() else load_cohort(args.cohort)
     shard = cfg.extract.shard  # shards may share one output folder: each keeps its own config copy
-    cfg.save(cfg.out / ("config.yaml" if not shard else f"config.shard-{shard.replace('/', '-of-')}.yaml"))
+    write_text(RunFiles(root=cfg.out).shard_config(shard), cfg.to_yaml())
     if args.procs > 1:  # one process per shard (and per GPU when there are enough)
         from pipeline.slides.extract import discover_slides, extract_in_processes
         from pipeline.slides.features import features_dir
@@ -152,7 +159,9 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
             slides, fallback = [s for p in cohort.patients for s in p.slides], cohort.slide_mpp
             per_slide = cohort.slide_mpp_overrides()
         rc = extract_in_processes(slides, fdir, cfg.extract, args.procs, fallback, per_slide)
-        print(f"features in {fdir} ({args.procs} processes; report: {fdir / 'extract_report.csv'})")
+        from pipeline.slides.report import report_stem
+
+        print(f"features in {fdir} ({args.procs} processes; report: {fdir / report_stem(None)}.csv)")
         return rc
     if cohort is None:  # a folder of slides: no cohort spec needed
         from pipeline.slides.extract import extract_folder
@@ -164,18 +173,31 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _trainable_cohort(args: argparse.Namespace, default_out: str) -> tuple[RunConfig, Cohort]:
+    """The config and cohort of a training command, refused (``UsageError``) before anything is written
+    when ``--out`` cannot be written or no patient has an event."""
     from data_specs.cohort import load_cohort
-    from pipeline.stages import check_trainable, stage_train
-    from pipeline.training.data import load_run_data
 
-    cfg = config_from_args(args, args.cohort, "runs/latest")
+    cfg = config_from_args(args, args.cohort, default_out)
     cohort = load_cohort(args.cohort)
     check_out(cfg.out)
     check_cohort_events(cohort, args.cohort)
+    return cfg, cohort
+
+
+def save_config(cfg: RunConfig) -> Path:
+    """Write the run's resolved config as ``config.yaml`` in its folder."""
+    return write_text(RunFiles(root=cfg.out).config, cfg.to_yaml())
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from pipeline.stages import check_trainable, stage_train
+    from pipeline.training.data import load_run_data
+
+    cfg, cohort = _trainable_cohort(args, "runs/latest")
     data = load_run_data(cohort, cfg)
     check_trainable(data, args.cohort)
-    cfg.save(cfg.out / "config.yaml")  # only now: a refused train leaves an existing run's record alone
+    save_config(cfg)  # only now: a refused train leaves an existing run's record alone
     print(f"model: {stage_train(cohort, cfg, data=data, resume=args.resume)}")
     return 0
 
@@ -223,21 +245,17 @@ def cmd_run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def cmd_cv(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from data_specs.cohort import load_cohort
     from pipeline.stages import run_cv, stage_extract
 
-    cfg = config_from_args(args, args.cohort, "runs/cv")
-    cohort = load_cohort(args.cohort)
-    check_out(cfg.out)
-    check_cohort_events(cohort, args.cohort)
+    cfg, cohort = _trainable_cohort(args, "runs/cv")
     stage_extract(cohort, cfg)  # no-op without slides or when features exist
-    cfg.save(cfg.out / "config.yaml")
+    save_config(cfg)
     r = run_cv(cohort, cfg, args.folds)
     for f in r["folds"]:
         print(f"fold {f['fold']}: C-index {f['cindex']:.3f} (n={f['n_test']}, events={f['test_events']})")
     print(
         f"{r['k']}-fold {r['mode']} C-index {r['cindex_mean']:.3f} +- {r['cindex_sd']:.3f} "
-        f"(Uno {r['uno_cindex_mean']:.3f} +- {r['uno_cindex_sd']:.3f}); results in {cfg.out}/cv_results.json"
+        f"(Uno {r['uno_cindex_mean']:.3f} +- {r['uno_cindex_sd']:.3f}); results in {RunFiles(root=cfg.out).cv_results}"
     )
     return 0
 
@@ -248,7 +266,7 @@ def cmd_demo(args: argparse.Namespace, argv: list[str] | None) -> int:
     cfg = config_from_args(args, None, "runs/demo")
     check_out(cfg.out)
     t0 = time.perf_counter()
-    spec = build_demo(cfg.out / "cohort", DemoSize(patients=args.patients), seed=args.seed)
+    spec = build_demo(RunFiles(root=cfg.out).demo_cohort, DemoSize(patients=args.patients), seed=args.seed)
     log.info("demo cohort: %s (%.0f s)", spec, time.perf_counter() - t0)
     if args.build_only:
         print(f"demo cohort: {spec}")
@@ -326,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo_truth(out: Path) -> None:
-    """Print how well the run recovered the demo's planted truth (and save it as truth_check.json)."""
+    """Print how well the run recovered the demo's planted truth (and save it, see ``RunFiles.truth_check``)."""
     from pipeline.cohorts.demo_check import check_demo
 
     r = check_demo(out)

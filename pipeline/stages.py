@@ -29,7 +29,7 @@ import pandas as pd
 from data_specs.artifacts import RunFiles
 from data_specs.cohort import Cohort
 from data_specs.config import RunConfig
-from pipeline.files import write_csv, write_json
+from pipeline.files import write_csv, write_json, write_text
 from pipeline.outputs.predictions import curves_table, risk_table, survival_curves
 from pipeline.slides.extract import extract_slides
 from pipeline.slides.features import features_dir
@@ -96,16 +96,16 @@ def stage_train(
     if cfg.federated.enabled:
         from pipeline.federated.embedded import run_federated
 
-        model, info = run_federated(data, cfg, cfg.out / "federated", progress=progress, resume=resume)
+        model, info = run_federated(data, cfg, RunFiles(root=cfg.out).federated, progress=progress, resume=resume)
         info = {"mode": "federated", **info}
     else:
         module, info = fit_local(data, cfg, progress=progress)
         model, info = module.model.eval(), {"mode": "centralised", **info}
     splits = {data.patient_ids[i]: s for s, idx in data.splits.items() for i in idx}
-    path = RunFiles(root=cfg.out).model
-    save_bundle(path, model, data, cfg, {"train_info": info, "splits": splits, **survival_summary(model, data)})
-    write_json(cfg.out / "train_summary.json", info)
-    return path
+    rf = RunFiles(root=cfg.out)
+    save_bundle(rf.model, model, data, cfg, {"train_info": info, "splits": splits, **survival_summary(model, data)})
+    write_json(rf.train_summary, info)
+    return rf.model
 
 
 def survival_summary(model, data: CohortData) -> dict:
@@ -156,11 +156,12 @@ def stage_predict(
     horizons = ev.horizons if ev.horizons is not None else card.horizons
     curves = survival_curves(pred, card.baseline, sites)
     table = risk_table(data, pred.log_hz, card.cutpoints.model_dump(), ev.risk_groups, horizons, curves)
-    path = write_csv(out / "risk_scores.csv", table)
+    rf = RunFiles(root=out)
+    path = write_csv(rf.risk_scores, table)
     if curves is not None:
-        write_csv(out / "survival_curves.csv", curves_table(data.patient_ids, curves))
+        write_csv(rf.survival_curves, curves_table(data.patient_ids, curves))
     else:
-        (out / "survival_curves.csv").unlink(missing_ok=True)
+        rf.survival_curves.unlink(missing_ok=True)
         log.warning("%s: no survival baseline in the model; risk scores only (no Brier score)", model_path)
     return path
 
@@ -217,8 +218,8 @@ def stage_attribute(
     if len(idx) == 0:
         idx = np.arange(len(data.patient_ids))
         log.warning("no patients in split '%s': attributing all %d patients", split, len(idx))
-    adir = out / "attributions"
-    adir.mkdir(parents=True, exist_ok=True)
+    rf = RunFiles(root=out)
+    rf.attributions.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     lh = predict(model, data, idx).log_hz
     held = pd.DataFrame(
@@ -234,21 +235,20 @@ def stage_attribute(
     faith: dict = {"split": split, "patients": len(idx)}
     tiles = genes = None
     if data.bags is not None and fdir is not None:
-        tiles = _attribute_tiles(model, data, idx, lh, cohort, fdir, ac, adir, written)
+        tiles = _attribute_tiles(model, data, idx, lh, cohort, fdir, ac, rf, written)
         faith["tiles"] = tiles.faith
     if data.omics is not None:
-        genes = _attribute_genes(model, data, idx, held, ac, adir, written)
+        genes = _attribute_genes(model, data, idx, held, ac, rf, written)
         faith["genes"] = genes.faith
     if genes is not None or (tiles is not None and tiles.fractions is not None):
-        _write_biomarkers(held, tiles, genes, ac.top_genes, split, adir, written)
+        _write_biomarkers(held, tiles, genes, ac.top_genes, split, rf, written)
     if "tiles" in faith or "genes" in faith:
-        write_json(adir / "faithfulness.json", faith)
-        plot_deletion({k: v for k, v in faith.items() if isinstance(v, dict)}, adir / "deletion.png")
-        written["faithfulness"] = adir / "faithfulness.json"
+        written["faithfulness"] = write_json(rf.faithfulness, faith)
+        plot_deletion({k: v for k, v in faith.items() if isinstance(v, dict)}, rf.deletion_png)
     return written
 
 
-def _attribute_tiles(model, data, idx, lh, cohort, fdir, ac, adir: Path, written: dict) -> _TileResult:
+def _attribute_tiles(model, data, idx, lh, cohort, fdir, ac, rf: RunFiles, written: dict) -> _TileResult:
     """Tile attention, IG and phenotypes -> tiles.csv (+ phenotype_fractions.csv), pictures, deletion curves."""
     from pipeline.outputs.attribution import mean_tile_feature, tile_attention, tile_deletion_curves
     from pipeline.outputs.attribution import tile_integrated_gradients as tile_ig
@@ -261,18 +261,18 @@ def _attribute_tiles(model, data, idx, lh, cohort, fdir, ac, adir: Path, written
     paths, size0 = _slide_info(cohort, fdir)
     res = _TileResult({}, paths, size0)
     if ac.phenotypes:
-        _tile_phenotypes(data, idx, tr, tiles, ac, adir, res, written)
-    written["tiles"] = write_csv(adir / "tiles.csv", tiles)
-    _tile_pictures(data, idx, lh, tiles, fdir, res, ac, adir)
+        _tile_phenotypes(data, idx, tr, tiles, ac, rf, res, written)
+    written["tiles"] = write_csv(rf.tiles, tiles)
+    _tile_pictures(data, idx, lh, tiles, fdir, res, ac, rf)
     ph = res.phenotypes
     if ac.phenotypes and ph is not None and all(s in paths for s, _, _ in sum(ph.examples.values(), [])):
-        written["phenotype_png"] = adir / "phenotypes.png"
+        written["phenotype_png"] = rf.phenotypes_png
     curves = {"attention": attn, "ig": ig}
     res.faith = tile_deletion_curves(model, data, idx, curves, ac.deletion_steps, seed=ac.seed)
     return res
 
 
-def _tile_phenotypes(data, idx, tr, tiles: pd.DataFrame, ac, adir: Path, res: _TileResult, written: dict) -> None:
+def _tile_phenotypes(data, idx, tr, tiles: pd.DataFrame, ac, rf: RunFiles, res: _TileResult, written: dict) -> None:
     """Leiden phenotypes fitted on the training tiles, assigned to the split's: a column of ``tiles`` and
     ``phenotype_fractions.csv``; skipped with a warning when they cannot be fitted."""
     from pipeline.outputs.biomarkers import fit_phenotypes
@@ -288,52 +288,51 @@ def _tile_phenotypes(data, idx, tr, tiles: pd.DataFrame, ac, adir: Path, res: _T
     res.phenotypes, res.fractions = ph, pd.DataFrame(ph.fractions[idx], columns=ph.names)
     pf = res.fractions.copy()
     pf.insert(0, "patient_id", [data.patient_ids[i] for i in idx])
-    written["phenotypes"] = write_csv(adir / "phenotype_fractions.csv", pf)
+    written["phenotypes"] = write_csv(rf.phenotype_fractions, pf)
 
 
-def _tile_pictures(data, idx, lh, tiles: pd.DataFrame, fdir: Path, res: _TileResult, ac, adir: Path) -> None:
+def _tile_pictures(data, idx, lh, tiles: pd.DataFrame, fdir: Path, res: _TileResult, ac, rf: RunFiles) -> None:
     """QuPath GeoJSON per slide; heatmaps and galleries for the highest- and lowest-risk patients."""
     from pipeline.outputs.plots import attention_heatmap, tile_gallery
     from pipeline.outputs.writers import write_geojson
 
-    for sub in ("heatmaps", "geojson", "galleries"):
-        (adir / sub).mkdir(exist_ok=True)
+    for folder in (rf.heatmaps, rf.geojson_dir, rf.galleries):
+        folder.mkdir(exist_ok=True)
     for sid, t in tiles.groupby("slide_id", sort=False):
-        write_geojson(t, res.size0[sid], adir / "geojson" / f"{sid}.geojson")
+        write_geojson(t, res.size0[sid], rf.geojson(sid))
     order = np.argsort(-lh)  # the highest- and lowest-risk patients are the most telling
     k = ac.max_heatmaps
     pick = list(dict.fromkeys([*order[: (k + 1) // 2], *order[::-1][: k // 2]]))[:k]
     for j in pick:
         for sid in dict.fromkeys(s for s, _, _ in data.tiles[idx[j]]):
             t = tiles[tiles.slide_id == sid]
-            attention_heatmap(tiles, fdir, sid, adir / "heatmaps" / f"{sid}.png")
-            attention_heatmap(tiles, fdir, sid, adir / "heatmaps" / f"{sid}_ig.png", column="ig")
+            attention_heatmap(tiles, fdir, sid, rf.heatmap(sid))
+            attention_heatmap(tiles, fdir, sid, rf.heatmap(sid, ig=True), column="ig")
             if sid in res.paths and len(t) >= 2:
-                g = adir / "galleries"
-                tile_gallery(t, res.paths[sid], res.size0[sid], g / f"{sid}.png", ac.gallery_k)
-                tile_gallery(t, res.paths[sid], res.size0[sid], g / f"{sid}_ig.png", ac.gallery_k, "ig")
+                tile_gallery(t, res.paths[sid], res.size0[sid], rf.gallery(sid), ac.gallery_k)
+                tile_gallery(t, res.paths[sid], res.size0[sid], rf.gallery(sid, ig=True), ac.gallery_k, "ig")
 
 
-def _attribute_genes(model, data, idx, held: pd.DataFrame, ac, adir: Path, written: dict) -> _GeneResult:
+def _attribute_genes(model, data, idx, held: pd.DataFrame, ac, rf: RunFiles, written: dict) -> _GeneResult:
     """Gene IG -> gene_ig.csv, genes.csv (ranked), gene_attributions.h5ad, deletion curves."""
     from pipeline.outputs.attribution import gene_deletion_curves, gene_integrated_gradients, rank_genes
     from pipeline.outputs.writers import write_gene_attributions, write_gene_h5ad
 
     attr = gene_integrated_gradients(model, data, idx, ac.ig_steps)
-    write_gene_attributions(adir / "gene_ig.csv", attr, held.patient_id.tolist(), data.genes)
+    write_gene_attributions(rf.gene_ig, attr, held.patient_id.tolist(), data.genes)
     present = data.omics_present[idx]
     rank = rank_genes(attr, data.omics[idx], present, data.genes)
-    written["genes"] = write_csv(adir / "genes.csv", rank)
+    written["genes"] = write_csv(rf.genes, rank)
     obs = held.assign(omics_present=present)
-    write_gene_h5ad(adir / "gene_attributions.h5ad", attr, data.omics[idx], obs, rank, data.genes)
-    written["genes_h5ad"] = adir / "gene_attributions.h5ad"
+    write_gene_h5ad(rf.gene_h5ad, attr, data.omics[idx], obs, rank, data.genes)
+    written["genes_h5ad"] = rf.gene_h5ad
     expression = pd.DataFrame(np.where(present[:, None], data.omics[idx], np.nan), columns=data.genes)
     faith = gene_deletion_curves(model, data, idx, attr, ac.deletion_steps, seed=ac.seed)
     return _GeneResult(faith, rank, expression)
 
 
 def _write_biomarkers(held, tiles: _TileResult | None, genes: _GeneResult | None, top_genes: int, split: str,
-                      adir: Path, written: dict) -> None:  # fmt: skip
+                      rf: RunFiles, written: dict) -> None:  # fmt: skip
     """biomarkers.csv/.json (Cox tests of genes and phenotypes on the split) and phenotypes.png."""
     from pipeline.outputs.biomarkers import biomarker_table
     from pipeline.outputs.plots import phenotype_examples_png
@@ -341,8 +340,8 @@ def _write_biomarkers(held, tiles: _TileResult | None, genes: _GeneResult | None
     fractions = tiles.fractions if tiles is not None else None
     gene_x, rank = (genes.expression, genes.ranked) if genes is not None else (None, None)
     table, info = biomarker_table(held, gene_x, rank, fractions, top_genes)
-    written["biomarkers"] = write_csv(adir / "biomarkers.csv", table)
-    write_json(adir / "biomarkers.json", {"split": split, **info})
+    written["biomarkers"] = write_csv(rf.biomarkers, table)
+    write_json(rf.biomarkers_info, {"split": split, **info})
     if "phenotype_png" in written and tiles is not None:
         kind = table[table.kind == "phenotype"]
         phenotype_examples_png(tiles.phenotypes, tiles.paths, tiles.size0, written["phenotype_png"], kind)
@@ -358,11 +357,11 @@ def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -
     """
     from pipeline.outputs.cv import folds_table, score_fold, summarise
 
-    t, out = cfg.train, Path(cfg.out)
+    t, out, rf = cfg.train, Path(cfg.out), RunFiles(root=cfg.out)
     if any(p.split for p in cohort.patients):
         log.info("cross-validation ignores the cohort's split column: every patient is tested once")
     folds = assign_folds(cohort, k, t.seed)
-    write_csv(out / "folds.csv", folds_table(cohort, folds))
+    write_csv(rf.folds, folds_table(cohort, folds))
     fdir = features_dir(out, cfg.extract) if any(p.slides for p in cohort.patients) else None
     o = cfg.omics
     oof = np.full(len(cohort.patients), np.nan)
@@ -371,8 +370,8 @@ def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -
         splits = fold_splits(cohort, folds, f, t.val_fraction, t.seed)
         data = build_data(cohort, fdir, splits=splits, seed=t.seed, gene_panel=o.gene_panel, max_genes=o.max_genes,
                           gene_sets=o.gene_sets, min_pathway_genes=o.min_pathway_genes)  # fmt: skip
-        fcfg = cfg.model_copy(update={"out": out / f"fold_{f}"})
-        fcfg.save(fcfg.out / "config.yaml")
+        fcfg = cfg.model_copy(update={"out": rf.fold(f).root})
+        write_text(rf.fold(f).config, fcfg.to_yaml())
         model, _ = load_bundle(stage_train(cohort, fcfg, progress=progress, data=data))
         oof[splits["test"]] = lh = predict(model, data, splits["test"]).log_hz
         rows.append(score_fold(f, data, splits, lh))
@@ -381,6 +380,6 @@ def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -
             "fold %d/%d: test C-index %.3f (n=%d, events=%d)", f + 1, k, r["cindex"], r["n_test"], r["test_events"]
         )
     res = summarise(rows, k, t.seed, "federated" if cfg.federated.enabled else "centralised")
-    write_csv(out / "cv_risk_scores.csv", folds_table(cohort, folds, oof))
-    write_json(out / "cv_results.json", res)
+    write_csv(rf.cv_risk_scores, folds_table(cohort, folds, oof))
+    write_json(rf.cv_results, res)
     return res

@@ -30,6 +30,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from data_specs import load_cohort, resolve_config
     from pipeline.cohorts.tcga_brca import build_cohort
+    from pipeline.files import write_text
     from pipeline.outputs.evaluate import stage_evaluate
     from pipeline.outputs.report import build_report
     from pipeline.stages import stage_predict, stage_train
@@ -39,7 +40,7 @@ def main() -> None:
     cohort = load_cohort(spec)
     ov = [*args.overrides, f"train.seed={args.seed}", f"federated.enabled={str(not args.centralised).lower()}"]
     cfg = resolve_config(None, ov, cohort=spec, out=args.out)
-    cfg.save(args.out / "config.yaml")
+    write_text(args.out / "config.yaml", cfg.to_yaml())
     data = load_run_data(cohort, cfg)
     model = stage_train(cohort, cfg, progress=False, data=data)
     risk = stage_predict(model, cohort, args.out, None, data=data)

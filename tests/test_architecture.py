@@ -232,6 +232,13 @@ def test_stats_imports_no_training_federated_or_outputs():
     fail_if(offenders(bad), "pipeline.stats must not import training, federated or outputs")
 
 
+def test_data_specs_import_no_pipeline_or_models():
+    def bad(imp: Import) -> bool:
+        return within(imp.src, "data_specs") and any(within(imp.module, p) for p in ("pipeline", "models"))
+
+    fail_if(offenders(bad), "data_specs/ (the contracts) must not import pipeline or models")
+
+
 # The encoder factory takes a local weights file (as timm's create_model does): it may name a path, nothing more.
 MODELS_ALLOWED = {("models.encoders", "pathlib")}
 

@@ -48,6 +48,11 @@ B_AGE = 0.3
 
 
 SITES = ("north", "central", "south")
+# the planted truth, under the cohort folder (read back by pipeline.cohorts.demo_check)
+TRUTH_DIR = "truth"
+TRUTH_PATIENTS = "patients.csv"  # oracle log hazard per patient
+TRUTH_TILES = "tiles.csv"  # is_tumour per tile
+TRUTH_GENES = "genes.json"  # planted gene effects
 
 
 @dataclass(frozen=True)
@@ -145,14 +150,14 @@ def build_demo(out: str | Path, size: DemoSize | None = None, seed: int = 0, for
     size = size or DemoSize()
     out = Path(out)
     spec = out / "cohort.yaml"
-    stamp = out / "truth" / "build.json"
+    stamp = out / TRUTH_DIR / "build.json"
     want = {"seed": seed, **size.__dict__, "version": 2}
     if spec.is_file() and stamp.is_file() and not force and json.loads(stamp.read_text()) == want:
         log.info("demo cohort already built in %s", out)
         return spec
     rng = np.random.default_rng(seed)
     (out / "slides").mkdir(parents=True, exist_ok=True)
-    (out / "truth").mkdir(parents=True, exist_ok=True)
+    (out / TRUTH_DIR).mkdir(parents=True, exist_ok=True)
     n = size.patients
     site_idx = rng.choice(len(SITES), size=n, p=[0.42, 0.33, 0.25])
     tumour_frac_target = rng.uniform(0.05, 0.85, size=n)
@@ -288,12 +293,12 @@ def _write_truth(out: Path, d: _Draws) -> None:
          d.age[i]] + [round(float(v), 5) for v in d.planted_s[i]]
         for i in range(len(d.pids))
     )  # fmt: skip
-    _write_rows(out / "truth" / "patients.csv", header, rows)
-    _write_rows(out / "truth" / "tiles.csv", ["slide_id", "x", "y", "is_tumour"], d.tiles_rows)
+    _write_rows(out / TRUTH_DIR / TRUTH_PATIENTS, header, rows)
+    _write_rows(out / TRUTH_DIR / TRUTH_TILES, ["slide_id", "x", "y", "is_tumour"], d.tiles_rows)
     truth = {
         "planted": PLANTED,
         "b_tumour": B_TUMOUR,
         "b_age": B_AGE,
         "patients_without_omics": [d.pids[i] for i in sorted(d.no_omics)],
     }
-    write_json(out / "truth" / "genes.json", truth)
+    write_json(out / TRUTH_DIR / TRUTH_GENES, truth)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_specs.artifacts import RunFiles
+from pipeline.cohorts.demo import TRUTH_DIR, TRUTH_GENES, TRUTH_PATIENTS, TRUTH_TILES
 from pipeline.files import write_json
 from pipeline.stats.metrics import harrell_cindex
 
@@ -15,12 +17,12 @@ from pipeline.stats.metrics import harrell_cindex
 def check_demo(out: Path) -> dict:
     """Oracle C-index on the run's test patients, planted genes' ranks, attention on tumour vs other tiles.
 
-    Writes ``truth_check.json`` in ``out`` and returns it.
+    Writes ``truth_check.json`` in ``out`` (:attr:`RunFiles.truth_check`) and returns it.
     """
-    out = Path(out)
-    truth = out / "cohort" / "truth"
-    risk = pd.read_csv(out / "risk_scores.csv")
-    oracle = pd.read_csv(truth / "patients.csv")[["patient_id", "oracle_log_hz"]]
+    rf = RunFiles(root=Path(out))
+    truth = rf.demo_cohort / TRUTH_DIR
+    risk = pd.read_csv(rf.risk_scores)
+    oracle = pd.read_csv(truth / TRUTH_PATIENTS)[["patient_id", "oracle_log_hz"]]
     test = risk[risk.split == "test"].merge(oracle, on="patient_id")
     r: dict = {
         "test_cindex": harrell_cindex(test.time.to_numpy(), test.event.to_numpy(bool), test.risk.to_numpy()),
@@ -29,8 +31,8 @@ def check_demo(out: Path) -> dict:
         ),
         "n_test": len(test),
     }
-    planted = json.loads((truth / "genes.json").read_text())["planted"]
-    genes = out / "attributions" / "genes.csv"
+    planted = json.loads((truth / TRUTH_GENES).read_text())["planted"]
+    genes = rf.genes
     if genes.is_file():
         g = pd.read_csv(genes)
         r["n_genes"] = len(g)
@@ -40,11 +42,11 @@ def check_demo(out: Path) -> dict:
             for k, beta in planted.items()
             if (g.gene == k).any()
         }
-    tiles = out / "attributions" / "tiles.csv"
+    tiles = rf.tiles
     if tiles.is_file():
         from sklearn.metrics import roc_auc_score
 
-        t = pd.read_csv(tiles).merge(pd.read_csv(truth / "tiles.csv"), on=["slide_id", "x", "y"], how="left")
+        t = pd.read_csv(tiles).merge(pd.read_csv(truth / TRUTH_TILES), on=["slide_id", "x", "y"], how="left")
         lab = t.is_tumour.to_numpy()
         if np.isnan(lab).any():
             raise ValueError("some attended tiles are not in the demo's tile truth: grid misaligned")
@@ -56,5 +58,5 @@ def check_demo(out: Path) -> dict:
             "auc": float(np.mean(aucs)) if aucs else float("nan"),
             "slides": len(aucs),
         }
-    write_json(out / "truth_check.json", r)
+    write_json(rf.truth_check, r)
     return r

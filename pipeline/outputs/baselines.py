@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data_specs.artifacts import RunFiles
 from pipeline.outputs.baseline_report import summary_lines
 from pipeline.stats.metrics import bootstrap_ci, harrell_cindex
 
@@ -360,7 +361,7 @@ def add_to_run(out: Path, data: CohortData, predict_fn: PredictFn, n_boot: int =
     from pipeline.files import write_json
 
     s = BaselineSettings(n_boot=n_boot, seed=seed)
-    path = Path(out) / "metrics.json"
+    path = RunFiles(root=Path(out)).metrics
     m = json.loads(path.read_text())
     try:
         m["baselines"] = fit_baselines(data, predict_fn(data, np.asarray(data.splits["test"])), s)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_specs.artifacts import RunFiles
 from data_specs.config import RunConfig
 from pipeline.files import write_json
 
@@ -57,7 +58,7 @@ def stage_evaluate(
     if horizons is None:
         horizons = [float(c[6:]) for c in df.columns if c.startswith("surv_t")] or None
     sites = sorted(d.site.unique())
-    curves = read_curves(risk_csv.with_name("survival_curves.csv"), d.patient_id.tolist())
+    curves = read_curves(RunFiles(root=risk_csv.parent).survival_curves, d.patient_id.tolist())
     m = survival_metrics(
         d.time.to_numpy(float),
         d.event.to_numpy(bool),
@@ -73,13 +74,13 @@ def stage_evaluate(
     )
     m["split"] = split
     m["logrank_p"] = m["pooled"].get("logrank_p", float("nan"))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    km_by_group(d.time.to_numpy(), d.event.to_numpy(), d.risk_group.to_numpy(), out / f"km_{split}.png",
+    rf = RunFiles(root=Path(out))
+    rf.root.mkdir(parents=True, exist_ok=True)
+    km_by_group(d.time.to_numpy(), d.event.to_numpy(), d.risk_group.to_numpy(), rf.km_plot(split),
                 title=f"{split} set:")  # fmt: skip
     km_per_site(d.time.to_numpy(), d.event.to_numpy(), d.risk_group.to_numpy(), d.site.to_numpy(),
-                out / f"km_{split}_sites.png")  # fmt: skip
+                rf.km_plot(split, by_site=True))  # fmt: skip
     if m["horizons"]:
-        plot_td_auc(m, out / f"td_auc_{split}.png")
-    write_json(out / "metrics.json", m)
+        plot_td_auc(m, rf.td_auc_plot(split))
+    write_json(rf.metrics, m)
     return m

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from data_specs.artifacts import RunFiles
 from pipeline.files import write_text
 
 VERSIONED = ("torch", "timm", "lightning", "scikit-survival", "lifelines", "captum", "scanpy", "anndata", "flwr")
@@ -56,8 +57,8 @@ def _p(v: object) -> str:
     return f"{v:.3g}" if isinstance(v, int | float) and np.isfinite(v) else "–"
 
 
-def _metrics_section(out: Path) -> list[str]:
-    mj = out / "metrics.json"
+def _metrics_section(rf: RunFiles) -> list[str]:
+    mj = rf.metrics
     if not mj.is_file():
         return []
     m = json.loads(mj.read_text())
@@ -92,19 +93,16 @@ def _metrics_section(out: Path) -> list[str]:
     if km:
         t = pd.DataFrame([{"risk group": g, **{f"S({h})": _num(v) for h, v in d.items()}} for g, d in km.items()])
         parts += ["<h3>Kaplan-Meier survival by risk group (pooled)</h3>", _table(t)]
-    imgs = [
-        out / f"km_{m.get('split')}.png",
-        out / f"km_{m.get('split')}_sites.png",
-        out / f"td_auc_{m.get('split')}.png",
-    ]
+    split_name = str(m.get("split"))
+    imgs = [rf.km_plot(split_name), rf.km_plot(split_name, by_site=True), rf.td_auc_plot(split_name)]
     parts.append(
         "<div>" + "".join(_img(p, 420 if "sites" not in p.name else 760) for p in imgs if p.is_file()) + "</div>"
     )
     return parts
 
 
-def _cohort_section(out: Path) -> list[str]:
-    rs = out / "risk_scores.csv"
+def _cohort_section(rf: RunFiles) -> list[str]:
+    rs = rf.risk_scores
     if not rs.is_file():
         return []
     df = pd.read_csv(rs)
@@ -130,13 +128,13 @@ def _cohort_section(out: Path) -> list[str]:
         parts.append(
             "<p>Predicted survival probability at "
             f"{html.escape(', '.join(c[6:] for c in surv_cols))} (time units of the cohort) is in "
-            "<code>risk_scores.csv</code>; full curves in <code>survival_curves.csv</code>.</p>"
+            f"<code>{rf.RISK_SCORES}</code>; full curves in <code>{rf.SURVIVAL_CURVES}</code>.</p>"
         )
     return parts
 
 
-def _training_section(out: Path) -> list[str]:
-    ts = out / "train_summary.json"
+def _training_section(rf: RunFiles) -> list[str]:
+    ts = rf.train_summary
     if not ts.is_file():
         return []
     info = json.loads(ts.read_text())
@@ -149,11 +147,11 @@ def _training_section(out: Path) -> list[str]:
     return parts
 
 
-def _biomarker_sections(adir: Path) -> list[str]:
+def _biomarker_sections(rf: RunFiles) -> list[str]:
     parts: list[str] = []
-    genes = adir / "genes.csv"
-    bio = pd.read_csv(adir / "biomarkers.csv") if (adir / "biomarkers.csv").is_file() else None
-    info = json.loads((adir / "biomarkers.json").read_text()) if (adir / "biomarkers.json").is_file() else {}
+    genes = rf.genes
+    bio = pd.read_csv(rf.biomarkers) if rf.biomarkers.is_file() else None
+    info = json.loads(rf.biomarkers_info.read_text()) if rf.biomarkers_info.is_file() else {}
     if genes.is_file():
         g = pd.read_csv(genes).head(20)[["rank", "gene", "mean_abs_ig", "direction"]]
         if bio is not None and len(bio):
@@ -194,12 +192,12 @@ def _biomarker_sections(adir: Path) -> list[str]:
             f"{info.get('max_variables', 0)}).</p>",
             _table(t),
         ]
-    if (adir / "phenotypes.png").is_file():
+    if rf.phenotypes_png.is_file():
         parts += [
             "<h2>Morphological phenotypes</h2>",
             "<p class='note'>Leiden clusters (scanpy) of tile embeddings of the training patients; each "
             "patient's fraction of tiles per cluster is in <code>attributions/phenotype_fractions.csv</code>.</p>",
-            _img(adir / "phenotypes.png", 640, photo=True),
+            _img(rf.phenotypes_png, 640, photo=True),
         ]
     return parts
 
@@ -214,27 +212,27 @@ def _hr(df: pd.DataFrame, name: str, pre: str) -> str:
     return f"{hr:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def _tile_sections(adir: Path) -> list[str]:
-    hm = sorted(p for p in (adir / "heatmaps").glob("*.png") if not p.stem.endswith("_ig"))
+def _tile_sections(rf: RunFiles) -> list[str]:
+    hm = sorted(p for p in rf.heatmaps.glob("*.png") if not p.stem.endswith("_ig"))
     parts: list[str] = []
     if hm:
         parts.append(
             "<h2>Tile attributions</h2><p class='note'>Left: attention (x number of tiles; 1 = uniform). Middle: "
             "integrated gradients per tile (red raises the risk). Then the top and bottom tiles by attention and by "
             "integrated gradients, cut from the slide at full resolution. QuPath GeoJSON of every scored tile: "
-            "<code>attributions/geojson/</code>.</p>"
+            f"<code>{rf.ATTRIBUTIONS}/{rf.GEOJSON}/</code>.</p>"
         )
     for p in hm:
         sid = p.stem
         row = [_img(p, 330, photo=True)]
-        ig = adir / "heatmaps" / f"{sid}_ig.png"
+        ig = rf.heatmap(sid, ig=True)
         if ig.is_file():
             row.append(_img(ig, 330, photo=True))
-        for gal in (adir / "galleries" / f"{sid}.png", adir / "galleries" / f"{sid}_ig.png"):
+        for gal in (rf.gallery(sid), rf.gallery(sid, ig=True)):
             if gal.is_file():
                 row.append(_img(gal, 420, photo=True))
         parts.append(f"<div class='slide'><h3>{html.escape(sid)}</h3>{''.join(row)}</div>")
-    fj = adir / "faithfulness.json"
+    fj = rf.faithfulness
     if fj.is_file():
         f = json.loads(fj.read_text())
         rows = []
@@ -261,8 +259,8 @@ def _tile_sections(adir: Path) -> list[str]:
         ]
         if rows:
             parts.append(_table(pd.DataFrame(rows)))
-        if (adir / "deletion.png").is_file():
-            parts.append(_img(adir / "deletion.png", 760))
+        if rf.deletion_png.is_file():
+            parts.append(_img(rf.deletion_png, 760))
     return parts
 
 
@@ -270,20 +268,19 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
     """Assemble ``report.html`` from whatever the run's folder holds."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = Path(out)
-    adir = out / "attributions"
+    rf = RunFiles(root=Path(out))
     parts = [f"<h1>{html.escape(title)}</h1>"]
-    parts += _cohort_section(out)
-    parts += _metrics_section(out)
-    if (out / "metrics.json").is_file():  # model vs centralised baselines, modality contributions
+    parts += _cohort_section(rf)
+    parts += _metrics_section(rf)
+    if rf.metrics.is_file():  # model vs centralised baselines, modality contributions
         from pipeline.outputs.baseline_report import baselines_html
 
-        parts += baselines_html(json.loads((out / "metrics.json").read_text()))
-    parts += _training_section(out)
-    if adir.is_dir():
-        parts += _biomarker_sections(adir)
-        parts += _tile_sections(adir)
-    cfg = out / "config.yaml"
+        parts += baselines_html(json.loads(rf.metrics.read_text()))
+    parts += _training_section(rf)
+    if rf.attributions.is_dir():
+        parts += _biomarker_sections(rf)
+        parts += _tile_sections(rf)
+    cfg = rf.config
     if cfg.is_file():
         parts += [
             "<h2>Resolved config</h2>",
@@ -306,7 +303,7 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<link rel='icon' href='data:,'><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )
-    path = write_text(out / "report.html", page)
+    path = write_text(rf.report, page)
     return path
 
 
