@@ -189,8 +189,8 @@ class FederatedServer:
     Args:
         cfg: the run config (``federated`` section drives everything here).
         initial: the initial global arrays (None in a deployment where they come from a site).
-        out: folder for ``server_state.pt`` (None: no checkpoint).
-        resume: continue from ``out/server_state.pt`` after its last finished round.
+        out: folder for the checkpoint ``server_state.json`` + ``.safetensors`` (None: no checkpoint).
+        resume: continue from ``out/server_state.json`` after its last finished round.
     """
 
     def __init__(self, cfg: RunConfig, initial: Arrays | None, out: Path | None = None, resume: bool = False):
