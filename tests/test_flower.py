@@ -146,6 +146,8 @@ def test_raw_clinical_rows_smuggled_in_a_site_summary_are_stopped(clinical_omics
         audit=True,
     )
     ctx = Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[100].run_config))
-    with pytest.raises(SiteDataError, match=r"statistics exchange: .*site site_[abc]: DisclosureError: .*clinical summary"):
+    with pytest.raises(
+        SiteDataError, match=r"statistics exchange: .*site site_[abc]: DisclosureError: .*clinical summary"
+    ):
         server_app(grid, ctx)
     assert all(not m.has_content() for _, m in grid.sent)  # no summary left any site

@@ -309,6 +309,12 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     exchange_cohort_statistics(grid, cfg)
     server = FederatedServer(cfg, None, out, resume=resume)
     server.roster = len(list(grid.get_node_ids()))  # the sites connected at the statistics exchange
+    if cfg.federated.min_sites is None:
+        log.warning(
+            "federated.min_sites not set: every one of the %d SuperNode(s) connected now must answer every round "
+            "(set federated.min_sites to the consortium's size so the run waits for late sites)",
+            server.roster,
+        )
     strategy = serve(grid, context, server, None)
     info = {**server.summary(), "sites": sorted(set(strategy.node_site.values()))}
     write_json(out / "federated_history.json", info)
