@@ -85,7 +85,7 @@ def _train_parser(sub, name: str, hlp: str) -> None:
         p.add_argument("--strategy", choices=("fedsgd", "fedavg", "fedprox", "fedadam", "fedyogi"), default=None,
                        help="federated strategy (same as --set federated.strategy=NAME; default fedavg)")  # fmt: skip
         p.add_argument("--resume", action="store_true", help="continue a killed federated run after its last "
-                       "finished round (DIR/federated/server_state.pt)")  # fmt: skip
+                       "finished round (DIR/federated/server_state.json)")  # fmt: skip
 
 
 def _model_parser(sub, name: str, hlp: str, example: str) -> None:

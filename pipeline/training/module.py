@@ -12,6 +12,7 @@ gives risk scores and, for discrete-time models, per-patient hazards and surviva
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import lightning as L
@@ -131,7 +132,12 @@ class KeepBest(L.Callback):
 def make_trainer(
     epochs: int, callbacks: list[L.Callback] | None = None, progress: bool = False, validate: bool = True
 ) -> L.Trainer:
-    """The one Trainer recipe used by local and federated training (CPU unless a GPU is present)."""
+    """The one Trainer recipe used by local and federated training (CPU unless a GPU is present).
+
+    A federated run builds one Trainer per site and round: Lightning's per-Trainer INFO lines (accelerator,
+    "fit stopped") are lowered to WARNING here, when a Trainer is made, not at import.
+    """
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return L.Trainer(
         max_epochs=epochs,
         accelerator="auto",
