@@ -5,6 +5,8 @@
 - :class:`ModelCard`: everything a model file holds besides its weights (config, input sizes, normaliser
   states, cut-points, baseline, splits); stored as JSON beside the weights by ``pipeline.training.bundle``.
 - :class:`RunFiles`: the names of the files of a run folder, one place for every reader and writer.
+
+The site summaries of the statistics exchange are typed in :mod:`data_specs.summaries`.
 """
 
 from __future__ import annotations

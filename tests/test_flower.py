@@ -125,18 +125,14 @@ def test_raw_clinical_rows_smuggled_in_a_site_summary_are_stopped(clinical_omics
     from flwr.common.constant import SUPERLINK_NODE_ID
 
     import pipeline.federated.client_app as client_app_module
+    from data_specs.summaries import ClinicalSiteSummary
     from pipeline.federated.embedded import InProcessGrid
     from pipeline.federated.protocol import SiteDataError
     from pipeline.federated.server_app import server_app
 
-    real = client_app_module.local_summaries
-
-    def smuggling(spec, site, cfg):
-        summaries, n = real(spec, site, cfg)
-        summaries["clinical"]["rows"] = pd.read_csv(Path(spec).parent / "patients.csv")[["time"]].to_numpy()
-        return summaries, n
-
-    monkeypatch.setattr(client_app_module, "local_summaries", smuggling)
+    real = ClinicalSiteSummary.to_wire
+    rows = pd.read_csv(Path(clinical_omics_cohort).parent / "patients.csv")[["time"]].to_numpy().tolist()
+    monkeypatch.setattr(ClinicalSiteSummary, "to_wire", lambda self: {**real(self), "rows": rows})
     cohort = load_cohort(clinical_omics_cohort)
     nodes = {100 + k: s for k, s in enumerate(cohort.sites)}
     grid = InProcessGrid(

@@ -161,8 +161,8 @@ def test_omics_summaries_equal_pooled_fit_and_have_no_patient_axis():
     site_ids = [pids[:25], pids[25:33], pids[33:50]]
     sums = [OmicsNormaliser.site_summary(a, ids) for ids in site_ids]
     for s, ids in zip(sums, site_ids, strict=True):
-        assert s["n_patients"] == len(ids)
-        for k, v in s.items():
+        assert s.n_patients == len(ids)
+        for k, v in s.model_dump().items():
             if isinstance(v, np.ndarray):
                 assert v.shape == (G,), (k, v.shape)  # one value per gene, never one per patient
     fed = OmicsNormaliser.from_summaries(sums)
@@ -306,10 +306,10 @@ def test_clinical_summaries_equal_pooled_and_have_no_patient_axis(tmp_path):
     parts = [ids[:12], ids[12:20], ids[20:40]]
     sums = [ClinicalNormaliser.site_summary(df, p) for p in parts]
     for s in sums:
-        for k, v in s["numeric"].items():
+        for k, v in s.numeric.model_dump().items():
             if isinstance(v, np.ndarray):
                 assert v.shape == (1,), k
-        assert all(isinstance(c, int) for cats in s["categorical"].values() for c in cats.values())
+        assert all(isinstance(c, int) for cats in s.categorical.values() for c in cats.values())
     fed, pooled = ClinicalNormaliser.from_summaries(sums), ClinicalNormaliser().fit(df, ids)
     assert fed.columns == pooled.columns
     np.testing.assert_allclose(fed.mean, pooled.mean, rtol=1e-12)
@@ -399,3 +399,45 @@ def test_tsv_genes_as_rows_with_a_symbol_column(tmp_path):
     assert list(b.var_names) == ["ENSG00000141510", "ENSG00000012048"] and list(b.obs_names) == ["P1", "P2"]
     with pytest.raises(ValueError, match="patient column 'symbol' is not numeric.*name it as gene_column"):
         read_omics(OmicsSource(path=tmp_path / "o.tsv"), ["P1", "P2", "P3"])
+
+
+def test_site_summaries_round_trip_the_wire_exactly_and_bad_ones_are_refused(tmp_path):
+    """summary -> wire (JSON) -> summary -> fitted normaliser identical, bit for bit; malformed ones refused."""
+    import json
+
+    from data_specs.summaries import ClinicalSiteSummary, OmicsSiteSummary, site_summaries_from_wire
+
+    pids, genes = [f"P{i}" for i in range(N)], [f"G{j}" for j in range(G)]
+    a = _adata(_counts(), pids, genes)
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"age": rng.normal(60, 9, N), "grade": rng.choice(["1", "2", "3"], N)}, index=pids)
+    df.loc[pids[:5], "age"] = np.nan
+    parts = [pids[: N // 3], pids[N // 3 : N // 2], pids[N // 2 :]]
+    sums = [
+        {"omics": OmicsNormaliser.site_summary(a, p), "clinical": ClinicalNormaliser.site_summary(df, p)} for p in parts
+    ]
+    back = [site_summaries_from_wire(json.loads(json.dumps({k: v.to_wire() for k, v in s.items()})), "x") for s in sums]
+    for s, b in zip(sums, back, strict=True):
+        for k in ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"):
+            x, y = getattr(s["omics"], k), getattr(b["omics"], k)
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+    for kw in ({}, {"n_top_genes": 10}):
+        f0 = OmicsNormaliser.from_summaries([s["omics"] for s in sums], **kw)
+        f1 = OmicsNormaliser.from_summaries([s["omics"] for s in back], **kw)
+        assert f0.genes == f1.genes and f0.mean.tobytes() == f1.mean.tobytes() and f0.std.tobytes() == f1.std.tobytes()
+    c0 = ClinicalNormaliser.from_summaries([s["clinical"] for s in sums])
+    c1 = ClinicalNormaliser.from_summaries([s["clinical"] for s in back])
+    assert c0.mean.tobytes() == c1.mean.tobytes() and c0.std.tobytes() == c1.std.tobytes()
+    assert (c0.numeric, c0.categories, c0.columns) == (c1.numeric, c1.categories, c1.columns)
+
+    w = sums[0]["omics"].to_wire()
+    with pytest.raises(ValueError, match=r"site s1: omics summary: rows: Extra inputs"):
+        OmicsSiteSummary.from_wire({**w, "rows": [[1.0]]}, "s1")
+    with pytest.raises(ValueError, match=r"site s1: omics summary: .*sum has length 119; declared \[120\]"):
+        OmicsSiteSummary.from_wire({**w, "sum": w["sum"][:-1]}, "s1")
+    with pytest.raises(ValueError, match=r"site s1: omics summary: sum: .*no patient axis"):
+        OmicsSiteSummary.from_wire({**w, "sum": [w["sum"]] * 2}, "s1")
+    with pytest.raises(ValueError, match=r"site s1: clinical summary: n_patients"):
+        ClinicalSiteSummary.from_wire({**sums[0]["clinical"].to_wire(), "n_patients": 1}, "s1")
+    with pytest.raises(ValueError, match=r"site s1: undeclared summary part"):
+        site_summaries_from_wire({"slides": {}}, "s1")

@@ -18,15 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from data_specs.summaries import site_summaries_from_wire
 
 MIN_COUNT = 2  # patients behind any aggregate a site sends (the summaries' own floor; see README on k)
 
 FIT_METRICS = {"train_loss": float, "train_events": float}
 EVAL_METRICS = {"cindex": float, "concordant": float, "comparable": float, "loss_sum": float, "events": float}
-SUMMARY_KINDS = {"omics": "histofuse-omics-summary/1", "clinical": "histofuse-clinical-summary/1"}
-OMICS_KEYS = {"kind", "values", "genes", "n_patients", "n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"}
-CLINICAL_KEYS = {"kind", "n_patients", "columns", "numeric", "categorical", "missing"}
 
 
 class DisclosureError(ValueError):
@@ -95,37 +92,14 @@ def check_evaluate_reply(facts: SiteFacts, num_examples: int, metrics: Mapping[s
         raise _fail(facts, f"cindex = {c} outside [0, 1]")
 
 
-def _check_vector(facts: SiteFacts, where: str, v: Any, length: int) -> None:
-    a = np.asarray(v)
-    if a.ndim != 1 or len(a) != length:
-        raise _fail(facts, f"{where} has shape {a.shape}; declared [{length}] (no patient axis)")
-
-
 def check_summaries(facts: SiteFacts, summaries: Mapping[str, Any]) -> None:
-    """The statistics exchange: only declared summary kinds and fields, per-gene / per-column vectors, and
-    at least ``min_count`` patients behind each (and each count no larger than that)."""
-    extra = set(summaries) - set(SUMMARY_KINDS)
-    if extra:
-        raise _fail(facts, f"undeclared summary part(s) {sorted(extra)}")
-    for part, s in summaries.items():
-        keys = OMICS_KEYS if part == "omics" else CLINICAL_KEYS
-        if not isinstance(s, Mapping) or set(s) != keys or s["kind"] != SUMMARY_KINDS[part]:
-            got = sorted(s) if isinstance(s, Mapping) else type(s).__name__
-            raise _fail(facts, f"{part} summary fields {got}; declared {sorted(keys)}")
-        n = s["n_patients"]
-        _check_count(facts, f"{part}.n_patients", n, set(range(facts.min_count, facts.n_train + 1)))
-        if part == "omics":
-            for key in ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"):
-                _check_vector(facts, f"omics.{key}", s[key], len(s["genes"]))
-            counts = [np.asarray(s["n"])]
-        else:
-            num = s["numeric"]
-            if set(num) != {"columns", "n", "sum", "sumsq"}:
-                raise _fail(facts, f"clinical.numeric fields {sorted(num)}")
-            for key in ("n", "sum", "sumsq"):
-                _check_vector(facts, f"clinical.numeric.{key}", num[key], len(num["columns"]))
-            cats = [np.asarray(list(c.values()), float) for c in s["categorical"].values()]
-            counts = [np.asarray(num["n"]), np.asarray(list(s["missing"].values()), float), *cats]
-        for c in counts:
-            if c.size and (c.min() < 0 or c.max() > n or not np.all(np.mod(c, 1) == 0)):
-                raise _fail(facts, f"{part} summary holds a count outside 0..{n} patients")
+    """The statistics exchange: the wire form of the typed site summaries
+    (:func:`data_specs.summaries.site_summaries_from_wire`: declared parts and fields only, per-gene /
+    per-column vectors, counts within the patients behind them), each covering at least ``min_count`` and
+    at most the site's training patients."""
+    try:
+        typed = site_summaries_from_wire(summaries)
+    except ValueError as e:
+        raise _fail(facts, str(e)) from None
+    for part, s in typed.items():
+        _check_count(facts, f"{part}.n_patients", s.n_patients, set(range(facts.min_count, facts.n_train + 1)))

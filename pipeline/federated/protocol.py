@@ -82,6 +82,8 @@ def encode_record(obj: Any) -> str:
             return {"__ndarray__": o.tolist(), "dtype": str(o.dtype)}
         if isinstance(o, np.generic):
             return o.item()
+        if callable(getattr(o, "to_wire", None)):  # typed site summaries: plain JSON values
+            return o.to_wire()
         raise TypeError(f"cannot encode {type(o).__name__}")
 
     return json.dumps(obj, default=enc)

@@ -35,6 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
 from data_specs.config import RunConfig
+from data_specs.summaries import site_summaries_from_wire
 from pipeline.federated.protocol import (
     SECAGG_QUANTISATION,
     Arrays,
@@ -277,7 +278,8 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
                 raise SiteDataError(f"statistics exchange: {reply.error.reason}")
             log.warning("node %s sent no summaries (%s)", reply.metadata.src_node_id, reply.error.reason)
             continue
-        summaries.append(decode_record(str(reply.content.config_records["summaries"]["json"])))
+        body = decode_record(str(reply.content.config_records["summaries"]["json"]))
+        summaries.append(site_summaries_from_wire(body, site=f"node {reply.metadata.src_node_id}"))
     o = cfg.omics
     omics_norm, clinical_norm = fit_normalisers(summaries, o.gene_panel, o.max_genes, o.gene_sets, o.min_pathway_genes)
     stats: dict = {}

@@ -12,15 +12,10 @@ import numpy as np
 import pandas as pd
 
 from data_specs.cohort import ClinicalSource
+from data_specs.summaries import MIN_SUMMARY_PATIENTS, ClinicalNumericStats, ClinicalSiteSummary
 from data_specs.tables import read_csv_frame
 
 log = logging.getLogger(__name__)
-
-
-CLINICAL_SUMMARY = "histofuse-clinical-summary/1"
-
-
-MIN_SUMMARY_PATIENTS = 2  # a summary of one patient is that patient's values: refuse it
 
 
 def _is_number(v: str) -> bool:
@@ -98,12 +93,14 @@ class ClinicalNormaliser:
         return df
 
     @staticmethod
-    def site_summary(df: pd.DataFrame, train_ids: list[str], min_patients: int = MIN_SUMMARY_PATIENTS) -> dict:
+    def site_summary(
+        df: pd.DataFrame, train_ids: list[str], min_patients: int = MIN_SUMMARY_PATIENTS
+    ) -> ClinicalSiteSummary:
         """Per-column sufficient statistics of one site's training patients; no per-patient value.
 
-        Returns a dict with ``kind``, ``n_patients`` (int), ``columns`` (list[str]: every column, in
-        order), ``numeric`` (``{"columns": [C], "n": [C] int64, "sum": [C], "sumsq": [C]}`` over observed
-        values), ``categorical`` (column -> {category: count}) and ``missing`` (column -> count).
+        Returns a :class:`ClinicalSiteSummary`: ``n_patients``, ``columns`` (every column, in order),
+        ``numeric`` (``columns [C]``, ``n [C]`` int64, ``sum``/``sumsq [C]`` over observed values),
+        ``categorical`` (column -> {category: count}) and ``missing`` (column -> count).
         """
         ids = [i for i in train_ids if i in df.index]
         if len(ids) < min_patients:
@@ -115,30 +112,31 @@ class ClinicalNormaliser:
         x = d[num].to_numpy(np.float64)
         ok = ~np.isnan(x)
         x0 = np.where(ok, x, 0.0)
-        return {
-            "kind": CLINICAL_SUMMARY,
-            "n_patients": len(ids),
-            "columns": list(d.columns),
-            "numeric": {"columns": num, "n": ok.sum(0).astype(np.int64), "sum": x0.sum(0), "sumsq": (x0**2).sum(0)},
-            "categorical": {
-                c: {str(k): int(v) for k, v in d[c].value_counts().items()} for c in d.columns if c not in num
+        return ClinicalSiteSummary(
+            n_patients=len(ids),
+            columns=list(map(str, d.columns)),
+            numeric=ClinicalNumericStats(
+                columns=list(map(str, num)), n=ok.sum(0).astype(np.int64), sum=x0.sum(0), sumsq=(x0**2).sum(0)
+            ),
+            categorical={
+                str(c): {str(k): int(v) for k, v in d[c].value_counts().items()} for c in d.columns if c not in num
             },
-            "missing": {c: int(d[c].isna().sum()) for c in d.columns},
-        }
+            missing={str(c): int(d[c].isna().sum()) for c in d.columns},
+        )
 
     @classmethod
-    def from_summaries(cls, summaries: list[dict]) -> ClinicalNormaliser:
-        """The cohort-level clinical normaliser from sites' :meth:`site_summary` dicts."""
+    def from_summaries(cls, summaries: list[ClinicalSiteSummary]) -> ClinicalNormaliser:
+        """The cohort-level clinical normaliser from sites' :meth:`site_summary` summaries."""
         if not summaries:
             raise ValueError("no site summaries to fit the clinical normalisation on")
         for k, s in enumerate(summaries):
-            if s.get("kind") != CLINICAL_SUMMARY:
-                raise ValueError(f"summary {k}: not a clinical site summary (kind {s.get('kind')!r})")
-        cols = summaries[0]["columns"]
+            if not isinstance(s, ClinicalSiteSummary):
+                raise ValueError(f"summary {k}: not a clinical site summary ({type(s).__name__})")
+        cols = summaries[0].columns
         for k, s in enumerate(summaries[1:], start=1):
-            if s["columns"] != cols:
-                raise ValueError(f"site summary {k} has clinical columns {s['columns']}, site 0 has {cols}")
-        kinds = [set(s["numeric"]["columns"]) for s in summaries]
+            if s.columns != cols:
+                raise ValueError(f"site summary {k} has clinical columns {s.columns}, site 0 has {cols}")
+        kinds = [set(s.numeric.columns) for s in summaries]
         numeric = [c for c in cols if all(c in k for k in kinds)]
         for c in cols:
             if c not in numeric and any(c in k for k in kinds):
@@ -150,11 +148,11 @@ class ClinicalNormaliser:
         sm = np.zeros(len(numeric))
         sq = np.zeros(len(numeric))
         for s in summaries:
-            pos = {c: k for k, c in enumerate(s["numeric"]["columns"])}
+            pos = {c: k for k, c in enumerate(s.numeric.columns)}
             ix = np.array([pos[c] for c in numeric], dtype=int)
-            n += np.asarray(s["numeric"]["n"], np.float64)[ix]
-            sm += np.asarray(s["numeric"]["sum"], np.float64)[ix]
-            sq += np.asarray(s["numeric"]["sumsq"], np.float64)[ix]
+            n += np.asarray(s.numeric.n, np.float64)[ix]
+            sm += np.asarray(s.numeric.sum, np.float64)[ix]
+            sq += np.asarray(s.numeric.sumsq, np.float64)[ix]
         empty = [c for c, k in zip(numeric, n, strict=True) if k == 0]
         if empty:
             raise ValueError(f"clinical column(s) {empty} have no value in any training patient")
@@ -166,11 +164,11 @@ class ClinicalNormaliser:
                 continue
             counts: Counter[str] = Counter()
             for s in summaries:
-                counts.update(s["categorical"].get(c, {}))
+                counts.update(s.categorical.get(c, {}))
             if not counts:
                 raise ValueError(f"categorical clinical column '{c}' has no value in any training patient")
             cats[c] = sorted(k for k, v in counts.items() if v > 0)
-        missing = [c for c in cols if sum(s["missing"].get(c, 0) for s in summaries) > 0]
+        missing = [c for c in cols if sum(s.missing.get(c, 0) for s in summaries) > 0]
         return cls(numeric, mean, np.where(sd > 1e-9, sd, 1.0), cats, missing)
 
     def fit(self, df: pd.DataFrame, train_ids: list[str]) -> ClinicalNormaliser:

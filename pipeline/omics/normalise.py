@@ -11,17 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.omics.clinical import MIN_SUMMARY_PATIENTS, ClinicalNormaliser
+from data_specs.summaries import MIN_SUMMARY_PATIENTS, OmicsSiteSummary, SiteSummary
+from pipeline.omics.clinical import ClinicalNormaliser
 from pipeline.omics.readers import log_normalise, read_gmt, read_panel
 
 log = logging.getLogger(__name__)
-
-
-OMICS_SUMMARY = "histofuse-omics-summary/1"
 
 
 def seurat_hvg(n: np.ndarray, mean: np.ndarray, var: np.ndarray, n_top_genes: int, n_bins: int = 20) -> np.ndarray:
@@ -87,11 +86,11 @@ class OmicsNormaliser:
     @staticmethod
     def site_summary(
         adata, train_ids: list[str], values: str = "counts", min_patients: int = MIN_SUMMARY_PATIENTS
-    ) -> dict:
+    ) -> OmicsSiteSummary:
         """Per-gene sufficient statistics of one site's training patients; no per-patient value.
 
-        Returns a dict with ``kind``, ``values`` (str), ``genes`` (list[str], ``G``), ``n_patients``
-        (int) and ``[G]`` float64/int64 arrays over the log-normalised expression ``x`` (missing
+        Returns an :class:`OmicsSiteSummary`: ``values``, ``genes [G]``, ``n_patients`` and ``[G]``
+        float64/int64 arrays over the log-normalised expression ``x`` (missing
         values skipped): ``n`` (patients with a value), ``sum`` and ``sumsq`` of ``x`` and
         ``sum_expm1``/``sumsq_expm1`` of ``expm1(x)`` (what scanpy's seurat HVG rule needs).
         Raises ``ValueError`` when fewer than ``min_patients`` training patients have omics.
@@ -106,31 +105,30 @@ class OmicsNormaliser:
         ok = ~np.isnan(x)
         x0 = np.where(ok, x, 0.0)
         e0 = np.where(ok, np.expm1(x0), 0.0)
-        return {
-            "kind": OMICS_SUMMARY,
-            "values": values,
-            "genes": list(map(str, adata.var_names)),
-            "n_patients": len(ids),
-            "n": ok.sum(0).astype(np.int64),
-            "sum": x0.sum(0),
-            "sumsq": (x0**2).sum(0),
-            "sum_expm1": e0.sum(0),
-            "sumsq_expm1": (e0**2).sum(0),
-        }
+        return OmicsSiteSummary(
+            values=values,
+            genes=list(map(str, adata.var_names)),
+            n_patients=len(ids),
+            n=ok.sum(0).astype(np.int64),
+            sum=x0.sum(0),
+            sumsq=(x0**2).sum(0),
+            sum_expm1=e0.sum(0),
+            sumsq_expm1=(e0**2).sum(0),
+        )
 
     @classmethod
     def from_summaries(
         cls,
-        summaries: list[dict],
+        summaries: list[OmicsSiteSummary],
         panel: list[str] | None = None,
         n_top_genes: int | None = None,
         gene_sets: dict[str, list[str]] | None = None,
         min_pathway_genes: int = 1,
     ) -> OmicsNormaliser:
-        """The cohort-level normaliser from sites' :meth:`site_summary` dicts.
+        """The cohort-level normaliser from sites' :meth:`site_summary` summaries.
 
         Args:
-            summaries: one dict per site (at least one).
+            summaries: one per site (at least one).
             panel: restrict to these genes (all must be present at every site).
             n_top_genes: keep this many highly variable genes (scanpy seurat rule) among the candidates.
             gene_sets: name -> genes (e.g. :func:`read_gmt`): features become pathway tokens; genes are
@@ -155,7 +153,7 @@ class OmicsNormaliser:
             [genes[i] for i in sel],
             mean,
             np.where(sd > 1e-6, sd, 1.0),
-            summaries[0]["values"],
+            summaries[0].values,
         )
         if gene_sets is not None:
             pos = {g: k for k, g in enumerate(out.genes)}
@@ -228,27 +226,27 @@ class OmicsNormaliser:
         )
 
 
-def _pooled_totals(summaries: list[dict]) -> tuple[list[str], dict[str, np.ndarray]]:
+def _pooled_totals(summaries: list[OmicsSiteSummary]) -> tuple[list[str], dict[str, np.ndarray]]:
     """Genes measured at every site (first site's order) and the sites' summed ``[G]`` statistics."""
     if not summaries:
         raise ValueError("no site summaries to fit the omics normalisation on")
     for k, s in enumerate(summaries):
-        if s.get("kind") != OMICS_SUMMARY:
-            raise ValueError(f"summary {k}: not an omics site summary (kind {s.get('kind')!r})")
-    vals = {s["values"] for s in summaries}
+        if not isinstance(s, OmicsSiteSummary):
+            raise ValueError(f"summary {k}: not an omics site summary ({type(s).__name__})")
+    vals = {s.values for s in summaries}
     if len(vals) > 1:
         raise ValueError(f"sites disagree on omics values: {sorted(vals)}; every site must declare the same")
-    common = set(summaries[0]["genes"]).intersection(*(s["genes"] for s in summaries[1:]))
-    genes = [g for g in summaries[0]["genes"] if g in common]
-    dropped = len(set().union(*(s["genes"] for s in summaries))) - len(genes)
+    common = set(summaries[0].genes).intersection(*(s.genes for s in summaries[1:]))
+    genes = [g for g in summaries[0].genes if g in common]
+    dropped = len(set().union(*(s.genes for s in summaries))) - len(genes)
     if dropped:
         log.warning("%d gene(s) are not measured at every site and are left out of the panel", dropped)
     tot: dict[str, np.ndarray] = {}
     for s in summaries:
-        pos = {g: k for k, g in enumerate(s["genes"])}
+        pos = {g: k for k, g in enumerate(s.genes)}
         ix = np.array([pos[g] for g in genes], dtype=int)
         for key in ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"):
-            tot[key] = tot.get(key, 0) + np.asarray(s[key], np.float64)[ix]
+            tot[key] = tot.get(key, 0) + np.asarray(getattr(s, key), np.float64)[ix]
     return genes, tot
 
 
@@ -310,7 +308,7 @@ def site_summaries(
     adata=None,
     omics_values: str = "counts",
     clinical: pd.DataFrame | None = None,
-) -> dict[str, dict]:
+) -> dict[str, SiteSummary]:
     """What one site shares about its own training patients: ``{"omics": ..., "clinical": ...}``.
 
     Args:
@@ -323,7 +321,7 @@ def site_summaries(
     A modality with fewer than ``MIN_SUMMARY_PATIENTS`` training patients is left out with a warning
     naming the site: a one-patient summary would be that patient's values.
     """
-    out: dict[str, dict] = {}
+    out: dict[str, SiteSummary] = {}
     for kind, have in (("omics", adata), ("clinical", clinical)):
         if have is None:
             continue
@@ -349,7 +347,7 @@ def site_summaries(
 
 
 def fit_normalisers(
-    summaries: list[dict[str, dict]],
+    summaries: list[dict[str, SiteSummary]],
     gene_panel: Path | str | list[str] | None = None,
     max_genes: int | None = None,
     gene_sets: Path | str | dict[str, list[str]] | None = None,
@@ -366,8 +364,8 @@ def fit_normalisers(
 
     Returns ``(omics, clinical)``; None for a modality no site summarised.
     """
-    omics = [s["omics"] for s in summaries if "omics" in s]
-    clinical = [s["clinical"] for s in summaries if "clinical" in s]
+    omics: list[Any] = [s["omics"] for s in summaries if "omics" in s]  # each from_summaries checks the type
+    clinical: list[Any] = [s["clinical"] for s in summaries if "clinical" in s]
     for kind, got in (("omics", omics), ("clinical", clinical)):
         if kind in require and not got:
             raise ValueError(

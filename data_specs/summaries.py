@@ -1,0 +1,164 @@
+"""Typed site summaries: what one site shares about its training patients for the cohort-level normalisers.
+
+:class:`OmicsSiteSummary` and :class:`ClinicalSiteSummary` (per-gene / per-column sufficient statistics, no
+patient axis) are made by ``pipeline.omics`` and cross the federated boundary as plain JSON values
+(``to_wire`` / ``from_wire``, float64 exact); a summary with unexpected fields, wrong shapes, impossible
+counts or fewer than :data:`MIN_SUMMARY_PATIENTS` patients is refused naming the site and field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+OMICS_SUMMARY = "histofuse-omics-summary/1"
+CLINICAL_SUMMARY = "histofuse-clinical-summary/1"
+MIN_SUMMARY_PATIENTS = 2  # a summary of one patient is that patient's values: refuse it
+
+
+def _vector(dtype: type) -> BeforeValidator:
+    """A 1-D array of ``dtype`` (no patient axis); int64 counts must be whole numbers (no silent truncation)."""
+
+    def conv(v: Any) -> np.ndarray:
+        a = np.asarray(v)
+        if a.ndim != 1:
+            raise ValueError(f"shape {list(a.shape)}; declared a vector (no patient axis)")
+        if dtype is np.int64 and a.size and not np.all(np.mod(a, 1) == 0):
+            raise ValueError("a count that is not a whole number")
+        return a.astype(dtype)
+
+    return BeforeValidator(conv)
+
+
+Counts = Annotated[np.ndarray, _vector(np.int64)]
+Sums = Annotated[np.ndarray, _vector(np.float64)]
+
+
+def _check(model: Any, keys: tuple[str, ...], length: int, n_patients: int) -> None:
+    """Every ``keys`` vector has ``length`` entries; the count ``n`` is within ``0..n_patients``."""
+    for k in keys:
+        if len(getattr(model, k)) != length:
+            raise ValueError(f"{k} has length {len(getattr(model, k))}; declared [{length}]")
+    _counts_within("n", model.n, n_patients)
+
+
+def _counts_within(where: str, counts: Any, n: int) -> None:
+    c = np.asarray(list(counts), np.float64)
+    if c.size and (c.min() < 0 or c.max() > n):
+        raise ValueError(f"{where} holds a count outside 0..{n} patients")
+
+
+class _Summary(_Frozen):
+    KIND: ClassVar[str] = ""
+    PART: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain JSON values (arrays as lists; float64 round-trips exactly through ``json``), tagged by kind."""
+
+        def plain(o: Any) -> Any:
+            return (
+                o.tolist()
+                if isinstance(o, np.ndarray)
+                else {k: plain(v) for k, v in o.items()}
+                if isinstance(o, dict)
+                else o
+            )
+
+        return {"kind": self.KIND, **plain(self.model_dump())}
+
+    @classmethod
+    def from_wire(cls, d: Any, site: str | None = None) -> Any:
+        """The summary from :meth:`to_wire`'s dict; ``ValueError`` naming the site and field otherwise."""
+        where = f"site {site}: {cls.PART} summary" if site is not None else f"{cls.PART} summary"
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+        if d.get("kind") != cls.KIND:
+            raise ValueError(f"{where}: kind {d.get('kind')!r}, expected {cls.KIND!r}")
+        try:
+            return cls.model_validate({k: v for k, v in d.items() if k != "kind"})
+        except ValidationError as e:
+            msgs = "; ".join(f"{'.'.join(map(str, x['loc'])) or '(summary)'}: {x['msg']}" for x in e.errors())
+            raise ValueError(f"{where}: {msgs}") from None
+
+
+class OmicsSiteSummary(_Summary):
+    """Per-gene sufficient statistics of one site's training patients (no per-patient value).
+
+    ``genes`` [G]; over the log-normalised expression ``x`` (missing values skipped): ``n`` [G] int64
+    (patients with a value), ``sum``/``sumsq`` [G] float64 of ``x``, ``sum_expm1``/``sumsq_expm1`` [G]
+    float64 of ``expm1(x)`` (scanpy's seurat HVG rule).
+    """
+
+    KIND: ClassVar[str] = OMICS_SUMMARY
+    PART: ClassVar[str] = "omics"
+    values: str
+    genes: list[str]
+    n_patients: int = Field(ge=MIN_SUMMARY_PATIENTS)
+    n: Counts
+    sum: Sums
+    sumsq: Sums
+    sum_expm1: Sums
+    sumsq_expm1: Sums
+
+    @model_validator(mode="after")
+    def _shapes(self) -> OmicsSiteSummary:
+        _check(self, ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1"), len(self.genes), self.n_patients)
+        return self
+
+
+class ClinicalNumericStats(_Frozen):
+    """Sums over the observed values of the numeric clinical columns: ``n`` [C] int64, ``sum``/``sumsq`` [C]."""
+
+    columns: list[str]
+    n: Counts
+    sum: Sums
+    sumsq: Sums
+
+
+class ClinicalSiteSummary(_Summary):
+    """Per-column sufficient statistics of one site's training patients (no per-patient value).
+
+    ``columns``: every column, in order; ``numeric``: :class:`ClinicalNumericStats`; ``categorical``:
+    column -> {category: count}; ``missing``: column -> count of missing values.
+    """
+
+    KIND: ClassVar[str] = CLINICAL_SUMMARY
+    PART: ClassVar[str] = "clinical"
+    n_patients: int = Field(ge=MIN_SUMMARY_PATIENTS)
+    columns: list[str]
+    numeric: ClinicalNumericStats
+    categorical: dict[str, dict[str, int]]
+    missing: dict[str, int]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClinicalSiteSummary:
+        _check(self.numeric, ("n", "sum", "sumsq"), len(self.numeric.columns), self.n_patients)
+        for where, names in (("numeric.columns", self.numeric.columns), ("categorical", self.categorical)):
+            if unknown := sorted(set(names) - set(self.columns)):
+                raise ValueError(f"{where} names column(s) {unknown} not in columns")
+        _counts_within("missing", self.missing.values(), self.n_patients)
+        for c, counts in self.categorical.items():
+            _counts_within(f"categorical.{c}", counts.values(), self.n_patients)
+        return self
+
+
+SiteSummary = OmicsSiteSummary | ClinicalSiteSummary
+SUMMARY_PARTS: dict[str, type[_Summary]] = {"omics": OmicsSiteSummary, "clinical": ClinicalSiteSummary}
+
+
+def site_summaries_from_wire(d: Any, site: str | None = None) -> dict[str, SiteSummary]:
+    """One site's ``{"omics": ..., "clinical": ...}`` wire dicts (either may be absent) as typed summaries."""
+    where = f"site {site}: " if site is not None else ""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where}site summaries: expected a mapping, got {type(d).__name__}")
+    if extra := sorted(set(d) - set(SUMMARY_PARTS)):
+        raise ValueError(f"{where}undeclared summary part(s) {extra}; declared {sorted(SUMMARY_PARTS)}")
+    return {part: SUMMARY_PARTS[part].from_wire(v, site) for part, v in d.items()}
