@@ -34,7 +34,7 @@ from pipeline.outputs.predictions import curves_table, risk_table, survival_curv
 from pipeline.slides.extract import extract_slides
 from pipeline.slides.features import features_dir
 from pipeline.training.bundle import check_dims, data_for_model, load_bundle
-from pipeline.training.data import CohortData, build_data, load_run_data
+from pipeline.training.data import CohortData, build_data, load_bags, load_run_data
 from pipeline.training.predict import predict
 from pipeline.training.splits import assign_folds, fold_splits
 
@@ -354,6 +354,7 @@ def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -
     carved (seeded) from the rest per (site, event) stratum, normalisers refitted on the fold's training
     patients. Each fold trains through :func:`stage_train` (centralised by default; federated with
     ``federated.enabled``). The cohort's own ``split`` column is ignored: every patient is tested once.
+    The features files are read once (:func:`load_bags`) and shared by every fold's data.
     """
     from pipeline.outputs.cv import folds_table, score_fold, summarise
 
@@ -363,13 +364,14 @@ def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -
     folds = assign_folds(cohort, k, t.seed)
     write_csv(rf.folds, folds_table(cohort, folds))
     fdir = features_dir(out, cfg.extract) if any(p.slides for p in cohort.patients) else None
+    bags = load_bags(cohort, fdir) if fdir is not None else None  # read once, shared by every fold
     o = cfg.omics
     oof = np.full(len(cohort.patients), np.nan)
     rows = []
     for f in range(k):
         splits = fold_splits(cohort, folds, f, t.val_fraction, t.seed)
         data = build_data(cohort, fdir, splits=splits, seed=t.seed, gene_panel=o.gene_panel, max_genes=o.max_genes,
-                          gene_sets=o.gene_sets, min_pathway_genes=o.min_pathway_genes)  # fmt: skip
+                          gene_sets=o.gene_sets, min_pathway_genes=o.min_pathway_genes, bags=bags)  # fmt: skip
         fcfg = cfg.model_copy(update={"out": rf.fold(f).root})
         write_text(rf.fold(f).config, fcfg.to_yaml())
         model, _ = load_bundle(stage_train(cohort, fcfg, progress=progress, data=data))

@@ -112,3 +112,70 @@ def test_cv_is_deterministic(tmp_path):
     ra = pd.read_csv(tmp_path / "a" / "cv_risk_scores.csv")
     rb = pd.read_csv(tmp_path / "b" / "cv_risk_scores.csv")
     pd.testing.assert_frame_equal(ra, rb)
+
+
+def _cohort_with_features(tmp_path, n: int = 24, dim: int = 6):
+    """The clinical cohort plus one slide per patient (two for P000), with synthetic features files written
+    where ``cv`` looks for them: (cohort, run config, {features file: its tiles' first feature})."""
+    from data_specs import resolve_config
+    from pipeline.slides.features import features_dir, features_writer
+
+    spec = _cohort(tmp_path, n=n)
+    pt = pd.read_csv(tmp_path / "patients.csv")
+    pt["slides"] = [f"slides/{p}.tif" + (f";slides/{p}b.tif" if i == 0 else "") for i, p in enumerate(pt.patient_id)]
+    pt.to_csv(tmp_path / "patients.csv", index=False)
+    (tmp_path / "slides").mkdir()
+    for sid in [*pt.patient_id, "P000b"]:
+        (tmp_path / "slides" / f"{sid}.tif").touch()  # never opened: the features are already extracted
+    (tmp_path / "cohort.yaml").write_text(
+        "name: cv\npatients: patients.csv\nslide_mpp: 0.5\nclinical: {path: clinical.csv}\n"
+    )
+    cfg = resolve_config(None, ["train.epochs=1", "train.batch_size=8"], out=tmp_path / "run")
+    fdir = features_dir(cfg.out, cfg.extract)
+    fdir.mkdir(parents=True)
+    attrs = {"encoder": "synthetic", "weights": "none", "dim": dim, "tile_px": 224, "target_mpp": 0.5}
+    rng = np.random.default_rng(1)
+    for sid in [*pt.patient_id, "P000b"]:
+        with features_writer(fdir / f"{sid}.h5", dim, attrs) as w:
+            k = int(rng.integers(2, 6))
+            w.append(rng.normal(size=(k, dim)).astype(np.float32), np.arange(2 * k).reshape(k, 2))
+            w.finish(0)
+    return load_cohort(spec), cfg, fdir
+
+
+def test_cv_reads_each_features_file_once(tmp_path, monkeypatch):
+    """K folds share one read of the features: each ``.h5`` is opened once, not once per fold."""
+    import pipeline.training.data as data_mod
+    from pipeline.stages import run_cv
+
+    cohort, cfg, fdir = _cohort_with_features(tmp_path)
+    reads: dict[str, int] = {}
+    real = data_mod.load_features
+
+    def counting(path, *a, **kw):
+        reads[path.name] = reads.get(path.name, 0) + 1
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(data_mod, "load_features", counting)
+    res = run_cv(cohort, cfg, k=3)
+    assert [r["fold"] for r in res["folds"]] == [0, 1, 2]
+    assert reads == {p.name: 1 for p in fdir.glob("*.h5")} and len(reads) == 25
+
+
+def test_build_data_with_loaded_bags_equals_reading_them(tmp_path):
+    import dataclasses
+
+    from pipeline.training.data import build_data, load_bags
+
+    cohort, _, fdir = _cohort_with_features(tmp_path)
+    bags = load_bags(cohort, fdir)
+    assert bags.dim == 6 and len(bags.features) == len(cohort.patients) == len(bags.tiles)
+    assert len(bags.features[0]) == len(bags.tiles[0]) and {t[0] for t in bags.tiles[0]} == {"P000", "P000b"}
+    a, b = build_data(cohort, fdir, seed=0), build_data(cohort, None, seed=0, bags=bags)
+    assert a.feature_attrs == b.feature_attrs and a.tiles == b.tiles and a.feature_dim == b.feature_dim == 6
+    for x, y in zip(a.bags, b.bags, strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(a.clinical, b.clinical)
+    with pytest.raises(ValueError, match="bags: 24 patients given for a cohort of 23"):
+        sub = dataclasses.replace(cohort, patients=cohort.patients[:-1])
+        build_data(sub, None, bags=bags)

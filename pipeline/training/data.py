@@ -2,7 +2,9 @@
 
 ``build_data`` turns a validated cohort plus its features folder into a :class:`CohortData` (all
 modalities aligned to the cohort's patient order, omics/clinical standardised with statistics fitted
-on the training patients only). ``make_loader`` pads bags into ``features [B, N, D]`` + ``mask [B, N]``.
+on the training patients only). ``load_bags`` reads the features files once into :class:`Bags`, which
+``build_data`` can reuse (cross-validation builds one ``CohortData`` per fold from the same bags).
+``make_loader`` pads bags into ``features [B, N, D]`` + ``mask [B, N]``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,25 @@ class CohortData:
         return {s: idx[self.site[idx] == k] for k, s in enumerate(self.sites)}
 
 
+@dataclass(frozen=True)
+class Bags:
+    """Each patient's tiles as read from the features files of its slides, in cohort order.
+
+    Attributes:
+        features: per patient ``[N_i, D]`` float32 (all slides concatenated; ``N_i`` may be 0).
+        tiles: per patient ``[(slide_id, x, y), ...]`` aligned with ``features``.
+        attrs: the features-file attributes shared by every slide (encoder identity, ``dim``).
+    """
+
+    features: list[np.ndarray]
+    tiles: list[list[tuple[str, int, int]]]
+    attrs: FeatureAttrs
+
+    @property
+    def dim(self) -> int:
+        return self.attrs.dim
+
+
 def build_data(
     cohort: Cohort,
     features_dir: Path | None,
@@ -92,8 +113,12 @@ def build_data(
     expect_features: FeatureAttrs | None = None,
     gene_sets: Path | dict[str, list[str]] | None = None,
     min_pathway_genes: int = 3,
+    bags: Bags | None = None,
 ) -> CohortData:
     """Align every modality to the cohort. ``expect_features``: the encoder identity every features file must carry.
+
+    ``bags``: tile features already read by :func:`load_bags` for this cohort (the features files are then
+    not opened again); without them they are read from ``features_dir``.
 
     Normalisers are given (prediction reuses the model's) or fitted on the train split the way a
     federation fits them: each site summarises its own training patients
@@ -114,10 +139,15 @@ def build_data(
         np.array([p.event for p in cohort.patients], bool),
         splits,
     )
-    if any(p.slides for p in cohort.patients):
+    if bags is None and any(p.slides for p in cohort.patients):
         if features_dir is None:
             raise ValueError("the cohort has slides: give the features folder (run `histofuse extract` first)")
-        _add_bags(data, cohort, Path(features_dir), expect_features)
+        bags = load_bags(cohort, Path(features_dir), expect_features)
+    if bags is not None:
+        if len(bags.features) != len(pids):
+            raise ValueError(f"bags: {len(bags.features)} patients given for a cohort of {len(pids)}")
+        data.bags, data.tiles = list(bags.features), list(bags.tiles)
+        data.feature_dim, data.feature_attrs = bags.dim, bags.attrs
     site_train = {s: [pids[i] for i in idx] for s, idx in data.subset_sites(np.asarray(splits["train"])).items()}
     if cohort.omics is not None:
         _add_omics(data, cohort, site_train, omics_norm, gene_panel, max_genes, gene_sets, min_pathway_genes)
@@ -126,8 +156,14 @@ def build_data(
     return data
 
 
-def _add_bags(data: CohortData, cohort: Cohort, fdir: Path, expect: FeatureAttrs | None) -> None:
-    """Each patient's tiles from the features files of its slides (a missing file: slide left out, warned)."""
+def load_bags(cohort: Cohort, fdir: Path, expect: FeatureAttrs | None = None) -> Bags:
+    """Each patient's tiles from the features files of its slides, each file read once.
+
+    A missing file: that slide is left out (warned). ``expect``: the encoder identity every file must carry.
+
+    Raises:
+        ValueError: no features file at all, or slides encoded by different encoders.
+    """
     bags, tiles = [], []
     ref: FeatureAttrs | None = None
     for p in cohort.patients:
@@ -153,8 +189,7 @@ def _add_bags(data: CohortData, cohort: Cohort, fdir: Path, expect: FeatureAttrs
         tiles.append(tl)
     if ref is None:
         raise ValueError(f"no features file found in {fdir} for any slide of the cohort")
-    data.bags = [b if b is not None else np.zeros((0, ref.dim), np.float32) for b in bags]
-    data.tiles, data.feature_dim, data.feature_attrs = tiles, ref.dim, ref
+    return Bags([b if b is not None else np.zeros((0, ref.dim), np.float32) for b in bags], tiles, ref)
 
 
 def _add_omics(
