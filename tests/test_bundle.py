@@ -165,3 +165,18 @@ def test_weights_of_another_shape_are_caught(saved, tmp_path):
     bad.write_bytes(save(state, metadata=meta))
     with pytest.raises(ModelFileError, match=rf"{bad}.*shapes"):
         load_bundle(bad)
+
+
+def test_a_model_file_whose_header_length_starts_with_a_pickle_byte_loads(tmp_path):
+    """safetensors starts with its header length: when its low byte is 0x80 (a pickle's first byte), still a model."""
+    data = _data()
+    cfg = resolve_config(None, ["model.hidden=8", "model.omics_hidden=8"], out=tmp_path)
+    model = new_model(data, cfg).eval()
+    path = tmp_path / "model.safetensors"
+    for k in range(0, 512, 8):  # the header is padded to 8 bytes: one of these lengths is 128 mod 256
+        save_bundle(path, model, data, cfg, {"train_info": {"mode": "centralised", "pad": "x" * k}})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    loaded, card = load_bundle(path)
+    assert card.train_info["pad"] == "x" * k

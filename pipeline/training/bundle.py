@@ -90,8 +90,12 @@ def save_bundle(path: Path, model: MultimodalSurvival, data: CohortData, cfg: Ru
     return card
 
 
-def _is_pickle(head: bytes) -> bool:
-    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # torch.save zip archive, or a raw pickle
+def _is_pickle(raw: bytes) -> bool:
+    """A torch.save zip archive or a raw pickle. A safetensors file (8-byte header length, then ``{``) never is,
+    even when the header length's low byte is 0x80, a pickle's first byte."""
+    if raw[8:9] == b"{":
+        return False
+    return raw[:4] == b"PK\x03\x04" or raw[:1] == b"\x80"
 
 
 def _read_header(path: Path, raw: bytes) -> dict:
@@ -118,7 +122,7 @@ def _read(path: Path, trust_pickle: bool, weights: bool) -> tuple[ModelCard, dic
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     raw = path.read_bytes()
-    if _is_pickle(raw[:4]):
+    if _is_pickle(raw[:9]):
         if not trust_pickle:
             raise PickleModelError(
                 f"{path}: a legacy pickled model file; loading a pickle runs any code it carries. Retrain, or pass "
