@@ -109,7 +109,6 @@ class RunFiles(_Frozen):
 
     CONFIG: ClassVar[str] = "config.yaml"
     MODEL: ClassVar[str] = "model.safetensors"
-    LEGACY_MODEL: ClassVar[str] = "model.pt"
     TRAIN_SUMMARY: ClassVar[str] = "train_summary.json"
     FEDERATED: ClassVar[str] = "federated"  # folder: round checkpoints and history of a federated run
     RISK_SCORES: ClassVar[str] = "risk_scores.csv"

@@ -98,7 +98,7 @@ def test_format_1_pickles_load_only_when_trusted(tmp_path):
         b["config"]["model"].pop(k)
     for k in ("n_bins", "memory_bank", "nll_alpha", "stratify"):
         b["config"]["train"].pop(k)
-    path = tmp_path / RunFiles.LEGACY_MODEL
+    path = tmp_path / "model.pt"  # the name pickled model files had
     torch.save(b, path)
     with pytest.raises(PickleModelError, match="trust-pickle"):
         load_bundle(path)
