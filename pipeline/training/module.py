@@ -154,21 +154,8 @@ def make_trainer(
 
 
 def model_kwargs(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
-    """``build_model`` keyword arguments from the ``model`` and ``train`` config sections."""
-    m = model_cfg
-    return {
-        "hidden": m.hidden,
-        "omics_hidden": m.omics_hidden,
-        "clinical_hidden": m.clinical_hidden,
-        "dropout": m.dropout,
-        "fusion": m.fusion,
-        "mil": m.mil,
-        "mil_layers": m.mil_layers,
-        "mil_heads": m.mil_heads,
-        "omics_encoder": m.omics_encoder,
-        "omics_groups": m.omics_groups,
-        "n_bins": train_cfg.n_bins if train_cfg.loss == "nll" else 0,
-    }
+    """``build_model`` keyword arguments: every ``model`` field as is, ``n_bins`` from the ``train`` section."""
+    return {**model_cfg.model_dump(), "n_bins": train_cfg.n_bins if train_cfg.loss == "nll" else 0}
 
 
 def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
@@ -210,7 +197,7 @@ def fit_local(
     val_idx: np.ndarray | None = None,
     progress: bool = False,
 ) -> tuple[SurvivalModule, dict]:
-    """Centralised training on ``train_idx`` (default: the train split), best epoch by validation C-index."""
+    """Centralised training on ``train_idx`` (default: the train split); the best epoch by validation loss is kept."""
     t = cfg.train
     train_idx = data.splits["train"] if train_idx is None else train_idx
     val_idx = data.splits["val"] if val_idx is None else val_idx
