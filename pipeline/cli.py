@@ -313,8 +313,8 @@ def describe(e: BaseException, args: argparse.Namespace) -> str:
     if isinstance(e, pickle.UnpicklingError | EOFError):
         where = f"{model}: " if model is not None else ""
         return f"{where}not a readable model file (truncated or not written by `histofuse train`): {e}"
-    if isinstance(e, OSError) and not isinstance(e, UsageError):
-        path = e.filename or (model if isinstance(e, OSError) and e.errno is None and model is not None else None)
+    if isinstance(e, OSError):
+        path = e.filename or (model if e.errno is None else None)
         what = e.strerror or str(e) or type(e).__name__
         hint = {PermissionError: " (check the permissions or choose another --out)",
                 IsADirectoryError: " (a folder where a file was expected)",

@@ -369,3 +369,16 @@ def test_every_expected_failure_is_one_line_naming_the_path(exc, needles, monkey
     monkeypatch.setitem(pipeline.cli.COMMANDS, "predict", boom)
     assert main(["predict", "c.yaml", "--model", "/m/model.pt"]) == 2
     _one_line_error(capsys, *needles)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("a bug"), KeyError("pooled"), TypeError("bad call")])
+def test_an_unexpected_error_is_not_swallowed(exc, monkeypatch):
+    """Only the failures a user can fix become one line; a bug keeps its traceback (pytest sees it raised)."""
+    import pipeline.cli
+
+    def boom(args, argv):
+        raise exc
+
+    monkeypatch.setitem(pipeline.cli.COMMANDS, "predict", boom)
+    with pytest.raises(type(exc)):
+        main(["predict", "c.yaml", "--model", "/m/model.pt"])
