@@ -47,11 +47,10 @@ from pipeline.files import atomic_path
 from pipeline.slides.encode import EncoderRunner
 from pipeline.slides.features import (
     FeaturesWriter,
+    done_attrs,
     expected_attrs,
     features_dir,
     features_writer,
-    is_done,
-    read_attrs,
     slide_id_of,
     tissue_settings,
 )
@@ -142,9 +141,9 @@ def extract_slide(
     try:
         mpp = slide_mpp(slide, path, mpp_override, mpp_fallback)
         want = {**expected_attrs(enc, cfg), "slide_fingerprint": fp, "slide_mpp": float(mpp)}
-        if is_done(out, want):
-            n_done = int(read_attrs(out)["n_tiles"])  # type: ignore[index,arg-type]
-            return SlideResult(sid, str(path), "skipped", n_done, 0.0, fingerprint=fp)
+        done = done_attrs(out, want)
+        if done is not None:
+            return SlideResult(sid, str(path), "skipped", int(done["n_tiles"]), 0.0, fingerprint=fp)  # type: ignore[call-overload]
         thumb = thumbnail(slide, cfg.thumbnail_px)
         dims = (int(slide.dimensions[0]), int(slide.dimensions[1]))
         tissue = tissue_settings(cfg)

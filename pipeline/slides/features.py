@@ -89,9 +89,15 @@ def read_attrs(path: Path) -> dict[str, object] | None:
         return None
 
 
-def is_done(path: Path, want: dict[str, object]) -> bool:
+def _mismatch(attrs: Mapping[str, object], want: Mapping[str, object]) -> str | None:
+    """The first attribute of ``want`` that ``attrs`` lacks or holds another value of, else None."""
+    return next((k for k, v in want.items() if attrs.get(k) != v), None)
+
+
+def done_attrs(path: Path, want: Mapping[str, object]) -> dict[str, object] | None:
+    """Attributes of the complete features file ``path`` when they hold ``want``; None when it must be (re)written."""
     have = read_attrs(path)
-    return have is not None and all(have.get(k) == v for k, v in want.items())
+    return have if have is not None and _mismatch(have, want) is None else None
 
 
 def load_features(path: Path, expect: dict[str, object] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -100,9 +106,8 @@ def load_features(path: Path, expect: dict[str, object] | None = None) -> tuple[
         attrs = _attrs(f)
         if not attrs.get("complete", False):
             raise ValueError(f"{path}: features file is incomplete (an interrupted write?)")
-        for k, v in (expect or {}).items():
-            if attrs.get(k) != v:
-                raise ValueError(f"{path}: attribute '{k}' is {attrs.get(k)!r}, expected {v!r}")
+        if expect and (k := _mismatch(attrs, expect)) is not None:
+            raise ValueError(f"{path}: attribute '{k}' is {attrs.get(k)!r}, expected {expect[k]!r}")
         feature_attrs(path, attrs)
         feats, coords = f["features"][:], f["coords"][:]
         if feats.shape[0] != coords.shape[0] or feats.shape[0] != attrs.get("n_tiles", feats.shape[0]):
