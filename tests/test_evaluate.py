@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.stats.curves import BreslowBaseline, combine, event_grid, site_summary, survival_from_hazards
-from pipeline.stats.metrics import Curves, _y, harrell_cindex, survival_metrics
+from pipeline.stats.metrics import Curves, harrell_cindex, survival_metrics, survival_y
 
 
 def _cohort(n=240, seed=0, ties=True):
@@ -100,7 +100,7 @@ def test_metrics_equal_sksurv_and_lifelines():
     p = m["pooled"]
     assert p["cindex"] == pytest.approx(concordance_index_censored(event[te], time[te], lh[te])[0])
     assert p["cindex"] == pytest.approx(concordance_index(time[te], -lh[te], event[te]), abs=1e-9)
-    ytr, yte = _y(event[tr], time[tr]), _y(event[te], time[te])
+    ytr, yte = survival_y(event[tr], time[tr]), survival_y(event[te], time[te])
     assert p["uno_cindex"] == pytest.approx(concordance_index_ipcw(ytr, yte, lh[te], tau=m["uno_tau"])[0])
     auc, _ = cumulative_dynamic_auc(ytr, yte, lh[te], hz)
     np.testing.assert_allclose(list(p["td_auc"].values()), auc)

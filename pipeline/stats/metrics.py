@@ -27,11 +27,14 @@ import numpy as np
 NAN = float("nan")
 
 
-def _y(event: np.ndarray, time: np.ndarray) -> np.ndarray:
-    """scikit-survival's structured outcome array."""
-    y = np.empty(len(time), dtype=[("event", bool), ("time", float)])
-    y["event"], y["time"] = np.asarray(event, bool), np.asarray(time, float)
-    return y
+def survival_y(event: np.ndarray, time: np.ndarray) -> np.ndarray:
+    """scikit-survival's structured outcome array ``[P]`` (fields ``event`` bool, ``time`` float).
+
+    ``event`` is taken as truthy/falsy (so a subset with no events, or events only, is still accepted).
+    """
+    from sksurv.util import Surv
+
+    return Surv.from_arrays(np.asarray(event, bool), time)
 
 
 def harrell_cindex(time: np.ndarray, event: np.ndarray, log_hz: np.ndarray) -> float:
@@ -84,7 +87,8 @@ def uno_cindex(time, event, log_hz, train: np.ndarray, tau: float | None) -> tup
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return float(concordance_index_ipcw(train, _y(event, time), np.asarray(log_hz, float), tau=tau)[0]), None
+            c = concordance_index_ipcw(train, survival_y(event, time), np.asarray(log_hz, float), tau=tau)[0]
+            return float(c), None
     except (ValueError, ZeroDivisionError) as e:
         return NAN, f"scikit-survival: {e}"
 
@@ -110,7 +114,7 @@ def td_auc(time, event, log_hz, train: np.ndarray, horizons: list[float]) -> tup
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                auc, _ = cumulative_dynamic_auc(train, _y(event, time), np.asarray(log_hz, float), ok)
+                auc, _ = cumulative_dynamic_auc(train, survival_y(event, time), np.asarray(log_hz, float), ok)
             out.update({f"{h:g}": float(a) for h, a in zip(ok, auc, strict=True)})
         except (ValueError, ZeroDivisionError) as e:
             for h in ok:
@@ -134,7 +138,7 @@ def ibs(time, event, surv_at_times: np.ndarray, train: np.ndarray, times: np.nda
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return float(integrated_brier_score(train, _y(event, time), surv_at_times, times)), None
+            return float(integrated_brier_score(train, survival_y(event, time), surv_at_times, times)), None
     except (ValueError, ZeroDivisionError) as e:
         return NAN, f"scikit-survival: {e}"
 
@@ -231,7 +235,7 @@ def logrank_p(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> tuple[f
     if not np.asarray(event, bool).any():
         return NAN, "no events (all censored)"
     try:
-        _, p = compare_survival(_y(event, time), group)
+        _, p = compare_survival(survival_y(event, time), group)
         return float(p), None
     except ValueError as e:
         return NAN, f"scikit-survival: {e}"
@@ -311,10 +315,10 @@ def survival_metrics(
     """
     time, event, log_hz, site = np.asarray(time, float), np.asarray(event, bool), np.asarray(log_hz, float), site
     if train is not None and len(train[0]) > 1:
-        ytr = _y(train[1], train[0])
+        ytr = survival_y(train[1], train[0])
         censoring_from = f"training patients (n={len(train[0])})"
     else:
-        ytr = _y(event, time)
+        ytr = survival_y(event, time)
         censoring_from = f"the evaluated patients (n={len(time)})"
     if horizons is None:
         from pipeline.stats.curves import default_horizons
