@@ -202,8 +202,8 @@ class TileDataset(torch.utils.data.Dataset):
     Items are ``(tile [read_px, read_px, 4] uint8 RGBA numpy, index, keep)``, exactly as OpenSlide decodes
     them: no per-tile copy or transpose. :func:`collate_tiles` stacks a batch into ``[B, H, W, 4]``, which
     becomes the ``[B, 3, H, W]`` channels-last view the encoder wants on the device
-    (:meth:`pipeline.extract.EncoderRunner.submit`). ``keep`` is False for a tile that turned out to be mostly
-    near-white/near-black pixels (:func:`pipeline.tissue.tile_is_background`). Resizing to ``tile_px`` and
+    (:meth:`pipeline.slides.encode.EncoderRunner.submit`). ``keep`` is False for a tile that turned out to be mostly
+    near-white/near-black pixels (:func:`pipeline.slides.tissue.tile_is_background`). Resizing to ``tile_px`` and
     normalising happen batched, in the encoder's ``preprocess``.
     """
 

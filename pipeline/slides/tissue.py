@@ -14,7 +14,7 @@ The mask is computed once per slide on an RGB thumbnail (``thumbnail_px`` on its
    that small cannot hold a tile by itself anyway (a default tile, 224 px at 0.5 um/px, is 12,544 um^2 and
    needs ``min_tissue`` = half of it covered).
 
-Tiles keep or drop on the mask's coverage (``min_tissue``) in :func:`pipeline.slides.tile_grid`; then,
+Tiles keep or drop on the mask's coverage (``min_tissue``) in :func:`pipeline.slides.reader.tile_grid`; then,
 when read at full resolution, a tile that is mostly near-white or near-black pixels is rejected
 (:func:`tile_is_background`) before it reaches the encoder.
 """
