@@ -217,11 +217,11 @@ def _read_doc(path: Path) -> CohortFile:
 
 @dataclass
 class _SourceCheck:
-    """What reading the omics and clinical files found; ``complete`` is False when one could not be read."""
+    """What reading the omics and clinical files found: ``ids`` maps ``"omics"``/``"clinical"`` to the patient
+    ids of each file read; ``complete`` is False when one could not be read."""
 
     warnings: list[str] = field(default_factory=list)
-    omics_ids: list[str] = field(default_factory=list)
-    clinical_ids: list[str] = field(default_factory=list)
+    ids: dict[str, list[str]] = field(default_factory=dict)
     complete: bool = True
 
 
@@ -236,32 +236,27 @@ def _check_sources(
     of every manifest row, valid or not). ``ids`` None (the manifest itself is unreadable): only check that
     the files exist, so that one root cause is not reported again as every patient missing."""
     out = _SourceCheck()
-    if omics is not None:
-        if not omics.path.is_file():
-            problems.append(Problem(str(spec), "omics file not found", None, "omics.path", str(omics.path)))
+    for kind, src in (("omics", omics), ("clinical", clinical)):
+        if src is None:
+            continue
+        if not src.path.is_file():
+            problems.append(Problem(str(spec), f"{kind} file not found", None, f"{kind}.path", str(src.path)))
             out.complete = False
-        elif ids is not None:
-            try:
-                out.omics_ids = read_omics_ids(omics, ids)
-            except (ValueError, OSError) as e:
-                problems.append(Problem(str(omics.path), str(e).removeprefix(f"{omics.path}: ")))
-                out.complete = False
-            else:
-                out.warnings += _check_coverage("omics", omics.path, out.omics_ids, ids, omics.allow_missing, problems)
-    if clinical is not None:
-        if not clinical.path.is_file():
-            problems.append(Problem(str(spec), "clinical file not found", None, "clinical.path", str(clinical.path)))
+            continue
+        if ids is None:
+            continue
+        try:
+            found = read_omics_ids(src, ids) if isinstance(src, OmicsSource) else read_clinical_ids(src)
+        except CohortError as e:
+            problems += e.problems
             out.complete = False
-        elif ids is not None:
-            try:
-                out.clinical_ids = read_clinical_ids(clinical)
-            except CohortError as e:
-                problems += e.problems
-                out.complete = False
-            else:
-                out.warnings += _check_coverage(
-                    "clinical", clinical.path, out.clinical_ids, ids, clinical.allow_missing, problems
-                )
+            continue
+        except (ValueError, OSError) as e:
+            problems.append(Problem(str(src.path), str(e).removeprefix(f"{src.path}: ")))
+            out.complete = False
+            continue
+        out.ids[kind] = found
+        out.warnings += _check_coverage(kind, src.path, found, ids, src.allow_missing, problems)
     return out
 
 
@@ -309,8 +304,8 @@ def load_cohort(path: str | Path) -> Cohort:
         clinical,
         doc.slide_mpp,
         found.warnings,
-        frozenset(found.omics_ids),
-        frozenset(found.clinical_ids),
+        frozenset(found.ids.get("omics", ())),
+        frozenset(found.ids.get("clinical", ())),
     )
     if found.complete:  # a file that could not be read is one problem, not one per patient
         for p in patients:
