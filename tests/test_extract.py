@@ -324,7 +324,9 @@ def test_cli_extract_in_two_processes_merges_the_shard_reports(tmp_path, slides)
     rep = pd.read_csv(fdir / "extract_report.csv").set_index("slide_id").status.to_dict()
     assert rep == {"blank": "empty", "corrupt": "failed", "good": "done", "nompp": "failed"}
     assert (out / "config.yaml").is_file()  # resolved once; the workers are given it, never re-parse argv
-    assert load_features(fdir / "good.h5")[0].shape[0] == 9
+    assert not list(out.glob("config.shard-*.yaml"))
+    feats, _, attrs = load_features(fdir / "good.h5")
+    assert feats.shape[0] == 9 and attrs["encoder"] == "test_efficientnet"  # the --set config reached the workers
 
 
 def test_slide_ids():
