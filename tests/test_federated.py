@@ -281,6 +281,9 @@ class _Broken(SiteClient):
     def fit(self, arrays, config):
         raise RuntimeError("disk full at site")
 
+    def evaluate(self, arrays, config):  # re-sent too: still one "retried" entry for the round
+        raise RuntimeError("disk full at site")
+
 
 def test_failing_site_is_dropped_within_min_sites(fed_data, caplog):
     data, base = fed_data

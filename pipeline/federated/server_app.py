@@ -172,7 +172,8 @@ class _TimeoutGrid(Grid):
     """Forwards to a Grid, giving every ``send_and_receive`` the round timeout (the workflows pass none).
 
     With ``retry``, a site that did not answer (timeout, lost connection) or answered with an error that is
-    not a :class:`SiteDataError` is asked once more; its node id is recorded in ``retried[group_id]``.
+    not a :class:`SiteDataError` is asked once more; its node id is recorded once in ``retried[group_id]``
+    (the round), even when both its train and its evaluate message were re-sent.
     """
 
     def __init__(self, inner: Grid, timeout: float | None, retry: bool = False):
@@ -212,7 +213,9 @@ class _TimeoutGrid(Grid):
             log.warning(
                 "node %s: no usable answer to %s; asking once more", m.metadata.dst_node_id, m.metadata.message_type
             )
-            self.retried.setdefault(m.metadata.group_id, []).append(int(m.metadata.dst_node_id))
+            asked = self.retried.setdefault(m.metadata.group_id, [])
+            if int(m.metadata.dst_node_id) not in asked:  # train and evaluate share the round's group id
+                asked.append(int(m.metadata.dst_node_id))
         resend = [
             Message(m.content, m.metadata.dst_node_id, m.metadata.message_type, group_id=m.metadata.group_id)
             for m in again
