@@ -336,21 +336,14 @@ def modality_contributions(
 
 
 def bundle_predict_fn(model_path: Path, trust_pickle: bool = False) -> PredictFn:
-    """``predict_fn(data, idx) -> log_hz`` for a saved model (``model.safetensors``).
-
-    Each call runs under a forked torch RNG, so the stages after it draw the same random numbers as
-    a run without baselines (a DataLoader draws its base seed from the global generator).
-    """
-    import torch
-
+    """``predict_fn(data, idx) -> log_hz`` for a saved model (``model.safetensors``)."""
     from pipeline.training.bundle import load_bundle
     from pipeline.training.predict import predict as predict_model
 
     model, _ = load_bundle(model_path, trust_pickle=trust_pickle)  # trust_pickle: a legacy model.pt
 
     def predict(data: CohortData, idx: np.ndarray) -> np.ndarray:
-        with torch.random.fork_rng(devices=[]):
-            return predict_model(model, data, idx).log_hz
+        return predict_model(model, data, idx).log_hz
 
     return predict
 
