@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from data_specs.summaries import site_summaries_from_wire
+from data_specs.summaries import MIN_SUMMARY_PATIENTS, site_summaries_from_wire
 
-MIN_COUNT = 2  # patients behind any aggregate a site sends (the summaries' own floor; see README on k)
+MIN_COUNT = MIN_SUMMARY_PATIENTS  # patients behind any aggregate a site sends: one floor (see README on k)
 
 FIT_METRICS = {"train_loss": float, "train_events": float}
 EVAL_METRICS = {"cindex": float, "concordant": float, "comparable": float, "loss_sum": float, "events": float}
