@@ -221,7 +221,9 @@ def stage_attribute(
     rf = RunFiles(root=out)
     rf.attributions.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    lh = predict(model, data, idx).log_hz
+    with_tiles = data.bags is not None and fdir is not None
+    pred = predict(model, data, idx, attention=with_tiles)  # one pass: risks, and tile attention when needed
+    lh = pred.log_hz
     held = pd.DataFrame(
         {
             "patient_id": [data.patient_ids[i] for i in idx],
@@ -234,8 +236,8 @@ def stage_attribute(
     )
     faith: dict = {"split": split, "patients": len(idx)}
     tiles = genes = None
-    if data.bags is not None and fdir is not None:
-        tiles = _attribute_tiles(model, data, idx, lh, cohort, fdir, ac, rf, written)
+    if with_tiles:
+        tiles = _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf, written)
         faith["tiles"] = tiles.faith
     if data.omics is not None:
         genes = _attribute_genes(model, data, idx, held, ac, rf, written)
@@ -248,12 +250,13 @@ def stage_attribute(
     return written
 
 
-def _attribute_tiles(model, data, idx, lh, cohort, fdir, ac, rf: RunFiles, written: dict) -> _TileResult:
-    """Tile attention, IG and phenotypes -> tiles.csv (+ phenotype_fractions.csv), pictures, deletion curves."""
+def _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf: RunFiles, written: dict) -> _TileResult:
+    """Tile attention (from ``pred``, the split's prediction), IG and phenotypes -> tiles.csv
+    (+ phenotype_fractions.csv), pictures, deletion curves."""
     from pipeline.outputs.attribution import mean_tile_feature, tile_attention, tile_deletion_curves
     from pipeline.outputs.attribution import tile_integrated_gradients as tile_ig
 
-    attn = predict(model, data, idx, attention=True).attn or []
+    attn, lh = pred.attn or [], pred.log_hz
     tiles = tile_attention(data, idx, attn)
     tr = data.splits.get("train", np.zeros(0, int))
     ig = tile_ig(model, data, idx, mean_tile_feature(data, tr if len(tr) else idx), ac.ig_steps)
