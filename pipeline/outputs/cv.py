@@ -32,13 +32,11 @@ def folds_table(cohort: Cohort, folds: np.ndarray, risk: np.ndarray | None = Non
 def score_fold(fold: int, data: CohortData, splits: dict[str, np.ndarray], log_hz: np.ndarray) -> dict:
     """One fold's row of ``cv_results.json``: sizes, Harrell's C pooled and per site, Uno's C (censoring
     weights from the fold's training patients) on the test patients, whose ``log_hz [n_test]`` is given."""
-    from pipeline.stats.metrics import harrell_cindex, uno_cindex
+    from pipeline.stats.metrics import harrell_cindex, survival_y, uno_cindex
 
     te, tr = splits["test"], splits["train"]
     time, event, site = data.time[te], data.event[te], data.site[te]
-    train_y = np.empty(len(tr), dtype=[("event", bool), ("time", float)])  # scikit-survival's outcome array
-    train_y["event"], train_y["time"] = data.event[tr], data.time[tr]
-    uno, why = uno_cindex(time, event, log_hz, train_y, None)
+    uno, why = uno_cindex(time, event, log_hz, survival_y(data.event[tr], data.time[tr]), None)
     per_site = {
         s: {
             "n": int((site == j).sum()),
