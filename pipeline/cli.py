@@ -147,8 +147,9 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
     shard = cfg.extract.shard  # shards may share one output folder: each keeps its own config copy
     write_text(RunFiles(root=cfg.out).shard_config(shard), cfg.to_yaml())
     if args.procs > 1:  # one process per shard (and per GPU when there are enough)
-        from pipeline.slides.extract import discover_slides, extract_in_processes
+        from pipeline.slides.extract import discover_slides
         from pipeline.slides.features import features_dir
+        from pipeline.slides.parallel import extract_in_processes
 
         if args.shard:
             raise UsageError("--procs and --shard cannot be combined: --procs N runs shards 1/N..N/N")
@@ -159,10 +160,12 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
             slides, fallback = [s for p in cohort.patients for s in p.slides], cohort.slide_mpp
             per_slide = cohort.slide_mpp_overrides()
         rc = extract_in_processes(slides, fdir, cfg.extract, args.procs, fallback, per_slide)
-        from pipeline.slides.report import report_stem
+        from pipeline.slides.report import report_stem, run_outcome
 
         print(f"features in {fdir} ({args.procs} processes; report: {fdir / report_stem(None)}.csv)")
-        return rc
+        status, line = run_outcome(fdir, report_stem(None))
+        print(line)
+        return max(rc, status)
     if cohort is None:  # a folder of slides: no cohort spec needed
         from pipeline.slides.extract import extract_folder
 
@@ -170,7 +173,13 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
     else:
         fdir = stage_extract(cohort, cfg)
     print(f"features in {fdir}" if fdir else "the cohort has no slides: nothing to extract")
-    return 0
+    if fdir is None:
+        return 0
+    from pipeline.slides.report import parse_shard, report_stem, run_outcome
+
+    status, line = run_outcome(fdir, report_stem(parse_shard(shard)))
+    print(line)  # exit 1 when every slide failed
+    return status
 
 
 def _trainable_cohort(args: argparse.Namespace, default_out: str) -> tuple[RunConfig, Cohort]:

@@ -73,6 +73,7 @@ def test_features_files_report_and_failures(tmp_path, slides, enc, caplog):
     assert res["blank"].status == "empty" and res["blank"].tiles == 0
     assert "no tissue tiles" in caplog.text and "blank.tif" in caplog.text
     assert res["corrupt"].status == "failed" and "corrupt.tif" in res["corrupt"].error
+    assert "decoder error" in res["corrupt"].error and "microns" not in res["corrupt"].error
     assert res["nompp"].status == "failed" and "no microns-per-pixel" in res["nompp"].error
     assert res["plain"].status == "failed" and "plain.png" in res["plain"].error
 
@@ -94,7 +95,7 @@ def test_features_files_report_and_failures(tmp_path, slides, enc, caplog):
     assert gj["type"] == "FeatureCollection" and gj["features"]
 
     rep = pd.read_csv(out / "extract_report.csv")
-    cols = ["slide_id", "slide_path", "status", "tiles", "rejected", "seconds", "error", "fingerprint"]
+    cols = ["slide_id", "slide_path", "status", "tiles", "rejected", "seconds", "error", "fingerprint", "reason"]
     assert list(rep.columns) == cols
     assert dict(zip(rep.slide_id, rep.status, strict=True)) == {k: res[k].status for k in order}
     js = json.loads((out / "extract_report.json").read_text())
@@ -121,6 +122,73 @@ def test_features_files_report_and_failures(tmp_path, slides, enc, caplog):
     # another tile size -> different attributes -> recomputed, not reused
     (r4,) = extract_slides([slides["good"]], out, enc, CFG.model_copy(update={"tile_px": 112}), progress=False)
     assert r4.status == "done" and r4.tiles == 36
+
+
+def test_a_slide_without_mpp_is_retried_when_a_rerun_gives_one(tmp_path, slides, enc):
+    out = tmp_path / "feat"
+    (r,) = extract_slides([slides["nompp"]], out, enc, CFG, progress=False)
+    assert r.status == "failed" and r.reason == "no_mpp" and "no microns-per-pixel" in r.error
+    for _ in range(2):  # a rerun without an mpp does not retry it, and the message never nests
+        (r,) = extract_slides([slides["nompp"]], out, enc, CFG, progress=False)
+        assert r.status == "failed" and r.reason == "no_mpp"
+        assert r.error.count("failed in an earlier run") == 1 and "no microns-per-pixel" in r.error
+    rep = json.loads((out / "extract_report.json").read_text())["slides"]
+    assert rep[0]["error"].count("earlier run") == 1 and rep[0]["reason"] == "no_mpp"
+    # --slide-mpp (cfg.slide_mpp) retries it without --retry-failed...
+    (r,) = extract_slides([slides["nompp"]], out, enc, CFG.model_copy(update={"slide_mpp": 0.5}), progress=False)
+    assert r.status == "done" and r.tiles == 9 and r.reason == "" and r.error == ""
+    # ... and so does an mpp given for the slide in the manifest (or the cohort's slide_mpp)
+    out2 = tmp_path / "feat2"
+    assert extract_slides([slides["nompp"]], out2, enc, CFG, progress=False)[0].reason == "no_mpp"
+    (r,) = extract_slides([slides["nompp"]], out2, enc, CFG, progress=False, slide_mpps={str(slides["nompp"]): 0.5})
+    assert r.status == "done" and load_features(out2 / "nompp.h5")[2]["slide_mpp"] == 0.5
+
+
+def test_truncated_tiff_reports_the_decoder_error_not_missing_mpp(tmp_path, slides, enc):
+    full = slides["good"].read_bytes()
+    for cut in (5000, len(full) // 2):  # OpenSlide does not take it; PIL reads the header, then cannot decode
+        p = tmp_path / f"trunc{cut}.tif"
+        p.write_bytes(full[:cut])
+        for cfg in (CFG, CFG.model_copy(update={"slide_mpp": 0.5})):
+            (r,) = extract_slides([p], tmp_path / f"f{cut}{cfg.slide_mpp}", enc, cfg, progress=False)
+            assert r.status == "failed" and r.reason == "", r
+            assert str(p) in r.error and "decoder error" in r.error and "truncated or corrupt" in r.error, r.error
+            assert "microns" not in r.error
+
+
+def test_earlier_failures_follow_the_latest_report_and_strip_nested_prefixes(tmp_path):
+    from pipeline.slides.report import earlier_failures
+
+    nested = "failed in an earlier run (rerun with --retry-failed): " * 2 + "x.tif: no microns-per-pixel in ..."
+    old = {"slides": [{"slide_id": "x", "status": "failed", "fingerprint": "f1", "error": nested}]}
+    old["slides"].append({"slide_id": "y", "status": "failed", "fingerprint": "f2", "error": "y.tif: bad"})
+    new = {"slides": [{"slide_id": "y", "status": "done", "fingerprint": "f2", "error": ""}]}
+    (tmp_path / "extract_report.shard-1-of-2.json").write_text(json.dumps(old))
+    (tmp_path / "extract_report.json").write_text(json.dumps(new))
+    t = time.time()
+    os.utime(tmp_path / "extract_report.shard-1-of-2.json", (t - 60, t - 60))  # written by an earlier run
+    got = earlier_failures(tmp_path)
+    assert list(got) == ["x"]  # y was extracted since
+    assert got["x"].error == "x.tif: no microns-per-pixel in ..." and got["x"].reason == "no_mpp"  # old report
+
+
+def test_cli_extract_exit_status_and_summary(tmp_path, slides, capsys):
+    from pipeline.cli import main
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for k in ("corrupt", "nompp"):
+        (folder / slides[k].name).write_bytes(slides[k].read_bytes())
+    args = ["--set", "extract.encoder=test_efficientnet", "--set", "extract.random_weights=true"]
+    args += ["--set", "extract.batch_size=4"]
+    assert main(["extract", str(folder), "--out", str(tmp_path / "a"), *args]) == 1  # every slide failed
+    assert "2 slides: 2 failed; every slide failed, errors in" in capsys.readouterr().out
+    (folder / "good.tif").write_bytes(slides["good"].read_bytes())
+    assert main(["extract", str(folder), "--out", str(tmp_path / "b"), *args]) == 0
+    out = capsys.readouterr().out
+    assert "3 slides: 1 done, 2 failed; 2 of 3 slides failed, errors in" in out and "extract_report.csv" in out
+    assert main(["extract", str(folder), "--out", str(tmp_path / "b"), "--slide-mpp", "0.5", *args]) == 0
+    assert "3 slides: 1 done, 1 skipped, 1 failed; 1 of 3" in capsys.readouterr().out  # nompp retried
 
 
 def test_incomplete_file_is_never_read_as_complete(tmp_path, slides, enc):

@@ -20,13 +20,15 @@ Scale and safety:
   ``complete``); leftover temporary files of dead processes are removed on the next run;
 - a rerun skips slides whose file exists with matching attributes (encoder, weights, tile size, target and
   slide mpp, overlap, tissue settings, slide fingerprint);
-- one unreadable or corrupt slide is recorded in the run report and the rest go on; slides that failed in an
-  earlier run are not retried unless ``retry_failed`` (a replaced file, with a new fingerprint, is);
+- one unreadable or corrupt slide is recorded in the run report (the file and the decoder's error) and the
+  rest go on; slides that failed in an earlier run are not retried unless ``retry_failed``, except a replaced
+  file (a new fingerprint) and a slide that failed for lack of microns per pixel when this run gives one;
 - ``shard="K/N"`` takes the K-th of N disjoint parts of the cohort (by a hash of the slide id, stable when
   slides are added), so several machines or GPUs split one cohort; each shard writes its own report.
 
 The run report (``extract_report[.shard-K-of-N].csv`` and ``.json``, see :mod:`pipeline.slides.report`) is
-rewritten after every slide. ``--procs N`` runs N shards in N worker processes (:func:`extract_in_processes`).
+rewritten after every slide. ``--procs N`` runs N shards in N worker processes
+(:func:`pipeline.slides.parallel.extract_in_processes`).
 """
 
 from __future__ import annotations
@@ -65,9 +67,11 @@ from pipeline.slides.reader import (
     tile_grid,
 )
 from pipeline.slides.report import (
+    EARLIER,
+    NO_MPP,
+    EarlierFailure,
     SlideResult,
     earlier_failures,
-    merge_reports,
     parse_shard,
     report_stem,
     shard_of,
@@ -76,6 +80,10 @@ from pipeline.slides.report import (
 from pipeline.slides.tissue import TissueSettings, save_geojson, save_mask_png, tissue_mask
 
 log = logging.getLogger(__name__)
+
+
+class MissingMppError(SlideError):
+    """The slide's metadata has no microns per pixel and none was given for it (reported as ``NO_MPP``)."""
 
 
 def slide_fingerprint(path: Path) -> str:
@@ -132,6 +140,8 @@ def extract_slide(
         mpp_override: microns per pixel given for this slide (wins over its metadata).
         mpp_fallback: microns per pixel for a slide whose metadata has none.
     """
+    import openslide
+
     t0 = time.perf_counter()
     path = Path(path)
     sid = slide_id_of(path)
@@ -139,12 +149,15 @@ def extract_slide(
     fp = fingerprint or slide_fingerprint(path)
     slide = open_slide(path)
     try:
-        mpp = slide_mpp(slide, path, mpp_override, mpp_fallback)
+        plain = isinstance(slide, openslide.ImageSlide)  # decoded first: a truncated image fails as one
+        thumb = _thumbnail(slide, path, cfg.thumbnail_px) if plain else None
+        mpp = _mpp(slide, path, mpp_override, mpp_fallback)
         want = {**expected_attrs(enc, cfg), "slide_fingerprint": fp, "slide_mpp": float(mpp)}
         done = done_attrs(out, want)
         if done is not None:
             return SlideResult(sid, str(path), "skipped", int(done["n_tiles"]), 0.0, fingerprint=fp)  # type: ignore[call-overload]
-        thumb = thumbnail(slide, cfg.thumbnail_px)
+        if thumb is None:
+            thumb = _thumbnail(slide, path, cfg.thumbnail_px)
         dims = (int(slide.dimensions[0]), int(slide.dimensions[1]))
         tissue = tissue_settings(cfg)
         mask = tissue_mask(thumb, tissue, um_per_px=mpp * dims[0] / thumb.size[0])
@@ -161,6 +174,26 @@ def extract_slide(
     if n == 0:
         log.warning("%s: no tissue tiles; wrote an empty features file %s", path, out)
     return SlideResult(sid, str(path), "done" if n else "empty", n, time.perf_counter() - t0, "", rejected, fp)
+
+
+def _thumbnail(slide: object, path: Path, max_px: int):  # -> PIL.Image.Image
+    """The slide's thumbnail; a file that cannot be decoded is a :class:`SlideError` with the decoder's error."""
+    import openslide
+
+    try:
+        return thumbnail(slide, max_px)
+    except (OSError, openslide.OpenSlideError) as e:
+        raise SlideError(f"{path}: cannot decode the image ({e}); the file may be truncated or corrupt") from e
+
+
+def _mpp(slide: object, path: Path, override: float | None, fallback: float | None) -> float:
+    """:func:`slide_mpp`, raising :class:`MissingMppError` when no value was given and the metadata has none."""
+    try:
+        return slide_mpp(slide, path, override, fallback)
+    except SlideError as e:
+        if override is None and fallback is None:  # then the metadata's absence is the only possible failure
+            raise MissingMppError(str(e)) from e
+        raise
 
 
 def encode_tiles(
@@ -264,7 +297,7 @@ def _extract_or_record(
     cfg: ExtractConfig,
     mpp_override: float | None,
     mpp_fallback: float | None,
-    before: dict[str, tuple[str, str]],
+    before: dict[str, EarlierFailure],
     runners: list[EncoderRunner],
 ) -> SlideResult:
     """One slide of :func:`extract_slides`: extracted, skipped as failed before, or its failure recorded."""
@@ -273,9 +306,12 @@ def _extract_or_record(
     fp = ""
     try:
         fp = slide_fingerprint(p)
-        if sid in before and before[sid][0] == fp and not cfg.retry_failed:
-            why = f"failed in an earlier run (rerun with --retry-failed): {before[sid][1]}"
-            return SlideResult(sid, str(p), "failed", 0, 0.0, why, fingerprint=fp)
+        prior = before.get(sid)
+        mpp_given = mpp_override is not None or mpp_fallback is not None
+        if prior is not None and prior.fingerprint == fp and not cfg.retry_failed:
+            if not (prior.reason == NO_MPP and mpp_given):
+                return SlideResult(sid, str(p), "failed", 0, 0.0, EARLIER + prior.error, 0, fp, prior.reason)
+            log.info("%s: retried, it failed for lack of microns per pixel and this run gives one", p)
         if not runners:
             runners.append(EncoderRunner(enc, cfg))
         return extract_slide(p, out_dir, enc, cfg, mpp_override, mpp_fallback, runners[0], fp)
@@ -285,7 +321,8 @@ def _extract_or_record(
         msg = str(e) if isinstance(e, SlideError) else f"{type(e).__name__}: {e}"
         if str(p) not in msg:
             msg = f"{p}: {msg}"
-        return SlideResult(sid, str(p), "failed", 0, time.perf_counter() - t0, msg, fingerprint=fp)
+        reason = NO_MPP if isinstance(e, MissingMppError) else ""
+        return SlideResult(sid, str(p), "failed", 0, time.perf_counter() - t0, msg, 0, fp, reason)
 
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
@@ -331,59 +368,3 @@ def extract_folder(folder: Path, out: Path, cfg: ExtractConfig, progress: bool =
     for r in failed:
         log.error("  %s: %s", r.slide_path, r.error)
     return fdir
-
-
-def extract_in_processes(
-    slides: list[Path],
-    out_dir: Path,
-    cfg: ExtractConfig,
-    n: int,
-    mpp_fallback: float | None = None,
-    slide_mpps: Mapping[str, float] | None = None,
-) -> int:
-    """:func:`extract_slides` in ``n`` processes at once, shard ``k/n`` each, one GPU each when there are ``n``.
-
-    Each worker (a fresh ``spawn`` process) rebuilds the encoder from ``cfg`` and extracts its shard into
-    ``out_dir``; when all have finished, their reports are merged into ``out_dir/extract_report.csv``.
-    Returns the worst exit status (0 when every worker finished; failed slides are in the report).
-    """
-    import multiprocessing as mp
-
-    if cfg.shard is not None:
-        raise ValueError(f"extract.shard={cfg.shard!r} cannot be combined with {n} processes (they run 1/N..N/N)")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    ctx = mp.get_context("spawn")
-    job = ([str(p) for p in slides], str(out_dir), cfg.model_dump(mode="json"), mpp_fallback, dict(slide_mpps or {}))
-    procs = []
-    for k in range(1, n + 1):
-        gpu = gpus[k - 1] if len(gpus) >= n else None
-        proc = ctx.Process(target=extract_shard, args=(k, n, gpu, *job), name=f"extract-{k}-of-{n}")
-        proc.start()
-        procs.append(proc)
-    for proc in procs:
-        proc.join()
-    merge_reports(out_dir, n)
-    return max(c if c >= 0 else 128 - c for c in (proc.exitcode or 0 for proc in procs))
-
-
-def extract_shard(
-    k: int,
-    n: int,
-    gpu: str | None,
-    slides: list[str],
-    out_dir: str,
-    cfg: dict,
-    mpp_fallback: float | None,
-    slide_mpps: dict[str, float],
-) -> None:
-    """Worker of :func:`extract_in_processes`: shard ``k/n`` of ``slides`` with the resolved ``cfg`` (a dict)."""
-    from models.encoders import build_encoder
-
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA is first touched in this process
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format=f"%(levelname)s shard {k}/{n} %(name)s: %(message)s")
-    c = ExtractConfig.model_validate({**cfg, "shard": f"{k}/{n}"})
-    enc = build_encoder(c.encoder, weights=c.weights, random_weights=c.random_weights)
-    extract_slides([Path(p) for p in slides], Path(out_dir), enc, c, mpp_fallback, False, slide_mpps)

@@ -1,8 +1,10 @@
 """The extraction run report and cohort shards.
 
 The report (``extract_report[.shard-K-of-N].csv`` and ``.json``) has one row per slide: slide_id, slide_path,
-status (done | empty | skipped | failed), tiles, rejected, seconds, error, fingerprint. A shard ``"K/N"`` is
+status (done | empty | skipped | failed), tiles, rejected, seconds, error, fingerprint, reason (why a slide
+failed, when a rerun can act on it: ``no_mpp`` = no microns per pixel was known for it). A shard ``"K/N"`` is
 the K-th of N disjoint parts of a cohort, by a hash of the slide id (stable when slides are added).
+:func:`run_outcome` turns a report into the command's exit status and summary line.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.files import write_text
 
-REPORT_FIELDS = ("slide_id", "slide_path", "status", "tiles", "rejected", "seconds", "error", "fingerprint")
+REPORT_FIELDS = ("slide_id", "slide_path", "status", "tiles", "rejected", "seconds", "error", "fingerprint", "reason")
+NO_MPP = "no_mpp"  # reason: the slide had no microns per pixel and none was given; a rerun that gives one retries
+EARLIER = "failed in an earlier run (rerun with --retry-failed): "  # prefix of a failure not retried
 
 
 @dataclass
@@ -29,6 +34,15 @@ class SlideResult:
     error: str = ""
     rejected: int = 0  # tiles read but dropped as near-white/near-black
     fingerprint: str = ""
+    reason: str = ""  # "" or NO_MPP
+
+
+class EarlierFailure(NamedTuple):
+    """A slide recorded as failed by an earlier run: the file it failed on, the root error and its reason."""
+
+    fingerprint: str
+    error: str
+    reason: str
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -71,18 +85,55 @@ def write_report(out_dir: Path, stem: str, results: list[SlideResult]) -> None:
     )
 
 
-def earlier_failures(out_dir: Path) -> dict[str, tuple[str, str]]:
-    """Slides recorded as failed by earlier runs (any shard): slide_id -> (fingerprint, error)."""
-    failed: dict[str, tuple[str, str]] = {}
-    for p in sorted(Path(out_dir).glob("extract_report*.json")):
+def root_error(error: str) -> str:
+    """The error itself, without the "failed in an earlier run" prefixes that earlier reruns put before it."""
+    while error.startswith(EARLIER):
+        error = error[len(EARLIER) :]
+    return error
+
+
+def earlier_failures(out_dir: Path) -> dict[str, EarlierFailure]:
+    """Slides whose latest record in the reports of earlier runs (any shard, oldest report first) is a failure.
+
+    A slide that failed in one report and was extracted in a later one is not a failure. Reports written
+    before the ``reason`` column existed get :data:`NO_MPP` from their error text.
+    """
+    failed: dict[str, EarlierFailure] = {}
+    reports = sorted(Path(out_dir).glob("extract_report*.json"), key=lambda q: (q.stat().st_mtime_ns, q.name))
+    for p in reports:
         try:
             rows = json.loads(p.read_text()).get("slides", [])
         except (OSError, ValueError):
             continue
         for r in rows:
-            if r.get("status") == "failed" and r.get("fingerprint"):
-                failed[r["slide_id"]] = (r["fingerprint"], r.get("error", ""))
+            sid = r.get("slide_id")
+            if r.get("status") != "failed":
+                failed.pop(sid, None)
+            elif r.get("fingerprint"):
+                error = root_error(str(r.get("error", "")))
+                reason = r.get("reason") or (NO_MPP if "no microns-per-pixel" in error else "")
+                failed[sid] = EarlierFailure(r["fingerprint"], error, reason)
     return failed
+
+
+def run_outcome(out_dir: Path, stem: str) -> tuple[int, str]:
+    """Exit status and one summary line of the run whose report is ``out_dir/<stem>.json``.
+
+    Status 1 when every slide failed (or the report is missing), else 0; the line counts each status and,
+    when some slides failed, says where their errors are.
+    """
+    p = Path(out_dir) / f"{stem}.json"
+    try:
+        summary: dict[str, int] = json.loads(p.read_text())["summary"]
+    except (OSError, ValueError, KeyError):
+        return 1, f"{p}: no extraction report was written"
+    n, failed = sum(summary.values()), summary.get("failed", 0)
+    counts = ", ".join(f"{summary[k]} {k}" for k in ("done", "empty", "skipped", "failed") if k in summary)
+    line = f"{n} slides: {counts or 'none'}"
+    if failed:
+        what = "every slide failed" if failed == n else f"{failed} of {n} slides failed"
+        line += f"; {what}, errors in {p.with_suffix('.csv')}"
+    return (1 if n and failed == n else 0), line
 
 
 def merge_reports(out_dir: Path, n: int) -> list[dict]:
