@@ -6,7 +6,13 @@
 Every process gets its own FLWR_HOME under DIR/flwr/ and free loopback ports; they run without TLS
 (`--insecure`, loopback only; see README "Across hospitals" for TLS and node authentication). Prints the
 start-up time (processes launched -> run accepted), the run's wall time and the mean round time, and
-writes DIR/loopback.json. Every process started here is stopped before the script returns.
+writes DIR/loopback.json. The run is submitted once every SuperNode has connected (so a run with
+``federated.min_sites`` below the number of sites still starts with all of them). Every process started here
+is stopped before the script returns.
+
+Fault injection (tests): ``run_loopback(..., fault=f)`` calls ``f(nodes)`` every half second while the run goes;
+``nodes.kill(site)`` SIGKILLs that site's SuperNode and its ClientApp processes, and a SuperNode killed so is
+not an error; the sites killed are in the result's ``killed``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.files import write_json
@@ -64,13 +72,53 @@ def _submit(user: Path, link_port: int, run_config: str) -> None:
         time.sleep(1.0)
 
 
-def _wait_for(history: Path, procs: list[subprocess.Popen], deadline: float, out: Path) -> None:
-    """Until the ServerApp wrote ``history``; an exited role or the deadline is an error naming the logs."""
+@dataclass
+class Nodes:
+    """The SuperNodes of a loopback run, by site, with their log files; what a ``fault`` callback acts on."""
+
+    procs: dict[str, subprocess.Popen]
+    logs: dict[str, Path]
+    killed: list[str] = field(default_factory=list)
+
+    def log_text(self, site: str) -> str:
+        return self.logs[site].read_text(errors="replace") if self.logs[site].is_file() else ""
+
+    def kill(self, site: str) -> None:
+        """SIGKILL the site's SuperNode and the ClientApp processes it started (one process group)."""
+        os.killpg(self.procs[site].pid, signal.SIGKILL)
+        self.procs[site].wait()
+        self.killed.append(site)
+
+
+def _wait_connected(nodes: Nodes, deadline: float, out: Path) -> None:
+    """Until every SuperNode logged its node id (it registered with the SuperLink)."""
+    while not all("SuperNode ID:" in nodes.log_text(s) for s in nodes.procs):
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"not every SuperNode connected by the deadline; see the logs in {out}")
+        for s, p in nodes.procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"the SuperNode of {s} exited with {p.returncode}; see the logs in {out}")
+        time.sleep(0.5)
+
+
+def _wait_for(
+    history: Path,
+    procs: list[subprocess.Popen],
+    deadline: float,
+    out: Path,
+    nodes: Nodes | None = None,
+    fault: Callable[[Nodes], None] | None = None,
+) -> None:
+    """Until the ServerApp wrote ``history``; an exited role (not killed by ``fault``) or the deadline is an
+    error naming the logs."""
     while not history.is_file():
         if time.perf_counter() > deadline:
             raise TimeoutError(f"no {history} by the deadline; see the logs in {out}")
+        if fault is not None and nodes is not None:
+            fault(nodes)
+        killed = {nodes.procs[s].pid for s in nodes.killed} if nodes is not None else set()
         for p in procs:
-            if p.poll() is not None:
+            if p.pid not in killed and p.poll() is not None:
                 raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see the logs in {out}")
         time.sleep(0.5)
 
@@ -91,9 +139,15 @@ def _stop(procs: list[subprocess.Popen], logs: list) -> None:
 
 
 def run_loopback(
-    cohort: Path, sites: list[str], out: Path, settings: dict | None = None, timeout: float = 600.0
+    cohort: Path,
+    sites: list[str],
+    out: Path,
+    settings: dict | None = None,
+    timeout: float = 600.0,
+    fault: Callable[[Nodes], None] | None = None,
 ) -> dict:
-    """``settings``: histofuse run-config keys (``{"federated.rounds": 3}``), as in ``[tool.flwr.app.config]``."""
+    """``settings``: histofuse run-config keys (``{"federated.rounds": 3}``), as in ``[tool.flwr.app.config]``;
+    ``fault``: see the module docstring."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     home = out / "flwr"
@@ -118,6 +172,7 @@ def run_loopback(
             home / "link",
             "superlink",
         )  # fmt: skip
+        nodes = Nodes({}, {})
         for k, site in enumerate(sites):
             start(
                 [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
@@ -125,10 +180,12 @@ def run_loopback(
                 home / f"node_{k}",
                 f"supernode_{site}",
             )  # fmt: skip
+            nodes.procs[site], nodes.logs[site] = procs[-1], out / f"supernode_{site}.log"
         deadline = time.perf_counter() + timeout
+        _wait_connected(nodes, deadline, out)
         _submit(home / "user", link_port, run_config_arg(settings or {}, out))
         t_start = time.perf_counter() - t0
-        _wait_for(history, procs, deadline, out)
+        _wait_for(history, procs, deadline, out, nodes, fault)
         t_total = time.perf_counter() - t0
         info = json.loads(history.read_text())
         rounds = [r["seconds"] for r in info["history"]]
@@ -140,6 +197,7 @@ def run_loopback(
             "mean_round_seconds": sum(rounds) / len(rounds),
             "best_round": info["best_round"],
             "history": info["history"],
+            "killed": nodes.killed,
         }
         write_json(out / "loopback.json", res)
         return res
