@@ -30,7 +30,7 @@ from data_specs.artifacts import RunFiles
 from data_specs.cohort import Cohort
 from data_specs.config import RunConfig
 from pipeline.files import write_csv, write_json, write_text
-from pipeline.outputs.predictions import curves_table, risk_table, survival_curves
+from pipeline.outputs.predictions import curves_table, risk_groups, risk_table, survival_curves
 from pipeline.slides.extract import extract_slides
 from pipeline.slides.features import features_dir
 from pipeline.training.bundle import check_dims, data_for_model, load_bundle
@@ -143,7 +143,7 @@ def stage_predict(
     trust_pickle: bool = False,
 ) -> Path:
     """``risk_scores.csv`` (see :func:`pipeline.outputs.predictions.risk_table`) and ``survival_curves.csv``
-    (one row per patient, one column per time).
+    (long form: patient_id, time, survival).
 
     Risk-group cut-points and the Breslow baseline come from the model (fixed on its training
     patients); ``overrides`` (``evaluate.risk_groups=tertiles``, ``evaluate.horizons=[365,730]``)
@@ -155,7 +155,8 @@ def stage_predict(
     sites = [data.sites[k] for k in data.site]
     horizons = ev.horizons if ev.horizons is not None else card.horizons
     curves = survival_curves(pred, card.baseline, sites)
-    table = risk_table(data, pred.log_hz, card.cutpoints.model_dump(), ev.risk_groups, horizons, curves)
+    table = risk_table(data, pred.log_hz, card.cutpoints.model_dump(), ev.risk_groups, horizons, curves,
+                       cohort.time_unit)  # fmt: skip
     rf = RunFiles(root=out)
     path = write_csv(rf.risk_scores, table)
     if curves is not None:
@@ -211,9 +212,11 @@ def stage_attribute(
     phenotypes.png + phenotype_fractions.csv, biomarkers.csv (+ .json), faithfulness.json + deletion.png.
     """
     from pipeline.outputs.plots import plot_deletion
+    from pipeline.outputs.writers import run_provenance
 
     model, card, data = _model_data(model_path, cohort, fdir, data, trust_pickle)
-    ac = card.config.with_overrides(overrides).attribute
+    cfg = card.config.with_overrides(overrides)
+    ac, scheme = cfg.attribute, cfg.evaluate.risk_groups
     idx = data.splits.get(split, np.zeros(0, int))
     if len(idx) == 0:
         idx = np.arange(len(data.patient_ids))
@@ -229,7 +232,8 @@ def stage_attribute(
             "patient_id": [data.patient_ids[i] for i in idx],
             "site": [data.sites[data.site[i]] for i in idx],
             "split": split,
-            "risk": lh,
+            "log_hz": lh,
+            "risk_group": risk_groups(lh, card.cutpoints.model_dump(), scheme),
             "time": data.time[idx],
             "event": data.event[idx].astype(int),
         }
@@ -240,7 +244,8 @@ def stage_attribute(
         tiles = _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf, written)
         faith["tiles"] = tiles.faith
     if data.omics is not None:
-        genes = _attribute_genes(model, data, idx, held, ac, rf, written)
+        prov = run_provenance(model_path, cfg.model_dump(), ac.ig_steps, cohort.time_unit)
+        genes = _attribute_genes(model, data, idx, held, ac, rf, written, prov)
         faith["genes"] = genes.faith
     if genes is not None or (tiles is not None and tiles.fractions is not None):
         _write_biomarkers(held, tiles, genes, ac.top_genes, split, rf, written)
@@ -316,18 +321,21 @@ def _tile_pictures(data, idx, lh, tiles: pd.DataFrame, fdir: Path, res: _TileRes
                 tile_gallery(t, res.paths[sid], res.size0[sid], rf.gallery(sid, ig=True), ac.gallery_k, "ig")
 
 
-def _attribute_genes(model, data, idx, held: pd.DataFrame, ac, rf: RunFiles, written: dict) -> _GeneResult:
+def _attribute_genes(model, data, idx, held: pd.DataFrame, ac, rf: RunFiles, written: dict, prov: dict) -> _GeneResult:
     """Gene IG -> gene_ig.csv, genes.csv (ranked), gene_attributions.h5ad, deletion curves."""
     from pipeline.outputs.attribution import gene_deletion_curves, gene_integrated_gradients, rank_genes
     from pipeline.outputs.writers import write_gene_attributions, write_gene_h5ad
 
     attr = gene_integrated_gradients(model, data, idx, ac.ig_steps)
-    write_gene_attributions(rf.gene_ig, attr, held.patient_id.tolist(), data.genes)
     present = data.omics_present[idx]
+    write_gene_attributions(rf.gene_ig, attr, held.patient_id.tolist(), data.genes, present)
     rank = rank_genes(attr, data.omics[idx], present, data.genes)
     written["genes"] = write_csv(rf.genes, rank)
     obs = held.assign(omics_present=present)
-    write_gene_h5ad(rf.gene_h5ad, attr, data.omics[idx], obs, rank, data.genes)
+    norm = data.omics_norm
+    logx = norm.log_expression(data.omics[idx]) if norm is not None and not norm.pathways else None
+    write_gene_h5ad(rf.gene_h5ad, attr, data.omics[idx], obs, rank, data.genes, logx, prov,
+                    norm.values if norm is not None else "counts")  # fmt: skip
     written["genes_h5ad"] = rf.gene_h5ad
     expression = pd.DataFrame(np.where(present[:, None], data.omics[idx], np.nan), columns=data.genes)
     faith = gene_deletion_curves(model, data, idx, attr, ac.deletion_steps, seed=ac.seed)

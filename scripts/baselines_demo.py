@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = [data.patient_ids[i] for i in test]
     if sorted(ids) != sorted(risk.index[risk.split == "test"]):
         raise SystemExit(f"{a.run / 'risk_scores.csv'}: its test split differs from the config's split")
-    model_lh = risk.loc[ids, "risk"].to_numpy(float)
+    model_lh = risk.loc[ids, "log_hz"].to_numpy(float)
     t0 = time.perf_counter()
     bl_settings = BaselineSettings(n_boot=a.bootstrap, seed=cfg.evaluate.seed)
     bl = fit_baselines(data, model_lh, bl_settings)

@@ -115,7 +115,7 @@ def fit_histofuse(spec: Path, out: Path, seed: int, overrides: list[str]) -> tup
     rs = pd.read_csv(stage_predict(RunFiles(root=out).model, cohort, out, None))
     te = rs[rs.split == "test"]
     info = json.loads((out / "train_summary.json").read_text())
-    return _cindex(te.time.to_numpy(), te.event.to_numpy(bool), te.risk.to_numpy()), {
+    return _cindex(te.time.to_numpy(), te.event.to_numpy(bool), te.log_hz.to_numpy()), {
         "best_epoch": info.get("best_epoch")
     }
 

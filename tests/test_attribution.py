@@ -3,8 +3,6 @@ biomarker table against lifelines / statsmodels."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +18,7 @@ from pipeline.outputs.attribution import (
     tile_integrated_gradients,
 )
 from pipeline.outputs.biomarkers import cox_table, fit_phenotypes
-from pipeline.outputs.writers import write_gene_h5ad, write_geojson
+from pipeline.outputs.writers import write_gene_h5ad
 from pipeline.training.data import CohortData, make_loader, model_inputs
 
 
@@ -85,19 +83,6 @@ def test_gene_ig_completeness_and_missing_omics(toy):
     assert attr[0].sum() == pytest.approx(ref, abs=2e-3)
 
 
-def test_geojson_is_a_qupath_feature_collection(tmp_path):
-    t = pd.DataFrame({"slide_id": "S", "x": [0, 448], "y": [224, 0], "attn": [0.2, 0.8], "attn_rel": [0.4, 1.6],
-                      "ig": [-0.1, 0.3]})  # fmt: skip
-    write_geojson(t, 448, tmp_path / "s.geojson")
-    g = json.loads((tmp_path / "s.geojson").read_text())
-    assert g["type"] == "FeatureCollection" and len(g["features"]) == 2
-    f = g["features"][1]
-    ring = f["geometry"]["coordinates"][0]
-    assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] == [448, 0] and ring[2] == [896, 448]
-    assert f["properties"]["objectType"] == "detection"
-    assert f["properties"]["measurements"] == {"attn": 0.8, "attn_rel": 1.6, "ig": 0.3}
-
-
 def test_gene_h5ad_round_trip(toy, tmp_path):
     import anndata as ad
 
@@ -105,12 +90,15 @@ def test_gene_h5ad_round_trip(toy, tmp_path):
     idx = data.splits["test"]
     attr = gene_integrated_gradients(model, data, idx)
     rank = rank_genes(attr, data.omics[idx], data.omics_present[idx], data.genes)
-    obs = pd.DataFrame({"patient_id": [data.patient_ids[i] for i in idx], "site": "a", "risk": [0.1, 0.2, 0.3, 0.4]})
+    present = data.omics_present[idx]
+    obs = pd.DataFrame({"patient_id": [data.patient_ids[i] for i in idx], "site": "a",
+                        "log_hz": [0.1, 0.2, 0.3, 0.4], "omics_present": present})  # fmt: skip
     write_gene_h5ad(tmp_path / "g.h5ad", attr, data.omics[idx], obs, rank, data.genes)
     a = ad.read_h5ad(tmp_path / "g.h5ad")
-    np.testing.assert_allclose(a.layers["ig"], attr, rtol=1e-6)
+    np.testing.assert_allclose(a.layers["ig"][present], attr[present], rtol=1e-6)
+    assert np.isnan(a.layers["ig"][~present]).all() and np.isnan(a.X[~present]).all()
     assert list(a.obs_names) == obs.patient_id.tolist() and list(a.var_names) == data.genes
-    assert {"rank", "mean_abs_ig", "direction"} <= set(a.var.columns) and a.obs.risk.iloc[2] == 0.3
+    assert {"rank", "mean_abs_ig", "direction"} <= set(a.var.columns) and a.obs.log_hz.iloc[2] == 0.3
 
 
 def test_deletion_curves_start_at_zero_and_favour_attributed_inputs():

@@ -71,24 +71,24 @@ def test_run_end_to_end(e2e_run):
     ):
         assert (out / f).is_file(), f
     rs = pd.read_csv(out / "risk_scores.csv")
-    assert list(rs.columns[:5]) == ["patient_id", "site", "split", "risk", "risk_group"]
-    assert len(rs) == 12 and rs.risk.notna().all() and set(rs.risk_group) <= {"high", "low"}
+    assert list(rs.columns[:5]) == ["patient_id", "site", "split", "log_hz", "risk_group"]
+    assert len(rs) == 12 and rs.log_hz.notna().all() and set(rs.risk_group) <= {"high", "low"}
     assert set(rs.split) <= {"train", "val", "test"}
     m = json.loads((out / "metrics.json").read_text())
     assert 0 <= m["pooled"]["cindex"] <= 1 and m["pooled"]["n"] == (rs.split == "test").sum()
     for k in ("uno_cindex", "td_auc", "ibs", "logrank_p", "notes"):
         assert k in m["pooled"], k
     # survival probabilities at the training event-time quartiles, from the Breslow baseline in the bundle
-    surv = [c for c in rs.columns if c.startswith("surv_t")]
+    surv = [c for c in rs.columns if c.startswith("surv_") and c.endswith("days")]  # the demo's time_unit
     assert surv and rs[surv].notna().all().all() and ((rs[surv] >= 0) & (rs[surv] <= 1)).all().all()
     assert (np.diff(rs[surv].to_numpy(), axis=1) <= 1e-9).all()  # non-increasing in time
     for _, g in rs.groupby("site"):  # one baseline per site: higher risk, lower survival
-        assert (np.diff(g.sort_values("risk")[surv[-1]].to_numpy()) <= 1e-9).all()
+        assert (np.diff(g.sort_values("log_hz")[surv[-1]].to_numpy()) <= 1e-9).all()
     no_omics = rs[rs.patient_id == "DEMO-0010"].iloc[0]  # the demo patient without omics is scored, not dropped
-    assert "omics" not in no_omics.modalities and np.isfinite(no_omics.risk)
+    assert "omics" not in no_omics.modalities and np.isfinite(no_omics.log_hz)
     # tile outputs: IG per tile, a QuPath GeoJSON per slide, galleries cut from the slides
     gj = json.loads(next((out / "attributions" / "geojson").glob("*.geojson")).read_text())
-    assert gj["type"] == "FeatureCollection" and "attn" in gj["features"][0]["properties"]["measurements"]
+    assert gj["type"] == "FeatureCollection" and "Attention" in gj["features"][0]["properties"]["measurements"]
     assert list((out / "attributions" / "galleries").glob("*.png"))
     genes = pd.read_csv(out / "attributions" / "genes.csv")
     assert len(genes) == 40 and genes["rank"].tolist() == list(range(1, 41))
@@ -109,7 +109,7 @@ def test_run_end_to_end(e2e_run):
     rc = main(["predict", str(cohort), "--model", str(out / MODEL), "--out", str(out / "again")])
     assert rc == 0
     rs2 = pd.read_csv(out / "again" / "risk_scores.csv")
-    np.testing.assert_allclose(rs2.risk, rs.risk, atol=1e-5)
+    np.testing.assert_allclose(rs2.log_hz, rs.log_hz, atol=1e-5)
 
 
 def test_predict_refuses_other_encoder_features(e2e_run, tiny_features, tmp_path, capsys):
@@ -159,7 +159,7 @@ def test_predict_refuses_other_gene_panel_and_takes_overrides(e2e_run, tiny_feat
             str(fdir), "--set", "evaluate.risk_groups=tertiles", "--set", "evaluate.horizons=[1,2]"]  # fmt: skip
     assert main(args) == 0
     rs = pd.read_csv(tmp_path / "q" / "risk_scores.csv")
-    assert set(rs.risk_group) <= {"low", "intermediate", "high"} and {"surv_t1", "surv_t2"} <= set(rs.columns)
+    assert set(rs.risk_group) <= {"low", "intermediate", "high"} and {"surv_1days", "surv_2days"} <= set(rs.columns)
     assert (
         main(["evaluate", str(tmp_path / "q" / "risk_scores.csv"), "--split", "all", "--set", "evaluate.bootstrap=10"])
         == 0
@@ -237,12 +237,14 @@ def test_discrete_time_model_predicts_curves_from_hazards(tiny_demo, tmp_path):
     model, card = load_bundle(run / "model.safetensors")
     assert card.baseline is None  # no Breslow baseline for a discrete-time head
     edges = model.get_buffer("bin_edges").numpy()
-    curves = pd.read_csv(run / "survival_curves.csv")
-    assert [float(c) for c in curves.columns[1:]] == pytest.approx(edges[1:].tolist())
-    s = curves.iloc[:, 1:].to_numpy()
+    curves = pd.read_csv(run / "survival_curves.csv")  # long form: patient_id, time, survival
+    assert list(curves.columns) == ["patient_id", "time", "survival"]
+    wide = curves.pivot(index="patient_id", columns="time", values="survival")
+    assert wide.columns.tolist() == pytest.approx(edges[1:].tolist())
+    s = wide.to_numpy()
     assert ((s >= 0) & (s <= 1)).all() and (np.diff(s, axis=1) <= 1e-9).all()
     rs = pd.read_csv(run / "risk_scores.csv")
-    assert set(rs.risk_group) <= {"low", "intermediate", "high"} and any(c.startswith("surv_t") for c in rs.columns)
+    assert set(rs.risk_group) <= {"low", "intermediate", "high"} and any(c.startswith("surv_") for c in rs.columns)
     assert main(["evaluate", str(run / "risk_scores.csv"), "--split", "all", "--set", "evaluate.bootstrap=5"]) == 0
     m = json.loads((run / "metrics.json").read_text())
     assert m["pooled"]["ibs"] is not None or "ibs" in m["pooled"]["notes"]

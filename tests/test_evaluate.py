@@ -157,6 +157,7 @@ def test_harrell_in_unit_interval_or_nan(rows):
 
 def test_stage_evaluate_writes_json_and_plots(tmp_path):
     from pipeline.outputs.evaluate import stage_evaluate
+    from pipeline.outputs.predictions import curves_table
 
     time, event, lh, site = _cohort(n=150, seed=5)
     split = np.where(np.arange(150) < 90, "train", "test")
@@ -165,14 +166,12 @@ def test_stage_evaluate_writes_json_and_plots(tmp_path):
     ids = [f"P{i:03d}" for i in range(150)]
     sites = np.array(["a", "b", "c"])[site]
     df = pd.DataFrame(
-        {"patient_id": ids, "site": sites, "split": split, "risk": lh,
+        {"patient_id": ids, "site": sites, "split": split, "log_hz": lh,
          "risk_group": np.where(lh > np.median(lh[tr]), "high", "low"), "time": time, "event": event.astype(int)}
     )  # fmt: skip
     df.loc[sites == "c", "event"] = 0  # site c: all censored
     df.to_csv(tmp_path / "risk_scores.csv", index=False)
-    cur = pd.DataFrame(base.survival(lh, base.grid), columns=[f"{t:g}" for t in base.grid])
-    cur.insert(0, "patient_id", ids)
-    cur.to_csv(tmp_path / "survival_curves.csv", index=False)
+    curves_table(ids, (base.grid, base.survival(lh, base.grid))).to_csv(tmp_path / "survival_curves.csv", index=False)
     m = stage_evaluate(tmp_path / "risk_scores.csv", tmp_path, "test", ["evaluate.bootstrap=20"])
     for f in ("metrics.json", "km_test.png", "km_test_sites.png", "td_auc_test.png"):
         assert (tmp_path / f).is_file(), f

@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory):
     event[site == "b"] = False
     pd.DataFrame(
         {"patient_id": [f"P{i}" for i in range(n)], "site": site, "split": np.where(np.arange(n) < 40, "train", "test"),
-         "risk": lh, "risk_group": np.where(lh > 0, "high", "low"), "surv_t5": 0.5, "modalities": "omics",
+         "log_hz": lh, "risk_group": np.where(lh > 0, "high", "low"), "surv_5days": 0.5, "modalities": "omics",
          "time": time, "event": event.astype(int)}
     ).to_csv(out / "risk_scores.csv", index=False)  # fmt: skip
     stage_evaluate(out / "risk_scores.csv", out, "test", ["evaluate.bootstrap=10"])

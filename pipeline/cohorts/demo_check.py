@@ -25,7 +25,7 @@ def check_demo(out: Path) -> dict:
     oracle = pd.read_csv(truth / TRUTH_PATIENTS)[["patient_id", "oracle_log_hz"]]
     test = risk[risk.split == "test"].merge(oracle, on="patient_id")
     r: dict = {
-        "test_cindex": harrell_cindex(test.time.to_numpy(), test.event.to_numpy(bool), test.risk.to_numpy()),
+        "test_cindex": harrell_cindex(test.time.to_numpy(), test.event.to_numpy(bool), test.log_hz.to_numpy()),
         "oracle_test_cindex": harrell_cindex(
             test.time.to_numpy(), test.event.to_numpy(bool), test.oracle_log_hz.to_numpy()
         ),

@@ -195,6 +195,14 @@ class OmicsNormaliser:
             out[present] = np.nan_to_num(z, nan=0.0).astype(np.float32)
         return out, present
 
+    def log_expression(self, z: np.ndarray) -> np.ndarray:
+        """The log-normalised expression ``[P, G]`` float32 behind standardised genes ``z [P, G]`` (as from
+        :meth:`transform_genes`; a missing value comes back as the training mean): ``z * std + mean``, with
+        the rounding below 0 of ``log1p`` counts clipped."""
+        assert self.mean is not None and self.std is not None, "fit() first"
+        x = np.asarray(z, np.float64) * self.std + self.mean
+        return (np.maximum(x, 0.0) if self.values == "counts" else x).astype(np.float32)
+
     def transform(self, adata, patient_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``omics [P, F]`` float32 (``F`` = genes, or pathway tokens as the mean of their standardised
         genes) and ``present [P]`` bool for ``patient_ids``."""

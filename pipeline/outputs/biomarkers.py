@@ -225,7 +225,8 @@ def biomarker_table(
         "left_out_missing_modality": int((~keep).sum()),
     }
     t.insert(0, "kind", [kind_of[n] for n in t.name])
-    t.insert(1, "attribution_rank", [rank_of.get(n, np.nan) for n in t.name])
+    ranks = pd.array([rank_of.get(n) for n in t.name], dtype="Int64")  # integers; empty for phenotypes
+    t.insert(1, "attribution_rank", ranks)
     if gene_rank is not None:
         d = dict(zip(gene_rank.gene, gene_rank.direction, strict=True))
         t["attribution_direction"] = [d.get(n, "") for n in t.name]

@@ -20,18 +20,34 @@ log = logging.getLogger(__name__)
 
 
 def read_curves(path: Path, ids: list[str]):
-    """Survival curves for ``ids`` from ``survival_curves.csv`` (None if absent or incomplete)."""
+    """Survival curves for ``ids`` from the long-form ``survival_curves.csv`` (``patient_id, time,
+    survival``) as :class:`~pipeline.stats.metrics.Curves` (``surv [len(ids), T]`` on the shared time grid);
+    None, with a warning, when the file is absent, lacks a patient or the patients' grids differ."""
     from pipeline.stats.metrics import Curves
 
     if not path.is_file():
         return None
-    c = pd.read_csv(path).set_index("patient_id")
-    c.index = c.index.astype(str)
-    missing = [p for p in ids if p not in c.index]
+    c = pd.read_csv(path, dtype={"patient_id": str})
+    need = {"patient_id", "time", "survival"}
+    if not need <= set(c.columns):
+        raise ValueError(f"{path}: missing columns {sorted(need - set(c.columns))} (a long-form table is expected)")
+    wide = c.pivot_table(index="patient_id", columns="time", values="survival", aggfunc="first", dropna=False)
+    missing = [p for p in ids if p not in wide.index]
     if missing:
         log.warning("%s: no curves for %d patients (e.g. %s); no Brier score", path, len(missing), missing[0])
         return None
-    return Curves(np.array([float(t) for t in c.columns]), c.loc[ids].to_numpy(float))
+    surv = wide.loc[ids].to_numpy(float)
+    if np.isnan(surv).any():
+        log.warning("%s: the patients' curves are not on one time grid; no Brier score", path)
+        return None
+    return Curves(wide.columns.to_numpy(float), surv)
+
+
+def horizons_of(columns: list[str]) -> list[float] | None:
+    """The horizons of the ``surv_<h><unit>`` columns of ``risk_scores.csv``, in column order (None: no column)."""
+    from pipeline.outputs.predictions import horizon_of
+
+    return [h[0] for h in map(horizon_of, columns) if h is not None] or None
 
 
 def stage_evaluate(
@@ -47,7 +63,7 @@ def stage_evaluate(
     ev = (config or RunConfig()).with_overrides(overrides).evaluate
     risk_csv = Path(risk_csv)
     df = pd.read_csv(risk_csv, dtype={"patient_id": str})
-    need = {"patient_id", "site", "split", "risk", "risk_group", "time", "event"}
+    need = {"patient_id", "site", "split", "log_hz", "risk_group", "time", "event"}
     if not need <= set(df.columns):
         raise ValueError(f"{risk_csv}: missing columns {sorted(need - set(df.columns))}")
     d = df[df.split == split] if split != "all" else df
@@ -56,13 +72,13 @@ def stage_evaluate(
     tr = df[df.split == "train"]
     horizons = ev.horizons
     if horizons is None:
-        horizons = [float(c[6:]) for c in df.columns if c.startswith("surv_t")] or None
+        horizons = horizons_of(list(df.columns))
     sites = sorted(d.site.unique())
     curves = read_curves(RunFiles(root=risk_csv.parent).survival_curves, d.patient_id.tolist())
     m = survival_metrics(
         d.time.to_numpy(float),
         d.event.to_numpy(bool),
-        d.risk.to_numpy(float),
+        d.log_hz.to_numpy(float),
         np.array([sites.index(s) for s in d.site]),
         sites,
         group=d.risk_group.to_numpy(str),

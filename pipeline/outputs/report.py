@@ -102,6 +102,8 @@ def _metrics_section(rf: RunFiles) -> list[str]:
 
 
 def _cohort_section(rf: RunFiles) -> list[str]:
+    from pipeline.outputs.predictions import horizon_of
+
     rs = rf.risk_scores
     if not rs.is_file():
         return []
@@ -115,7 +117,7 @@ def _cohort_section(rf: RunFiles) -> list[str]:
     summ = summ.merge(splits.reset_index(), on="site")
     mods = df.modalities.fillna("none").value_counts().to_dict()
     groups = df.groupby(["split", "risk_group"]).size().unstack(fill_value=0).reset_index()
-    surv_cols = [c for c in df.columns if c.startswith("surv_t")]
+    surv_cols = [c for c in df.columns if horizon_of(c)]
     parts = [
         "<h2>Cohort</h2>",
         _table(summ),
@@ -127,7 +129,7 @@ def _cohort_section(rf: RunFiles) -> list[str]:
     if surv_cols:
         parts.append(
             "<p>Predicted survival probability at "
-            f"{html.escape(', '.join(c[6:] for c in surv_cols))} (time units of the cohort) is in "
+            f"{html.escape(', '.join('{:g} {}'.format(*horizon_of(c)) for c in surv_cols))} is in "
             f"<code>{rf.RISK_SCORES}</code>; full curves in <code>{rf.SURVIVAL_CURVES}</code>.</p>"
         )
     return parts
