@@ -75,7 +75,9 @@ class ModelCard(_Frozen):
         omics, clinical: normaliser states (``OmicsNormaliser.state()`` / ``ClinicalNormaliser.state()``).
         time_bins: discrete-time bin edges ``[K + 1]`` (None for Cox heads).
         baseline: Breslow baseline state (Cox heads with events in training).
-        splits: ``patient_id -> split`` of the training cohort.
+        split_digest: SHA-256 of the training cohort's sorted ``patient_id<TAB>split`` lines: prediction on
+            the same cohort re-derives its splits and checks them against it; no patient id is stored.
+        splits: legacy files only (``patient_id -> split``); a new card never holds patient ids.
         tensors: name -> shape/dtype of every weight tensor; weights_sha256: digest of the weights
             (:func:`pipeline.training.bundle.weights_digest`), checked on load.
     """
@@ -92,6 +94,7 @@ class ModelCard(_Frozen):
     horizons: list[float] = []
     baseline: dict[str, Any] | None = None
     train_info: dict[str, Any] = {}
+    split_digest: str = ""
     splits: dict[str, str] = {}
     tensors: dict[str, TensorSpec] = {}
     weights_sha256: str = ""
@@ -111,6 +114,7 @@ class RunFiles(_Frozen):
     MODEL: ClassVar[str] = "model.safetensors"
     TRAIN_SUMMARY: ClassVar[str] = "train_summary.json"
     FEDERATED: ClassVar[str] = "federated"  # folder: round checkpoints and history of a federated run
+    PRIVACY_LEDGER: ClassVar[str] = "privacy_ledger.jsonl"  # federated runs: what each site sent (no values)
     RISK_SCORES: ClassVar[str] = "risk_scores.csv"
     SURVIVAL_CURVES: ClassVar[str] = "survival_curves.csv"
     METRICS: ClassVar[str] = "metrics.json"
@@ -154,6 +158,14 @@ class RunFiles(_Frozen):
     @property
     def federated(self) -> Path:
         return self.root / self.FEDERATED
+
+    @property
+    def privacy_ledger(self) -> Path:
+        return self.root / self.PRIVACY_LEDGER
+
+    def site_privacy_ledger(self, site: str) -> Path:
+        """A deployed SuperNode's own ledger (``privacy_ledger.<site>.jsonl``: nodes may share one folder)."""
+        return self.root / f"{Path(self.PRIVACY_LEDGER).stem}.{site}.jsonl"
 
     @property
     def risk_scores(self) -> Path:

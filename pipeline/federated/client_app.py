@@ -10,6 +10,7 @@ site's data and its summaries live in ``site.py``; this module only adapts them 
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common.recorddict_compat import recorddict_to_evaluateres, recorddict_to_fitres
 
+from data_specs.artifacts import RunFiles
 from data_specs.config import RunConfig
+from pipeline.federated.ledger import MessageLedger
 from pipeline.federated.policy import (
     DisclosureError,
     SiteFacts,
@@ -106,24 +109,109 @@ def _check_reply(msg: Message, reply: Message, ctxt: Context, client_fn) -> None
         check_evaluate_reply(client_fn(ctxt).facts(), res.num_examples, dict(res.metrics))
 
 
-def disclosure_mod(client_fn):
-    """The outermost ClientApp mod: every reply the site sends passes :func:`_check_reply`; a violation
-    is a :class:`SiteDataError` (the run stops, nothing of the reply leaves the site)."""
+def _describe_value(v) -> dict:
+    """A record entry's form: type and length (lists, bytes, strings), never the value."""
+    if isinstance(v, list):
+        kinds = sorted({type(x).__name__ for x in v})
+        return {"type": f"list[{'|'.join(kinds)}]" if kinds else "list", "len": len(v)}
+    if isinstance(v, bytes | str):
+        return {"type": type(v).__name__, "len": len(v)}
+    return {"type": type(v).__name__}
+
+
+def _describe_array(a) -> dict:
+    """An array's shape and dtype (from its header for Flower's legacy ``numpy.ndarray`` bytes), and size."""
+    shape, dtype = list(a.shape), str(a.dtype)
+    if not shape and not dtype and a.stype == "numpy.ndarray":
+        fh = io.BytesIO(a.data)
+        read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(fh))
+        shp, _, dt = (read or np.lib.format.read_array_header_2_0)(fh)
+        shape, dtype = list(shp), str(dt)
+    return {"shape": shape, "dtype": dtype, "bytes": len(a.data)}
+
+
+def _phase(msg: Message) -> str:
+    kind = msg.metadata.message_type
+    if kind.startswith("query."):
+        return "statistics." + kind.removeprefix("query.")
+    cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    if cfg is not None and Key.STAGE in cfg:
+        return f"{kind}.secagg.{cfg[Key.STAGE]}"
+    return kind
+
+
+def _round(msg: Message) -> int | None:
+    if msg.has_content():
+        for name in ("fitins.config", "evaluateins.config"):
+            rec = msg.content.config_records.get(name)
+            if rec is not None and "round" in rec:
+                return int(rec["round"])
+    return None
+
+
+def ledger_head(msg: Message, site: str) -> dict:
+    """A ledger line's header, read from the incoming ``msg`` before any mod consumes it: phase, Flower
+    group (round), absolute round when the server sent one, site, and the message it answers."""
+    return {
+        "phase": _phase(msg),
+        "group": msg.metadata.group_id,
+        "round": _round(msg),
+        "site": site,
+        "reply_to": msg.metadata.message_id,
+    }
+
+
+def ledger_entry(head: dict, reply: Message | None, error: str | None = None) -> dict:
+    """One ledger line for the ``reply`` a site sends (``head``: :func:`ledger_head`): for each record its
+    keys with shapes and dtypes (arrays) or types and lengths (metrics, configs). No value is copied."""
+    entry = dict(head)
+    if error is not None or reply is None or not reply.has_content():
+        entry["error"] = error or (f"code {reply.error.code}" if reply is not None else "no reply")
+        return entry
+    c = reply.content
+    records: dict = {}
+    for name, rec in c.array_records.items():
+        records[name] = {
+            "kind": "arrays",
+            "keys": {k: _describe_array(a) for k, a in rec.items()},
+        }
+    for kind, group in (("metrics", c.metric_records), ("config", c.config_records)):
+        for name, rec in group.items():
+            records[name] = {"kind": kind, "keys": {k: _describe_value(v) for k, v in rec.items()}}
+    entry["records"] = records
+    return entry
+
+
+def disclosure_mod(client_fn, ledger_for=None):
+    """The outermost ClientApp mod: every reply the site sends passes :func:`_check_reply` and, with
+    ``ledger_for(context) -> MessageLedger | None``, is recorded in the site's privacy ledger (a refused
+    reply as an error line). A violation is a :class:`SiteDataError` (the run stops, nothing of the reply
+    leaves the site)."""
 
     def mod(msg: Message, ctxt: Context, call_next) -> Message:
-        reply = call_next(msg, ctxt)
-        if reply.has_content():
-            try:
+        site = str(ctxt.node_config.get("site", f"node {ctxt.node_id}"))
+        ledger = ledger_for(ctxt) if ledger_for is not None else None
+        head = ledger_head(msg, site) if ledger is not None else {}
+        try:
+            reply = call_next(msg, ctxt)
+            if reply.has_content():
                 _check_reply(msg, reply, ctxt, client_fn)
-            except DisclosureError as e:
-                raise site_data_error(str(ctxt.node_config.get("site", f"node {ctxt.node_id}")), e) from e
+        except Exception as e:
+            if ledger is not None:
+                ledger.record(ledger_entry(head, None, type(e).__name__))
+            if isinstance(e, DisclosureError):
+                raise site_data_error(site, e) from e
+            raise
+        if ledger is not None:
+            ledger.record(ledger_entry(head, reply))
         return reply
 
     return mod
 
 
-def make_client_app(client_fn, mods: list | None = None) -> ClientApp:
-    """The one ClientApp recipe: ``client_fn(context) -> SiteClient``, wrapped, with the SecAgg+ mod.
+def make_client_app(client_fn, mods: list | None = None, ledger_for=None) -> ClientApp:
+    """The one ClientApp recipe: ``client_fn(context) -> SiteClient``, wrapped, with the SecAgg+ mod and the
+    disclosure mod outermost (``ledger_for(context)``: the privacy ledger it records each reply in).
 
     A site whose data cannot be loaded or used (``ValueError``, ``FileNotFoundError``) answers with a
     :class:`~pipeline.federated.protocol.SiteDataError` naming it, which stops the run at the server.
@@ -135,7 +223,8 @@ def make_client_app(client_fn, mods: list | None = None) -> ClientApp:
         except REPEATING_ERRORS as e:
             raise site_data_error(str(context.node_config.get("site", f"node {context.node_id}")), e) from e
 
-    return ClientApp(client_fn=build, mods=[disclosure_mod(client_fn), *(mods or []), _secagg_when_asked])
+    mods = [disclosure_mod(client_fn, ledger_for), *(mods or []), _secagg_when_asked]
+    return ClientApp(client_fn=build, mods=mods)
 
 
 _DEPLOYED: dict[tuple, SiteClient] = {}
@@ -185,4 +274,20 @@ def _deployed_site(context: Context) -> SiteClient:
     return _DEPLOYED[key]
 
 
-client_app = make_client_app(_deployed_site, [_cohort_statistics_mod])
+_LEDGERS: dict[Path, MessageLedger] = {}
+
+
+def _deployed_ledger(context: Context) -> MessageLedger | None:
+    """A SuperNode's own ledger, ``<out>/privacy_ledger.<site>.jsonl`` (kept across node restarts; lines
+    name the round), written after every reply."""
+    try:
+        site, _, cfg = _node_site(context)
+    except ValueError:
+        return None  # the node answers with that error itself
+    path = RunFiles(root=Path(str(context.node_config.get("out", cfg.out)))).site_privacy_ledger(site)
+    if path not in _LEDGERS:
+        _LEDGERS[path] = MessageLedger(path, keep=True, autoflush=True)
+    return _LEDGERS[path]
+
+
+client_app = make_client_app(_deployed_site, [_cohort_statistics_mod], _deployed_ledger)

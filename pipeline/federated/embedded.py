@@ -21,9 +21,11 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from data_specs.artifacts import RunFiles
 from data_specs.config import RunConfig
 from models.survival import MultimodalSurvival
 from pipeline.federated.client_app import make_client_app
+from pipeline.federated.ledger import MessageLedger
 from pipeline.federated.protocol import SiteDataError, load_arrays, trainable_arrays
 from pipeline.federated.server import FederatedServer
 from pipeline.federated.server_app import serve
@@ -51,7 +53,10 @@ def run_federated(
     ``FileNotFoundError``) stops the run (:class:`SiteDataError` naming it); one that raises otherwise or times
     out is retried once, then dropped from that round (warning) as long as ``min_sites`` remain (default:
     every site). Server state is checkpointed atomically after each round; with ``resume`` the run continues
-    after the last finished round in ``out``. Returns the best round's model.
+    after the last finished round in ``out`` (the run folder's ``federated/``). With ``out``, every message a
+    site sends is described in the run folder's ``privacy_ledger.jsonl``
+    (:class:`~pipeline.federated.ledger.MessageLedger`; kept on resume).
+    Returns the best round's model.
     """
 
     fc = cfg.federated
@@ -61,7 +66,8 @@ def run_federated(
         raise ValueError(f"{len(clients)} site(s) with training patients, fewer than min_sites={fc.min_sites}")
     model = new_model(data, cfg)
     server = FederatedServer(cfg, trainable_arrays(model), out, resume=resume)
-    info = run_embedded(clients, server, progress=progress)
+    ledger = MessageLedger(RunFiles(root=out.parent).privacy_ledger if out is not None else None, keep=resume)
+    info = run_embedded(clients, server, progress=progress, ledger=ledger)
     assert server.best is not None
     load_arrays(model, server.best[2])
     info = {**server.summary(), "sites": [c.site for c in clients], **info}
@@ -165,16 +171,21 @@ class InProcessGrid(Grid):
 
 
 def run_embedded(
-    clients: list[SiteClient], server: FederatedServer, progress: bool = False, grid_out: list | None = None
+    clients: list[SiteClient],
+    server: FederatedServer,
+    progress: bool = False,
+    grid_out: list | None = None,
+    ledger: MessageLedger | None = None,
 ) -> dict:
     """Run the ServerApp body and the ClientApp in-process over :class:`InProcessGrid`.
 
     Node ids are ``1000 + position``. ``grid_out``: if given, the grid is appended (tests audit it).
+    ``ledger``: where every site's replies are described (flushed at each round and at the end).
     Returns runtime facts (bytes sent per site per round, seconds).
     """
     by_node = {1000 + i: c for i, c in enumerate(clients)}
     server.roster = len(clients)
-    app = make_client_app(lambda ctx: by_node[ctx.node_id])
+    app = make_client_app(lambda ctx: by_node[ctx.node_id], ledger_for=None if ledger is None else lambda ctx: ledger)
     grid = InProcessGrid({nid: (c.site, app) for nid, c in by_node.items()}, audit=grid_out is not None)
     if grid_out is not None:
         grid_out.append(grid)
@@ -188,6 +199,8 @@ def run_embedded(
         serve(grid, context, server, names, {nid: c.site for nid, c in by_node.items()})
     finally:
         app_logger.setLevel(level)
+        if ledger is not None:
+            ledger.flush()
     for rec in server.history:
         per = grid.bytes_by_round.get(str(rec["round"] - start + 1))
         if per:
