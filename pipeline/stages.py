@@ -101,23 +101,25 @@ def stage_train(
     else:
         module, info = fit_local(data, cfg, progress=progress)
         model, info = module.model.eval(), {"mode": "centralised", **info}
-    splits = {data.patient_ids[i]: s for s, idx in data.splits.items() for i in idx}
     rf = RunFiles(root=cfg.out)
-    save_bundle(rf.model, model, data, cfg, {"train_info": info, "splits": splits, **survival_summary(model, data)})
+    save_bundle(rf.model, model, data, cfg, {"train_info": info, **survival_summary(model, data)})
     write_json(rf.train_summary, info)
     return rf.model
 
 
 def survival_summary(model, data: CohortData) -> dict:
     """What ``predict`` needs for survival curves, fixed on the training patients: a Breslow baseline
-    (Cox heads; per site and pooled, built from per-site summaries) and default horizons."""
-    from pipeline.stats.curves import BreslowBaseline, default_horizons
+    (Cox heads; per site and pooled, built from per-site summaries) and default horizons, both on the coarse
+    pre-agreed grid (:func:`~pipeline.stats.curves.coarse_grid`): no exact training event time is kept."""
+    from pipeline.stats.curves import BreslowBaseline, coarse_grid, default_horizons
 
     tr = data.splits["train"]
-    out: dict = {"horizons": default_horizons(data.time[tr], data.event[tr])}
+    grid = coarse_grid(float(data.time[tr].max()) if len(tr) else 1.0)
+    out: dict = {"horizons": default_horizons(data.time[tr], data.event[tr], grid)}
     if getattr(model, "n_bins", 0) == 0 and data.event[tr].any():
         lh = predict(model, data, tr).log_hz
-        out["baseline"] = BreslowBaseline.fit(data.time[tr], data.event[tr], lh, data.site[tr], data.sites).state()
+        base = BreslowBaseline.fit(data.time[tr], data.event[tr], lh, data.site[tr], data.sites, grid, 10, True)
+        out["baseline"] = base.state()  # risk set at each interval's start: see curves.site_summary
     return out
 
 

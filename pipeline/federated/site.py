@@ -152,9 +152,24 @@ class SiteClient:
         return Update(upd, int(weight), metrics)
 
     def evaluate(self, arrays: Arrays, config: dict) -> Evaluation:
-        """Validation of the global model on this site's validation patients: scalars only."""
+        """Validation of the global model on this site's validation patients: scalars only.
+
+        Under DP (``federated.dp_noise`` > 0) a site with fewer validation events than the disclosure
+        policy's minimum count sends its patient count only (no C-index, pair counts, loss or events: on so
+        few events they place single patients; warning naming the site); the server pools the others.
+        """
         if len(self.val_idx) == 0:
             return Evaluation(0, {})
+        facts = self.facts()
+        if self.cfg.federated.dp_noise > 0 and facts.n_val_events < facts.min_count:
+            log.warning(
+                "site %s: %d validation event(s), fewer than the minimum count %d: its validation metrics are "
+                "suppressed (not sent) under DP",
+                self.site,
+                facts.n_val_events,
+                facts.min_count,
+            )
+            return Evaluation(len(self.val_idx), {})
         module = self._module(arrays)
         lh = predict(module.model, self.data, self.val_idx).log_hz
         t, e = self.data.time[self.val_idx], self.data.event[self.val_idx]

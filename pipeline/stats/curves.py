@@ -10,8 +10,11 @@ two vectors on a shared time grid ``g [K]``: ``events [K]`` (events with time in
 and ``risk_sum [K]`` (the sum of ``exp(log_hz)`` over its patients still at risk at ``g_k``, i.e.
 ``time >= g_k``). No per-patient value leaves the site; the server adds the vectors and divides. On
 a grid that holds every event time this is exactly Breslow's estimator on the pooled patients (a
-test checks it against scikit-survival's ``BreslowEstimator``); on a coarser grid (agreed in advance,
-revealing no event time) events within an interval are charged to its right end.
+test checks it against scikit-survival's ``BreslowEstimator``). A trained model keeps its baseline on
+a coarse grid instead (:func:`coarse_grid`: ``K`` evenly spaced times up to the largest follow-up rounded
+up to two significant digits, agreed before training, revealing no event time): events within an interval
+are charged to its right end and the risk set is the patients at risk at the interval's start
+(``risk_at_start``), so the hazard is a step function on that grid.
 
 A patient's survival is ``S(t | x) = exp(-H0(t) * exp(log_hz))``. The baseline is kept per site
 (stratified training gives each site its own baseline hazard) and pooled; a patient from a site the
@@ -42,11 +45,33 @@ def event_grid(time: np.ndarray, event: np.ndarray) -> np.ndarray:
     return np.unique(np.asarray(time, float)[np.asarray(event, bool)])
 
 
-def site_summary(grid: np.ndarray, time: np.ndarray, event: np.ndarray, log_hz: np.ndarray) -> SiteSummary:
+COARSE_GRID_POINTS = 40  # baseline grid points of a trained model (one per 2.5% of the follow-up range)
+
+
+def nice_ceil(x: float, digits: int = 2) -> float:
+    """``x`` rounded up to ``digits`` significant digits (3652.3 -> 3700.0); 1.0 for ``x <= 0``."""
+    if not np.isfinite(x) or x <= 0:
+        return 1.0
+    step = 10.0 ** (np.floor(np.log10(x)) - (digits - 1))
+    return float(np.ceil(x / step) * step)
+
+
+def coarse_grid(max_follow_up: float, k: int = COARSE_GRID_POINTS) -> np.ndarray:
+    """The pre-agreed baseline grid ``[k]``: ``k`` evenly spaced times up to the largest follow-up rounded up
+    (:func:`nice_ceil`). Each site can send its own rounded maximum; the consortium takes the largest, so
+    no exact time is needed, and the grid is fixed before any risk is computed."""
+    return nice_ceil(max_follow_up) * np.arange(1, k + 1) / k
+
+
+def site_summary(
+    grid: np.ndarray, time: np.ndarray, event: np.ndarray, log_hz: np.ndarray, risk_at_start: bool = False
+) -> SiteSummary:
     """One site's summaries on a shared ``grid [K]`` (increasing).
 
     Args:
         time, event, log_hz: ``[P]`` the site's patients.
+        risk_at_start: the risk set of interval ``(g_{k-1}, g_k]`` is ``time > g_{k-1}`` (every patient for the
+            first), for a coarse grid; default ``time >= g_k`` (Breslow's, exact on the event grid).
 
     Events after the last grid point are dropped (the curve ends there).
     """
@@ -63,7 +88,11 @@ def site_summary(grid: np.ndarray, time: np.ndarray, event: np.ndarray, log_hz: 
     order = np.argsort(time)
     ts, rs = time[order], r[order]
     suffix = np.concatenate([np.cumsum(rs[::-1])[::-1], [0.0]])
-    risk_sum = suffix[np.searchsorted(ts, grid, side="left")]
+    if risk_at_start:
+        starts = np.concatenate([[0], np.searchsorted(ts, grid[:-1], side="right")])
+        risk_sum = suffix[starts]
+    else:
+        risk_sum = suffix[np.searchsorted(ts, grid, side="left")]
     return SiteSummary(grid, events, risk_sum)
 
 
@@ -102,6 +131,7 @@ class BreslowBaseline:
         sites: list[str],
         grid: np.ndarray | None = None,
         min_site_events: int = 10,
+        risk_at_start: bool = False,
     ) -> BreslowBaseline:
         """Per-site summaries combined into pooled and per-site baselines.
 
@@ -110,13 +140,14 @@ class BreslowBaseline:
             grid: shared time grid; default the distinct event times (exact Breslow).
             min_site_events: a site gets its own baseline only with at least this many training events
                 (fewer give a jagged, unreliable curve); its patients otherwise use the pooled one.
+            risk_at_start: see :func:`site_summary` (use with a :func:`coarse_grid`).
         """
         time, event, site = np.asarray(time, float), np.asarray(event, bool), np.asarray(site)
         grid = event_grid(time, event) if grid is None else np.asarray(grid, float)
         if len(grid) == 0:
             raise ValueError("no events among the training patients: the baseline hazard cannot be estimated")
         summ = {
-            s: site_summary(grid, time[site == k], event[site == k], np.asarray(log_hz)[site == k])
+            s: site_summary(grid, time[site == k], event[site == k], np.asarray(log_hz)[site == k], risk_at_start)
             for k, s in enumerate(sites)
             if (site == k).any()
         }
@@ -173,9 +204,16 @@ def survival_from_hazards(hazards: np.ndarray, edges: np.ndarray, t: np.ndarray)
     return surv[:, k]
 
 
-def default_horizons(time: np.ndarray, event: np.ndarray) -> list[float]:
-    """Quartiles of the training event times (rounded to 3 significant digits): a unit-free default."""
+def default_horizons(time: np.ndarray, event: np.ndarray, grid: np.ndarray | None = None) -> list[float]:
+    """Quartiles of the training event times (rounded to 3 significant digits): a unit-free default.
+
+    With ``grid [K]`` (a model's :func:`coarse_grid`), each quartile is snapped to the nearest grid point, so
+    the horizons a model file keeps are grid points, not statistics of exact event times."""
     t = np.asarray(time, float)[np.asarray(event, bool)]
     if len(t) == 0:
         return []
-    return sorted({float(f"{v:.3g}") for v in np.quantile(t, [0.25, 0.5, 0.75])})
+    q = np.quantile(t, [0.25, 0.5, 0.75])
+    if grid is not None and len(grid):
+        g = np.asarray(grid, float)
+        return sorted({float(g[np.argmin(np.abs(g - v))]) for v in q})
+    return sorted({float(f"{v:.3g}") for v in q})

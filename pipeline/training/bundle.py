@@ -2,10 +2,11 @@
 
 One ``model.safetensors``: the weights as safetensors tensors, and in the header's metadata the
 :class:`~data_specs.artifacts.ModelCard` as JSON (config, input sizes, normaliser states, cut-points,
-baseline, splits, and each tensor's shape plus a SHA-256 of the weights). Reading parses JSON and raw
-tensor bytes only, so a file from another hospital cannot run code. A legacy ``.pt`` pickle is refused
-unless the caller passes ``trust_pickle=True``; a truncated, tampered or foreign file raises
-:class:`ModelFileError` naming the path and what is wrong. :func:`data_for_model` aligns a cohort to a model.
+baseline on a coarse grid, a digest of the training splits (no patient id), and each tensor's shape plus a
+SHA-256 of the weights). Reading parses JSON and raw tensor bytes only, so a file from another hospital
+cannot run code. A legacy ``.pt`` pickle is refused unless the caller passes ``trust_pickle=True``; a
+truncated, tampered or foreign file raises :class:`ModelFileError` naming the path and what is wrong.
+:func:`data_for_model` aligns a cohort to a model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pipeline.files import json_safe, write_bytes
 from pipeline.training.data import CohortData, build_data
 from pipeline.training.module import model_kwargs
 from pipeline.training.predict import predict
+from pipeline.training.splits import assign_splits
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,21 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def make_card(model: MultimodalSurvival, data: CohortData, cfg: RunConfig, **extra: Any) -> ModelCard:
-    """The card for ``model`` trained on ``data``: cut-points from its training patients' risks.
+def split_digest(patient_ids: list[str], splits: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the sorted ``patient_id<TAB>split`` lines: one value naming a cohort's split, no id in it."""
+    lines = sorted(f"{patient_ids[i]}\t{s}" for s, idx in splits.items() for i in idx)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
-    ``extra``: further card fields (``train_info``, ``splits``, ``horizons``, ``baseline``).
+
+def make_card(model: MultimodalSurvival, data: CohortData, cfg: RunConfig, **extra: Any) -> ModelCard:
+    """The card for ``model`` trained on ``data``: cut-points from its training patients' risks, and the
+    :func:`split_digest` of ``data``'s splits.
+
+    ``extra``: further card fields (``train_info``, ``horizons``, ``baseline``); never ``splits`` (patient ids).
     """
+    if extra.get("splits"):
+        raise ValueError("a model card holds no patient ids: pass no 'splits' (the card keeps their digest)")
+    extra.pop("splits", None)
     train_lh = predict(model, data, data.splits["train"]).log_hz
     cut = Cutpoints(
         median=float(np.median(train_lh)) if len(train_lh) else 0.0,
@@ -76,6 +88,7 @@ def make_card(model: MultimodalSurvival, data: CohortData, cfg: RunConfig, **ext
         cutpoints=cut,
         tensors={k: TensorSpec(shape=list(v.shape), dtype=str(v.dtype)) for k, v in state.items()},
         weights_sha256=weights_digest(state),
+        split_digest=split_digest(data.patient_ids, data.splits),
         **json_safe(extra),
     )
 
@@ -207,8 +220,7 @@ def data_for_model(cohort: Cohort, card: ModelCard, fdir: Path | None) -> Cohort
 
     if card.model_dims["n_genes"] and cohort.omics is None:
         log.warning("the model uses omics but the cohort has none: every patient's omics is masked")
-    labels = np.array([card.splits.get(p.patient_id, p.split or "predict") for p in cohort.patients])
-    splits = {s: np.flatnonzero(labels == s) for s in ("train", "val", "test", "predict")}
+    splits = cohort_splits(cohort, card)
     data = build_data(
         cohort,
         fdir,
@@ -219,6 +231,22 @@ def data_for_model(cohort: Cohort, card: ModelCard, fdir: Path | None) -> Cohort
     )
     check_dims(data, card)
     return data
+
+
+def cohort_splits(cohort: Cohort, card: ModelCard) -> dict[str, np.ndarray]:
+    """The model's own splits when ``cohort`` is the one it was trained on (the training split rule re-run
+    matches the card's :func:`split_digest`); otherwise each patient's manifest ``split``, or ``predict``.
+    A legacy card's ``splits`` (patient ids) are used as they are."""
+    if card.splits:
+        labels = np.array([card.splits.get(p.patient_id, p.split or "predict") for p in cohort.patients])
+    else:
+        t = card.config.train
+        own = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed)
+        if card.split_digest and split_digest([p.patient_id for p in cohort.patients], own) == card.split_digest:
+            return {**own, "predict": np.zeros(0, int)}
+        log.info("the cohort is not the model's training cohort: splits from its manifest, else 'predict'")
+        labels = np.array([p.split or "predict" for p in cohort.patients])
+    return {s: np.flatnonzero(labels == s) for s in ("train", "val", "test", "predict")}
 
 
 def check_dims(data: CohortData, card: ModelCard) -> None:
