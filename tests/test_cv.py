@@ -87,11 +87,11 @@ def test_cv_command_end_to_end(tmp_path, capsys):
     res = json.loads((tmp_path / "a" / "cv_results.json").read_text())
     assert [r["fold"] for r in res["folds"]] == [0, 1, 2] and res["mode"] == "centralised"
     oof = pd.read_csv(tmp_path / "a" / "cv_risk_scores.csv")
-    assert oof.risk.notna().all() and len(oof) == 90
+    assert oof.log_hz.notna().all() and len(oof) == 90
     for r in res["folds"]:
         d = oof[oof.fold == r["fold"]]
         assert r["n_test"] == len(d)
-        c = harrell_cindex(d.time.to_numpy(), d.event.to_numpy(), d.risk.to_numpy())
+        c = harrell_cindex(d.time.to_numpy(), d.event.to_numpy(), d.log_hz.to_numpy())
         assert r["cindex"] == pytest.approx(c, abs=1e-4)
         assert (tmp_path / "a" / f"fold_{r['fold']}" / "model.safetensors").is_file()
     cs = [r["cindex"] for r in res["folds"]]

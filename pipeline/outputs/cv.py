@@ -15,7 +15,7 @@ from pipeline.training.data import CohortData
 
 def folds_table(cohort: Cohort, folds: np.ndarray, risk: np.ndarray | None = None) -> pd.DataFrame:
     """``folds.csv`` (patient_id, site, event, fold) or, with ``risk`` (out-of-fold log hazard per patient),
-    ``cv_risk_scores.csv`` (patient_id, site, fold, risk, time, event)."""
+    ``cv_risk_scores.csv`` (patient_id, site, fold, log_hz, time, event)."""
     pats = cohort.patients
     df = pd.DataFrame({"patient_id": [p.patient_id for p in pats], "site": [p.site for p in pats]})
     if risk is None:
@@ -23,7 +23,7 @@ def folds_table(cohort: Cohort, folds: np.ndarray, risk: np.ndarray | None = Non
         df["fold"] = folds
         return df
     df["fold"] = folds
-    df["risk"] = np.round(risk, 6)
+    df["log_hz"] = np.round(risk, 6)
     df["time"] = [p.time for p in pats]
     df["event"] = [int(p.event) for p in pats]
     return df
