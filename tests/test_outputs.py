@@ -207,3 +207,12 @@ def test_normaliser_gives_back_the_log_normalised_expression():
     pos = [list(a.var_names).index(g) for g in norm.genes]
     np.testing.assert_allclose(x, log_normalise(a, "counts")[:, pos], atol=1e-5)
     assert present.all() and (x >= 0).all()
+
+
+def test_evaluate_names_the_renamed_risk_column(tmp_path):
+    from pipeline.outputs.evaluate import stage_evaluate
+
+    pd.DataFrame({"patient_id": ["a"], "site": "s", "split": "test", "risk": [0.1], "risk_group": "low",
+                  "time": [1.0], "event": [1]}).to_csv(tmp_path / "risk_scores.csv", index=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"missing columns \['log_hz'\] \(an older run's `risk` column"):
+        stage_evaluate(tmp_path / "risk_scores.csv", tmp_path)

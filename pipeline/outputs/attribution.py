@@ -5,9 +5,9 @@ to each tile's features, summed over the feature dimension into one signed score
 the training patients' mean tile). Both are mapped back to level-0 coordinates, drawn over the slide
 thumbnail, written as a QuPath GeoJSON, and the top/bottom tiles are cut from the slide at full
 resolution. Genes: integrated gradients per patient with the training-mean expression as baseline,
-ranked with a direction (and written by :mod:`pipeline.outputs.writers` to an AnnData, layer ``ig``). Faithfulness: deletion curves (remove
-the top-attributed tiles or reset the top genes to baseline, versus random ones) measure how much the
-risk moves.
+ranked with a direction (:mod:`pipeline.outputs.writers` puts them in an AnnData, layer ``ig``).
+Faithfulness: deletion curves (remove the top-attributed tiles or reset the top genes to baseline,
+versus random ones) measure how much the risk moves.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def stage_evaluate(
     df = pd.read_csv(risk_csv, dtype={"patient_id": str})
     need = {"patient_id", "site", "split", "log_hz", "risk_group", "time", "event"}
     if not need <= set(df.columns):
-        raise ValueError(f"{risk_csv}: missing columns {sorted(need - set(df.columns))}")
+        old = " (an older run's `risk` column is the log hazard: rename it log_hz)" if "risk" in df.columns else ""
+        raise ValueError(f"{risk_csv}: missing columns {sorted(need - set(df.columns))}{old}")
     d = df[df.split == split] if split != "all" else df
     if d.empty:
         raise ValueError(f"{risk_csv}: no patients in split '{split}' (splits: {sorted(df.split.unique())})")
