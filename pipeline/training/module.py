@@ -62,7 +62,7 @@ class SurvivalModule(L.LightningModule):
         self.model = model
         self.save_hyperparameters(ignore=["model"])
         self.bank = CoxMemoryBank(memory_bank if loss == "cox" else 0)
-        self._val: list[tuple[torch.Tensor, ...]] = []
+        self._val: list[tuple[torch.Tensor, ...]] = []  # validation batches (ValidatedSurvivalModule)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> SurvivalOutput:
         return self.model(**model_inputs(batch))
@@ -92,6 +92,15 @@ class SurvivalModule(L.LightningModule):
         self.log("train_loss", loss, batch_size=len(batch["time"]), on_step=False, on_epoch=True)
         return loss
 
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+class ValidatedSurvivalModule(SurvivalModule):
+    """:class:`SurvivalModule` with a validation loop (``val_loss``, ``val_cindex`` over the whole validation
+    set), for fits given validation patients (:func:`fit_local`). Fits without them (federated local rounds)
+    use the plain module, so Lightning is never handed a ``validation_step`` without a validation loader."""
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch)
         logits = out.logits.detach() if out.logits is not None else out.log_hz.detach()[:, None]
@@ -107,9 +116,6 @@ class SurvivalModule(L.LightningModule):
         c = harrell_cindex(time.numpy(), event.numpy(), log_hz.float().numpy())
         self.log("val_loss", loss, batch_size=len(time))
         self.log("val_cindex", float(c) if np.isfinite(c) else 0.5, batch_size=len(time))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
 class KeepBest(L.Callback):
@@ -176,9 +182,11 @@ def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
     return model
 
 
-def new_module(model: MultimodalSurvival, cfg: RunConfig) -> SurvivalModule:
+def new_module(model: MultimodalSurvival, cfg: RunConfig, validate: bool = False) -> SurvivalModule:
+    """The training module of ``cfg.train`` around ``model``; ``validate``: with the validation loop
+    (:class:`ValidatedSurvivalModule`, for fits given a validation loader)."""
     t = cfg.train
-    return SurvivalModule(
+    return (ValidatedSurvivalModule if validate else SurvivalModule)(
         model,
         lr=t.lr,
         weight_decay=t.weight_decay,
@@ -201,7 +209,7 @@ def fit_local(
     t = cfg.train
     train_idx = data.splits["train"] if train_idx is None else train_idx
     val_idx = data.splits["val"] if val_idx is None else val_idx
-    module = new_module(new_model(data, cfg), cfg)
+    module = new_module(new_model(data, cfg), cfg, validate=len(val_idx) > 0)
     L.seed_everything(t.seed, workers=True, verbose=False)
     keep = KeepBest()
     trainer = make_trainer(t.epochs, [keep], progress=progress, validate=len(val_idx) > 0)
