@@ -15,10 +15,10 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,demo,dp]'
 	touch $(STAMP)
 
 demo: $(STAMP)
