@@ -11,7 +11,11 @@
     histofuse demo     [--out DIR]             build the demo cohort and run everything on it
     histofuse cv       COHORT --folds K        site-stratified K-fold cross-validation (C-index mean +- sd)
 
-Every command takes ``--config FILE.yaml`` and repeated ``--set section.key=value`` overrides.
+    histofuse config --print               the resolved config as YAML (defaults <- --config <- flags, --set)
+
+Every command takes ``--config FILE.yaml`` and repeated ``--set section.key=value`` overrides; extract,
+run and demo also take ``--encoder``, ``--mpp``/``--mag``, ``--tile-px``, ``--batch-size`` and ``--device``.
+Without ``--out`` a run writes into a new folder ``runs/<command>-YYYYmmdd-HHMMSS``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_specs.artifacts import RunFiles
-from pipeline.cli_parser import build_parser, config_from_args
+from pipeline.cli_errors import EXTRAS, describe, expected_errors
+from pipeline.cli_parser import TIMESTAMPED, build_parser, config_from_args
 from pipeline.files import write_text
 
 if TYPE_CHECKING:
@@ -96,11 +101,11 @@ def _print_metrics(m: dict, out: Path, rep: Path) -> None:
 
 
 def run_all(cohort_path: Path, cfg, title: str) -> Path:
-    """Every stage on one cohort; the config is written once the cohort and its data have loaded."""
+    """Every stage on one cohort. Features are extracted into ``cfg.out``; everything after is staged and moved
+    over the previous run's outputs only when every stage has succeeded (:func:`pipeline.staging.staged_run`)."""
     from data_specs.cohort import load_cohort
-    from pipeline.outputs.evaluate import stage_evaluate
-    from pipeline.outputs.report import build_report
-    from pipeline.stages import check_trainable, stage_attribute, stage_extract, stage_predict, stage_train
+    from pipeline.stages import check_trainable, stage_extract
+    from pipeline.staging import staged_run
     from pipeline.training.data import load_run_data
 
     cohort = load_cohort(cohort_path)
@@ -110,24 +115,33 @@ def run_all(cohort_path: Path, cfg, title: str) -> Path:
     t0 = time.perf_counter()
     fdir = stage_extract(cohort, cfg)
     log.info("extract: %.0f s", time.perf_counter() - t0)
-    t1 = time.perf_counter()
     data = load_run_data(cohort, cfg)  # built once, shared by train, predict and attribute
     check_trainable(data, cohort_path)
-    save_config(cfg)
-    model = stage_train(cohort, cfg, data=data)
-    log.info("train: %.0f s", time.perf_counter() - t1)
-    risk = stage_predict(model, cohort, out, fdir, data=data)
-    m = stage_evaluate(risk, out, "test", config=cfg)
-    from pipeline.outputs.baselines import add_to_run, bundle_predict_fn  # centralised reference models
-
-    baseline_lines = add_to_run(out, data, bundle_predict_fn(model), cfg.evaluate.bootstrap, cfg.evaluate.seed)
-    t2 = time.perf_counter()
-    stage_attribute(model, cohort, out, fdir, "test", data=data)
-    log.info("attribute: %.0f s", time.perf_counter() - t2)
-    rep = build_report(out, title)
-    _print_metrics(m, out, rep)
+    with staged_run(out) as stage:
+        m, baseline_lines = _stages_after_extract(cohort, cfg, fdir, data, stage, title)
+    _print_metrics(m, out, RunFiles(root=out).report)
     print("\n".join(baseline_lines))
     return out
+
+
+def _stages_after_extract(cohort, cfg, fdir: Path | None, data, stage: Path, title: str) -> tuple[dict, list[str]]:
+    """Train, predict, evaluate, baselines, attribute and report, all written under ``stage``."""
+    from pipeline.outputs.baselines import add_to_run, bundle_predict_fn  # centralised reference models
+    from pipeline.outputs.evaluate import stage_evaluate
+    from pipeline.outputs.report import build_report
+    from pipeline.stages import stage_attribute, stage_predict, stage_train
+
+    t1 = time.perf_counter()
+    model = stage_train(cohort, cfg, data=data, stage=stage)
+    log.info("train: %.0f s", time.perf_counter() - t1)
+    risk = stage_predict(model, cohort, stage, fdir, data=data)
+    m = stage_evaluate(risk, stage, "test", config=cfg)
+    baseline_lines = add_to_run(stage, data, bundle_predict_fn(model), cfg.evaluate.bootstrap, cfg.evaluate.seed)
+    t2 = time.perf_counter()
+    stage_attribute(model, cohort, stage, fdir, "test", data=data)
+    log.info("attribute: %.0f s", time.perf_counter() - t2)
+    build_report(stage, title)
+    return m, baseline_lines
 
 
 def cmd_validate(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -141,7 +155,7 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
     from data_specs.cohort import load_cohort
     from pipeline.stages import stage_extract
 
-    cfg = config_from_args(args, args.cohort, "runs/latest")
+    cfg = run_config(args, args.cohort)
     check_out(cfg.out)
     cohort = None if args.cohort.is_dir() else load_cohort(args.cohort)
     shard = cfg.extract.shard  # shards may share one output folder: each keeps its own config copy
@@ -182,12 +196,20 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
     return status
 
 
-def _trainable_cohort(args: argparse.Namespace, default_out: str) -> tuple[RunConfig, Cohort]:
+def run_config(args: argparse.Namespace, cohort: Path | None, out_default: str | None = None) -> RunConfig:
+    """:func:`config_from_args`, logging the run folder when it is a new timestamped one (no ``--out``)."""
+    cfg = config_from_args(args, cohort, out_default)
+    if args.out is None:
+        log.info("run folder: %s (choose one with --out)", cfg.out)
+    return cfg
+
+
+def _trainable_cohort(args: argparse.Namespace) -> tuple[RunConfig, Cohort]:
     """The config and cohort of a training command, refused (``UsageError``) before anything is written
     when ``--out`` cannot be written or no patient has an event."""
     from data_specs.cohort import load_cohort
 
-    cfg = config_from_args(args, args.cohort, default_out)
+    cfg = run_config(args, args.cohort)
     cohort = load_cohort(args.cohort)
     check_out(cfg.out)
     check_cohort_events(cohort, args.cohort)
@@ -203,10 +225,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
     from pipeline.stages import check_trainable, stage_train
     from pipeline.training.data import load_run_data
 
-    cfg, cohort = _trainable_cohort(args, "runs/latest")
+    cfg, cohort = _trainable_cohort(args)
     data = load_run_data(cohort, cfg)
     check_trainable(data, args.cohort)
-    save_config(cfg)  # only now: a refused train leaves an existing run's record alone
+    # config, model and summary are staged: a failing train leaves an existing run's files alone
     print(f"model: {stage_train(cohort, cfg, data=data, resume=args.resume)}")
     return 0
 
@@ -249,14 +271,14 @@ def cmd_report(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    run_all(args.cohort, config_from_args(args, args.cohort, "runs/latest"), f"histofuse: {args.cohort.stem}")
+    run_all(args.cohort, run_config(args, args.cohort), f"histofuse: {args.cohort.stem}")
     return 0
 
 
 def cmd_cv(args: argparse.Namespace, argv: list[str] | None) -> int:
     from pipeline.stages import run_cv, stage_extract
 
-    cfg, cohort = _trainable_cohort(args, "runs/cv")
+    cfg, cohort = _trainable_cohort(args)
     stage_extract(cohort, cfg)  # no-op without slides or when features exist
     save_config(cfg)
     r = run_cv(cohort, cfg, args.folds)
@@ -272,7 +294,7 @@ def cmd_cv(args: argparse.Namespace, argv: list[str] | None) -> int:
 def cmd_demo(args: argparse.Namespace, argv: list[str] | None) -> int:
     from pipeline.cohorts.demo import DemoSize, build_demo
 
-    cfg = config_from_args(args, None, "runs/demo")
+    cfg = run_config(args, None, "runs/demo")
     check_out(cfg.out)
     t0 = time.perf_counter()
     spec = build_demo(RunFiles(root=cfg.out).demo_cohort, DemoSize(patients=args.patients), seed=args.seed)
@@ -287,6 +309,19 @@ def cmd_demo(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Print the resolved config; ``out`` only when given (each command otherwise makes a timestamped folder)."""
+    import yaml
+
+    cfg = config_from_args(args, None, "-")
+    d = cfg.to_dict()
+    if args.out is None and d.get("out") == "-":
+        del d["out"]
+        print(f"# out: not set (each command writes a new {TIMESTAMPED} unless --out is given)")
+    print(yaml.safe_dump(d, sort_keys=False), end="")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str] | None], int]] = {
     "validate": cmd_validate,
     "extract": cmd_extract,
@@ -298,38 +333,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, list[str] | None], int]] = {
     "run": cmd_run,
     "cv": cmd_cv,
     "demo": cmd_demo,
+    "config": cmd_config,
 }
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """The failures a user can cause and fix (bad input, paths, permissions, memory), reported in one line."""
-    import pickle
-
-    import torch
-
-    return (ValueError, OSError, pickle.UnpicklingError, EOFError, torch.cuda.OutOfMemoryError)
-
-
-def describe(e: BaseException, args: argparse.Namespace) -> str:
-    """One line for an expected failure, naming the path where there is one and what to do."""
-    import pickle
-
-    import torch
-
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return "out of GPU memory: lower train.batch_size / extract.batch_size (--set ...) or free the GPU"
-    model = getattr(args, "model", None)
-    if isinstance(e, pickle.UnpicklingError | EOFError):
-        where = f"{model}: " if model is not None else ""
-        return f"{where}not a readable model file (truncated or not written by `histofuse train`): {e}"
-    if isinstance(e, OSError):
-        path = e.filename or (model if e.errno is None else None)
-        what = e.strerror or str(e) or type(e).__name__
-        hint = {PermissionError: " (check the permissions or choose another --out)",
-                IsADirectoryError: " (a folder where a file was expected)",
-                FileExistsError: " (a file is in the way; choose another --out)"}.get(type(e), "")  # fmt: skip
-        return f"{path}: {what}{hint}" if path else f"{what}{hint}"
-    return str(e)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -345,6 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return COMMANDS[args.cmd](args, argv)
+    except ModuleNotFoundError as e:
+        if e.name not in EXTRAS:
+            raise
+        if args.verbose:
+            traceback.print_exception(e, file=sys.stderr)
+        extra = EXTRAS[e.name]
+        print(f"error: this needs the optional package {e.name}: pip install 'histofuse[{extra}]'", file=sys.stderr)
+        return 2
     except expected_errors() as e:
         if args.verbose:
             traceback.print_exception(e, file=sys.stderr)

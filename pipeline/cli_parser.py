@@ -8,10 +8,56 @@ Dispatching the commands is :mod:`pipeline.cli`'s job.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
+COHORT_HELP = (
+    "cohort spec (YAML), or a patients.csv with patient_id, site, time, event (and slide paths); "
+    "`extract` also takes a folder of slides"
+)
+TIMESTAMPED = "runs/<command>-YYYYmmdd-HHMMSS"  # the default --out of a run (a new folder each time)
 
-def _common(p: argparse.ArgumentParser, out_default: str | None = "runs/latest") -> None:
+
+def timestamped_out(command: str, root: Path = Path("runs"), now: float | None = None) -> Path:
+    """A new run folder ``root/<command>-YYYYmmdd-HHMMSS`` (``-2``, ``-3`` ... when it already exists)."""
+    base = root / f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+def _batch_size(v: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{v}': expected a positive integer or 'auto'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{v}': expected a positive integer or 'auto'")
+    return n
+
+
+def _extract_flags(p: argparse.ArgumentParser) -> None:
+    """TRIDENT/CLAM-style tile-encoding flags; each is the same as its ``--set extract.KEY=VALUE``."""
+    g = p.add_argument_group("tile encoding (same as --set extract.KEY=VALUE)")
+    g.add_argument("--encoder", help="tile encoder: a models.encoders name, a timm name or hf-hub:ID "
+                   "(extract.encoder; default efficientnet_lite0_imagenet)")  # fmt: skip
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--mpp", type=float, metavar="UM", help="target microns per pixel of the tiles "
+                   "(extract.target_mpp; default 0.5, about 20x)")  # fmt: skip
+    m.add_argument("--mag", type=float, metavar="X", help="target magnification, as 10/X microns per pixel "
+                   "(20 -> 0.5 um/px; same as --mpp)")  # fmt: skip
+    g.add_argument("--tile-px", type=int, metavar="PX", help="tile side in pixels at the target mpp "
+                   "(extract.tile_px; default 224)")  # fmt: skip
+    g.add_argument("--batch-size", type=_batch_size, metavar="N", help="tiles per encoder batch, or 'auto' "
+                   "(extract.batch_size; default 64)")  # fmt: skip
+    g.add_argument("--device", help="device for tile encoding: auto, cpu, cuda, cuda:1 ... (extract.device)")
+
+
+def _common(p: argparse.ArgumentParser, out_default: str | None = TIMESTAMPED) -> None:
     p.add_argument("--config", type=Path, help="run config YAML (defaults <- this file <- --set)")
     _overrides(p, "override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {out_default})")
@@ -33,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated multimodal survival models and biomarkers "
         "from whole-slide images, gene expression and clinical data.",
     )
+    ap.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("validate", help="validate a cohort spec and summarise it")
-    p.add_argument("cohort", type=Path)
+    p.add_argument("cohort", type=Path, help=COHORT_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
     _extract_parser(sub)
     _train_parser(sub, "train", "train the survival model (federated across sites by default)")
@@ -53,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
     _cv_parser(sub)
+    _config_parser(sub)
     p = sub.add_parser("demo", help="build the demo cohort (real tissue, planted signals) and run every stage")
     _common(p, "runs/demo")
+    _extract_flags(p)
     p.add_argument("--build-only", action="store_true", help="only build the demo cohort")
     p.add_argument("--patients", type=int, default=120, help="number of demo patients (default 120)")
     p.add_argument("--seed", type=int, default=0)
@@ -63,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="slides -> tile features (one .h5 per slide); COHORT may be a folder of slides")
-    p.add_argument("cohort", type=Path)
+    p.add_argument("cohort", type=Path, help=COHORT_HELP)
     _common(p)
+    _extract_flags(p)
     p.add_argument("--shard", metavar="K/N", help="process the K-th of N parts of the cohort (1 <= K <= N)")
     p.add_argument("--workers", type=int, metavar="N", help="tile-reading worker processes per slide")
     p.add_argument("--retry-failed", action="store_true", default=None, help="retry slides that failed before")
@@ -74,8 +124,10 @@ def _extract_parser(sub) -> None:
 
 def _train_parser(sub, name: str, hlp: str) -> None:
     p = sub.add_parser(name, help=hlp)
-    p.add_argument("cohort", type=Path)
+    p.add_argument("cohort", type=Path, help=COHORT_HELP)
     _common(p)
+    if name == "run":
+        _extract_flags(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--federated", dest="federated", action="store_true", default=None,
                    help="federated training across the cohort's sites (default)")  # fmt: skip
@@ -90,7 +142,7 @@ def _train_parser(sub, name: str, hlp: str) -> None:
 
 def _model_parser(sub, name: str, hlp: str, example: str) -> None:
     p = sub.add_parser(name, help=hlp)
-    p.add_argument("cohort", type=Path)
+    p.add_argument("cohort", type=Path, help=COHORT_HELP)
     p.add_argument("--model", type=Path, required=True, help="model.safetensors written by `histofuse train`")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a legacy pickled model.pt (unpickling runs its code: only your own files)")  # fmt: skip
@@ -105,17 +157,37 @@ def _model_parser(sub, name: str, hlp: str, example: str) -> None:
 
 def _cv_parser(sub) -> None:
     p = sub.add_parser("cv", help="cross-validation by patient, stratified by site and event (seeded)")
-    p.add_argument("cohort", type=Path)
-    _common(p, "runs/cv")
+    p.add_argument("cohort", type=Path, help=COHORT_HELP)
+    _common(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--federated", dest="federated", action="store_true", default=False,
                    help="train each fold federated across the sites (default: centralised)")  # fmt: skip
 
 
-def config_from_args(args: argparse.Namespace, cohort: Path | None, out_default: str):
-    from data_specs.config import resolve_config
+def _config_parser(sub) -> None:
+    p = sub.add_parser("config", help="print the resolved run config (defaults <- --config <- flags and --set)")
+    p.add_argument("--print", dest="print_config", action="store_true", required=True,
+                   help="print the config as YAML (a starting point for --config FILE)")  # fmt: skip
+    p.add_argument("--config", type=Path, help="run config YAML to resolve")
+    _overrides(p, "override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="output folder to show (default: not set)")
+    _extract_flags(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
 
-    ov = list(args.overrides)
+
+def package_version() -> str:
+    """The installed histofuse version (``unknown`` when run from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("histofuse")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides the command's flags stand for (put after the user's own ``--set``)."""
+    ov = []
     if getattr(args, "federated", None) is not None:
         ov.append(f"federated.enabled={str(args.federated).lower()}")
     if getattr(args, "strategy", None) is not None:
@@ -125,6 +197,23 @@ def config_from_args(args: argparse.Namespace, cohort: Path | None, out_default:
             ov.append(f"extract.{key}={str(getattr(args, flag)).lower()}")
     if getattr(args, "slide_mpp", None) is not None:
         ov.append(f"extract.slide_mpp={args.slide_mpp!r}")
+    if getattr(args, "mag", None) is not None:
+        if args.mag <= 0:
+            raise ValueError(f"--mag {args.mag}: must be > 0 (e.g. 20 for 0.5 um/px)")
+        ov.append(f"extract.target_mpp={10.0 / args.mag!r}")
+    for flag, key in (("encoder", "encoder"), ("mpp", "target_mpp"), ("tile_px", "tile_px"),
+                      ("batch_size", "batch_size"), ("device", "device")):  # fmt: skip
+        if getattr(args, flag, None) is not None:
+            ov.append(f"extract.{key}={getattr(args, flag)}")
+    return ov
+
+
+def config_from_args(args: argparse.Namespace, cohort: Path | None, out_default: str | Path | None = None):
+    """The run config of a command: defaults <- ``--config`` <- ``--set`` <- flags. ``--out`` wins, then the
+    YAML's ``out``, then ``out_default`` (None: a new :func:`timestamped_out` folder named after the command)."""
+    from data_specs.config import resolve_config
+
+    ov = [*args.overrides, *flag_overrides(args)]
     out = args.out
     if out is None:
         import yaml
@@ -134,5 +223,5 @@ def config_from_args(args: argparse.Namespace, cohort: Path | None, out_default:
             if args.config and args.config.is_file()
             else None
         )
-        out = Path(in_yaml) if in_yaml else Path(out_default)
+        out = Path(in_yaml) if in_yaml else Path(out_default) if out_default else timestamped_out(args.cmd)
     return resolve_config(args.config, ov, cohort=cohort, out=out)

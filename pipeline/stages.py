@@ -11,9 +11,7 @@ This module only orchestrates: it loads what a stage needs, calls the compute in
     metrics.json, km_test.png     C-index pooled and per site; Kaplan-Meier by risk group
     attributions/                 tiles.csv, heatmaps/*.png, genes.csv, gene_ig.csv
     report.html                   one self-contained page
-
-Cross-validation (:func:`run_cv`) writes ``folds.csv``, ``fold_<f>/`` (each fold's model and config),
-``cv_risk_scores.csv`` (out-of-fold log hazards) and ``cv_results.json`` (per fold and mean +- sd).
+Cross-validation (:func:`run_cv`): ``folds.csv``, ``fold_<f>/``, ``cv_risk_scores.csv``, ``cv_results.json``.
 """
 
 from __future__ import annotations
@@ -79,29 +77,42 @@ def check_trainable(data: CohortData, source: object) -> None:
 
 
 def stage_train(
-    cohort: Cohort, cfg: RunConfig, progress: bool = True, data: CohortData | None = None, resume: bool = False
+    cohort: Cohort,
+    cfg: RunConfig,
+    progress: bool = True,
+    data: CohortData | None = None,
+    resume: bool = False,
+    stage: Path | None = None,
 ) -> Path:
-    """Train (federated across the cohort's sites, or centralised) and save the model file (``model.safetensors``).
+    """Train (federated across the cohort's sites, or centralised); returns ``cfg.out``'s model file.
 
-    ``data``: the cohort already built by :func:`load_run_data` (``histofuse run`` builds it once).
-    ``resume``: federated only, continue after the last finished round checkpointed in ``out/federated``.
+    config, model file, summary and federated checkpoints are staged and moved over ``cfg.out``'s only on
+    success (:func:`pipeline.staging.staged_run`). ``data``: the cohort built by :func:`load_run_data`.
+    ``resume``: federated only, continue after the last checkpointed round. ``stage``: a staging folder
+    the caller commits (``histofuse run``); the staged model file is returned.
     """
+    from pipeline.staging import staged_run
     from pipeline.training.bundle import save_bundle
     from pipeline.training.module import fit_local
 
+    if stage is None:
+        with staged_run(cfg.out, resume) as st:
+            stage_train(cohort, cfg, progress, data, resume, stage=st)
+        return RunFiles(root=cfg.out).model
     data = load_run_data(cohort, cfg) if data is None else data
     check_trainable(data, cfg.cohort or "the cohort")
     n = {k: len(v) for k, v in data.splits.items()}
     log.info("training on %s patients (train/val/test), %d sites, modalities %s", n, len(data.sites), data.model_dims())
+    rf = RunFiles(root=stage)
+    write_text(rf.config, cfg.to_yaml())
     if cfg.federated.enabled:
         from pipeline.federated.embedded import run_federated
 
-        model, info = run_federated(data, cfg, RunFiles(root=cfg.out).federated, progress=progress, resume=resume)
+        model, info = run_federated(data, cfg, rf.federated, progress=progress, resume=resume)
         info = {"mode": "federated", **info}
     else:
         module, info = fit_local(data, cfg, progress=progress)
         model, info = module.model.eval(), {"mode": "centralised", **info}
-    rf = RunFiles(root=cfg.out)
     save_bundle(rf.model, model, data, cfg, {"train_info": info, **survival_summary(model, data)})
     write_json(rf.train_summary, info)
     return rf.model
@@ -135,15 +146,8 @@ def _model_data(
     return model, card, data
 
 
-def stage_predict(
-    model_path: Path,
-    cohort: Cohort,
-    out: Path,
-    fdir: Path | None,
-    overrides: list[str] | None = None,
-    data: CohortData | None = None,
-    trust_pickle: bool = False,
-) -> Path:
+def stage_predict(model_path: Path, cohort: Cohort, out: Path, fdir: Path | None, overrides: list[str] | None = None,
+                  data: CohortData | None = None, trust_pickle: bool = False) -> Path:  # fmt: skip
     """``risk_scores.csv`` (see :func:`pipeline.outputs.predictions.risk_table`) and ``survival_curves.csv``
     (long form: patient_id, time, survival).
 
@@ -196,16 +200,9 @@ class _GeneResult:
     expression: pd.DataFrame  # [patients of the split, genes], NaN where a patient has no omics
 
 
-def stage_attribute(
-    model_path: Path,
-    cohort: Cohort,
-    out: Path,
-    fdir: Path | None,
-    split: str = "test",
-    overrides: list[str] | None = None,
-    data: CohortData | None = None,
-    trust_pickle: bool = False,
-) -> dict[str, Path]:
+def stage_attribute(model_path: Path, cohort: Cohort, out: Path, fdir: Path | None, split: str = "test",
+                    overrides: list[str] | None = None, data: CohortData | None = None,
+                    trust_pickle: bool = False) -> dict[str, Path]:  # fmt: skip
     """Attributions for the patients of ``split``, written under ``out/attributions/``:
 
     tiles.csv (attention, integrated gradients, phenotype per tile, level-0 coordinates), heatmaps/
@@ -385,8 +382,7 @@ def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -
         splits = fold_splits(cohort, folds, f, t.val_fraction, t.seed)
         data = build_data(cohort, fdir, splits=splits, seed=t.seed, gene_panel=o.gene_panel, max_genes=o.max_genes,
                           gene_sets=o.gene_sets, min_pathway_genes=o.min_pathway_genes, bags=bags)  # fmt: skip
-        fcfg = cfg.model_copy(update={"out": rf.fold(f).root})
-        write_text(rf.fold(f).config, fcfg.to_yaml())
+        fcfg = cfg.model_copy(update={"out": rf.fold(f).root})  # stage_train writes the fold's config.yaml
         model, _ = load_bundle(stage_train(cohort, fcfg, progress=progress, data=data))
         oof[splits["test"]] = lh = predict(model, data, splits["test"]).log_hz
         rows.append(score_fold(f, data, splits, lh))

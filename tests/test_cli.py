@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -384,3 +385,164 @@ def test_an_unexpected_error_is_not_swallowed(exc, monkeypatch):
     monkeypatch.setitem(pipeline.cli.COMMANDS, "predict", boom)
     with pytest.raises(type(exc)):
         main(["predict", "c.yaml", "--model", "/m/model.pt"])
+
+
+# ---------------------------------------------------------------- TRIDENT/CLAM-style flags, --version, config --print
+
+
+def test_version_flag(capsys):
+    from pipeline.cli_parser import package_version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"histofuse {package_version()}"
+
+
+@pytest.mark.parametrize("cmd", ["extract", "run", "demo"])
+def test_tile_flags_map_onto_the_extract_config(cmd, tmp_path):
+    from pipeline.cli_parser import build_parser, config_from_args
+
+    flags = ["--encoder", "resnet18", "--mpp", "0.25", "--tile-px", "256", "--batch-size", "auto", "--device", "cpu"]
+    cohort = [] if cmd == "demo" else [str(tmp_path / "c.yaml")]
+    args = build_parser().parse_args([cmd, *cohort, "--out", str(tmp_path), "--set", "extract.tile_px=512", *flags])
+    e = config_from_args(args, None).extract
+    assert (e.encoder, e.target_mpp, e.tile_px, e.batch_size, e.device) == ("resnet18", 0.25, 256, "auto", "cpu")
+    args = build_parser().parse_args([cmd, *cohort, "--mag", "40", "--batch-size", "16"])
+    e = config_from_args(args, None, tmp_path).extract
+    assert e.target_mpp == pytest.approx(0.25) and e.batch_size == 16
+
+
+def test_bad_tile_flags_are_refused_by_the_parser(capsys):
+    for bad in (["--batch-size", "0"], ["--batch-size", "big"], ["--mpp", "0.5", "--mag", "20"]):
+        with pytest.raises(SystemExit) as e:
+            main(["extract", "slides/", *bad])
+        assert e.value.code == 2
+    assert "expected a positive integer or 'auto'" in capsys.readouterr().err
+
+
+def test_config_print_shows_the_resolved_config(tmp_path, capsys):
+    import yaml
+
+    from data_specs.config import resolve_config
+
+    user = tmp_path / "mine.yaml"
+    user.write_text("train: {epochs: 7}\n")
+    assert main(["config", "--print", "--config", str(user), "--set", "train.lr=0.01", "--tile-px", "256"]) == 0
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
+    want = resolve_config(user, ["train.lr=0.01", "extract.tile_px=256"]).to_dict()
+    del want["out"]  # not set: each command makes its own timestamped folder
+    assert printed == want and "# out: not set" in text
+    saved = tmp_path / "printed.yaml"  # the printed YAML is a valid --config file
+    saved.write_text(text)
+    assert resolve_config(saved).train.epochs == 7
+    assert main(["config", "--print", "--out", str(tmp_path / "r")]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["out"] == str(tmp_path / "r")
+
+
+def test_the_cohort_argument_has_help(capsys):
+    from pipeline.cli_parser import COHORT_HELP
+
+    for cmd in ("validate", "extract", "train", "run", "predict", "attribute", "cv"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert COHORT_HELP.split(";")[0] in out, cmd
+
+
+def test_runs_without_out_get_a_new_timestamped_folder(tmp_path, monkeypatch):
+    import re
+
+    from pipeline.cli_parser import build_parser, config_from_args, timestamped_out
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "c.yaml"])
+    out = config_from_args(args, None).out
+    assert re.fullmatch(r"runs/train-\d{8}-\d{6}", out.as_posix()), out
+    first = timestamped_out("train", now=0)
+    first.mkdir(parents=True)
+    assert timestamped_out("train", now=0).name == first.name + "-2"  # never an existing folder
+    yaml_out = tmp_path / "cfg.yaml"
+    yaml_out.write_text("out: from_yaml\n")
+    args = build_parser().parse_args(["run", "c.yaml", "--config", str(yaml_out)])
+    assert config_from_args(args, None).out == Path("from_yaml")  # a config's own out is kept
+
+
+# ---------------------------------------------------------------- a failing train never damages the previous run
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("mode", ["--centralised", "--federated"])
+def test_a_train_failing_after_loading_leaves_the_previous_run_byte_identical(
+    mode, tiny_demo, tmp_path, monkeypatch, capsys
+):
+    import pipeline.federated.embedded
+    import pipeline.training.module
+
+    spec = _clinical_cohort(tiny_demo, tmp_path)
+    run = tmp_path / "run"
+    sets = ["--set", "train.epochs=1", "--set", "federated.rounds=1", "--set", "train.batch_size=4"]
+    assert main(["train", str(spec), "--out", str(run), mode, *sets]) == 0
+    before = _snapshot(run)
+    assert {"config.yaml", MODEL, "train_summary.json"} <= set(before)
+    weights = read_card(run / MODEL).weights_sha256
+    loaded = []
+
+    def fails(data, cfg, out=None, *a, **k):
+        loaded.append(len(data.patient_ids))  # the cohort loaded: the failure comes after
+        if out is not None:  # a federated run has checkpointed a round before failing
+            (Path(out) / "server_state.json").parent.mkdir(parents=True, exist_ok=True)
+            (Path(out) / "server_state.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline.training.module, "fit_local", lambda data, cfg, **k: fails(data, cfg))
+    monkeypatch.setattr(pipeline.federated.embedded, "run_federated", fails)
+    rc = main(["train", str(spec), "--out", str(run), mode, "--set", "train.lr=0.5", *sets])
+    assert rc == 2 and loaded and "No space left on device" in capsys.readouterr().err
+    after = _snapshot(run)
+    staged = {k for k in after if k.startswith(".incomplete/")}
+    assert {k: v for k, v in after.items() if k not in staged} == before
+    # a federated run keeps its staged checkpoints for --resume; a centralised one leaves nothing behind
+    kept = {".incomplete/config.yaml", ".incomplete/federated/server_state.json"}
+    assert staged == (kept if mode == "--federated" else set())
+    monkeypatch.undo()
+    assert main(["train", str(spec), "--out", str(run), mode, *sets]) == 0  # a fresh run discards stale staging
+    assert not (run / ".incomplete").exists()
+    assert read_card(run / MODEL).weights_sha256 == weights  # same config, same seed: the same weights
+
+
+def test_train_resume_continues_the_committed_federated_run(tiny_demo, tmp_path):
+    spec = _clinical_cohort(tiny_demo, tmp_path)
+    run = tmp_path / "run"
+    sets = ["--set", "federated.rounds=2", "--set", "train.batch_size=4"]
+    assert main(["train", str(spec), "--out", str(run), *sets]) == 0
+    before = _snapshot(run)
+    assert any(k.startswith("federated/") for k in before)
+    weights = read_card(run / MODEL).weights_sha256
+    assert main(["train", str(spec), "--out", str(run), "--resume", *sets]) == 0
+    assert not (run / ".incomplete").exists()
+    hist = json.loads((run / "train_summary.json").read_text())
+    assert len(hist["history"]) == len(json.loads(before["train_summary.json"])["history"])
+    assert read_card(run / MODEL).weights_sha256 == weights
+
+
+def test_a_missing_optional_package_names_its_extra(monkeypatch, capsys):
+    import pipeline.cli
+
+    def needs_tifffile(args, argv):
+        raise ModuleNotFoundError("No module named 'tifffile'", name="tifffile")
+
+    monkeypatch.setitem(pipeline.cli.COMMANDS, "demo", needs_tifffile)
+    assert main(["demo", "--build-only"]) == 2
+    assert "pip install 'histofuse[demo]'" in _one_line_error(capsys, "tifffile")
+
+    def a_bug(args, argv):
+        raise ModuleNotFoundError("No module named 'nonexistent'", name="nonexistent")
+
+    monkeypatch.setitem(pipeline.cli.COMMANDS, "demo", a_bug)
+    with pytest.raises(ModuleNotFoundError):
+        main(["demo", "--build-only"])
