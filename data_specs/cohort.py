@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from data_specs.manifest import REQUIRED_COLUMNS, Patient, Split, parse_rows, read_manifest
 from data_specs.problems import CohortError, Problem
-from data_specs.tables import read_csv_dicts, read_expression
+from data_specs.tables import read_csv_dicts, read_csv_frame, read_expression
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -42,6 +42,7 @@ __all__ = [
     "Patient",
     "Problem",
     "Split",
+    "clinical_column_problems",
     "load_cohort",
     "read_clinical_ids",
     "read_omics_ids",
@@ -163,7 +164,43 @@ def read_clinical_ids(src: ClinicalSource) -> list[str]:
     if src.id_column not in header:
         msg = f"id column not in header {header}"
         raise CohortError([Problem(str(src.path), msg, None, "clinical.id_column", src.id_column)])
+    problems = clinical_column_problems(src, header)
+    if problems:
+        raise CohortError(problems)
     return [str(r.get(src.id_column) or "").strip() for r in rows]
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def clinical_column_problems(src: ClinicalSource, header: list[str]) -> list[Problem]:
+    """What training's clinical reader (``pipeline.omics.clinical.ClinicalNormaliser.read``) refuses: a declared
+    column not in the CSV's ``header``, a categorical column not among the clinical columns and, when
+    ``categorical`` is declared, a non-numeric value in any other column (the first one per column)."""
+    f = str(src.path)
+    cols = list(src.columns) if src.columns else [c for c in header if c != src.id_column]
+    msg = f"clinical column not in the header {header}"
+    problems = [Problem(f, msg, None, "clinical.columns", c) for c in cols if c not in header]
+    if src.categorical is None:
+        return problems  # training makes every column with a non-numeric value categorical
+    msg = f"categorical column is not among the clinical columns {cols}"
+    problems += [Problem(f, msg, None, "clinical.categorical", c) for c in src.categorical if c not in cols]
+    df = read_csv_frame(src.path)
+    for c in cols:
+        if c in src.categorical or c not in df.columns:
+            continue
+        for i, v in enumerate(df[c]):
+            if isinstance(v, str) and not _is_number(v.strip()):
+                pid = str(df[src.id_column].iloc[i]).strip()
+                why = f"not numeric (patient '{pid}') and the column is not listed in clinical.categorical"
+                problems.append(Problem(f, why, i + 1, c, v.strip()))
+                break
+    return problems
 
 
 def _check_coverage(

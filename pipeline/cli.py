@@ -279,8 +279,7 @@ def cmd_cv(args: argparse.Namespace, argv: list[str] | None) -> int:
     from pipeline.stages import run_cv, stage_extract
 
     cfg, cohort = _trainable_cohort(args)
-    stage_extract(cohort, cfg)  # no-op without slides or when features exist
-    save_config(cfg)
+    stage_extract(cohort, cfg)  # no-op without slides or when features exist; run_cv stages config.yaml
     r = run_cv(cohort, cfg, args.folds)
     for f in r["folds"]:
         print(f"fold {f['fold']}: C-index {f['cindex']:.3f} (n={f['n_test']}, events={f['test_events']})")

@@ -367,30 +367,32 @@ def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -
     The features files are read once (:func:`load_bags`) and shared by every fold's data.
     """
     from pipeline.outputs.cv import folds_table, score_fold, summarise
+    from pipeline.staging import staged_run
 
-    t, out, rf = cfg.train, Path(cfg.out), RunFiles(root=cfg.out)
+    t, out = cfg.train, Path(cfg.out)
     if any(p.split for p in cohort.patients):
         log.info("cross-validation ignores the cohort's split column: every patient is tested once")
     folds = assign_folds(cohort, k, t.seed)
-    write_csv(rf.folds, folds_table(cohort, folds))
     fdir = features_dir(out, cfg.extract) if any(p.slides for p in cohort.patients) else None
     bags = load_bags(cohort, fdir) if fdir is not None else None  # read once, shared by every fold
     o = cfg.omics
     oof = np.full(len(cohort.patients), np.nan)
     rows = []
-    for f in range(k):
-        splits = fold_splits(cohort, folds, f, t.val_fraction, t.seed)
-        data = build_data(cohort, fdir, splits=splits, seed=t.seed, gene_panel=o.gene_panel, max_genes=o.max_genes,
-                          gene_sets=o.gene_sets, min_pathway_genes=o.min_pathway_genes, bags=bags)  # fmt: skip
-        fcfg = cfg.model_copy(update={"out": rf.fold(f).root})  # stage_train writes the fold's config.yaml
-        model, _ = load_bundle(stage_train(cohort, fcfg, progress=progress, data=data))
-        oof[splits["test"]] = lh = predict(model, data, splits["test"]).log_hz
-        rows.append(score_fold(f, data, splits, lh))
-        r = rows[-1]
-        log.info(
-            "fold %d/%d: test C-index %.3f (n=%d, events=%d)", f + 1, k, r["cindex"], r["n_test"], r["test_events"]
-        )
-    res = summarise(rows, k, t.seed, "federated" if cfg.federated.enabled else "centralised")
-    write_csv(rf.cv_risk_scores, folds_table(cohort, folds, oof))
-    write_json(rf.cv_results, res)
+    with staged_run(out) as stage:  # config, folds and results replace a previous cv's only when every fold succeeds
+        rf = RunFiles(root=stage)
+        write_text(rf.config, cfg.to_yaml())
+        write_csv(rf.folds, folds_table(cohort, folds))
+        for f in range(k):
+            splits = fold_splits(cohort, folds, f, t.val_fraction, t.seed)
+            data = build_data(cohort, fdir, splits=splits, seed=t.seed, gene_panel=o.gene_panel, max_genes=o.max_genes,
+                              gene_sets=o.gene_sets, min_pathway_genes=o.min_pathway_genes, bags=bags)  # fmt: skip
+            fcfg = cfg.model_copy(update={"out": RunFiles(root=out).fold(f).root})
+            model, _ = load_bundle(stage_train(cohort, fcfg, progress, data, stage=rf.fold(f).root))
+            oof[splits["test"]] = lh = predict(model, data, splits["test"]).log_hz
+            rows.append(r := score_fold(f, data, splits, lh))
+            log.info("fold %d/%d: test C-index %.3f (n=%d, events=%d)", f + 1, k, r["cindex"], r["n_test"],
+                     r["test_events"])  # fmt: skip
+        res = summarise(rows, k, t.seed, "federated" if cfg.federated.enabled else "centralised")
+        write_csv(rf.cv_risk_scores, folds_table(cohort, folds, oof))
+        write_json(rf.cv_results, res)
     return res

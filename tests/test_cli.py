@@ -546,3 +546,27 @@ def test_a_missing_optional_package_names_its_extra(monkeypatch, capsys):
     monkeypatch.setitem(pipeline.cli.COMMANDS, "demo", a_bug)
     with pytest.raises(ModuleNotFoundError):
         main(["demo", "--build-only"])
+
+
+def test_a_cv_failing_in_a_fold_leaves_the_previous_run_byte_identical(tiny_demo, tmp_path, monkeypatch, capsys):
+    import pipeline.training.module
+
+    spec = _clinical_cohort(tiny_demo, tmp_path)
+    run = tmp_path / "run"
+    sets = ["--folds", "2", "--set", "federated.enabled=false", "--set", "train.epochs=1"]
+    sets += ["--set", "train.batch_size=4"]
+    assert main(["cv", str(spec), "--out", str(run), *sets]) == 0
+    before = _snapshot(run)
+    assert {"config.yaml", "folds.csv", "cv_results.json", "fold_1/config.yaml"} <= set(before)
+    real, calls = pipeline.training.module.fit_local, []
+
+    def second_fold_fails(data, cfg, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(data, cfg, **k)
+
+    monkeypatch.setattr(pipeline.training.module, "fit_local", second_fold_fails)
+    rc = main(["cv", str(spec), "--out", str(run), *sets, "--set", "train.lr=0.5"])
+    assert rc == 2 and len(calls) == 2 and "No space left on device" in capsys.readouterr().err
+    assert _snapshot(run) == before  # config.yaml, fold_0 and the results are the previous cv's

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from data_specs import CohortError, load_cohort
 from data_specs.cohort import OmicsSource
@@ -168,3 +170,48 @@ def test_unreadable_omics_is_one_problem(tmp_path, capsys):
 def test_row_with_more_fields_than_the_header_is_named(tmp_path, capsys):
     rc, msg = _validate(_cohort(tmp_path, _rows(bad={1: "P01,B,3,5,1"})), capsys)
     assert rc == 2 and "patients.csv" in msg and "row 2 has 5 fields but the header has 4" in msg, msg
+
+
+# clinical columns and values, checked as training reads them ----------------------------------------------
+
+
+def _clinical_cohort(tmp_path, clinical_csv: str, section: str) -> Path:
+    spec = _cohort(tmp_path, clinical=False)
+    (tmp_path / "clinical.csv").write_text(clinical_csv)
+    spec.write_text(spec.read_text() + f"clinical: {{path: clinical.csv{section}}}\n")
+    return spec
+
+
+def _training_refuses(spec) -> str:
+    from data_specs.cohort import CohortFile
+    from pipeline.omics.clinical import ClinicalNormaliser
+
+    src = CohortFile.model_validate(yaml.safe_load(spec.read_text())).clinical
+    src = src.model_copy(update={"path": spec.parent / src.path})
+    with pytest.raises(ValueError) as ei:
+        ClinicalNormaliser.read(src)
+    return str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "section, missing",
+    [(", columns: [age, stage]", "stage"), (", columns: [age, grade], categorical: [grade]", "grade")],
+)
+def test_declared_clinical_column_missing_from_the_csv_fails_validate(tmp_path, capsys, section, missing):
+    csv = "patient_id,age\n" + "".join(f"P{i:02d},{50 + i}\n" for i in range(N))
+    spec = _clinical_cohort(tmp_path, csv, section)
+    assert missing in _training_refuses(spec)
+    rc, msg = _validate(spec, capsys)
+    assert rc == 2 and "Traceback" not in msg and "1 problem(s)" in msg, msg
+    assert "clinical.csv" in msg and f"'{missing}'" in msg and "not in the header" in msg, msg
+
+
+def test_non_numeric_clinical_value_outside_categorical_fails_validate(tmp_path, capsys):
+    rows = "".join(f"P{i:02d},{'old' if i == 3 else 50 + i},{'AB'[i % 2]}\n" for i in range(N))
+    spec = _clinical_cohort(tmp_path, "patient_id,age,grade\n" + rows, ", categorical: [grade]")
+    assert "'old'" in _training_refuses(spec)
+    rc, msg = _validate(spec, capsys)
+    assert rc == 2 and "Traceback" not in msg and "1 problem(s)" in msg, msg
+    assert "clinical.csv, row 4" in msg and "'age'" in msg and "'old'" in msg and "P03" in msg, msg
+    ok = _clinical_cohort(tmp_path, "patient_id,age,grade\n" + rows.replace("old", "53"), ", categorical: [grade]")
+    assert _validate(ok, capsys)[0] == 0  # the declared categorical column's letters are fine
