@@ -68,6 +68,77 @@ def test_report_is_self_contained_with_sections(run_dir):
     assert "scikit-survival" in html and "lifelines" in html  # versions
 
 
+def _sections(page: str) -> dict[str, str]:
+    """``{h2 id: text of the section up to the next h2}`` from an HTML page (stdlib parser)."""
+    from html.parser import HTMLParser
+
+    class P(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.cur, self.out = None, {}
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "h2":
+                self.cur = dict(attrs).get("id", "")
+                self.out.setdefault(self.cur, "")
+
+        def handle_data(self, data):
+            if self.cur is not None:
+                self.out[self.cur] += data
+
+    p = P()
+    p.feed(page)
+    return p.out
+
+
+def test_report_has_model_card_limitations_and_metadata(run_dir):
+    s = _sections(build_report(run_dir).read_text())
+    assert {"model-card", "limitations", "run-metadata"} <= set(s), list(s)
+    card = s["model-card"]
+    for k in ("tile encoder", "slide pooling (MIL)", "fusion", "loss", "patients and events per site", "Intended use"):
+        assert k in card, k
+    assert "a: 60 patients" in card and "b: 20 patients, 0 events" in card
+    assert "Research use only, not for clinical decisions" in s["limitations"]
+    meta = s["run-metadata"]
+    for k in ("report date (UTC)", "histofuse version", "git commit", "cohort", "time unit: days", "config digest"):
+        assert k in meta, k
+    assert re.search(r"config digest: [0-9a-f]{12}", meta)  # config.yaml validates as a RunConfig
+    assert "median time (days)" in build_report(run_dir).read_text()
+
+
+def test_risk_group_table_has_no_blank_index_column(run_dir):
+    page = build_report(run_dir).read_text()
+    t = page.split("Risk groups", 1)[1].split("</table>", 1)[0]
+    heads = re.findall(r"<th[^>]*>(.*?)</th>", t, re.S)
+    assert heads and all(h.strip() for h in heads), heads
+
+
+def test_km_plot_has_bands_at_risk_table_and_unit_labels(tmp_path, monkeypatch):
+    import matplotlib
+
+    from pipeline.outputs import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figs.append(fig))
+    rng = np.random.default_rng(1)
+    n = 30
+    t, e = rng.exponential(5, n) + 0.1, rng.random(n) < 0.7
+    g = np.array(["low"] * 14 + ["high"] * 15 + ["intermediate"])  # a group of 1: not drawn
+    plots.km_by_group(t, e, g, tmp_path / "km.png", title="test", time_unit="days")
+    plots.km_per_site(t, e, g, np.where(np.arange(n) % 2, "s1", "s2"), tmp_path / "km_sites.png", time_unit="days")
+    for fig in figs:
+        main = [ax for ax in fig.axes if ax.get_ylabel() == "survival probability"]
+        assert main and all(ax.get_xlabel() == "time (days)" for ax in main)
+        assert len(fig.axes) >= 2 * len(main)  # one at-risk table axes under each panel
+        assert any(isinstance(c, matplotlib.collections.PolyCollection) for ax in main for c in ax.collections)  # CI
+        texts = " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+        assert "not drawn (< 2 patients): intermediate (n=1)" in texts
+        tables = [ax for ax in fig.axes if "At risk" in " ".join(x.get_text() for x in ax.get_xticklabels())]
+        assert len(tables) == len(main)  # lifelines' number-at-risk table under each panel
+        assert "low   14" in tables[0].get_xticklabels()[0].get_text() or len(main) > 1
+    matplotlib.pyplot.close("all")
+
+
 def test_report_of_an_empty_folder_still_renders(tmp_path):
     html = build_report(tmp_path).read_text()
     assert "<h2>Versions</h2>" in html and "<img" not in html
@@ -79,8 +150,12 @@ needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="De
 @pytest.mark.slow
 @needs_chromium
 def test_render_check_passes_on_report_and_fails_on_a_broken_page(run_dir, tmp_path):
-    r = render_check(build_report(run_dir))
+    report = build_report(run_dir)
+    r = render_check(report)
     assert r["images"] >= 5 and r["broken"] == [] and r["errors"] == [] and r["console"] == []
+    page = report.read_text()
+    for anchor in ("id='model-card'", "id='limitations'", "id='run-metadata'"):
+        assert anchor in page, anchor
     bad = tmp_path / "bad.html"
     bad.write_text(
         "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"

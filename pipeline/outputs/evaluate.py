@@ -57,7 +57,7 @@ def stage_evaluate(
     Harrell and Uno C, td-AUC, integrated Brier score (from ``survival_curves.csv`` beside it), each
     with a patient-bootstrap CI, log-rank p by risk group; ``metrics.json`` and PNG plots. Settings: the
     ``evaluate`` section of ``config`` (default: the defaults), then ``overrides``."""
-    from pipeline.outputs.plots import km_by_group, km_per_site, plot_td_auc
+    from pipeline.outputs.plots import km_by_group, km_per_site, plot_td_auc, time_unit_of
     from pipeline.stats.metrics import survival_metrics
 
     ev = (config or RunConfig()).with_overrides(overrides).evaluate
@@ -93,11 +93,12 @@ def stage_evaluate(
     m["logrank_p"] = m["pooled"].get("logrank_p", float("nan"))
     rf = RunFiles(root=Path(out))
     rf.root.mkdir(parents=True, exist_ok=True)
+    unit = time_unit_of(df.columns)
     km_by_group(d.time.to_numpy(), d.event.to_numpy(), d.risk_group.to_numpy(), rf.km_plot(split),
-                title=f"{split} set:")  # fmt: skip
+                title=f"{split} set:", time_unit=unit)  # fmt: skip
     km_per_site(d.time.to_numpy(), d.event.to_numpy(), d.risk_group.to_numpy(), d.site.to_numpy(),
-                rf.km_plot(split, by_site=True))  # fmt: skip
+                rf.km_plot(split, by_site=True), time_unit=unit)  # fmt: skip
     if m["horizons"]:
-        plot_td_auc(m, rf.td_auc_plot(split))
+        plot_td_auc(m, rf.td_auc_plot(split), time_unit=unit)
     write_json(rf.metrics, m)
     return m

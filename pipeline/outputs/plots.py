@@ -40,58 +40,96 @@ def save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def _km_axes(ax, time: np.ndarray, event: np.ndarray, group: np.ndarray, title: str, order: list[str]) -> float:
-    from sksurv.nonparametric import kaplan_meier_estimator
+def time_unit_of(columns) -> str:
+    """The cohort's time unit as spelled in ``risk_scores.csv``'s horizon columns (``surv_365days``: ``days``);
+    ``""`` when there is none."""
+    from pipeline.outputs.predictions import horizon_of
 
-    colours = {"low": "#2b83ba", "intermediate": "#fdae61", "high": "#d7191c"}
+    units = [h[1] for h in map(horizon_of, columns) if h]
+    return units[0] if units else ""
+
+
+def time_label(time_unit: str = "", what: str = "time") -> str:
+    """An axis label with the unit: ``time (days)``; ``time`` when the unit is unknown."""
+    return f"{what} ({time_unit})" if time_unit else what
+
+
+KM_COLOURS = {"low": "#2b83ba", "intermediate": "#fdae61", "high": "#d7191c"}
+
+
+def _km_axes(
+    ax, time: np.ndarray, event: np.ndarray, group: np.ndarray, title: str, order: list[str], time_unit: str = ""
+) -> float:
+    """Kaplan-Meier (lifelines) per group with 95% confidence bands and a number-at-risk table under ``ax``.
+    Groups of fewer than 2 patients are not drawn (a note says so); returns the log-rank p of those drawn."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.plotting import add_at_risk_counts
+
+    fitters, drawn, skipped = [], [], []
     for g in order:
         m = group == g
         if m.sum() == 0:
             continue
-        t, s = kaplan_meier_estimator(event[m].astype(bool), time[m].astype(float))
-        ax.step(np.r_[0, t], np.r_[1, s], where="post", label=f"{g} (n={m.sum()}, {int(event[m].sum())} events)",
-                color=colours.get(str(g)))  # fmt: skip
-    p, _ = logrank_p(time, event, group)
-    ax.set_xlabel("time")
+        if m.sum() < 2:
+            skipped.append(f"{g} (n={int(m.sum())})")
+            continue
+        kmf = KaplanMeierFitter(label=str(g)).fit(time[m], event[m].astype(bool))
+        kmf.plot_survival_function(ax=ax, ci_show=True, ci_alpha=0.15, color=KM_COLOURS.get(str(g)),
+                                   label=f"{g} (n={int(m.sum())}, {int(event[m].sum())} events)")  # fmt: skip
+        fitters.append(kmf)
+        drawn.append(str(g))
+    keep = np.isin(group, drawn)
+    p, _ = logrank_p(time[keep], event[keep], group[keep]) if keep.any() else (float("nan"), None)
+    ax.set_xlabel(time_label(time_unit))
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"{title} log-rank p = {p:.3g}" if np.isfinite(p) else f"{title} (log-rank n/a)", fontsize=9)
-    ax.legend(frameon=False, fontsize=7)
+    ax.set_title(f"{title} log-rank p = {p:.3g}" if np.isfinite(p) else f"{title} (log-rank n/a)", fontsize=10)
+    if skipped:
+        ax.text(0.98, 0.02, "not drawn (< 2 patients): " + ", ".join(skipped), transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=8, color="#555")  # fmt: skip
+    if fitters:
+        ax.legend(frameon=False, fontsize=8, loc="lower left")
+        add_at_risk_counts(*fitters, ax=ax, rows_to_show=["At risk"], fontsize=8)
     return p
 
 
-def km_by_group(time: np.ndarray, event: np.ndarray, group: np.ndarray, path, title: str = "") -> float:
-    """Kaplan-Meier curves per risk group (PNG at ``path``); returns the log-rank p-value (NaN if one group)."""
+def km_by_group(
+    time: np.ndarray, event: np.ndarray, group: np.ndarray, path, title: str = "", time_unit: str = ""
+) -> float:
+    """Kaplan-Meier curves per risk group with 95% bands and a number-at-risk table (PNG at ``path``); returns
+    the log-rank p-value (NaN if one group). ``time_unit`` labels the time axis."""
     plt = pyplot()
 
     group = np.asarray(group).astype(str)
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
-    p = _km_axes(ax, np.asarray(time, float), np.asarray(event), group, title, group_order(group))
+    fig, ax = plt.subplots(figsize=(5.6, 4.6), dpi=110)
+    p = _km_axes(ax, np.asarray(time, float), np.asarray(event), group, title, group_order(group), time_unit)
     fig.tight_layout()
     save_figure(fig, path)
     return float(p)
 
 
-def km_per_site(time: np.ndarray, event: np.ndarray, group: np.ndarray, site_names: np.ndarray, path: Path) -> None:
-    """One Kaplan-Meier panel per site (PNG)."""
+def km_per_site(
+    time: np.ndarray, event: np.ndarray, group: np.ndarray, site_names: np.ndarray, path: Path, time_unit: str = ""
+) -> None:
+    """One Kaplan-Meier panel per site (PNG), each with 95% bands and its own number-at-risk table."""
     plt = pyplot()
 
     group, site_names = np.asarray(group).astype(str), np.asarray(site_names).astype(str)
     sites = sorted(set(site_names))
     cols = min(3, len(sites))
     rows = int(np.ceil(len(sites) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.6 * rows), dpi=100, squeeze=False)
     order = group_order(group)
     for ax, s in zip(axes.ravel(), sites, strict=False):
         m = site_names == s
-        _km_axes(ax, np.asarray(time, float)[m], np.asarray(event)[m], group[m], f"{s}:", order)
+        _km_axes(ax, np.asarray(time, float)[m], np.asarray(event)[m], group[m], f"{s}:", order, time_unit)
     for ax in axes.ravel()[len(sites) :]:
         ax.set_axis_off()
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def plot_td_auc(metrics: dict, path: Path) -> None:
+def plot_td_auc(metrics: dict, path: Path, time_unit: str = "") -> None:
     """Time-dependent AUC per horizon, pooled and per site (PNG)."""
     plt = pyplot()
 
@@ -101,10 +139,10 @@ def plot_td_auc(metrics: dict, path: Path) -> None:
         ax.plot(hs, list(m["td_auc"].values()), "o-" if name == "pooled" else ".--", label=name,
                 lw=2 if name == "pooled" else 1)  # fmt: skip
     ax.axhline(0.5, color="grey", lw=0.8)
-    ax.set_xlabel("horizon (time)")
+    ax.set_xlabel(time_label(time_unit, "horizon"))
     ax.set_ylabel("cumulative/dynamic AUC")
     ax.set_ylim(0, 1)
-    ax.legend(frameon=False, fontsize=7)
+    ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -1,9 +1,10 @@
 """One self-contained HTML report per run (images embedded as data URIs; no script, no external resource,
 so it opens offline). Sections appear when the run folder holds their files:
 
-cohort summary, metrics with bootstrap CIs (pooled and per site), Kaplan-Meier plots, td-AUC, training
-history, top genes, the biomarker table (genes and phenotypes), phenotype example tiles, heatmaps with
-galleries, deletion curves, the resolved config and package versions.
+model card (intended use), limitations, cohort summary, metrics with bootstrap CIs (pooled and per site),
+Kaplan-Meier plots, td-AUC, training history, top genes, the biomarker table (genes and phenotypes), phenotype
+example tiles, heatmaps with galleries, deletion curves, run metadata (date, version, commit, cohort, config
+digest), the resolved config and package versions.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _p(v: object) -> str:
     return f"{v:.3g}" if isinstance(v, int | float) and np.isfinite(v) else "–"
 
 
-def _metrics_section(rf: RunFiles) -> list[str]:
+def _metrics_section(rf: RunFiles, unit: str = "") -> list[str]:
     mj = rf.metrics
     if not mj.is_file():
         return []
@@ -83,25 +84,32 @@ def _metrics_section(rf: RunFiles) -> list[str]:
         f"<h2>Metrics ({split} set)</h2>",
         _table(pd.DataFrame(rows)),
         "<p class='note'>Harrell and Uno C-index (scikit-survival; Uno's truncated at "
-        f"t={_num(m.get('uno_tau'), 0)}), cumulative/dynamic AUC averaged over the horizons "
-        f"{html.escape(', '.join(f'{h:g}' for h in m.get('horizons', [])))}, integrated Brier score (lower is "
-        f"better; needs survival curves). Censoring weights from the {html.escape(str(m.get('censoring_from')))}. "
+        f"t={_num(m.get('uno_tau'), 0)} {html.escape(unit)}), cumulative/dynamic AUC averaged over the horizons "
+        f"{html.escape(', '.join(f'{h:g} {unit}'.strip() for h in m.get('horizons', [])))}, integrated Brier score "
+        "(lower is better; needs survival curves). "
+        f"Censoring weights from the {html.escape(str(m.get('censoring_from')))}. "
         f"CIs: {b.get('resamples')} patient bootstrap resamples (seed {b.get('seed')}). "
         "A dash is a metric that cannot be computed on those patients; the notes say why.</p>",
     ]
     km = m["pooled"].get("km_by_group")
     if km:
-        t = pd.DataFrame([{"risk group": g, **{f"S({h})": _num(v) for h, v in d.items()}} for g, d in km.items()])
+        t = pd.DataFrame(
+            [
+                {"risk group": g, **{f"S({h} {unit})".replace(" )", ")"): _num(v) for h, v in d.items()}}
+                for g, d in km.items()
+            ]
+        )
         parts += ["<h3>Kaplan-Meier survival by risk group (pooled)</h3>", _table(t)]
     split_name = str(m.get("split"))
     imgs = [rf.km_plot(split_name), rf.km_plot(split_name, by_site=True), rf.td_auc_plot(split_name)]
     parts.append(
-        "<div>" + "".join(_img(p, 420 if "sites" not in p.name else 760) for p in imgs if p.is_file()) + "</div>"
+        "<div>" + "".join(_img(p, 460 if "sites" not in p.name else 1150) for p in imgs if p.is_file()) + "</div>"
     )
     return parts
 
 
 def _cohort_section(rf: RunFiles) -> list[str]:
+    from pipeline.outputs.plots import time_unit_of
     from pipeline.outputs.predictions import horizon_of
 
     rs = rf.risk_scores
@@ -114,9 +122,12 @@ def _cohort_section(rf: RunFiles) -> list[str]:
         .reset_index()
     )
     splits = df.pivot_table(index="site", columns="split", values="patient_id", aggfunc="size", fill_value=0)
-    summ = summ.merge(splits.reset_index(), on="site")
+    summ = summ.merge(splits.rename_axis(columns=None).reset_index(), on="site")
+    unit = time_unit_of(df.columns)
+    if unit:
+        summ = summ.rename(columns={"median_time": f"median time ({unit})"})
     mods = df.modalities.fillna("none").value_counts().to_dict()
-    groups = df.groupby(["split", "risk_group"]).size().unstack(fill_value=0).reset_index()
+    groups = df.groupby(["split", "risk_group"]).size().unstack(fill_value=0).rename_axis(columns=None).reset_index()
     surv_cols = [c for c in df.columns if horizon_of(c)]
     parts = [
         "<h2>Cohort</h2>",
@@ -270,10 +281,16 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
     """Assemble ``report.html`` from whatever the run's folder holds."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from pipeline.outputs.model_card import limitations_html, metadata_html, model_card_html
+    from pipeline.outputs.plots import time_unit_of
+
     rf = RunFiles(root=Path(out))
+    unit = time_unit_of(pd.read_csv(rf.risk_scores, nrows=0).columns) if rf.risk_scores.is_file() else ""
     parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts += model_card_html(rf)
+    parts += limitations_html(rf)
     parts += _cohort_section(rf)
-    parts += _metrics_section(rf)
+    parts += _metrics_section(rf, unit)
     if rf.metrics.is_file():  # model vs centralised baselines, modality contributions
         from pipeline.outputs.baseline_report import baselines_html
 
@@ -282,6 +299,7 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
     if rf.attributions.is_dir():
         parts += _biomarker_sections(rf)
         parts += _tile_sections(rf)
+    parts += metadata_html(rf, unit)
     cfg = rf.config
     if cfg.is_file():
         parts += [
@@ -299,7 +317,7 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
         "table.t{border-collapse:collapse;margin:.5em 0;font-size:13px}table.t td,table.t th{padding:2px 8px;"
         "border-bottom:1px solid #ddd;text-align:right}img{margin:4px;vertical-align:top}"
-        ".note{color:#555;font-size:13px}div.slide{border-top:1px solid #eee}"
+        ".note{color:#555;font-size:13px}div.slide{border-top:1px solid #eee}ul.card li{margin:2px 0}"
     )
     page = (
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
