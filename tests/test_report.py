@@ -163,3 +163,16 @@ def test_render_check_passes_on_report_and_fails_on_a_broken_page(run_dir, tmp_p
     )
     r = render_check(bad)
     assert r["broken"] == ["x"] and any("boom" in e for e in r["errors"]) and r["console"]
+
+
+def test_model_card_names_dropped_and_retried_sites(tmp_path):
+    """Every dropped or retried site of a federated run is in the report, with its round."""
+    (tmp_path / "train_summary.json").write_text(
+        json.dumps({"mode": "federated", "min_sites": 2, "history": [{"round": 0}, {"round": 1}],
+                    "dropped": [{"round": 1, "site": "south"}], "retried": [{"round": 1, "site": "south"}]})
+    )  # fmt: skip
+    card = _sections(build_report(tmp_path).read_text())["model-card"]
+    assert "minimum 2 sites a round" in card
+    assert "dropped: south (round 1)" in card and "retried: south (round 1)" in card
+    (tmp_path / "train_summary.json").write_text(json.dumps({"mode": "federated", "history": [{"round": 0}]}))
+    assert "no site dropped or retried" in _sections(build_report(tmp_path).read_text())["model-card"]

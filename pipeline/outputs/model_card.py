@@ -117,7 +117,21 @@ def _training(info: dict, cfg: dict) -> str:
     dp = (
         f"differential privacy epsilon {eps[-1]:.2f} (delta {fc.get('dp_delta')})" if eps else "no differential privacy"
     )
-    return f"federated across sites, strategy {fc.get('strategy', '?')}, {len(hist) or fc.get('rounds')} rounds, {dp}"
+    sites = f"minimum {info['min_sites']} sites a round; {_drops(info)}" if "min_sites" in info else _drops(info)
+    return (
+        f"federated across sites, strategy {fc.get('strategy', '?')}, {len(hist) or fc.get('rounds')} rounds, {dp}; "
+        f"{sites}"
+    )
+
+
+def _drops(info: dict) -> str:
+    """Which site was retried or dropped in which round (``train_summary.json``'s ``retried``/``dropped``)."""
+    out = []
+    for key, verb in (("dropped", "dropped"), ("retried", "retried")):
+        events = info.get(key) or []
+        if events:
+            out.append(f"{verb}: " + ", ".join(f"{e.get('site')} (round {e.get('round')})" for e in events))
+    return "; ".join(out) if out else "no site dropped or retried"
 
 
 def model_card_html(rf: RunFiles) -> list[str]:
