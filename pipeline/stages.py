@@ -29,6 +29,7 @@ from data_specs.cohort import Cohort
 from data_specs.config import RunConfig
 from pipeline.files import write_csv, write_json, write_text
 from pipeline.outputs.predictions import curves_table, risk_groups, risk_table, survival_curves
+from pipeline.progress import StepLog
 from pipeline.slides.extract import extract_slides
 from pipeline.slides.features import features_dir
 from pipeline.training.bundle import check_dims, data_for_model, load_bundle
@@ -113,20 +114,22 @@ def stage_train(
     else:
         module, info = fit_local(data, cfg, progress=progress)
         model, info = module.model.eval(), {"mode": "centralised", **info}
-    save_bundle(rf.model, model, data, cfg, {"train_info": info, **survival_summary(model, data)})
+    save_bundle(rf.model, model, data, cfg, {"train_info": info, **survival_summary(model, data, cohort.time_unit)})
     write_json(rf.train_summary, info)
     return rf.model
 
 
-def survival_summary(model, data: CohortData) -> dict:
+def survival_summary(model, data: CohortData, time_unit: str | None = None) -> dict:
     """What ``predict`` needs for survival curves, fixed on the training patients: a Breslow baseline
-    (Cox heads; per site and pooled, built from per-site summaries) and default horizons, both on the coarse
-    pre-agreed grid (:func:`~pipeline.stats.curves.coarse_grid`): no exact training event time is kept."""
-    from pipeline.stats.curves import BreslowBaseline, coarse_grid, default_horizons
+    (Cox heads; per site and pooled, built from per-site summaries) and default horizons (1/3/5 years in
+    ``time_unit``), both on the coarse pre-agreed grid (:func:`~pipeline.stats.curves.coarse_grid`, snapped to
+    hold the horizons): no exact training event time is kept."""
+    from pipeline.stats.curves import BreslowBaseline, coarse_grid, default_horizons, grid_with
 
     tr = data.splits["train"]
-    grid = coarse_grid(float(data.time[tr].max()) if len(tr) else 1.0)
-    out: dict = {"horizons": default_horizons(data.time[tr], data.event[tr], grid)}
+    hz = default_horizons(data.time[tr], data.event[tr], time_unit=time_unit)
+    grid = grid_with(coarse_grid(float(data.time[tr].max()) if len(tr) else 1.0), hz)  # holds the horizons
+    out: dict = {"horizons": hz}
     if getattr(model, "n_bins", 0) == 0 and data.event[tr].any():
         lh = predict(model, data, tr).log_hz
         base = BreslowBaseline.fit(data.time[tr], data.event[tr], lh, data.site[tr], data.sites, grid, 10, True)
@@ -225,27 +228,26 @@ def stage_attribute(model_path: Path, cohort: Cohort, out: Path, fdir: Path | No
     written: dict[str, Path] = {}
     with_tiles = data.bags is not None and fdir is not None
     pred = predict(model, data, idx, attention=with_tiles)  # one pass: risks, and tile attention when needed
-    lh = pred.log_hz
     held = pd.DataFrame(
         {
             "patient_id": [data.patient_ids[i] for i in idx],
             "site": [data.sites[data.site[i]] for i in idx],
             "split": split,
-            "log_hz": lh,
-            "risk_group": risk_groups(lh, card.cutpoints.model_dump(), scheme),
+            "log_hz": pred.log_hz,
+            "risk_group": risk_groups(pred.log_hz, card.cutpoints.model_dump(), scheme),
             "time": data.time[idx],
             "event": data.event[idx].astype(int),
         }
     )
     faith: dict = {"split": split, "patients": len(idx)}
-    tiles = genes = None
+    tiles, genes, steps = None, None, StepLog("attribute", with_tiles * (3 + ac.phenotypes) + (data.omics is not None))
     if with_tiles:
-        tiles = _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf, written)
-        faith["tiles"] = tiles.faith
+        tiles = _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf, written, steps)
     if data.omics is not None:
         prov = run_provenance(model_path, cfg.model_dump(), ac.ig_steps, cohort.time_unit)
-        genes = _attribute_genes(model, data, idx, held, ac, rf, written, prov)
-        faith["genes"] = genes.faith
+        what = f"genes IG, ranks and deletion curves ({len(idx)} patients, {ac.ig_steps} steps)"
+        genes = steps.run(what, _attribute_genes, model, data, idx, held, ac, rf, written, prov)
+    faith.update({k: r.faith for k, r in (("tiles", tiles), ("genes", genes)) if r is not None})
     if genes is not None or (tiles is not None and tiles.fractions is not None):
         _write_biomarkers(held, tiles, genes, ac.top_genes, split, rf, written)
     if "tiles" in faith or "genes" in faith:
@@ -254,28 +256,28 @@ def stage_attribute(model_path: Path, cohort: Cohort, out: Path, fdir: Path | No
     return written
 
 
-def _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf: RunFiles, written: dict) -> _TileResult:
+def _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf: RunFiles, written: dict, steps) -> _TileResult:
     """Tile attention (from ``pred``, the split's prediction), IG and phenotypes -> tiles.csv
-    (+ phenotype_fractions.csv), pictures, deletion curves."""
+    (+ phenotype_fractions.csv), pictures, deletion curves; each part logged as a step of ``steps``."""
     from pipeline.outputs.attribution import mean_tile_feature, tile_attention, tile_deletion_curves
     from pipeline.outputs.attribution import tile_integrated_gradients as tile_ig
 
     attn, lh = pred.attn or [], pred.log_hz
     tiles = tile_attention(data, idx, attn)
-    tr = data.splits.get("train", np.zeros(0, int))
-    ig = tile_ig(model, data, idx, mean_tile_feature(data, tr if len(tr) else idx), ac.ig_steps)
+    tr, what = data.splits.get("train", np.zeros(0, int)), f"tiles IG ({len(idx)} patients, {ac.ig_steps} steps)"
+    ig = steps.run(what, tile_ig, model, data, idx, mean_tile_feature(data, tr if len(tr) else idx), ac.ig_steps)
     tiles["ig"] = np.concatenate(ig) if ig else np.zeros(0)
     paths, size0 = _slide_info(cohort, fdir)
     res = _TileResult({}, paths, size0)
     if ac.phenotypes:
-        _tile_phenotypes(data, idx, tr, tiles, ac, rf, res, written)
+        steps.run("tile phenotypes (Leiden)", _tile_phenotypes, data, idx, tr, tiles, ac, rf, res, written)
     written["tiles"] = write_csv(rf.tiles, tiles)
-    _tile_pictures(data, idx, lh, tiles, fdir, res, ac, rf)
+    steps.run("tile GeoJSON, heatmaps and galleries", _tile_pictures, data, idx, lh, tiles, fdir, res, ac, rf)
     ph = res.phenotypes
     if ac.phenotypes and ph is not None and all(s in paths for s, _, _ in sum(ph.examples.values(), [])):
         written["phenotype_png"] = rf.phenotypes_png
-    curves = {"attention": attn, "ig": ig}
-    res.faith = tile_deletion_curves(model, data, idx, curves, ac.deletion_steps, seed=ac.seed)
+    res.faith = steps.run("tile deletion curves", tile_deletion_curves, model, data, idx, {"attention": attn, "ig": ig},
+                          ac.deletion_steps, seed=ac.seed)  # fmt: skip
     return res
 
 

@@ -192,3 +192,28 @@ def test_risk_groups_tertiles():
     assert risk_groups(np.array([-1.0, 1.0]), cut, "median").tolist() == ["low", "high"]
     with pytest.raises(ValueError, match="valid names"):
         risk_groups(np.zeros(1), cut, "quartiles")
+
+
+@pytest.mark.parametrize(
+    ("unit", "max_follow_up", "expected"),
+    [("days", 6 * 365.0, [365.0, 1095.0, 1825.0]), ("days", 2 * 365.0, [365.0]), ("months", 72.0, [12.0, 36.0, 60.0]),
+     ("years", 5.0, [1.0, 3.0, 5.0])],
+)  # fmt: skip
+def test_default_horizons_are_round_years_in_the_time_unit(unit, max_follow_up, expected):
+    from pipeline.stats.curves import coarse_grid, default_horizons, grid_with
+
+    rng = np.random.default_rng(0)
+    time = np.append(rng.uniform(0.01, 0.99, 99) * max_follow_up, max_follow_up)
+    event = rng.random(100) < 0.6
+    hz = default_horizons(time, event, time_unit=unit)
+    assert hz == expected
+    grid = grid_with(coarse_grid(time.max()), hz)  # the baseline grid holds each horizon exactly
+    assert len(grid) == 40 and np.all(np.diff(grid) > 0) and set(hz) <= set(grid.tolist())
+
+
+def test_default_horizons_fall_back_to_round_quantiles():
+    from pipeline.stats.curves import default_horizons
+
+    time, event = np.array([10.0, 123.4, 200.0, 310.7, 350.0]), np.array([1, 1, 1, 1, 0], bool)
+    assert default_horizons(time, event, time_unit="days") == [95.0, 160.0, 230.0]  # follow-up < 1 year
+    assert default_horizons(time, event, time_unit="weeks") == default_horizons(time, event)  # unknown unit

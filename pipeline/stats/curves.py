@@ -204,16 +204,51 @@ def survival_from_hazards(hazards: np.ndarray, edges: np.ndarray, t: np.ndarray)
     return surv[:, k]
 
 
-def default_horizons(time: np.ndarray, event: np.ndarray, grid: np.ndarray | None = None) -> list[float]:
-    """Quartiles of the training event times (rounded to 3 significant digits): a unit-free default.
+YEAR_IN_UNIT = {"day": 365.0, "d": 365.0, "month": 12.0, "mo": 12.0, "year": 1.0, "yr": 1.0, "y": 1.0}
 
-    With ``grid [K]`` (a model's :func:`coarse_grid`), each quartile is snapped to the nearest grid point, so
-    the horizons a model file keeps are grid points, not statistics of exact event times."""
-    t = np.asarray(time, float)[np.asarray(event, bool)]
-    if len(t) == 0:
+
+def years_per_unit(time_unit: str | None) -> float | None:
+    """How many of ``time_unit`` make one year (``days`` -> 365, ``months`` -> 12, ``years`` -> 1); None if unknown."""
+    u = (time_unit or "").strip().lower()
+    return YEAR_IN_UNIT.get(u[:-1] if u.endswith("s") and u[:-1] in YEAR_IN_UNIT else u)
+
+
+def default_horizons(
+    time: np.ndarray, event: np.ndarray, grid: np.ndarray | None = None, time_unit: str | None = None
+) -> list[float]:
+    """Default horizons: 1, 3 and 5 years in the cohort's ``time_unit`` (``days`` -> 365, 1095, 1825;
+    ``months`` -> 12, 36, 60; ``years`` -> 1, 3, 5), keeping those at most the largest follow-up ``time [P]``.
+
+    If the unit is unknown or no year horizon fits, the quartiles of the event times (``event [P]``) rounded
+    to 2 significant digits. The horizons are never snapped: put them into a baseline grid with
+    :func:`grid_with` (``grid`` is accepted for old callers and ignored)."""
+    del grid
+    t = np.asarray(time, float)
+    per_year = years_per_unit(time_unit)
+    if per_year is not None and len(t):
+        fit = [float(per_year * y) for y in (1, 3, 5) if per_year * y <= t.max()]
+        if fit:
+            return fit
+    te = t[np.asarray(event, bool)]
+    if len(te) == 0:
         return []
-    q = np.quantile(t, [0.25, 0.5, 0.75])
-    if grid is not None and len(grid):
-        g = np.asarray(grid, float)
-        return sorted({float(g[np.argmin(np.abs(g - v))]) for v in q})
-    return sorted({float(f"{v:.3g}") for v in q})
+    return sorted({float(f"{v:.2g}") for v in np.quantile(te, [0.25, 0.5, 0.75])})
+
+
+def grid_with(grid: np.ndarray, points: list[float]) -> np.ndarray:
+    """``grid [K]`` snapped so that it holds each of ``points`` exactly: the nearest free grid point of each
+    (or a neighbour of it) is moved onto it, keeping ``[K]`` increasing; a point that fits nowhere is added."""
+    g, n = np.asarray(grid, float).copy(), len(grid)
+    extra, taken = [], set()
+    for p in sorted(float(v) for v in points):
+        if p in taken:
+            continue
+        k = int(np.argmin(np.abs(g - p))) if n else 0
+        ok = [c for c in (k, k + 1, k - 1) if 0 <= c < n and g[c] not in taken]
+        ok = [c for c in ok if (c == 0 or g[c - 1] < p) and (c == n - 1 or p < g[c + 1])]
+        if ok:
+            g[ok[0]] = p
+            taken.add(p)
+        else:
+            extra.append(p)
+    return np.union1d(g, extra) if extra else g
