@@ -176,3 +176,13 @@ def test_model_card_names_dropped_and_retried_sites(tmp_path):
     assert "dropped: south (round 1)" in card and "retried: south (round 1)" in card
     (tmp_path / "train_summary.json").write_text(json.dumps({"mode": "federated", "history": [{"round": 0}]}))
     assert "no site dropped or retried" in _sections(build_report(tmp_path).read_text())["model-card"]
+
+
+def test_heatmaps_carry_their_faithfulness_figure_and_numbers(run_dir):
+    page = build_report(run_dir).read_text()
+    tiles = page.split("<h2>Tile attributions")[1].split("<h2>")[0]  # the heatmap section only
+    assert "How faithful these heatmaps are" in tiles and "3 patients" in tiles
+    assert "attention: AUC 0.100 vs random 0.050, gap 0.050 (more faithful than random)" in tiles
+    assert tiles.index('alt="deletion"') < tiles.index('alt="S1"')  # the deletion curves head the heatmaps
+    rest = page.split("<h2>Faithfulness")[1]
+    assert 'alt="deletion"' not in rest and "0.05" in rest  # the figure once; the full table still there

@@ -225,9 +225,36 @@ def _hr(df: pd.DataFrame, name: str, pre: str) -> str:
     return f"{hr:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
+def _faith_rows(f: dict, kinds: tuple[str, ...]) -> list[dict]:
+    """Deletion-curve AUCs of ``faithfulness.json``: one row per attribution against the random order."""
+    rows = []
+    for kind in kinds:
+        c = f.get(kind) if isinstance(f.get(kind), dict) and "auc" in f[kind] else {"auc": {}}
+        for k, v in c["auc"].items():
+            if k != "random":
+                r = {"removed": kind, "ordered by": k, "mean |delta log_hz|": v, "random order": c["auc"]["random"]}
+                rows.append({**r, "gap": c["gap"][k], "patients": c["patients"]})
+    return rows
+
+
+def _faith_line(rows: list[dict]) -> str:
+    """One sentence per attribution: its deletion AUC against random and the gap, read as faithful or not."""
+    say = [
+        f"{html.escape(r['ordered by'])}: AUC {_num(r['mean |delta log_hz|'])} vs random {_num(r['random order'])}, "
+        f"gap {_num(r['gap'])} ({'more' if r['gap'] > 0 else 'not more'} faithful than random)"
+        for r in rows
+    ]
+    n = rows[0]["patients"]
+    return (
+        f"<p class='faith'><b>How faithful these heatmaps are</b> (tile deletion, {n} patients): {'; '.join(say)}.</p>"
+    )
+
+
 def _tile_sections(rf: RunFiles) -> list[str]:
+    """Heatmaps and galleries per slide, headed by the tile deletion figure and numbers; then every AUC."""
     hm = sorted(p for p in rf.heatmaps.glob("*.png") if not p.stem.endswith("_ig"))
-    parts: list[str] = []
+    f = json.loads(rf.faithfulness.read_text()) if rf.faithfulness.is_file() else None
+    tile_rows, parts, fig = _faith_rows(f or {}, ("tiles",)), [], rf.deletion_png.is_file()
     if hm:
         parts.append(
             "<h2>Tile attributions</h2><p class='note'>Left: attention (x number of tiles; 1 = uniform). Middle: "
@@ -235,45 +262,22 @@ def _tile_sections(rf: RunFiles) -> list[str]:
             "integrated gradients, cut from the slide at full resolution. QuPath GeoJSON of every scored tile: "
             f"<code>{rf.ATTRIBUTIONS}/{rf.GEOJSON}/</code>.</p>"
         )
+        parts += ([_faith_line(tile_rows)] if tile_rows else []) + ([_img(rf.deletion_png, 760)] if fig else [])
     for p in hm:
         sid = p.stem
-        row = [_img(p, 330, photo=True)]
-        ig = rf.heatmap(sid, ig=True)
-        if ig.is_file():
-            row.append(_img(ig, 330, photo=True))
-        for gal in (rf.gallery(sid), rf.gallery(sid, ig=True)):
-            if gal.is_file():
-                row.append(_img(gal, 420, photo=True))
+        row = [_img(q, 330, photo=True) for q in (p, rf.heatmap(sid, ig=True)) if q.is_file()]
+        row += [_img(g, 420, photo=True) for g in (rf.gallery(sid), rf.gallery(sid, ig=True)) if g.is_file()]
         parts.append(f"<div class='slide'><h3>{html.escape(sid)}</h3>{''.join(row)}</div>")
-    fj = rf.faithfulness
-    if fj.is_file():
-        f = json.loads(fj.read_text())
-        rows = []
-        for kind in ("tiles", "genes"):
-            c = f.get(kind)
-            if not isinstance(c, dict) or "auc" not in c:
-                continue
-            for k, v in c["auc"].items():
-                if k != "random":
-                    rows.append(
-                        {
-                            "removed": kind,
-                            "ordered by": k,
-                            "mean |delta log_hz|": v,
-                            "random order": c["auc"]["random"],
-                            "gap": c["gap"][k],
-                            "patients": c["patients"],
-                        }
-                    )
+    if f is not None:
+        rows = _faith_rows(f, ("tiles", "genes"))
         parts += [
             "<h2>Faithfulness: deletion curves</h2>",
             "<p class='note'>Removing the highest-attributed tiles (or resetting the highest-attributed genes to "
             "the training mean) should move the risk more than removing random ones: a positive gap.</p>",
         ]
-        if rows:
-            parts.append(_table(pd.DataFrame(rows)))
-        if rf.deletion_png.is_file():
-            parts.append(_img(rf.deletion_png, 760))
+        parts += ([_table(pd.DataFrame(rows))] if rows else []) + (
+            [_img(rf.deletion_png, 760)] if fig and not hm else []
+        )
     return parts
 
 
