@@ -89,7 +89,7 @@ def test_nll_without_events_still_trains_and_extreme_logits_stay_finite():
     logits = torch.tensor([[50.0, -50.0, 0.0], [-80.0, 80.0, 3.0]], requires_grad=True)
     loss = nll_loss(logits, torch.zeros(2, dtype=torch.bool), torch.tensor([0, 2]))
     loss.backward()
-    assert torch.isfinite(loss) and float(loss) > 0
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
@@ -117,7 +117,7 @@ def test_cox_policy_single_patient_and_no_event_batches_are_zero():
         lh = torch.randn(len(event), requires_grad=True)
         loss = cox_loss(lh, torch.tensor(event), torch.arange(1.0, len(event) + 1))
         loss.backward()
-        assert float(loss) == 0.0 and lh.grad is not None and torch.all(lh.grad == 0)
+        assert float(loss.detach()) == 0.0 and lh.grad is not None and torch.all(lh.grad == 0)
 
 
 def test_memory_bank_is_plain_cox_on_the_union():
@@ -143,7 +143,7 @@ def test_memory_bank_gives_batch_size_one_a_risk_set_and_skips_duplicates():
     lh = torch.zeros(1, requires_grad=True)
     loss = bank.loss(lh, torch.tensor([True]), torch.tensor([2.5]), None, torch.tensor([7]))
     loss.backward()
-    assert float(loss) > 0 and lh.grad is not None and lh.grad.abs().sum() > 0  # alone it would be 0
+    assert float(loss.detach()) > 0 and lh.grad is not None and lh.grad.abs().sum() > 0  # alone it would be 0
     # the same patient seen again is not its own competitor from the bank
     before = bank.index.tolist()
     again = bank.loss(torch.zeros(1), torch.tensor([True]), torch.tensor([2.5]), None, torch.tensor([7]), update=False)

@@ -31,6 +31,7 @@ from pipeline.federated.server import FederatedServer
 from pipeline.federated.server_app import serve
 from pipeline.federated.site import SiteClient, site_clients
 from pipeline.files import write_json
+from pipeline.progress import fmt_seconds
 from pipeline.training.data import CohortData
 from pipeline.training.module import new_model
 
@@ -192,6 +193,7 @@ def run_embedded(
     context = Context(grid.run.run_id, SUPERLINK_NODE_ID, {}, RecordDict(), {})
     names = list(clients[0].initial_arrays()) if server.global_arrays is None else None
     start, t0 = server.next_round, _time.perf_counter()
+    log.info("federated: rounds %d..%d over %d site(s)", start, server.fc.rounds - 1, len(clients))
     app_logger = logging.getLogger("flwr")
     level = app_logger.level
     app_logger.setLevel(logging.WARNING)  # Flower's per-round INFO lines: our own log says it per round
@@ -205,4 +207,6 @@ def run_embedded(
         per = grid.bytes_by_round.get(str(rec["round"] - start + 1))
         if per:
             rec["bytes_sent_per_site"] = {s: int(b) for s, b in per.items()}
-    return {"runtime": "embedded", "seconds": _time.perf_counter() - t0}
+    took = _time.perf_counter() - t0
+    log.info("federated: %d round(s) in %s", len(server.history) - start, fmt_seconds(took))
+    return {"runtime": "embedded", "seconds": took}

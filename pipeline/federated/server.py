@@ -37,6 +37,7 @@ import numpy as np
 from data_specs.config import FederatedConfig, RunConfig
 from pipeline.federated.protocol import DEFAULT_SERVER_LR, STRATEGIES, Arrays, Evaluation, Update
 from pipeline.files import write_bytes, write_text
+from pipeline.progress import RoundClock
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ class FederatedServer:
         self.best: tuple[float, int, Arrays] | None = None
         self.next_round = 0
         self.roster: int | None = None  # sites in the federation (set by the runtime): min_sites' default
+        self.clock = RoundClock()  # elapsed time and ETA in the per-round log line
         if resume:
             self._resume()
 
@@ -243,6 +245,7 @@ class FederatedServer:
         return max(0, self.fc.rounds - self.next_round)
 
     def fit_config(self, rnd: int) -> dict:
+        self.clock.start()
         fc = self.fc
         return {
             "round": rnd,
@@ -289,11 +292,14 @@ class FederatedServer:
             rec["epsilon"], rec["delta"] = self.ledger.step(), self.fc.dp_delta
         self.history.append(rec)
         log.info(
-            "round %d: val C-index %.3f, val loss %.4f%s",
+            "round %d: val C-index %.3f, val loss %.4f%s; %d of %d rounds left, %s",
             rnd,
             rec["val_cindex"],
             val_loss,
             f", epsilon {rec['epsilon']:.2f}" if "epsilon" in rec else "",
+            max(0, self.fc.rounds - rnd - 1),
+            self.fc.rounds,
+            self.clock.text(self.fc.rounds - rnd - 1),
         )
         # Select on the pooled validation partial likelihood: smoother than a C-index over a few pairs.
         score = -val_loss if np.isfinite(val_loss) else -np.inf

@@ -37,7 +37,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ import torch
 from data_specs.config import ExtractConfig
 from models.encoders import TileEncoder
 from pipeline.files import atomic_path
+from pipeline.progress import Progress
 from pipeline.slides.encode import EncoderRunner
 from pipeline.slides.features import (
     FeaturesWriter,
@@ -133,12 +134,14 @@ def extract_slide(
     mpp_fallback: float | None = None,
     runner: EncoderRunner | None = None,
     fingerprint: str | None = None,
+    progress: bool = False,
 ) -> SlideResult:
     """Encode every tissue tile of one slide into ``out_dir/<slide_id>.h5`` (atomic; skipped if done).
 
     Args:
         mpp_override: microns per pixel given for this slide (wins over its metadata).
         mpp_fallback: microns per pixel for a slide whose metadata has none.
+        progress: report the tiles read (a bar on a terminal, plain lines otherwise: :mod:`pipeline.progress`).
     """
     import openslide
 
@@ -167,8 +170,9 @@ def extract_slide(
     _write_tissue_files(out_dir, sid, thumb, mask, dims)
     runner = runner or EncoderRunner(enc, cfg)
     attrs = _slide_attrs(sid, path, want, dims, thumb, grid, enc, runner.precision)
-    with features_writer(out, enc.dim, attrs) as writer:
-        rejected = encode_tiles(path, grid, runner, cfg, tissue, writer)
+    bar = Progress(len(grid.coords), f"{sid} tiles", "tile", enabled=progress, leave=False)
+    with bar, features_writer(out, enc.dim, attrs) as writer:
+        rejected = encode_tiles(path, grid, runner, cfg, tissue, writer, on_tiles=bar.update)
         writer.finish(rejected)
     n = writer.n
     if n == 0:
@@ -203,8 +207,11 @@ def encode_tiles(
     cfg: ExtractConfig,
     tissue: TissueSettings,
     writer: FeaturesWriter,
+    on_tiles: Callable[[int], object] | None = None,
 ) -> int:
     """Stream the grid's tiles through the encoder into ``writer`` batch by batch; returns the tiles rejected.
+
+    ``on_tiles(n)`` is called after each batch read with its number of tiles (kept and rejected).
 
     Holds at most the DataLoader's prefetched batches and one batch of features; never all tiles of a slide.
     The next batch is submitted before the previous one is collected (on CUDA they overlap).
@@ -228,6 +235,8 @@ def encode_tiles(
     pending: tuple[tuple[torch.Tensor, object], np.ndarray] | None = None
     try:
         for x, idx, keep in loader:  # x [B, h, w, 4] uint8 RGBA; DataLoader keeps grid order
+            if on_tiles is not None:
+                on_tiles(len(keep))
             if not bool(keep.all()):
                 rejected += int((~keep).sum())
                 x, idx = x[keep], idx[keep]
@@ -264,8 +273,6 @@ def extract_slides(
 
     Writes the run report (see the module docstring) in ``out_dir`` after every slide.
     """
-    from tqdm.auto import tqdm
-
     ids = [slide_id_of(Path(p)) for p in slides]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -281,10 +288,12 @@ def extract_slides(
     before = earlier_failures(out_dir)
     runners: list[EncoderRunner] = []  # built on the first slide that needs encoding, then reused
     results: list[SlideResult] = []
-    for p in tqdm(slides, desc="extract", unit="slide", disable=not progress):
-        p = Path(p)
-        results.append(_extract_or_record(p, out_dir, enc, cfg, per_slide.get(str(p)), fallback, before, runners))
-        write_report(out_dir, stem, results)
+    with Progress(len(slides), "extract", "slide", enabled=progress) as bar:
+        for p in map(Path, slides):
+            args = (p, out_dir, enc, cfg, per_slide.get(str(p)), fallback, before, runners, progress)
+            results.append(_extract_or_record(*args))
+            write_report(out_dir, stem, results)
+            bar.update(1, postfix=f"{sum(r.tiles for r in results)} tiles")
     if not slides:
         write_report(out_dir, stem, results)
     return results
@@ -299,6 +308,7 @@ def _extract_or_record(
     mpp_fallback: float | None,
     before: dict[str, EarlierFailure],
     runners: list[EncoderRunner],
+    progress: bool = False,
 ) -> SlideResult:
     """One slide of :func:`extract_slides`: extracted, skipped as failed before, or its failure recorded."""
     sid = slide_id_of(p)
@@ -314,7 +324,7 @@ def _extract_or_record(
             log.info("%s: retried, it failed for lack of microns per pixel and this run gives one", p)
         if not runners:
             runners.append(EncoderRunner(enc, cfg))
-        return extract_slide(p, out_dir, enc, cfg, mpp_override, mpp_fallback, runners[0], fp)
+        return extract_slide(p, out_dir, enc, cfg, mpp_override, mpp_fallback, runners[0], fp, progress)
     except Exception as e:  # one bad slide must not stop a night's run; the report names it
         log.error("slide %s failed: %s", p, e)
         log.debug("slide %s traceback", p, exc_info=True)
