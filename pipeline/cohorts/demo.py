@@ -178,31 +178,33 @@ def build_demo(out: str | Path, size: DemoSize | None = None, seed: int = 0, for
 def _draw_slides(rng: np.random.Generator, size: DemoSize, out: Path, d: _Draws, tumour_target: np.ndarray) -> None:
     """One pyramidal TIFF per patient: an ellipse of blocks with a ragged edge, tumour the blocks nearest a
     random focus; each site casts a stain colour and each slide jitters around it."""
-    from tqdm.auto import tqdm
+    from pipeline.progress import Progress
 
     tumour_img, other_img, other_mask = _sources()
     site_cast = np.array([[1.0, 1.0, 1.0], [1.04, 0.96, 1.02], [0.95, 1.0, 1.05]])
     d.tiles_rows, d.tumour_frac = [], np.zeros(len(d.pids))
     cy, cx = (size.rows - 1) / 2, (size.cols - 1) / 2
-    for i in tqdm(range(len(d.pids)), desc="demo slides", unit="slide"):
-        yy, xx = np.mgrid[0 : size.rows, 0 : size.cols]
-        r = ((yy - cy) / (size.rows / 2)) ** 2 + ((xx - cx) / (size.cols / 2)) ** 2
-        tissue = r + rng.normal(0, 0.15, r.shape) < 0.9
-        cells = np.argwhere(tissue)
-        focus = cells[rng.integers(len(cells))]
-        dist = ((cells - focus) ** 2).sum(1) + rng.uniform(0, 0.5, len(cells))
-        k = int(round(tumour_target[i] * len(cells)))
-        is_tumour = np.zeros(len(cells), bool)
-        is_tumour[np.argsort(dist)[:k]] = True
-        d.tumour_frac[i] = is_tumour.mean()
-        canvas = np.full((size.rows * BLOCK, size.cols * BLOCK, 3), 242, np.uint8)
-        canvas = (canvas + rng.normal(0, 2, canvas.shape)).clip(0, 255).astype(np.uint8)
-        cast = site_cast[d.site_idx[i]] * rng.normal(1, 0.015, 3)
-        for (by, bx), tum in zip(cells, is_tumour, strict=True):
-            block = _crop(rng, tumour_img, None) if tum else _crop(rng, other_img, other_mask)
-            canvas[by * BLOCK : (by + 1) * BLOCK, bx * BLOCK : (bx + 1) * BLOCK] = (block * cast).clip(0, 255)
-            d.tiles_rows.append((d.pids[i], int(bx * BLOCK), int(by * BLOCK), int(tum)))
-        write_pyramid_tiff(out / "slides" / f"{d.pids[i]}.tif", canvas, MPP)
+    with Progress(len(d.pids), "demo slides", "slide") as bar:
+        for i in range(len(d.pids)):
+            yy, xx = np.mgrid[0 : size.rows, 0 : size.cols]
+            r = ((yy - cy) / (size.rows / 2)) ** 2 + ((xx - cx) / (size.cols / 2)) ** 2
+            tissue = r + rng.normal(0, 0.15, r.shape) < 0.9
+            cells = np.argwhere(tissue)
+            focus = cells[rng.integers(len(cells))]
+            dist = ((cells - focus) ** 2).sum(1) + rng.uniform(0, 0.5, len(cells))
+            k = int(round(tumour_target[i] * len(cells)))
+            is_tumour = np.zeros(len(cells), bool)
+            is_tumour[np.argsort(dist)[:k]] = True
+            d.tumour_frac[i] = is_tumour.mean()
+            canvas = np.full((size.rows * BLOCK, size.cols * BLOCK, 3), 242, np.uint8)
+            canvas = (canvas + rng.normal(0, 2, canvas.shape)).clip(0, 255).astype(np.uint8)
+            cast = site_cast[d.site_idx[i]] * rng.normal(1, 0.015, 3)
+            for (by, bx), tum in zip(cells, is_tumour, strict=True):
+                block = _crop(rng, tumour_img, None) if tum else _crop(rng, other_img, other_mask)
+                canvas[by * BLOCK : (by + 1) * BLOCK, bx * BLOCK : (bx + 1) * BLOCK] = (block * cast).clip(0, 255)
+                d.tiles_rows.append((d.pids[i], int(bx * BLOCK), int(by * BLOCK), int(tum)))
+            write_pyramid_tiff(out / "slides" / f"{d.pids[i]}.tif", canvas, MPP)
+            bar.update()
 
 
 def _draw_expression(rng: np.random.Generator, size: DemoSize, d: _Draws) -> None:
