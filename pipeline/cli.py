@@ -155,6 +155,8 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
     from data_specs.cohort import load_cohort
     from pipeline.stages import stage_extract
 
+    if args.procs > 1 and args.shard:
+        raise UsageError("--procs and --shard cannot be combined: --procs N runs shards 1/N..N/N")
     cfg = run_config(args, args.cohort)
     check_out(cfg.out)
     cohort = None if args.cohort.is_dir() else load_cohort(args.cohort)
@@ -165,8 +167,6 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
         from pipeline.slides.features import features_dir
         from pipeline.slides.parallel import extract_in_processes
 
-        if args.shard:
-            raise UsageError("--procs and --shard cannot be combined: --procs N runs shards 1/N..N/N")
         fdir = features_dir(cfg.out, cfg.extract)
         if cohort is None:
             slides, fallback, per_slide = discover_slides(args.cohort, exclude=cfg.out), None, None

@@ -570,3 +570,10 @@ def test_a_cv_failing_in_a_fold_leaves_the_previous_run_byte_identical(tiny_demo
     rc = main(["cv", str(spec), "--out", str(run), *sets, "--set", "train.lr=0.5"])
     assert rc == 2 and len(calls) == 2 and "No space left on device" in capsys.readouterr().err
     assert _snapshot(run) == before  # config.yaml, fold_0 and the results are the previous cv's
+
+
+def test_extract_refuses_procs_with_shard_before_writing_anything(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["extract", str(tmp_path / "cohort.yaml"), "--procs", "2", "--shard", "1/2", "--out", str(out)])
+    assert rc == 2 and "--procs and --shard cannot be combined" in capsys.readouterr().err
+    assert not out.exists()
