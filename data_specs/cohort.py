@@ -9,7 +9,9 @@ A cohort is a YAML file. Patients are listed inline or in a CSV manifest referen
     clinical: {path: clinical.csv}  # optional; one row per patient, numeric covariates
 
 ``slides`` holds zero or more paths separated by ``;``. Relative paths resolve against the YAML's
-folder. Any non-empty subset of the modalities {slides, omics, clinical} is accepted.
+folder. Any non-empty subset of the modalities {slides, omics, clinical} is accepted. A bare ``patients.csv``
+is a cohort too: ``load_cohort(path, omics=, clinical=, time_unit=)`` (the CLI's ``--omics``, ``--clinical``,
+``--time-unit``) adds its other sources, or replaces a YAML's (:func:`with_sources`).
 
 Validation happens once, here, and collects every problem before raising, each naming the file,
 row, field and value (:class:`CohortError`). The manifest's rows are checked in :mod:`data_specs.manifest`,
@@ -46,6 +48,7 @@ __all__ = [
     "load_cohort",
     "read_clinical_ids",
     "read_omics_ids",
+    "with_sources",
 ]
 
 log = logging.getLogger(__name__)
@@ -139,6 +142,12 @@ class Cohort:
             ps = [p for p in self.patients if p.site == s]
             lines.append(f"  site {s}: {len(ps)} patients, {sum(p.event for p in ps)} events")
         combos = Counter("+".join(self.modalities(p)) or "none" for p in self.patients)
+        for kind, src, ids in (("omics", self.omics, self.omics_ids), ("clinical", self.clinical, self.clinical_ids)):
+            if src is not None:
+                fmt = f" ({src.resolved_format()})" if isinstance(src, OmicsSource) else ""
+                n = sum(p.patient_id in ids for p in self.patients)
+                lines.append(f"{kind}: {src.path}{fmt}, {n} of {len(self.patients)} patients")
+        lines.append(f"time unit: {self.time_unit}")
         lines.append("modalities per patient: " + ", ".join(f"{k}: {v}" for k, v in sorted(combos.items())))
         n_slides = sum(len(p.slides) for p in self.patients)
         lines.append(f"slides: {n_slides}")
@@ -218,16 +227,8 @@ def _check_coverage(
         if allow_missing:
             warnings.append(f"{len(absent)} cohort patient(s) have no {kind} data (masked): {absent[:5]}")
         else:
-            for pid in absent:
-                problems.append(
-                    Problem(
-                        str(file),
-                        f"cohort patient has no {kind} row (set {kind}.allow_missing: true to mask instead)",
-                        None,
-                        "patient_id",
-                        pid,
-                    )
-                )
+            msg = f"cohort patient has no {kind} row (set {kind}.allow_missing: true to mask instead)"
+            problems += [Problem(str(file), msg, None, "patient_id", pid) for pid in absent]
     return warnings
 
 
@@ -268,16 +269,19 @@ def _check_sources(
     clinical: ClinicalSource | None,
     ids: set[str] | None,
     problems: list[Problem],
+    flags: frozenset[str] = frozenset(),
 ) -> _SourceCheck:
     """Read the omics and clinical files as training will and check their patients against ``ids`` (the ids
     of every manifest row, valid or not). ``ids`` None (the manifest itself is unreadable): only check that
-    the files exist, so that one root cause is not reported again as every patient missing."""
+    the files exist, so that one root cause is not reported again as every patient missing. A kind in ``flags``
+    was given on the command line: a missing file names the flag (``--omics``) instead of ``omics.path``."""
     out = _SourceCheck()
     for kind, src in (("omics", omics), ("clinical", clinical)):
         if src is None:
             continue
         if not src.path.is_file():
-            problems.append(Problem(str(spec), f"{kind} file not found", None, f"{kind}.path", str(src.path)))
+            where = f"--{kind}" if kind in flags else f"{kind}.path"
+            problems.append(Problem(str(spec), f"{kind} file not found", None, where, str(src.path)))
             out.complete = False
             continue
         if ids is None:
@@ -297,8 +301,48 @@ def _check_sources(
     return out
 
 
-def load_cohort(path: str | Path) -> Cohort:
+def _patient_rows(doc: CohortFile, path: Path, problems: list[Problem]) -> tuple[list[dict[str, Any]], str]:
+    """The patient rows of ``doc`` (from its CSV manifest or inline list) and where they came from."""
+    if isinstance(doc.patients, str):
+        manifest = Path(doc.patients)
+        manifest = manifest if manifest.is_absolute() else path.parent / manifest
+        return read_manifest(manifest, problems), str(manifest)
+    rows, src = doc.patients, f"{path} (patients)"
+    for i, r in enumerate(rows, start=1):
+        missing = [c for c in REQUIRED_COLUMNS if c not in r]
+        if missing:
+            problems.append(Problem(src, f"missing required field(s) {missing}", i))
+    return rows, src
+
+
+def with_sources(
+    doc: CohortFile, omics: str | Path | None = None, clinical: str | Path | None = None, time_unit: str | None = None
+) -> CohortFile:
+    """``doc`` with an omics file, a clinical file and a time unit given outside it (the CLI's flags). Each given
+    one replaces the document's: a source with its default options (format and orientation auto-detected,
+    ``values: counts``, no missing patients), its path resolved against the current folder."""
+    update: dict[str, Any] = {}
+    if omics is not None:
+        update["omics"] = OmicsSource(path=Path(omics).resolve())
+    if clinical is not None:
+        update["clinical"] = ClinicalSource(path=Path(clinical).resolve())
+    if time_unit is not None:
+        if not time_unit.strip():
+            raise CohortError([Problem("--time-unit", "empty time unit (e.g. days, months, years)")])
+        update["time_unit"] = time_unit.strip()
+    return doc.model_copy(update=update)
+
+
+def load_cohort(
+    path: str | Path,
+    omics: str | Path | None = None,
+    clinical: str | Path | None = None,
+    time_unit: str | None = None,
+) -> Cohort:
     """Read and validate a cohort YAML (or a bare CSV manifest). Raises :class:`CohortError`.
+
+    ``omics`` (h5ad, CSV or TSV, orientation detected from the patient ids), ``clinical`` (CSV) and
+    ``time_unit`` add to a CSV manifest what a YAML would declare, or replace the YAML's (:func:`with_sources`).
 
     Every problem is collected before raising, and each root cause is reported once: a row rejected for
     its time or event still counts as a cohort patient when the omics and clinical files are checked, and
@@ -309,18 +353,9 @@ def load_cohort(path: str | Path) -> Cohort:
         raise CohortError([Problem(str(path), "cohort file not found")])
     root = path.parent
     problems: list[Problem] = []
-    doc = _read_doc(path)
-    if isinstance(doc.patients, str):
-        manifest = Path(doc.patients)
-        manifest = manifest if manifest.is_absolute() else root / manifest
-        rows = read_manifest(manifest, problems)
-        src = str(manifest)
-    else:
-        rows, src = doc.patients, f"{path} (patients)"
-        for i, r in enumerate(rows, start=1):
-            missing = [c for c in REQUIRED_COLUMNS if c not in r]
-            if missing:
-                problems.append(Problem(src, f"missing required field(s) {missing}", i))
+    doc = with_sources(_read_doc(path), omics, clinical, time_unit)
+    flags = frozenset(k for k, v in (("omics", omics), ("clinical", clinical)) if v is not None)
+    rows, src = _patient_rows(doc, path, problems)
     patients = parse_rows(rows, src, root, problems)
     if not rows and not problems:
         problems.append(Problem(src, "the cohort lists no patients"))
@@ -331,7 +366,7 @@ def load_cohort(path: str | Path) -> Cohort:
     omics = doc.omics.model_copy(update={"path": _abs(doc.omics.path)}) if doc.omics else None
     clinical = doc.clinical.model_copy(update={"path": _abs(doc.clinical.path)}) if doc.clinical else None
     known = {str(r.get("patient_id") or "").strip() for r in rows} - {""} if rows else None
-    found = _check_sources(path, omics, clinical, known, problems)
+    found = _check_sources(path, omics, clinical, known, problems, flags)
     cohort = Cohort(
         doc.name,
         root,

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from data_specs.artifacts import RunFiles
 from pipeline.cli_errors import EXTRAS, describe, expected_errors
-from pipeline.cli_parser import TIMESTAMPED, build_parser, config_from_args
+from pipeline.cli_parser import TIMESTAMPED, build_parser, cohort_sources, config_from_args
 from pipeline.files import write_text
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def _print_metrics(m: dict, out: Path, rep: Path) -> None:
     print(f"report: {rep}")
 
 
-def run_all(cohort_path: Path, cfg, title: str) -> Path:
+def run_all(cohort_path: Path, cfg, title: str, sources: dict | None = None) -> Path:
     """Every stage on one cohort. Features are extracted into ``cfg.out``; everything after is staged and moved
     over the previous run's outputs only when every stage has succeeded (:func:`pipeline.staging.staged_run`)."""
     from data_specs.cohort import load_cohort
@@ -108,7 +108,7 @@ def run_all(cohort_path: Path, cfg, title: str) -> Path:
     from pipeline.staging import staged_run
     from pipeline.training.data import load_run_data
 
-    cohort = load_cohort(cohort_path)
+    cohort = load_cohort(cohort_path, **(sources or {}))  # sources: --omics/--clinical/--time-unit
     out = cfg.out
     check_out(out)
     check_cohort_events(cohort, cohort_path)
@@ -147,7 +147,7 @@ def _stages_after_extract(cohort, cfg, fdir: Path | None, data, stage: Path, tit
 def cmd_validate(args: argparse.Namespace, argv: list[str] | None) -> int:
     from data_specs.cohort import load_cohort
 
-    print(load_cohort(args.cohort).summary())
+    print(load_cohort(args.cohort, **cohort_sources(args)).summary())
     return 0
 
 
@@ -159,7 +159,9 @@ def cmd_extract(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise UsageError("--procs and --shard cannot be combined: --procs N runs shards 1/N..N/N")
     cfg = run_config(args, args.cohort)
     check_out(cfg.out)
-    cohort = None if args.cohort.is_dir() else load_cohort(args.cohort)
+    if args.cohort.is_dir() and cohort_sources(args):
+        raise UsageError(f"{args.cohort}: --omics/--clinical/--time-unit need a cohort (patients.csv), not a folder")
+    cohort = None if args.cohort.is_dir() else load_cohort(args.cohort, **cohort_sources(args))
     shard = cfg.extract.shard  # shards may share one output folder: each keeps its own config copy
     write_text(RunFiles(root=cfg.out).shard_config(shard), cfg.to_yaml())
     if args.procs > 1:  # one process per shard (and per GPU when there are enough)
@@ -210,7 +212,7 @@ def _trainable_cohort(args: argparse.Namespace) -> tuple[RunConfig, Cohort]:
     from data_specs.cohort import load_cohort
 
     cfg = run_config(args, args.cohort)
-    cohort = load_cohort(args.cohort)
+    cohort = load_cohort(args.cohort, **cohort_sources(args))
     check_out(cfg.out)
     check_cohort_events(cohort, args.cohort)
     return cfg, cohort
@@ -238,7 +240,7 @@ def cmd_predict_or_attribute(args: argparse.Namespace, argv: list[str] | None) -
     from pipeline.stages import stage_attribute, stage_predict
 
     out = args.out or args.model.parent
-    cohort = load_cohort(args.cohort)
+    cohort = load_cohort(args.cohort, **cohort_sources(args))
     if not args.model.is_file():
         raise FileNotFoundError(2, "no such model file", str(args.model))
     check_out(out)
@@ -271,7 +273,7 @@ def cmd_report(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    run_all(args.cohort, run_config(args, args.cohort), f"histofuse: {args.cohort.stem}")
+    run_all(args.cohort, run_config(args, args.cohort), f"histofuse: {args.cohort.stem}", cohort_sources(args))
     return 0
 
 

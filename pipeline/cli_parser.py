@@ -57,6 +57,23 @@ def _extract_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="device for tile encoding: auto, cpu, cuda, cuda:1 ... (extract.device)")
 
 
+def _source_flags(p: argparse.ArgumentParser) -> None:
+    """``--omics``, ``--clinical`` and ``--time-unit``: a CSV manifest's other modalities without a YAML spec."""
+    g = p.add_argument_group("cohort sources without a YAML spec (on a YAML they replace its entries)")
+    g.add_argument("--omics", type=Path, metavar="FILE", help="gene expression: .h5ad (patients as obs) or "
+                   "CSV/TSV (first column the ids; patients or genes as rows, detected from the ids)")  # fmt: skip
+    g.add_argument("--clinical", type=Path, metavar="FILE", help="clinical covariates CSV: patient_id and one "
+                   "column per covariate (non-numeric columns are one-hot encoded)")  # fmt: skip
+    g.add_argument("--time-unit", metavar="UNIT", help="unit of the manifest's time column: days (default), "
+                   "months or years")  # fmt: skip
+
+
+def cohort_sources(args: argparse.Namespace) -> dict:
+    """The ``load_cohort`` keyword arguments given by ``--omics``, ``--clinical`` and ``--time-unit``."""
+    keys = ("omics", "clinical", "time_unit")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
 def _common(p: argparse.ArgumentParser, out_default: str | None = TIMESTAMPED) -> None:
     p.add_argument("--config", type=Path, help="run config YAML (defaults <- this file <- --set)")
     _overrides(p, "override a config value, e.g. --set train.epochs=5 (repeatable)")
@@ -83,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("validate", help="validate a cohort spec and summarise it")
     p.add_argument("cohort", type=Path, help=COHORT_HELP)
+    _source_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
     _extract_parser(sub)
     _train_parser(sub, "train", "train the survival model (federated across sites by default)")
@@ -114,6 +132,7 @@ def _extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="slides -> tile features (one .h5 per slide); COHORT may be a folder of slides")
     p.add_argument("cohort", type=Path, help=COHORT_HELP)
     _common(p)
+    _source_flags(p)
     _extract_flags(p)
     p.add_argument("--shard", metavar="K/N", help="process the K-th of N parts of the cohort (1 <= K <= N)")
     p.add_argument("--workers", type=int, metavar="N", help="tile-reading worker processes per slide")
@@ -126,6 +145,7 @@ def _train_parser(sub, name: str, hlp: str) -> None:
     p = sub.add_parser(name, help=hlp)
     p.add_argument("cohort", type=Path, help=COHORT_HELP)
     _common(p)
+    _source_flags(p)
     if name == "run":
         _extract_flags(p)
     g = p.add_mutually_exclusive_group()
@@ -143,6 +163,7 @@ def _train_parser(sub, name: str, hlp: str) -> None:
 def _model_parser(sub, name: str, hlp: str, example: str) -> None:
     p = sub.add_parser(name, help=hlp)
     p.add_argument("cohort", type=Path, help=COHORT_HELP)
+    _source_flags(p)
     p.add_argument("--model", type=Path, required=True, help="model.safetensors written by `histofuse train`")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a legacy pickled model.pt (unpickling runs its code: only your own files)")  # fmt: skip
@@ -159,6 +180,7 @@ def _cv_parser(sub) -> None:
     p = sub.add_parser("cv", help="cross-validation by patient, stratified by site and event (seeded)")
     p.add_argument("cohort", type=Path, help=COHORT_HELP)
     _common(p)
+    _source_flags(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--federated", dest="federated", action="store_true", default=False,
                    help="train each fold federated across the sites (default: centralised)")  # fmt: skip

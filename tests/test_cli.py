@@ -577,3 +577,43 @@ def test_extract_refuses_procs_with_shard_before_writing_anything(tmp_path, caps
     rc = main(["extract", str(tmp_path / "cohort.yaml"), "--procs", "2", "--shard", "1/2", "--out", str(out)])
     assert rc == 2 and "--procs and --shard cannot be combined" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _csv_cohort(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A slide-free patients.csv with a genes-by-patients expression CSV and a clinical CSV beside it."""
+    ids = [f"P{i}" for i in range(6)]
+    rows = "".join(f"{p},{'AB'[i // 3]},{100 + 10 * i},{i % 2},\n" for i, p in enumerate(ids))
+    (tmp_path / "patients.csv").write_text("patient_id,site,time,event,slides\n" + rows)
+    genes = "".join(f"G{j}," + ",".join(str(j + i) for i in range(6)) + "\n" for j in range(4))
+    (tmp_path / "expr.csv").write_text("gene," + ",".join(ids) + "\n" + genes)
+    clin = "".join(f"{p},{50 + i},{'I' if i % 2 else 'II'}\n" for i, p in enumerate(ids))
+    (tmp_path / "clin.csv").write_text("patient_id,age,stage\n" + clin)
+    return tmp_path / "patients.csv", tmp_path / "expr.csv", tmp_path / "clin.csv"
+
+
+def test_validate_csv_cohort_with_omics_and_clinical_flags(tmp_path, capsys):
+    patients, expr, clin = _csv_cohort(tmp_path)
+    argv = ["validate", str(patients), "--omics", str(expr), "--clinical", str(clin), "--time-unit", "months"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"omics: {expr} (csv), 6 of 6 patients" in out
+    assert f"clinical: {clin}, 6 of 6 patients" in out
+    assert "time unit: months" in out
+    assert "modalities per patient: omics+clinical: 6" in out
+
+
+def test_validate_bad_omics_flag_is_a_named_error(tmp_path, capsys):
+    patients, _, clin = _csv_cohort(tmp_path)
+    assert main(["validate", str(patients), "--omics", str(tmp_path / "missing.csv"), "--clinical", str(clin)]) == 2
+    err = capsys.readouterr().err
+    assert "--omics" in err and "missing.csv" in err and "omics file not found" in err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 2  # one problem, not one per patient
+
+
+def test_omics_flag_replaces_a_yaml_cohorts_omics(tmp_path, capsys):
+    patients, expr, clin = _csv_cohort(tmp_path)
+    (tmp_path / "cohort.yaml").write_text("name: c\npatients: patients.csv\nclinical: {path: clin.csv}\n"
+                                          "omics: {path: elsewhere.csv}\n")  # fmt: skip
+    assert main(["validate", str(tmp_path / "cohort.yaml"), "--omics", str(expr)]) == 0
+    out = capsys.readouterr().out
+    assert f"omics: {expr} (csv)" in out and "omics+clinical: 6" in out

@@ -186,6 +186,9 @@ def attention_heatmap(
     save_figure(fig, out_png)
 
 
+GALLERY_PT = 11  # tile-gallery label size in points (at the figure's 100 dpi: ~15 px in the PNG)
+
+
 def tile_gallery(
     tiles: pd.DataFrame, slide_path: Path, size0: int, out_png: Path, k: int = 6, column: str = "attn"
 ) -> None:
@@ -196,15 +199,16 @@ def tile_gallery(
     k = max(1, min(k, len(t) // 2 or 1))
     top, bottom = t.head(k), t.tail(k).iloc[::-1]
     imgs = read_tiles(slide_path, [(r.x, r.y) for r in pd.concat([top, bottom]).itertuples()], size0)
-    fig, axes = plt.subplots(2, k, figsize=(1.7 * k, 3.9), dpi=100, squeeze=False)
+    # about 1 inch per tile at 100 dpi: the report shows the figure ~420 px wide, so 11 pt labels stay ~10 px tall
+    fig, axes = plt.subplots(2, k, figsize=(max(1.0 * k, 4.5), 2.9), dpi=100, squeeze=False)
     for j, (ax, img, r) in enumerate(zip(axes.ravel(), imgs, pd.concat([top, bottom]).itertuples(), strict=False)):
         ax.imshow(img)
-        ax.set_title(f"{getattr(r, column):.3g}", fontsize=7)
+        ax.set_title(f"{getattr(r, column):.3g}", fontsize=GALLERY_PT, pad=2)
         ax.set_xticks([])
         ax.set_yticks([])
         if j % k == 0:
-            ax.set_ylabel("top" if j == 0 else "bottom", fontsize=8)
-    fig.suptitle(f"{t.slide_id.iloc[0]}: top and bottom {k} tiles by {column}", fontsize=8)
+            ax.set_ylabel("top" if j == 0 else "bottom", fontsize=GALLERY_PT)
+    fig.suptitle(f"{t.slide_id.iloc[0]}: top/bottom {k} by {column}", fontsize=GALLERY_PT)
     fig.tight_layout()
     save_figure(fig, out_png)
 
