@@ -266,7 +266,7 @@ def _tile_sections(rf: RunFiles) -> list[str]:
     for p in hm:
         sid = p.stem
         row = [_img(q, 330, photo=True) for q in (p, rf.heatmap(sid, ig=True)) if q.is_file()]
-        row += [_img(g, 420, photo=True) for g in (rf.gallery(sid), rf.gallery(sid, ig=True)) if g.is_file()]
+        row += [_img(g, 600, photo=True) for g in (rf.gallery(sid), rf.gallery(sid, ig=True)) if g.is_file()]
         parts.append(f"<div class='slide'><h3>{html.escape(sid)}</h3>{''.join(row)}</div>")
     if f is not None:
         rows = _faith_rows(f, ("tiles", "genes"))
