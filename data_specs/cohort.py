@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from data_specs.manifest import REQUIRED_COLUMNS, Patient, Split, parse_rows, read_manifest
 from data_specs.problems import CohortError, Problem
-from data_specs.tables import read_csv_dicts, read_csv_frame, read_expression
+from data_specs.tables import is_number, read_csv_dicts, read_csv_frame, read_expression
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -179,14 +179,6 @@ def read_clinical_ids(src: ClinicalSource) -> list[str]:
     return [str(r.get(src.id_column) or "").strip() for r in rows]
 
 
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
-
-
 def clinical_column_problems(src: ClinicalSource, header: list[str]) -> list[Problem]:
     """What training's clinical reader (``pipeline.omics.clinical.ClinicalNormaliser.read``) refuses: a declared
     column not in the CSV's ``header``, a categorical column not among the clinical columns and, when
@@ -204,7 +196,7 @@ def clinical_column_problems(src: ClinicalSource, header: list[str]) -> list[Pro
         if c in src.categorical or c not in df.columns:
             continue
         for i, v in enumerate(df[c]):
-            if isinstance(v, str) and not _is_number(v.strip()):
+            if isinstance(v, str) and not is_number(v.strip()):
                 pid = str(df[src.id_column].iloc[i]).strip()
                 why = f"not numeric (patient '{pid}') and the column is not listed in clinical.categorical"
                 problems.append(Problem(f, why, i + 1, c, v.strip()))
@@ -363,17 +355,17 @@ def load_cohort(
     def _abs(p: Path) -> Path:
         return p if p.is_absolute() else (root / p).resolve()
 
-    omics = doc.omics.model_copy(update={"path": _abs(doc.omics.path)}) if doc.omics else None
-    clinical = doc.clinical.model_copy(update={"path": _abs(doc.clinical.path)}) if doc.clinical else None
+    osrc = doc.omics.model_copy(update={"path": _abs(doc.omics.path)}) if doc.omics else None
+    csrc = doc.clinical.model_copy(update={"path": _abs(doc.clinical.path)}) if doc.clinical else None
     known = {str(r.get("patient_id") or "").strip() for r in rows} - {""} if rows else None
-    found = _check_sources(path, omics, clinical, known, problems, flags)
+    found = _check_sources(path, osrc, csrc, known, problems, flags)
     cohort = Cohort(
         doc.name,
         root,
         doc.time_unit,
         patients,
-        omics,
-        clinical,
+        osrc,
+        csrc,
         doc.slide_mpp,
         found.warnings,
         frozenset(found.ids.get("omics", ())),

@@ -272,3 +272,12 @@ def read_expression(src: ExpressionSpec, patient_ids: list[str] | set[str] | Non
     if dup:
         raise ValueError(f"{src.path}: patient id(s) listed more than once: {dup[:5]}")
     return t
+
+
+def is_number(v: str) -> bool:
+    """True when ``float(v)`` parses (a numeric table cell)."""
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False

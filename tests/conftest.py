@@ -46,3 +46,13 @@ def he_rgb():
     canvas[:672, :672] = he
     canvas.setflags(write=False)  # shared by every test of the session: copy before changing it
     return canvas
+
+
+@pytest.fixture(scope="module")
+def fed_data(tiny_features):
+    """The tiny demo cohort built as one CohortData (all sites), with its run config."""
+    from data_specs import load_cohort
+    from pipeline.training.data import build_data
+
+    cohort_path, cfg, fdir = tiny_features
+    return build_data(load_cohort(cohort_path), fdir, seed=0), cfg

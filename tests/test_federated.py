@@ -4,20 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_specs import load_cohort, resolve_config
+from data_specs import resolve_config
 from pipeline.federated.embedded import run_embedded, run_federated
 from pipeline.federated.protocol import Update, trainable_arrays
 from pipeline.federated.server import FederatedServer, PrivacyLedger, ServerOptimizer, weighted_mean
 from pipeline.federated.site import ProximalTerm, SiteClient, site_clients
-from pipeline.training.data import build_data, make_loader
+from pipeline.training.data import make_loader
 from pipeline.training.module import SurvivalModule, fit_local, make_trainer, new_model, new_module
-
-
-@pytest.fixture(scope="module")
-def fed_data(tiny_features):
-    cohort_path, cfg, fdir = tiny_features
-    cohort = load_cohort(cohort_path)
-    return build_data(cohort, fdir, seed=0), cfg
 
 
 def _cfg(cfg, *ov):

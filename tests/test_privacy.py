@@ -13,15 +13,7 @@ from pipeline.federated.ledger import MessageLedger, check_no_values, read_ledge
 from pipeline.federated.protocol import trainable_arrays
 from pipeline.federated.server import FederatedServer
 from pipeline.federated.site import site_clients
-from pipeline.training.data import build_data
 from pipeline.training.module import new_model
-
-
-@pytest.fixture(scope="module")
-def fed_data(tiny_features):
-    cohort_path, cfg, fdir = tiny_features
-    cohort = load_cohort(cohort_path)
-    return build_data(cohort, fdir, seed=0), cfg
 
 
 def _cfg(cfg, *ov):

@@ -13,17 +13,9 @@ import pandas as pd
 
 from data_specs.cohort import ClinicalSource
 from data_specs.summaries import MIN_SUMMARY_PATIENTS, ClinicalNumericStats, ClinicalSiteSummary
-from data_specs.tables import read_csv_frame
+from data_specs.tables import is_number, read_csv_frame
 
 log = logging.getLogger(__name__)
-
-
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -74,7 +66,7 @@ class ClinicalNormaliser:
         auto_cat = []
         for c in cols:
             vals = df[c].dropna()
-            is_num = vals.map(_is_number)
+            is_num = vals.map(is_number)
             if cat_decl is not None and c in cat_decl:
                 continue
             if is_num.all():
