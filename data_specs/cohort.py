@@ -151,11 +151,22 @@ class Cohort:
         lines.append("modalities per patient: " + ", ".join(f"{k}: {v}" for k, v in sorted(combos.items())))
         n_slides = sum(len(p.slides) for p in self.patients)
         lines.append(f"slides: {n_slides}")
-        splits = Counter(p.split or "unassigned" for p in self.patients)
-        lines.append("splits: " + ", ".join(f"{k}: {v}" for k, v in sorted(splits.items())))
+        splits = Counter(p.split or "blank" for p in self.patients)
+        lines.append("split column: " + ", ".join(f"{k}: {v}" for k, v in sorted(splits.items())) + _blank_rule(splits))
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
+
+
+def _blank_rule(given: Counter) -> str:
+    """What training does with the split column's blank cells (see ``pipeline.training.splits.assign_splits``)."""
+    if not given.get("blank"):
+        return " (used as given)"
+    if given.get("test"):
+        return " (given cells kept; blanks assigned to train/val, stratified by site and event)"
+    if len(given) > 1:
+        return " (given cells kept; blanks assigned to train/val/test, stratified by site and event)"
+    return " (every patient assigned to train/val/test, stratified by site and event)"
 
 
 def read_omics_ids(src: OmicsSource, patient_ids: list[str] | set[str] | None = None) -> list[str]:

@@ -95,6 +95,7 @@ class TrainConfig(_Frozen):
     max_tiles: int = Field(512, ge=1)  # tiles sampled per patient per training step
     val_fraction: float = Field(0.2, ge=0, lt=1)
     test_fraction: float = Field(0.25, ge=0, lt=1)
+    test_sites: tuple[str, ...] = ()  # sites held out as test only: not trained on, not in the federation
     seed: int = 0
 
     @model_validator(mode="after")

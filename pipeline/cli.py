@@ -145,9 +145,19 @@ def _stages_after_extract(cohort, cfg, fdir: Path | None, data, stage: Path, tit
 
 
 def cmd_validate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The cohort summary, then the split training will use, per site (given cells kept, blanks assigned)."""
     from data_specs.cohort import load_cohort
+    from data_specs.config import resolve_config
+    from pipeline.cli_parser import flag_overrides
+    from pipeline.training.splits import assign_splits, split_lines
 
-    print(load_cohort(args.cohort, **cohort_sources(args)).summary())
+    cohort = load_cohort(args.cohort, **cohort_sources(args))
+    print(cohort.summary())
+    t = resolve_config(args.config, [*args.overrides, *flag_overrides(args)]).train
+    splits = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed, t.test_sites)
+    n = {k: len(v) for k, v in splits.items()}
+    print(f"split used for training (train.seed {t.seed}; train {n['train']}, val {n['val']}, test {n['test']}):")
+    print("\n".join(split_lines(cohort, splits, t.test_sites)))
     return 0
 
 
@@ -293,12 +303,13 @@ def cmd_cv(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from pipeline.cohorts.demo import DemoSize, build_demo
+    from pipeline.cohorts.demo import build_demo, demo_size
 
     cfg = run_config(args, None, "runs/demo")
     check_out(cfg.out)
     t0 = time.perf_counter()
-    spec = build_demo(RunFiles(root=cfg.out).demo_cohort, DemoSize(patients=args.patients), seed=args.seed)
+    size, cohort_dir = demo_size(args.patients, args.morphology), RunFiles(root=cfg.out).demo_cohort
+    spec = build_demo(cohort_dir, size, seed=args.seed, morphology=args.morphology)
     log.info("demo cohort: %s (%.0f s)", spec, time.perf_counter() - t0)
     if args.build_only:
         print(f"demo cohort: {spec}")
@@ -368,17 +379,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo_truth(out: Path) -> None:
     """Print how well the run recovered the demo's planted truth (and save it, see ``RunFiles.truth_check``)."""
-    from pipeline.cohorts.demo_check import check_demo
+    from pipeline.cohorts.demo_check import check_demo, summary_lines
 
-    r = check_demo(out)
-    print(f"oracle C-index on the same test patients: {r['oracle_test_cindex']:.3f}")
-    if "planted_gene_ranks" in r:
-        print(f"planted gene ranks (of {r['n_genes']}): {r['planted_gene_ranks']}")
-    if "attention_tumour_vs_other" in r:
-        a = r["attention_tumour_vs_other"]
-        print(
-            f"mean relative attention: tumour tiles {a['tumour']:.2f}, other tiles {a['other']:.2f}; AUC {a['auc']:.3f}"
-        )
+    print("\n".join(summary_lines(check_demo(out))))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Dispatching the commands is :mod:`pipeline.cli`'s job.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate a cohort spec and summarise it")
     p.add_argument("cohort", type=Path, help=COHORT_HELP)
     _source_flags(p)
+    p.add_argument("--config", type=Path, help="run config YAML whose train split settings the summary shows")
+    _overrides(p, "override a config value, e.g. --set train.seed=3 (repeatable)")
+    _test_sites_flag(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
     _extract_parser(sub)
     _train_parser(sub, "train", "train the survival model (federated across sites by default)")
@@ -125,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build-only", action="store_true", help="only build the demo cohort")
     p.add_argument("--patients", type=int, default=120, help="number of demo patients (default 120)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--morphology", choices=("fraction", "local"), default="fraction",
+                   help="where the slides' prognostic signal lives: the tumour fraction (default) or a few carrier "
+                   "tiles in some slides (attention must find them; the truth files name them)")  # fmt: skip
     return ap
 
 
@@ -153,11 +160,29 @@ def _train_parser(sub, name: str, hlp: str) -> None:
                    help="federated training across the cohort's sites (default)")  # fmt: skip
     g.add_argument("--centralised", dest="federated", action="store_false",
                    help="pool all training patients in one place (a reference, not for real hospitals)")  # fmt: skip
+    _test_sites_flag(p)
+    if name == "run":
+        _seeds_flag(p)
     if name == "train":
         p.add_argument("--strategy", choices=("fedsgd", "fedavg", "fedprox", "fedadam", "fedyogi"), default=None,
                        help="federated strategy (same as --set federated.strategy=NAME; default fedavg)")  # fmt: skip
         p.add_argument("--resume", action="store_true", help="continue a killed federated run after its last "
                        "finished round (DIR/federated/server_state.json)")  # fmt: skip
+
+
+def _test_sites_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--test-sites", metavar="A,B", help="comma-separated sites held out as test only: never trained "
+                   "on, not in the federation or its statistics (train.test_sites)")  # fmt: skip
+
+
+def _seeds_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="repeat with seeds 0..N-1 (train.seed and "
+                   "the split seed) and report mean +- sd of each metric (default 1)")  # fmt: skip
+
+
+def parse_sites(v: str | None) -> list[str]:
+    """``--test-sites A,B`` as a list of site names (blank entries dropped)."""
+    return [s.strip() for s in (v or "").split(",") if s.strip()]
 
 
 def _model_parser(sub, name: str, hlp: str, example: str) -> None:
@@ -182,6 +207,18 @@ def _cv_parser(sub) -> None:
     _common(p)
     _source_flags(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument(
+        "--leave-site-out",
+        action="store_true",
+        help="one fold per site: that site's patients are the "
+        "test set, the other sites train and validate (how well the model transfers to a new hospital)",
+    )
+    _seeds_flag(p)
+    p.add_argument(
+        "--modality-ablation",
+        action="store_true",
+        help="also retrain each fold without each modality (C-index without slides/omics/clinical)",
+    )
     p.add_argument("--federated", dest="federated", action="store_true", default=False,
                    help="train each fold federated across the sites (default: centralised)")  # fmt: skip
 
@@ -212,6 +249,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     ov = []
     if getattr(args, "federated", None) is not None:
         ov.append(f"federated.enabled={str(args.federated).lower()}")
+    if getattr(args, "test_sites", None):
+        ov.append(f"train.test_sites={json.dumps(parse_sites(args.test_sites))}")
     if getattr(args, "strategy", None) is not None:
         ov.append(f"federated.strategy={args.strategy}")
     for flag, key in (("shard", "shard"), ("workers", "num_workers"), ("retry_failed", "retry_failed")):

@@ -114,23 +114,26 @@ def build_data(
     gene_sets: Path | dict[str, list[str]] | None = None,
     min_pathway_genes: int = 3,
     bags: Bags | None = None,
+    test_sites: tuple[str, ...] | list[str] = (),
 ) -> CohortData:
     """Align every modality to the cohort. ``expect_features``: the encoder identity every features file must carry.
 
     ``bags``: tile features already read by :func:`load_bags` for this cohort (the features files are then
-    not opened again); without them they are read from ``features_dir``.
+    not opened again); without them they are read from ``features_dir``. ``test_sites``: sites whose patients
+    are test only (:func:`~pipeline.training.splits.assign_splits`; used when ``splits`` is not given).
 
     Normalisers are given (prediction reuses the model's) or fitted on the train split the way a
     federation fits them: each site summarises its own training patients
     (:meth:`OmicsNormaliser.site_summary`, :meth:`ClinicalNormaliser.site_summary`) and the cohort-level
     statistics come from those summaries only; raw values are never pooled across sites. A site with
     fewer than 2 training patients for a modality contributes no summary (a warning): a one-patient
-    summary would be that patient's values.
+    summary would be that patient's values. A site without training patients (a test-only site) contributes
+    nothing to the statistics.
     """
     pids = [p.patient_id for p in cohort.patients]
     sites = cohort.sites
     site = np.array([sites.index(p.site) for p in cohort.patients])
-    splits = splits if splits is not None else assign_splits(cohort, val_fraction, test_fraction, seed)
+    splits = splits if splits is not None else assign_splits(cohort, val_fraction, test_fraction, seed, test_sites)
     data = CohortData(
         pids,
         sites,
@@ -148,7 +151,8 @@ def build_data(
             raise ValueError(f"bags: {len(bags.features)} patients given for a cohort of {len(pids)}")
         data.bags, data.tiles = list(bags.features), list(bags.tiles)
         data.feature_dim, data.feature_attrs = bags.dim, bags.attrs
-    site_train = {s: [pids[i] for i in idx] for s, idx in data.subset_sites(np.asarray(splits["train"])).items()}
+    per_site = data.subset_sites(np.asarray(splits["train"], int)).items()
+    site_train = {s: [pids[i] for i in idx] for s, idx in per_site if len(idx)}  # test-only sites: no summary
     if cohort.omics is not None:
         _add_omics(data, cohort, site_train, omics_norm, gene_panel, max_genes, gene_sets, min_pathway_genes)
     if cohort.clinical is not None:
@@ -318,5 +322,6 @@ def load_run_data(cohort: Cohort, cfg: RunConfig, out: Path | None = None, **nor
         max_genes=cfg.omics.max_genes,
         gene_sets=cfg.omics.gene_sets,
         min_pathway_genes=cfg.omics.min_pathway_genes,
+        test_sites=t.test_sites,
         **normalisers,
     )
