@@ -57,8 +57,11 @@ class OmicsConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    """The survival network (models.MultimodalSurvival)."""
+    """The survival model: the network (models.MultimodalSurvival) or the linear family (models.LinearSurvival)."""
 
+    # network: MIL + encoders + fusion (the fields below); linear: log_hz linear in the standardised mean-pooled
+    # tile features, genes and clinical covariates (L2 penalty = train.weight_decay; the fields below are unused)
+    family: Literal["network", "linear"] = "network"
     mil: Literal["gated_attention", "transmil"] = "gated_attention"  # tile pooling (ABMIL or transformer)
     mil_layers: int = Field(2, ge=1)  # transmil blocks
     mil_heads: int = Field(4, ge=1)  # transmil and co-attention heads; must divide hidden

@@ -4,7 +4,9 @@ No file I/O beyond loading weights an encoder is asked for, no Lightning, no Flo
 """
 
 from models.encoders import TileEncoder, build_encoder, list_encoders
+from models.factory import MODEL_FAMILIES, SurvivalModel, build_model
 from models.fusion import FUSIONS, build_fusion
+from models.linear import LinearSurvival
 from models.losses import (
     CoxMemoryBank,
     cox_loss,
@@ -14,14 +16,17 @@ from models.losses import (
     time_to_bin,
 )
 from models.mil import MIL_POOLINGS, GatedAttentionMIL, TransMIL, build_mil
-from models.survival import MultimodalSurvival, SurvivalOutput, build_model
+from models.survival import MultimodalSurvival, SurvivalOutput
 
 __all__ = [
     "FUSIONS",
     "MIL_POOLINGS",
+    "MODEL_FAMILIES",
     "CoxMemoryBank",
     "GatedAttentionMIL",
+    "LinearSurvival",
     "MultimodalSurvival",
+    "SurvivalModel",
     "SurvivalOutput",
     "TileEncoder",
     "TransMIL",

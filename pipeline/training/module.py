@@ -24,6 +24,7 @@ from models import CoxMemoryBank, build_model, cox_loss, discrete_time_edges, nl
 from models.survival import MultimodalSurvival, SurvivalOutput
 from pipeline.stats.metrics import harrell_cindex
 from pipeline.training.data import CohortData, make_loader, model_inputs
+from pipeline.training.slide_norm import prepare_linear
 
 
 class SurvivalModule(L.LightningModule):
@@ -179,6 +180,7 @@ def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
         except ValueError as e:
             raise ValueError(f"train.loss=nll: {e}") from e
         model.set_bin_edges(edges)
+    prepare_linear(model, data)  # linear family: slide standardisation from site summaries
     return model
 
 
