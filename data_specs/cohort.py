@@ -69,6 +69,7 @@ class OmicsSource(BaseModel):
     orientation: Orientation = "auto"
     gene_column: str | None = None  # gene identifiers from this h5ad var column / CSV column (genes as rows)
     impute: Literal["none", "mean", "zero"] = "none"  # missing values: error, training mean, or 0
+    extra_rows: Literal["error", "ignore"] = "error"  # rows of patients not in the cohort (a shared file): ignore
 
     def resolved_format(self) -> str:
         if self.format != "auto":
@@ -152,21 +153,12 @@ class Cohort:
         n_slides = sum(len(p.slides) for p in self.patients)
         lines.append(f"slides: {n_slides}")
         splits = Counter(p.split or "blank" for p in self.patients)
-        lines.append("split column: " + ", ".join(f"{k}: {v}" for k, v in sorted(splits.items())) + _blank_rule(splits))
+        rule = "blanks assigned to " + ("train/val" if splits.get("test") else "train/val/test") + " by site and event"
+        rule = "used as given" if "blank" not in splits else f"given cells kept; {rule}" if len(splits) > 1 else rule
+        lines.append("split column: " + ", ".join(f"{k}: {v}" for k, v in sorted(splits.items())) + f" ({rule})")
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
-
-
-def _blank_rule(given: Counter) -> str:
-    """What training does with the split column's blank cells (see ``pipeline.training.splits.assign_splits``)."""
-    if not given.get("blank"):
-        return " (used as given)"
-    if given.get("test"):
-        return " (given cells kept; blanks assigned to train/val, stratified by site and event)"
-    if len(given) > 1:
-        return " (given cells kept; blanks assigned to train/val/test, stratified by site and event)"
-    return " (every patient assigned to train/val/test, stratified by site and event)"
 
 
 def read_omics_ids(src: OmicsSource, patient_ids: list[str] | set[str] | None = None) -> list[str]:
@@ -215,16 +207,23 @@ def clinical_column_problems(src: ClinicalSource, header: list[str]) -> list[Pro
     return problems
 
 
-def _check_coverage(
-    kind: str, file: Path, ids: list[str], cohort_ids: set[str], allow_missing: bool, problems: list[Problem]
-) -> list[str]:
+def _check_coverage(kind: str, src: OmicsSource | ClinicalSource, ids: list[str], cohort_ids: set[str],
+                    problems: list[Problem]) -> list[str]:  # fmt: skip
+    """Warnings (masked patients, ignored rows) after recording each patient of ``src`` that is a problem."""
+    file, allow_missing, extra_rows = src.path, src.allow_missing, getattr(src, "extra_rows", "error")
     warnings = []
     counts = Counter(ids)
     for pid, n in counts.items():
         if n > 1:
             problems.append(Problem(str(file), f"{kind} lists this patient {n} times", None, "patient_id", pid))
-    for pid in sorted(set(ids) - cohort_ids):
-        problems.append(Problem(str(file), f"patient in {kind} file but not in the cohort", None, "patient_id", pid))
+    extra = sorted(set(ids) - cohort_ids)
+    if extra and extra_rows == "ignore":
+        warnings.append(f"{file}: {len(extra)} {kind} row(s) of patients not in the cohort are ignored "
+                        f"({kind}.extra_rows: ignore), e.g. {extra[:5]}")  # fmt: skip
+    elif extra:
+        msg = f"patient in {kind} file but not in the cohort"
+        msg += " (a file shared with other cohorts: set omics.extra_rows: ignore)" if kind == "omics" else ""
+        problems += [Problem(str(file), msg, None, "patient_id", pid) for pid in extra]
     absent = sorted(cohort_ids - set(ids))
     if absent:
         if allow_missing:
@@ -300,7 +299,7 @@ def _check_sources(
             out.complete = False
             continue
         out.ids[kind] = found
-        out.warnings += _check_coverage(kind, src.path, found, ids, src.allow_missing, problems)
+        out.warnings += _check_coverage(kind, src, found, ids, problems)
     return out
 
 

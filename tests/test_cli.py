@@ -617,3 +617,29 @@ def test_omics_flag_replaces_a_yaml_cohorts_omics(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "cohort.yaml"), "--omics", str(expr)]) == 0
     out = capsys.readouterr().out
     assert f"omics: {expr} (csv)" in out and "omics+clinical: 6" in out
+
+
+def test_a_shared_expression_file_needs_extra_rows_ignore(tmp_path, capsys, caplog):
+    """An expression file with rows of another cohort's patients: an error naming the option, or (``extra_rows:
+    ignore``) those rows dropped with a log line saying how many and from which file."""
+    import logging
+
+    from data_specs import load_cohort
+    from pipeline.omics.readers import read_omics
+
+    patients, expr, clin = _csv_cohort(tmp_path)
+    lines = patients.read_text().splitlines()
+    patients.write_text("\n".join(lines[:5]) + "\n")  # P0..P3 only; the expression file also has P4, P5
+    spec = tmp_path / "cohort.yaml"
+    spec.write_text("name: c\npatients: patients.csv\nomics: {path: expr.csv}\n")
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "'P4'" in err and "'P5'" in err and "set omics.extra_rows: ignore" in err
+    spec.write_text("name: c\npatients: patients.csv\nomics: {path: expr.csv, extra_rows: ignore}\n")
+    assert main(["validate", str(spec)]) == 0
+    assert "2 omics row(s) of patients not in the cohort are ignored" in capsys.readouterr().out
+    cohort = load_cohort(spec)
+    with caplog.at_level(logging.INFO, logger="pipeline.omics.readers"):
+        adata = read_omics(cohort.omics, [p.patient_id for p in cohort.patients])
+    assert list(adata.obs_names) == ["P0", "P1", "P2", "P3"]
+    assert any("dropped 2 of 6 rows" in r.getMessage() and "expr.csv" in r.getMessage() for r in caplog.records)

@@ -139,7 +139,7 @@ def test_validate_prints_the_final_split_per_site(tmp_path, capsys):
     spec = _cohort(tmp_path, split=lambda i, s: "test" if s == "C" else "")
     assert main(["validate", str(spec)]) == 0
     out = capsys.readouterr().out
-    assert "split column: blank: 60, test: 30 (given cells kept; blanks assigned to train/val" in out
+    assert "split column: blank: 60, test: 30 (given cells kept; blanks assigned to train/val by site and event)" in out
     assert "  site C: train 0, val 0, test 30" in out
     lines = [ln for ln in out.splitlines() if ln.startswith("  site A: train")]
     assert len(lines) == 1 and "test 0" in lines[0]

@@ -107,16 +107,26 @@ def read_omics(src: OmicsSource, patient_ids: list[str] | None = None):  # -> an
     The file is read and its values checked by :func:`data_specs.tables.read_expression`, the same reader
     ``histofuse validate`` uses; gene identifiers repeated in the file (exactly, or after
     :func:`harmonise_gene_ids`) are merged by their mean with a warning. ``X`` is float32 ``[P, G]``; with
-    ``impute: mean`` it may hold NaN (filled at transform time with the cohort-level training mean).
+    ``impute: mean`` it may hold NaN (filled at transform time with the cohort-level training mean). With
+    ``extra_rows: ignore`` (a file shared with other cohorts) rows of patients not in ``patient_ids`` are
+    dropped, logging how many and from which file.
     Raises ``ValueError`` naming the file, patient, gene and value.
     """
     import anndata as ad
 
     t = read_expression(src, patient_ids)
     x, genes = _merge_duplicate_genes(t.x, harmonise_gene_ids(t.gene_ids), src.path)
+    pids = list(t.patient_ids)
+    if patient_ids is not None and src.extra_rows == "ignore":
+        cohort = set(patient_ids)
+        keep = np.array([p in cohort for p in pids], bool)
+        if not keep.all():
+            log.info("%s: dropped %d of %d rows, patients not in the cohort (omics.extra_rows: ignore)",
+                     src.path, int((~keep).sum()), len(pids))  # fmt: skip
+            x, pids = x[keep], [p for p, k in zip(pids, keep, strict=True) if k]
     return ad.AnnData(
         X=np.asarray(x, np.float32),
-        obs=pd.DataFrame(index=pd.Index(t.patient_ids)),
+        obs=pd.DataFrame(index=pd.Index(pids)),
         var=pd.DataFrame(index=pd.Index(genes)),
     )
 
