@@ -124,6 +124,8 @@ class RunFiles(_Frozen):
     FOLDS: ClassVar[str] = "folds.csv"  # cross-validation runs: the fold of each patient
     CV_RISK_SCORES: ClassVar[str] = "cv_risk_scores.csv"
     CV_RESULTS: ClassVar[str] = "cv_results.json"
+    CV_SUMMARY: ClassVar[str] = "cv_summary.json"  # over folds and seeds: mean +- sd, baselines, per site
+    SEEDS_SUMMARY: ClassVar[str] = "seeds_summary.json"  # `run --seeds N`: each metric's mean +- sd over seeds
     ATTRIBUTIONS: ClassVar[str] = "attributions"
     TILES: ClassVar[str] = "tiles.csv"  # under ATTRIBUTIONS, as are the names below
     GENES: ClassVar[str] = "genes.csv"
@@ -213,6 +215,18 @@ class RunFiles(_Frozen):
     def fold(self, f: int) -> RunFiles:
         """The run folder of cross-validation fold ``f`` (``fold_<f>/``)."""
         return RunFiles(root=self.root / f"fold_{f}")
+
+    @property
+    def cv_summary(self) -> Path:
+        return self.root / self.CV_SUMMARY
+
+    @property
+    def seeds_summary(self) -> Path:
+        return self.root / self.SEEDS_SUMMARY
+
+    def seed(self, k: int) -> RunFiles:
+        """The run folder of seed ``k`` of a repeated run or cross-validation (``seed-<k>/``)."""
+        return RunFiles(root=self.root / f"seed-{k}")
 
     @property
     def attributions(self) -> Path:

@@ -288,17 +288,16 @@ def cmd_run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def cmd_cv(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from pipeline.stages import run_cv, stage_extract
+    from pipeline.crossval import CVPlan, run_cv
+    from pipeline.outputs.cv import cv_lines
+    from pipeline.stages import stage_extract
 
     cfg, cohort = _trainable_cohort(args)
     stage_extract(cohort, cfg)  # no-op without slides or when features exist; run_cv stages config.yaml
-    r = run_cv(cohort, cfg, args.folds)
-    for f in r["folds"]:
-        print(f"fold {f['fold']}: C-index {f['cindex']:.3f} (n={f['n_test']}, events={f['test_events']})")
-    print(
-        f"{r['k']}-fold {r['mode']} C-index {r['cindex_mean']:.3f} +- {r['cindex_sd']:.3f} "
-        f"(Uno {r['uno_cindex_mean']:.3f} +- {r['uno_cindex_sd']:.3f}); results in {RunFiles(root=cfg.out).cv_results}"
-    )
+    plan = CVPlan(args.folds, args.leave_site_out, args.seeds, args.modality_ablation)
+    r = run_cv(cohort, cfg, plan)
+    print("\n".join(cv_lines(r.runs, r.summary)))
+    print(f"results in {RunFiles(root=cfg.out).cv_summary} (per seed, every fold: cv_results.json)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The stages, as functions the CLI (and users' scripts) call: extract, train, predict, attribute, cross-validate.
+"""The stages, as functions the CLI (and users' scripts) call: extract, train, predict, attribute.
 
 This module only orchestrates: it loads what a stage needs, calls the compute in ``training/`` and
 ``outputs/``, and writes the results through :mod:`pipeline.files`. Output folder of a run::
@@ -11,7 +11,7 @@ This module only orchestrates: it loads what a stage needs, calls the compute in
     metrics.json, km_test.png     C-index pooled and per site; Kaplan-Meier by risk group
     attributions/                 tiles.csv, heatmaps/*.png, genes.csv, gene_ig.csv
     report.html                   one self-contained page
-Cross-validation (:func:`run_cv`): ``folds.csv``, ``fold_<f>/``, ``cv_risk_scores.csv``, ``cv_results.json``.
+Cross-validation is :mod:`pipeline.crossval` (its folds train through :func:`stage_train`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from pipeline.progress import StepLog
 from pipeline.slides.extract import extract_slides
 from pipeline.slides.features import features_dir
 from pipeline.training.bundle import check_dims, data_for_model, load_bundle
-from pipeline.training.data import CohortData, build_data, load_bags, load_run_data
+from pipeline.training.data import CohortData, load_run_data
 from pipeline.training.predict import predict
-from pipeline.training.splits import assign_folds, fold_splits
 
 log = logging.getLogger(__name__)
 
@@ -357,44 +356,3 @@ def _write_biomarkers(held, tiles: _TileResult | None, genes: _GeneResult | None
     if "phenotype_png" in written and tiles is not None:
         kind = table[table.kind == "phenotype"]
         phenotype_examples_png(tiles.phenotypes, tiles.paths, tiles.size0, written["phenotype_png"], kind)
-
-
-def run_cv(cohort: Cohort, cfg: RunConfig, k: int = 5, progress: bool = False) -> dict:
-    """Site- and event-stratified ``k``-fold cross-validation by patient; returns ``cv_results.json``'s content.
-
-    For fold ``f`` (:func:`pipeline.training.splits.fold_splits`): test = the fold's patients, validation
-    carved (seeded) from the rest per (site, event) stratum, normalisers refitted on the fold's training
-    patients. Each fold trains through :func:`stage_train` (centralised by default; federated with
-    ``federated.enabled``). The cohort's own ``split`` column is ignored: every patient is tested once.
-    The features files are read once (:func:`load_bags`) and shared by every fold's data.
-    """
-    from pipeline.outputs.cv import folds_table, score_fold, summarise
-    from pipeline.staging import staged_run
-
-    t, out = cfg.train, Path(cfg.out)
-    if any(p.split for p in cohort.patients):
-        log.info("cross-validation ignores the cohort's split column: every patient is tested once")
-    folds = assign_folds(cohort, k, t.seed)
-    fdir = features_dir(out, cfg.extract) if any(p.slides for p in cohort.patients) else None
-    bags = load_bags(cohort, fdir) if fdir is not None else None  # read once, shared by every fold
-    o = cfg.omics
-    oof = np.full(len(cohort.patients), np.nan)
-    rows = []
-    with staged_run(out) as stage:  # config, folds and results replace a previous cv's only when every fold succeeds
-        rf = RunFiles(root=stage)
-        write_text(rf.config, cfg.to_yaml())
-        write_csv(rf.folds, folds_table(cohort, folds))
-        for f in range(k):
-            splits = fold_splits(cohort, folds, f, t.val_fraction, t.seed)
-            data = build_data(cohort, fdir, splits=splits, seed=t.seed, gene_panel=o.gene_panel, max_genes=o.max_genes,
-                              gene_sets=o.gene_sets, min_pathway_genes=o.min_pathway_genes, bags=bags)  # fmt: skip
-            fcfg = cfg.model_copy(update={"out": RunFiles(root=out).fold(f).root})
-            model, _ = load_bundle(stage_train(cohort, fcfg, progress, data, stage=rf.fold(f).root))
-            oof[splits["test"]] = lh = predict(model, data, splits["test"]).log_hz
-            rows.append(r := score_fold(f, data, splits, lh))
-            log.info("fold %d/%d: test C-index %.3f (n=%d, events=%d)", f + 1, k, r["cindex"], r["n_test"],
-                     r["test_events"])  # fmt: skip
-        res = summarise(rows, k, t.seed, "federated" if cfg.federated.enabled else "centralised")
-        write_csv(rf.cv_risk_scores, folds_table(cohort, folds, oof))
-        write_json(rf.cv_results, res)
-    return res

@@ -83,7 +83,7 @@ def test_cv_command_end_to_end(tmp_path, capsys):
     spec = _cohort(tmp_path)
     assert main([*_cv_args(spec), "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    assert "3-fold centralised C-index" in out
+    assert "3-fold centralised cross-validation, seed 0:" in out and "), over folds" in out
     res = json.loads((tmp_path / "a" / "cv_results.json").read_text())
     assert [r["fold"] for r in res["folds"]] == [0, 1, 2] and res["mode"] == "centralised"
     oof = pd.read_csv(tmp_path / "a" / "cv_risk_scores.csv")
@@ -146,7 +146,7 @@ def _cohort_with_features(tmp_path, n: int = 24, dim: int = 6):
 def test_cv_reads_each_features_file_once(tmp_path, monkeypatch):
     """K folds share one read of the features: each ``.h5`` is opened once, not once per fold."""
     import pipeline.training.data as data_mod
-    from pipeline.stages import run_cv
+    from pipeline.crossval import CVPlan, run_cv
 
     cohort, cfg, fdir = _cohort_with_features(tmp_path)
     reads: dict[str, int] = {}
@@ -157,7 +157,7 @@ def test_cv_reads_each_features_file_once(tmp_path, monkeypatch):
         return real(path, *a, **kw)
 
     monkeypatch.setattr(data_mod, "load_features", counting)
-    res = run_cv(cohort, cfg, k=3)
+    res = run_cv(cohort, cfg, CVPlan(k=3, baselines=False)).runs[0]
     assert [r["fold"] for r in res["folds"]] == [0, 1, 2]
     assert reads == {p.name: 1 for p in fdir.glob("*.h5")} and len(reads) == 25
 
@@ -179,3 +179,74 @@ def test_build_data_with_loaded_bags_equals_reading_them(tmp_path):
     with pytest.raises(ValueError, match="bags: 24 patients given for a cohort of 23"):
         sub = dataclasses.replace(cohort, patients=cohort.patients[:-1])
         build_data(sub, None, bags=bags)
+
+
+def test_leave_site_out_cv_prints_each_held_out_site_with_seed_spread_and_baselines(tmp_path, capsys):
+    """`cv --leave-site-out --seeds 2`: one fold per site, that site only in the test set; per-site C-index with
+    its seed spread, and the model beside the best centralised Coxnet baseline per fold."""
+    from pipeline.cli import main
+
+    spec = _cohort(tmp_path, n=60)
+    argv = ["cv", str(spec), "--leave-site-out", "--seeds", "2", "--out", str(tmp_path / "o"), "--set",
+            "train.epochs=3", "--set", "train.batch_size=16", "--set", "evaluate.bootstrap=20"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "o" / "cv_summary.json").read_text())
+    assert summary["folds_by"] == "site" and summary["k"] == 3 and summary["seeds"] == [0, 1]
+    assert [p["site"] for p in summary["per_fold"]] == ["A", "B", "C"]
+    for s in (0, 1):
+        res = json.loads((tmp_path / "o" / f"seed-{s}" / "cv_results.json").read_text())
+        assert res["seed"] == s and res["folds_by"] == "site"
+        folds = pd.read_csv(tmp_path / "o" / f"seed-{s}" / "folds.csv")
+        for r in res["folds"]:
+            assert r["per_site"].keys() == {r["site"]} and r["n_test"] == 20  # the held-out site, all of it
+            assert (folds[folds.site == r["site"]].fold == r["fold"]).all()
+            assert r["n_train"] + r["n_val"] == 40
+            b = r["baselines"]
+            assert b["label"] == "centralised" and b["best"] in b["cindex"]
+            assert r["baselines"]["model_minus_best"] == pytest.approx(r["cindex"] - b["best_cindex"])
+    by_seed = [
+        [
+            json.loads((tmp_path / "o" / f"seed-{s}" / "cv_results.json").read_text())["folds"][f]["cindex"]
+            for s in (0, 1)
+        ]
+        for f in range(3)
+    ]
+    for f, p in enumerate(summary["per_fold"]):
+        assert p["by_seed"] == by_seed[f]
+        assert p["cindex"]["mean"] == pytest.approx(np.mean(by_seed[f]))
+        assert p["cindex"]["sd"] == pytest.approx(np.std(by_seed[f], ddof=1))
+    assert "leave-site-out centralised cross-validation, seed 0:" in out
+    assert "  site A held out: C-index" in out and "best Coxnet" in out
+    assert "held-out C-index per site, mean +- sd over 2 seeds: A " in out
+    assert "model - best centralised Coxnet baseline:" in out
+
+
+def test_leave_site_out_needs_two_sites(tmp_path, capsys):
+    from pipeline.cli import main
+
+    spec = _cohort(tmp_path, n=20, sites=("A",))
+    assert main(["cv", str(spec), "--leave-site-out", "--out", str(tmp_path / "o")]) == 2
+    assert "leave-site-out needs at least 2 sites" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "cv_summary.json").exists()
+
+
+def test_modality_ablation_retrains_each_fold_without_each_modality(tmp_path):
+    """With slides and clinical data, each fold is retrained without slides and without clinical data, and the
+    retrained models really lack the modality (their model dims say so)."""
+    from pipeline.crossval import CVPlan, run_cv
+    from pipeline.training.bundle import read_card
+
+    cohort, cfg, _ = _cohort_with_features(tmp_path)
+    cfg = cfg.with_overrides(["federated.enabled=false"])
+    r = run_cv(cohort, cfg, CVPlan(k=2, modality_ablation=True, baselines=False))
+    res, summary = r.runs[0], r.summary
+    for row in res["folds"]:
+        assert set(row["retrained_without"]) == {"slides", "clinical"}
+        for v in row["retrained_without"].values():
+            assert v["drop"] == pytest.approx(row["cindex"] - v["cindex"])
+    assert summary["retrained_without"].keys() == {"slides", "clinical"}
+    card = read_card(cfg.out / "fold_0" / "without_slides" / "model.safetensors")
+    assert card.model_dims["feature_dim"] == 0 and card.model_dims["n_clinical"] > 0
+    card = read_card(cfg.out / "fold_0" / "without_clinical" / "model.safetensors")
+    assert card.model_dims["n_clinical"] == 0 and card.model_dims["feature_dim"] == 6
