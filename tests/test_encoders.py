@@ -80,7 +80,8 @@ def test_batched_preprocess_matches_the_models_own_transform():
         assert got.is_contiguous(memory_format=torch.channels_last)
         ref = torch.stack([enc.transform(Image.fromarray(t)) for t in tiles])
         err = (got - ref).abs()
-        assert float(err.mean()) < (1e-5 if side == 160 else 0.01), (side, float(err.mean()))
+        # resized as uint8 (rounded and clamped between passes like PIL): ~1e-5-2e-4 (resizing floats gave ~5e-3)
+        assert float(err.mean()) < (1e-5 if side == 160 else 1e-3), (side, float(err.mean()))
     with pytest.raises(ValueError, match="uint8"):
         enc.preprocess(torch.zeros(1, 3, 8, 8))
 

@@ -82,6 +82,7 @@ def test_features_files_report_and_failures(tmp_path, slides, enc, caplog):
     assert c.shape == (9, 2) and c.dtype == np.int64
     assert attrs["encoder"] == "test_efficientnet" and attrs["tile_px"] == 224 and attrs["slide_mpp"] == 0.5
     assert attrs["target_mpp"] == 0.5 and attrs["weights"] == "random" and attrs["n_tiles"] == 9
+    assert attrs["optimize"] == "trace" and attrs["precision"] == "fp32"  # the CPU default, recorded
     with h5py.File(out / "good.h5") as h:  # grown in chunks, never allocated whole
         assert h["features"].maxshape == (None, enc.dim) and h["features"].chunks[0] == 256
     # every stored coordinate maps back to the pixels that were encoded
@@ -292,6 +293,100 @@ def test_precision_and_memory_format_on_cpu(slides, enc):
     b16 = bf(tiles.contiguous())
     cos = (b16 * fp32).sum(1) / np.linalg.norm(b16, axis=1) / np.linalg.norm(fp32, axis=1)
     assert cos.min() > 0.98, cos
+
+
+SHARED_HISTOLOGY = REPO.parent / "shared" / "data" / "histology"
+
+
+def _real_tiles(n: int = 6, side: int = 358) -> torch.Tensor:
+    """``[n, 3, side, side]`` uint8 tiles of the real H&E images (a side that forces the encoder's resize)."""
+    imgs = [Image.open(ASSETS / "tumor_target_he.png").convert("RGB")]
+    svs = SHARED_HISTOLOGY / "cmu_small_region.svs"
+    if svs.is_file():
+        s = open_slide(svs)
+        imgs.append(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+        s.close()
+    out = []
+    for i in range(n):
+        a = np.asarray(imgs[i % len(imgs)])
+        y, x = (i * 97) % (a.shape[0] - side), (i * 151) % (a.shape[1] - side)
+        out.append(torch.from_numpy(a[y : y + side, x : x + side].copy()).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def test_traced_encoder_equals_eager_on_real_tiles():
+    """The CPU default (optimize=auto: jit trace + freeze in fp32, batch norm folded) gives eager fp32's features
+    on real H&E tiles: relative L2 error per tile <= RTOL = 1e-4 (measured ~1e-6)."""
+    from models import build_encoder
+    from pipeline.slides.encode import RTOL, relative_error
+
+    enc = build_encoder("efficientnet_lite0_imagenet")  # real ImageNet weights: real activations, real BN stats
+    tiles = _real_tiles()
+    cfg = ExtractConfig(batch_size=8)
+    eager = EncoderRunner(enc, cfg.model_copy(update={"optimize": "none"}))
+    traced = EncoderRunner(enc, cfg)
+    assert eager.optimize == "none" and traced.optimize == "trace" and traced.precision == "fp32"
+    assert isinstance(traced.model, torch.jit.ScriptModule) and not isinstance(eager.model, torch.jit.ScriptModule)
+    ref, got = eager(tiles), traced(tiles)
+    assert RTOL == 1e-4
+    assert relative_error(torch.from_numpy(got), torch.from_numpy(ref)) <= RTOL
+    assert float(np.abs(got - ref).max()) < 1e-3 * float(np.abs(ref).max())
+
+
+class _DictOut(torch.nn.Module):  # not traceable: a dict at the output
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"f": x.mean((2, 3))}
+
+
+class _ShapeBranch(torch.nn.Module):  # traces, but the trace bakes in the example's batch size
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = x.mean((2, 3))
+        return f if x.shape[0] == 2 else -f
+
+
+def _tiny(model: torch.nn.Module):
+    from models.encoders import TileEncoder
+
+    return TileEncoder(model.eval(), lambda im: im, 3, "tiny", "random", "random", (3, 32, 32))
+
+
+def test_optimize_auto_choice_and_fallback(caplog):
+    from pydantic import ValidationError
+
+    from models import build_encoder
+
+    enc = build_encoder("test_efficientnet", random_weights=True)
+    assert EncoderRunner(enc, CFG).optimize == "trace"  # auto on CPU
+    assert EncoderRunner(enc, CFG.model_copy(update={"optimize": "none"})).optimize == "none"
+    assert EncoderRunner(enc, CFG.model_copy(update={"compile": True})).optimize == "none"  # compile instead
+    with pytest.raises(ValidationError, match="optimize=trace and extract.compile"):
+        ExtractConfig(optimize="trace", compile=True)
+    with pytest.raises(ValidationError, match="fp32 only"):
+        ExtractConfig(optimize="trace", precision="bf16")
+    bf = EncoderRunner(enc, CFG.model_copy(update={"precision": "bf16"}))
+    assert bf.precision == "bf16" and bf.optimize == "none"  # reduced precision runs eager
+    for bad, why in ((_DictOut(), "could not be traced"), (_ShapeBranch(), "differ from eager fp32")):
+        caplog.clear()
+        r = EncoderRunner(_tiny(bad), CFG)  # auto: falls back to eager, with a warning
+        assert r.optimize == "none" and why in caplog.text
+        x = torch.randint(0, 255, (5, 3, 32, 32), dtype=torch.uint8)
+        if isinstance(bad, _ShapeBranch):
+            assert np.allclose(r(x), -r.enc.preprocess(x).mean((2, 3)).numpy(), atol=1e-6)  # the eager branch
+        with pytest.raises(ValueError, match="tiny"):  # asked for explicitly: an error, not a silent fallback
+            EncoderRunner(_tiny(bad), CFG.model_copy(update={"optimize": "trace"}))
+
+
+def test_native_bf16_query_agrees_with_the_cpu_flags():
+    from pipeline.slides.encode import cpu_has_native_bf16
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(info.read_text().split())
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        assert not cpu_has_native_bf16()
+    elif "amx_bf16" in flags:
+        assert cpu_has_native_bf16()
 
 
 def test_choose_batch_size_stops_before_running_out_of_memory():

@@ -6,7 +6,7 @@ File layout (TRIDENT-like)::
     coords    [N, 2] int64       top-left (x, y) of each tile at level 0
     attrs     encoder, weights, feature_kind, dim, tile_px, target_mpp, overlap_px, slide_mpp, level,
               read_px, size0, min_tissue, thumbnail_px, remove_pen, max_background, slide_id, slide_path,
-              slide_fingerprint, n_tiles, n_rejected, precision, format_version, complete
+              slide_fingerprint, n_tiles, n_rejected, precision, optimize, format_version, complete
 
 Beside it: ``<slide_id>.thumb.jpg`` (the thumbnail), ``<slide_id>.mask.png`` (tissue mask, 255 = tissue) and
 ``<slide_id>.tissue.geojson`` (tissue contours in level-0 pixels, a FeatureCollection QuPath imports).
@@ -99,7 +99,9 @@ def slide_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _slide_attrs(sid: str, path: Path, want: dict, dims: tuple[int, int], thumb, grid: TileGrid, enc, precision):
+def _slide_attrs(
+    sid: str, path: Path, want: dict, dims: tuple[int, int], thumb, grid: TileGrid, enc, precision: str, optimize: str
+):
     return {
         **want,
         "slide_id": sid,
@@ -114,6 +116,7 @@ def _slide_attrs(sid: str, path: Path, want: dict, dims: tuple[int, int], thumb,
         "read_px": grid.read_px,
         "size0": grid.size0,
         "precision": precision,
+        "optimize": optimize,  # how the encoder graph ran: trace (jit traced + frozen) or none (eager)
     }
 
 
@@ -169,7 +172,7 @@ def extract_slide(
         slide.close()
     _write_tissue_files(out_dir, sid, thumb, mask, dims)
     runner = runner or EncoderRunner(enc, cfg)
-    attrs = _slide_attrs(sid, path, want, dims, thumb, grid, enc, runner.precision)
+    attrs = _slide_attrs(sid, path, want, dims, thumb, grid, enc, runner.precision, runner.optimize)
     bar = Progress(len(grid.coords), f"{sid} tiles", "tile", enabled=progress, leave=False)
     with bar, features_writer(out, enc.dim, attrs) as writer:
         rejected = encode_tiles(path, grid, runner, cfg, tissue, writer, on_tiles=bar.update)
