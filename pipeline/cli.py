@@ -100,9 +100,11 @@ def _print_metrics(m: dict, out: Path, rep: Path) -> None:
     print(f"report: {rep}")
 
 
-def run_all(cohort_path: Path, cfg, title: str, sources: dict | None = None) -> Path:
-    """Every stage on one cohort. Features are extracted into ``cfg.out``; everything after is staged and moved
-    over the previous run's outputs only when every stage has succeeded (:func:`pipeline.staging.staged_run`)."""
+def run_all(cohort_path: Path, cfg, title: str, sources: dict | None = None, features_in: Path | None = None,
+            full: bool = True) -> Path:  # fmt: skip
+    """Every stage on one cohort. Features are extracted into ``features_in`` (default ``cfg.out``); everything after
+    is staged and moved over the previous run's outputs only when every stage has succeeded
+    (:func:`pipeline.staging.staged_run`). ``full=False``: no attributions and no report (later seeds)."""
     from data_specs.cohort import load_cohort
     from pipeline.stages import check_trainable, stage_extract
     from pipeline.staging import staged_run
@@ -113,19 +115,19 @@ def run_all(cohort_path: Path, cfg, title: str, sources: dict | None = None) -> 
     check_out(out)
     check_cohort_events(cohort, cohort_path)
     t0 = time.perf_counter()
-    fdir = stage_extract(cohort, cfg)
+    fdir = stage_extract(cohort, cfg.model_copy(update={"out": features_in or out}))
     log.info("extract: %.0f s", time.perf_counter() - t0)
-    data = load_run_data(cohort, cfg)  # built once, shared by train, predict and attribute
+    data = load_run_data(cohort, cfg, out=features_in)  # built once, shared by train, predict and attribute
     check_trainable(data, cohort_path)
     with staged_run(out) as stage:
-        m, baseline_lines = _stages_after_extract(cohort, cfg, fdir, data, stage, title)
+        m, baseline_lines = _stages_after_extract(cohort, cfg, fdir, data, stage, title if full else None)
     _print_metrics(m, out, RunFiles(root=out).report)
     print("\n".join(baseline_lines))
     return out
 
 
-def _stages_after_extract(cohort, cfg, fdir: Path | None, data, stage: Path, title: str) -> tuple[dict, list[str]]:
-    """Train, predict, evaluate, baselines, attribute and report, all written under ``stage``."""
+def _stages_after_extract(cohort, cfg, fdir: Path | None, data, stage: Path, title: str | None) -> tuple[dict, list]:
+    """Train, predict, evaluate, baselines, attribute and report (titled ``title``; None: neither), under ``stage``."""
     from pipeline.outputs.baselines import add_to_run, bundle_predict_fn  # centralised reference models
     from pipeline.outputs.evaluate import stage_evaluate
     from pipeline.outputs.report import build_report
@@ -137,6 +139,8 @@ def _stages_after_extract(cohort, cfg, fdir: Path | None, data, stage: Path, tit
     risk = stage_predict(model, cohort, stage, fdir, data=data)
     m = stage_evaluate(risk, stage, "test", config=cfg)
     baseline_lines = add_to_run(stage, data, bundle_predict_fn(model), cfg.evaluate.bootstrap, cfg.evaluate.seed)
+    if title is None:
+        return m, baseline_lines
     t2 = time.perf_counter()
     stage_attribute(model, cohort, stage, fdir, "test", data=data)
     log.info("attribute: %.0f s", time.perf_counter() - t2)
@@ -283,7 +287,15 @@ def cmd_report(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    run_all(args.cohort, run_config(args, args.cohort), f"histofuse: {args.cohort.stem}", cohort_sources(args))
+    """One run, or ``--seeds N`` runs in ``DIR/seed-<k>/`` (features extracted once into ``DIR``) and their spread."""
+    from pipeline.repeats import repeat_over_seeds
+
+    cfg, title, src = run_config(args, args.cohort), f"histofuse: {args.cohort.stem}", cohort_sources(args)
+    if args.seeds == 1:
+        run_all(args.cohort, cfg, title, src)
+        return 0
+    one = lambda c, full: run_all(args.cohort, c, f"{title} ({c.out.name})", src, cfg.out, full)  # noqa: E731
+    print("\n".join(repeat_over_seeds(cfg, args.seeds, one)[1]))
     return 0
 
 

@@ -643,3 +643,62 @@ def test_a_shared_expression_file_needs_extra_rows_ignore(tmp_path, capsys, capl
         adata = read_omics(cohort.omics, [p.patient_id for p in cohort.patients])
     assert list(adata.obs_names) == ["P0", "P1", "P2", "P3"]
     assert any("dropped 2 of 6 rows" in r.getMessage() and "expr.csv" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_run_with_seeds_repeats_into_seed_folders_and_reports_the_spread(tmp_path, capsys):
+    """`run --seeds 2`: DIR/seed-0 (the full run, with its report) and DIR/seed-1 (train, predict, evaluate,
+    baselines), train.seed 0 and 1, and seeds_summary.json holding each metric's values and mean +- sd."""
+    import yaml
+    from test_splits import _cohort  # tests/ is on sys.path (pytest's rootdir-relative imports)
+
+    spec = _cohort(tmp_path, n=60)
+    out = tmp_path / "o"
+    argv = ["run", str(spec), "--centralised", "--seeds", "2", "--out", str(out), "--set", "train.epochs=3",
+            "--set", "evaluate.bootstrap=20"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert (out / "seed-0" / "report.html").is_file() and not (out / "seed-1" / "report.html").exists()
+    ms = [json.loads((out / f"seed-{k}" / "metrics.json").read_text()) for k in (0, 1)]
+    cfgs = [yaml.safe_load((out / f"seed-{k}" / "config.yaml").read_text()) for k in (0, 1)]
+    assert [c["train"]["seed"] for c in cfgs] == [0, 1]
+    tests = [
+        set(pd.read_csv(out / f"seed-{k}" / "risk_scores.csv").query("split == 'test'").patient_id) for k in (0, 1)
+    ]
+    assert tests[0] != tests[1]  # the split seed moves with train.seed
+    summary = json.loads((out / "seeds_summary.json").read_text())
+    c = [m["pooled"]["cindex"] for m in ms]
+    assert summary["seeds"] == [0, 1] and summary["pooled"]["cindex"]["values"] == pytest.approx(c)
+    assert summary["pooled"]["cindex"]["mean"] == pytest.approx(np.mean(c))
+    assert summary["pooled"]["cindex"]["sd"] == pytest.approx(np.std(c, ddof=1))
+    assert set(summary["per_site_cindex"]) == {"A", "B", "C"} and "model_minus_best_baseline" in summary
+    assert "2 seeds (train.seed and the split seed):" in printed
+    row = next(ln for ln in printed.splitlines() if ln.startswith("cindex "))
+    assert f"{c[0]:.3f}" in row and f"{np.mean(c):.3f} +- {np.std(c, ddof=1):.3f}" in row
+
+
+def test_repeat_over_seeds_summarises_what_each_seed_wrote(tmp_path):
+    from data_specs import resolve_config
+    from pipeline.files import write_json
+    from pipeline.repeats import repeat_over_seeds
+
+    calls = []
+
+    def run_one(cfg, full):
+        calls.append((cfg.train.seed, cfg.out.name, full))
+        c = 0.6 + 0.1 * cfg.train.seed
+        pooled = {"cindex": c, "uno_cindex": c - 0.01, "ibs": 0.2}
+        write_json(cfg.out / "metrics.json", {"split": "test", "pooled": pooled, "per_site": {"A": {"cindex": c}}})
+        return cfg.out
+
+    cfg = resolve_config(None, ["train.seed=7"], out=tmp_path / "o")
+    summary, lines = repeat_over_seeds(cfg, 3, run_one)
+    assert calls == [(0, "seed-0", True), (1, "seed-1", False), (2, "seed-2", False)]
+    assert summary["pooled"]["cindex"]["mean"] == pytest.approx(0.7) and summary["pooled"]["cindex"][
+        "sd"
+    ] == pytest.approx(0.1)
+    assert summary["per_site_cindex"]["A"]["values"] == pytest.approx([0.6, 0.7, 0.8])
+    assert json.loads((tmp_path / "o" / "seeds_summary.json").read_text())["seeds"] == [0, 1, 2]
+    assert any(ln.startswith("cindex ") and ln.endswith("0.700 +- 0.100") for ln in lines)
+    with pytest.raises(ValueError, match="--seeds 0: must be >= 1"):
+        repeat_over_seeds(cfg, 0, run_one)
