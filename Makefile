@@ -31,7 +31,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_features.py
+	$(BIN)/python scripts/bench_extract.py
 	$(BIN)/python scripts/bench_models.py
 
 lint: $(STAMP)

@@ -1,4 +1,7 @@
-"""Slide -> feature throughput and memory on this machine. Prints numbers; compare ratios within one run.
+"""Slide -> feature components, one by one (reader, workers, encoder). Prints numbers; compare ratios within one run.
+
+``make bench`` runs ``scripts/bench_extract.py`` (the CLI end to end on a realistic slide beside its limits);
+this script breaks the reader and encoder down further. Every figure is the median of 3 runs after a warm-up.
 
     python scripts/bench_features.py [--side 8960] [--encoder efficientnet_lite0_imagenet] [--tiles 384]
                                      [--rss-sides 20480 40960] [--skip-rss]
@@ -118,14 +121,15 @@ def _raw_part(path: str, coords: np.ndarray) -> None:
     sl.close()
 
 
-def _rate(fn, n_items: int, repeats: int = 2) -> float:
-    """Best of ``repeats`` runs (the machine is shared), items per second."""
-    best = 0.0
+def _rate(fn, n_items: int, repeats: int = 3) -> float:
+    """Median of ``repeats`` timed runs after one untimed warm-up run (the machine is shared), items per second."""
+    fn()
+    rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = max(best, n_items / (time.perf_counter() - t0))
-    return best
+        rates.append(n_items / (time.perf_counter() - t0))
+    return sorted(rates)[len(rates) // 2]
 
 
 def _rss_child(path: str, out: str, encoder: str, random_weights: bool, target_mpp: float) -> None:
@@ -251,7 +255,7 @@ def main() -> None:
                 with features_writer(Path(td) / "e2e.h5", enc.dim, {}) as w:
                     w.finish(encode_tiles(path, sub, runner, c, tissue, w))
 
-            rate = _rate(e2e, n_sub, repeats=1)
+            rate = _rate(e2e, n_sub)
             print(f"reader + encoder + h5, {workers} workers        : {rate:8.1f} tiles/s")
         ds = TileDataset(path, sub, tissue)
         batches = [
@@ -260,14 +264,13 @@ def main() -> None:
         ]
         for cl in (True, False):
             r = EncoderRunner(enc, cfg.model_copy(update={"channels_last": cl}))
-            r(batches[0])  # warm-up
 
             def enc_only(r=r) -> None:
                 for b in batches:
                     r(b)
 
-            rate = _rate(enc_only, n_sub, repeats=1)
-            print(f"encoder alone on decoded tiles, channels_last={cl!s:5}: {rate:8.1f} tiles/s  (ceiling)")
+            rate = _rate(enc_only, n_sub)
+            print(f"encoder alone on decoded tiles, channels_last={cl!s:5}: {rate:8.1f} tiles/s  (encoder-only limit)")
         if args.skip_rss:
             return
         for side in args.rss_sides:

@@ -1,0 +1,320 @@
+"""What users run, measured: ``histofuse extract`` end to end on a realistic slide, beside its limits and a naive loop.
+
+    python scripts/bench_extract.py [--encoders efficientnet_lite0_imagenet resnet50] [--side 12288]
+                                    [--repeats 3] [--rss-scale 2] [--json FILE]
+
+The slide: an Aperio-style pyramidal JPEG TIFF at 0.25 um/px (levels by 4, as scanners write them), glass
+with seeded tissue islands of the real H&E images (large pieces, thin needle-biopsy strips and small
+fragments, about a third of the area), written tile by tile (never whole in memory). Tiles of 224 px at
+0.5 um/px are 448 level-0 px read from level 0, so every tile is resized.
+
+Columns, tiles per second over the tiles the extraction keeps (same grid for all):
+
+- ``read-only``: the reader alone (``TileDataset`` -> DataLoader, background check) plus the batched resize and
+  normalisation, no encoder (TRIDENT's "patching/read" column);
+- ``encoder limit``: the same tiles pre-decoded in memory through the extraction's encoder runner (the
+  default CPU path: preprocessing + traced/frozen fp32 model): what the encoder allows on this machine;
+- ``end to end``: ``histofuse extract FOLDER`` in a fresh process, timed by the run report's per-slide
+  seconds (thumbnail, tissue detection, mask and GeoJSON, grid, reading, encoding, writing the .h5); the
+  process's wall time (imports, encoder build and trace included) is printed beside it;
+- ``naive``: a plain loop over the same coordinates: OpenSlide ``read_region`` -> RGB -> timm's own transform
+  (PIL resize, to tensor, normalise) per tile, batches of 64 through the eager fp32 model.
+
+Every column is run once as a warm-up, then ``--repeats`` times in rotated order (each repeat starts with
+another column, so load from other jobs falls on all alike); medians are printed. Peak RSS of the CLI
+process (``wait4``'s ``ru_maxrss``) at 1x and ``--rss-scale``\\ :sup:`2` x slide area for the first encoder.
+Encoders without local weights run with random weights (speed only). Run with the Makefile's allocator
+setting (``make bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "data" / "histology"
+MPP, TARGET_MPP, TILE = 0.25, 0.5, 224
+
+
+def _textures() -> list[np.ndarray]:
+    """Tissue textures: the tissue part of the carcinoma H&E and, when present, the shared skin SVS region."""
+    from importlib import resources
+
+    he = Image.open(str(resources.files("pipeline.cohorts.demo_assets") / "tumor_target_he.png")).convert("RGB")
+    out = [np.asarray(he)[:640, :840]]  # its right and bottom margins are background
+    svs = SHARED / "cmu_small_region.svs"
+    if svs.is_file():
+        import openslide
+
+        s = openslide.OpenSlide(str(svs))
+        out.append(np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB")))
+        s.close()
+    return out
+
+
+def island_mask(side: int, cell: int, seed: int = 0) -> np.ndarray:
+    """``[side // cell]`` square bool mask of tissue islands: blobs, thin strips and small fragments.
+
+    Island sizes are physical (fixed in level-0 px) and their number grows with the area, so a larger slide
+    has the same tissue density, not larger islands.
+    """
+    rng = np.random.default_rng(seed)
+    n = side // cell
+    ref = 12288 / cell  # sizes are fractions of a 12,288 px (3 mm) side
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    m = np.zeros((n, n), bool)
+    kinds = [(3, 0.10, 0.16, 1.0), (6, 0.012, 0.02, 8.0), (30, 0.006, 0.012, 1.5)]  # count, r_min, r_max, aspect
+    for count, rmin, rmax, aspect in kinds:
+        for _ in range(max(1, round(count * (side / 12288) ** 2))):
+            cy, cx = rng.uniform(0.1, 0.9, 2) * n
+            r = rng.uniform(rmin, rmax) * ref
+            th = rng.uniform(0, np.pi)
+            u = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)
+            v = -(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)
+            m |= (u / (r * aspect)) ** 2 + (v / r) ** 2 <= 1
+    return m
+
+
+def write_slide(path: Path, side: int, seed: int = 0, quality: int = 80) -> None:
+    """Aperio-style pyramidal JPEG TIFF, ``side`` px at ``MPP``, levels by 4, written tile by tile."""
+    import tifffile
+
+    tex = _textures()
+    cell = 64
+    mask = island_mask(side, cell, seed)
+    t = 256
+    with tifffile.TiffWriter(path, bigtiff=side * side * 3 > 2**31) as tif:
+        lv, ds = 0, 1
+        while True:
+            w = side // ds
+            texs = [np.asarray(Image.fromarray(a).resize((a.shape[1] // ds or 1, a.shape[0] // ds or 1))) for a in tex]
+
+            def tiles(w=w, ds=ds, texs=texs):
+                n = -(-w // t)
+                for ty in range(n):
+                    rows = ty * t + np.arange(t)
+                    for tx in range(n):
+                        cols = tx * t + np.arange(t)
+                        mr = np.minimum(rows * ds // cell, mask.shape[0] - 1)
+                        mc = np.minimum(cols * ds // cell, mask.shape[1] - 1)
+                        isle = mask[mr[:, None], mc[None, :]] & (rows[:, None] < w) & (cols[None, :] < w)
+                        a = texs[(ty // 8 + tx // 8) % len(texs)]
+                        tile = a[(rows % a.shape[0])[:, None], (cols % a.shape[1])[None, :]]
+                        yield np.where(isle[..., None], tile, np.uint8(238)).astype(np.uint8)
+
+            desc = (
+                f"Aperio Image Library v12.0.0\r\n{w}x{w} [0,0 {w}x{w}] ({t}x{t}) JPEG/RGB Q={quality}"
+                f"|AppMag = {10 / MPP:g}|MPP = {MPP}"
+                if lv == 0
+                else f"Aperio Image Library v12.0.0\r\n{w}x{w} -> "
+            )
+            tif.write(tiles(), shape=(w, w, 3), dtype=np.uint8, tile=(t, t), compression="jpeg",
+                      compressionargs={"level": quality}, photometric="rgb", description=desc,
+                      subfiletype=0 if lv == 0 else 1, metadata=None)  # fmt: skip
+            if w <= 4 * 1024:
+                break
+            lv, ds = lv + 1, ds * 4
+
+
+def _grid(path: Path, cfg):
+    """The tile grid ``histofuse extract`` lays on the slide (same thumbnail, tissue mask and tile rule)."""
+    from pipeline.slides.features import tissue_settings
+    from pipeline.slides.reader import open_slide, slide_mpp, thumbnail, tile_grid
+    from pipeline.slides.tissue import tissue_mask
+
+    s = open_slide(path)
+    mpp, thumb = slide_mpp(s, path), thumbnail(s, cfg.thumbnail_px)
+    mask = tissue_mask(thumb, tissue_settings(cfg), um_per_px=mpp * s.dimensions[0] / thumb.size[0])
+    grid = tile_grid(s, mask, mpp, cfg.target_mpp, cfg.tile_px, cfg.min_tissue, cfg.overlap_px)
+    s.close()
+    return grid
+
+
+def _read_only(path: Path, grid, cfg, enc) -> int:
+    from pipeline.slides.features import tissue_settings
+    from pipeline.slides.reader import TileDataset, collate_tiles
+
+    n = 0
+    ds = TileDataset(path, grid, tissue_settings(cfg))
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate_tiles)
+    with torch.inference_mode():
+        for x, _, keep in dl:
+            enc.preprocess(x[keep].permute(0, 3, 1, 2)[:, :3])
+            n += int(keep.sum())
+    ds.close()
+    return n
+
+
+def _naive(path: Path, grid, enc, batch: int = 64) -> int:
+    import openslide
+
+    s = openslide.OpenSlide(str(path))
+    model, n, buf = enc.model, 0, []
+    with torch.inference_mode():
+        for i, (x, y) in enumerate(grid.coords):
+            img = s.read_region((int(x), int(y)), grid.level, (grid.read_px, grid.read_px)).convert("RGB")
+            buf.append(enc.transform(img))
+            if len(buf) == batch or i == len(grid.coords) - 1:
+                model(torch.stack(buf))
+                n, buf = n + len(buf), []
+    s.close()
+    return n
+
+
+def _cli(folder: Path, out: Path, encoder: str, random_weights: bool) -> dict:
+    """``histofuse extract folder`` in a fresh process: wall seconds, the slide's seconds, tiles, peak RSS."""
+    import pandas as pd
+
+    cmd = [str(Path(sys.executable).parent / "histofuse"), "extract", str(folder), "--out", str(out)]
+    cmd += ["--encoder", encoder, "--mpp", str(TARGET_MPP), "--tile-px", str(TILE)]
+    cmd += ["--set", "extract.random_weights=true"] if random_weights else []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    log = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"histofuse extract failed ({proc.returncode}):\n{log.decode()[-3000:]}")
+    (rep,) = list(out.glob("features/*/extract_report.csv"))
+    row = pd.read_csv(rep).iloc[0]
+    if row["status"] != "done":
+        raise SystemExit(f"{folder}: extraction {row['status']}: {row['error']}")
+    return {
+        "wall": wall,
+        "seconds": float(row["seconds"]),
+        "tiles": int(row["tiles"]),
+        "rss_mib": usage.ru_maxrss / 1024,
+    }
+
+
+def bench_encoder(name: str, folder: Path, slide: Path, work: Path, repeats: int) -> dict:
+    """Warm-up plus ``repeats`` rotated rounds of the four columns for one encoder; medians and the CLI runs."""
+    from data_specs.config import ExtractConfig
+    from models import build_encoder
+    from pipeline.slides.encode import EncoderRunner
+    from pipeline.slides.features import tissue_settings
+    from pipeline.slides.reader import TileDataset, collate_tiles
+
+    rw = name != "efficientnet_lite0_imagenet"
+    cfg = ExtractConfig(encoder=name, random_weights=rw, target_mpp=TARGET_MPP, tile_px=TILE)
+    enc = build_encoder(name, random_weights=rw)
+    runner = EncoderRunner(enc, cfg)
+    grid = _grid(slide, cfg)
+    ds = TileDataset(slide, grid, tissue_settings(cfg))
+    items = [ds[i] for i in range(len(grid.coords))]
+    ds.close()
+    kept = [it for it in items if it[2]]
+    batches = [collate_tiles(kept[j : j + cfg.batch_size])[0] for j in range(0, len(kept), cfg.batch_size)]
+    del items, kept
+    runs: list[dict] = []
+
+    def e2e() -> tuple[int, float]:
+        r = _cli(folder, work / f"out_{name}_{len(runs)}", name, rw)
+        runs.append(r)
+        return r["tiles"], r["seconds"]
+
+    def timed(fn):
+        def go() -> tuple[int, float]:
+            t0 = time.perf_counter()
+            n = fn()
+            return n, time.perf_counter() - t0
+
+        return go
+
+    cols = {
+        "read-only": timed(lambda: _read_only(slide, grid, cfg, enc)),
+        "encoder limit": timed(lambda: sum(len(runner(b)) for b in batches)),
+        "end to end": e2e,
+        "naive": timed(lambda: _naive(slide, grid, enc)),
+    }
+    names = list(cols)
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    for rep in range(repeats + 1):  # round 0 is the warm-up
+        for k in names[rep % len(names) :] + names[: rep % len(names)]:
+            n, secs = cols[k]()
+            if rep:
+                rates[k].append(n / secs)
+            print(f"  {name} round {rep}{' (warm-up)' if not rep else ''} {k}: {n / secs:.1f} tiles/s", flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"encoder": name, "weights": enc.weights, "optimize": runner.optimize, "tiles": len(grid.coords),
+            "kept": sum(len(b) for b in batches), "median": med, "all": rates, "cli": runs[1:]}  # fmt: skip
+
+
+def _load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoders", nargs="+", default=["efficientnet_lite0_imagenet", "resnet50"])
+    ap.add_argument("--side", type=int, default=12288, help="slide side in level-0 px (0.25 um/px)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rss-scale", type=int, default=2, help="side factor of the peak-RSS slide (2: 4x area)")
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    alloc = {k: os.environ.get(k, "unset") for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
+    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; allocator {alloc}; load {_load()}")
+    res: dict = {"side": args.side, "load_start": _load(), "encoders": []}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as td:
+        work = Path(td)
+        folder = work / "slides"
+        folder.mkdir()
+        slide = folder / "islands.svs"
+        t0 = time.perf_counter()
+        write_slide(slide, args.side)
+        print(
+            f"slide {args.side} px at {MPP} um/px ({slide.stat().st_size / 2**20:.0f} MiB) "
+            f"in {time.perf_counter() - t0:.0f} s"
+        )
+        for name in args.encoders:
+            r = bench_encoder(name, folder, slide, work, args.repeats)
+            res["encoders"].append(r)
+            m = r["median"]
+            cli = statistics.median(c["wall"] for c in r["cli"])
+            print(f"{name} ({r['optimize']}, {r['weights']}): {r['kept']} of {r['tiles']} grid tiles kept; "
+                  "medians tiles/s: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in m.items())
+                  + f"; CLI wall {cli:.1f} s; e2e/naive {m['end to end'] / m['naive']:.2f}x, "
+                  f"e2e/limit {m['end to end'] / m['encoder limit']:.2f}", flush=True)  # fmt: skip
+        if not args.skip_rss:
+            res["rss"] = _rss(args, folder, work, res["encoders"][0])
+    res["load_end"] = _load()
+    print(f"load average at the end: {res['load_end']}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+def _rss(args, folder: Path, work: Path, first: dict) -> dict:
+    """Peak RSS of the CLI at 1x (the runs above) and at ``rss_scale**2`` x the slide area."""
+    big_dir = work / "big"
+    big_dir.mkdir()
+    side = args.side * args.rss_scale
+    write_slide(big_dir / "islands_big.svs", side, seed=1)
+    name = first["encoder"]
+    big = _cli(big_dir, work / "out_big", name, name != "efficientnet_lite0_imagenet")
+    small = max(c["rss_mib"] for c in first["cli"])
+    print(f"peak RSS {name}: {small:.0f} MiB at {args.side} px ({first['kept']} tiles), {big['rss_mib']:.0f} MiB at "
+          f"{side} px ({big['tiles']} tiles, {args.rss_scale**2}x area): {big['rss_mib'] / small:.2f}x")  # fmt: skip
+    return {"small_mib": small, "big_mib": big["rss_mib"], "big_tiles": big["tiles"], "big_side": side}
+
+
+if __name__ == "__main__":
+    main()
