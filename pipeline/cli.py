@@ -138,7 +138,8 @@ def _stages_after_extract(cohort, cfg, fdir: Path | None, data, stage: Path, tit
     log.info("train: %.0f s", time.perf_counter() - t1)
     risk = stage_predict(model, cohort, stage, fdir, data=data)
     m = stage_evaluate(risk, stage, "test", config=cfg)
-    baseline_lines = add_to_run(stage, data, bundle_predict_fn(model), cfg.evaluate.bootstrap, cfg.evaluate.seed)
+    ev = cfg.evaluate  # a federated run also trains the linear family federated (federated_linear)
+    baseline_lines = add_to_run(stage, data, bundle_predict_fn(model), ev.bootstrap, ev.seed, cfg=cfg)
     if title is None:
         return m, baseline_lines
     t2 = time.perf_counter()

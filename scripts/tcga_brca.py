@@ -1,7 +1,8 @@
 """TCGA-BRCA clinical survival (FLamby's 6 regional centres and fixed train/test split): federated benchmark.
 
     python scripts/tcga_brca.py --data PATH/TO/tcga_brca [--out runs/tcga_brca] [--seeds 42 43 44 45 46]
-        [--methods pooled sites fedsgd fedavg fedprox fedadam fedadam_secagg fedadam_dp] [--tune fedsgd]
+        [--methods pooled sites fedsgd fedavg fedprox fedadam fedadam_secagg fedadam_dp linear_pooled linear_fedavg
+        linear_fedadam] [--tune fedsgd linear_pooled ...]
         [--set section.key=value ...]
 
 Builds a clinical-only cohort spec with :func:`pipeline.cohorts.tcga_brca.build_cohort` (FLamby's ``brca.csv``
@@ -47,9 +48,26 @@ METHODS: dict[str, list[str]] = {
         "federated.dp_clip=0.1",
     ],
 }
+# The linear model family (model.family=linear: log_hz linear in the covariates, L2 through AdamW weight decay):
+# zero-initialised and convex, so longer schedules cost little. Its learning rate / penalty (and FedAdam's server
+# rate) are picked on validation with --tune, like the network's.
+LINEAR = ["model.family=linear", "train.epochs=30", "federated.rounds=30", "federated.local_epochs=1"]
+METHODS |= {
+    "linear_pooled": [*LINEAR, "federated.enabled=false"],
+    "linear_fedavg": [*LINEAR, "federated.strategy=fedavg"],
+    "linear_fedadam": [*LINEAR, "federated.strategy=fedadam", "federated.server_lr=0.05"],
+}
+_PENALTY = (0.01, 1.0, 10.0)  # AdamW weight decay: ~none, moderate, strong (|w| <~ 1 / weight_decay)
 CANDIDATES: dict[str, list[list[str]]] = {
     "fedsgd": [[f"federated.server_lr={lr}"] for lr in (0.1, 0.3, 1.0)],
     "fedadam": [[f"federated.server_lr={lr}"] for lr in (0.01, 0.05)],
+    "linear_pooled": [[f"train.lr={lr}", f"train.weight_decay={wd}"] for lr in (0.003, 0.01, 0.03) for wd in _PENALTY],
+    "linear_fedavg": [[f"train.lr={lr}", f"train.weight_decay={wd}"] for lr in (0.003, 0.01, 0.03) for wd in _PENALTY],
+    "linear_fedadam": [
+        ["train.lr=0.01", f"federated.server_lr={lr}", f"train.weight_decay={wd}"]
+        for lr in (0.01, 0.05, 0.1)
+        for wd in _PENALTY
+    ],
 }
 
 
@@ -76,7 +94,7 @@ def train_one(method: str, data, cfg) -> list[dict]:
             out.append({"site": s, "test": _cindex(data, te, module.model), "val": _cindex(data, va, module.model)})
         return out
     t0 = time.perf_counter()
-    if method == "pooled":
+    if not cfg.federated.enabled:  # pooled (centralised) training, either family
         module, _ = fit_local(data, cfg)
         model, secs = module.model, time.perf_counter() - t0
         return [{"test": _cindex(data, te, model), "val": _cindex(data, va, model), "seconds_per_epoch":
@@ -106,6 +124,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--tune", nargs="*", default=[], choices=list(CANDIDATES), help="pick settings on validation")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides for every run")
+    ap.add_argument("--dp-epsilon", type=float, default=None,
+                    help="DP methods: the noise multiplier that gives this epsilon at federated.dp_delta after the "
+                    "run's rounds (Opacus RDP accountant, every site every round)")  # fmt: skip
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
@@ -114,7 +135,15 @@ def main() -> None:
 
     def config(method: str, seed: int, extra: list[str]):
         ov = [*COMMON, *METHODS[method], *extra, *args.overrides, f"train.seed={seed}"]
-        return resolve_config(None, ov, out=args.out / "scratch")
+        cfg = resolve_config(None, ov, out=args.out / "scratch")
+        if args.dp_epsilon is not None and cfg.federated.dp_noise > 0:
+            from opacus.accountants.utils import get_noise_multiplier
+
+            fc = cfg.federated
+            sigma = get_noise_multiplier(target_epsilon=args.dp_epsilon, target_delta=fc.dp_delta, sample_rate=1.0,
+                                         steps=fc.rounds, accountant="rdp")  # fmt: skip
+            cfg = cfg.with_overrides([f"federated.dp_noise={sigma}"])
+        return cfg
 
     chosen: dict[str, list[str]] = {m: [] for m in args.methods}
     datasets = {}

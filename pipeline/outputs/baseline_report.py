@@ -19,17 +19,32 @@ def _fmt(c: float | None, ci: list | None) -> str:
     return f"{c:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ok else f"{c:.3f}"  # type: ignore[index]
 
 
+def federated_linear_line(fl: dict) -> str:
+    """One console line: the model against the federated linear Cox baseline."""
+    d = fl.get("model_minus_this", {})
+    secagg = " + SecAgg+" if fl.get("secagg") else ""
+    return (
+        f"model vs {fl['label']}, {fl['strategy']}{secagg}, weight decay {fl['weight_decay']:g}: "
+        f"test C {_fmt(fl['cindex'], None)}; model - baseline {_fmt(d.get('diff'), d.get('ci'))}: "
+        f"{d.get('verdict', '')}"
+    )
+
+
 def summary_lines(baselines: dict, contributions: dict | None = None) -> list[str]:
-    """A few console lines: the model against the best centralised baseline (and each one), plainly."""
+    """A few console lines: the model against the best centralised baseline (and each one) and, in a federated
+    run, against the federated linear baseline, plainly."""
     res = baselines.get("baselines", {})
+    fl = [federated_linear_line(baselines["federated_linear"])] if "federated_linear" in baselines else []
     if not res or "model" not in baselines:
-        return [f"baselines: none fitted ({'; '.join(f'{k}: {v}' for k, v in baselines.get('notes', {}).items())})"]
+        notes = "; ".join(f"{k}: {v}" for k, v in baselines.get("notes", {}).items())
+        return [f"centralised baselines: none fitted ({notes})", *fl]
     best, d = baselines["best"], baselines["model_minus_best"]
     lines = [
         f"model vs best centralised Coxnet baseline ({best}, chosen by CV on train+val): "
         f"{_fmt(baselines['model']['cindex'], None)} vs {_fmt(res[best]['cindex'], None)}; "
         f"model - baseline {_fmt(d['diff'], d.get('ci'))}: {d['verdict']}",
         "  Coxnet (centralised) test C: " + ", ".join(f"{k} {v['cindex']:.3f}" for k, v in res.items()),
+        *fl,
     ]
     if contributions:
         drops = [f"{k[8:]} {v['drop']['diff']:+.3f}" for k, v in contributions.items() if k.startswith("without_")]
@@ -40,7 +55,7 @@ def summary_lines(baselines: dict, contributions: dict | None = None) -> list[st
 def baselines_html(metrics: dict) -> list[str]:
     """Report section: the model beside each centralised baseline, and the modality contributions."""
     bl, mc = metrics.get("baselines"), metrics.get("modality_contributions")
-    if not bl or not bl.get("baselines"):
+    if not bl or not (bl.get("baselines") or bl.get("federated_linear")):
         return []
     rows = []
     if "model" in bl:
@@ -56,15 +71,20 @@ def baselines_html(metrics: dict) -> list[str]:
                 "CV C (train+val)": f"{v['cv_cindex']:.3f}",
             }
         )
+    fl = bl.get("federated_linear")
+    if fl:
+        rows.append(_federated_linear_row(fl))
     verdict = bl.get("model_minus_best", {}).get("verdict", "")
     parts = [
-        "<h2>Baselines (centralised)</h2>",
+        "<h2>Baselines</h2>",
         pd.DataFrame(rows).fillna("").to_html(index=False, classes="t", border=0),
-        f"<p class='note'>Against the best baseline: <b>{html.escape(verdict)}</b>. Elastic-net Cox "
+        f"<p class='note'>Against the best centralised baseline: <b>{html.escape(verdict)}</b>. Elastic-net Cox "
         "(scikit-survival Coxnet, l1_ratio 0.5, alpha by stratified CV on train+val patients) on each modality "
         "and all together; slides as PCA of mean-pooled tile features. These baselines pool patient data "
         "in one place (centralised). Paired patient-bootstrap CIs on the same test patients.</p>",
     ]
+    if fl:
+        parts.append(_federated_linear_note(fl))
     if mc:
         rows = [{"inputs": "all", "test Harrell C [95% CI]": _fmt(mc["full"]["cindex"], mc["full"].get("cindex_ci"))}]
         for k, v in mc.items():
@@ -78,3 +98,26 @@ def baselines_html(metrics: dict) -> list[str]:
             "means the model uses that modality.</p>",
         ]
     return parts
+
+
+def _federated_linear_row(fl: dict) -> dict:
+    d = fl.get("model_minus_this", {})
+    return {
+        "model": f"{fl['label']}, {fl['strategy']}" + (" + SecAgg+" if fl.get("secagg") else ""),
+        "test Harrell C [95% CI]": _fmt(fl["cindex"], fl.get("cindex_ci")),
+        "model - this [95% CI]": _fmt(d.get("diff"), d.get("ci")),
+        "validation C (pooled across sites)": _fmt(fl["val_cindex"], None),
+    }
+
+
+def _federated_linear_note(fl: dict) -> str:
+    note = (
+        f"Against the federated linear Cox baseline: <b>{html.escape(fl['model_minus_this'].get('verdict', ''))}"
+        "</b>. The linear model family (log hazard linear in the standardised mean-pooled tile features, genes "
+        "and clinical covariates) trained through the same sites, split, strategy, SecAgg+ and DP as the run, "
+        f"without pooling; L2 penalty: {html.escape(fl['choice'])} (candidates tried: "
+        f"{', '.join(format(c['weight_decay'], 'g') for c in fl['candidates'])})."
+    )
+    if "epsilon_total" in fl:
+        note += f" Under DP it spent epsilon {fl['epsilon_total']:.2f} in all ({html.escape(fl['privacy_note'])})."
+    return f"<p class='note'>{note}</p>"

@@ -14,7 +14,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,28 +22,17 @@ import numpy as np
 
 from data_specs.artifacts import RunFiles
 from pipeline.outputs.baseline_report import summary_lines
-from pipeline.stats.metrics import bootstrap_ci, harrell_cindex
+from pipeline.outputs.scoring import BaselineSettings, scored, verdict
+from pipeline.stats.metrics import harrell_cindex
 
 if TYPE_CHECKING:
+    from data_specs.config import RunConfig
     from pipeline.training.data import CohortData
 
 log = logging.getLogger(__name__)
 
 MODALITIES = ("slides", "omics", "clinical")
 PredictFn = Callable[["CohortData", np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class BaselineSettings:
-    """How the baselines are fitted and scored (defaults follow issue 11's measurement)."""
-
-    l1_ratio: float = 0.5
-    n_folds: int = 5  # stratified by event, over train + val patients
-    n_pcs: int = 10  # principal components of mean-pooled tile features (fitted on training slides)
-    alpha_min_ratio: float = 0.01
-    n_alphas: int = 50
-    n_boot: int = 200
-    seed: int = 0
 
 
 def _has(data: CohortData, m: str) -> bool:
@@ -133,38 +122,6 @@ def fit_coxnet(x: np.ndarray, time: np.ndarray, event: np.ndarray, s: BaselineSe
     return path, float(alphas[j]), {"cv_cindex": float(mean[j]), "alpha_index": j, "n_alphas": len(alphas)}
 
 
-def _scored(time: np.ndarray, event: np.ndarray, lh: np.ndarray, ref: np.ndarray | None, s: BaselineSettings) -> dict:
-    """Harrell C of ``lh`` with its bootstrap CI and, given ``ref``, the paired CI of ``C(ref) - C(lh)``."""
-
-    def stat(i: np.ndarray) -> dict[str, float]:
-        c = harrell_cindex(time[i], event[i], lh[i])
-        return {"c": c} if ref is None else {"c": c, "d": harrell_cindex(time[i], event[i], ref[i]) - c}
-
-    out: dict = {"cindex": harrell_cindex(time, event, lh), "n": len(time), "events": int(event.sum())}
-    b = bootstrap_ci(stat, len(time), s.n_boot, s.seed) if s.n_boot else {}
-    out["cindex_ci"] = b.get("c", {}).get("ci")
-    if ref is not None:
-        d = harrell_cindex(time, event, ref) - out["cindex"]
-        out["model_minus_this"] = {"diff": d, "ci": b.get("d", {}).get("ci"), "valid": b.get("d", {}).get("valid")}
-    return out
-
-
-def verdict(d: dict) -> str:
-    """Plain words for (model - baseline): loses / wins when the paired CI excludes 0."""
-    ci = d.get("ci") or [None, None]
-    diff = d.get("diff")
-    if diff is None or not np.isfinite(diff):
-        return "not comparable (no C-index on these test patients)"
-    if ci[0] is None or not (np.isfinite(ci[0]) and np.isfinite(ci[1])):
-        word = "loses" if diff < 0 else "wins" if diff > 0 else "ties"
-        return f"the model {word} on the point estimate (too few test patients for a CI)"
-    if ci[1] < 0:
-        return "the model loses"
-    if ci[0] > 0:
-        return "the model wins"
-    return f"the model is {'lower' if diff < 0 else 'higher' if diff > 0 else 'equal'}, within noise (CI contains 0)"
-
-
 def _names(data: CohortData, m: str, k: int) -> list[str]:
     pcs = [f"slide_pc{j + 1}" for j in range(k)]
     names = {"slides": pcs, "omics": data.genes, "clinical": data.clinical_columns}[m]
@@ -191,7 +148,7 @@ def _fit_scored(
         "nonzero": int((coef != 0).sum()),
         "alpha": alpha,
         **cv,
-        **_scored(t[test], e[test], lh, ref, s),
+        **scored(t[test], e[test], lh, ref, s),
         "top_coef": {names[j]: float(coef[j]) for j in top},
     }
     return rec, lh
@@ -291,7 +248,7 @@ def _best(data: CohortData, res: dict, test: np.ndarray, ref: np.ndarray | None,
     out: dict = {"best": best}
     if ref is not None:
         t, e = data.time.astype(float), data.event.astype(bool)
-        out["model"] = _scored(t[test], e[test], ref, None, s)
+        out["model"] = scored(t[test], e[test], ref, None, s)
         out["model_minus_best"] = {**res[best]["model_minus_this"], "verdict": ""}
         out["model_minus_best"]["verdict"] = verdict(out["model_minus_best"])
     return out
@@ -324,12 +281,12 @@ def modality_contributions(
     idx = np.asarray(data.splits[split])
     t, e = data.time[idx].astype(float), data.event[idx].astype(bool)
     full = np.asarray(predict_fn(data, idx), float)
-    out: dict = {"split": split, "how": "masked at inference (not retrained)", "full": _scored(t, e, full, None, s)}
+    out: dict = {"split": split, "how": "masked at inference (not retrained)", "full": scored(t, e, full, None, s)}
     for m in MODALITIES:
         if not _has(data, m):
             continue
         lh = np.asarray(predict_fn(mask_modality(data, m), idx), float)
-        r = _scored(t, e, lh, full, s)
+        r = scored(t, e, lh, full, s)
         r["drop"] = r.pop("model_minus_this")
         out[f"without_{m}"] = r
     return out
@@ -348,19 +305,36 @@ def bundle_predict_fn(model_path: Path, trust_pickle: bool = False) -> PredictFn
     return predict
 
 
-def add_to_run(out: Path, data: CohortData, predict_fn: PredictFn, n_boot: int = 200, seed: int = 0) -> list[str]:
+def add_to_run(
+    out: Path, data: CohortData, predict_fn: PredictFn, n_boot: int = 200, seed: int = 0, cfg: RunConfig | None = None
+) -> list[str]:
     """Baselines and modality contributions on the run's test split, added to ``out/metrics.json``
-    (keys ``baselines`` and ``modality_contributions``); returns the console summary lines."""
+    (keys ``baselines`` and ``modality_contributions``); returns the console summary lines.
+
+    With a federated ``cfg``, the linear family is also trained federated on the run's sites and split
+    (:func:`pipeline.outputs.federated_linear.fit_federated_linear`), under ``baselines.federated_linear``;
+    its checkpoints and privacy ledgers go to ``out/federated_linear/``."""
     from pipeline.files import write_json
 
     s = BaselineSettings(n_boot=n_boot, seed=seed)
     path = RunFiles(root=Path(out)).metrics
     m = json.loads(path.read_text())
+    ref = predict_fn(data, np.asarray(data.splits["test"]))
     try:
-        m["baselines"] = fit_baselines(data, predict_fn(data, np.asarray(data.splits["test"])), s)
+        m["baselines"] = fit_baselines(data, ref, s)
     except ValueError as e:  # too few events or patients: say so, keep the run
         log.warning("baselines not fitted: %s", e)
         m["baselines"] = {"label": "centralised", "baselines": {}, "notes": {"all": str(e)}}
+    if cfg is not None and cfg.federated.enabled:
+        from pipeline.outputs.federated_linear import fit_federated_linear
+
+        try:
+            fl = fit_federated_linear(data, cfg, ref, s, Path(out) / "federated_linear")
+            fl["model_minus_this"]["verdict"] = verdict(fl["model_minus_this"])
+            m["baselines"]["federated_linear"] = fl
+        except ValueError as e:  # a site without training patients, too few sites: say so, keep the run
+            log.warning("federated linear baseline not trained: %s", e)
+            m["baselines"].setdefault("notes", {})["federated_linear"] = str(e)
     m["modality_contributions"] = modality_contributions(data, predict_fn, s)
     write_json(path, m)
     return summary_lines(m["baselines"], m["modality_contributions"])
