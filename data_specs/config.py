@@ -112,6 +112,11 @@ class TrainConfig(_Frozen):
     test_fraction: float = Field(0.25, ge=0, lt=1)
     test_sites: tuple[str, ...] = ()  # sites held out as test only: not trained on, not in the federation
     seed: int = 0
+    # epoch (centralised) / round (federated) kept: highest validation C-index (pooled pairs across sites) or
+    # lowest validation loss, averaged over a trailing window; see pipeline.training.selection
+    select: Literal["cindex", "loss"] = "cindex"
+    select_window: int = Field(1, ge=1)  # epochs / rounds the validation score is averaged over
+    without_validation: Literal["last", "error"] = "last"  # no usable validation: keep the last (warning) or fail
 
     @model_validator(mode="after")
     def _cox_needs_a_risk_set(self) -> TrainConfig:

@@ -171,3 +171,115 @@ def test_bench_models_script_runs(tmp_path):
     small = ["--patients", "8", "--tiles", "20", "--dim", "16", "--genes", "12", "--tmp", str(tmp_path)]
     out = _script("scripts/bench_models.py", *small, "--configs", "concat:16", "coattention+transmil:1")
     assert "failed" not in out and "relative to concat:16" in out, out
+
+
+# --- which epoch / round is kept (train.select, train.without_validation) -------------------------------------
+
+
+def test_selector_rules_cindex_loss_ties_window_and_nan():
+    from pipeline.training.selection import Selector
+
+    s = Selector("cindex")
+    steps = [(0.6, 1.0), (0.7, 2.0), (0.7, 1.5), (0.7, 1.5), (0.65, 0.1)]
+    kept = [s.update(e, c, lo) for e, (c, lo) in enumerate(steps)]
+    assert kept == [True, True, True, True, False]  # C first; equal C: lower loss (2 over 1), then later (3 over 2)
+    assert s.best is not None and s.best[2] == 3 and s.best_cindex == 0.7 and s.best_loss == 1.5
+    s = Selector("loss")
+    kept = [s.update(e, c, lo) for e, (c, lo) in enumerate([(0.6, 1.0), (0.9, 1.2), (0.5, 0.9), (0.55, 0.9)])]
+    assert kept == [True, False, True, True] and s.best[2] == 3  # lowest loss; equal loss: higher C
+    s = Selector("cindex", window=2)  # trailing means 0.5, 0.65, 0.6, 0.55, 0.7: the single 0.8 is not kept alone
+    kept = [s.update(e, c, 1.0) for e, c in enumerate([0.5, 0.8, 0.4, 0.7, 0.7])]
+    assert kept == [True, True, False, False, True] and s.best_cindex == pytest.approx(0.7)
+    s = Selector("cindex")
+    assert s.update(0, 0.6, 1.0) and not s.update(1, float("nan"), float("nan"))  # NaN never replaces a score
+    with pytest.raises(ValueError, match="train.select_window"):
+        Selector("cindex", window=0)
+    with pytest.raises(ValueError, match="valid names"):
+        Selector("auc")
+
+
+def test_selector_without_validation_last_warns_once_and_error_raises(caplog):
+    from pipeline.training.selection import NoValidationError, Selector
+
+    s = Selector("cindex", without_validation="last", where="unit")
+    with caplog.at_level("WARNING", logger="pipeline.training.selection"):
+        assert all(s.update(e, float("nan"), float("nan")) for e in range(3))  # the latest step is kept
+    assert sum("no validation data" in r.getMessage() for r in caplog.records) == 1
+    assert not s.has_score
+    with pytest.raises(NoValidationError, match="unit: no validation data.*without_validation=last"):
+        Selector("loss", without_validation="error", where="unit").update(0, float("nan"), float("nan"))
+
+
+def test_centralised_keeps_the_epoch_of_best_validation_cindex(tmp_path):
+    data, _ = _data(n=80)
+    cfg = _cfg(tmp_path, "train.epochs=8", "train.lr=1e-2")
+    module, info = fit_local(data, cfg)
+    hist = info["val_history"]
+    assert [h["epoch"] for h in hist] == list(range(8))
+    best = max(hist, key=lambda h: (h["val_cindex"], -h["val_loss"], h["epoch"]))
+    assert info["select"] == "cindex" and info["best_epoch"] == best["epoch"]
+    va = data.splits["val"]
+    c = harrell_cindex(data.time[va], data.event[va], predict(module.model.eval(), data, va).log_hz)
+    assert c == pytest.approx(best["val_cindex"], abs=1e-6)  # the kept weights are that epoch's
+    by_loss = fit_local(data, cfg.with_overrides(["train.select=loss"]))[1]
+    assert by_loss["best_epoch"] == min(hist, key=lambda h: (h["val_loss"], -h["val_cindex"]))["epoch"]
+
+
+def test_centralised_without_validation_last_or_error(tmp_path, caplog):
+    from pipeline.training.selection import NoValidationError
+
+    data, _ = _data()
+    cfg = _cfg(tmp_path, "train.epochs=2")
+    none = np.zeros(0, int)
+    with caplog.at_level("WARNING", logger="pipeline.training.selection"):
+        module, info = fit_local(data, cfg, val_idx=none)
+    assert "centralised training: no validation data" in caplog.text
+    assert info["select"] == "last" and info["best_epoch"] == 1 and info["best_val_cindex"] is None
+    with pytest.raises(NoValidationError, match="centralised training: no validation data"):
+        fit_local(data, cfg.with_overrides(["train.without_validation=error"]), val_idx=none)
+
+
+def _server_round(server, rnd: int, site_pairs: dict[str, tuple[float, float, float]]):
+    """Finish round ``rnd`` with per-site (concordant, comparable, events) and a loss of 1 per event."""
+    from pipeline.federated.protocol import Evaluation
+
+    server.global_arrays = {"w": np.full(2, float(rnd), np.float32)}  # the round's global model, recognisable
+    evals = {
+        s: Evaluation(10, {"cindex": c / p, "concordant": c, "comparable": p, "loss_sum": e, "events": e})
+        for s, (c, p, e) in site_pairs.items()
+    }
+    return server.finish_round(rnd, evals, {})
+
+
+def test_federated_keeps_the_round_of_best_pooled_cindex(tmp_path):
+    from pipeline.federated.server import FederatedServer
+
+    server = FederatedServer(_cfg(tmp_path), {"w": np.zeros(2, np.float32)})
+    # round 0: site means (0.9 + 0.5) / 2 = 0.70, pooled (9 + 50) / (10 + 100) = 0.536
+    # round 1: site means (0.5 + 0.6) / 2 = 0.55, pooled (5 + 60) / (10 + 100) = 0.591: round 1 by pooled pairs
+    _server_round(server, 0, {"a": (9, 10, 2), "b": (50, 100, 5)})
+    rec = _server_round(server, 1, {"a": (5, 10, 2), "b": (60, 100, 5)})
+    assert rec["val_cindex"] == pytest.approx(65 / 110)
+    assert server.best[1] == 1 and float(server.best[2]["w"][0]) == 1.0
+    summary = server.summary()
+    assert summary["select"] == "cindex" and summary["best_val_cindex"] == pytest.approx(65 / 110)
+
+
+def test_federated_without_validation_last_or_error(tmp_path, caplog):
+    from pipeline.federated.server import FederatedServer
+    from pipeline.federated.site import SiteClient
+    from pipeline.training.selection import NoValidationError
+
+    data, _ = _data()
+    cfg = _cfg(tmp_path, "federated.rounds=3", "federated.local_epochs=1")
+    tr, none = data.splits["train"], np.zeros(0, int)
+    clients = [SiteClient(s, data, tr[data.site[tr] == k], none, cfg, k) for k, s in enumerate(data.sites)]
+    from pipeline.federated.embedded import run_federated
+
+    with caplog.at_level("WARNING", logger="pipeline.training.selection"):
+        model, info = run_federated(data, cfg, clients=clients)
+    assert sum("federated server: no validation data" in r.getMessage() for r in caplog.records) == 1
+    assert info["best_round"] == 2 and info["select"] == "last" and info["best_val_loss"] is None
+    server = FederatedServer(cfg.with_overrides(["train.without_validation=error"]), {"w": np.zeros(2, np.float32)})
+    with pytest.raises(NoValidationError, match="federated server: no validation data"):
+        _server_round(server, 0, {})

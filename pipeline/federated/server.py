@@ -38,6 +38,7 @@ from data_specs.config import FederatedConfig, RunConfig
 from pipeline.federated.protocol import DEFAULT_SERVER_LR, STRATEGIES, Arrays, Evaluation, Update
 from pipeline.files import write_bytes, write_text
 from pipeline.progress import RoundClock
+from pipeline.training.selection import Selector
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,9 @@ class FederatedServer:
         self.ledger = PrivacyLedger(fc.dp_noise, fc.dp_delta) if fc.dp_noise > 0 else None
         self.global_arrays = initial
         self.history: list[dict] = []
-        self.best: tuple[float, int, Arrays] | None = None
+        self.best: tuple[float, int, Arrays] | None = None  # (selection score, round, arrays) of the kept round
+        t = cfg.train
+        self.selector = Selector(t.select, t.select_window, t.without_validation, "federated server")
         self.next_round = 0
         self.roster: int | None = None  # sites in the federation (set by the runtime): min_sites' default
         self.clock = RoundClock()  # elapsed time and ETA in the per-round log line
@@ -220,6 +223,7 @@ class FederatedServer:
         self.global_arrays = {k: arrays["global"][k] for k in names}
         self.history = s["history"]
         self.best = (float(s["best_score"]), int(s["best_round"]), {k: arrays["best"][k] for k in names})
+        self.selector.load_state(s["selection"])
         self.opt.load_state(
             {
                 "t": s["optimizer_t"],
@@ -275,7 +279,7 @@ class FederatedServer:
         return self.global_arrays
 
     def finish_round(self, rnd: int, evals: dict[str, Evaluation], rec: dict) -> dict:
-        """Pool the sites' validation scalars, keep the best round (pooled val Cox loss), checkpoint."""
+        """Pool the sites' validation scalars, keep the round ``train.select`` picks, checkpoint."""
         assert self.global_arrays is not None
         conc = sum(e.metrics.get("concordant", 0.0) for e in evals.values())
         comp = sum(e.metrics.get("comparable", 0.0) for e in evals.values())
@@ -301,9 +305,10 @@ class FederatedServer:
             self.fc.rounds,
             self.clock.text(self.fc.rounds - rnd - 1),
         )
-        # Select on the pooled validation partial likelihood: smoother than a C-index over a few pairs.
-        score = -val_loss if np.isfinite(val_loss) else -np.inf
-        if self.best is None or score > self.best[0]:
+        # train.select on the pooled validation C-index (summed pairs) or loss; no usable validation at all:
+        # train.without_validation (the latest round, warned once, or an error), as in centralised training.
+        if self.selector.update(rnd, rec["val_cindex"], val_loss):
+            score = self.selector.best[0] if self.selector.best is not None else -np.inf
             self.best = (score, rnd, {k: v.copy() for k, v in self.global_arrays.items()})
         self.next_round = rnd + 1
         if self.out is not None:
@@ -321,6 +326,7 @@ class FederatedServer:
             "array_names": list(self.global_arrays),
             "best_score": self.best[0],
             "best_round": self.best[1],
+            "selection": self.selector.state(),
             "optimizer_t": self.opt.t,
             "privacy_history": [list(h) for h in self.ledger.acc.history] if self.ledger else None,
             "history": self.history,
@@ -334,7 +340,9 @@ class FederatedServer:
         info: dict = {
             "strategy": self.fc.strategy,
             "best_round": self.best[1],
-            "best_val_loss": -self.best[0],
+            "select": self.cfg.train.select if self.selector.has_score else "last",
+            "best_val_loss": self.selector.best_loss if self.selector.has_score else None,
+            "best_val_cindex": self.selector.best_cindex if self.selector.has_score else None,
             "history": self.history,
             "secagg": self.fc.secagg,
             "min_sites": self.required_sites,

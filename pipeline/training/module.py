@@ -3,10 +3,11 @@
 The backbone (``models.MultimodalSurvival``) is injected. The loss is the Cox partial likelihood
 (Efron ties by default) stratified by site, optionally with a memory bank of recent patients for small
 batches, or the discrete-time hazards NLL (``train.loss=nll``; bins from quantiles of the training event
-times, stored in the model). The best epoch by validation loss is kept and saved as a self-contained
-model file (weights, resolved config, gene panel and normalisation, feature attributes, time bins, risk
-cut-points) by :func:`pipeline.training.bundle.save_bundle`; :func:`pipeline.training.predict.predict`
-gives risk scores and, for discrete-time models, per-patient hazards and survival curves.
+times, stored in the model). The epoch kept is chosen by :mod:`pipeline.training.selection` (validation
+C-index by default) and saved as a self-contained model file (weights, resolved config, gene panel and
+normalisation, feature attributes, time bins, risk cut-points) by :func:`pipeline.training.bundle.save_bundle`;
+:func:`pipeline.training.predict.predict` gives risk scores and, for discrete-time models, per-patient hazards
+and survival curves.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from models import CoxMemoryBank, build_model, cox_loss, discrete_time_edges, nl
 from models.survival import MultimodalSurvival, SurvivalOutput
 from pipeline.stats.metrics import harrell_cindex
 from pipeline.training.data import CohortData, make_loader, model_inputs
+from pipeline.training.selection import Selector
 from pipeline.training.slide_norm import prepare_linear
 
 
@@ -64,6 +66,7 @@ class SurvivalModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.bank = CoxMemoryBank(memory_bank if loss == "cox" else 0)
         self._val: list[tuple[torch.Tensor, ...]] = []  # validation batches (ValidatedSurvivalModule)
+        self.val_scores: tuple[float, float] | None = None  # (C-index, loss) of the last validation epoch
 
     def forward(self, batch: dict[str, torch.Tensor]) -> SurvivalOutput:
         return self.model(**model_inputs(batch))
@@ -114,25 +117,35 @@ class ValidatedSurvivalModule(SurvivalModule):
         self._val.clear()
         out = SurvivalOutput(log_hz, logits=logits if self.hparams.loss == "nll" else None)
         loss = self.loss({"event": event, "time": time, "site": site}, out)
+        if self.hparams.loss == "cox" and not bool(event.any()):
+            loss = torch.tensor(float("nan"))  # the Cox loss of no event is a policy zero, not a score
         c = harrell_cindex(time.numpy(), event.numpy(), log_hz.float().numpy())
+        self.val_scores = (float(c), float(loss))  # read by KeepBest (callbacks' epoch-end hooks run before ours)
         self.log("val_loss", loss, batch_size=len(time))
-        self.log("val_cindex", float(c) if np.isfinite(c) else 0.5, batch_size=len(time))
+        self.log("val_cindex", float(c), batch_size=len(time))  # NaN without a comparable pair (Selector)
 
 
 class KeepBest(L.Callback):
-    """Keeps the state dict of the epoch with the lowest validation loss (smoother than a small-sample C)."""
+    """Keeps the state dict of the epoch the :class:`~pipeline.training.selection.Selector` picks
+    (``train.select``: validation C-index by default, or validation loss; trailing ``train.select_window``)."""
 
-    def __init__(self) -> None:
-        self.best: tuple[float, float] | None = None
+    def __init__(self, selector: Selector | None = None) -> None:
+        self.selector = selector if selector is not None else Selector(where="centralised training")
         self.state: dict[str, torch.Tensor] | None = None
         self.epoch = -1
+        self.history: list[dict[str, float]] = []  # per epoch: epoch, val_cindex, val_loss
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or "val_cindex" not in trainer.callback_metrics:
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Not on_validation_epoch_end: Lightning calls the callbacks' hook before the module's, so the metrics
+        # there are the previous epoch's (paired with this epoch's weights, and epoch 0 never scored).
+        scores = getattr(module, "val_scores", None)
+        if trainer.sanity_checking or scores is None:
             return
-        score = (-float(trainer.callback_metrics["val_loss"]), float(trainer.callback_metrics["val_cindex"]))
-        if self.best is None or score > self.best:
-            self.best, self.epoch = score, trainer.current_epoch
+        module.val_scores = None
+        c, loss = scores
+        self.history.append({"epoch": trainer.current_epoch, "val_cindex": c, "val_loss": loss})
+        if self.selector.update(trainer.current_epoch, c, loss):
+            self.epoch = trainer.current_epoch
             self.state = copy.deepcopy(module.model.state_dict())
 
 
@@ -200,6 +213,12 @@ def new_module(model: MultimodalSurvival, cfg: RunConfig, validate: bool = False
     )
 
 
+def selector(cfg: RunConfig, where: str) -> Selector:
+    """The epoch/round selection rule of ``cfg.train`` (the same object for centralised and federated runs)."""
+    t = cfg.train
+    return Selector(t.select, t.select_window, t.without_validation, where)
+
+
 def fit_local(
     data: CohortData,
     cfg: RunConfig,
@@ -207,13 +226,16 @@ def fit_local(
     val_idx: np.ndarray | None = None,
     progress: bool = False,
 ) -> tuple[SurvivalModule, dict]:
-    """Centralised training on ``train_idx`` (default: the train split); the best epoch by validation loss is kept."""
+    """Centralised training on ``train_idx`` (default: the train split), validated on ``val_idx`` (default: the
+    val split). The epoch kept is the :class:`Selector`'s (``train.select``); with no validation patients,
+    ``train.without_validation`` decides (``last``: the last epoch, with a warning; ``error``: raise)."""
     t = cfg.train
     train_idx = data.splits["train"] if train_idx is None else train_idx
     val_idx = data.splits["val"] if val_idx is None else val_idx
+    keep = KeepBest(selector(cfg, "centralised training"))
+    keep.selector.check_available(len(val_idx) > 0)
     module = new_module(new_model(data, cfg), cfg, validate=len(val_idx) > 0)
     L.seed_everything(t.seed, workers=True, verbose=False)
-    keep = KeepBest()
     trainer = make_trainer(t.epochs, [keep], progress=progress, validate=len(val_idx) > 0)
     loaders = [make_loader(data, train_idx, t.batch_size, True, t.seed, t.max_tiles)]
     if len(val_idx):
@@ -221,8 +243,11 @@ def fit_local(
     trainer.fit(module, *loaders)
     if keep.state is not None:
         module.model.load_state_dict(keep.state)
+    sel = keep.selector
     return module, {
-        "best_epoch": keep.epoch,
-        "best_val_loss": -keep.best[0] if keep.best else None,
-        "best_val_cindex": keep.best[1] if keep.best else None,
+        "select": t.select if sel.has_score else "last",
+        "best_epoch": keep.epoch if keep.state is not None else t.epochs - 1,
+        "best_val_loss": sel.best_loss if sel.has_score else None,
+        "best_val_cindex": sel.best_cindex if sel.has_score else None,
+        "val_history": keep.history,
     }
