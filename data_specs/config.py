@@ -134,6 +134,10 @@ class FederatedConfig(_Frozen):
     (local loss + mu/2 ||w - w_global||^2), ``fedadam`` / ``fedyogi`` (server Adam/Yogi on the mean
     pseudo-gradient, Reddi et al. 2021). DP (``dp_noise`` > 0): each site clips its update to ``dp_clip``
     (L2), the server adds Gaussian noise ``dp_noise * 2 * dp_clip / n_sites`` to the equal-weight mean.
+    SecAgg+ (``secagg``): by default every site holds a share of every other site's secrets and a strict
+    majority of the shares is needed to reconstruct them: the server learns a site's update only by colluding
+    with at least half of the other sites (a minority of colluders cannot). ``min_count`` is the disclosure
+    policy's k (see ``pipeline.federated.policy``).
     """
 
     enabled: bool = True
@@ -148,14 +152,24 @@ class FederatedConfig(_Frozen):
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity (epsilon) of FedAdam/FedYogi
     secagg: bool = False  # Flower SecAgg+ (masks + secret sharing): the server sees only the sum
-    secagg_shares: int = Field(3, ge=3)  # SecAgg+ shares per site's secrets (capped at the number of sites)
-    secagg_threshold: int = Field(2, ge=1)  # shares needed to reconstruct a dropped site's mask
+    # SecAgg+ shares per site's secrets; None: every site (capped at the number of sites in any case)
+    secagg_shares: int | None = Field(None, ge=3)
+    # shares needed to reconstruct a site's secrets; None: a strict majority of the shares (shares // 2 + 1), so
+    # the server colluding with fewer than half of the sites holding a site's shares cannot unmask its update,
+    # and up to shares - threshold sites may drop out of a round
+    secagg_threshold: int | None = Field(None, ge=2)
     secagg_clip: float = Field(1.0, gt=0)  # SecAgg+ quantisation range [-clip, clip] of weight/max_weight * update
     secagg_max_weight: float = Field(1000.0, gt=0)  # largest site weight SecAgg+ expects (patients or events)
     dp_noise: float = Field(0.0, ge=0)  # Gaussian noise multiplier (0: no DP)
     dp_clip: float = Field(1.0, gt=0)  # L2 clipping norm of each site's update
     dp_delta: float = Field(1e-5, gt=0, lt=1)
+    # local DP: each site adds the noise to its clipped update before sending (std dp_noise * 2 * dp_clip, no
+    # trusted server needed; the mean carries sqrt(n_sites) times the central noise); False: the server adds it
+    dp_local: bool = False
     round_timeout: float | None = Field(None, gt=0)  # seconds; a site answering later is dropped from the round
+    # k of the disclosure policy: no aggregate over fewer than k patients or events leaves a site (updates, site
+    # summaries, validation replies, histograms); smaller sites are left out, smaller cells suppressed (warning)
+    min_count: int = Field(10, ge=2)
 
 
 class EvaluateConfig(_Frozen):

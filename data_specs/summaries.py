@@ -4,6 +4,15 @@
 patient axis) are made by ``pipeline.omics`` and cross the federated boundary as plain JSON values
 (``to_wire`` / ``from_wire``, float64 exact); a summary with unexpected fields, wrong shapes, impossible
 counts or fewer than :data:`MIN_SUMMARY_PATIENTS` patients is refused naming the site and field.
+
+The minimum-count rule (k, ``federated.min_count``): :func:`suppress_small_cells` is what a site applies before
+sending, :func:`small_cells` what the disclosure policy checks. A cell is a count of patients: a category's
+count, a column's missing count, a gene's or numeric column's number of observed values, and the count of
+ones (and of zeros) of a 0/1 column (its ``sum``). A cell with 1..k-1 patients is suppressed: its counts and
+sums are sent as 0 (a gene or numeric column is then left out of that site's contribution, a category or a
+missing count is not sent); within a categorical column, further cells are suppressed (smallest first) until
+the suppressed patients number 0 or at least k, so no suppressed count follows from the others and the
+column's total.
 """
 
 from __future__ import annotations
@@ -151,6 +160,75 @@ class ClinicalSiteSummary(_Summary):
 
 
 SiteSummary = OmicsSiteSummary | ClinicalSiteSummary
+
+
+def _small(c: Any, k: int) -> np.ndarray:
+    c = np.asarray(c, np.float64)
+    return (c > 0) & (c < k)
+
+
+def _binary_small(n: np.ndarray, total: np.ndarray, sumsq: np.ndarray, k: int) -> np.ndarray:
+    """0/1 columns (``sum == sumsq``: every value 0 or 1) whose count of ones or of zeros is 1..k-1."""
+    binary = np.isclose(total, sumsq) & (n > 0)
+    return binary & (_small(total, k) | _small(n - total, k))
+
+
+def small_cells(summary: SiteSummary, k: int) -> list[str]:
+    """The fields of ``summary`` that hold a count of 1..k-1 patients (empty: it satisfies the k rule)."""
+    bad: list[str] = []
+    if isinstance(summary, OmicsSiteSummary):
+        bad += [f"omics.n[{summary.genes[i]}]" for i in np.flatnonzero(_small(summary.n, k))]
+        return bad
+    num = summary.numeric
+    n, tot, sq = (np.asarray(x, np.float64) for x in (num.n, num.sum, num.sumsq))
+    bad += [f"clinical.numeric.n[{num.columns[i]}]" for i in np.flatnonzero(_small(n, k))]
+    bad += [f"clinical.numeric.sum[{num.columns[i]}] (0/1)" for i in np.flatnonzero(_binary_small(n, tot, sq, k))]
+    for c, counts in summary.categorical.items():
+        bad += [f"clinical.categorical.{c}[{v}]" for v, x in counts.items() if 0 < x < k]
+    bad += [f"clinical.missing[{c}]" for c, x in summary.missing.items() if c in summary.categorical and 0 < x < k]
+    return bad
+
+
+def _suppress_column(cells: dict[str, int], k: int) -> set[str]:
+    """Cells of one categorical column to suppress: those under k, then the smallest others until the
+    suppressed total is 0 or at least k."""
+    drop = {c for c, x in cells.items() if 0 < x < k}
+    rest = sorted((x, c) for c, x in cells.items() if c not in drop and x > 0)
+    while 0 < sum(cells[c] for c in drop) < k and rest:
+        drop.add(rest.pop(0)[1])
+    return drop
+
+
+def suppress_small_cells(summary: SiteSummary, k: int) -> tuple[SiteSummary, list[str]]:
+    """``summary`` with every cell of 1..k-1 patients suppressed (module docstring), and what was suppressed
+    (field names, for the site's warning). The result passes :func:`small_cells`."""
+    notes: list[str] = []
+    if isinstance(summary, OmicsSiteSummary):
+        off = _small(summary.n, k)
+        if off.any():
+            notes.append(f"omics: {int(off.sum())} gene(s) observed in 1..{k - 1} patients")
+            keys = ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1")
+            return summary.model_copy(update={x: np.where(off, 0, getattr(summary, x)) for x in keys}), notes
+        return summary, notes
+    num = summary.numeric
+    n, tot, sq = (np.asarray(x, np.float64) for x in (num.n, num.sum, num.sumsq))
+    off = _small(n, k) | _binary_small(n, tot, sq, k)
+    notes += [f"clinical.numeric.{num.columns[i]}" for i in np.flatnonzero(off)]
+    numeric = num.model_copy(update={"n": np.where(off, 0, num.n), "sum": np.where(off, 0.0, tot),
+                                     "sumsq": np.where(off, 0.0, sq)})  # fmt: skip
+    categorical, missing = {}, dict(summary.missing)
+    for c, counts in summary.categorical.items():
+        cells = {**{f"={v}": int(x) for v, x in counts.items()}, "missing": int(summary.missing.get(c, 0))}
+        drop = _suppress_column(cells, k)
+        notes += [f"clinical.categorical.{c}[{x.removeprefix('=')}]" for x in sorted(drop - {"missing"})]
+        if "missing" in drop:
+            notes.append(f"clinical.missing.{c}")
+            missing[c] = 0
+        categorical[c] = {v: x for v, x in counts.items() if f"={v}" not in drop}
+    out = summary.model_copy(update={"numeric": numeric, "categorical": categorical, "missing": missing})
+    return out, notes
+
+
 SUMMARY_PARTS: dict[str, type[_Summary]] = {"omics": OmicsSiteSummary, "clinical": ClinicalSiteSummary}
 
 

@@ -38,6 +38,8 @@ def e2e_run(tiny_features):
                 "--set",
                 "federated.local_epochs=1",
                 "--set",
+                "federated.min_count=2",  # the tiny demo's sites have 2 training patients (default k is 10)
+                "--set",
                 "train.batch_size=4",
                 "--set",
                 "extract.batch_size=32",
@@ -486,6 +488,7 @@ def test_a_train_failing_after_loading_leaves_the_previous_run_byte_identical(
     spec = _clinical_cohort(tiny_demo, tmp_path)
     run = tmp_path / "run"
     sets = ["--set", "train.epochs=1", "--set", "federated.rounds=1", "--set", "train.batch_size=4"]
+    sets += ["--set", "federated.min_count=2"]  # the tiny demo's sites have 2 training patients (default k is 10)
     assert main(["train", str(spec), "--out", str(run), mode, *sets]) == 0
     before = _snapshot(run)
     assert {"config.yaml", MODEL, "train_summary.json"} <= set(before)
@@ -518,7 +521,7 @@ def test_a_train_failing_after_loading_leaves_the_previous_run_byte_identical(
 def test_train_resume_continues_the_committed_federated_run(tiny_demo, tmp_path):
     spec = _clinical_cohort(tiny_demo, tmp_path)
     run = tmp_path / "run"
-    sets = ["--set", "federated.rounds=2", "--set", "train.batch_size=4"]
+    sets = ["--set", "federated.rounds=2", "--set", "train.batch_size=4", "--set", "federated.min_count=2"]
     assert main(["train", str(spec), "--out", str(run), *sets]) == 0
     before = _snapshot(run)
     assert any(k.startswith("federated/") for k in before)

@@ -43,6 +43,7 @@ def test_a_supernode_killed_mid_round_is_dropped_and_the_run_completes_within_mi
     victim = sites[1]
     settings = {"train.batch_size": 4, "federated.rounds": ROUNDS, "federated.local_epochs": 1}
     settings["federated.min_sites"] = 2  # one site may be lost
+    settings["federated.min_count"] = 2  # sites of 3 training patients (default k is 10)
     res = run_loopback(clinical_omics_cohort, sites, tmp_path, settings, timeout=580, fault=kill_in_round(victim, 2))
     assert res["killed"] == [victim], "the run finished before the SuperNode could be killed"
     assert res["rounds"] == ROUNDS  # the run completed: every round aggregated

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from data_specs import load_cohort, resolve_config
-from pipeline.training.data import build_data
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,8 @@ def clinical_omics_cohort(tiny_demo, tmp_path_factory) -> Path:
     return out / "cohort.yaml"
 
 
-RUN_CONFIG = {"train.batch_size": 4, "federated.rounds": 2, "federated.local_epochs": 1, "federated.min_sites": 3}
+RUN_CONFIG = {"train.batch_size": 4, "federated.rounds": 2, "federated.local_epochs": 1, "federated.min_sites": 3,
+              "federated.min_count": 3}  # fmt: skip  # sites of 3 training patients (default k is 10)
 
 
 def test_deployed_apps_exchange_statistics_and_train_in_process(clinical_omics_cohort, tmp_path):
@@ -60,16 +60,60 @@ def test_deployed_apps_exchange_statistics_and_train_in_process(clinical_omics_c
     from pipeline.federated.protocol import STATS_KEY, decode_record
 
     stats = [decode_record(str(c.state.config_records[STATS_KEY]["json"])) for c in grid.contexts.values()]
+    from pipeline.federated.site import local_summaries
+    from pipeline.omics.normalise import fit_normalisers
+
     cfg = resolve_config(None, [f"{k}={v}" for k, v in RUN_CONFIG.items()])
-    ref = build_data(cohort, None, seed=cfg.train.seed)
+    # each site's summaries as it sends them (cells under federated.min_count suppressed), combined here
+    ref_omics, ref_clinical = fit_normalisers(
+        [local_summaries(clinical_omics_cohort, s, cfg)[0] for s in nodes.values()]
+    )
     for s in stats:
-        assert s["omics"]["genes"] == ref.omics_norm.genes
-        np.testing.assert_allclose(s["omics"]["mean"], ref.omics_norm.mean, rtol=1e-10)
-        np.testing.assert_allclose(s["omics"]["std"], ref.omics_norm.std, rtol=1e-10)
-        np.testing.assert_allclose(s["clinical"]["mean"], ref.clinical_norm.mean, rtol=1e-10)
+        assert s["omics"]["genes"] == ref_omics.genes
+        np.testing.assert_allclose(s["omics"]["mean"], ref_omics.mean, rtol=1e-10)
+        np.testing.assert_allclose(s["omics"]["std"], ref_omics.std, rtol=1e-10)
+        np.testing.assert_allclose(s["clinical"]["mean"], ref_clinical.mean, rtol=1e-10)
     # what the exchange carried has no patient axis: per-gene / per-column vectors only
     n = len(cohort.patients)
     assert all(np.ndim(v) <= 1 and np.size(v) != n for v in stats[0]["omics"].values() if isinstance(v, np.ndarray))
+
+
+def test_deployed_discrete_time_bins_are_agreed_from_site_histograms(clinical_omics_cohort, tmp_path):
+    """train.loss=nll in a deployment: every SuperNode trains on the same bins, read off the sum of the sites'
+    event-time histograms (the embedded runtime's rule), none of them a patient's time; the ledger has the
+    histogram replies."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from pipeline.federated.client_app import client_app
+    from pipeline.federated.embedded import InProcessGrid
+    from pipeline.federated.ledger import read_ledger
+    from pipeline.federated.protocol import STATS_KEY, decode_record
+    from pipeline.federated.server_app import server_app
+    from pipeline.federated.site import local_event_times
+    from pipeline.stats.curves import discrete_time_bins
+
+    cohort = load_cohort(clinical_omics_cohort)
+    nodes = {200 + k: s for k, s in enumerate(cohort.sites)}
+    rc = {**RUN_CONFIG, "federated.min_count": 2, "train.loss": "nll", "train.n_bins": 3, "federated.rounds": 1}
+    grid = InProcessGrid(
+        {nid: (s, client_app) for nid, s in nodes.items()},
+        node_configs={
+            nid: {"site": s, "cohort": str(clinical_omics_cohort), "out": str(tmp_path)} for nid, s in nodes.items()
+        },  # fmt: skip
+        run_config={**rc, "out": str(tmp_path), "config": "", "resume": False},
+    )
+    server_app(grid, Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[200].run_config)))
+    bins = [decode_record(str(c.state.config_records[STATS_KEY]["json"]))["time_bins"] for c in grid.contexts.values()]
+    assert all(b == bins[0] for b in bins) and len(bins[0]) == 4
+    cfg = resolve_config(None, [f"{k}={v}" for k, v in rc.items()])
+    per_site = [local_event_times(clinical_omics_cohort, s, cfg) for s in nodes.values()]
+    t, e = (np.concatenate([x[i] for x in per_site]) for i in (0, 1))
+    site = np.concatenate([np.full(len(x[0]), k) for k, x in enumerate(per_site)])
+    np.testing.assert_allclose(bins[0], discrete_time_bins(t, e, site, 3, 2), rtol=1e-12)
+    assert not set(bins[0]) & {float(x) for x in t}
+    lines = [x for s in nodes.values() for x in read_ledger(tmp_path / f"privacy_ledger.{s}.jsonl")]
+    assert {x["site"] for x in lines if x["phase"] == "statistics.event_histogram"} == set(nodes.values())
 
 
 @pytest.mark.slow

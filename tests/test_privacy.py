@@ -15,9 +15,11 @@ from pipeline.federated.server import FederatedServer
 from pipeline.federated.site import site_clients
 from pipeline.training.module import new_model
 
+TINY = ["federated.min_count=2"]  # the 12-patient fixture's sites have 2 training patients (default k is 10)
+
 
 def _cfg(cfg, *ov):
-    return resolve_config(None, ["train.batch_size=4", "train.max_tiles=8", *ov], out=cfg.out)
+    return resolve_config(None, ["train.batch_size=4", "train.max_tiles=8", *TINY, *ov], out=cfg.out)
 
 
 def _content_keys(msg) -> dict[str, set[str]]:
@@ -136,22 +138,213 @@ def test_model_card_refuses_patient_ids(fed_data):
         make_card(new_model(data, cfg).eval(), data, cfg, splits={data.patient_ids[0]: "train"})
 
 
-def test_under_dp_a_site_with_too_few_validation_events_sends_no_validation_metrics(fed_data, caplog):
+def test_a_site_with_fewer_than_k_validation_patients_or_events_sends_no_validation_metrics(fed_data, caplog):
+    """The minimum-count rule on evaluate replies, with or without DP; the policy refuses metrics under k."""
     from dataclasses import replace
 
-    from pipeline.federated.policy import check_evaluate_reply
+    from pipeline.federated.policy import DisclosureError, check_evaluate_reply
 
     data, base = fed_data
-    for extra, suppressed in ((("federated.dp_noise=0.5",), True), ((), False)):
-        c = next(c for c in site_clients(data, _cfg(base, *extra)) if len(c.val_idx))
-        f = c.facts()
-        c._facts = replace(f, min_count=f.n_val_events + 1)  # the site now has one event fewer than k
+    c = next(c for c in site_clients(data, _cfg(base)) if len(c.val_idx) and c.facts().n_val_events)
+    f = c.facts()
+    for extra, k, suppressed in (((), f.n_val_events + 1, True), (("federated.dp_noise=0.5",), f.n_val_events + 1,
+                                 True), ((), min(f.n_val, f.n_val_events), False)):  # fmt: skip
+        c.cfg = _cfg(base, *extra)
+        c._facts = replace(f, min_count=k)
         caplog.clear()
         ev = c.evaluate(c.initial_arrays(), {"round": 0})
-        assert ev.num_examples == len(c.val_idx)
+        # the patient count travels only when it is at least k
+        assert ev.num_examples == (len(c.val_idx) if len(c.val_idx) >= k else 0)
         check_evaluate_reply(c.facts(), ev.num_examples, {**ev.metrics, "site": c.site})  # the policy accepts it
         if suppressed:
             assert ev.metrics == {}
-            assert any(c.site in r.getMessage() and "suppressed" in r.getMessage() for r in caplog.records)
+            c._warned_small_val = False
         else:
             assert {"cindex", "concordant", "comparable", "loss_sum", "events"} <= set(ev.metrics)
+            # the same metrics from a site one event short of k are refused by the policy
+            with pytest.raises(DisclosureError, match="fewer than the minimum count"):
+                check_evaluate_reply(replace(f, min_count=k + 1), 0, ev.metrics)
+    c._facts = replace(f, min_count=f.n_val_events + 1)
+    caplog.clear()
+    c.evaluate(c.initial_arrays(), {"round": 0})
+    assert any(c.site in r.getMessage() and "suppressed" in r.getMessage() for r in caplog.records)
+
+
+def _site_clinical(n_rare: int = 3):
+    """One site's clinical table: 30 patients, a 3-category column (20/7/n_rare), a column with one patient in
+    its second category, a 0/1 column with a single 1, a numeric column and a column missing for 2 patients."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 30
+    return pd.DataFrame(
+        {
+            "grade": ["a"] * 20 + ["b"] * (n - 20 - n_rare) + ["c"] * n_rare,
+            "stage": ["x"] * (n - 1) + ["y"],
+            "brca1": [1.0] + [0.0] * (n - 1),
+            "age": rng.normal(60, 10, n),
+            "er": ["pos"] * 18 + ["neg"] * 10 + [None] * 2,
+        },
+        index=[f"P{i}" for i in range(n)],
+    )
+
+
+def test_site_summary_cells_under_k_are_suppressed_with_a_warning_and_the_policy_refuses_them(caplog):
+    from pipeline.federated.policy import DisclosureError, SiteFacts, check_summaries
+    from pipeline.omics.normalise import site_summaries
+
+    df = _site_clinical()
+    ids = list(df.index)
+    facts = SiteFacts("hosp_a", len(ids), 0, 0, 0, (), 10)
+    raw = site_summaries("hosp_a", ids, clinical=df)["clinical"]  # a centralised run: nothing suppressed
+    assert raw.categorical["grade"]["c"] == 3 and raw.categorical["stage"]["y"] == 1
+    with pytest.raises(DisclosureError, match="fewer than 10 patients"):
+        check_summaries(facts, {"clinical": raw.to_wire()})
+    caplog.clear()
+    s = site_summaries("hosp_a", ids, clinical=df, min_count=10)["clinical"]
+    check_summaries(facts, {"clinical": s.to_wire()})  # what the site sends passes the policy
+    # grade: b (7) and c (3) suppressed together (10 >= k); stage: y (1) alone would follow from x = n - 1, so
+    # x is suppressed too; er: the 2 missing + the next smallest (neg, 10) so the suppressed total is >= k
+    assert s.categorical["grade"] == {"a": 20}
+    assert s.categorical["stage"] == {}
+    assert s.categorical["er"] == {"pos": 18} and s.missing["er"] == 0
+    num = dict(zip(s.numeric.columns, zip(s.numeric.n, s.numeric.sum, strict=True), strict=True))
+    assert num["brca1"] == (0, 0.0)  # a 0/1 column with one 1: its count of ones is a cell of 1
+    assert num["age"][0] == 30 and num["age"][1] == pytest.approx(df["age"].sum())
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "site hosp_a" in text and "grade[c]" in text and "stage[y]" in text and "brca1" in text
+
+
+def test_a_site_of_5_patients_sends_no_summary_and_no_update(caplog):
+    from pipeline.federated.policy import DisclosureError, SiteFacts, check_fit_reply, check_summaries
+    from pipeline.omics.normalise import site_summaries
+
+    df = _site_clinical().iloc[:5]
+    caplog.clear()
+    assert site_summaries("tiny_site", list(df.index), clinical=df, min_count=10) == {}
+    assert any("tiny_site" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+    wire = site_summaries("tiny_site", list(df.index), clinical=df)["clinical"].to_wire()
+    facts = SiteFacts("tiny_site", 5, 2, 0, 0, ((3,),), 10)
+    with pytest.raises(DisclosureError, match="n_patients"):
+        check_summaries(facts, {"clinical": wire})
+    for weight in (5, 1):  # plain, and DP's weight 1: an update over 5 patients does not leave either way
+        with pytest.raises(DisclosureError, match="5 training patients, fewer than the minimum count 10"):
+            check_fit_reply(facts, weight, {}, [(3,)])
+    with pytest.raises(DisclosureError, match="train_events"):  # 12 patients but 2 events: no event count
+        check_fit_reply(SiteFacts("s", 12, 2, 0, 0, ((3,),), 10), 12, {"train_events": 2.0}, [(3,)])
+
+
+def test_sites_under_k_training_patients_are_left_out_of_the_federation(fed_data, caplog):
+    data, base = fed_data
+    tr = data.subset_sites(data.splits["train"])
+    k = max(len(v) for v in tr.values())
+    caplog.clear()
+    kept = [c.site for c in site_clients(data, _cfg(base, f"federated.min_count={k}"))]
+    assert kept == [s for s in data.sites if len(tr[s]) >= k] and len(kept) < len(data.sites)
+    left = [s for s in data.sites if 0 < len(tr[s]) < k]
+    assert all(any(s in r.getMessage() and "left out" in r.getMessage() for r in caplog.records) for s in left)
+    with pytest.raises(ValueError, match=f"no site has federated.min_count={k + 1} training patients"):
+        site_clients(data, _cfg(base, f"federated.min_count={k + 1}"))
+
+
+@pytest.mark.parametrize("loss", ["cox", "nll"])
+def test_a_federated_model_file_holds_no_training_time_and_no_patient_risk(fed_data, tmp_path, loss):
+    """Cut-points from summed site histograms of log hazards, discrete-time bins from summed site histograms
+    of event times ending at the rounded-up follow-up: no number in the card is a training patient's time or
+    log hazard."""
+    from safetensors import safe_open
+
+    from pipeline.stages import survival_summary
+    from pipeline.training.bundle import CARD_KEY, save_bundle
+    from pipeline.training.predict import predict
+
+    data, base = fed_data
+    cfg = _cfg(base, f"train.loss={loss}", "train.n_bins=3", "federated.rounds=1", "federated.local_epochs=1")
+    model, info = run_federated(data, cfg)
+    path = tmp_path / "model.safetensors"
+    save_bundle(path, model, data, cfg, {"train_info": info, **survival_summary(model, data)})
+    with safe_open(str(path), "np") as f:
+        card = json.loads(f.metadata()[CARD_KEY])
+    numbers = np.array(sorted(set(_numbers(card))), float)
+    tr = data.splits["train"]
+    times = {float(t) for t in data.time[tr]}
+    assert not sorted(times & set(numbers)), "training times in the model file"
+    lh = predict(model, data, tr).log_hz.astype(float)
+    near = [x for x in lh if np.any(np.abs(numbers - x) < 1e-7)]
+    assert not near, f"training log hazards in the model file: {near}"
+    if loss == "nll":
+        edges = card["time_bins"]
+        assert len(edges) == 4 and edges[0] == 0.0 and edges[-1] > edges[-2]
+    cut = card["cutpoints"]
+    assert min(lh) <= cut["median"] <= max(lh) and cut["tertiles"][0] <= cut["median"] <= cut["tertiles"][1]
+
+
+def test_histogram_quantiles_merge_small_bins_and_match_pooled_quantiles():
+    from pipeline.stats.curves import RISK_EDGES, histogram_quantiles, pooled_histogram, site_histogram
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, 600)
+    site = rng.integers(0, 3, 600)
+    h = site_histogram(x[site == 0], RISK_EDGES, 10)
+    assert h.sum() == (site == 0).sum() and not np.any((h > 0) & (h < 10))
+    assert np.array_equal(site_histogram(x[:7], RISK_EDGES, 10), np.zeros(len(RISK_EDGES) - 1))  # 7 < k: nothing
+    q = histogram_quantiles(RISK_EDGES, pooled_histogram(x, site, RISK_EDGES, 10), [1 / 3, 0.5, 2 / 3])
+    np.testing.assert_allclose(q, np.quantile(x, [1 / 3, 0.5, 2 / 3]), atol=0.1)  # within a merged bin
+    # empty bins between filled ones: quantiles stay inside the filled bins (linear within each)
+    np.testing.assert_allclose(histogram_quantiles(np.arange(6.0), [0, 0, 4, 0, 4], [0, 0.25, 0.5, 0.75, 1]),
+                               [2.0, 2.5, 3.0, 4.5, 5.0])  # fmt: skip
+
+
+def test_the_report_shows_the_ledger_by_phase_and_site(tmp_path):
+    from pipeline.outputs.report import build_report
+
+    ledger = MessageLedger(tmp_path / "privacy_ledger.jsonl")
+    arrays = {"fitres.parameters": {"kind": "arrays", "keys": {"0": {"shape": [3], "dtype": "float32", "bytes": 12}}}}
+    metrics = {"evaluateres.metrics": {"kind": "metrics", "keys": {"cindex": {"type": "float"}}}}
+    for rnd in (0, 1):
+        for site in ("north", "south"):
+            ledger.record({"phase": "train", "group": str(rnd), "round": rnd, "site": site, "records": arrays})
+            ledger.record({"phase": "evaluate", "group": str(rnd), "round": rnd, "site": site, "records": metrics})
+    ledger.record({"phase": "evaluate", "group": "1", "round": 1, "site": "south", "error": "DisclosureError"})
+    ledger.flush()
+    (tmp_path / "config.yaml").write_text("federated:\n  min_count: 10\n  secagg: true\n")
+    page = build_report(tmp_path).read_text()
+    assert "What left each site (privacy ledger)" in page and "minimum count k = 10" in page and "SecAgg+ on" in page
+    section = page.split("What left each site")[1]
+    for text in ("fitres.parameters[1 arrays]", "evaluateres.metrics.cindex", "0-1", "north", "south"):
+        assert text in section, text
+    import pandas as pd
+
+    from pipeline.outputs.privacy_report import ledger_table
+
+    t = ledger_table(list(read_ledger(tmp_path / "privacy_ledger.jsonl"))).set_index(["phase", "site"])
+    assert t.loc[("evaluate", "south"), "refused"] == 1 and t.loc[("evaluate", "south"), "replies"] == 3
+    assert t.loc[("train", "north"), "array bytes"] == 24 and isinstance(t, pd.DataFrame)
+
+
+def test_local_dp_noises_each_update_at_the_site_and_the_server_adds_none(fed_data):
+    from pipeline.federated.protocol import Update, clip_l2
+
+    data, base = fed_data
+    sigma, clip = 0.7, 0.05
+    dp = ("federated.dp_noise=0.7", "federated.dp_clip=0.05", "federated.rounds=1", "federated.local_epochs=1")
+    local = _cfg(base, *dp, "federated.dp_local=true")
+    c = site_clients(data, local)[0]
+    server = FederatedServer(local, c.initial_arrays())
+    config = server.fit_config(0)
+    assert config["dp_local_std"] == pytest.approx(sigma * 2 * clip)
+    noised = c.fit(c.initial_arrays(), config)
+    plain = c.fit(c.initial_arrays(), {**config, "dp_local_std": 0.0})  # same seed: the clipped update itself
+    resid = np.concatenate([(noised.arrays[k] - plain.arrays[k]).ravel() for k in plain.arrays])
+    assert noised.num_examples == 1 and noised.metrics == {}
+    assert resid.std() == pytest.approx(sigma * 2 * clip, rel=0.1) and abs(resid.mean()) < 0.01
+    # the server adds nothing on top: its step is the optimizer on the plain mean of what the sites sent
+    ups = [Update(clip_l2({k: np.full_like(v, 0.01) for k, v in plain.arrays.items()}, clip)[0], 1) for _ in range(3)]
+    ref = FederatedServer(_cfg(base, "federated.rounds=1"), c.initial_arrays())  # no DP at all
+    got = server.aggregate(0, ups, [])
+    want = ref.aggregate(0, ups, [])
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    central = FederatedServer(_cfg(base, *dp), c.initial_arrays())
+    assert central.fit_config(0)["dp_local_std"] == 0.0
+    assert any(not np.array_equal(central.aggregate(0, ups, [])[k], want[k]) for k in want)

@@ -31,6 +31,8 @@ from pipeline.federated.policy import (
     SiteFacts,
     check_evaluate_reply,
     check_fit_reply,
+    check_follow_up,
+    check_histogram,
     check_summaries,
 )
 from pipeline.federated.protocol import (
@@ -44,7 +46,8 @@ from pipeline.federated.protocol import (
     run_config_from_flower,
     site_data_error,
 )
-from pipeline.federated.site import SiteClient, deployed_client, local_summaries
+from pipeline.federated.site import SiteClient, deployed_client, local_event_times, local_summaries
+from pipeline.stats.curves import follow_up_ceiling, site_histogram, time_edges
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class HistofuseClient(NumPyClient):
         except REPEATING_ERRORS as e:
             raise site_data_error(self.site.site, e) from e
         m = ev.metrics
-        loss = m["loss_sum"] / m["events"] if m.get("events") else 0.0
+        loss = m["loss_sum"] / m["events"] if m.get("events") and "loss_sum" in m else 0.0
         return float(loss), ev.num_examples, {**m, "site": self.site.site}
 
 
@@ -96,10 +99,16 @@ SUMMARY_FACTS_KEY = "histofuse.summary_facts"  # node state only: the training c
 def _check_reply(msg: Message, reply: Message, ctxt: Context, client_fn) -> None:
     """The disclosure policy (:mod:`pipeline.federated.policy`) on one reply, by what it carries."""
     c = reply.content
-    if msg.metadata.message_type == "query.summaries":
-        n = int(ctxt.state.config_records[SUMMARY_FACTS_KEY]["n_train"])
-        site = str(ctxt.node_config.get("site", ""))
-        check_summaries(SiteFacts(site, n, 0, 0, 0, ()), decode_record(str(c.config_records["summaries"]["json"])))
+    if msg.metadata.message_type in ("query.summaries", "query.event_histogram"):
+        state = ctxt.state.config_records[SUMMARY_FACTS_KEY]
+        site, _, cfg = _node_site(ctxt)
+        facts = SiteFacts(site, int(state["n_train"]), int(state["n_events"]), 0, 0, (), cfg.federated.min_count)
+        if "histogram" in c.config_records:
+            check_histogram(facts, "histogram.counts", c.config_records["histogram"]["counts"], facts.n_train_events)
+            return
+        check_summaries(facts, decode_record(str(c.config_records["summaries"]["json"])))
+        if "follow_up" in c.config_records:
+            check_follow_up(facts, c.config_records["follow_up"]["ceiling"])
     elif "fitres.metrics" in c.config_records:
         res = recorddict_to_fitres(c, keep_input=True)
         shapes = [a.shape for a in parameters_to_ndarrays(res.parameters)]
@@ -241,18 +250,31 @@ def _node_site(context: Context) -> tuple[str, Path, RunConfig]:
 
 
 def _cohort_statistics_mod(msg: Message, ctxt: Context, call_next) -> Message:
-    """Site side of the statistics exchange: answer ``query.summaries`` with this site's summaries; keep
-    the cohort-level normalisers sent in ``query.normalisers`` in the node's state for later rounds."""
+    """Site side of the statistics exchange: answer ``query.summaries`` with this site's summaries (and, when
+    asked, its :func:`~pipeline.stats.curves.follow_up_ceiling`), ``query.event_histogram`` with the histogram
+    of its training event times on the server's grid; keep the cohort-level normalisers (and discrete-time
+    bins) sent in ``query.normalisers`` in the node's state for later rounds."""
     kind = msg.metadata.message_type
-    if kind == "query.summaries":
+    if kind in ("query.summaries", "query.event_histogram"):
         site, spec, cfg = _node_site(ctxt)
+        k = cfg.federated.min_count
         try:
+            time, event = local_event_times(spec, site, cfg)
+            if kind == "query.event_histogram":  # on the grid the server fixed from the sites' ceilings
+                grid = msg.content.config_records["grid"]
+                edges = time_edges(float(grid["end"]), int(grid["bins"]))
+                counts = [int(c) for c in site_histogram(time[event], edges, k)]
+                return Message(RecordDict({"histogram": ConfigRecord({"counts": counts})}), reply_to=msg)
             summaries, n_train = local_summaries(spec, site, cfg)
         except REPEATING_ERRORS as e:
             raise site_data_error(site, e) from e
-        ctxt.state.config_records[SUMMARY_FACTS_KEY] = ConfigRecord({"n_train": n_train})
-        body = encode_record(summaries)
-        return Message(RecordDict({"summaries": ConfigRecord({"json": body})}), reply_to=msg)
+        facts = {"n_train": n_train, "n_events": int(event.sum())}
+        ctxt.state.config_records[SUMMARY_FACTS_KEY] = ConfigRecord(facts)
+        reply = RecordDict({"summaries": ConfigRecord({"json": encode_record(summaries)})})
+        want = msg.content.config_records.get("want") if msg.has_content() else None
+        if want is not None and bool(want.get("follow_up", False)):
+            reply["follow_up"] = ConfigRecord({"ceiling": follow_up_ceiling(time, k)})
+        return Message(reply, reply_to=msg)
     if kind == "query.normalisers":
         ctxt.state.config_records[STATS_KEY] = ConfigRecord({"json": str(msg.content.config_records["stats"]["json"])})
         return Message(RecordDict({"ack": ConfigRecord({"ok": True})}), reply_to=msg)

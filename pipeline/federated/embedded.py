@@ -65,7 +65,7 @@ def run_federated(
         clients = site_clients(data, cfg)
     if fc.min_sites is not None and len(clients) < fc.min_sites:
         raise ValueError(f"{len(clients)} site(s) with training patients, fewer than min_sites={fc.min_sites}")
-    model = new_model(data, cfg)
+    model = clients[0].new_model() if clients else new_model(data, cfg)  # the federation's bins (discrete time)
     server = FederatedServer(cfg, trainable_arrays(model), out, resume=resume)
     ledger = MessageLedger(RunFiles(root=out.parent).privacy_ledger if out is not None else None, keep=resume)
     info = run_embedded(clients, server, progress=progress, ledger=ledger)

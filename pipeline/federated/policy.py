@@ -6,6 +6,14 @@ parameter shapes), so a value that is not the declared aggregate fails, e.g. a s
 ``num_examples``, as the allowed metric ``events``, or as an extra field of a site summary. Any aggregate
 must cover at least ``min_count`` patients. Flower-free: ``client_app.py`` calls it from a ClientApp mod.
 
+The minimum-count rule (k = ``federated.min_count``, default :data:`MIN_COUNT` = 10): no aggregate over fewer
+than k patients or events leaves a site. A model update needs at least k training patients (and k training
+events when updates are weighted by events); ``train_events`` travels only when it is at least k; a validation
+reply carries metrics only from at least k validation patients and k validation events (otherwise no metric
+and ``num_examples`` 0 when the site has fewer than k validation patients); a site summary has no cell of
+1..k-1 patients (:func:`data_specs.summaries.small_cells`; sites suppress them first with
+:func:`data_specs.summaries.suppress_small_cells`); a histogram has no bin of 1..k-1 patients.
+
 What it cannot catch: a float metric (``train_loss``, ``loss_sum``, ``cindex``) is a real number a
 modified client could choose freely within its range; those channels are closed only by not sending
 them (DP and SecAgg+ runs send no fit metrics) or by noising them (not done).
@@ -18,9 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from data_specs.summaries import MIN_SUMMARY_PATIENTS, site_summaries_from_wire
+from data_specs.summaries import site_summaries_from_wire, small_cells
 
-MIN_COUNT = MIN_SUMMARY_PATIENTS  # patients behind any aggregate a site sends: one floor (see README on k)
+MIN_COUNT = 10  # k: patients (or events) behind any aggregate a site sends (federated.min_count's default)
 
 FIT_METRICS = {"train_loss": float, "train_events": float}
 EVAL_METRICS = {"cindex": float, "concordant": float, "comparable": float, "loss_sum": float, "events": float}
@@ -69,17 +77,21 @@ def check_fit_reply(facts: SiteFacts, num_examples: int, metrics: Mapping[str, A
     if shapes and tuple(map(tuple, shapes)) != facts.shapes:
         raise _fail(facts, f"update shapes {shapes} are not the model's trainable parameters")
     _check_count(facts, "num_examples", num_examples, {facts.n_train, facts.n_train_events, 1})
-    if num_examples != 1 and facts.n_train < facts.min_count:
+    if facts.n_train < facts.min_count:
         raise _fail(facts, f"{facts.n_train} training patients, fewer than the minimum count {facts.min_count}")
+    if num_examples == facts.n_train_events != facts.n_train and 0 < num_examples < facts.min_count:
+        raise _fail(facts, f"weight {num_examples} training events, fewer than the minimum count {facts.min_count}")
     _check_metrics(facts, metrics, FIT_METRICS)
     if "train_events" in metrics:
         _check_count(facts, "train_events", metrics["train_events"], {facts.n_train_events})
+        if facts.n_train_events < facts.min_count:
+            raise _fail(facts, f"train_events: {facts.n_train_events}, fewer than the minimum count {facts.min_count}")
 
 
 def check_evaluate_reply(facts: SiteFacts, num_examples: int, metrics: Mapping[str, Any]) -> None:
     """An evaluate reply: ``num_examples`` and ``events`` are the site's validation counts, pair counts
     are within what ``n_val`` patients allow, the C-index is in [0, 1]."""
-    _check_count(facts, "num_examples", num_examples, {facts.n_val})
+    _check_count(facts, "num_examples", num_examples, {facts.n_val} if facts.n_val >= facts.min_count else {0})
     _check_metrics(facts, metrics, EVAL_METRICS)
     if "events" in metrics:
         _check_count(facts, "events", metrics["events"], {facts.n_val_events})
@@ -90,6 +102,12 @@ def check_evaluate_reply(facts: SiteFacts, num_examples: int, metrics: Mapping[s
     c = float(metrics.get("cindex", 0.5))
     if not (math.isnan(c) or 0.0 <= c <= 1.0):
         raise _fail(facts, f"cindex = {c} outside [0, 1]")
+    if set(metrics) - {"site"} and min(facts.n_val, facts.n_val_events) < facts.min_count:
+        raise _fail(
+            facts,
+            f"validation metrics from {facts.n_val} patients / {facts.n_val_events} events, fewer than the "
+            f"minimum count {facts.min_count}",
+        )
 
 
 def check_summaries(facts: SiteFacts, summaries: Mapping[str, Any]) -> None:
@@ -103,3 +121,23 @@ def check_summaries(facts: SiteFacts, summaries: Mapping[str, Any]) -> None:
         raise _fail(facts, str(e)) from None
     for part, s in typed.items():
         _check_count(facts, f"{part}.n_patients", s.n_patients, set(range(facts.min_count, facts.n_train + 1)))
+        if small := small_cells(s, facts.min_count):
+            raise _fail(facts, f"{len(small)} summary cell(s) of fewer than {facts.min_count} patients: {small[:5]}")
+
+
+def check_histogram(facts: SiteFacts, field: str, counts: Any, n_max: int) -> None:
+    """A histogram on a pre-agreed grid: whole counts, none of 1..k-1, summing to at most ``n_max``."""
+    c = [float(x) for x in counts]
+    if any(not x.is_integer() or x < 0 for x in c) or sum(c) > n_max:
+        raise _fail(facts, f"{field}: not a histogram of at most {n_max} patients")
+    if any(0 < x < facts.min_count for x in c):
+        raise _fail(facts, f"{field}: a bin of fewer than {facts.min_count} patients")
+
+
+def check_follow_up(facts: SiteFacts, value: Any) -> None:
+    """A follow-up ceiling: 0 or a number of at most two significant digits (what ``nice_ceil`` gives)."""
+    from pipeline.stats.curves import nice_ceil
+
+    v = float(value)
+    if v != 0.0 and nice_ceil(v) != v:
+        raise _fail(facts, f"follow_up.ceiling = {value!r} is not rounded to two significant digits")

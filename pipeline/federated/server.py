@@ -21,7 +21,10 @@ replace-one adjacency (one site's update swapped for any other, roster of ``n`` 
 accountant's noise multiplier is ``sigma``, sampling rate 1 (every site every round): the (epsilon, delta)
 is site-level, for the sequence of aggregated updates. It does not cover the evaluation replies (per-site
 validation C-index, pair counts, loss), the best-round selection made from them, or anything computed
-after training. The DP is central: the server sees the clipped updates unless SecAgg+ is on.
+after training. The DP is central: the server sees the clipped updates unless SecAgg+ is on. With
+``federated.dp_local`` each site adds noise of std ``sigma * 2C`` (its own update's replace-one sensitivity)
+to its clipped update before sending, the server adds none, and the same accountant gives each site's
+guarantee against everyone else, server included (the mean then carries ``sqrt(n)`` times the central noise).
 """
 
 from __future__ import annotations
@@ -257,6 +260,7 @@ class FederatedServer:
             "local_epochs": fc.local_epochs,
             "proximal_mu": fc.proximal_mu if fc.strategy == "fedprox" else 0.0,
             "dp_clip": fc.dp_clip if fc.dp_noise > 0 else 0.0,
+            "dp_local_std": fc.dp_noise * 2.0 * fc.dp_clip if fc.dp_noise > 0 and fc.dp_local else 0.0,
             "weighting": fc.weighting,
             "send_metrics": not fc.secagg,  # SecAgg+ masks only the arrays: plain scalars would bypass it
         }
@@ -273,7 +277,7 @@ class FederatedServer:
         if mean is None:
             log.warning("round %d: every update has weight 0 (no events); global model unchanged", rnd)
             return self.global_arrays
-        if self.ledger is not None:
+        if self.ledger is not None and not self.fc.dp_local:  # local DP: every site noised its own update
             mean = add_dp_noise(mean, dp_noise_std(self.fc.dp_noise, self.fc.dp_clip, len(updates)))
         self.global_arrays = self.opt.step(self.global_arrays, mean)
         return self.global_arrays
@@ -355,7 +359,9 @@ class FederatedServer:
                 "delta": self.fc.dp_delta,
                 "noise_multiplier": self.fc.dp_noise,
                 "clip": self.fc.dp_clip,
+                "mode": "local" if self.fc.dp_local else "central",
                 "accountant": "opacus RDPAccountant, sampling rate 1 (every site every round), noise std sigma*2C/n "
-                "(replace-one, fixed roster); covers the aggregated updates, not the evaluation replies",
+                "on the mean (central) or sigma*2C on each site's update (local), replace-one, fixed roster; covers "
+                "the aggregated (central) or each sent (local) update, not the evaluation replies",
             }
         return info

@@ -225,6 +225,16 @@ class _TimeoutGrid(Grid):
         return list(by_node.values())
 
 
+def secagg_shares_threshold(shares: int | None, threshold: int | None, n_sites: int) -> tuple[int, int]:
+    """SecAgg+ ``(shares, reconstruction threshold)`` for ``n_sites``: by default every site holds a share of
+    every site's secrets and a strict majority of the shares (``shares // 2 + 1``) reconstructs them, so the
+    server colluding with any minority of the sites cannot unmask an update; at most ``shares - threshold``
+    sites may drop out of a round. Both are capped so that Flower accepts them (threshold below the shares)."""
+    n_shares = min(shares or n_sites, n_sites)
+    t = threshold if threshold is not None else n_shares // 2 + 1
+    return n_shares, max(2, min(t, n_shares - 1)) if n_shares > 2 else min(t, n_shares)
+
+
 def serve(
     grid: Grid,
     context: Context,
@@ -243,11 +253,12 @@ def serve(
     fit_workflow = None
     if fc.secagg:
         n = max(server.required_sites, len(list(grid.get_node_ids())))
+        n_shares, threshold = secagg_shares_threshold(fc.secagg_shares, fc.secagg_threshold, n)
         # Flower: an integer share count must exceed 2; 1.0 means "every sampled site" (small federations)
-        shares: int | float = min(fc.secagg_shares, n) if min(fc.secagg_shares, n) > 2 else 1.0
+        shares: int | float = n_shares if n_shares > 2 else 1.0
         fit_workflow = SecAggPlusWorkflow(
             num_shares=shares,
-            reconstruction_threshold=min(fc.secagg_threshold, n),
+            reconstruction_threshold=threshold,
             max_weight=1.0 if fc.dp_noise > 0 else fc.secagg_max_weight,
             clipping_range=fc.secagg_clip,
             quantization_range=SECAGG_QUANTISATION,
@@ -273,8 +284,10 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
             raise RuntimeError(f"fewer than min_sites={need} SuperNodes after {timeout:.0f} s")
         _time.sleep(1.0)
     nodes = sorted(grid.get_node_ids())
-    ask = [Message(RecordDict(), nid, "query.summaries", group_id="statistics") for nid in nodes]
-    summaries = []
+    nll = cfg.train.loss == "nll"
+    want = RecordDict({"want": ConfigRecord({"follow_up": nll})})
+    ask = [Message(want, nid, "query.summaries", group_id="statistics") for nid in nodes]
+    summaries, ceilings = [], []
     for reply in grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
         if reply.has_error():
             if is_repeating_failure(reply.error.reason):
@@ -283,6 +296,8 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
             continue
         body = decode_record(str(reply.content.config_records["summaries"]["json"]))
         summaries.append(site_summaries_from_wire(body, site=f"node {reply.metadata.src_node_id}"))
+        if "follow_up" in reply.content.config_records:
+            ceilings.append(float(reply.content.config_records["follow_up"]["ceiling"]))
     o = cfg.omics
     omics_norm, clinical_norm = fit_normalisers(summaries, o.gene_panel, o.max_genes, o.gene_sets, o.min_pathway_genes)
     stats: dict = {}
@@ -290,6 +305,8 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
         stats["omics"] = omics_norm.state()
     if clinical_norm is not None:
         stats["clinical"] = clinical_norm.state()
+    if nll:
+        stats["time_bins"] = exchange_time_bins(grid, nodes, max(ceilings, default=0.0), cfg).tolist()
     body = ConfigRecord({"json": encode_record(stats)})
     tell = [Message(RecordDict({"stats": body}), nid, "query.normalisers", group_id="statistics") for nid in nodes]
     acks = list(grid.send_and_receive(tell, timeout=cfg.federated.round_timeout))
@@ -300,6 +317,26 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
         sum(a.has_content() for a in acks),
     )
     return stats
+
+
+def exchange_time_bins(grid: Grid, nodes: list[int], end: float, cfg: RunConfig) -> np.ndarray:
+    """Discrete-time bins for every site: each sends its event-time histogram on ``time_edges(end)`` (bins under
+    k merged), the server reads the bins off their sum (:func:`~pipeline.stats.curves.bins_from_histogram`)."""
+    from pipeline.stats.curves import TIME_BINS, bins_from_histogram, time_edges
+
+    if end <= 0:
+        raise ValueError(f"discrete-time bins: no site has federated.min_count={cfg.federated.min_count} patients")
+    grid_rec = RecordDict({"grid": ConfigRecord({"end": float(end), "bins": TIME_BINS})})
+    ask = [Message(grid_rec, nid, "query.event_histogram", group_id="statistics") for nid in nodes]
+    total = np.zeros(TIME_BINS, np.int64)
+    for reply in grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
+        if reply.has_error():
+            if is_repeating_failure(reply.error.reason):
+                raise SiteDataError(f"statistics exchange: {reply.error.reason}")
+            log.warning("node %s sent no event-time histogram (%s)", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        total += np.asarray(list(reply.content.config_records["histogram"]["counts"]), np.int64)
+    return bins_from_histogram(time_edges(end), total, cfg.train.n_bins)
 
 
 server_app = ServerApp()

@@ -19,9 +19,11 @@ from data_specs import load_cohort
 from data_specs.config import RunConfig
 from pipeline.federated.policy import SiteFacts
 from pipeline.federated.protocol import Arrays, Evaluation, Update, clip_l2, load_arrays, trainable_arrays
+from pipeline.federated.server import add_dp_noise
 from pipeline.omics.clinical import ClinicalNormaliser
 from pipeline.omics.normalise import OmicsNormaliser, site_summaries
 from pipeline.omics.readers import read_omics
+from pipeline.stats.curves import discrete_time_bins
 from pipeline.stats.metrics import concordant_pairs, harrell_cindex
 from pipeline.training.data import CohortData, load_run_data, make_loader
 from pipeline.training.module import make_trainer, new_model, new_module
@@ -77,6 +79,7 @@ class SiteClient:
     ):
         self.site, self.data, self.cfg, self.rank = site, data, cfg, site_rank
         self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
+        self.bin_edges: np.ndarray | None = None  # discrete-time bins agreed by the federation (None: local)
         self.n_events = int(data.event[self.train_idx].sum())
         if self.n_events < 2:
             # Policy: reported, not fatal. Its updates are (near) zero under a site-stratified Cox loss.
@@ -87,17 +90,25 @@ class SiteClient:
         if getattr(self, "_facts", None) is None:
             shapes = tuple(tuple(v.shape) for v in self.initial_arrays().values())
             n_val_events = int(self.data.event[self.val_idx].sum()) if len(self.val_idx) else 0
+            k = self.cfg.federated.min_count
             self._facts = SiteFacts(
-                self.site, len(self.train_idx), self.n_events, len(self.val_idx), n_val_events, shapes
+                self.site, len(self.train_idx), self.n_events, len(self.val_idx), n_val_events, shapes, k
             )
         return self._facts
 
     def initial_arrays(self) -> Arrays:
         """The seeded initial trainable weights (identical at every site with the same config)."""
-        return trainable_arrays(new_model(self.data, self.cfg))
+        return trainable_arrays(self.new_model())
+
+    def new_model(self):
+        """A fresh seeded model; a discrete-time one gets the federation's :attr:`bin_edges` when set."""
+        model = new_model(self.data, self.cfg)
+        if self.bin_edges is not None and model.n_bins:
+            model.set_bin_edges(torch.from_numpy(np.asarray(self.bin_edges, np.float64)))
+        return model
 
     def _module(self, arrays: Arrays):
-        module = new_module(new_model(self.data, self.cfg), self.cfg)
+        module = new_module(self.new_model(), self.cfg)
         load_arrays(module.model, arrays)
         return module
 
@@ -109,7 +120,8 @@ class SiteClient:
 
         ``config``: ``round``, ``mode`` (``delta``: train ``local_epochs`` and return local - global;
         ``gradient``: return the gradient of the loss over all training patients, no step),
-        ``local_epochs``, ``proximal_mu`` (FedProx), ``dp_clip`` (> 0: clip the update's L2 norm, send
+        ``local_epochs``, ``proximal_mu`` (FedProx), ``dp_local_std`` (> 0: local DP, Gaussian noise of that std
+        added to the clipped update here), ``dp_clip`` (> 0: clip the update's L2 norm, send
         weight 1 and no metrics), ``weighting`` (``examples`` or ``events``), ``send_metrics`` (False under
         SecAgg+: the scalars would travel unmasked).
         """
@@ -146,30 +158,33 @@ class SiteClient:
         clip = float(config.get("dp_clip", 0.0))
         if clip > 0:  # sensitivity bounded by the clip; equal weights; no data-derived scalars leave the site
             upd, _ = clip_l2(upd, clip)
+            std = float(config.get("dp_local_std", 0.0))
+            if std > 0:  # local DP: noised here, from the OS CSPRNG, before anything leaves the site
+                upd = {k: v.astype(np.float32) for k, v in add_dp_noise(upd, std).items()}
             return Update(upd, 1, {})
         weight = self.n_events if config.get("weighting", "examples") == "events" else len(self.train_idx)
         metrics = {"train_loss": loss, "train_events": float(self.n_events)} if config.get("send_metrics", True) else {}
+        if self.n_events < self.facts().min_count:  # a count of fewer than k events is not sent
+            metrics.pop("train_events", None)
         return Update(upd, int(weight), metrics)
 
     def evaluate(self, arrays: Arrays, config: dict) -> Evaluation:
         """Validation of the global model on this site's validation patients: scalars only.
 
-        Under DP (``federated.dp_noise`` > 0) a site with fewer validation events than the disclosure
-        policy's minimum count sends its patient count only (no C-index, pair counts, loss or events: on so
-        few events they place single patients; warning naming the site); the server pools the others.
+        A site with fewer than ``federated.min_count`` (k) validation patients or events sends no metric (no
+        C-index, pair counts, loss or events: on so few they place single patients), and its patient count
+        only when that is at least k (0 otherwise); a warning names the site. The server pools the others.
         """
         if len(self.val_idx) == 0:
             return Evaluation(0, {})
         facts = self.facts()
-        if self.cfg.federated.dp_noise > 0 and facts.n_val_events < facts.min_count:
-            log.warning(
-                "site %s: %d validation event(s), fewer than the minimum count %d: its validation metrics are "
-                "suppressed (not sent) under DP",
-                self.site,
-                facts.n_val_events,
-                facts.min_count,
-            )
-            return Evaluation(len(self.val_idx), {})
+        if min(facts.n_val, facts.n_val_events) < facts.min_count:
+            if not getattr(self, "_warned_small_val", False):
+                msg = "site %s: %d validation patient(s), %d event(s): fewer than federated.min_count=%d, so its "
+                log.warning(msg + "validation metrics are suppressed (not sent)", self.site, facts.n_val,
+                            facts.n_val_events, facts.min_count)  # fmt: skip
+                self._warned_small_val = True
+            return Evaluation(facts.n_val if facts.n_val >= facts.min_count else 0, {})
         module = self._module(arrays)
         lh = predict(module.model, self.data, self.val_idx).log_hz
         t, e = self.data.time[self.val_idx], self.data.event[self.val_idx]
@@ -200,28 +215,57 @@ class SiteClient:
 
 
 def site_clients(data: CohortData, cfg: RunConfig) -> list[SiteClient]:
-    """One client per site with at least 2 training patients (rank = the site's position in the cohort)."""
+    """One client per site with at least ``federated.min_count`` (k) training patients, and k training events
+    when updates are weighted by events (rank = the site's position in the cohort); smaller sites are left
+    out of the federation with a warning naming them (an update over fewer than k patients would leave them)."""
     tr, va = data.subset_sites(data.splits["train"]), data.subset_sites(data.splits["val"])
+    k, by_events = cfg.federated.min_count, cfg.federated.weighting == "events"
     out = []
-    for k, s in enumerate(data.sites):
-        if len(tr[s]) > 1:
-            out.append(SiteClient(s, data, tr[s], va[s], cfg, k))
-        else:
-            log.warning("site %s has %d training patient(s): left out of the federation", s, len(tr[s]))
+    for rank, s in enumerate(data.sites):
+        n, ev = len(tr[s]), int(data.event[tr[s]].sum())
+        if n >= max(k, 2) and (ev >= k or not by_events):
+            out.append(SiteClient(s, data, tr[s], va[s], cfg, rank))
+        elif n:
+            msg = "site %s: %d training patient(s), %d event(s), fewer than federated.min_count=%d: left out"
+            log.warning(msg + " of the federation", s, n, ev, k)
+    if not out:
+        raise ValueError(
+            f"no site has federated.min_count={k} training patients{' and events' if by_events else ''}: "
+            f"training patients per site { {s: len(tr[s]) for s in data.sites} }"
+        )
+    if cfg.train.loss == "nll":  # one set of bins for every site, from the sites' event-time histograms
+        idx = np.concatenate([c.train_idx for c in out])
+        edges = discrete_time_bins(data.time[idx], data.event[idx], data.site[idx], cfg.train.n_bins, k)
+        for c in out:
+            c.bin_edges = edges
     return out
+
+
+def _site_train(spec: Path, site: str, cfg: RunConfig):
+    """The cohort and the positions of ``site``'s training patients (the split rule training uses)."""
+    cohort = load_cohort(spec)
+    t = cfg.train
+    splits = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed)
+    return cohort, [int(i) for i in splits["train"] if cohort.patients[i].site == site]
+
+
+def local_event_times(spec: Path, site: str, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(time [P], event [P])`` of a deployed site's training patients (they stay at the site: it sends only
+    :func:`~pipeline.stats.curves.follow_up_ceiling` and histograms of them)."""
+    cohort, train = _site_train(spec, site, cfg)
+    pts = [cohort.patients[i] for i in train]
+    return np.array([p.time for p in pts], float), np.array([p.event for p in pts], bool)
 
 
 def local_summaries(spec: Path, site: str, cfg: RunConfig) -> tuple[dict[str, dict], int]:
     """A deployed site's :func:`site_summaries` of its own training patients (same split rule as training),
     and its number of training patients (kept at the site: the disclosure policy checks against it)."""
-    cohort = load_cohort(spec)
-    t = cfg.train
-    splits = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed)
-    train_ids = [cohort.patients[i].patient_id for i in splits["train"] if cohort.patients[i].site == site]
+    cohort, train = _site_train(spec, site, cfg)
+    train_ids = [cohort.patients[i].patient_id for i in train]
     adata = read_omics(cohort.omics) if cohort.omics is not None else None
     clinical = ClinicalNormaliser.read(cohort.clinical) if cohort.clinical is not None else None
     values = cohort.omics.values if cohort.omics is not None else "counts"
-    return site_summaries(site, train_ids, adata, values, clinical), len(train_ids)
+    return site_summaries(site, train_ids, adata, values, clinical, cfg.federated.min_count), len(train_ids)
 
 
 def deployed_client(
@@ -246,4 +290,7 @@ def deployed_client(
         clinical_norm=ClinicalNormaliser.from_state(stats["clinical"]) if "clinical" in stats else None,
     )
     tr, va = data.subset_sites(data.splits["train"])[site], data.subset_sites(data.splits["val"])[site]
-    return SiteClient(site, data, tr, va, cfg, data.sites.index(site) if rank is None else rank)
+    client = SiteClient(site, data, tr, va, cfg, data.sites.index(site) if rank is None else rank)
+    if "time_bins" in stats:  # discrete time: the federation's bins, from the sites' event-time histograms
+        client.bin_edges = np.asarray(stats["time_bins"], np.float64)
+    return client

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_specs.summaries import MIN_SUMMARY_PATIENTS, OmicsSiteSummary, SiteSummary
+from data_specs.summaries import MIN_SUMMARY_PATIENTS, OmicsSiteSummary, SiteSummary, suppress_small_cells
 from pipeline.omics.clinical import ClinicalNormaliser
 from pipeline.omics.readers import log_normalise, read_gmt, read_panel
 
@@ -245,7 +245,12 @@ def _pooled_totals(summaries: list[OmicsSiteSummary]) -> tuple[list[str], dict[s
     if len(vals) > 1:
         raise ValueError(f"sites disagree on omics values: {sorted(vals)}; every site must declare the same")
     common = set(summaries[0].genes).intersection(*(s.genes for s in summaries[1:]))
-    genes = [g for g in summaries[0].genes if g in common]
+    observed = {g for s in summaries for g, n in zip(s.genes, np.asarray(s.n), strict=True) if n > 0}
+    if common - observed:  # every site suppressed them (fewer than k patients with a value at each)
+        log.warning(
+            "%d gene(s) have a value at no site after small-count suppression: left out", len(common - observed)
+        )
+    genes = [g for g in summaries[0].genes if g in common and g in observed]
     dropped = len(set().union(*(s.genes for s in summaries))) - len(genes)
     if dropped:
         log.warning("%d gene(s) are not measured at every site and are left out of the panel", dropped)
@@ -316,6 +321,7 @@ def site_summaries(
     adata=None,
     omics_values: str = "counts",
     clinical: pd.DataFrame | None = None,
+    min_count: int | None = None,
 ) -> dict[str, SiteSummary]:
     """What one site shares about its own training patients: ``{"omics": ..., "clinical": ...}``.
 
@@ -325,32 +331,36 @@ def site_summaries(
         adata: its omics (AnnData, patients x genes), or None.
         omics_values: ``counts`` or ``log``.
         clinical: its clinical table (index = patient id, :meth:`ClinicalNormaliser.read`), or None.
+        min_count: the disclosure policy's k (``federated.min_count``; None: no minimum beyond 2 patients, for
+            a centralised run whose data never leave): a modality with fewer than k training patients is left
+            out, and every cell of fewer than k patients is suppressed
+            (:func:`data_specs.summaries.suppress_small_cells`), each with a warning naming the site and field.
 
     A modality with fewer than ``MIN_SUMMARY_PATIENTS`` training patients is left out with a warning
     naming the site: a one-patient summary would be that patient's values.
     """
+    floor = max(MIN_SUMMARY_PATIENTS, min_count or 0)
     out: dict[str, SiteSummary] = {}
     for kind, have in (("omics", adata), ("clinical", clinical)):
         if have is None:
             continue
         index = set(map(str, have.obs_names)) if kind == "omics" else set(map(str, have.index))
         ids = [i for i in train_ids if i in index]
-        if len(ids) < MIN_SUMMARY_PATIENTS:
+        if len(ids) < floor:
             if ids:
-                log.warning(
-                    "site %s: %d training patient(s) with %s data, fewer than %d: the site's %s summary is left "
-                    "out of the cohort-level statistics",
-                    site,
-                    len(ids),
-                    kind,
-                    MIN_SUMMARY_PATIENTS,
-                    kind,
-                )
+                msg = "site %s: %d training patient(s) with %s data, fewer than %d: its summary is left out"
+                log.warning(msg, site, len(ids), kind, floor)
             continue
         if kind == "omics":
-            out[kind] = OmicsNormaliser.site_summary(adata, ids, omics_values)
+            summary: SiteSummary = OmicsNormaliser.site_summary(adata, ids, omics_values)
         else:
-            out[kind] = ClinicalNormaliser.site_summary(clinical, ids)
+            summary = ClinicalNormaliser.site_summary(clinical, ids)
+        if min_count is not None:
+            summary, notes = suppress_small_cells(summary, min_count)
+            if notes:
+                msg = "site %s: %d %s summary cell(s) of 1..%d patients suppressed (federated.min_count): %s"
+                log.warning(msg, site, len(notes), kind, min_count - 1, ", ".join(notes[:10]))
+        out[kind] = summary
     return out
 
 

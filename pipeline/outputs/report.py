@@ -287,19 +287,19 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
 
     from pipeline.outputs.model_card import limitations_html, metadata_html, model_card_html
     from pipeline.outputs.plots import time_unit_of
+    from pipeline.outputs.privacy_report import privacy_html
 
     rf = RunFiles(root=Path(out))
     unit = time_unit_of(pd.read_csv(rf.risk_scores, nrows=0).columns) if rf.risk_scores.is_file() else ""
     parts = [f"<h1>{html.escape(title)}</h1>"]
-    parts += model_card_html(rf)
-    parts += limitations_html(rf)
+    parts += model_card_html(rf) + limitations_html(rf)
     parts += _cohort_section(rf)
     parts += _metrics_section(rf, unit)
     if rf.metrics.is_file():  # model vs centralised baselines, modality contributions
         from pipeline.outputs.baseline_report import baselines_html
 
         parts += baselines_html(json.loads(rf.metrics.read_text()))
-    parts += _training_section(rf)
+    parts += _training_section(rf) + privacy_html(rf)
     if rf.attributions.is_dir():
         parts += _biomarker_sections(rf)
         parts += _tile_sections(rf)

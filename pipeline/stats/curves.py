@@ -26,9 +26,12 @@ For discrete-time models (hazard ``h_k`` in bin ``k`` with edges ``e_0 < e_1 < .
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -214,14 +217,21 @@ def years_per_unit(time_unit: str | None) -> float | None:
 
 
 def default_horizons(
-    time: np.ndarray, event: np.ndarray, grid: np.ndarray | None = None, time_unit: str | None = None
+    time: np.ndarray,
+    event: np.ndarray,
+    grid: np.ndarray | None = None,
+    time_unit: str | None = None,
+    site: np.ndarray | None = None,
+    min_count: int = 1,
 ) -> list[float]:
     """Default horizons: 1, 3 and 5 years in the cohort's ``time_unit`` (``days`` -> 365, 1095, 1825;
     ``months`` -> 12, 36, 60; ``years`` -> 1, 3, 5), keeping those at most the largest follow-up ``time [P]``.
 
     If the unit is unknown or no year horizon fits, the quartiles of the event times (``event [P]``) rounded
-    to 2 significant digits. The horizons are never snapped: put them into a baseline grid with
-    :func:`grid_with` (``grid`` is accepted for old callers and ignored)."""
+    to 2 significant digits; with ``site [P]`` read off the summed site histograms of the event times
+    (:func:`time_edges`, bins under ``min_count`` merged), never off the pooled times. The
+    horizons are never snapped: put them into a baseline grid with :func:`grid_with` (``grid`` is accepted
+    for old callers and ignored)."""
     del grid
     t = np.asarray(time, float)
     per_year = years_per_unit(time_unit)
@@ -229,10 +239,16 @@ def default_horizons(
         fit = [float(per_year * y) for y in (1, 3, 5) if per_year * y <= t.max()]
         if fit:
             return fit
-    te = t[np.asarray(event, bool)]
-    if len(te) == 0:
+    ev = np.asarray(event, bool)
+    if not ev.any():
         return []
-    return sorted({float(f"{v:.2g}") for v in np.quantile(te, [0.25, 0.5, 0.75])})
+    if site is None:  # one process holding every patient (centralised): the quartiles themselves
+        return sorted({float(f"{v:.2g}") for v in np.quantile(t[ev], [0.25, 0.5, 0.75])})
+    edges = time_edges(nice_ceil(float(t.max())))
+    hist = pooled_histogram(t[ev], np.asarray(site)[ev], edges, min_count)
+    if hist.sum() == 0:
+        return []
+    return sorted({float(f"{v:.2g}") for v in histogram_quantiles(edges, hist, [0.25, 0.5, 0.75])})
 
 
 def grid_with(grid: np.ndarray, points: list[float]) -> np.ndarray:
@@ -252,3 +268,108 @@ def grid_with(grid: np.ndarray, points: list[float]) -> np.ndarray:
         else:
             extra.append(p)
     return np.union1d(g, extra) if extra else g
+
+
+# Quantiles from aggregates. A site never sends a patient's value for a cut-point, a horizon or a bin edge: it
+# sends a histogram on a grid agreed before anyone looks at the data (:func:`site_histogram`; bins of 1..k-1
+# patients merged into their right neighbours), the server sums them and reads quantiles off the sum
+# (:func:`histogram_quantiles`, linear within a bin).
+
+RISK_EDGES = np.round(np.linspace(-8.0, 8.0, 161), 10)  # log-hazard histogram bins (width 0.1); tails clamped
+TIME_BINS = 100  # event-time histogram bins on [0, nice_ceil(largest follow-up)]
+
+
+def site_histogram(values: np.ndarray, edges: np.ndarray, min_count: int = 1) -> np.ndarray:
+    """Counts ``[K]`` of ``values [P]`` in the bins of ``edges [K + 1]`` (values outside go to the end bins),
+    with the minimum-count rule: consecutive bins are merged left to right until they hold ``min_count``
+    patients, the run's count reported in its last bin; a last run still short joins the previous one (all
+    zeros when fewer than ``min_count`` values in all). No bin of the result holds 1..min_count-1."""
+    edges = np.asarray(edges, float)
+    k = np.clip(np.searchsorted(edges, np.asarray(values, float), side="right") - 1, 0, len(edges) - 2)
+    raw = np.bincount(k, minlength=len(edges) - 1).astype(np.int64)
+    if min_count <= 1:
+        return raw
+    out = np.zeros_like(raw)
+    run, last = 0, None
+    for i, c in enumerate(raw):
+        run += int(c)
+        if run >= min_count:
+            out[i], run, last = run, 0, i
+    if run and last is not None:
+        out[last] += run
+    return out
+
+
+def histogram_quantiles(edges: np.ndarray, counts: np.ndarray, q: np.ndarray | list[float]) -> np.ndarray:
+    """Quantiles ``q`` of the distribution whose histogram is ``counts [K]`` on ``edges [K + 1]`` (uniform
+    within each bin: the empirical CDF interpolated linearly). ``ValueError`` for an empty histogram."""
+    edges, counts = np.asarray(edges, float), np.asarray(counts, float)
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("an empty histogram has no quantiles (every site's bins were suppressed or empty)")
+    cdf = np.concatenate([[0.0], np.cumsum(counts) / total])  # at each edge
+    q = np.clip(np.asarray(q, float), 0.0, 1.0)
+    i = np.clip(np.searchsorted(cdf, q, side="left"), 1, len(counts))  # bin i holds the q-th quantile
+    i = np.where((q == 0) & (counts[i - 1] == 0), np.argmax(counts > 0) + 1, i)  # q = 0: the first filled bin
+    frac = (q - cdf[i - 1]) / np.maximum(counts[i - 1] / total, 1e-300)
+    return edges[i - 1] + np.clip(frac, 0.0, 1.0) * (edges[i] - edges[i - 1])
+
+
+def pooled_histogram(values: np.ndarray, site: np.ndarray, edges: np.ndarray, min_count: int) -> np.ndarray:
+    """The server's sum of every site's :func:`site_histogram` (``site [P]``: each value's site)."""
+    values, site = np.asarray(values, float), np.asarray(site)
+    total = np.zeros(len(edges) - 1, np.int64)
+    for s in np.unique(site):
+        total += site_histogram(values[site == s], edges, min_count)
+    return total
+
+
+def risk_cutpoints(log_hz: np.ndarray, site: np.ndarray, min_count: int) -> dict[str, float | list[float]]:
+    """Risk-group cut-points (``median``, ``tertiles``) of training log hazards ``[P]`` from the sum of the
+    sites' histograms on :data:`RISK_EDGES`: never a patient's own log hazard."""
+    if len(log_hz) == 0:
+        return {"median": 0.0, "tertiles": []}
+    hist = pooled_histogram(log_hz, site, RISK_EDGES, min_count)
+    if hist.sum() == 0:  # no site has k patients (a federation would not have trained): one process holds them all
+        log.warning("risk cut-points: no site has %d training patients; histogram bins are not merged", min_count)
+        hist = pooled_histogram(log_hz, site, RISK_EDGES, 1)
+    q = histogram_quantiles(RISK_EDGES, hist, [0.5, 1 / 3, 2 / 3])
+    return {"median": float(q[0]), "tertiles": [float(q[1]), float(q[2])]}
+
+
+def time_edges(end: float, k: int = TIME_BINS) -> np.ndarray:
+    """The pre-agreed event-time histogram edges ``[k + 1]`` on ``[0, end]`` (``end``: :func:`nice_ceil` of the
+    largest follow-up, which each site can send rounded)."""
+    return np.linspace(0.0, float(end), k + 1)
+
+
+def follow_up_ceiling(time: np.ndarray, min_count: int) -> float:
+    """What a site says about its follow-up: the ``min_count``-th largest of its times ``[P]`` rounded up to two
+    significant digits (:func:`nice_ceil`), i.e. "at least k patients were followed up to about here"; 0.0
+    with fewer than ``min_count`` patients. The consortium's time grids end at the largest of these."""
+    t = np.sort(np.asarray(time, float))
+    return nice_ceil(float(t[-min_count])) if len(t) >= max(1, min_count) else 0.0
+
+
+def bins_from_histogram(edges: np.ndarray, counts: np.ndarray, n_bins: int) -> np.ndarray:
+    """Discrete-time bin edges ``[n_bins + 1]``: 0, the event-time quantiles of the summed site histogram
+    ``counts`` on ``edges`` (:func:`time_edges`), and the grid's end. ``ValueError`` for an empty histogram."""
+    if np.asarray(counts).sum() == 0:
+        raise ValueError("discrete-time bins: no site has federated.min_count training events (every bin suppressed)")
+    inner = histogram_quantiles(edges, counts, np.linspace(0, 1, n_bins + 1)[1:-1])
+    return np.concatenate([[0.0], inner, [float(edges[-1])]])
+
+
+def discrete_time_bins(
+    time: np.ndarray, event: np.ndarray, site: np.ndarray, n_bins: int, min_count: int
+) -> np.ndarray:
+    """Discrete-time bin edges ``[n_bins + 1]`` from aggregates, as a deployment computes them: the grid ends
+    at the largest site :func:`follow_up_ceiling`, each site sends its event-time histogram on
+    :func:`time_edges` (:func:`site_histogram`), the server takes :func:`bins_from_histogram` of their sum.
+    No edge is a patient's time. ``ValueError`` when no site has ``min_count`` events."""
+    time, event, site = np.asarray(time, float), np.asarray(event, bool), np.asarray(site)
+    if not event.any():
+        raise ValueError(f"discrete-time bins need event times: all {len(time)} training patients are censored")
+    end = max(follow_up_ceiling(time[site == s], min_count) for s in np.unique(site))
+    edges = time_edges(end if end > 0 else nice_ceil(float(time.max())))
+    return bins_from_histogram(edges, pooled_histogram(time[event], site[event], edges, min_count), n_bins)

@@ -63,7 +63,7 @@ def split_digest(patient_ids: list[str], splits: dict[str, np.ndarray]) -> str:
 
 
 def make_card(model: MultimodalSurvival, data: CohortData, cfg: RunConfig, **extra: Any) -> ModelCard:
-    """The card for ``model`` trained on ``data``: cut-points from its training patients' risks, and the
+    """The card for ``model`` trained on ``data``: cut-points from its training patients' risks (histograms), the
     :func:`split_digest` of ``data``'s splits.
 
     ``extra``: further card fields (``train_info``, ``horizons``, ``baseline``); never ``splits`` (patient ids).
@@ -71,11 +71,13 @@ def make_card(model: MultimodalSurvival, data: CohortData, cfg: RunConfig, **ext
     if extra.get("splits"):
         raise ValueError("a model card holds no patient ids: pass no 'splits' (the card keeps their digest)")
     extra.pop("splits", None)
-    train_lh = predict(model, data, data.splits["train"]).log_hz
-    cut = Cutpoints(
-        median=float(np.median(train_lh)) if len(train_lh) else 0.0,
-        tertiles=[float(v) for v in np.quantile(train_lh, [1 / 3, 2 / 3])] if len(train_lh) else [],
-    )
+    from pipeline.stats.curves import risk_cutpoints
+
+    tr = data.splits["train"]
+    # from the sum of the sites' log-hazard histograms (federated: bins of fewer than federated.min_count merged),
+    # never a training patient's own log hazard
+    k = cfg.federated.min_count if cfg.federated.enabled else 1
+    cut = Cutpoints(**risk_cutpoints(predict(model, data, tr).log_hz, data.site[tr], k))
     state = model.state_dict()
     return ModelCard(
         config=cfg,
