@@ -137,7 +137,9 @@ def _one_seed(inputs: _Inputs, cfg: RunConfig, rf: RunFiles, final: RunFiles) ->
     return res
 
 
-def _one_fold(inputs: _Inputs, cfg: RunConfig, folds: np.ndarray, f: int, stage: Path, final: Path):
+def _one_fold(
+    inputs: _Inputs, cfg: RunConfig, folds: np.ndarray, f: int, stage: Path, final: Path
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """Train fold ``f`` into ``stage``; returns its ``cv_results.json`` row, test indices and test ``log_hz``."""
     from pipeline.outputs.cv import score_fold
 
@@ -156,7 +158,9 @@ def _one_fold(inputs: _Inputs, cfg: RunConfig, folds: np.ndarray, f: int, stage:
     return row, splits["test"], lh
 
 
-def _train_predict(cohort: Cohort, cfg: RunConfig, data: CohortData, stage: Path, final: Path, progress: bool):
+def _train_predict(
+    cohort: Cohort, cfg: RunConfig, data: CohortData, stage: Path, final: Path, progress: bool
+) -> np.ndarray:
     """Train on ``data``'s train/val split into ``stage`` (the config naming ``final``); test ``log_hz``."""
     from pipeline.stages import stage_train
     from pipeline.training.bundle import load_bundle
