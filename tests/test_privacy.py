@@ -348,3 +348,32 @@ def test_local_dp_noises_each_update_at_the_site_and_the_server_adds_none(fed_da
     central = FederatedServer(_cfg(base, *dp), c.initial_arrays())
     assert central.fit_config(0)["dp_local_std"] == 0.0
     assert any(not np.array_equal(central.aggregate(0, ups, [])[k], want[k]) for k in want)
+
+
+def test_a_patient_time_smuggled_in_a_histogram_or_a_follow_up_ceiling_is_refused():
+    from pipeline.federated.policy import DisclosureError, SiteFacts, check_follow_up, check_histogram
+
+    facts = SiteFacts("s", 40, 12, 0, 0, (), 10)
+    check_histogram(facts, "histogram.counts", [0, 10, 0, 2 + 10, 0], 12 + 10)
+    for counts, what in (([0, 3, 9], "fewer than 10"), ([0, 12.5], "not a histogram"), ([20, 20], "not a histogram")):
+        with pytest.raises(DisclosureError, match=what):
+            check_histogram(facts, "histogram.counts", counts, 12)
+    check_follow_up(facts, 3700.0)
+    check_follow_up(facts, 0.0)
+    with pytest.raises(DisclosureError, match="two significant digits"):
+        check_follow_up(facts, 3652.25)  # an exact time instead of the rounded k-th largest follow-up
+
+
+@pytest.mark.parametrize(
+    "n, shares, threshold, want",
+    [(3, None, None, (3, 2)), (6, None, None, (6, 4)), (10, None, None, (10, 6)), (6, 3, None, (3, 2)),
+     (6, None, 5, (6, 5)), (2, None, None, (2, 2))],
+)  # fmt: skip
+def test_secagg_default_threshold_is_a_strict_majority_of_every_site(n, shares, threshold, want):
+    from pipeline.federated.server_app import secagg_shares_threshold
+
+    got = secagg_shares_threshold(shares, threshold, n)
+    assert got == want
+    s, t = got
+    if shares is None and threshold is None and n > 2:
+        assert t > s / 2 and t < s  # colluders need more than half of the shares; a dropout is tolerated
