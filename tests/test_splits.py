@@ -166,3 +166,10 @@ def test_train_with_test_sites_leaves_them_out_of_the_federation(tmp_path):
     assert main(args) == 0
     info = json.loads((tmp_path / "o" / "train_summary.json").read_text())
     assert info["mode"] == "federated" and info["sites"] == ["A", "B"]
+    # the model's own cohort gets back its split, test sites included, so predict/attribute score them as test
+    from pipeline.training.bundle import cohort_splits, read_card
+
+    cohort = load_cohort(spec)
+    back = cohort_splits(cohort, read_card(tmp_path / "o" / "model.safetensors"))
+    assert len(back["predict"]) == 0
+    assert _site(cohort, back["test"]) >= {"C"} and "C" not in _site(cohort, back["train"]) | _site(cohort, back["val"])

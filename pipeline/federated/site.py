@@ -245,7 +245,7 @@ def _site_train(spec: Path, site: str, cfg: RunConfig):
     """The cohort and the positions of ``site``'s training patients (the split rule training uses)."""
     cohort = load_cohort(spec)
     t = cfg.train
-    splits = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed)
+    splits = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed, t.test_sites)
     return cohort, [int(i) for i in splits["train"] if cohort.patients[i].site == site]
 
 

@@ -243,7 +243,7 @@ def cohort_splits(cohort: Cohort, card: ModelCard) -> dict[str, np.ndarray]:
         labels = np.array([card.splits.get(p.patient_id, p.split or "predict") for p in cohort.patients])
     else:
         t = card.config.train
-        own = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed)
+        own = assign_splits(cohort, t.val_fraction, t.test_fraction, t.seed, t.test_sites)
         if card.split_digest and split_digest([p.patient_id for p in cohort.patients], own) == card.split_digest:
             return {**own, "predict": np.zeros(0, int)}
         log.info("the cohort is not the model's training cohort: splits from its manifest, else 'predict'")
