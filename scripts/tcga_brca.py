@@ -57,6 +57,10 @@ METHODS |= {
     "linear_fedavg": [*LINEAR, "federated.strategy=fedavg"],
     "linear_fedadam": [*LINEAR, "federated.strategy=fedadam", "federated.server_lr=0.05"],
 }
+# What every federated `histofuse run` reports as "federated linear Cox (no pooling)"
+# (pipeline.outputs.federated_linear): the run's own strategy and schedule, its weight decay chosen per seed on
+# the pooled validation C-index
+METHODS |= {"inrun_linear_fedavg": ["federated.strategy=fedavg"], "inrun_linear_fedadam": METHODS["fedadam"]}
 _PENALTY = (0.01, 1.0, 10.0)  # AdamW weight decay: ~none, moderate, strong (|w| <~ 1 / weight_decay)
 CANDIDATES: dict[str, list[list[str]]] = {
     "fedsgd": [[f"federated.server_lr={lr}"] for lr in (0.1, 0.3, 1.0)],
@@ -94,6 +98,13 @@ def train_one(method: str, data, cfg) -> list[dict]:
             out.append({"site": s, "test": _cindex(data, te, module.model), "val": _cindex(data, va, module.model)})
         return out
     t0 = time.perf_counter()
+    if method.startswith("inrun_"):
+        from pipeline.outputs.federated_linear import fit_federated_linear
+        from pipeline.outputs.scoring import BaselineSettings
+
+        fl = fit_federated_linear(data, cfg, settings=BaselineSettings(n_boot=0))  # Harrell C = lifelines' here
+        return [{"test": fl["cindex"], "val": fl["val_cindex"], "weight_decay": fl["weight_decay"],
+                 "seconds": time.perf_counter() - t0}]  # fmt: skip
     if not cfg.federated.enabled:  # pooled (centralised) training, either family
         module, _ = fit_local(data, cfg)
         model, secs = module.model, time.perf_counter() - t0
