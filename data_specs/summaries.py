@@ -240,3 +240,35 @@ def site_summaries_from_wire(d: Any, site: str | None = None) -> dict[str, SiteS
     if extra := sorted(set(d) - set(SUMMARY_PARTS)):
         raise ValueError(f"{where}undeclared summary part(s) {extra}; declared {sorted(SUMMARY_PARTS)}")
     return {part: SUMMARY_PARTS[part].from_wire(v, site) for part, v in d.items()}
+
+
+def drop_empty_columns(summaries: list[ClinicalSiteSummary]) -> tuple[list[ClinicalSiteSummary], list[str]]:
+    """The clinical summaries without the columns that hold no value at any site once small cells are
+    suppressed (a numeric column observed in no patient, a categorical one with no category left), and their
+    names: a column suppressed everywhere is left out of the model instead of failing the run."""
+    if not summaries:
+        return summaries, []
+    empty = []
+    for c in summaries[0].columns:
+        num = [s.numeric for s in summaries if c in s.numeric.columns]
+        if num:
+            n = sum(int(np.asarray(x.n)[x.columns.index(c)]) for x in num)
+        else:
+            n = sum(sum(s.categorical.get(c, {}).values()) for s in summaries)
+        if n == 0:
+            empty.append(c)
+    if not empty:
+        return summaries, []
+    out = []
+    for s in summaries:
+        keep = [i for i, c in enumerate(s.numeric.columns) if c not in empty]
+        num = s.numeric.model_copy(update={"columns": [s.numeric.columns[i] for i in keep], "n": s.numeric.n[keep],
+                                           "sum": s.numeric.sum[keep], "sumsq": s.numeric.sumsq[keep]})  # fmt: skip
+        update = {
+            "columns": [c for c in s.columns if c not in empty],
+            "numeric": num,
+            "categorical": {c: v for c, v in s.categorical.items() if c not in empty},
+            "missing": {c: v for c, v in s.missing.items() if c not in empty},
+        }
+        out.append(s.model_copy(update=update))
+    return out, empty

@@ -62,12 +62,16 @@ def test_deployed_apps_exchange_statistics_and_train_in_process(clinical_omics_c
     stats = [decode_record(str(c.state.config_records[STATS_KEY]["json"])) for c in grid.contexts.values()]
     from pipeline.federated.site import local_summaries
     from pipeline.omics.normalise import fit_normalisers
+    from pipeline.training.data import load_run_data
 
     cfg = resolve_config(None, [f"{k}={v}" for k, v in RUN_CONFIG.items()])
     # each site's summaries as it sends them (cells under federated.min_count suppressed), combined here
     ref_omics, ref_clinical = fit_normalisers(
         [local_summaries(clinical_omics_cohort, s, cfg)[0] for s in nodes.values()]
     )
+    emb = load_run_data(cohort, cfg)  # the embedded runtime simulates the same exchange (same k)
+    assert emb.omics_norm.genes == ref_omics.genes and emb.clinical_norm.columns == ref_clinical.columns
+    np.testing.assert_allclose(emb.clinical_norm.mean, ref_clinical.mean, rtol=1e-10)
     for s in stats:
         assert s["omics"]["genes"] == ref_omics.genes
         np.testing.assert_allclose(s["omics"]["mean"], ref_omics.mean, rtol=1e-10)

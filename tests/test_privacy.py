@@ -377,3 +377,18 @@ def test_secagg_default_threshold_is_a_strict_majority_of_every_site(n, shares, 
     s, t = got
     if shares is None and threshold is None and n > 2:
         assert t > s / 2 and t < s  # colluders need more than half of the shares; a dropout is tolerated
+
+
+def test_a_column_suppressed_at_every_site_is_left_out_not_fatal(caplog):
+    from pipeline.omics.normalise import fit_normalisers, site_summaries
+
+    sites = []
+    for k in range(3):  # three sites of 30, each with 3 patients carrying a rare 0/1 marker: 9 in all, 3 a site
+        df = _site_clinical(n_rare=3 + k).drop(columns=["stage"])
+        df["rare"] = [1.0] * 3 + [0.0] * (len(df) - 3)
+        df.index = [f"S{k}-{i}" for i in range(len(df))]
+        sites.append(site_summaries(f"site{k}", list(df.index), clinical=df, min_count=10))
+    caplog.clear()
+    _, norm = fit_normalisers(sites)
+    assert "rare" not in norm.numeric and "brca1" not in norm.numeric and "age" in norm.numeric
+    assert any("rare" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)

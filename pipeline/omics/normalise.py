@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_specs.summaries import MIN_SUMMARY_PATIENTS, OmicsSiteSummary, SiteSummary, suppress_small_cells
+import data_specs.summaries as ds
+from data_specs.summaries import MIN_SUMMARY_PATIENTS, OmicsSiteSummary, SiteSummary
 from pipeline.omics.clinical import ClinicalNormaliser
 from pipeline.omics.readers import log_normalise, read_gmt, read_panel
 
@@ -64,8 +65,7 @@ class OmicsNormaliser:
 
     Attributes:
         genes: the standardised gene panel ``[G]`` (harmonised identifiers).
-        mean, std: ``[G]`` float64 cohort-level training mean and population sd of the log-normalised
-            expression (sd 1 where a gene is constant).
+        mean, std: ``[G]`` float64 cohort-level training mean and population sd of the log expression (sd 1: constant).
         values: ``counts`` or ``log`` (how the file's values are normalised per patient).
         pathways: pathway token names ``[T]`` (empty: one feature per gene).
         pathway_members: per token, indices into ``genes``.
@@ -331,13 +331,10 @@ def site_summaries(
         adata: its omics (AnnData, patients x genes), or None.
         omics_values: ``counts`` or ``log``.
         clinical: its clinical table (index = patient id, :meth:`ClinicalNormaliser.read`), or None.
-        min_count: the disclosure policy's k (``federated.min_count``; None: no minimum beyond 2 patients, for
-            a centralised run whose data never leave): a modality with fewer than k training patients is left
-            out, and every cell of fewer than k patients is suppressed
-            (:func:`data_specs.summaries.suppress_small_cells`), each with a warning naming the site and field.
+        min_count: k (``federated.min_count``; None: a centralised run, 2 patients): a modality under k training
+            patients is left out and every cell under k suppressed (:func:`data_specs.summaries.suppress_small_cells`).
 
-    A modality with fewer than ``MIN_SUMMARY_PATIENTS`` training patients is left out with a warning
-    naming the site: a one-patient summary would be that patient's values.
+    A modality with fewer than ``MIN_SUMMARY_PATIENTS`` (or k) training patients is left out, warning naming the site.
     """
     floor = max(MIN_SUMMARY_PATIENTS, min_count or 0)
     out: dict[str, SiteSummary] = {}
@@ -356,7 +353,7 @@ def site_summaries(
         else:
             summary = ClinicalNormaliser.site_summary(clinical, ids)
         if min_count is not None:
-            summary, notes = suppress_small_cells(summary, min_count)
+            summary, notes = ds.suppress_small_cells(summary, min_count)
             if notes:
                 msg = "site %s: %d %s summary cell(s) of 1..%d patients suppressed (federated.min_count): %s"
                 log.warning(msg, site, len(notes), kind, min_count - 1, ", ".join(notes[:10]))
@@ -396,5 +393,8 @@ def fit_normalisers(
         sets = read_gmt(gene_sets) if isinstance(gene_sets, Path | str) else gene_sets
         o_norm = OmicsNormaliser.from_summaries(omics, panel, max_genes, sets, min_pathway_genes)
     if clinical:
+        clinical, empty = ds.drop_empty_columns(clinical)  # suppressed (fewer than k patients) at every site
+        if empty:
+            log.warning("clinical column(s) %s: no value at any site after suppression: left out", empty)
         c_norm = ClinicalNormaliser.from_summaries(clinical)
     return o_norm, c_norm

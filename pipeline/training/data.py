@@ -115,6 +115,7 @@ def build_data(
     min_pathway_genes: int = 3,
     bags: Bags | None = None,
     test_sites: tuple[str, ...] | list[str] = (),
+    min_count: int | None = None,
 ) -> CohortData:
     """Align every modality to the cohort. ``expect_features``: the encoder identity every features file must carry.
 
@@ -128,7 +129,7 @@ def build_data(
     statistics come from those summaries only; raw values are never pooled across sites. A site with
     fewer than 2 training patients for a modality contributes no summary (a warning): a one-patient
     summary would be that patient's values. A site without training patients (a test-only site) contributes
-    nothing to the statistics.
+    nothing to the statistics. ``min_count``: a federated run's k; summary cells under k suppressed, as a site does.
     """
     pids = [p.patient_id for p in cohort.patients]
     sites = cohort.sites
@@ -154,9 +155,9 @@ def build_data(
     per_site = data.subset_sites(np.asarray(splits["train"], int)).items()
     site_train = {s: [pids[i] for i in idx] for s, idx in per_site if len(idx)}  # test-only sites: no summary
     if cohort.omics is not None:
-        _add_omics(data, cohort, site_train, omics_norm, gene_panel, max_genes, gene_sets, min_pathway_genes)
+        _add_omics(data, cohort, site_train, omics_norm, gene_panel, max_genes, gene_sets, min_pathway_genes, min_count)
     if cohort.clinical is not None:
-        _add_clinical(data, cohort, site_train, clinical_norm)
+        _add_clinical(data, cohort, site_train, clinical_norm, min_count)
     return data
 
 
@@ -205,12 +206,15 @@ def _add_omics(
     max_genes: int | None,
     gene_sets: Path | dict[str, list[str]] | None,
     min_pathway_genes: int,
+    min_count: int | None = None,
 ) -> None:
     """Standardised omics ``[P, G]`` (normaliser given, or fitted from per-site training summaries)."""
     assert cohort.omics is not None
     adata = read_omics(cohort.omics, data.patient_ids)
     if omics_norm is None:
-        summaries = [site_summaries(s, ids, adata, cohort.omics.values) for s, ids in site_train.items()]
+        summaries = [
+            site_summaries(s, ids, adata, cohort.omics.values, min_count=min_count) for s, ids in site_train.items()
+        ]
         omics_norm, _ = fit_normalisers(summaries, gene_panel, max_genes, gene_sets, min_pathway_genes, ("omics",))
     assert omics_norm is not None
     data.omics, data.omics_present = omics_norm.transform(adata, data.patient_ids)
@@ -220,13 +224,17 @@ def _add_omics(
 
 
 def _add_clinical(
-    data: CohortData, cohort: Cohort, site_train: dict[str, list[str]], clinical_norm: ClinicalNormaliser | None
+    data: CohortData,
+    cohort: Cohort,
+    site_train: dict[str, list[str]],
+    clinical_norm: ClinicalNormaliser | None,
+    min_count: int | None = None,
 ) -> None:
     """Standardised / one-hot clinical ``[P, C]`` (normaliser given, or fitted from per-site summaries)."""
     assert cohort.clinical is not None
     df = ClinicalNormaliser.read(cohort.clinical)
     if clinical_norm is None:
-        summaries = [site_summaries(s, ids, clinical=df) for s, ids in site_train.items()]
+        summaries = [site_summaries(s, ids, clinical=df, min_count=min_count) for s, ids in site_train.items()]
         _, clinical_norm = fit_normalisers(summaries, require=("clinical",))
     assert clinical_norm is not None
     data.clinical, data.clinical_present = clinical_norm.transform(df, data.patient_ids)
@@ -323,5 +331,6 @@ def load_run_data(cohort: Cohort, cfg: RunConfig, out: Path | None = None, **nor
         gene_sets=cfg.omics.gene_sets,
         min_pathway_genes=cfg.omics.min_pathway_genes,
         test_sites=t.test_sites,
+        min_count=cfg.federated.min_count if cfg.federated.enabled else None,  # the sites' summaries under k
         **normalisers,
     )
