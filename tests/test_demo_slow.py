@@ -30,3 +30,19 @@ def test_demo_end_to_end(tmp_path, capsys):
     planted = set(zip(truth.slide_id, truth.x, truth.y, strict=True))
     assert kept <= planted
     assert len(kept) >= 0.99 * len(planted)
+
+
+@pytest.mark.slow
+def test_local_morphology_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "local"
+    args = ["demo", "--morphology", "local", "--out", str(out), "--patients", "40", "--set", "federated.rounds=3"]
+    assert main(args) == 0
+    assert "carrier tiles (" in capsys.readouterr().out
+    loc = json.loads((out / "truth_check.json").read_text())["local_morphology"]
+    assert loc["carrier_slides"] > 0 and loc["attention"]["slides"] == loc["carrier_slides"]
+    assert 0 <= loc["attention"]["auc"] <= 1 and 0 <= loc["ig"]["auc"] <= 1
+    assert {"attention", "ig"} <= set(loc["deletion"]["gap_vs_random"])
+    assert "slides" in loc["coxnet_test_cindex"]  # the mean-pool baseline was fitted on this cohort
+    truth = pd.read_csv(out / "cohort" / "truth" / "tiles.csv")
+    tiles = pd.read_csv(out / "attributions" / "tiles.csv").merge(truth, on=["slide_id", "x", "y"])
+    assert tiles.is_carrier.sum() > 0  # carrier blocks pass tissue detection and are attended
