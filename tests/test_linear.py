@@ -171,3 +171,27 @@ def test_linear_family_learns_the_slide_signal_centralised_and_federated(federat
     w = model.slide_linear.weight[0].detach().abs()
     assert int(w.argmax()) == 0 and float(model.slide_scale[0]) > 5  # feature 0, standardised from its scale
     assert float(new_model(data, cfg).slide_mean[0]) == pytest.approx(float(model.slide_mean[0]))
+
+
+def test_model_file_round_trip_keeps_the_slide_standardisation(tmp_path):
+    from data_specs.artifacts import FeatureAttrs, RunFiles
+    from pipeline.training.bundle import load_bundle, save_bundle
+    from pipeline.training.module import new_model
+    from pipeline.training.predict import predict
+
+    data = synthetic(n=60)
+    data.feature_attrs = FeatureAttrs(encoder="enc", weights=None, feature_kind="imagenet", dim=D, tile_px=224,
+                                      target_mpp=0.5)  # fmt: skip
+    cfg = resolve_config(None, ["model.family=linear"], out=tmp_path)
+    model = new_model(data, cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    path = RunFiles(root=tmp_path).model
+    save_bundle(path, model, data, cfg, {"train_info": {"mode": "centralised"}})
+    loaded, card = load_bundle(path)
+    assert isinstance(loaded, LinearSurvival) and card.config.model.family == "linear"
+    torch.testing.assert_close(loaded.slide_mean, model.slide_mean)
+    torch.testing.assert_close(loaded.slide_scale, model.slide_scale)
+    idx = np.arange(60)
+    np.testing.assert_array_equal(predict(loaded, data, idx).log_hz, predict(model, data, idx).log_hz)
