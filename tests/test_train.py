@@ -212,7 +212,7 @@ def test_selector_without_validation_last_warns_once_and_error_raises(caplog):
 
 def test_centralised_keeps_the_epoch_of_best_validation_cindex(tmp_path):
     data, _ = _data(n=80)
-    cfg = _cfg(tmp_path, "train.epochs=8", "train.lr=1e-2")
+    cfg = _cfg(tmp_path, "train.epochs=8", "train.lr=1e-2", "train.select=cindex")
     module, info = fit_local(data, cfg)
     hist = info["val_history"]
     assert [h["epoch"] for h in hist] == list(range(8))
@@ -254,7 +254,7 @@ def _server_round(server, rnd: int, site_pairs: dict[str, tuple[float, float, fl
 def test_federated_keeps_the_round_of_best_pooled_cindex(tmp_path):
     from pipeline.federated.server import FederatedServer
 
-    server = FederatedServer(_cfg(tmp_path), {"w": np.zeros(2, np.float32)})
+    server = FederatedServer(_cfg(tmp_path, "train.select=cindex"), {"w": np.zeros(2, np.float32)})
     # round 0: site means (0.9 + 0.5) / 2 = 0.70, pooled (9 + 50) / (10 + 100) = 0.536
     # round 1: site means (0.5 + 0.6) / 2 = 0.55, pooled (5 + 60) / (10 + 100) = 0.591: round 1 by pooled pairs
     _server_round(server, 0, {"a": (9, 10, 2), "b": (50, 100, 5)})

@@ -4,7 +4,7 @@ The backbone (``models.MultimodalSurvival``) is injected. The loss is the Cox pa
 (Efron ties by default) stratified by site, optionally with a memory bank of recent patients for small
 batches, or the discrete-time hazards NLL (``train.loss=nll``; bins from quantiles of the training event
 times, stored in the model). The epoch kept is chosen by :mod:`pipeline.training.selection` (validation
-C-index by default) and saved as a self-contained model file (weights, resolved config, gene panel and
+loss by default, or C-index) and saved as a self-contained model file (weights, resolved config, gene panel and
 normalisation, feature attributes, time bins, risk cut-points) by :func:`pipeline.training.bundle.save_bundle`;
 :func:`pipeline.training.predict.predict` gives risk scores and, for discrete-time models, per-patient hazards
 and survival curves.
@@ -127,7 +127,7 @@ class ValidatedSurvivalModule(SurvivalModule):
 
 class KeepBest(L.Callback):
     """Keeps the state dict of the epoch the :class:`~pipeline.training.selection.Selector` picks
-    (``train.select``: validation C-index by default, or validation loss; trailing ``train.select_window``)."""
+    (``train.select``: validation loss by default, or validation C-index; trailing ``train.select_window``)."""
 
     def __init__(self, selector: Selector | None = None) -> None:
         self.selector = selector if selector is not None else Selector(where="centralised training")

@@ -3,15 +3,16 @@
 After every epoch / round the validation C-index and loss are reported to a :class:`Selector`
 (``train.select``):
 
-- ``cindex`` (default): the highest validation C-index, averaged over the last ``train.select_window``
-  epochs / rounds (a trailing mean: the kept weights are those at the end of the best window). Exact ties
-  go to the lower validation loss, then to the later epoch. In a federated run the C-index is the pooled
-  one (concordant over comparable pairs summed across sites: aggregates only).
-- ``loss``: the lowest validation loss (same window); ties to the higher C-index, then the later epoch.
+- ``loss`` (default): the lowest validation loss, averaged over the last ``train.select_window`` epochs /
+  rounds (a trailing mean: the kept weights are those at the end of the best window); exact ties go to
+  the higher validation C-index, then to the later epoch.
+- ``cindex``: the highest validation C-index (same window); exact ties go to the lower validation loss,
+  then to the later epoch. In a federated run the C-index is the pooled one (concordant over comparable
+  pairs summed across sites: aggregates only).
 
-The validation Cox loss measures the scale of the log hazards as much as their ranking, so it keeps
-an early, under-trained network (epoch ~2 of 60 on the demo, docs/benchmarks.md); the C-index measures
-the ranking a survival model is judged on.
+The validation Cox loss measures the scale of the log hazards as much as their ranking and often keeps
+an early epoch; the C-index measures the ranking a survival model is judged on but is coarse on a small
+validation set. On the demo neither was better on held-out folds by more than noise (docs/benchmarks.md).
 
 Without usable validation (no validation patients, or none with a comparable pair / an event):
 ``train.without_validation=last`` keeps the last epoch / round with a warning; ``error`` raises
@@ -56,7 +57,7 @@ class Selector:
         where: names the run in messages (``centralised training``, ``federated server``).
     """
 
-    def __init__(self, select: str = "cindex", window: int = 1, without_validation: str = "last", where: str = ""):
+    def __init__(self, select: str = "loss", window: int = 1, without_validation: str = "last", where: str = ""):
         if select not in SELECT:
             raise ValueError(f"unknown train.select {select!r}: valid names are {list(SELECT)}")
         if without_validation not in WITHOUT_VALIDATION:
