@@ -130,7 +130,8 @@ def _cohort_with_features(tmp_path, n: int = 24, dim: int = 6):
     (tmp_path / "cohort.yaml").write_text(
         "name: cv\npatients: patients.csv\nslide_mpp: 0.5\nclinical: {path: clinical.csv}\n"
     )
-    cfg = resolve_config(None, ["train.epochs=1", "train.batch_size=8"], out=tmp_path / "run")
+    # federated.min_count=2: the synthetic sites have 4-5 training patients (default k is 10)
+    cfg = resolve_config(None, ["train.epochs=1", "train.batch_size=8", "federated.min_count=2"], out=tmp_path / "run")
     fdir = features_dir(cfg.out, cfg.extract)
     fdir.mkdir(parents=True)
     attrs = {"encoder": "synthetic", "weights": "none", "dim": dim, "tile_px": 224, "target_mpp": 0.5}
