@@ -1,24 +1,26 @@
-"""Why does the network lose to a linear Cox on the demo? Centralised variants, chosen on validation only.
+"""Network variants on the demo, chosen on validation only, with the epoch kept by ``train.select``.
 
     python scripts/experiments_network.py RUN --jobs 2 --json RUN/experiments_network.json
 
-``RUN`` is the folder of a finished ``histofuse demo`` / ``histofuse run`` (its ``config.yaml``, its
-``features/`` and the cohort the config names; ``--cohort`` overrides it). The data are loaded once.
+``RUN`` is a folder holding ``features/`` and either ``config.yaml`` (a finished ``histofuse run`` /
+``histofuse demo``) or ``cohort/cohort.yaml`` (a ``histofuse demo`` folder: the default config is used).
+``--cohort`` overrides the cohort. The data are loaded once.
 
 Validation (``--folds`` K, default 3): the run's non-test patients (train + val) are cut into 5 folds
-stratified by event (seeded by ``--fold-seed``); fold k is the validation set of the k-th fit, which
-also uses training seed k, so each variant is scored on K different validation sets (e.g. 54 distinct
-patients for K = 3 of 90) instead of one noisy 18-patient set. Each fit keeps the epoch of lowest
-validation loss (as ``histofuse run`` does), except variants that ask for a fixed number of epochs.
-Normalisers (omics, clinical) stay those fitted on the run's training split: unsupervised statistics
-only, the same for every variant.
+stratified by event (seeded by ``--fold-seed``); fit k (training seed k) scores fold k. The epoch the fit
+keeps (``train.select``) is chosen on an inner validation set: ``train.val_fraction`` of the other
+non-test patients, stratified by event, exactly as a run chooses it on its own val split. So the fold's
+C-index is not biased by that choice, and each variant is scored on K different held-out sets.
+Normalisers (omics, clinical) stay those fitted on the run's training split: unsupervised statistics only,
+the same for every variant.
 
 Variants are a name and a list of config overrides, plus optional changes the config does not expose
-(tile standardisation with training statistics, an input LayerNorm or a mean-pooling term in the MIL,
-training without early stopping). The variant with the best mean validation C is chosen, unless
-``--choose`` names one (chosen before looking at any test number); only then is the test split
-touched: the chosen variant and the default are refitted on the run's own train/val split with the
-``--folds`` training seeds and their test C-index printed. The test patients take no part before that.
+(tile standardisation, an input LayerNorm or a mean-pooling term in the MIL, training without
+validation, i.e. the last epoch). The variant with the best mean held-out C is printed; ``--choose``
+names the one to test (fixed before looking at any test number). Only then is the test split touched:
+the chosen variant and the default are refitted on the run's own train/val split with the ``--folds``
+training seeds, and printed beside the centralised Coxnet baselines (``pipeline.outputs.baselines``) and,
+for a demo cohort, the oracle (the planted log hazard) on the same test patients.
 """
 
 from __future__ import annotations
@@ -36,25 +38,33 @@ import numpy as np
 
 # name -> overrides, and "extra" switches the config does not have: std (per-dimension tile
 # standardisation with training statistics), ln (LayerNorm on the tile features before the MIL
-# embedding), meanpool (attention output + mean of the tile embeddings), noes (no early stopping)
+# embedding), meanpool (attention output + mean of the tile embeddings), noval (no validation: last epoch)
 VARIANTS: dict[str, tuple[list[str], set[str]]] = {
     "default": ([], set()),
-    "tile_std": ([], {"std"}),
-    "tile_layernorm": ([], {"ln"}),
-    "hidden64": (["model.hidden=64"], set()),
-    "hidden256": (["model.hidden=256"], set()),
-    "dropout0.5": (["model.dropout=0.5"], set()),
-    "dropout0.1": (["model.dropout=0.1"], set()),
+    "select_loss": (["train.select=loss"], set()),
+    "select_cindex": (["train.select=cindex"], set()),
+    "window5": (["train.select_window=5"], set()),
+    "last_epoch": ([], {"noval"}),
     "wd1e-2": (["train.weight_decay=1e-2"], set()),
     "wd1e-1": (["train.weight_decay=1e-1"], set()),
+    "wd1": (["train.weight_decay=1"], set()),
+    "wd10": (["train.weight_decay=10"], set()),
+    "epochs120_wd1e-1": (["train.epochs=120", "train.weight_decay=1e-1"], set()),
+    "dropout0.5": (["model.dropout=0.5"], set()),
+    "dropout0.1": (["model.dropout=0.1"], set()),
     "lr1e-3": (["train.lr=1e-3"], set()),
     "lr3e-4": (["train.lr=3e-4"], set()),
-    "epochs30_noES": (["train.epochs=30"], {"noes"}),
-    "epochs60_noES": ([], {"noes"}),
-    "epochs120": (["train.epochs=120"], set()),
+    "lr3e-4_wd1e-1": (["train.lr=3e-4", "train.weight_decay=1e-1"], set()),
+    "hidden32": (["model.hidden=32"], set()),
+    "hidden64": (["model.hidden=64"], set()),
+    "hidden256": (["model.hidden=256"], set()),
     "omics_linear": (["model.omics_encoder=linear"], set()),
     "meanpool": ([], {"meanpool"}),
+    "tile_std": ([], {"std"}),
+    "tile_layernorm": ([], {"ln"}),
 }
+# searched unless --variants says otherwise (tile scaling was ruled out by the previous round of experiments)
+SEARCH = [v for v in VARIANTS if v not in ("tile_std", "tile_layernorm")]
 
 _DATA: Any = None  # (data, non-test index, folds): set once in the parent, inherited by forked workers
 
@@ -62,13 +72,24 @@ _DATA: Any = None  # (data, non-test index, folds): set once in the parent, inhe
 def _folds(data: Any, k: int, seed: int) -> list[np.ndarray]:
     """The non-test patients cut into ``k`` folds stratified by event (each fold: cohort indices)."""
     pool = np.concatenate([data.splits["train"], data.splits["val"]])
+    return _stratified(pool, data.event, k, seed)
+
+
+def _stratified(idx: np.ndarray, event: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """``idx`` cut into ``k`` parts stratified by ``event`` (sorted cohort indices)."""
     rng = np.random.default_rng(seed)
-    folds: list[list[int]] = [[] for _ in range(k)]
+    parts: list[list[int]] = [[] for _ in range(k)]
     for ev in (True, False):
-        idx = rng.permutation(pool[data.event[pool] == ev])
-        for j, i in enumerate(idx):
-            folds[j % k].append(int(i))
-    return [np.sort(np.array(f)) for f in folds]
+        for j, i in enumerate(rng.permutation(idx[event[idx] == ev])):
+            parts[j % k].append(int(i))
+    return [np.sort(np.array(f, int)) for f in parts]
+
+
+def _inner_split(data: Any, idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``idx`` split into (train, val) with about ``fraction`` of each event class in val."""
+    k = max(2, round(1 / fraction))
+    parts = _stratified(idx, data.event, k, seed)
+    return np.sort(np.concatenate(parts[1:])), parts[0]
 
 
 def _standardised(data: Any, train_idx: np.ndarray) -> Any:
@@ -110,8 +131,8 @@ def _patch_model(extras: set[str]):
 
 
 def fit_one(name: str, seed: int, fold: int | None) -> dict[str, Any]:
-    """Fit variant ``name`` with training seed ``seed``; validate on fold ``fold`` (None: the run's val split,
-    and the test split is scored too)."""
+    """Fit variant ``name`` with training seed ``seed``. ``fold``: score that fold, the epoch chosen on an inner
+    validation split of the other non-test patients; None: the run's own train/val split, scored on test."""
     import torch
 
     import pipeline.training.module as module_mod
@@ -119,38 +140,59 @@ def fit_one(name: str, seed: int, fold: int | None) -> dict[str, Any]:
     from pipeline.training.predict import predict
 
     torch.set_num_threads(1)
-    data, pool, folds, base = _DATA
+    data, pool, folds, base, federated = _DATA
     overrides, extras = VARIANTS[name]
     cfg = base.with_overrides([*overrides, f"train.seed={seed}"])
     if fold is None:
-        tr, va = data.splits["train"], data.splits["val"]
+        tr, va, scored = data.splits["train"], data.splits["val"], data.splits["test"]
     else:
-        va = folds[fold]
-        tr = np.setdiff1d(pool, va)
+        scored = folds[fold]
+        tr, va = _inner_split(data, np.setdiff1d(pool, scored), cfg.train.val_fraction, 100 + seed)
     d = _standardised(data, tr) if "std" in extras else data
     module_mod.build_model = _patch_model(extras)
     t0 = time.perf_counter()
-    module, info = module_mod.fit_local(d, cfg, tr, np.array([], int) if "noes" in extras else va)
-    model = module.model.eval()
+    if federated and fold is None:  # the run's own federation (sites, strategy, rounds) on its split
+        from pipeline.federated.embedded import run_federated
+
+        cfg = cfg.with_overrides(["federated.enabled=true"])
+        model, info = run_federated(d, cfg)
+        module = module_mod.new_module(model, cfg)
+        info = {**info, "best_epoch": info["best_round"], "val_history": info["history"]}
+    else:
+        module, info = module_mod.fit_local(d, cfg, tr, np.array([], int) if "noval" in extras else va)
+        model = module.model.eval()
     row = {"variant": name, "seed": seed, "fold": fold, "train_s": round(time.perf_counter() - t0, 1)}
     with torch.no_grad():
-        lh = predict(model, d, va).log_hz
-        row["val_cindex"] = float(harrell_cindex(d.time[va], d.event[va], lh))
-        batch = {"event": torch.from_numpy(d.event[va]), "time": torch.from_numpy(d.time[va])}
-        batch["site"] = torch.from_numpy(d.site[va])
-        row["val_loss"] = float(module.loss(batch, torch.from_numpy(lh)))
-        if fold is None:
-            te = d.splits["test"]
-            row["test_cindex"] = float(harrell_cindex(d.time[te], d.event[te], predict(model, d, te).log_hz))
-    row["best_epoch"] = info["best_epoch"]
+        lh = predict(model, d, scored).log_hz
+        row["cindex"] = float(harrell_cindex(d.time[scored], d.event[scored], lh))
+        batch = {"event": torch.from_numpy(d.event[scored]), "time": torch.from_numpy(d.time[scored])}
+        batch["site"] = torch.from_numpy(d.site[scored])
+        row["loss"] = float(module.loss(batch, torch.from_numpy(lh)))
+        row["log_hz"] = [float(x) for x in lh]
+    row.update(best_epoch=info["best_epoch"], inner_val_cindex=info["best_val_cindex"], history=info["val_history"])
     return row
 
 
-def _run(jobs: int, tasks: list[tuple[str, int, int | None]]) -> list[dict[str, Any]]:
+def _run(jobs: int, tasks: list[tuple[str, int, int | None]], log: Path | None = None) -> list[dict[str, Any]]:
+    """Every task's row (in task order); with ``log``, each row is appended to it as JSON when it finishes."""
+    import json
+
+    def done(row: dict[str, Any]) -> dict[str, Any]:
+        if log is not None:
+            with log.open("a") as f:
+                f.write(json.dumps({k: v for k, v in row.items() if k not in ("history", "log_hz")}) + "\n")
+        return row
+
     if jobs <= 1:
-        return [fit_one(*t) for t in tasks]
+        return [done(fit_one(*t)) for t in tasks]
     with mp.get_context("fork").Pool(jobs) as pool:
-        return pool.starmap(fit_one, tasks)
+        rows = [done(r) for r in pool.imap_unordered(_fit_star, tasks)]
+    order = {t: i for i, t in enumerate(tasks)}
+    return sorted(rows, key=lambda r: order[(r["variant"], r["seed"], r["fold"])])
+
+
+def _fit_star(task: tuple[str, int, int | None]) -> dict[str, Any]:
+    return fit_one(*task)
 
 
 def _summary(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
@@ -158,60 +200,118 @@ def _summary(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def _base_config(run: Path, cohort: Path | None) -> Any:
+    """The run's config (centralised), or the default config on ``run/cohort/cohort.yaml`` for a demo folder."""
+    from data_specs import resolve_config
+
+    ov = ["federated.enabled=false"]
+    if (run / "config.yaml").is_file():
+        base = resolve_config(run / "config.yaml", ov, out=run)
+    else:
+        base = resolve_config(None, ov, out=run, cohort=run / "cohort" / "cohort.yaml")
+    return base.model_copy(update={"cohort": cohort}) if cohort is not None else base
+
+
+def _validation_table(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, float]:
+    """Print held-out C (mean, sd), the paired difference from the default (same fold, same seed), loss,
+    kept epoch; returns each variant's mean held-out C."""
+    ref = {r["fold"]: r["cindex"] for r in rows if r["variant"] == "default"}
+    head = ("C mean", "sd", "-default", "sd", "loss", "epoch", "fit s")
+    print(f"{'variant':18s} " + " ".join(f"{h:>8s}" for h in head))
+    means = {}
+    for v in variants:
+        rv = [r for r in rows if r["variant"] == v]
+        (c, cs), (lo, _) = _summary(rv, "cindex"), _summary(rv, "loss")
+        d = np.array([r["cindex"] - ref[r["fold"]] for r in rv if r["fold"] in ref])
+        dm, ds = (d.mean(), d.std(ddof=1)) if len(d) > 1 else (float("nan"), float("nan"))
+        means[v] = c
+        ep, fs = np.mean([r["best_epoch"] for r in rv]), np.mean([r["train_s"] for r in rv])
+        print(f"{v:18s} {c:8.3f} {cs:8.3f} {dm:+8.3f} {ds:8.3f} {lo:8.3f} {ep:8.1f} {fs:8.0f}")
+    return means
+
+
+def _test_table(data: Any, test: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Test C per variant (mean, sd over seeds; the seed ensemble = mean log_hz), Coxnet baselines, oracle."""
+    from pipeline.outputs.baselines import fit_baselines
+    from pipeline.stats.metrics import harrell_cindex
+
+    te = data.splits["test"]
+    t, e = data.time[te], data.event[te]
+    out: dict[str, Any] = {}
+    for v in names:
+        rv = [r for r in test if r["variant"] == v]
+        c, cs = _summary(rv, "cindex")
+        ens = harrell_cindex(t, e, np.mean([r["log_hz"] for r in rv], axis=0))
+        lo, _ = _summary(rv, "loss")
+        out[v] = {"cindex": c, "sd": cs, "per_seed": [r["cindex"] for r in rv], "ensemble": ens, "loss": lo}
+        seeds = ", ".join(f"{x:.3f}" for x in out[v]["per_seed"])
+        print(f"{v:18s} test C {c:.3f} +- {cs:.3f} ({seeds}); seed ensemble {ens:.3f}; test Cox loss {lo:.3f}")
+    bl = fit_baselines(data)
+    out["coxnet"] = {k: b["cindex"] for k, b in bl["baselines"].items()}
+    out["coxnet_best_by_cv"] = bl.get("best")
+    print(
+        "Coxnet (centralised, alpha by CV on train+val): " + ", ".join(f"{k} {c:.3f}" for k, c in out["coxnet"].items())
+    )
+    truth = Path(str(_DATA[3].cohort)).parent / "truth" / "patients.csv"
+    if truth.is_file():
+        import pandas as pd
+
+        o = pd.read_csv(truth).set_index("patient_id")["oracle_log_hz"]
+        oracle = o.reindex([data.patient_ids[i] for i in te]).to_numpy(float)
+        out["oracle"] = harrell_cindex(t, e, oracle)
+        print(f"oracle (planted log hazard) on the same {len(te)} test patients: {out['oracle']:.3f}")
+    return out
+
+
 def main() -> None:
     global _DATA
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="a finished run folder (config.yaml, features/)")
+    ap.add_argument("run", type=Path, help="a run folder (config.yaml or cohort/cohort.yaml, and features/)")
     ap.add_argument("--cohort", type=Path, help="cohort.yaml (default: the one the run's config names)")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=SEARCH, choices=list(VARIANTS))
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides under every variant's own")
     ap.add_argument("--folds", type=int, default=3, help="validation folds = training seeds per variant (<= 5)")
     ap.add_argument("--fold-seed", type=int, default=0)
-    ap.add_argument("--choose", choices=list(VARIANTS), help="the variant to test (default: best mean val C)")
+    ap.add_argument("--choose", choices=list(VARIANTS), help="the variant to test (default: best mean held-out C)")
     ap.add_argument("--no-test", action="store_true", help="validation table only; never touch the test split")
+    ap.add_argument("--also-test", nargs="+", choices=list(VARIANTS), help="further variants in the test table")
+    ap.add_argument("--test-only", action="store_true", help="skip the validation fits (needs --choose)")
+    ap.add_argument("--federated", action="store_true", help="test phase: train federated (the run's config)")
     ap.add_argument("--jobs", type=int, default=1, help="fits in parallel (forked processes, 1 thread each)")
     ap.add_argument("--json", type=Path, help="write every fit's numbers here")
+    ap.add_argument("--log", type=Path, help="append each fit's row here (JSON lines) as it finishes")
     args = ap.parse_args()
     if not 1 <= args.folds <= 5:
         ap.error(f"--folds must be 1..5, got {args.folds}")
+    if args.test_only and not args.choose:
+        ap.error("--test-only needs --choose")
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
 
-    from data_specs import load_cohort, resolve_config
+    from data_specs import load_cohort
     from pipeline.files import write_json
     from pipeline.training.data import load_run_data
 
-    base = resolve_config(args.run / "config.yaml", ["federated.enabled=false"], out=args.run)
-    cohort_path = args.cohort or base.cohort
-    if cohort_path is None:
-        ap.error("the run's config names no cohort: pass --cohort")
-    data = load_run_data(load_cohort(cohort_path), base)
+    base = _base_config(args.run, args.cohort).with_overrides(args.set)
+    data = load_run_data(load_cohort(base.cohort), base)
     pool = np.concatenate([data.splits["train"], data.splits["val"]])
     folds = _folds(data, 5, args.fold_seed)
-    _DATA = (data, pool, folds, base)
+    _DATA = (data, pool, folds, base, args.federated)
     print(f"{len(data.patient_ids)} patients; non-test {len(pool)} in 5 folds of ~{len(folds[0])}; {args.folds} used")
-
-    t0 = time.perf_counter()
-    rows = _run(args.jobs, [(v, k, k) for v in args.variants for k in range(args.folds)])
-    print(f"validation fits: {len(rows)} in {time.perf_counter() - t0:.0f} s")
-    print(f"{'variant':16s} {'val C mean':>10s} {'sd':>6s} {'val loss':>9s} {'sd':>6s} {'epoch':>6s} {'fit s':>6s}")
-    means = {}
-    for v in args.variants:
-        rv = [r for r in rows if r["variant"] == v]
-        (c, cs), (lo, ls) = _summary(rv, "val_cindex"), _summary(rv, "val_loss")
-        means[v] = c
-        ep = np.mean([r["best_epoch"] for r in rv])
-        print(f"{v:16s} {c:10.3f} {cs:6.3f} {lo:9.3f} {ls:6.3f} {ep:6.0f} {np.mean([r['train_s'] for r in rv]):6.0f}")
-    out: dict[str, Any] = {"validation": rows}
+    out: dict[str, Any] = {}
+    means: dict[str, float] = {}
+    if not args.test_only:
+        t0 = time.perf_counter()
+        rows = _run(args.jobs, [(v, k, k) for k in range(args.folds) for v in args.variants], args.log)
+        print(f"validation fits: {len(rows)} in {time.perf_counter() - t0:.0f} s")
+        means = _validation_table(rows, args.variants)
+        out["validation"] = rows
     if not args.no_test:
         chosen = args.choose or max(means, key=means.__getitem__)
         print(f"chosen on validation: {chosen}; now, and only now, the test split (run's own train/val split)")
-        names = [chosen] if chosen == "default" else ["default", chosen]
-        test = _run(args.jobs, [(v, k, None) for v in names for k in range(args.folds)])
-        for v in names:
-            c, cs = _summary([r for r in test if r["variant"] == v], "test_cindex")
-            print(f"{v:16s} test C {c:.3f} +- {cs:.3f} over {args.folds} training seeds")
-        out["test"] = test
-        out["chosen"] = chosen
+        names = list(dict.fromkeys(["default", chosen, *(args.also_test or [])]))
+        test = _run(args.jobs, [(v, k, None) for k in range(args.folds) for v in names], args.log)
+        out.update(test=test, chosen=chosen, test_summary=_test_table(data, test, names))
     if args.json:
         write_json(args.json, out)
 
