@@ -250,9 +250,9 @@ def drop_empty_columns(summaries: list[ClinicalSiteSummary]) -> tuple[list[Clini
         return summaries, []
     empty = []
     for c in summaries[0].columns:
-        num = [s.numeric for s in summaries if c in s.numeric.columns]
-        if num:
-            n = sum(int(np.asarray(x.n)[x.columns.index(c)]) for x in num)
+        stats = [s.numeric for s in summaries if c in s.numeric.columns]
+        if stats:
+            n = sum(int(np.asarray(x.n)[x.columns.index(c)]) for x in stats)
         else:
             n = sum(sum(s.categorical.get(c, {}).values()) for s in summaries)
         if n == 0:
