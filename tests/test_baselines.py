@@ -259,3 +259,18 @@ def test_centralised_run_trains_no_federated_baseline(tmp_path):
     cfg = resolve_config(None, ["federated.enabled=false"])
     bl.add_to_run(tmp_path, synthetic("omics"), _omics_only, n_boot=20, cfg=cfg)
     assert "federated_linear" not in json.loads((tmp_path / "metrics.json").read_text())["baselines"]
+
+
+@pytest.mark.slow
+def test_federated_linear_under_dp_adds_up_the_candidates_epsilon(monkeypatch):
+    from data_specs import resolve_config
+    from pipeline.outputs import federated_linear
+
+    monkeypatch.setattr(federated_linear, "PENALTIES", (1.0, 0.01))
+    ov = ["federated.rounds=2", "federated.local_epochs=1", "federated.dp_noise=0.5", "federated.dp_clip=0.5"]
+    fl = federated_linear.fit_federated_linear(
+        _three_sites(synthetic("omics")), resolve_config(None, ov), settings=FAST
+    )
+    eps = [c["epsilon"] for c in fl["candidates"]]
+    assert len(eps) == 2 and all(e > 0 for e in eps)
+    assert fl["epsilon_total"] == pytest.approx(sum(eps)) and "add up" in fl["privacy_note"]

@@ -5,6 +5,11 @@ count, per-feature sum and sum of squares; no per-patient value) and the cohort-
 from those summaries only (:func:`slide_norm_from_summaries`), as the omics and clinical normalisers do. A
 site with fewer than ``MIN_SUMMARY_PATIENTS`` training slides contributes no summary (its summary would be a
 patient's values).
+
+Limitation: the summaries are built from the ``CohortData`` a process holds. In the embedded runtime that is every
+site's data (every simulated site builds the same statistics); in a Flower deployment each site holds only its
+own patients, and these slide summaries are not yet part of the statistics exchange, so a deployed linear model
+with slides would standardise differently at each site. The linear family without slides is unaffected.
 """
 
 from __future__ import annotations
