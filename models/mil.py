@@ -23,16 +23,19 @@ class GatedAttentionMIL(nn.Module):
     """Gated attention pooling (Ilse et al., 2018; the ABMIL used by CLAM).
 
     ``a_n = w^T (tanh(V h_n) * sigmoid(U h_n))``, ``attn = softmax over valid tiles``,
-    ``z = sum_n attn_n * h_n`` with ``h_n = MLP(x_n)``.
+    ``z = sum_n attn_n * h_n`` with ``h_n = MLP(x_n)``; with ``mean_term``, ``z = sum_n attn_n * h_n + mean_n h_n``
+    (the ``gated_attention_mean`` pooling: a slide-wide average that attention refines; no extra parameters).
 
     Args:
         in_dim: tile feature size D.
         hidden: embedding size H.
         dropout: dropout on the tile embeddings.
+        mean_term: add the mean of the valid tiles' embeddings to the attention pooling.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25):
+    def __init__(self, in_dim: int, hidden: int = 128, dropout: float = 0.25, mean_term: bool = False):
         super().__init__()
+        self.mean_term = mean_term
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout))
         self.attn_v = nn.Linear(hidden, hidden)
         self.attn_u = nn.Linear(hidden, hidden)
@@ -56,6 +59,9 @@ class GatedAttentionMIL(nn.Module):
         empty = ~mask.any(dim=1, keepdim=True)  # (B, 1)
         attn = torch.softmax(a.masked_fill(empty, 0.0), dim=1).masked_fill(~mask, 0.0)  # (B, N)
         z = torch.bmm(attn.unsqueeze(1), h).squeeze(1)  # (B, H)
+        if self.mean_term:
+            m = mask.unsqueeze(-1).to(h.dtype)  # (B, N, 1)
+            z = z + (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # an empty bag adds 0
         return z, attn
 
 
@@ -159,13 +165,14 @@ class TransMIL(nn.Module):
 
 MIL_POOLINGS: dict[str, Callable[..., nn.Module]] = {
     "gated_attention": lambda in_dim, hidden, dropout, **kw: GatedAttentionMIL(in_dim, hidden, dropout),
+    "gated_attention_mean": lambda in_dim, hidden, dropout, **kw: GatedAttentionMIL(in_dim, hidden, dropout, True),
     "transmil": lambda in_dim, hidden, dropout, **kw: TransMIL(in_dim, hidden, dropout, **kw),
 }
 
 
 def build_mil(name: str, in_dim: int, hidden: int = 128, dropout: float = 0.25, **kw: int) -> nn.Module:
-    """A MIL pooling by name (``gated_attention`` or ``transmil``); ``kw`` (``layers``, ``heads``) go to
-    TransMIL only.
+    """A MIL pooling by name (``gated_attention``, ``gated_attention_mean`` or ``transmil``); ``kw``
+    (``layers``, ``heads``) go to TransMIL only.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones).

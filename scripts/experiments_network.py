@@ -60,6 +60,11 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {
     "hidden256": (["model.hidden=256"], set()),
     "omics_linear": (["model.omics_encoder=linear"], set()),
     "meanpool": ([], {"meanpool"}),
+    "mil_mean": (["model.mil=gated_attention_mean"], set()),  # the same idea built into models.mil
+    # the linear family (models.LinearSurvival) at the settings pipeline.outputs.federated_linear uses
+    "linear_wd0.01": (["model.family=linear", "train.lr=0.01", "train.weight_decay=0.01"], set()),
+    "linear_wd1": (["model.family=linear", "train.lr=0.01", "train.weight_decay=1"], set()),
+    "linear_wd10": (["model.family=linear", "train.lr=0.01", "train.weight_decay=10"], set()),
     "tile_std": ([], {"std"}),
     "tile_layernorm": ([], {"ln"}),
 }
@@ -121,9 +126,9 @@ def _patch_model(extras: set[str]):
 
     def build(feature_dim: int, n_genes: int, n_clinical: int, **kw: Any):
         model = models.build_model(feature_dim, n_genes, n_clinical, **kw)
-        if model.mil is not None and "ln" in extras:
+        if getattr(model, "mil", None) is not None and "ln" in extras:
             model.mil.embed = nn.Sequential(nn.LayerNorm(feature_dim), *model.mil.embed)
-        if model.mil is not None and "meanpool" in extras:
+        if getattr(model, "mil", None) is not None and "meanpool" in extras:
             model.mil = MeanPlusAttention(model.mil)
         return model
 

@@ -161,7 +161,7 @@ def test_linear_omics_only_model_is_a_linear_cox_model():
 def test_factories_list_valid_names_and_reject_impossible_models():
     with pytest.raises(ValueError, match=r"valid names are \['bilinear', 'coattention', 'concat'\]"):
         build_fusion("kron", [4, 4], 8, 0.0)
-    with pytest.raises(ValueError, match=r"valid names are \['gated_attention', 'transmil'\]"):
+    with pytest.raises(ValueError, match=r"valid names are \['gated_attention', 'gated_attention_mean', 'transmil'\]"):
         build_mil("clam", 8)
     with pytest.raises(ValueError, match="coattention' needs tile features and omics"):
         build_model(0, G, C, fusion="coattention")

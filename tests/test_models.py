@@ -9,11 +9,12 @@ from hypothesis import strategies as st
 from models import GatedAttentionMIL, build_model, cox_loss
 
 
+@pytest.mark.parametrize("mean_term", [False, True])
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 12), seed=st.integers(0, 10_000))
-def test_mil_permutation_invariant(n, seed):
+def test_mil_permutation_invariant(mean_term, n, seed):
     g = torch.Generator().manual_seed(seed)
-    mil = GatedAttentionMIL(8, 16, dropout=0.0).eval()
+    mil = GatedAttentionMIL(8, 16, dropout=0.0, mean_term=mean_term).eval()
     x = torch.randn(2, n, 8, generator=g)
     mask = torch.ones(2, n, dtype=torch.bool)
     perm = torch.randperm(n, generator=g)
@@ -23,11 +24,12 @@ def test_mil_permutation_invariant(n, seed):
     torch.testing.assert_close(a1[:, perm], a2, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mean_term", [False, True])
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 10), pad=st.integers(1, 10), seed=st.integers(0, 10_000))
-def test_mil_padding_changes_nothing(n, pad, seed):
+def test_mil_padding_changes_nothing(mean_term, n, pad, seed):
     g = torch.Generator().manual_seed(seed)
-    mil = GatedAttentionMIL(8, 16, dropout=0.0).eval()
+    mil = GatedAttentionMIL(8, 16, dropout=0.0, mean_term=mean_term).eval()
     x = torch.randn(1, n, 8, generator=g)
     junk = 1e3 * torch.randn(1, pad, 8, generator=g)  # padding with garbage must not leak in
     xp = torch.cat([x, junk], dim=1)
@@ -38,8 +40,20 @@ def test_mil_padding_changes_nothing(n, pad, seed):
     assert torch.all(a2[:, n:] == 0) and torch.allclose(a2.sum(1), torch.ones(1))
 
 
-def test_empty_bag_is_zero_and_masked_in_fusion():
-    mil = GatedAttentionMIL(4, 8, dropout=0.0)
+def test_mean_term_adds_the_mean_of_the_valid_tile_embeddings():
+    torch.manual_seed(0)
+    plain = GatedAttentionMIL(4, 8, dropout=0.0).eval()
+    with_mean = GatedAttentionMIL(4, 8, dropout=0.0, mean_term=True).eval()
+    with_mean.load_state_dict(plain.state_dict())  # same parameters: the term adds none
+    x, mask = torch.randn(1, 3, 4), torch.tensor([[True, True, False]])
+    (z0, a0), (z1, a1) = plain(x, mask), with_mean(x, mask)
+    torch.testing.assert_close(z1 - z0, plain.embed(x[:, :2]).mean(1))
+    torch.testing.assert_close(a0, a1)
+
+
+@pytest.mark.parametrize("mean_term", [False, True])
+def test_empty_bag_is_zero_and_masked_in_fusion(mean_term):
+    mil = GatedAttentionMIL(4, 8, dropout=0.0, mean_term=mean_term)
     z, a = mil(torch.randn(2, 3, 4), torch.tensor([[True, True, False], [False, False, False]]))
     assert torch.all(z[1] == 0) and torch.all(a[1] == 0) and torch.isfinite(z).all()
     m = build_model(4, 5, 0, dropout=0.0).eval()
