@@ -9,8 +9,7 @@
     histofuse report   RUN_DIR                 report.html
     histofuse run      COHORT                  every stage above, in order
     histofuse demo     [--out DIR]             build the demo cohort and run everything on it
-    histofuse cv       COHORT --folds K        site-stratified K-fold cross-validation (C-index mean +- sd)
-
+    histofuse cv       COHORT --folds K        site-stratified K-fold (or --leave-site-out) cross-validation
     histofuse config --print               the resolved config as YAML (defaults <- --config <- flags, --set)
 
 Every command takes ``--config FILE.yaml`` and repeated ``--set section.key=value`` overrides; extract,
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_specs.artifacts import RunFiles
-from pipeline.cli_errors import EXTRAS, describe, expected_errors
+from pipeline.cli_errors import EXTRAS, describe, expected_errors, setup_logging
 from pipeline.cli_parser import TIMESTAMPED, build_parser, cohort_sources, config_from_args
 from pipeline.files import write_text
 
@@ -361,17 +360,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, list[str] | None], int]] = {
 }
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "numexpr", "PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, run the command; an expected failure is one line ``error: ...`` and exit 2
     (``-v`` prints its traceback first)."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return COMMANDS[args.cmd](args, argv)
     except ModuleNotFoundError as e:

@@ -2,12 +2,14 @@
 
 :func:`expected_errors` are reported by :func:`pipeline.cli.main` as ``error: <describe(e)>`` with exit 2;
 anything else is a bug and keeps its traceback. :data:`EXTRAS` maps optional packages to the pyproject
-extra that installs them, for a command run without it.
+extra that installs them, for a command run without it. :func:`setup_logging` sets the CLI's log format.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import warnings
 
 # optional packages (pyproject extras) a command may need: module name -> extra
 EXTRAS = {"tifffile": "demo", "imagecodecs": "demo", "opacus": "dp"}
@@ -42,3 +44,11 @@ def describe(e: BaseException, args: argparse.Namespace) -> str:
                 FileExistsError: " (a file is in the way; choose another --out)"}.get(type(e), "")  # fmt: skip
         return f"{path}: {what}{hint}" if path else f"{what}{hint}"
     return str(e)
+
+
+def setup_logging(verbose: bool) -> None:
+    """INFO (DEBUG with ``-v``) lines ``LEVEL name: message``; third-party chatter at WARNING."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "numexpr", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)`", FutureWarning)  # Lightning on this torch

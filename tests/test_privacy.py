@@ -392,3 +392,27 @@ def test_a_column_suppressed_at_every_site_is_left_out_not_fatal(caplog):
     _, norm = fit_normalisers(sites)
     assert "rare" not in norm.numeric and "brca1" not in norm.numeric and "age" in norm.numeric
     assert any("rare" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+
+
+def test_risk_cutpoints_from_merged_histograms_fit_any_offset_and_scale():
+    """A Cox log hazard can sit anywhere (here mean 10, sd 0.2, beyond the fixed grid); with k = 10 and
+    ~24 training patients per site the median cut-point still splits the training patients about in half."""
+    from pipeline.stats.curves import risk_cutpoints
+
+    rng = np.random.default_rng(1)
+    for loc, scale in ((10.0, 0.2), (-30.0, 5.0), (0.0, 1.0)):
+        lh = rng.normal(loc, scale, 72)
+        site = np.repeat(["a", "b", "c"], 24)
+        cut = risk_cutpoints(lh, site, 10)
+        assert 0.35 <= (lh > cut["median"]).mean() <= 0.65, (loc, scale, (lh > cut["median"]).mean())
+        lo, hi = cut["tertiles"]
+        assert lo < cut["median"] < hi
+
+
+def test_a_merged_run_is_reported_at_its_middle_patient():
+    from pipeline.stats.curves import site_histogram
+
+    edges = np.arange(11.0)
+    values = np.array([0.5] * 2 + [3.5] * 5 + [6.5] * 3)  # one run of 10 over bins 0..6 (the last run)
+    h = site_histogram(values, edges, 10)
+    assert h.sum() == 10 and h[3] == 10  # the 5th/6th patients are in bin 3, not the run's end bin 9

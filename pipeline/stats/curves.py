@@ -275,28 +275,35 @@ def grid_with(grid: np.ndarray, points: list[float]) -> np.ndarray:
 # patients merged into their right neighbours), the server sums them and reads quantiles off the sum
 # (:func:`histogram_quantiles`, linear within a bin).
 
-RISK_EDGES = np.round(np.linspace(-8.0, 8.0, 161), 10)  # log-hazard histogram bins (width 0.1); tails clamped
+RISK_EDGES = np.round(np.linspace(-4.0, 4.0, 161), 10)  # standardised log-hazard bins (0.05 sd); tails clamped
 TIME_BINS = 100  # event-time histogram bins on [0, nice_ceil(largest follow-up)]
 
 
 def site_histogram(values: np.ndarray, edges: np.ndarray, min_count: int = 1) -> np.ndarray:
     """Counts ``[K]`` of ``values [P]`` in the bins of ``edges [K + 1]`` (values outside go to the end bins),
     with the minimum-count rule: consecutive bins are merged left to right until they hold ``min_count``
-    patients, the run's count reported in its last bin; a last run still short joins the previous one (all
-    zeros when fewer than ``min_count`` values in all). No bin of the result holds 1..min_count-1."""
+    patients, the run's count reported in the bin holding the run's middle patient (its median bin, so
+    quantiles read off the sum are not pulled towards the run's end); a last run still short joins the
+    previous one (all zeros when fewer than ``min_count`` values in all). No bin holds 1..min_count-1."""
     edges = np.asarray(edges, float)
     k = np.clip(np.searchsorted(edges, np.asarray(values, float), side="right") - 1, 0, len(edges) - 2)
     raw = np.bincount(k, minlength=len(edges) - 1).astype(np.int64)
     if min_count <= 1:
         return raw
-    out = np.zeros_like(raw)
-    run, last = 0, None
+    runs: list[tuple[int, int]] = []  # (first bin, last bin) of each run of >= min_count patients
+    run, start = 0, 0
     for i, c in enumerate(raw):
         run += int(c)
         if run >= min_count:
-            out[i], run, last = run, 0, i
-    if run and last is not None:
-        out[last] += run
+            runs.append((start, i))
+            run, start = 0, i + 1
+    if run and runs:
+        runs[-1] = (runs[-1][0], len(raw) - 1)
+    out = np.zeros_like(raw)
+    for a, b in runs:
+        n = int(raw[a : b + 1].sum())
+        mid = a + int(np.searchsorted(np.cumsum(raw[a : b + 1]), (n + 1) // 2))  # the bin of the run's middle patient
+        out[mid] = n
     return out
 
 
@@ -326,14 +333,24 @@ def pooled_histogram(values: np.ndarray, site: np.ndarray, edges: np.ndarray, mi
 
 def risk_cutpoints(log_hz: np.ndarray, site: np.ndarray, min_count: int) -> dict[str, float | list[float]]:
     """Risk-group cut-points (``median``, ``tertiles``) of training log hazards ``[P]`` from the sum of the
-    sites' histograms on :data:`RISK_EDGES`: never a patient's own log hazard."""
+    sites' histograms of standardised log hazards on :data:`RISK_EDGES` (mean and sd from the sites' count, sum
+    and sum of squares): never a patient's own log hazard."""
     if len(log_hz) == 0:
         return {"median": 0.0, "tertiles": []}
-    hist = pooled_histogram(log_hz, site, RISK_EDGES, min_count)
-    if hist.sum() == 0:  # no site has k patients (a federation would not have trained): one process holds them all
-        log.warning("risk cut-points: no site has %d training patients; histogram bins are not merged", min_count)
-        hist = pooled_histogram(log_hz, site, RISK_EDGES, 1)
-    q = histogram_quantiles(RISK_EDGES, hist, [0.5, 1 / 3, 2 / 3])
+    log_hz, site = np.asarray(log_hz, float), np.asarray(site)
+    k = min_count
+    if not any((site == s).sum() >= k for s in np.unique(site)):
+        # no site has k patients (a federation would not have trained): one process holds them all
+        log.warning("risk cut-points: no site has %d training patients; histogram bins are not merged", k)
+        k = 1
+    # a Cox log hazard has an arbitrary offset and scale: standardise it with the pooled mean and sd, from each
+    # site's (n, sum, sum of squares) over at least k patients, so the pre-agreed grid fits any model
+    parts = [(m.sum(), log_hz[m].sum(), (log_hz[m] ** 2).sum()) for m in (site == s for s in np.unique(site))]
+    n, s1, s2 = (sum(p[j] for p in parts if p[0] >= k) for j in range(3))
+    mean = s1 / n
+    sd = float(np.sqrt(max(s2 / n - mean**2, 0.0))) or 1.0
+    hist = pooled_histogram((log_hz - mean) / sd, site, RISK_EDGES, k)
+    q = mean + sd * histogram_quantiles(RISK_EDGES, hist, [0.5, 1 / 3, 2 / 3])
     return {"median": float(q[0]), "tertiles": [float(q[1]), float(q[2])]}
 
 
