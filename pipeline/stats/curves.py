@@ -281,20 +281,23 @@ TIME_BINS = 100  # event-time histogram bins on [0, nice_ceil(largest follow-up)
 
 def site_histogram(values: np.ndarray, edges: np.ndarray, min_count: int = 1) -> np.ndarray:
     """Counts ``[K]`` of ``values [P]`` in the bins of ``edges [K + 1]`` (values outside go to the end bins),
-    with the minimum-count rule: consecutive bins are merged left to right until they hold ``min_count``
-    patients, the run's count reported in the bin holding the run's middle patient (its median bin, so
-    quantiles read off the sum are not pulled towards the run's end); a last run still short joins the
-    previous one (all zeros when fewer than ``min_count`` values in all). No bin holds 1..min_count-1."""
+    with the minimum-count rule: consecutive bins are merged left to right into ``P // min_count`` runs of
+    about equal size (each >= ``min_count`` patients), each run's count reported in the bin holding its middle
+    patient (its median bin, so quantiles read off the sum are not pulled towards a run's end); a remainder
+    joins the last run (all zeros when fewer than ``min_count`` values in all). No bin holds 1..min_count-1."""
     edges = np.asarray(edges, float)
     k = np.clip(np.searchsorted(edges, np.asarray(values, float), side="right") - 1, 0, len(edges) - 2)
     raw = np.bincount(k, minlength=len(edges) - 1).astype(np.int64)
     if min_count <= 1:
         return raw
+    n_all = int(raw.sum())
+    m = n_all // min_count  # runs of about n_all / m patients each (>= min_count), so no run is lopsided
+    targets = np.round(np.arange(1, m + 1) * n_all / max(m, 1))
     runs: list[tuple[int, int]] = []  # (first bin, last bin) of each run of >= min_count patients
-    run, start = 0, 0
+    run, start, cum = 0, 0, 0
     for i, c in enumerate(raw):
-        run += int(c)
-        if run >= min_count:
+        run, cum = run + int(c), cum + int(c)
+        if run >= min_count and len(runs) < m and cum >= targets[len(runs)]:
             runs.append((start, i))
             run, start = 0, i + 1
     if run and runs:
@@ -350,7 +353,11 @@ def risk_cutpoints(log_hz: np.ndarray, site: np.ndarray, min_count: int) -> dict
     mean = s1 / n
     sd = float(np.sqrt(max(s2 / n - mean**2, 0.0))) or 1.0
     hist = pooled_histogram((log_hz - mean) / sd, site, RISK_EDGES, k)
-    q = mean + sd * histogram_quantiles(RISK_EDGES, hist, [0.5, 1 / 3, 2 / 3])
+    # each filled bin stands for a run of patients around it: the CDF passes through each bin's centre at the
+    # bin's midpoint count (linear between), rather than rising only inside the 0.05-sd bin
+    nz = np.flatnonzero(hist)
+    cdf = (np.cumsum(hist[nz]) - hist[nz] / 2) / hist.sum()
+    q = mean + sd * np.interp([0.5, 1 / 3, 2 / 3], cdf, (RISK_EDGES[nz] + RISK_EDGES[nz + 1]) / 2)
     return {"median": float(q[0]), "tertiles": [float(q[1]), float(q[2])]}
 
 
