@@ -381,11 +381,11 @@ def fit_normalisers(
     """
     omics: list[Any] = [s["omics"] for s in summaries if "omics" in s]  # each from_summaries checks the type
     clinical: list[Any] = [s["clinical"] for s in summaries if "clinical" in s]
-    for kind, got in (("omics", omics), ("clinical", clinical)):
+    for kind, got in (("omics", omics), ("clinical", clinical)):  # a site under k sent none (see its warning)
         if kind in require and not got:
             raise ValueError(
-                f"no site has {MIN_SUMMARY_PATIENTS} or more training patients with {kind} data: "
-                f"cannot fit the {kind} normalisation"
+                f"no site sent a {kind} summary, so it cannot be normalised: a site needs {MIN_SUMMARY_PATIENTS}+"
+                f" training patients with {kind} data (federated runs: federated.min_count, default 10)"
             )
     o_norm = c_norm = None
     if omics:
