@@ -346,19 +346,14 @@ def risk_cutpoints(log_hz: np.ndarray, site: np.ndarray, min_count: int) -> dict
         # no site has k patients (a federation would not have trained): one process holds them all
         log.warning("risk cut-points: no site has %d training patients; histogram bins are not merged", k)
         k = 1
+    from pipeline.stats.risk_cuts import cutpoints_from_histogram, pooled_mean_sd
+
     # a Cox log hazard has an arbitrary offset and scale: standardise it with the pooled mean and sd, from each
     # site's (n, sum, sum of squares) over at least k patients, so the pre-agreed grid fits any model
     parts = [(m.sum(), log_hz[m].sum(), (log_hz[m] ** 2).sum()) for m in (site == s for s in np.unique(site))]
-    n, s1, s2 = (sum(p[j] for p in parts if p[0] >= k) for j in range(3))
-    mean = s1 / n
-    sd = float(np.sqrt(max(s2 / n - mean**2, 0.0))) or 1.0
+    mean, sd = pooled_mean_sd(parts, k)
     hist = pooled_histogram((log_hz - mean) / sd, site, RISK_EDGES, k)
-    # each filled bin stands for a run of patients around it: the CDF passes through each bin's centre at the
-    # bin's midpoint count (linear between), rather than rising only inside the 0.05-sd bin
-    nz = np.flatnonzero(hist)
-    cdf = (np.cumsum(hist[nz]) - hist[nz] / 2) / hist.sum()
-    q = mean + sd * np.interp([0.5, 1 / 3, 2 / 3], cdf, (RISK_EDGES[nz] + RISK_EDGES[nz + 1]) / 2)
-    return {"median": float(q[0]), "tertiles": [float(q[1]), float(q[2])]}
+    return cutpoints_from_histogram(hist, RISK_EDGES, mean, sd)  # a deployment's server runs the same two steps
 
 
 def time_edges(end: float, k: int = TIME_BINS) -> np.ndarray:
