@@ -120,6 +120,11 @@ class TrainConfig(_Frozen):
     select: Literal["cindex", "loss"] = "loss"
     select_window: int = Field(1, ge=1)  # epochs / rounds the validation score is averaged over
     without_validation: Literal["last", "error"] = "last"  # no usable validation: keep the last (warning) or fail
+    # model.family=linear with the Cox loss: "cv" fits the ridge-penalised stratified Cox likelihood to its optimum
+    # (full batch, L-BFGS; federated: summed site gradients), the penalty by K-fold CV on the training and validation
+    # patients (pipeline.training.linear_fit); "sgd": mini-batches and AdamW weight decay like the network
+    linear_fit: Literal["cv", "sgd"] = "cv"
+    linear_cv_folds: int = Field(5, ge=2)  # folds each site splits its non-test patients into
 
     @model_validator(mode="after")
     def _cox_needs_a_risk_set(self) -> TrainConfig:

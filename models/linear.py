@@ -116,6 +116,56 @@ class LinearSurvival(nn.Module):
         self.get_buffer("slide_mean").copy_(mean.to(torch.float32))
         self.get_buffer("slide_scale").copy_(scale.to(torch.float32))
 
+    def terms(self) -> list[nn.Linear]:
+        """The linear terms present, in coefficient order: slides, omics, clinical."""
+        return [lin for lin in (self.slide_linear, self.omics_linear, self.clinical_linear) if lin is not None]
+
+    def coefficients(self) -> torch.Tensor:
+        """All weights as one vector ``[F]`` (slides' D, then genes' G, then clinical C; absent modalities
+        skipped): ``log_hz = x . coefficients()`` for the design row ``x`` of :meth:`design_rows`."""
+        return torch.cat([lin.weight.detach()[0] for lin in self.terms()])
+
+    def set_coefficients(self, beta: torch.Tensor) -> None:
+        """Load a coefficient vector ``[F]`` (order of :meth:`coefficients`), e.g. from a full-batch fit."""
+        sizes = [lin.in_features for lin in self.terms()]
+        if beta.shape != (sum(sizes),) or not bool(torch.isfinite(beta).all()):
+            raise ValueError(
+                f"set_coefficients: expected {sum(sizes)} finite coefficients, got shape {tuple(beta.shape)}"
+            )
+        with torch.no_grad():
+            for lin, part in zip(self.terms(), torch.split(beta, sizes), strict=True):
+                lin.weight.copy_(part.to(lin.weight.dtype).unsqueeze(0))
+
+    def design_rows(
+        self,
+        slide_means: torch.Tensor | None,
+        has_tiles: torch.Tensor | None,
+        omics: torch.Tensor | None = None,
+        omics_mask: torch.Tensor | None = None,
+        clinical: torch.Tensor | None = None,
+        clinical_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The design matrix ``X [B, F]`` (float64) with ``log_hz = X @ coefficients()``.
+
+        Args:
+            slide_means: ``[B, D]`` each bag's mean tile feature (not yet standardised); has_tiles ``[B]`` bool.
+            omics, omics_mask, clinical, clinical_mask: as in :meth:`forward`.
+        """
+        cols: list[torch.Tensor] = []
+        if self.slide_linear is not None:
+            assert slide_means is not None and has_tiles is not None, "model has a slide term: pass slide means"
+            mean, scale = self.get_buffer("slide_mean").double(), self.get_buffer("slide_scale").double()
+            z = (slide_means.double() - mean) / scale
+            cols.append(z.masked_fill(~has_tiles.unsqueeze(1), 0.0))
+        for lin, x, present, what in (
+            (self.omics_linear, omics, omics_mask, "omics"),
+            (self.clinical_linear, clinical, clinical_mask, "clinical"),
+        ):
+            if lin is not None:
+                assert x is not None and present is not None, f"model has a {what} term: pass {what} and its mask"
+                cols.append(x.double().masked_fill(~present.unsqueeze(1), 0.0))
+        return torch.cat(cols, 1)
+
     def set_bin_edges(self, edges: torch.Tensor) -> None:
         """Store the discrete-time bin edges ``[K + 1]`` (from :func:`models.losses.discrete_time_edges`)."""
         if self.n_bins == 0:
@@ -133,3 +183,41 @@ def _zero_linear(n_in: int) -> nn.Linear | None:
     lin = nn.Linear(n_in, 1, bias=False)
     nn.init.zeros_(lin.weight)
     return lin
+
+
+def cox_nll_sum(log_hz: torch.Tensor, event: torch.Tensor, time: torch.Tensor, ties: str = "efron") -> torch.Tensor:
+    """Negative Cox partial log-likelihood of one stratum, summed over its events (not averaged), exact in
+    float64 and differentiable: the full-batch objective of the linear family's fit.
+
+    Args:
+        log_hz: ``[n]`` log hazards; event ``[n]`` bool; time ``[n]``.
+        ties: ``efron`` or ``breslow``.
+
+    With no event the sum is 0. Equals :func:`models.losses.cox_loss` times the number of events.
+    """
+    if ties not in ("efron", "breslow"):
+        raise ValueError(f"unknown ties '{ties}': valid names are ['breslow', 'efron']")
+    event = event.bool()
+    if not bool(event.any()):
+        return (log_hz * 0.0).sum()
+    _, group = torch.unique(time, sorted=True, return_inverse=True)  # group g: the g-th distinct time
+    n_groups = int(group.max()) + 1
+    shift = log_hz.detach().max()
+    w = torch.exp(log_hz - shift)
+    zeros = torch.zeros(n_groups, dtype=log_hz.dtype)
+    at = zeros.index_add(0, group, w)  # sum of exp over the patients at each time
+    risk = torch.flip(torch.cumsum(torch.flip(at, [0]), 0), [0])  # over everyone with time >= t_g
+    ev = event.to(log_hz.dtype)
+    d = zeros.index_add(0, group, ev)  # events at each time
+    dead = zeros.index_add(0, group, w * ev)
+    has = d > 0
+    risk, d, dead = risk[has], d[has], dead[has]
+    if ties == "breslow":
+        log_terms = d * torch.log(risk)
+    else:
+        r = torch.arange(int(d.max()), dtype=log_hz.dtype)  # (R,)
+        use = r[None, :] < d[:, None]  # (G, R)
+        frac = torch.where(use, r[None, :] / d[:, None], torch.zeros_like(use, dtype=log_hz.dtype))
+        inner = (risk[:, None] - frac * dead[:, None]).clamp_min(torch.finfo(log_hz.dtype).tiny)
+        log_terms = torch.where(use, torch.log(inner), torch.zeros_like(inner)).sum(1)
+    return -((log_hz * ev).sum() - log_terms.sum() - d.sum() * shift)

@@ -203,34 +203,48 @@ def _fed_cfg(rounds: int, local_epochs: int = 1, batch_size: int = 32):
 def test_federated_linear_record_console_and_report(tmp_path, monkeypatch):
     from pipeline.outputs import federated_linear
 
-    monkeypatch.setattr(federated_linear, "PENALTIES", (1.0,))  # one candidate keeps it fast
+    monkeypatch.setattr(federated_linear, "GRID", (1.0,))  # one candidate keeps it fast
     data = _three_sites(synthetic("omics"))
     fl = federated_linear.fit_federated_linear(data, _fed_cfg(2), np.zeros(60), FAST, tmp_path / "fl")
-    assert fl["label"] == "federated linear Cox (no pooling)" and fl["strategy"] == "fedavg"
+    assert fl["label"] == "federated linear Cox (no pooling)" and fl["strategy"].startswith("fedsgd (full-batch")
     assert fl["modalities"] == ["slides", "omics", "clinical"] and fl["weight_decay"] == 1.0
     assert np.isfinite(fl["val_cindex"]) and fl["n"] == 60 and "diff" in fl["model_minus_this"]
-    assert (tmp_path / "fl" / "weight_decay_1" / "privacy_ledger.jsonl").is_file()  # its own ledger
+    assert (tmp_path / "fl" / "privacy_ledger.jsonl").is_file()  # its own ledger
     fl["model_minus_this"]["verdict"] = bl.verdict(fl["model_minus_this"])
     lines = baseline_report.summary_lines({"baselines": {}, "federated_linear": fl})
-    assert lines[-1].startswith("model vs federated linear Cox (no pooling), fedavg, weight decay 1:")
+    assert lines[-1].startswith("model vs federated linear Cox (no pooling), fedsgd (full-batch")
     page = "".join(baseline_report.baselines_html({"baselines": {"baselines": {}, "federated_linear": fl}}))
-    assert "federated linear Cox (no pooling), fedavg" in page and "without pooling" in page
+    assert "federated linear Cox (no pooling), fedsgd" in page and "without pooling" in page
 
 
-def test_federated_linear_without_validation_scores_keeps_the_default_penalty(monkeypatch):
+def test_federated_linear_without_validation_patients_still_chooses_by_federated_cv(monkeypatch):
+    from pipeline.outputs import federated_linear
+
+    monkeypatch.setattr(federated_linear, "GRID", (1.0, 0.01))
+    data = _three_sites(synthetic("omics"))
+    data.splits = {**data.splits, "val": np.zeros(0, int)}
+    fl = federated_linear.fit_federated_linear(data, _fed_cfg(2), settings=FAST)
+    assert len(fl["candidates"]) == 2 and "cross-validated" in fl["choice"]
+    best = max(fl["candidates"], key=lambda c: c["cv_loglik"])
+    assert fl["weight_decay"] == best["weight_decay"]  # the higher summed CV partial likelihood wins
+    assert fl["cindex"] > 0.75  # gene 0 drives the hazard; noise inputs alone give ~0.5
+
+
+def test_federated_linear_sgd_fit_keeps_the_flower_path_and_its_default_penalty(monkeypatch):
     from pipeline.outputs import federated_linear
 
     monkeypatch.setattr(federated_linear, "PENALTIES", (1.0, 10.0))
     data = _three_sites(synthetic("omics"))
     data.splits = {**data.splits, "val": np.zeros(0, int)}
-    fl = federated_linear.fit_federated_linear(data, _fed_cfg(2), settings=FAST)
+    cfg = _fed_cfg(2).with_overrides(["train.linear_fit=sgd"])
+    fl = federated_linear.fit_federated_linear(data, cfg, settings=FAST)
     assert len(fl["candidates"]) == 1 and fl["weight_decay"] == 1.0 and "a priori" in fl["choice"]
 
 
 def test_federated_linear_choice_never_sees_test_outcomes(monkeypatch):
     from pipeline.outputs import federated_linear
 
-    monkeypatch.setattr(federated_linear, "PENALTIES", (1.0, 0.01))
+    monkeypatch.setattr(federated_linear, "GRID", (1.0, 0.01))
     data = _three_sites(synthetic("omics"))
     a = federated_linear.fit_federated_linear(data, _fed_cfg(2), settings=FAST)
     te = data.splits["test"]
@@ -247,7 +261,8 @@ def test_federated_run_gets_a_federated_linear_baseline_that_finds_the_signal(tm
     (tmp_path / "metrics.json").write_text('{"pooled": {"cindex": 0.7}}')
     lines = bl.add_to_run(tmp_path, data, _omics_only, n_boot=50, cfg=_fed_cfg(10, 2, 16))
     fl = json.loads((tmp_path / "metrics.json").read_text())["baselines"]["federated_linear"]
-    assert len(fl["candidates"]) == 3 and fl["val_cindex"] == max(c["val_cindex"] for c in fl["candidates"])
+    best = max(fl["candidates"], key=lambda c: c["cv_loglik"])
+    assert len(fl["candidates"]) == 10 and fl["weight_decay"] == best["weight_decay"]
     assert fl["cindex"] > 0.75  # gene 0 drives the hazard; noise inputs alone give ~0.5
     assert any(s.startswith("model vs federated linear Cox (no pooling)") for s in lines)
 

@@ -1,13 +1,21 @@
 """The federated linear Cox baseline of a federated run: "federated linear Cox (no pooling)".
 
 The linear model family (``model.family=linear``: ``log_hz`` linear in the standardised mean-pooled tile
-features, genes and clinical covariates) is trained through the run's own sites, split, strategy, rounds,
-SecAgg+ and DP settings, with the embedded runtime and the same client code, so a consortium gets a linear
-reference without pooling patient data. Its L2 penalty (AdamW weight decay) is chosen among
-:data:`PENALTIES` by the pooled validation C-index of each candidate's kept round (summed concordant and
-comparable pairs across sites: aggregates only); test patients are only scored. Each candidate's site
-messages are described in its own privacy ledger under ``federated_linear/``; under DP every candidate
-spends privacy budget on the same sites, which the record states.
+features, genes and clinical covariates) is trained on the run's own sites and split without pooling patient
+data, so a consortium gets a linear reference.
+
+Default (``train.linear_fit=cv``, no DP, no SecAgg+): fitted to the optimum of the ridge-penalised
+site-stratified Cox partial likelihood on every site's non-test patients (full-batch site gradients summed,
+L-BFGS at the server), the penalty chosen among :data:`~pipeline.training.linear_fit.PENALTY_GRID` by federated
+K-fold cross-validation of the partial likelihood (:mod:`pipeline.federated.linear_sites`; each site sends one
+CV score over all its non-test patients, so it passes the minimum count where a validation split would not).
+Its messages are described in ``federated_linear/privacy_ledger.jsonl``.
+
+Under DP or SecAgg+ (whose protections that fit does not yet apply) or ``train.linear_fit=sgd``: the run's
+strategy, rounds, SecAgg+ and DP settings through the embedded Flower runtime, the AdamW weight decay among
+:data:`PENALTIES` by the pooled validation C-index of each candidate's kept round; each candidate has its own
+privacy ledger under ``federated_linear/``, and under DP every candidate spends privacy budget on the same sites,
+which the record states. Test patients are only scored.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.outputs.scoring import BaselineSettings, scored
+from pipeline.training.linear_fit import PENALTY_GRID
 
 if TYPE_CHECKING:
     from data_specs.config import RunConfig
@@ -31,6 +40,8 @@ MODALITY_DIMS = {"slides": "feature_dim", "omics": "n_genes", "clinical": "n_cli
 # AdamW weight decay candidates: the a-priori default first (kept alone when the sites send no validation scores,
 # e.g. too few validation events under the disclosure policy), then strong and weak; ties keep the earlier
 PENALTIES = (1.0, 10.0, 0.01)
+# ridge penalties per patient tried by the default fit's federated CV (a-priori grid)
+GRID: tuple[float, ...] = PENALTY_GRID
 # Optimiser settings of the linear family, fixed a priori and checked on TCGA-BRCA's validation split (see
 # docs/benchmarks.md); the network's learning rates do not suit a zero-initialised linear model.
 LINEAR_LR = 0.01
@@ -68,19 +79,25 @@ def fit_federated_linear(
 
     s = settings or BaselineSettings()
     test = np.asarray(data.splits["test"])
-    cands, (rec, model) = _train_candidates(data, cfg, out)
-    choice = (
-        "weight decay with the highest pooled validation C-index (ties: the earlier candidate)"
-        if np.isfinite(rec["val_cindex"])
-        else f"weight decay fixed a priori at {rec['weight_decay']:g}: the sites sent no validation C-index"
-    )
+    fc = cfg.federated
+    if fc.dp_noise > 0 or fc.secagg or cfg.train.linear_fit == "sgd" or cfg.train.loss != "cox":
+        cands, (rec, model) = _train_candidates(data, cfg, out)
+        choice = (
+            "weight decay with the highest pooled validation C-index (ties: the earlier candidate)"
+            if np.isfinite(rec["val_cindex"])
+            else f"weight decay fixed a priori at {rec['weight_decay']:g}: the sites sent no validation C-index"
+        )
+        strategy = fc.strategy
+    else:
+        rec, model, cands, choice = _fit_cv(data, cfg, out)
+        strategy = "fedsgd (full-batch site gradients, server L-BFGS)"
     lh = predict(model, data, test).log_hz
     ref = None if model_log_hz is None else np.asarray(model_log_hz, float)
     t, e = data.time[test].astype(float), data.event[test].astype(bool)
     out_rec = {
         "label": LABEL,
         "modalities": [m for m, k in MODALITY_DIMS.items() if data.model_dims()[k]],
-        "strategy": cfg.federated.strategy,
+        "strategy": strategy,
         "rounds": cfg.federated.rounds,
         "secagg": cfg.federated.secagg,
         "weight_decay": rec["weight_decay"],
@@ -88,6 +105,7 @@ def fit_federated_linear(
         "best_round": rec["best_round"],
         "candidates": cands,
         "choice": choice,
+        **({"linear_fit": rec["linear_fit"]} if "linear_fit" in rec else {}),
         **scored(t, e, lh, ref, s),
     }
     if any("epsilon" in c for c in cands):
@@ -97,6 +115,33 @@ def fit_federated_linear(
             "of the model's own"
         )
     return out_rec
+
+
+def _fit_cv(data: CohortData, cfg: RunConfig, out: Path | None) -> tuple[dict, object, list[dict], str]:
+    """The default fit: federated L-BFGS on every site's non-test patients at the penalty federated CV chose.
+    Returns the chosen record (``weight_decay``: the ridge penalty per patient ``c``), the model, every
+    candidate's record and the choice in words."""
+    from pipeline.federated.linear_sites import fit_federated_cv
+    from pipeline.training.module import new_model
+
+    c = cfg.with_overrides(["model.family=linear"])
+    model = new_model(data, c)
+    idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
+    fit = fit_federated_cv(model, data, idx, c, None if out is None else Path(out) / "privacy_ledger.jsonl", GRID)
+    cands = [{"weight_decay": r["penalty"], "val_cindex": r["cv_cindex"], "cv_loglik": r["cv_loglik"]}
+             for r in fit["candidates"]]  # fmt: skip
+    k = c.train.linear_cv_folds
+    choice = (
+        f"ridge penalty {fit['penalty']:g} per patient (x {fit['n_patients']} patients) with the highest "
+        f"cross-validated partial likelihood, federated {k}-fold CV within each site's non-test patients; fitted "
+        f"full batch (site gradients summed, server L-BFGS, {fit['rounds']} rounds in all), not with the run's "
+        "strategy"
+    )
+    if fit["sites_left_out"]:
+        choice += f"; sites left out (too few patients for the minimum count): {', '.join(fit['sites_left_out'])}"
+    rec = {"weight_decay": fit["penalty"], "val_cindex": fit["cv_cindex"], "best_round": fit["rounds"],
+           "linear_fit": {k2: v for k2, v in fit.items() if k2 != "candidates"}}  # fmt: skip
+    return rec, model.eval(), cands, choice
 
 
 def _train_candidates(data: CohortData, cfg: RunConfig, out: Path | None) -> tuple[list[dict], tuple[dict, object]]:

@@ -25,6 +25,7 @@ from models import CoxMemoryBank, build_model, cox_loss, discrete_time_edges, nl
 from models.survival import MultimodalSurvival, SurvivalOutput
 from pipeline.stats.metrics import harrell_cindex
 from pipeline.training.data import CohortData, make_loader, model_inputs
+from pipeline.training.linear_fit import fit_linear_centralised
 from pipeline.training.selection import Selector
 from pipeline.training.slide_norm import prepare_linear
 
@@ -232,6 +233,10 @@ def fit_local(
     t = cfg.train
     train_idx = data.splits["train"] if train_idx is None else train_idx
     val_idx = data.splits["val"] if val_idx is None else val_idx
+    if cfg.model.family == "linear" and t.loss == "cox" and t.linear_fit == "cv":  # full batch, penalty by CV
+        model = new_model(data, cfg)
+        info = fit_linear_centralised(model, data, np.concatenate([train_idx, val_idx]), cfg)
+        return new_module(model.eval(), cfg), info
     keep = KeepBest(selector(cfg, "centralised training"))
     keep.selector.check_available(len(val_idx) > 0)
     module = new_module(new_model(data, cfg), cfg, validate=len(val_idx) > 0)

@@ -1,0 +1,263 @@
+"""The linear family fitted to its optimum: full-batch ridge Cox, the penalty chosen by K-fold CV.
+
+The objective, over the strata ``s`` (the sites; one stratum when ``train.stratify=false``), is the
+ridge-penalised, stratified Cox partial likelihood per patient::
+
+    f(beta) = (1 / N) * sum_s nll_s(beta) + (c / 2) * |beta|^2
+
+with ``nll_s`` the negative partial log-likelihood of stratum ``s`` over its *whole* training set (Efron or
+Breslow ties, ``train.ties``) and ``N`` the number of patients in the fit. For one stratum this is
+scikit-survival's ``CoxPHSurvivalAnalysis(alpha=c * N)``. ``f`` is convex; it is minimised by L-BFGS
+(scipy) on the sum of the strata's full-batch gradients, each stratum a :class:`Party` that answers
+``(nll_s, grad nll_s, n_s)`` for given coefficients: centralised, the parties are the training data's
+strata; federated (:mod:`pipeline.federated.linear_sites`) each is a site whose every answer passes the
+disclosure policy and is written to its privacy ledger. Each evaluation is one round.
+
+The penalty ``c`` comes from :data:`PENALTY_GRID` (fixed a priori; ``c * N`` is the absolute ridge penalty) by
+the cross-validated partial likelihood of Verweij & van Houwelingen (1993): each party splits its own patients
+into K folds; the model of fold ``k`` is fitted on every party's other folds, and each party scores
+``sum_k [l_s(beta_-k) - l_s^(-k)(beta_-k)]`` (its partial log-likelihood over all its patients minus that over
+its patients outside fold ``k``): one number over all its patients, with its out-of-fold concordant and
+comparable pairs. The grid value with the highest summed score wins (ties: the larger penalty).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from models.linear import LinearSurvival, cox_nll_sum
+from pipeline.stats.metrics import concordant_pairs
+
+if TYPE_CHECKING:
+    from data_specs.config import RunConfig
+    from pipeline.training.data import CohortData
+
+log = logging.getLogger(__name__)
+
+# c, the ridge penalty per patient: 10 log-spaced values, fixed before any data was seen
+PENALTY_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 1.5, 10))
+CV_FOLDS = 5
+MAX_ITER = 1000  # L-BFGS iterations (each one or a few evaluations = rounds)
+GTOL = 1e-7  # L-BFGS stops when every gradient component of f is below this
+
+
+@dataclass
+class Party:
+    """One stratum's patients: design ``x [n, F]`` (float64), ``time [n]``, ``event [n]`` and each patient's CV
+    fold ``fold [n]`` (0..K-1). :meth:`release` is called with every answer before it is returned: a no-op
+    here; a federated site checks it against the disclosure policy and records it."""
+
+    name: str
+    x: torch.Tensor
+    time: torch.Tensor
+    event: torch.Tensor
+    fold: np.ndarray
+    ties: str = "efron"
+    rounds: int = field(default=0, init=False)
+
+    def release(self, kind: str, n: int, n_events: int, values: dict[str, float]) -> bool:
+        """Whether an answer of ``kind`` over ``n`` patients / ``n_events`` events may be sent (always, here)."""
+        return True
+
+    def _keep(self, drop_fold: int | None) -> np.ndarray:
+        return np.ones(len(self.fold), bool) if drop_fold is None else self.fold != drop_fold
+
+    def _nll(self, beta: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+        return cox_nll_sum(self.x[keep] @ beta, self.event[keep], self.time[keep], self.ties)
+
+    def nll_grad(self, beta: np.ndarray, drop_fold: int | None = None) -> tuple[float, np.ndarray, int]:
+        """``(nll, grad [F], n)`` of this party's patients outside fold ``drop_fold`` (None: all) at ``beta``."""
+        keep = self._keep(drop_fold)
+        b = torch.from_numpy(np.asarray(beta, np.float64)).requires_grad_(True)
+        loss = self._nll(b, keep)
+        (g,) = torch.autograd.grad(loss, b)
+        n, d = int(keep.sum()), int(self.event[keep].sum())
+        self.rounds += 1
+        if not self.release("linear.gradient", n, d, {"nll": float(loss.detach())}):
+            raise ValueError(f"party {self.name}: may not send its gradient")
+        return float(loss.detach()), g.numpy(), n
+
+    def cv_score(self, betas: Sequence[np.ndarray]) -> tuple[float, float, float] | None:
+        """``(cvl, concordant, comparable)`` over all this party's patients given each fold's coefficients
+        ``betas[k]`` (fitted without fold ``k``); None when the party may not send it."""
+        cvl, risk = 0.0, np.zeros(len(self.fold))
+        with torch.no_grad():
+            for k, beta in enumerate(betas):
+                b = torch.from_numpy(np.asarray(beta, np.float64))
+                cvl += float(self._nll(b, self._keep(k)) - self._nll(b, self._keep(None)))
+                held = self.fold == k
+                risk[held] = (self.x[held] @ b).numpy()
+        conc, comp = concordant_pairs(self.time.numpy(), self.event.numpy(), risk)
+        values = {"loss_sum": cvl, "concordant": conc, "comparable": comp}
+        if not self.release("linear.cv_score", len(self.fold), int(self.event.sum()), values):
+            return None
+        return cvl, conc, comp
+
+
+@dataclass
+class RidgeFit:
+    """A minimised objective: coefficients ``beta [F]``, evaluations (= rounds), convergence, final gradient."""
+
+    beta: np.ndarray
+    evaluations: int
+    converged: bool
+    objective: float
+    grad_max: float
+
+
+def fit_ridge(
+    parties: Sequence[Party],
+    c: float,
+    drop_fold: int | None = None,
+    x0: np.ndarray | None = None,
+    max_iter: int = MAX_ITER,
+    quiet: bool = False,
+) -> RidgeFit:
+    """Minimise ``f`` (module docstring) over the parties' patients outside fold ``drop_fold`` by L-BFGS from
+    ``x0`` (default 0), for at most ``max_iter`` iterations; ``quiet``: no warning when not converged."""
+    from scipy.optimize import minimize
+
+    dim = int(parties[0].x.shape[1])
+    evals = 0
+
+    def fun(beta: np.ndarray) -> tuple[float, np.ndarray]:
+        nonlocal evals
+        evals += 1
+        answers = [p.nll_grad(beta, drop_fold) for p in parties]
+        n = sum(a[2] for a in answers)
+        if n == 0:
+            raise ValueError("linear fit: no patients in the fit")
+        value = sum(a[0] for a in answers) / n + 0.5 * c * float(beta @ beta)
+        return value, np.sum([a[1] for a in answers], 0) / n + c * beta
+
+    start = np.zeros(dim) if x0 is None else np.asarray(x0, np.float64)
+    res = minimize(fun, start, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": GTOL, "ftol": 0})
+    grad_max = float(np.abs(res.jac).max()) if dim else 0.0
+    if grad_max > 1e-4 and not quiet:
+        log.warning("linear fit (c=%g): L-BFGS stopped with gradient %.2g (%s)", c, grad_max, res.message)
+    return RidgeFit(res.x, evals, bool(grad_max <= 1e-4), float(res.fun), grad_max)
+
+
+def cross_validate(parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRID) -> list[dict]:
+    """The CV score of every penalty in ``grid`` (module docstring); one record per penalty, in grid order.
+    Fits run from the largest penalty down, each fold warm-started from the previous penalty's fit."""
+    n_folds = int(max(int(p.fold.max()) for p in parties)) + 1
+    warm: list[np.ndarray | None] = [None] * n_folds
+    out: dict[float, dict] = {}
+    for c in sorted(grid, reverse=True):
+        fits = [fit_ridge(parties, c, k, warm[k]) for k in range(n_folds)]
+        warm = [f.beta for f in fits]
+        scores = [s for s in (p.cv_score(warm) for p in parties) if s is not None]
+        cvl, conc, comp = (float(sum(s[i] for s in scores)) for i in range(3))
+        out[c] = {
+            "penalty": c,
+            "cv_loglik": cvl if scores else float("nan"),
+            "cv_cindex": conc / comp if comp else float("nan"),
+            "parties_scored": len(scores),
+            "evaluations": sum(f.evaluations for f in fits),
+            "converged": all(f.converged for f in fits),
+        }
+    return [out[c] for c in grid]
+
+
+def choose(records: Sequence[dict]) -> dict:
+    """The record with the highest CV log-likelihood (ties, within 1e-9: the larger penalty)."""
+    ok = [r for r in records if np.isfinite(r["cv_loglik"])]
+    if not ok:
+        raise ValueError("linear fit: no party could send a cross-validation score (too few patients or events)")
+    best = max(r["cv_loglik"] for r in ok)
+    return max((r for r in ok if r["cv_loglik"] >= best - 1e-9), key=lambda r: r["penalty"])
+
+
+def assign_folds(n: int, n_folds: int, seed: int, party: int) -> np.ndarray:
+    """Each of a party's ``n`` patients in one of ``n_folds`` folds of (almost) equal size, seeded per party."""
+    rng = np.random.default_rng([seed, party])
+    fold = np.empty(n, int)
+    fold[rng.permutation(n)] = np.arange(n) % n_folds
+    return fold
+
+
+def design(model: LinearSurvival, data: CohortData, idx: np.ndarray) -> torch.Tensor:
+    """The design matrix ``[len(idx), F]`` of ``model`` (its slide standardisation) for the patients ``idx``."""
+    idx = np.asarray(idx, int)
+    means = has = None
+    if model.feature_dim:
+        assert data.bags is not None, "model has a slide term but the data have no bags"
+        dim = model.feature_dim
+        rows = [data.bags[i].astype(np.float64).mean(0) if len(data.bags[i]) else np.zeros(dim) for i in idx]
+        means = torch.from_numpy(np.stack(rows) if rows else np.zeros((0, dim)))
+        has = torch.tensor([len(data.bags[i]) > 0 for i in idx], dtype=torch.bool)
+
+    def part(x: np.ndarray | None, present: np.ndarray | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if x is None or present is None:
+            return None, None
+        return torch.from_numpy(np.asarray(x)[idx]), torch.from_numpy(np.asarray(present)[idx].astype(bool))
+
+    om, om_mask = part(data.omics, data.omics_present)
+    cl, cl_mask = part(data.clinical, data.clinical_present)
+    return model.design_rows(means, has, om, om_mask, cl, cl_mask)
+
+
+def parties_of(
+    model: LinearSurvival, data: CohortData, idx: np.ndarray, cfg: RunConfig, stratify: bool, make=Party
+) -> list[Party]:
+    """The patients ``idx`` as parties (one per site, or one in all when not ``stratify``), each with its own
+    CV folds (``train.linear_cv_folds``, seeded by ``train.seed``). ``make``: the party class (or factory)."""
+    t = cfg.train
+    groups = data.subset_sites(np.asarray(idx, int)) if stratify else {"all": np.asarray(idx, int)}
+    x = design(model, data, np.concatenate(list(groups.values())) if groups else np.zeros(0, int))
+    parties, start = [], 0
+    for k, (name, g) in enumerate(groups.items()):
+        rows = slice(start, start + len(g))
+        start += len(g)
+        if len(g) == 0:
+            continue
+        parties.append(
+            make(
+                name=name,
+                x=x[rows],
+                time=torch.from_numpy(data.time[g].astype(np.float64)),
+                event=torch.from_numpy(data.event[g].astype(bool)),
+                fold=assign_folds(len(g), t.linear_cv_folds, t.seed, k),
+                ties=t.ties,
+            )
+        )
+    return parties
+
+
+def fit_with_cv(model: LinearSurvival, parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRID) -> dict:
+    """Choose the penalty by CV over ``parties``, refit on all their patients and load the coefficients into
+    ``model``; returns the record (chosen penalty, every candidate's CV score, evaluations = rounds)."""
+    if not parties:
+        raise ValueError("linear fit: no patients to fit")
+    records = cross_validate(parties, grid)
+    best = choose(records)
+    final = fit_ridge(parties, best["penalty"])
+    model.set_coefficients(torch.from_numpy(final.beta))
+    n = sum(len(p.fold) for p in parties)
+    return {
+        "fit": "full-batch ridge Cox (L-BFGS), penalty by K-fold cross-validated partial likelihood",
+        "penalty": best["penalty"],
+        "ridge_alpha": best["penalty"] * n,  # scikit-survival CoxPHSurvivalAnalysis(alpha=...) on one stratum
+        "cv_cindex": best["cv_cindex"],
+        "cv_loglik": best["cv_loglik"],
+        "candidates": records,
+        "n_patients": n,
+        "final_evaluations": final.evaluations,
+        "converged": final.converged,
+        "rounds": int(sum(r["evaluations"] for r in records) + final.evaluations),
+    }
+
+
+def fit_linear_centralised(model: LinearSurvival, data: CohortData, idx: np.ndarray, cfg: RunConfig) -> dict:
+    """``model.family=linear`` centralised (Cox loss): the CV-chosen ridge fit on the patients ``idx`` (training
+    and validation patients: the CV is the validation), stratified by site as ``train.stratify`` says."""
+    rec = fit_with_cv(model, parties_of(model, data, idx, cfg, cfg.train.stratify))
+    return {"select": "cv", "best_epoch": None, "best_val_loss": None, "best_val_cindex": rec["cv_cindex"],
+            "val_history": [], "linear_fit": rec}  # fmt: skip
