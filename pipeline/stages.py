@@ -35,6 +35,7 @@ from pipeline.slides.features import features_dir
 from pipeline.training.bundle import check_dims, data_for_model, load_bundle
 from pipeline.training.data import CohortData, load_run_data
 from pipeline.training.predict import predict
+from pipeline.training.survival_summary import survival_summary
 
 log = logging.getLogger(__name__)
 
@@ -113,27 +114,11 @@ def stage_train(
     else:
         module, info = fit_local(data, cfg, progress=progress)
         model, info = module.model.eval(), {"mode": "centralised", **info}
-    save_bundle(rf.model, model, data, cfg, {"train_info": info, **survival_summary(model, data, cohort.time_unit)})
+    k = cfg.federated.min_count if cfg.federated.enabled else 1  # grid end and horizons from site aggregates
+    summary = survival_summary(model, data, cohort.time_unit, k)
+    save_bundle(rf.model, model, data, cfg, {"train_info": info, **summary})
     write_json(rf.train_summary, info)
     return rf.model
-
-
-def survival_summary(model, data: CohortData, time_unit: str | None = None) -> dict:
-    """What ``predict`` needs for survival curves, fixed on the training patients: a Breslow baseline
-    (Cox heads; per site and pooled, built from per-site summaries) and default horizons (1/3/5 years in
-    ``time_unit``), both on the coarse pre-agreed grid (:func:`~pipeline.stats.curves.coarse_grid`, snapped to
-    hold the horizons): no exact training event time is kept."""
-    from pipeline.stats.curves import BreslowBaseline, coarse_grid, default_horizons, grid_with
-
-    tr = data.splits["train"]
-    hz = default_horizons(data.time[tr], data.event[tr], time_unit=time_unit)
-    grid = grid_with(coarse_grid(float(data.time[tr].max()) if len(tr) else 1.0), hz)  # holds the horizons
-    out: dict = {"horizons": hz}
-    if getattr(model, "n_bins", 0) == 0 and data.event[tr].any():
-        lh = predict(model, data, tr).log_hz
-        base = BreslowBaseline.fit(data.time[tr], data.event[tr], lh, data.site[tr], data.sites, grid, 10, True)
-        out["baseline"] = base.state()  # risk set at each interval's start: see curves.site_summary
-    return out
 
 
 def _model_data(

@@ -68,38 +68,58 @@ def make_card(model: MultimodalSurvival, data: CohortData, cfg: RunConfig, **ext
 
     ``extra``: further card fields (``train_info``, ``horizons``, ``baseline``); never ``splits`` (patient ids).
     """
-    if extra.get("splits"):
-        raise ValueError("a model card holds no patient ids: pass no 'splits' (the card keeps their digest)")
-    extra.pop("splits", None)
     from pipeline.stats.curves import risk_cutpoints
 
     tr = data.splits["train"]
     # from the sum of the sites' log-hazard histograms (federated: bins of fewer than federated.min_count merged),
     # never a training patient's own log hazard
     k = cfg.federated.min_count if cfg.federated.enabled else 1
-    cut = Cutpoints(**risk_cutpoints(predict(model, data, tr).log_hz, data.site[tr], k))
+    cut = risk_cutpoints(predict(model, data, tr).log_hz, data.site[tr], k)
+    return card_from_parts(
+        model,
+        cfg,
+        data.model_dims(),
+        cut,
+        features=data.feature_attrs,
+        omics=data.omics_norm.state() if data.omics_norm else None,
+        clinical=data.clinical_norm.state() if data.clinical_norm else None,
+        sites=data.sites,
+        split_digest=split_digest(data.patient_ids, data.splits),
+        **extra,
+    )
+
+
+def card_from_parts(
+    model: MultimodalSurvival, cfg: RunConfig, model_dims: dict[str, int], cutpoints: dict, **fields: Any
+) -> ModelCard:
+    """The card of ``model`` from aggregates alone (what a deployment's server holds): input sizes, risk
+    cut-points, and further card fields (``features``, ``omics``/``clinical`` normaliser states, ``sites``,
+    ``horizons``, ``baseline``, ``train_info``, ``split_digest``); never ``splits`` (patient ids).
+    ``time_bins`` and the tensor specs and digest are read off ``model``."""
+    if fields.get("splits"):
+        raise ValueError("a model card holds no patient ids: pass no 'splits' (the card keeps their digest)")
+    fields.pop("splits", None)
     state = model.state_dict()
     return ModelCard(
         config=cfg,
-        model_dims=data.model_dims(),
-        features=data.feature_attrs,
-        omics=json_safe(data.omics_norm.state()) if data.omics_norm else None,
-        clinical=json_safe(data.clinical_norm.state()) if data.clinical_norm else None,
-        sites=data.sites,
+        model_dims=dict(model_dims),
         time_bins=model.get_buffer("bin_edges").tolist() if model.n_bins else None,
-        cutpoints=cut,
+        cutpoints=Cutpoints(**cutpoints),
         tensors={k: TensorSpec(shape=list(v.shape), dtype=str(v.dtype)) for k, v in state.items()},
         weights_sha256=weights_digest(state),
-        split_digest=split_digest(data.patient_ids, data.splits),
-        **json_safe(extra),
+        **json_safe(fields),
     )
 
 
 def save_bundle(path: Path, model: MultimodalSurvival, data: CohortData, cfg: RunConfig, extra: dict) -> ModelCard:
     """Write the model file (atomically): weights + card. Returns the card written."""
+    return save_model(path, model, make_card(model, data, cfg, **extra))
+
+
+def save_model(path: Path, model: MultimodalSurvival, card: ModelCard) -> ModelCard:
+    """Write ``model``'s weights with ``card`` (from :func:`make_card` or :func:`card_from_parts`) atomically."""
     from safetensors.torch import save
 
-    card = make_card(model, data, cfg, **extra)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     write_bytes(path, save(tensors, metadata={CARD_KEY: card.model_dump_json()}))
     return card
