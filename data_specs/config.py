@@ -38,6 +38,7 @@ class ExtractConfig(_Frozen):
     batch_size: int | Literal["auto"] = 64  # "auto": largest that fits on the GPU (64 on CPU)
     num_workers: int = Field(0, ge=0)  # DataLoader workers per slide, each with its own slide handle
     prefetch_factor: int = Field(4, ge=1)  # batches each worker reads ahead
+    read_ahead: int = Field(2, ge=0)  # with num_workers=0: batches a reader thread reads ahead of the encoder (0: off)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the encoder's own on GPU, fp32 on CPU
     channels_last: bool = True

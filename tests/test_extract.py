@@ -498,3 +498,78 @@ def test_slide_ids():
     assert slide_id_of(Path("a/TCGA-01.svs")) == "TCGA-01"
     assert slide_id_of(Path("a/case-7.ome.tiff")) == "case-7"
     assert slide_id_of(Path("dicom/case-9/1.2.840.1234.dcm")) == "case-9"  # DICOM: one folder per slide
+
+
+def test_read_ahead_thread_gives_the_same_features_file(tmp_path, slides, enc):
+    big = tmp_path / "big.tif"
+    rgb = np.asarray(Image.open(ASSETS / "tumor_target_he.png").convert("RGB"))
+    write_pyramid_tiff(big, np.tile(rgb[:672, :672], (2, 2, 1)), mpp=0.5)  # 36 tiles, 9 batches of 4
+    runs = {}
+    for ahead in (0, 1, 3):
+        cfg = CFG.model_copy(update={"read_ahead": ahead, "max_background": 1.0})
+        (r,) = extract_slides([big], tmp_path / f"a{ahead}", enc, cfg, progress=False)
+        assert r.status == "done" and r.tiles == 36
+        runs[ahead] = load_features(tmp_path / f"a{ahead}" / "big.h5")
+    for ahead in (1, 3):
+        np.testing.assert_array_equal(runs[ahead][1], runs[0][1])  # same tiles in the same order
+        np.testing.assert_array_equal(runs[ahead][0], runs[0][0])  # same encoder, same batches: identical
+
+
+def test_prefetcher_keeps_order_bounds_memory_and_hands_errors_over():
+    from pipeline.slides.prefetch import Prefetcher
+
+    made = []
+
+    def source():
+        for i in range(50):
+            made.append(i)
+            yield i
+
+    got = []
+    with Prefetcher(source, depth=2) as items:
+        for i in items:
+            time.sleep(0.002)
+            assert len(made) - len(got) <= 4  # queue (2) + the one being put + the one handed out
+            got.append(i)
+    assert got == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("tile 2 is truncated")
+
+    with pytest.raises(OSError, match="tile 2 is truncated"), Prefetcher(failing, depth=1) as items:
+        assert list(items) == [1]
+
+    import threading
+
+    def endless():
+        while True:
+            yield 0
+
+    pre = Prefetcher(endless, depth=2, name="endless-reader")
+    with pytest.raises(RuntimeError, match="encoder"), pre as items:
+        next(items)
+        raise RuntimeError("the encoder failed")
+    assert not any(t.name == "endless-reader" for t in threading.enumerate()), "the thread is stopped and joined"
+    with pytest.raises(ValueError, match="depth"):
+        Prefetcher(endless, depth=0)
+
+
+def test_unreadable_tiles_mid_slide_fail_that_slide_only_with_read_ahead(tmp_path, slides, enc, monkeypatch):
+    import openslide
+
+    from pipeline.slides import reader
+
+    real = reader.TileDataset.read_rgba
+
+    def broken(self, i):
+        if i == 5:
+            raise openslide.OpenSlideError("Not a JPEG file")
+        return real(self, i)
+
+    monkeypatch.setattr(reader.TileDataset, "read_rgba", broken)
+    cfg = CFG.model_copy(update={"read_ahead": 2, "max_background": 1.0})
+    res = extract_slides([slides["good"], slides["blank"]], tmp_path, enc, cfg, progress=False)
+    assert [r.status for r in res] == ["failed", "empty"]
+    assert "reading tiles failed (Not a JPEG file)" in res[0].error and str(slides["good"]) in res[0].error
+    assert not (tmp_path / "good.h5").exists() and not list(tmp_path.glob(".good.h5.*.tmp"))

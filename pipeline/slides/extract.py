@@ -38,6 +38,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ from pipeline.slides.features import (
     slide_id_of,
     tissue_settings,
 )
+from pipeline.slides.prefetch import Prefetcher
 from pipeline.slides.reader import (
     SlideError,
     TileDataset,
@@ -216,8 +218,10 @@ def encode_tiles(
 
     ``on_tiles(n)`` is called after each batch read with its number of tiles (kept and rejected).
 
-    Holds at most the DataLoader's prefetched batches and one batch of features; never all tiles of a slide.
-    The next batch is submitted before the previous one is collected (on CUDA they overlap).
+    Holds at most the prefetched batches and one batch of features; never all tiles of a slide. With no
+    DataLoader workers, a reader thread reads ``cfg.read_ahead`` batches ahead of the encoder
+    (:class:`pipeline.slides.prefetch.Prefetcher`). The next batch is submitted before the previous one is
+    collected (on CUDA they overlap).
     """
     import openslide
 
@@ -236,19 +240,21 @@ def encode_tiles(
         persistent_workers=False,
     )
     pending: tuple[tuple[torch.Tensor, object], np.ndarray] | None = None
+    ahead = Prefetcher(lambda: loader, cfg.read_ahead) if not workers and cfg.read_ahead else nullcontext(loader)
     try:
-        for x, idx, keep in loader:  # x [B, h, w, 4] uint8 RGBA; DataLoader keeps grid order
-            if on_tiles is not None:
-                on_tiles(len(keep))
-            if not bool(keep.all()):
-                rejected += int((~keep).sum())
-                x, idx = x[keep], idx[keep]
-            if len(idx) == 0:
-                continue
-            nxt = (runner.submit(x), grid.coords[idx.numpy()])
-            if pending is not None:
-                writer.append(runner.collect(pending[0]), pending[1])
-            pending = nxt
+        with ahead as batches:
+            for x, idx, keep in batches:  # x [B, h, w, 4] uint8 RGBA; in grid order
+                if on_tiles is not None:
+                    on_tiles(len(keep))
+                if not bool(keep.all()):
+                    rejected += int((~keep).sum())
+                    x, idx = x[keep], idx[keep]
+                if len(idx) == 0:
+                    continue
+                nxt = (runner.submit(x), grid.coords[idx.numpy()])
+                if pending is not None:
+                    writer.append(runner.collect(pending[0]), pending[1])
+                pending = nxt
         if pending is not None:
             writer.append(runner.collect(pending[0]), pending[1])
     except openslide.OpenSlideError as e:
