@@ -87,6 +87,9 @@ class ModelConfig(_Frozen):
     omics_hidden: int = Field(64, ge=4)
     clinical_hidden: int = Field(16, ge=2)
     dropout: float = Field(0.25, ge=0, lt=1)
+    # linear: a linear log-hazard term over the standardised mean-pooled tile features, genes and clinical
+    # covariates, the fused network branch scaled by a learnable gate that starts at 0 (models.skip)
+    skip: Literal["none", "linear"] = "none"
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
@@ -109,6 +112,9 @@ class TrainConfig(_Frozen):
     epochs: int = Field(60, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    # the network's optimiser: AdamW (decoupled weight decay), or SGD with Nesterov momentum (L2 = weight_decay)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     batch_size: int = Field(16, ge=1)  # patients per step; 1 needs loss=nll or a Cox memory_bank
     max_tiles: int = Field(512, ge=1)  # tiles sampled per patient per training step
     val_fraction: float = Field(0.2, ge=0, lt=1)

@@ -18,6 +18,10 @@ Heads: Cox (``n_bins = 0``: one linear output without intercept, ``log_hz``) or 
 ranking score ``log_hz = -sum_k S_k``, as SurvPath). ``omics_encoder="linear"`` makes the omics a linear
 additive term of the log hazard (or of every bin's logit), so an omics-only model is a classic linear Cox
 (or discrete-time logistic) model whose weights are the genes' coefficients.
+
+``skip="linear"`` (:mod:`models.skip`) adds a linear term over the standardised mean-pooled tile features, genes
+and clinical covariates to the log hazard (every bin's logit), and scales the fused branch's output by a learnable
+gate initialised at 0: the network starts as a linear Cox model and the attention/MLP branch is a residual.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 from models.fusion import FUSIONS, GenomicCoAttention, build_fusion, mlp_block
 from models.losses import survival_from_logits
 from models.mil import build_mil
+from models.skip import LinearSkip
 
 
 @dataclass
@@ -53,6 +58,7 @@ class SurvivalOutput:
 
 
 OMICS_ENCODERS = ("mlp", "linear")
+SKIPS = ("none", "linear")
 
 
 class MultimodalSurvival(nn.Module):
@@ -70,6 +76,8 @@ class MultimodalSurvival(nn.Module):
             linear term; not with ``coattention``).
         omics_groups: genomic tokens for ``coattention``.
         n_bins: 0 for a Cox head, K > 0 for a discrete-time hazard head with K bins.
+        skip: ``none``, or ``linear``: a :class:`models.skip.LinearSkip` term plus the fused branch times a
+            learnable ``residual_gate`` that starts at 0 (the model starts as a linear Cox model).
 
     Raises:
         ValueError: no modality, an unknown name, or a fusion that needs a modality the cohort lacks.
@@ -91,6 +99,7 @@ class MultimodalSurvival(nn.Module):
         omics_encoder: str = "mlp",
         omics_groups: int = 6,
         n_bins: int = 0,
+        skip: str = "none",
     ):
         super().__init__()
         if feature_dim <= 0 and n_genes <= 0 and n_clinical <= 0:
@@ -101,6 +110,10 @@ class MultimodalSurvival(nn.Module):
             raise ValueError(f"unknown omics_encoder '{omics_encoder}': valid names are {list(OMICS_ENCODERS)}")
         if n_bins < 0:
             raise ValueError(f"n_bins must be >= 0 (0 = Cox head), got {n_bins}")
+        if skip not in SKIPS:
+            raise ValueError(f"unknown skip '{skip}': valid names are {list(SKIPS)}")
+        self.skip = LinearSkip(feature_dim, n_genes, n_clinical) if skip == "linear" else None
+        self.residual_gate = nn.Parameter(torch.zeros(1)) if skip == "linear" else None
         dims = self._build_branches(feature_dim, n_genes, hidden, omics_hidden, dropout, fusion, mil,
                                     mil_layers, mil_heads, omics_encoder, omics_groups)  # fmt: skip
         self.clinical_net = mlp_block(n_clinical, clinical_hidden, dropout) if n_clinical > 0 else None
@@ -199,6 +212,8 @@ class MultimodalSurvival(nn.Module):
             present.append(clinical_mask)
         if self.fusion is not None and self.head is not None:
             out = self.head(self.fusion(parts, present))  # (B, max(1, K))
+            if self.residual_gate is not None:
+                out = self.residual_gate * out
         else:
             assert omics is not None, "pass omics"
             out = omics.new_zeros(len(omics), max(1, self.n_bins))
@@ -207,6 +222,8 @@ class MultimodalSurvival(nn.Module):
         if self.omics_linear is not None:
             assert omics is not None and omics_mask is not None, "model has an omics term: pass omics, omics_mask"
             out = out + self.omics_linear(omics.masked_fill(~omics_mask.unsqueeze(1), 0.0))  # (B, 1) broadcast
+        if self.skip is not None:
+            out = out + self.skip(features, mask, omics, omics_mask, clinical, clinical_mask).unsqueeze(1)
         if self.n_bins == 0:
             return SurvivalOutput(out.squeeze(-1), attn)
         hazards, survival, risk = survival_from_logits(out)

@@ -65,6 +65,13 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {
     "linear_wd0.01": (["model.family=linear", "train.lr=0.01", "train.weight_decay=0.01"], set()),
     "linear_wd1": (["model.family=linear", "train.lr=0.01", "train.weight_decay=1"], set()),
     "linear_wd10": (["model.family=linear", "train.lr=0.01", "train.weight_decay=10"], set()),
+    # round 3: the linear skip term with the network branch as a gated residual (models.skip), and SGD
+    "skip": (["model.skip=linear"], set()),
+    "sgd": (["train.optimizer=sgd", "train.lr=0.01"], set()),
+    "skip_sgd": (["model.skip=linear", "train.optimizer=sgd", "train.lr=0.1"], set()),
+    "skip_sgd_lr0.03": (["model.skip=linear", "train.optimizer=sgd", "train.lr=0.03"], set()),
+    "skip_mil_mean": (["model.skip=linear", "model.mil=gated_attention_mean"], set()),
+    "skip_cindex": (["model.skip=linear", "train.select=cindex"], set()),
     "tile_std": ([], {"std"}),
     "tile_layernorm": ([], {"ln"}),
 }
@@ -189,7 +196,7 @@ def _run(jobs: int, tasks: list[tuple[str, int, int | None]], log: Path | None =
         return row
 
     if jobs <= 1:
-        return [done(fit_one(*t)) for t in tasks]
+        return [done(fit_or_nan(*t)) for t in tasks]
     with mp.get_context("fork").Pool(jobs) as pool:
         rows = [done(r) for r in pool.imap_unordered(_fit_star, tasks)]
     order = {t: i for i, t in enumerate(tasks)}
@@ -197,7 +204,20 @@ def _run(jobs: int, tasks: list[tuple[str, int, int | None]], log: Path | None =
 
 
 def _fit_star(task: tuple[str, int, int | None]) -> dict[str, Any]:
-    return fit_one(*task)
+    return fit_or_nan(*task)
+
+
+def fit_or_nan(name: str, seed: int, fold: int | None) -> dict[str, Any]:
+    """:func:`fit_one`, or a row with NaN scores when the fit diverges (NaN log hazards: torchsurv refuses them)."""
+    try:
+        return fit_one(name, seed, fold)
+    except ValueError as e:
+        if "NaN" not in str(e):
+            raise
+        nan = float("nan")
+        logging.getLogger(__name__).error("%s seed %d fold %s diverged (NaN log hazards)", name, seed, fold)
+        return {"variant": name, "seed": seed, "fold": fold, "train_s": nan, "cindex": nan, "loss": nan,
+                "best_epoch": -1, "inner_val_cindex": nan, "history": [], "log_hz": []}  # fmt: skip
 
 
 def _summary(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:

@@ -127,3 +127,76 @@ def test_cox_loss_without_events_is_zero_with_gradient():
     loss = cox_loss(lh, torch.zeros(5, dtype=torch.bool), torch.arange(5.0))
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.all(lh.grad == 0)
+
+
+def _skip_inputs(b: int = 6, d: int = 8, g: int = 5, c: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, 4, dtype=torch.bool)
+    mask[0, 2:] = False  # padding
+    mask[1] = False  # an empty bag
+    return {
+        "features": torch.randn(b, 4, d, generator=gen),
+        "mask": mask,
+        "omics": torch.randn(b, g, generator=gen),
+        "omics_mask": torch.tensor([True, True, False, True, True, True])[:b],
+        "clinical": torch.randn(b, c, generator=gen),
+        "clinical_mask": torch.ones(b, dtype=torch.bool),
+    }
+
+
+def test_linear_skip_with_the_gate_at_zero_is_exactly_a_linear_cox_model():
+    torch.manual_seed(0)
+    m = build_model(8, 5, 3, skip="linear", hidden=16, omics_hidden=8, clinical_hidden=4, dropout=0.0).eval()
+    x = _skip_inputs()
+    assert torch.all(m(**x).log_hz == 0)  # skip weights and the gate start at 0: the null model
+    mean, scale = torch.randn(8), torch.rand(8) + 0.5
+    m.skip.set_slide_norm(mean, scale)
+    ws, wg, wc = torch.randn(1, 8), torch.randn(1, 5), torch.randn(1, 3)
+    with torch.no_grad():
+        m.skip.slide.weight.copy_(ws), m.skip.omics.weight.copy_(wg), m.skip.clinical.weight.copy_(wc)
+    w = x["mask"].float()
+    pooled = (w.unsqueeze(-1) * x["features"]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+    z = ((pooled - mean) / scale).masked_fill(~x["mask"].any(1, keepdim=True), 0.0)
+    om = x["omics"].masked_fill(~x["omics_mask"].unsqueeze(1), 0.0)
+    want = (z @ ws.T / 8**0.5 + om @ wg.T / 5**0.5 + x["clinical"] @ wc.T / 3**0.5).squeeze(1)
+    torch.testing.assert_close(m(**x).log_hz, want)
+    with torch.no_grad():  # the residual branch has no say while the gate is 0 ...
+        for name, p in m.named_parameters():
+            if not name.startswith(("skip.", "residual_gate")):
+                p.add_(torch.randn_like(p))
+    torch.testing.assert_close(m(**x).log_hz, want)
+    with torch.no_grad():  # ... and adds its output, scaled, once the gate opens
+        m.residual_gate.fill_(0.5)
+    assert not torch.allclose(m(**x).log_hz, want)
+
+
+@pytest.mark.parametrize("dims", [(8, 5, 3), (8, 0, 0), (0, 5, 3)])
+def test_linear_skip_every_parameter_gets_a_gradient_and_the_gate_one_at_zero(dims):
+    torch.manual_seed(0)
+    d, g, c = dims
+    m = build_model(d, g, c, skip="linear", hidden=16, omics_hidden=8, clinical_hidden=4, dropout=0.0)
+    x = {k: v for k, v in _skip_inputs().items() if (d or k not in ("features", "mask"))}
+    x = {k: v for k, v in x.items() if (g or not k.startswith("omics")) and (c or not k.startswith("clinical"))}
+    x["mask"] = torch.ones(6, 4, dtype=torch.bool) if d else None
+    event, time = torch.tensor([1, 0, 1, 1, 0, 1]), torch.arange(1.0, 7.0)
+    cox_loss(m(**x).log_hz, event, time).backward()
+    assert float(m.residual_gate.grad.abs()) > 0  # at init only the gate and the skip term move
+    assert all(p.grad.abs().sum() > 0 for n, p in m.named_parameters() if n.startswith("skip."))
+    m.zero_grad()
+    with torch.no_grad():
+        m.residual_gate.fill_(0.5)
+    cox_loss(m(**x).log_hz, event, time).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_linear_skip_rejects_bad_names_and_norms():
+    with pytest.raises(ValueError, match="unknown skip 'ridge'.*'none', 'linear'"):
+        build_model(8, 5, 0, skip="ridge")
+    m = build_model(8, 5, 0, skip="linear")
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        m.skip.set_slide_norm(torch.zeros(7), torch.ones(7))
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        m.skip.set_slide_norm(torch.zeros(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="no slide part"):
+        build_model(0, 5, 0, skip="linear").skip.set_slide_norm(torch.zeros(0), torch.ones(0))

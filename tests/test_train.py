@@ -283,3 +283,29 @@ def test_federated_without_validation_last_or_error(tmp_path, caplog):
     server = FederatedServer(cfg.with_overrides(["train.without_validation=error"]), {"w": np.zeros(2, np.float32)})
     with pytest.raises(NoValidationError, match="federated server: no validation data"):
         _server_round(server, 0, {})
+
+
+def test_linear_skip_gets_the_training_slides_standardisation_and_sgd_fits_it(tmp_path):
+    data, lh = _data(n=90)
+    cfg = _cfg(tmp_path, "model.skip=linear", "train.optimizer=sgd", "train.lr=0.3", "train.epochs=30")
+    model = new_model(data, cfg)
+    tr = data.splits["train"]
+    means = np.stack([data.bags[i].astype(np.float64).mean(0) for i in tr if len(data.bags[i])])
+    np.testing.assert_allclose(model.skip.get_buffer("slide_mean").numpy(), means.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.skip.get_buffer("slide_scale").numpy(), means.std(0), rtol=1e-4)
+    module, _ = fit_local(data, cfg)
+    assert isinstance(module.optimizers().optimizer, torch.optim.SGD)
+    va = data.splits["val"]
+    got = harrell_cindex(data.time[va], data.event[va], predict(module.model.eval(), data, va).log_hz)
+    truth = harrell_cindex(data.time[va], data.event[va], lh[va])
+    assert got > truth - 0.1  # the linear signal is learnt through the skip term
+
+
+def test_unknown_optimizer_is_refused(tmp_path):
+    from pipeline.training.module import SurvivalModule
+
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        _cfg(tmp_path, "train.optimizer=lbfgs")
+    data, _ = _data()
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        SurvivalModule(new_model(data, _cfg(tmp_path)), optimizer="lbfgs")

@@ -27,7 +27,21 @@ from pipeline.stats.metrics import harrell_cindex
 from pipeline.training.data import CohortData, make_loader, model_inputs
 from pipeline.training.linear_fit import fit_linear_centralised
 from pipeline.training.selection import Selector
-from pipeline.training.slide_norm import prepare_linear
+from pipeline.training.slide_norm import prepare_linear, slide_norm_from_summaries, slide_site_summary
+
+
+def _adamw(params: Any, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _sgd(params: Any, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=momentum > 0)
+
+
+# train.optimizer -> builder(params, lr, weight_decay, momentum)
+OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
+
+log = logging.getLogger(__name__)
 
 
 class SurvivalModule(L.LightningModule):
@@ -36,7 +50,8 @@ class SurvivalModule(L.LightningModule):
     Args:
         model: maps the batch's model inputs to ``SurvivalOutput`` (``log_hz [B]``; ``logits [B, K]`` for
             a discrete-time head, whose ``bin_edges`` buffer holds the time bins).
-        lr, weight_decay: AdamW settings.
+        lr, weight_decay: optimiser settings (AdamW: decoupled weight decay; SGD: L2 penalty).
+        optimizer: ``adamw`` or ``sgd`` (Nesterov momentum ``momentum``).
         ties: ``efron`` or ``breslow`` (Cox).
         stratify: stratify the partial likelihood by site (baseline hazards differ between hospitals).
         loss: ``cox`` or ``nll``.
@@ -55,8 +70,12 @@ class SurvivalModule(L.LightningModule):
         loss: str = "cox",
         nll_alpha: float = 0.0,
         memory_bank: int = 0,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
     ):
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{optimizer}': valid names are {sorted(OPTIMIZERS)}")
         if loss not in ("cox", "nll"):
             raise ValueError(f"unknown loss '{loss}': valid names are ['cox', 'nll']")
         if loss == "nll" and model.n_bins == 0:
@@ -98,7 +117,8 @@ class SurvivalModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        h = self.hparams
+        return OPTIMIZERS[h.optimizer](self.model.parameters(), h.lr, h.weight_decay, h.momentum)
 
 
 class ValidatedSurvivalModule(SurvivalModule):
@@ -195,7 +215,23 @@ def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
             raise ValueError(f"train.loss=nll: {e}") from e
         model.set_bin_edges(edges)
     prepare_linear(model, data)  # linear family: slide standardisation from site summaries
+    prepare_skip(model, data)  # the network's linear skip term: the same standardisation
     return model
+
+
+def prepare_skip(model: torch.nn.Module, data: CohortData) -> None:
+    """Give a network's linear skip term (``model.skip=linear``) with a slide part the standardisation of
+    ``data``'s training slides, from per-site summaries (as :func:`prepare_linear`); other models are left alone."""
+    skip = getattr(model, "skip", None)
+    if skip is None or skip.feature_dim == 0 or data.bags is None:
+        return
+    sites = data.subset_sites(np.asarray(data.splits["train"])).values()
+    summaries = [s for s in (slide_site_summary(data, idx) for idx in sites) if s is not None]
+    fitted = slide_norm_from_summaries(summaries, skip.feature_dim)
+    if fitted is None:
+        log.warning("model.skip=linear: fewer than 2 training slides in site summaries; tile features not standardised")
+        return
+    skip.set_slide_norm(torch.from_numpy(fitted[0]), torch.from_numpy(fitted[1]))
 
 
 def new_module(model: MultimodalSurvival, cfg: RunConfig, validate: bool = False) -> SurvivalModule:
@@ -211,6 +247,8 @@ def new_module(model: MultimodalSurvival, cfg: RunConfig, validate: bool = False
         loss=t.loss,
         nll_alpha=t.nll_alpha,
         memory_bank=t.memory_bank,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
     )
 
 
