@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.cohorts.tcga_brca import build_cohort
 from pipeline.files import write_json
@@ -61,6 +62,19 @@ METHODS |= {
 # (pipeline.outputs.federated_linear): the run's own strategy and schedule, its weight decay chosen per seed on
 # the pooled validation C-index
 METHODS |= {"inrun_linear_fedavg": ["federated.strategy=fedavg"], "inrun_linear_fedadam": METHODS["fedadam"]}
+# The linear family fitted to its optimum (pipeline.training.linear_fit): full-batch ridge Cox, penalty by K-fold
+# cross-validated partial likelihood on each centre's training + validation patients (federated CV for the
+# federated rows; no validation split needed), then pooled (site-stratified, or not), FedSGD (summed site gradients,
+# server L-BFGS), or FedAvg / FedAdam (LCV_ROUNDS rounds of LCV_LOCAL_ITER local L-BFGS iterations, a-priori settings)
+# at the penalty federated CV chose
+LCV_ROUNDS, LCV_LOCAL_ITER, LCV_SERVER_LR = 50, 5, 0.05
+METHODS |= {
+    "lcv_pooled": ["federated.enabled=false"],
+    "lcv_pooled_unstratified": ["federated.enabled=false", "train.stratify=false"],
+    "lcv_fedsgd": [],
+    "lcv_fedavg": [],
+    "lcv_fedadam": [],
+}
 _PENALTY = (0.01, 1.0, 10.0)  # AdamW weight decay: ~none, moderate, strong (|w| <~ 1 / weight_decay)
 CANDIDATES: dict[str, list[list[str]]] = {
     "fedsgd": [[f"federated.server_lr={lr}"] for lr in (0.1, 0.3, 1.0)],
@@ -84,6 +98,35 @@ def _cindex(data, idx: np.ndarray, model) -> float:
     return float(concordance_index(data.time[idx], -lh, data.event[idx]))
 
 
+_FEDCV: dict[int, dict] = {}  # per cohort (seed): the federated CV fit, shared by the lcv_fed* rows
+
+
+def linear_cv(method: str, data, cfg) -> dict:
+    """The ``lcv_*`` methods: one record (test and CV C-index, chosen penalty, rounds, seconds)."""
+    from pipeline.federated.linear_sites import fit_fedavg, fit_federated_cv, site_parties
+    from pipeline.training.linear_fit import fit_linear_centralised
+    from pipeline.training.module import new_model
+
+    t0 = time.perf_counter()
+    c = cfg.with_overrides(["model.family=linear"])
+    idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
+    model = new_model(data, c)
+    if method.startswith("lcv_pooled"):
+        fit = fit_linear_centralised(model, data, idx, c)["linear_fit"]
+    else:
+        if id(data) not in _FEDCV:
+            _FEDCV[id(data)] = {**fit_federated_cv(model, data, idx, c), "beta": model.coefficients().clone()}
+        fit = _FEDCV[id(data)]
+        model.set_coefficients(fit["beta"])
+        if method in ("lcv_fedavg", "lcv_fedadam"):
+            parties, _ = site_parties(model, data, idx, c)
+            beta = fit_fedavg(parties, fit["penalty"], LCV_ROUNDS, LCV_LOCAL_ITER, method[4:], LCV_SERVER_LR)
+            model.set_coefficients(torch.from_numpy(beta))
+    te = data.splits["test"]
+    return {"test": _cindex(data, te, model), "val": fit["cv_cindex"], "penalty": fit["penalty"],
+            "rounds": fit["rounds"], "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
 def train_one(method: str, data, cfg) -> list[dict]:
     """Train ``method``; one record per model (``sites``: one per centre) with val/test C-index and costs."""
     from pipeline.federated.embedded import run_federated
@@ -97,6 +140,8 @@ def train_one(method: str, data, cfg) -> list[dict]:
             module, _ = fit_local(data, cfg, train_idx=tr_s[s], val_idx=va_s[s])
             out.append({"site": s, "test": _cindex(data, te, module.model), "val": _cindex(data, va, module.model)})
         return out
+    if method.startswith("lcv_"):
+        return [linear_cv(method, data, cfg)]
     t0 = time.perf_counter()
     if method.startswith("inrun_"):
         from pipeline.outputs.federated_linear import fit_federated_linear
@@ -190,14 +235,16 @@ def main() -> None:
             s = {"test_mean": float(np.mean(t)), "test_sd": float(np.std(t, ddof=1)) if len(t) > 1 else 0.0,
                  "runs": t, "settings": [*METHODS[m], *chosen.get(m, [])]}  # fmt: skip
             for k in ("seconds_per_round", "bytes_sent_per_site_per_round", "update_bytes", "seconds_per_epoch",
-                      "epsilon"):  # fmt: skip
+                      "epsilon", "penalty", "rounds", "seconds"):  # fmt: skip
                 vals = [r[k] for r in rs if r.get(k) is not None]
                 if vals:
                     s[k] = float(np.mean(vals))
             summary[name if m != "sites" else f"alone:{name}"] = s
     for name, s in summary.items():
         extra = " ".join(
-            f"{k}={s[k]:.4g}" for k in ("seconds_per_round", "bytes_sent_per_site_per_round", "epsilon") if k in s
+            f"{k}={s[k]:.4g}"
+            for k in ("seconds_per_round", "bytes_sent_per_site_per_round", "epsilon", "penalty", "rounds", "seconds")
+            if k in s
         )
         print(f"{name:18s}: {s['test_mean']:.3f} +- {s['test_sd']:.3f} over {len(s['runs'])} seeds {extra}")
     if "pooled" in summary and "fedavg" in summary:

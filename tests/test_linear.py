@@ -3,6 +3,8 @@ training through the same centralised and federated code as the network."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -157,10 +159,12 @@ def _cindex(model, data: CohortData, split: str) -> float:
 
 
 @pytest.mark.parametrize("federated", [False, True])
-def test_linear_family_learns_the_slide_signal_centralised_and_federated(federated):
+def test_linear_family_learns_the_slide_signal_centralised_and_federated(federated, monkeypatch):
     from pipeline.federated.embedded import run_federated
+    from pipeline.training import linear_fit
     from pipeline.training.module import fit_local, new_model
 
+    monkeypatch.setattr(linear_fit, "PENALTY_GRID", (0.01, 1.0))  # centralised: the CV fit; two candidates
     data = synthetic()
     ov = ["model.family=linear", "train.lr=0.05", "train.epochs=15", "train.batch_size=32",
           "federated.rounds=6", "federated.local_epochs=2"]  # fmt: skip
@@ -195,3 +199,162 @@ def test_model_file_round_trip_keeps_the_slide_standardisation(tmp_path):
     torch.testing.assert_close(loaded.slide_scale, model.slide_scale)
     idx = np.arange(60)
     np.testing.assert_array_equal(predict(loaded, data, idx).log_hz, predict(model, data, idx).log_hz)
+
+
+# --- the full-batch fit to the optimum and the federated cross-validation (pipeline.training.linear_fit,
+# pipeline.federated.linear_sites)
+
+
+def _tied_cox_data(n: int = 240, f: int = 6, seed: int = 0, n_sites: int = 1):
+    """Covariates ``[n, f]``, times rounded (many ties) with a baseline hazard that differs by site."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, f))
+    site = np.arange(n) % n_sites
+    beta = np.linspace(1.0, -0.5, f)
+    t = np.round(rng.exponential(np.exp(-(x @ beta) - 0.7 * site)), 1) + 0.1
+    return x, t, rng.random(n) < 0.7, site
+
+
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_full_batch_fit_equals_scikit_survival_coxph_on_the_same_penalty(ties):
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+    from sksurv.util import Surv
+
+    from models.linear import cox_nll_sum
+    from pipeline.training.linear_fit import Party, assign_folds, fit_ridge
+
+    x, t, e, _ = _tied_cox_data()
+    p = Party("a", torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(e), assign_folds(len(t), 5, 0, 0), ties)
+    lh = torch.from_numpy(x @ np.ones(x.shape[1]) * 0.3)
+    want = cox_loss(lh, torch.from_numpy(e), torch.from_numpy(t), None, ties) * int(e.sum())  # torchsurv
+    got = cox_nll_sum(lh, torch.from_numpy(e), torch.from_numpy(t), ties)
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(float(want), rel=1e-5)  # torchsurv: float32
+    for c in (0.01, 0.3):
+        fit = fit_ridge([p], c)
+        sk = CoxPHSurvivalAnalysis(alpha=c * len(t), ties=ties, tol=1e-12, n_iter=200).fit(x, Surv.from_arrays(e, t))
+        assert fit.converged and np.abs(fit.beta - sk.coef_).max() < 1e-5, (c, fit.beta, sk.coef_)
+
+
+def test_federated_fit_equals_the_pooled_site_stratified_fit():
+    from scipy.optimize import minimize
+
+    from models.linear import cox_nll_sum
+    from pipeline.federated.ledger import MessageLedger
+    from pipeline.federated.linear_sites import SiteParty
+    from pipeline.training.linear_fit import assign_folds, fit_ridge
+
+    x, t, e, site = _tied_cox_data(n=300, n_sites=3)
+    c, n = 0.05, len(t)
+    X, T, E, S = (torch.from_numpy(a) for a in (x, t, e, site))
+
+    def pooled(b):  # the stratified likelihood of the pooled data (cox_nll_sum is checked against sksurv above)
+        bt = torch.from_numpy(b).requires_grad_(True)
+        nll = sum(cox_nll_sum(X[S == k] @ bt, E[S == k], T[S == k]) for k in range(3))
+        f = nll / n + 0.5 * c * (bt @ bt)
+        (g,) = torch.autograd.grad(f, bt)
+        return float(f.detach()), g.numpy()
+
+    ref = minimize(pooled, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B", options={"gtol": 1e-9, "ftol": 0}).x
+    ledger = MessageLedger(None)
+    sites = [SiteParty(f"s{k}", X[site == k], T[site == k], E[site == k], assign_folds(100, 5, 0, k),
+                       min_count=10, ledger=ledger) for k in range(3)]  # fmt: skip
+    fed = fit_ridge(sites, c)
+    assert fed.converged and np.abs(fed.beta - ref).max() < 1e-6
+    unstratified = fit_ridge([SiteParty("all", X, T, E, assign_folds(n, 5, 0, 0))], c).beta
+    assert np.abs(unstratified - ref).max() > 1e-2  # the strata matter here: the comparison can fail
+    assert len(ledger.lines) == 3 * fed.evaluations and {ln["phase"] for ln in ledger.lines} == {"linear.gradient"}
+
+
+def test_cv_score_is_the_verweij_van_houwelingen_cross_validated_likelihood():
+    from models.linear import cox_nll_sum
+    from pipeline.training.linear_fit import Party, assign_folds, cross_validate, fit_ridge
+
+    x, t, e, _ = _tied_cox_data(n=120)
+    fold = assign_folds(120, 4, 3, 0)
+    assert sorted(np.bincount(fold)) == [30, 30, 30, 30]
+    p = Party("a", torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(e), fold)
+    rec = cross_validate([p], [0.1])[0]
+    want = 0.0
+    for k in range(4):
+        b = torch.from_numpy(fit_ridge([p], 0.1, drop_fold=k).beta)
+        out = fold != k
+        T, E = torch.from_numpy(t), torch.from_numpy(e)
+        want += float(cox_nll_sum(p.x[out] @ b, E[out], T[out]) - cox_nll_sum(p.x @ b, E, T))
+    assert rec["cv_loglik"] == pytest.approx(want, rel=1e-6) and 0.6 < rec["cv_cindex"] < 1
+
+
+def test_federated_cv_chooses_without_test_outcomes_and_finds_the_signal(tmp_path):
+    from pipeline.federated.ledger import check_no_values, read_ledger
+    from pipeline.federated.linear_sites import fit_federated_cv
+    from pipeline.training.module import new_model
+
+    data = synthetic(n=240)  # 3 sites, 40 training + 20 validation patients each
+    cfg = resolve_config(None, ["model.family=linear"])
+    idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
+    grid = (0.003, 0.1, 3.0, 100.0)
+
+    def fit(d):
+        m = new_model(d, cfg)
+        return m, fit_federated_cv(m, d, idx, cfg, tmp_path / "ledger.jsonl", grid)
+
+    m, rec = fit(data)
+    assert rec["penalty"] == max(rec["candidates"], key=lambda r: r["cv_loglik"])["penalty"] < 100.0
+    assert rec["sites"] == ["s0", "s1", "s2"] and not rec["sites_left_out"] and rec["converged"]
+    assert _cindex(m, data, "test") > 0.75 and int(m.slide_linear.weight[0].abs().argmax()) == 0
+    lines = list(read_ledger(tmp_path / "ledger.jsonl"))
+    assert len(lines) == rec["ledger_lines"] and {ln["phase"] for ln in lines} == {"linear.gradient", "linear.cv_score"}
+    for ln in lines:
+        check_no_values(ln)
+    te = data.splits["test"]
+    other = replace(data, time=data.time.copy(), event=data.event.copy())
+    other.time[te], other.event[te] = other.time[te][::-1], ~other.event[te]
+    m2, rec2 = fit(other)
+    assert rec2["candidates"] == rec["candidates"]  # test outcomes never enter the choice or the fit
+    torch.testing.assert_close(m2.coefficients(), m.coefficients())
+
+
+def test_federated_cv_leaves_small_sites_out_and_withholds_scores_below_the_minimum_count():
+    from pipeline.federated.ledger import MessageLedger
+    from pipeline.federated.linear_sites import SiteParty, site_parties
+    from pipeline.training.linear_fit import assign_folds, cross_validate
+    from pipeline.training.module import new_model
+
+    data = synthetic(n=240)
+    idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
+    cfg = resolve_config(None, ["model.family=linear", "federated.min_count=100"])  # each site: ~60
+    with pytest.raises(ValueError, match="federated.min_count=100"):
+        site_parties(new_model(data, cfg), data, idx, cfg)
+    small = np.concatenate([idx[data.site[idx] != 2], idx[data.site[idx] == 2][:12]])  # site s2: 12 patients
+    cfg = resolve_config(None, ["model.family=linear", "federated.min_count=10"])
+    parties, left = site_parties(new_model(data, cfg), data, small, cfg)
+    assert left == ["s2"] and [p.name for p in parties] == ["s0", "s1"]
+    x, t, e, _ = _tied_cox_data(n=60)
+    e[:] = False
+    e[:5] = True  # 5 events: a gradient may go (60 patients), a CV score may not
+    ledger = MessageLedger(None)
+    few = SiteParty("few", torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(e), assign_folds(60, 5, 0, 0),
+                    min_count=10, ledger=ledger)  # fmt: skip
+    with pytest.raises(ValueError, match="no party could send"):
+        from pipeline.training.linear_fit import choose
+
+        choose(cross_validate([few], [1.0]))
+    assert any("withheld" in ln["records"] for ln in ledger.lines)
+
+
+def test_linear_family_fit_local_is_the_cv_fit_and_predict_is_the_design_times_coefficients(monkeypatch):
+    from pipeline.training import linear_fit
+    from pipeline.training.linear_fit import design
+    from pipeline.training.module import fit_local
+    from pipeline.training.predict import predict
+
+    monkeypatch.setattr(linear_fit, "PENALTY_GRID", (0.01, 1.0, 100.0))  # three candidates keep it fast
+    data = synthetic()
+    module, info = fit_local(data, resolve_config(None, ["model.family=linear", "federated.enabled=false"]))
+    model = module.model
+    assert info["select"] == "cv" and info["linear_fit"]["converged"] and len(info["linear_fit"]["candidates"]) == 3
+    assert info["linear_fit"]["penalty"] < 100.0 and _cindex(model, data, "test") > 0.75
+    idx = np.arange(len(data.time))
+    x = design(model, data, idx)
+    np.testing.assert_allclose(predict(model, data, idx).log_hz, (x @ model.coefficients().double()).numpy(), atol=1e-4)
+    sgd = fit_local(data, resolve_config(None, ["model.family=linear", "train.linear_fit=sgd", "train.epochs=2"]))[1]
+    assert sgd["select"] != "cv"  # the mini-batch path stays available

@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.federated.ledger import MessageLedger
 from pipeline.federated.policy import SiteFacts, check_evaluate_reply, check_fit_reply
-from pipeline.training.linear_fit import PENALTY_GRID, Party, fit_ridge, fit_with_cv, parties_of
+from pipeline.training.linear_fit import Party, fit_ridge, fit_with_cv, parties_of
 
 if TYPE_CHECKING:
     from data_specs.config import RunConfig
@@ -101,11 +101,12 @@ def fit_federated_cv(
     idx: np.ndarray,
     cfg: RunConfig,
     ledger_path: Path | None = None,
-    grid: Sequence[float] = PENALTY_GRID,
+    grid: Sequence[float] | None = None,
 ) -> dict:
     """Fit ``model`` federated on the patients ``idx`` (each site's non-test patients) at the penalty chosen by
-    federated CV; its coefficients are loaded into ``model``. Returns the fit record (``sites_left_out``,
-    ``rounds``: every evaluation the server asked of the sites, CV included)."""
+    federated CV among ``grid`` (default :data:`~pipeline.training.linear_fit.PENALTY_GRID`); its coefficients
+    are loaded into ``model``. Returns the fit record (``sites_left_out``, ``rounds``: every evaluation the server
+    asked of the sites, CV included)."""
     ledger = MessageLedger(None)
     parties, left = site_parties(model, data, idx, cfg, ledger)
     rec = fit_with_cv(model, parties, grid)

@@ -231,12 +231,13 @@ def parties_of(
     return parties
 
 
-def fit_with_cv(model: LinearSurvival, parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRID) -> dict:
-    """Choose the penalty by CV over ``parties``, refit on all their patients and load the coefficients into
-    ``model``; returns the record (chosen penalty, every candidate's CV score, evaluations = rounds)."""
+def fit_with_cv(model: LinearSurvival, parties: Sequence[Party], grid: Sequence[float] | None = None) -> dict:
+    """Choose the penalty by CV over ``parties`` (among ``grid``, default :data:`PENALTY_GRID`), refit on all their
+    patients and load the coefficients into ``model``; returns the record (chosen penalty, every candidate's CV
+    score, evaluations = rounds)."""
     if not parties:
         raise ValueError("linear fit: no patients to fit")
-    records = cross_validate(parties, grid)
+    records = cross_validate(parties, PENALTY_GRID if grid is None else grid)
     best = choose(records)
     final = fit_ridge(parties, best["penalty"])
     model.set_coefficients(torch.from_numpy(final.beta))
