@@ -573,3 +573,19 @@ def test_unreadable_tiles_mid_slide_fail_that_slide_only_with_read_ahead(tmp_pat
     assert [r.status for r in res] == ["failed", "empty"]
     assert "reading tiles failed (Not a JPEG file)" in res[0].error and str(slides["good"]) in res[0].error
     assert not (tmp_path / "good.h5").exists() and not list(tmp_path.glob(".good.h5.*.tmp"))
+
+
+def test_the_encoder_is_placed_and_traced_once_per_run_not_per_slide(tmp_path, slides, enc, monkeypatch):
+    from pipeline.slides import extract as ex
+
+    built = []
+
+    class Counting(EncoderRunner):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(ex, "EncoderRunner", Counting)
+    cfg = CFG.model_copy(update={"optimize": "trace"})
+    res = extract_slides([slides["good"], slides["plain"], slides["blank"]], tmp_path, enc, cfg, progress=False)
+    assert [r.status for r in res] == ["done", "failed", "empty"] and len(built) == 1
