@@ -297,6 +297,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides under every variant's own")
     ap.add_argument("--folds", type=int, default=3, help="validation folds = training seeds per variant (<= 5)")
     ap.add_argument("--fold-seed", type=int, default=0)
+    ap.add_argument("--start-fold", type=int, default=0, help="validation: score folds start..folds-1 only")
     ap.add_argument("--choose", choices=list(VARIANTS), help="the variant to test (default: best mean held-out C)")
     ap.add_argument("--no-test", action="store_true", help="validation table only; never touch the test split")
     ap.add_argument("--also-test", nargs="+", choices=list(VARIANTS), help="further variants in the test table")
@@ -327,7 +328,7 @@ def main() -> None:
     means: dict[str, float] = {}
     if not args.test_only:
         t0 = time.perf_counter()
-        rows = _run(args.jobs, [(v, k, k) for k in range(args.folds) for v in args.variants], args.log)
+        rows = _run(args.jobs, [(v, k, k) for k in range(args.start_fold, args.folds) for v in args.variants], args.log)
         print(f"validation fits: {len(rows)} in {time.perf_counter() - t0:.0f} s")
         means = _validation_table(rows, args.variants)
         out["validation"] = rows
