@@ -16,7 +16,8 @@ and ``num_examples`` 0 when the site has fewer than k validation patients); a si
 
 What it cannot catch: a float metric (``train_loss``, ``loss_sum``, ``cindex``) is a real number a
 modified client could choose freely within its range; those channels are closed only by not sending
-them (DP and SecAgg+ runs send no fit metrics) or by noising them (not done).
+them, which DP and SecAgg+ runs do (:func:`evaluation_withheld`: no fit metric, and no evaluation metric nor
+validation count, unless ``federated.secagg_eval_plain`` sends the evaluation replies plain under SecAgg+).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from data_specs.config import FederatedConfig
 from data_specs.summaries import site_summaries_from_wire, small_cells
 
 MIN_COUNT = 10  # k: patients (or events) behind any aggregate a site sends (federated.min_count's default)
@@ -49,6 +51,22 @@ class SiteFacts:
     n_val_events: int
     shapes: tuple[tuple[int, ...], ...]  # trainable parameter shapes, in order
     min_count: int = MIN_COUNT
+    eval_metrics: bool = True  # False: the run withholds evaluation metrics (:func:`evaluation_withheld`)
+
+
+def evaluation_withheld(fc: FederatedConfig) -> str | None:
+    """Why no site sends evaluation metrics in this run, or None when they are sent (subject to k).
+
+    Under DP (``dp_noise`` > 0) the accountant covers the aggregated updates only: a validation C-index, pair
+    count or loss would leave un-noised and unaccounted, so none is sent. Under SecAgg+ the masks cover the
+    update arrays only: the scalars would travel in plain text, so by default none is sent either;
+    ``federated.secagg_eval_plain=true`` sends them plain (the server then sees each site's validation scalars).
+    """
+    if fc.dp_noise > 0:
+        return "federated.dp_noise > 0 (evaluation replies are not covered by the DP accountant)"
+    if fc.secagg and not fc.secagg_eval_plain:
+        return "federated.secagg (SecAgg+ masks only the updates; federated.secagg_eval_plain=true sends them plain)"
+    return None
 
 
 def _fail(facts: SiteFacts, what: str) -> DisclosureError:
@@ -90,7 +108,13 @@ def check_fit_reply(facts: SiteFacts, num_examples: int, metrics: Mapping[str, A
 
 def check_evaluate_reply(facts: SiteFacts, num_examples: int, metrics: Mapping[str, Any]) -> None:
     """An evaluate reply: ``num_examples`` and ``events`` are the site's validation counts, pair counts
-    are within what ``n_val`` patients allow, the C-index is in [0, 1]."""
+    are within what ``n_val`` patients allow, the C-index is in [0, 1]; in a run that withholds evaluation
+    metrics (``facts.eval_metrics`` False: DP, SecAgg+) no metric at all and ``num_examples`` 0."""
+    if not facts.eval_metrics:
+        _check_count(facts, "num_examples", num_examples, {0})
+        if extra := sorted(set(metrics) - {"site"}):
+            raise _fail(facts, f"evaluation metric(s) {extra} in a run that sends none (DP or SecAgg+)")
+        return
     _check_count(facts, "num_examples", num_examples, {facts.n_val} if facts.n_val >= facts.min_count else {0})
     _check_metrics(facts, metrics, EVAL_METRICS)
     if "events" in metrics:

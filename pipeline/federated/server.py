@@ -19,9 +19,10 @@ adds Gaussian noise of std ``sigma * 2C / n`` to the mean, drawn from a generato
 system's CSPRNG (``secrets``), never from the run config. ``2C / n`` is the L2 sensitivity of the mean under
 replace-one adjacency (one site's update swapped for any other, roster of ``n`` sites fixed), so the RDP
 accountant's noise multiplier is ``sigma``, sampling rate 1 (every site every round): the (epsilon, delta)
-is site-level, for the sequence of aggregated updates. It does not cover the evaluation replies (per-site
-validation C-index, pair counts, loss), the best-round selection made from them, or anything computed
-after training. The DP is central: the server sees the clipped updates unless SecAgg+ is on. With
+is site-level, for the sequence of aggregated updates. Under DP the sites send no evaluation metric
+(:func:`~pipeline.federated.policy.evaluation_withheld`) and the server keeps the last round, so no round
+selection leaks validation data either; the guarantee does not cover the statistics exchange or anything
+computed after training. The DP is central: the server sees the clipped updates unless SecAgg+ is on. With
 ``federated.dp_local`` each site adds noise of std ``sigma * 2C`` (its own update's replace-one sensitivity)
 to its clipped update before sending, the server adds none, and the same accountant gives each site's
 guarantee against everyone else, server included (the mean then carries ``sqrt(n)`` times the central noise).
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from data_specs.config import FederatedConfig, RunConfig
+from pipeline.federated.policy import evaluation_withheld
 from pipeline.federated.protocol import DEFAULT_SERVER_LR, STRATEGIES, Arrays, Evaluation, Update
 from pipeline.files import write_bytes, write_text
 from pipeline.progress import RoundClock
@@ -125,7 +127,7 @@ class PrivacyLedger:
     Every site takes part in every round (sampling rate 1), so each round is one full-batch Gaussian step
     with noise multiplier ``sigma`` (noise std ``sigma`` times the mean's replace-one sensitivity ``2C/n``,
     :func:`dp_noise_std`): RDP(alpha) = rounds * alpha / (2 sigma^2), converted to (epsilon, delta).
-    The guarantee is per site (site-level DP), for the aggregated updates; validation scalars are not covered.
+    The guarantee is per site (site-level DP), for the aggregated updates (under DP no validation scalar is sent).
     """
 
     def __init__(self, noise_multiplier: float, delta: float, history: list | None = None):
@@ -209,6 +211,12 @@ class FederatedServer:
         self.best: tuple[float, int, Arrays] | None = None  # (selection score, round, arrays) of the kept round
         t = cfg.train
         self.selector = Selector(t.select, t.select_window, t.without_validation, "federated server")
+        self.withheld = evaluation_withheld(fc)  # why the sites send no evaluation metric (None: they do)
+        if self.withheld and t.without_validation == "error":
+            raise ValueError(
+                f"train.without_validation=error, but with {self.withheld} the sites send no validation metrics, "
+                "so no round can be selected on validation: set train.without_validation=last (the last round)"
+            )
         self.next_round = 0
         self.roster: int | None = None  # sites in the federation (set by the runtime): min_sites' default
         self.clock = RoundClock()  # elapsed time and ETA in the per-round log line
@@ -283,8 +291,14 @@ class FederatedServer:
         return self.global_arrays
 
     def finish_round(self, rnd: int, evals: dict[str, Evaluation], rec: dict) -> dict:
-        """Pool the sites' validation scalars, keep the round ``train.select`` picks, checkpoint."""
+        """Pool the sites' validation scalars, keep the round ``train.select`` picks, checkpoint. In a run that
+        withholds evaluation metrics (DP, SecAgg+) any metric that arrives is ignored and the last round kept."""
         assert self.global_arrays is not None
+        if self.withheld:
+            evals = {s: Evaluation(0, {}) for s in evals}
+            if not self.selector.warned:
+                log.warning("federated server: %s: no validation metrics, keeping the last round", self.withheld)
+                self.selector.warned = True
         conc = sum(e.metrics.get("concordant", 0.0) for e in evals.values())
         comp = sum(e.metrics.get("comparable", 0.0) for e in evals.values())
         ev_n = sum(e.metrics.get("events", 0.0) for e in evals.values())
@@ -311,7 +325,7 @@ class FederatedServer:
         )
         # train.select on the pooled validation C-index (summed pairs) or loss; no usable validation at all:
         # train.without_validation (the latest round, warned once, or an error), as in centralised training.
-        if self.selector.update(rnd, rec["val_cindex"], val_loss):
+        if self.withheld or self.selector.update(rnd, rec["val_cindex"], val_loss):
             score = self.selector.best[0] if self.selector.best is not None else -np.inf
             self.best = (score, rnd, {k: v.copy() for k, v in self.global_arrays.items()})
         self.next_round = rnd + 1
@@ -362,6 +376,7 @@ class FederatedServer:
                 "mode": "local" if self.fc.dp_local else "central",
                 "accountant": "opacus RDPAccountant, sampling rate 1 (every site every round), noise std sigma*2C/n "
                 "on the mean (central) or sigma*2C on each site's update (local), replace-one, fixed roster; covers "
-                "the aggregated (central) or each sent (local) update, not the evaluation replies",
+                "the aggregated (central) or each sent (local) update; no evaluation metric is sent under DP and "
+                "the last round is kept",
             }
         return info

@@ -17,7 +17,7 @@ import torch
 
 from data_specs import load_cohort
 from data_specs.config import RunConfig
-from pipeline.federated.policy import SiteFacts
+from pipeline.federated.policy import SiteFacts, evaluation_withheld
 from pipeline.federated.protocol import Arrays, Evaluation, Update, clip_l2, load_arrays, trainable_arrays
 from pipeline.federated.server import add_dp_noise
 from pipeline.omics.clinical import ClinicalNormaliser
@@ -91,8 +91,9 @@ class SiteClient:
             shapes = tuple(tuple(v.shape) for v in self.initial_arrays().values())
             n_val_events = int(self.data.event[self.val_idx].sum()) if len(self.val_idx) else 0
             k = self.cfg.federated.min_count
+            sends = evaluation_withheld(self.cfg.federated) is None
             self._facts = SiteFacts(
-                self.site, len(self.train_idx), self.n_events, len(self.val_idx), n_val_events, shapes, k
+                self.site, len(self.train_idx), self.n_events, len(self.val_idx), n_val_events, shapes, k, sends
             )
         return self._facts
 
@@ -174,7 +175,16 @@ class SiteClient:
         A site with fewer than ``federated.min_count`` (k) validation patients or events sends no metric (no
         C-index, pair counts, loss or events: on so few they place single patients), and its patient count
         only when that is at least k (0 otherwise); a warning names the site. The server pools the others.
+
+        Under DP, and under SecAgg+ unless ``federated.secagg_eval_plain`` (:func:`evaluation_withheld`), the site
+        sends no metric and a patient count of 0 every round (warned once): nothing the accountant or the masks
+        do not cover leaves it.
         """
+        if why := evaluation_withheld(self.cfg.federated):
+            if not getattr(self, "_warned_withheld", False):
+                log.warning("site %s: %s: its validation metrics are not sent", self.site, why)
+                self._warned_withheld = True
+            return Evaluation(0, {})
         if len(self.val_idx) == 0:
             return Evaluation(0, {})
         facts = self.facts()
