@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -62,8 +63,27 @@ def cox_loss(
     return total / n_events
 
 
+TIME_GRID_BINS = 100  # event-time histogram bins on [0, nice ceiling]: pipeline.stats.curves.TIME_BINS
+
+
+def nice_ceiling(x: float) -> float:
+    """``x`` rounded up to two significant digits (3652.3 -> 3700.0; 1.0 for ``x <= 0``): the grid-end rule of
+    ``pipeline.stats.curves.nice_ceil`` (tested equal), here so that ``models`` stays free of ``pipeline``."""
+    if not math.isfinite(x) or x <= 0:
+        return 1.0
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return float(math.ceil(x / step) * step)
+
+
 def discrete_time_edges(time: torch.Tensor, event: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Bin edges for a discrete-time model: quantiles of the *event* times (PORPOISE, SurvPath).
+    """Bin edges for a discrete-time model: quantiles of the *event* times (PORPOISE, SurvPath), read off a
+    histogram on a fixed grid so that no edge is a training patient's time.
+
+    The grid is :data:`TIME_GRID_BINS` equal bins on ``[0, nice_ceiling(max(time))]``; the inner edges are the
+    quantiles of the event times' histogram on it (uniform within a bin, as
+    ``pipeline.stats.curves.histogram_quantiles``), the last edge is the grid's end. This is the federated rule
+    (``pipeline.stats.curves.discrete_time_bins``) with one site and no merging: the edges depend on the times
+    only through their grid bins.
 
     Args:
         time: ``[P]`` float, the training patients' times.
@@ -71,9 +91,8 @@ def discrete_time_edges(time: torch.Tensor, event: torch.Tensor, n_bins: int) ->
         n_bins: K >= 1.
 
     Returns:
-        ``[K + 1]`` float64 edges ``0 = e_0 < e_1 <= ... <= e_{K-1} <= e_K = max(time)``; bin ``k`` is
-        ``(e_k, e_{k+1}]`` (the last bin is open to the right: later times fall in it). Equal quantiles
-        (heavy ties) give empty bins, which is harmless.
+        ``[K + 1]`` float64 edges ``0 = e_0 < e_1 <= ... <= e_{K-1} < e_K = nice_ceiling(max(time))``; bin ``k``
+        is ``(e_k, e_{k+1}]`` (the last bin is open to the right: later times fall in it).
 
     Raises:
         ValueError: ``n_bins < 1``, or no event among the patients.
@@ -84,8 +103,16 @@ def discrete_time_edges(time: torch.Tensor, event: torch.Tensor, n_bins: int) ->
     event = event.reshape(-1).bool()
     if not bool(event.any()):
         raise ValueError(f"discrete-time bins need event times: all {len(time)} training patients are censored")
-    inner = torch.quantile(time[event], torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1])
-    return torch.cat([time.new_zeros(1), inner, time.max().reshape(1)])
+    end = nice_ceiling(float(time.max()))
+    grid = torch.linspace(0.0, end, TIME_GRID_BINS + 1, dtype=torch.float64)
+    k = (torch.bucketize(time[event], grid, right=True) - 1).clamp(0, TIME_GRID_BINS - 1)
+    p = torch.bincount(k, minlength=TIME_GRID_BINS).double() / int(event.sum())
+    cdf = torch.cat([p.new_zeros(1), torch.cumsum(p, 0)])  # at each grid edge
+    q = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1]
+    i = torch.searchsorted(cdf, q, right=False).clamp(1, TIME_GRID_BINS)  # grid bin i - 1 holds quantile q
+    frac = ((q - cdf[i - 1]) / p[i - 1].clamp_min(1e-300)).clamp(0.0, 1.0)
+    inner = grid[i - 1] + frac * (grid[i] - grid[i - 1])
+    return torch.cat([grid[:1], inner, grid[-1:]])
 
 
 def time_to_bin(time: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

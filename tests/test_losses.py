@@ -105,8 +105,10 @@ def test_bins_are_event_time_quantiles_and_times_map_to_bins():
     time = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 100.0])
     event = torch.tensor([True, True, True, True, False, True, True, True, False])
     edges = discrete_time_edges(time, event, 2)
-    assert edges.tolist() == [0.0, 4.0, 100.0]  # median of the 7 event times; the last edge is max(time)
-    assert time_to_bin(torch.tensor([0.5, 4.0, 4.01, 100.0, 500.0]), edges).tolist() == [0, 0, 1, 1, 1]
+    # the median of the 7 event times read off their histogram on 100 bins of [0, 100] (4 of them lie below
+    # [4, 5), whose middle is the median); the last edge is the grid's end, nice_ceiling(max(time)) = 100
+    assert edges.tolist() == [0.0, 4.5, 100.0]
+    assert time_to_bin(torch.tensor([0.5, 4.5, 4.51, 100.0, 500.0]), edges).tolist() == [0, 0, 1, 1, 1]
     assert time_to_bin(time, discrete_time_edges(time, event, 1)).eq(0).all()
     with pytest.raises(ValueError, match="all 9 training patients are censored"):
         discrete_time_edges(time, torch.zeros(9, dtype=torch.bool), 4)
