@@ -5,23 +5,16 @@ Breslow's estimator of the cumulative baseline hazard of a Cox model is
 
     H0(t) = sum_{event times t_k <= t} d_k / sum_{j : t_j >= t_k} exp(log_hz_j)
 
-with ``d_k`` the number of events at ``t_k``. Both sums split over sites, so each site can send
-two vectors on a shared time grid ``g [K]``: ``events [K]`` (events with time in ``(g_{k-1}, g_k]``)
-and ``risk_sum [K]`` (the sum of ``exp(log_hz)`` over its patients still at risk at ``g_k``, i.e.
-``time >= g_k``). No per-patient value leaves the site; the server adds the vectors and divides. On
-a grid that holds every event time this is exactly Breslow's estimator on the pooled patients (a
-test checks it against scikit-survival's ``BreslowEstimator``). A trained model keeps its baseline on
-a coarse grid instead (:func:`coarse_grid`: ``K`` evenly spaced times up to the largest follow-up rounded
-up to two significant digits, agreed before training, revealing no event time): events within an interval
-are charged to its right end and the risk set is the patients at risk at the interval's start
-(``risk_at_start``), so the hazard is a step function on that grid.
-
-A patient's survival is ``S(t | x) = exp(-H0(t) * exp(log_hz))``. The baseline is kept per site
-(stratified training gives each site its own baseline hazard) and pooled; a patient from a site the
-model was not trained on, or from a site with fewer than 10 training events, gets the pooled one.
-
-For discrete-time models (hazard ``h_k`` in bin ``k`` with edges ``e_0 < e_1 < ... < e_K``),
-``S(e_k) = prod_{i<=k} (1 - h_i)``.
+with ``d_k`` the number of events at ``t_k``. Both sums split over sites: each site sends, on a shared grid
+``g [K]``, ``events [K]`` (events in ``(g_{k-1}, g_k]``) and ``risk_sum [K]`` (``exp(log_hz)`` summed over its
+patients at risk at ``g_k``, ``time >= g_k``); the server adds and divides. On a grid holding every event time
+this is exactly Breslow's estimator on the pooled patients (tested against scikit-survival). A trained model
+keeps its baseline on a coarse grid (:func:`coarse_grid`: ``K`` evenly spaced times up to the largest follow-up
+rounded up to two significant digits, agreed before training): events charged to their interval's right end,
+the risk set taken at its start (``risk_at_start``), and each site's steps merged to >= k events
+(``pipeline.stats.coarsen``). ``S(t | x) = exp(-H0(t) * exp(log_hz))``; the baseline is kept per site and
+pooled (an unseen site, or one with fewer than k = 10 training events, gets the pooled one). Discrete time
+(bin hazards ``h_k``, edges ``e_0 < ... < e_K``): ``S(e_k) = prod_{i<=k} (1 - h_i)``.
 """
 
 from __future__ import annotations
@@ -67,7 +60,12 @@ def coarse_grid(max_follow_up: float, k: int = COARSE_GRID_POINTS) -> np.ndarray
 
 
 def site_summary(
-    grid: np.ndarray, time: np.ndarray, event: np.ndarray, log_hz: np.ndarray, risk_at_start: bool = False
+    grid: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    log_hz: np.ndarray,
+    risk_at_start: bool = False,
+    min_events: int = 1,
 ) -> SiteSummary:
     """One site's summaries on a shared ``grid [K]`` (increasing).
 
@@ -75,6 +73,8 @@ def site_summary(
         time, event, log_hz: ``[P]`` the site's patients.
         risk_at_start: the risk set of interval ``(g_{k-1}, g_k]`` is ``time > g_{k-1}`` (every patient for the
             first), for a coarse grid; default ``time >= g_k`` (Breslow's, exact on the event grid).
+        min_events: k > 1: adjacent intervals merged until each released step holds >= k events or none
+            (:func:`pipeline.stats.coarsen.merge_small_steps`); zeros for a site of fewer than k events.
 
     Events after the last grid point are dropped (the curve ends there).
     """
@@ -93,10 +93,13 @@ def site_summary(
     suffix = np.concatenate([np.cumsum(rs[::-1])[::-1], [0.0]])
     if risk_at_start:
         starts = np.concatenate([[0], np.searchsorted(ts, grid[:-1], side="right")])
-        risk_sum = suffix[starts]
     else:
-        risk_sum = suffix[np.searchsorted(ts, grid, side="left")]
-    return SiteSummary(grid, events, risk_sum)
+        starts = np.searchsorted(ts, grid, side="left")
+    if min_events > 1:
+        from pipeline.stats.coarsen import merge_small_steps
+
+        return SiteSummary(grid, *merge_small_steps(events, suffix[starts], len(ts) - starts, min_events))
+    return SiteSummary(grid, events, suffix[starts])
 
 
 def combine(summaries: list[SiteSummary]) -> np.ndarray:
@@ -141,19 +144,22 @@ class BreslowBaseline:
         Args:
             time, event, log_hz: ``[P]`` training patients; site ``[P]`` int index into ``sites``.
             grid: shared time grid; default the distinct event times (exact Breslow).
-            min_site_events: a site gets its own baseline only with at least this many training events
-                (fewer give a jagged, unreliable curve); its patients otherwise use the pooled one.
-            risk_at_start: see :func:`site_summary` (use with a :func:`coarse_grid`).
+            min_site_events: k: a site gets its own baseline only with at least k training events (fewer give a
+                jagged curve and single patients' events); its patients otherwise use the pooled one.
+            risk_at_start: see :func:`site_summary` (use with a :func:`coarse_grid`). This is a trained model's
+                released baseline: each site's summary has steps of >= k events (``site_summary(min_events=k)``),
+                and a site with fewer sends none (warning).
         """
-        time, event, site = np.asarray(time, float), np.asarray(event, bool), np.asarray(site)
+        time, event, site, lh = np.asarray(time, float), np.asarray(event, bool), np.asarray(site), np.asarray(log_hz)
         grid = event_grid(time, event) if grid is None else np.asarray(grid, float)
         if len(grid) == 0:
             raise ValueError("no events among the training patients: the baseline hazard cannot be estimated")
-        summ = {
-            s: site_summary(grid, time[site == k], event[site == k], np.asarray(log_hz)[site == k], risk_at_start)
-            for k, s in enumerate(sites)
-            if (site == k).any()
-        }
+        k = max(1, min_site_events) if risk_at_start else 1
+        m = {s: site == i for i, s in enumerate(sites) if (site == i).any()}
+        summ = {s: site_summary(grid, time[x], event[x], lh[x], risk_at_start, k) for s, x in m.items()}
+        if k > 1 and (off := [s for s, v in summ.items() if not v.risk_sum.any()]):
+            msg = "baseline: site(s) %s with fewer than %d training events: no summary sent%s"
+            log.warning(msg, off, k, "; none left: the baseline is empty (survival 1)" * (len(off) == len(summ)))
         by_site = {s: combine([v]) for s, v in summ.items() if v.events.sum() >= max(1, min_site_events)}
         return cls(grid, combine(list(summ.values())), by_site)
 
