@@ -12,7 +12,10 @@ ones (and of zeros) of a 0/1 column (its ``sum``). A cell with 1..k-1 patients i
 sums are sent as 0 (a gene or numeric column is then left out of that site's contribution, a category or a
 missing count is not sent); within a categorical column, further cells are suppressed (smallest first) until
 the suppressed patients number 0 or at least k, so no suppressed count follows from the others and the
-column's total.
+column's total. A gene's or numeric column's missing count is ``n_patients - n`` (and, for a clinical column,
+``missing``): when it is 1..k-1 the observed count is coarsened to ``n_patients - k`` (:func:`coarsen_missing`:
+the sums scaled by the same factor, so the site's mean and mean square are kept and only its weight shrinks;
+``missing`` sent as 0), so that count cannot be derived; a column left with fewer than k is suppressed.
 """
 
 from __future__ import annotations
@@ -173,20 +176,41 @@ def _binary_small(n: np.ndarray, total: np.ndarray, sumsq: np.ndarray, k: int) -
     return binary & (_small(total, k) | _small(n - total, k))
 
 
+def _missing_small(n: Any, n_patients: int, k: int) -> np.ndarray:
+    """Observed columns (``n [C]`` > 0) whose missing count ``n_patients - n`` is 1..k-1."""
+    n = np.asarray(n, np.float64)
+    return (n > 0) & _small(n_patients - n, k)
+
+
 def small_cells(summary: SiteSummary, k: int) -> list[str]:
     """The fields of ``summary`` that hold a count of 1..k-1 patients (empty: it satisfies the k rule)."""
     bad: list[str] = []
     if isinstance(summary, OmicsSiteSummary):
         bad += [f"omics.n[{summary.genes[i]}]" for i in np.flatnonzero(_small(summary.n, k))]
-        return bad
+        miss = _missing_small(summary.n, summary.n_patients, k)
+        return bad + [f"omics.n_patients - n[{summary.genes[i]}] (missing)" for i in np.flatnonzero(miss)]
     num = summary.numeric
     n, tot, sq = (np.asarray(x, np.float64) for x in (num.n, num.sum, num.sumsq))
     bad += [f"clinical.numeric.n[{num.columns[i]}]" for i in np.flatnonzero(_small(n, k))]
+    miss = _missing_small(n, summary.n_patients, k)
+    bad += [f"clinical.n_patients - numeric.n[{num.columns[i]}] (missing)" for i in np.flatnonzero(miss)]
     bad += [f"clinical.numeric.sum[{num.columns[i]}] (0/1)" for i in np.flatnonzero(_binary_small(n, tot, sq, k))]
     for c, counts in summary.categorical.items():
         bad += [f"clinical.categorical.{c}[{v}]" for v, x in counts.items() if 0 < x < k]
-    bad += [f"clinical.missing[{c}]" for c, x in summary.missing.items() if c in summary.categorical and 0 < x < k]
+    bad += [f"clinical.missing[{c}]" for c, x in summary.missing.items() if 0 < x < k]
     return bad
+
+
+def coarsen_missing(n: np.ndarray, n_patients: int, k: int, sums: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
+    """Observed counts ``n [C]`` whose missing count ``n_patients - n`` is 1..k-1 coarsened to ``n_patients - k``,
+    each of ``sums`` (name -> ``[C]``) scaled by the same factor ``(n_patients - k) / n`` (the site's mean and mean
+    square are unchanged); a column left with fewer than k observed values is zeroed. Returns ``(n, sums)``."""
+    n = np.asarray(n, np.int64)
+    off = _missing_small(n, n_patients, k)
+    target = n_patients - k
+    scale = np.where(off, (target if target >= k else 0) / np.maximum(n, 1), 1.0)
+    new_n = np.where(off, target if target >= k else 0, n).astype(np.int64)
+    return new_n, {name: np.asarray(v, np.float64) * scale for name, v in sums.items()}
 
 
 def _suppress_column(cells: dict[str, int], k: int) -> set[str]:
@@ -204,19 +228,29 @@ def suppress_small_cells(summary: SiteSummary, k: int) -> tuple[SiteSummary, lis
     (field names, for the site's warning). The result passes :func:`small_cells`."""
     notes: list[str] = []
     if isinstance(summary, OmicsSiteSummary):
+        keys = ("sum", "sumsq", "sum_expm1", "sumsq_expm1")
+        if (miss := _missing_small(summary.n, summary.n_patients, k)).any():
+            notes.append(f"omics: {int(miss.sum())} gene(s) missing in 1..{k - 1} patients (observed count coarsened)")
+            n, sums = coarsen_missing(summary.n, summary.n_patients, k, {x: getattr(summary, x) for x in keys})
+            summary = summary.model_copy(update={"n": n, **sums})
         off = _small(summary.n, k)
         if off.any():
             notes.append(f"omics: {int(off.sum())} gene(s) observed in 1..{k - 1} patients")
-            keys = ("n", "sum", "sumsq", "sum_expm1", "sumsq_expm1")
-            return summary.model_copy(update={x: np.where(off, 0, getattr(summary, x)) for x in keys}), notes
+            return summary.model_copy(update={x: np.where(off, 0, getattr(summary, x)) for x in ("n", *keys)}), notes
         return summary, notes
     num = summary.numeric
-    n, tot, sq = (np.asarray(x, np.float64) for x in (num.n, num.sum, num.sumsq))
+    miss = _missing_small(num.n, summary.n_patients, k)
+    notes += [f"clinical.numeric.{num.columns[i]} (missing in 1..{k - 1}: observed count coarsened)"
+              for i in np.flatnonzero(miss)]  # fmt: skip
+    n_c, sums = coarsen_missing(num.n, summary.n_patients, k, {"sum": num.sum, "sumsq": num.sumsq})
+    n, tot, sq = np.asarray(n_c, np.float64), sums["sum"], sums["sumsq"]
     off = _small(n, k) | _binary_small(n, tot, sq, k)
     notes += [f"clinical.numeric.{num.columns[i]}" for i in np.flatnonzero(off)]
-    numeric = num.model_copy(update={"n": np.where(off, 0, num.n), "sum": np.where(off, 0.0, tot),
+    numeric = num.model_copy(update={"n": np.where(off, 0, n_c), "sum": np.where(off, 0.0, tot),
                                      "sumsq": np.where(off, 0.0, sq)})  # fmt: skip
     categorical, missing = {}, dict(summary.missing)
+    for i in np.flatnonzero(miss | off):  # nor its missing count, from which n_patients - missing = n would follow
+        missing[num.columns[i]] = 0
     for c, counts in summary.categorical.items():
         cells = {**{f"={v}": int(x) for v, x in counts.items()}, "missing": int(summary.missing.get(c, 0))}
         drop = _suppress_column(cells, k)
