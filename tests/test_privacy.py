@@ -93,11 +93,12 @@ def _numbers(obj):
             yield from _numbers(v)
 
 
-def test_model_file_holds_no_patient_id_and_no_training_event_time(fed_data, tiny_features, tmp_path):
+def test_model_file_holds_no_patient_id_and_no_training_event_time(fed_data, tiny_features, tmp_path, monkeypatch):
     from safetensors import safe_open
 
     from pipeline.outputs.predictions import survival_curves
     from pipeline.stages import survival_summary
+    from pipeline.training import survival_summary as summary_module
     from pipeline.training.bundle import CARD_KEY, data_for_model, load_bundle, save_bundle
     from pipeline.training.predict import predict
 
@@ -106,6 +107,10 @@ def test_model_file_holds_no_patient_id_and_no_training_event_time(fed_data, tin
     cfg = _cfg(base)
     model = new_model(data, cfg).eval()
     path = tmp_path / "model.safetensors"
+    # the fixture's sites have 1-2 training events: under the baseline's k = 10 none sends a summary (empty
+    # baseline, warned); with k = 2 they do, so the curves below are not trivial
+    assert survival_summary(model, data)["baseline"]["cumhaz"] == [0.0] * 40
+    monkeypatch.setattr(summary_module, "MIN_SITE_EVENTS", 2)
     save_bundle(path, model, data, cfg, {"train_info": {"mode": "centralised"}, **survival_summary(model, data)})
     with safe_open(str(path), "np") as f:
         raw = f.metadata()[CARD_KEY]
@@ -150,11 +155,11 @@ def test_a_site_with_fewer_than_k_validation_patients_or_events_sends_no_validat
     for extra, k, suppressed in (((), f.n_val_events + 1, True), (("federated.dp_noise=0.5",), f.n_val_events + 1,
                                  True), ((), min(f.n_val, f.n_val_events), False)):  # fmt: skip
         c.cfg = _cfg(base, *extra)
-        c._facts = replace(f, min_count=k)
+        c._facts = replace(f, min_count=k, eval_metrics=not extra)
         caplog.clear()
         ev = c.evaluate(c.initial_arrays(), {"round": 0})
-        # the patient count travels only when it is at least k
-        assert ev.num_examples == (len(c.val_idx) if len(c.val_idx) >= k else 0)
+        # the patient count travels only when it is at least k, and never under DP
+        assert ev.num_examples == (len(c.val_idx) if len(c.val_idx) >= k and not extra else 0)
         check_evaluate_reply(c.facts(), ev.num_examples, {**ev.metrics, "site": c.site})  # the policy accepts it
         if suppressed:
             assert ev.metrics == {}
@@ -416,3 +421,178 @@ def test_a_merged_run_is_reported_at_its_middle_patient():
     values = np.array([0.5] * 2 + [3.5] * 5 + [6.5] * 3)  # one run of 10 over bins 0..6 (the last run)
     h = site_histogram(values, edges, 10)
     assert h.sum() == 10 and h[3] == 10  # the 5th/6th patients are in bin 3, not the run's end bin 9
+
+
+@pytest.mark.parametrize(
+    "extra, sent",
+    [
+        (("federated.dp_noise=0.5",), False),
+        (("federated.secagg=true",), False),
+        (("federated.secagg=true", "federated.secagg_eval_plain=true"), True),
+        ((), True),
+    ],
+    ids=["dp", "secagg", "secagg_eval_plain", "plain"],
+)
+def test_dp_and_secagg_sites_send_no_evaluation_metric_unless_asked(fed_data, caplog, extra, sent):
+    """Evaluation replies are covered neither by the DP accountant nor by the SecAgg+ masks: under DP none
+    is sent; under SecAgg+ none unless federated.secagg_eval_plain. The policy refuses a reply that sends one."""
+    from dataclasses import replace
+
+    from pipeline.federated.policy import DisclosureError, check_evaluate_reply
+
+    data, base = fed_data
+    c = next(c for c in site_clients(data, _cfg(base)) if len(c.val_idx) and c.facts().n_val_events)
+    k = min(c.facts().n_val, c.facts().n_val_events)  # a k the site's validation passes: only the mode decides
+    c.cfg, c._facts = _cfg(base, *extra), None  # the site's facts follow its config
+    c._facts = replace(c.facts(), min_count=k)
+    caplog.clear()
+    ev = c.evaluate(c.initial_arrays(), {"round": 0})
+    check_evaluate_reply(c.facts(), ev.num_examples, {**ev.metrics, "site": c.site})
+    if sent:
+        assert {"cindex", "concordant", "comparable", "loss_sum", "events"} <= set(ev.metrics)
+        assert ev.num_examples == len(c.val_idx)
+        return
+    assert ev.metrics == {} and ev.num_examples == 0
+    assert any(c.site in r.getMessage() and "not sent" in r.getMessage() for r in caplog.records)
+    # a modified site that sends them anyway (or its count) is stopped by the policy
+    plain = site_clients(data, _cfg(base))[0]
+    plain.val_idx, plain._facts = c.val_idx, replace(c.facts(), eval_metrics=True)
+    m = plain.evaluate(plain.initial_arrays(), {"round": 0})
+    assert m.metrics
+    with pytest.raises(DisclosureError, match="in a run that sends none"):
+        check_evaluate_reply(c.facts(), 0, m.metrics)
+    with pytest.raises(DisclosureError, match="num_examples"):
+        check_evaluate_reply(c.facts(), len(c.val_idx), {})
+
+
+def test_a_dp_server_ignores_evaluation_metrics_and_keeps_the_last_round(fed_data, caplog):
+    from pipeline.federated.protocol import Evaluation
+
+    data, base = fed_data
+    cfg = _cfg(base, "federated.dp_noise=0.5", "federated.rounds=3")
+    server = FederatedServer(cfg, trainable_arrays(new_model(data, cfg)))
+    good = {"cindex": 0.9, "concordant": 9.0, "comparable": 10.0, "loss_sum": 1.0, "events": 10.0}
+    bad = {"cindex": 0.1, "concordant": 1.0, "comparable": 10.0, "loss_sum": 50.0, "events": 10.0}
+    caplog.clear()
+    for rnd, m in enumerate((good, bad, bad)):  # without DP round 0 would be kept (best loss and C-index)
+        server.finish_round(rnd, {"a": Evaluation(20, m)}, {})
+    assert server.best is not None and server.best[1] == 2
+    assert all(np.isnan(h["val_cindex"]) and np.isnan(h["val_loss"]) for h in server.history)
+    assert server.summary()["select"] == "last"
+    assert sum("keeping the last round" in r.getMessage() for r in caplog.records) == 1
+    plain = FederatedServer(_cfg(base, "federated.rounds=3"), trainable_arrays(new_model(data, cfg)))
+    for rnd, m in enumerate((good, bad, bad)):
+        plain.finish_round(rnd, {"a": Evaluation(20, m)}, {})
+    assert plain.best is not None and plain.best[1] == 0
+    with pytest.raises(ValueError, match="train.without_validation=error"):
+        FederatedServer(_cfg(base, "federated.dp_noise=0.5", "train.without_validation=error"), server.global_arrays)
+
+
+def test_central_discrete_time_edges_are_no_training_time_and_follow_the_federated_grid_rule():
+    """A centrally trained discrete-time model keeps no training time in its bin edges (issue 12): the edges
+    come from the event times' histogram on the pre-agreed grid, as a federation computes them with k = 1."""
+    import torch
+
+    from models.losses import discrete_time_edges, nice_ceiling
+    from pipeline.stats.curves import bins_from_histogram, nice_ceil, pooled_histogram, time_edges
+
+    rng = np.random.default_rng(4)
+    time = rng.exponential(900.0, 80)
+    event = rng.random(80) < 0.6
+    edges = discrete_time_edges(torch.from_numpy(time), torch.from_numpy(event), 4).numpy()
+    assert not np.isin(edges, time).any()  # not the largest time (as before), not an inner quantile either
+    assert edges[-1] == nice_ceil(float(time.max())) > time.max()
+    grid = time_edges(nice_ceil(float(time.max())))
+    fed = bins_from_histogram(grid, pooled_histogram(time[event], np.zeros(int(event.sum())), grid, 1), 4)
+    np.testing.assert_allclose(edges, fed, rtol=1e-12)  # the federated rule with one site and no merging
+    # the edges depend on the times only through their grid bins: moving every time within its bin changes nothing
+    step = grid[1]
+    moved = np.floor(time / step) * step + rng.uniform(0.01, 0.99, 80) * step
+    assert nice_ceil(float(moved.max())) == edges[-1]
+    np.testing.assert_allclose(
+        discrete_time_edges(torch.from_numpy(moved), torch.from_numpy(event), 4).numpy(), edges, rtol=1e-12
+    )
+    for x in (0.0, 3652.3, 99.0, 100.0, 0.0123, 1e7 + 1):
+        assert nice_ceiling(x) == nice_ceil(x)
+
+
+def _three_site_baseline_cohort():
+    """Sites of 80 (many events), 30 (12 events) and 15 (4 events) patients: ``(time, event, log_hz, site)``."""
+    rng = np.random.default_rng(7)
+    n_ev = {0: None, 1: 12, 2: 4}
+    parts = []
+    for s, n in ((0, 80), (1, 30), (2, 15)):
+        lh = rng.normal(0, 0.5, n)
+        t = rng.exponential(1000.0 * np.exp(-lh))
+        e = rng.random(n) < 0.6 if n_ev[s] is None else np.arange(n) < n_ev[s]
+        parts.append((t, e, lh, np.full(n, s)))
+    return tuple(np.concatenate(x) for x in zip(*parts, strict=True))
+
+
+def test_a_released_baseline_step_never_reveals_fewer_than_k_events(caplog):
+    """Per-site Breslow summaries on the coarse grid: each released step holds >= k events or none, the risk sum
+    changes only where >= k patients left, a site of fewer than k events sends nothing (issue 12)."""
+    from pipeline.stats.curves import BreslowBaseline, coarse_grid, combine, site_summary
+
+    time, event, lh, site = _three_site_baseline_cohort()
+    grid, k = coarse_grid(float(time.max())), 10
+    for s in range(3):
+        t, e, x = time[site == s], event[site == s], lh[site == s]
+        raw, merged = site_summary(grid, t, e, x, True), site_summary(grid, t, e, x, True, min_events=k)
+        assert ((raw.events > 0) & (raw.events < k)).any()  # unmerged, this site's steps reveal 1..k-1 events
+        released = merged.events[merged.events > 0]
+        assert (released >= k).all()
+        if e.sum() < k:
+            assert not merged.events.any() and not merged.risk_sum.any()
+            continue
+        assert released.sum() == e.sum() - (t[e] > grid[-1]).sum()
+        # one risk sum per run of >= k events; at each run's end the site's own hazard is the unmerged one
+        # the risk sum: a sum over >= k patients at risk (else 0), changing only after >= k have left
+        at_risk = np.array([(t > g).sum() for g in np.concatenate([[-np.inf], grid[:-1]])])  # at each start
+        cuts = [0, *(np.flatnonzero(np.diff(merged.risk_sum)) + 1)]
+        for a, b in zip(cuts, [*cuts[1:], len(grid)], strict=True):
+            assert merged.risk_sum[a] == 0 or (merged.risk_sum[a] == raw.risk_sum[a] and at_risk[a] >= k)
+            assert b == len(grid) or merged.risk_sum[b] == 0 or at_risk[a] - at_risk[b] >= k
+        assert np.all(merged.risk_sum[merged.events > 0] > 0)  # every released step has its risk set
+    caplog.clear()
+    base = BreslowBaseline.fit(time, event, lh, site, ["a", "b", "c"], grid, k, True)
+    assert set(base.cumhaz_by_site) == {"a", "b"}  # c: 4 events, pooled baseline, summary not sent
+    assert any("['c']" in r.getMessage() and "no summary sent" in r.getMessage() for r in caplog.records)
+    assert len(np.unique(base.cumhaz_by_site["b"])) <= 2  # 12 events: one step (0, then one value)
+    assert np.all(np.diff(base.cumhaz) >= 0) and base.cumhaz[-1] > 0
+    exact = combine([site_summary(grid, time[site == s], event[site == s], lh[site == s], True) for s in range(3)])
+    seen = np.exp(-exact) >= 0.2  # where the survival curve is read
+    print(np.abs(np.exp(-base.cumhaz) - np.exp(-exact))[seen].max(), seen.sum())
+
+
+def test_a_numeric_missing_count_under_k_is_not_derivable_from_the_observed_count(caplog):
+    """A numeric column's missing count is n_patients - n: when it is 1..k-1 the site coarsens n to n_patients - k
+    (its mean and mean square kept) and sends no missing count; a warning names the site and column."""
+    from data_specs.summaries import drop_empty_columns, small_cells
+    from pipeline.federated.policy import DisclosureError, SiteFacts, check_summaries
+    from pipeline.omics.clinical import ClinicalNormaliser
+    from pipeline.omics.normalise import site_summaries
+
+    df = _site_clinical()
+    df.loc[["P3", "P7"], "age"] = np.nan  # 2 missing of 30
+    df["bmi"] = np.where(np.arange(30) < 27, np.nan, 25.0 + np.arange(30))  # 3 observed: suppressed, n and missing
+    ids, facts = list(df.index), SiteFacts("hosp_a", 30, 0, 0, 0, (), 10)
+    raw = site_summaries("hosp_a", ids, clinical=df)["clinical"]
+    assert "clinical.n_patients - numeric.n[age] (missing)" in small_cells(raw, 10)
+    assert "clinical.missing[bmi]" in small_cells(raw, 10) or "clinical.numeric.n[bmi]" in small_cells(raw, 10)
+    with pytest.raises(DisclosureError, match="missing"):
+        check_summaries(facts, {"clinical": raw.to_wire()})
+    caplog.clear()
+    s = site_summaries("hosp_a", ids, clinical=df, min_count=10)["clinical"]
+    check_summaries(facts, {"clinical": s.to_wire()})  # what the site sends passes the policy
+    num = {c: i for i, c in enumerate(s.numeric.columns)}
+    i, j = num["age"], num["bmi"]
+    assert s.numeric.n[i] == 30 - 10 and s.missing["age"] == 0  # 30 - n = 10: not the 2 missing
+    age = df["age"].dropna()
+    assert s.numeric.sum[i] / s.numeric.n[i] == pytest.approx(age.mean())  # the site's mean is kept
+    assert s.numeric.sumsq[i] / s.numeric.n[i] == pytest.approx((age**2).mean())
+    assert s.numeric.n[j] == 0 and s.missing["bmi"] == 0  # 27 missing would give n = 3
+    assert any("hosp_a" in r.getMessage() and "age" in r.getMessage() for r in caplog.records)
+    norm = ClinicalNormaliser.from_summaries(drop_empty_columns([s])[0])  # brca1 and bmi: suppressed everywhere
+    k = list(norm.numeric).index("age")
+    assert norm.mean[k] == pytest.approx(age.mean()) and norm.std[k] == pytest.approx(age.std(ddof=0), rel=1e-6)
