@@ -74,6 +74,7 @@ METHODS |= {
     "lcv_fedsgd": [],
     "lcv_fedavg": [],
     "lcv_fedadam": [],
+    "coxnet_inrun": [],  # the centralised Coxnet every run reports (alpha by CV on training + validation patients)
 }
 _PENALTY = (0.01, 1.0, 10.0)  # AdamW weight decay: ~none, moderate, strong (|w| <~ 1 / weight_decay)
 CANDIDATES: dict[str, list[list[str]]] = {
@@ -142,6 +143,12 @@ def train_one(method: str, data, cfg) -> list[dict]:
         return out
     if method.startswith("lcv_"):
         return [linear_cv(method, data, cfg)]
+    if method == "coxnet_inrun":
+        from pipeline.outputs.baselines import fit_baselines
+        from pipeline.outputs.scoring import BaselineSettings
+
+        b = fit_baselines(data, None, BaselineSettings(n_boot=0))["baselines"]["clinical"]  # type: ignore[index]
+        return [{"test": b["cindex"], "val": b.get("cv_cindex", float("nan"))}]
     t0 = time.perf_counter()
     if method.startswith("inrun_"):
         from pipeline.outputs.federated_linear import fit_federated_linear

@@ -235,6 +235,21 @@ def test_full_batch_fit_equals_scikit_survival_coxph_on_the_same_penalty(ties):
         assert fit.converged and np.abs(fit.beta - sk.coef_).max() < 1e-5, (c, fit.beta, sk.coef_)
 
 
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_closed_form_gradient_is_the_autograd_gradient_of_the_partial_likelihood(ties):
+    from models.linear import cox_nll_sum
+    from pipeline.training.linear_fit import cox_nll_grad
+
+    x, t, e, _ = _tied_cox_data(n=80)
+    eta = torch.from_numpy(x @ np.linspace(-1, 1, x.shape[1])).requires_grad_(True)
+    want = cox_nll_sum(eta, torch.from_numpy(e), torch.from_numpy(t), ties)
+    (g,) = torch.autograd.grad(want, eta)
+    value, grad = cox_nll_grad(eta.detach().numpy(), e, t, ties)
+    assert value == pytest.approx(float(want.detach()), rel=1e-12)
+    np.testing.assert_allclose(grad, g.numpy(), rtol=1e-9, atol=1e-12)
+    assert cox_nll_grad(eta.detach().numpy(), np.zeros(80, bool), t, ties)[0] == 0.0
+
+
 def test_federated_fit_equals_the_pooled_site_stratified_fit():
     from scipy.optimize import minimize
 

@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# c, the ridge penalty per patient: 10 log-spaced values, fixed before any data was seen
-PENALTY_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 1.5, 10))
+# c, the ridge penalty per patient, fixed before any data was seen: 13 log-spaced values (factor sqrt(10)) from
+# nearly unpenalised to nearly the null model, for standardised covariates and up to thousands of features
+PENALTY_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 3, 13))
 CV_FOLDS = 5
 MAX_ITER = 1000  # L-BFGS iterations (each one or a few evaluations = rounds)
 GTOL = 1e-7  # L-BFGS stops when every gradient component of f is below this
@@ -74,14 +75,14 @@ class Party:
     def nll_grad(self, beta: np.ndarray, drop_fold: int | None = None) -> tuple[float, np.ndarray, int]:
         """``(nll, grad [F], n)`` of this party's patients outside fold ``drop_fold`` (None: all) at ``beta``."""
         keep = self._keep(drop_fold)
-        b = torch.from_numpy(np.asarray(beta, np.float64)).requires_grad_(True)
-        loss = self._nll(b, keep)
-        (g,) = torch.autograd.grad(loss, b)
-        n, d = int(keep.sum()), int(self.event[keep].sum())
+        x = self.x.numpy()[keep]  # (n, F)
+        e = self.event.numpy()[keep]
+        loss, g_eta = cox_nll_grad(x @ np.asarray(beta, np.float64), e, self.time.numpy()[keep], self.ties)
+        n, d = int(keep.sum()), int(e.sum())
         self.rounds += 1
-        if not self.release("linear.gradient", n, d, {"nll": float(loss.detach())}):
+        if not self.release("linear.gradient", n, d, {"nll": loss}):
             raise ValueError(f"party {self.name}: may not send its gradient")
-        return float(loss.detach()), g.numpy(), n
+        return loss, x.T @ g_eta, n
 
     def cv_score(self, betas: Sequence[np.ndarray]) -> tuple[float, float, float] | None:
         """``(cvl, concordant, comparable)`` over all this party's patients given each fold's coefficients
@@ -98,6 +99,42 @@ class Party:
         if not self.release("linear.cv_score", len(self.fold), int(self.event.sum()), values):
             return None
         return cvl, conc, comp
+
+
+def cox_nll_grad(eta: np.ndarray, event: np.ndarray, time: np.ndarray, ties: str = "efron") -> tuple[float, np.ndarray]:
+    """:func:`models.linear.cox_nll_sum` and its gradient with respect to ``eta [n]``, in closed form (numpy).
+
+    With ``R_g`` the sum of ``exp(eta)`` over the risk set of event time ``g``, ``D_g`` over its ``d_g`` deaths:
+    ``A_g = sum_{r<d_g} 1 / (R_g - r/d_g D_g)``, ``B_g = sum_{r<d_g} (r/d_g) / (R_g - r/d_g D_g)`` (Breslow:
+    ``A_g = d_g / R_g``, ``B_g = 0``); ``d nll / d eta_i = -delta_i + w_i sum_{g: t_g <= t_i} A_g - delta_i w_i
+    B_{g(i)}``.
+    """
+    event = np.asarray(event, bool)
+    if not event.any():
+        return 0.0, np.zeros(len(eta))
+    _, group = np.unique(time, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    shift = float(eta.max())
+    w = np.exp(eta - shift)
+    risk = np.cumsum(np.bincount(group, w, n_groups)[::-1])[::-1]  # everyone with time >= t_g
+    d = np.bincount(group, event, n_groups)
+    dead = np.bincount(group, w * event, n_groups)
+    a, b, logs = np.zeros(n_groups), np.zeros(n_groups), np.zeros(n_groups)
+    has = d > 0
+    if ties == "breslow":
+        a[has] = d[has] / risk[has]
+        logs[has] = d[has] * np.log(risk[has])
+    else:
+        r = np.arange(int(d.max()))[None, :]  # (1, R)
+        use = r < d[has, None]  # (G, R)
+        frac = np.where(use, r / d[has, None], 0.0)
+        inner = np.maximum(risk[has, None] - frac * dead[has, None], np.finfo(float).tiny)
+        a[has] = np.where(use, 1.0 / inner, 0.0).sum(1)
+        b[has] = np.where(use, frac / inner, 0.0).sum(1)
+        logs[has] = np.where(use, np.log(inner), 0.0).sum(1)
+    value = -(float(eta[event].sum()) - float(logs.sum()) - float(d.sum()) * shift)
+    grad = -event.astype(float) + w * np.cumsum(a)[group] - event * w * b[group]
+    return value, grad
 
 
 @dataclass
