@@ -121,21 +121,50 @@ def test_deployed_discrete_time_bins_are_agreed_from_site_histograms(clinical_om
 
 
 @pytest.mark.slow
-def test_flower_deployment_on_loopback(clinical_omics_cohort, tmp_path):
-    """SuperLink + 3 SuperNodes as processes on 127.0.0.1, `flwr run` of the project's app, a few rounds."""
+def test_flower_deployment_on_loopback(finish_cohort, tmp_path):
+    """SuperLink + 3 SuperNodes as processes on 127.0.0.1, `flwr run` of the project's app: training, then the
+    post-training query rounds; the run folder has the model file, metrics and each site's risk scores, equal
+    to the embedded run's for the same cohort and seed."""
     import sys
+
+    from data_specs.artifacts import RunFiles
+    from pipeline.stages import stage_train
+    from pipeline.training.bundle import load_bundle
+    from pipeline.training.data import load_run_data
+    from pipeline.training.predict import predict
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "flower"))
     from loopback import run_loopback
 
-    sites = load_cohort(clinical_omics_cohort).sites
+    cohort = load_cohort(finish_cohort)
+    sites = cohort.sites
     assert len(sites) == 3
-    res = run_loopback(clinical_omics_cohort, sites, tmp_path, RUN_CONFIG, timeout=540)
-    assert res["rounds"] == 2
+    rc = {**FINISH_CONFIG, "federated.rounds": 1}  # each message exchange costs ~40 s on a loaded 2-core machine
+    res = run_loopback(finish_cohort, sites, tmp_path / "deployed", rc, timeout=1200)
+    assert res["rounds"] == 1 and res["finish_seconds"] > 0
     h = res["history"]
     assert all(not r["dropped"] for r in h) and all(np.isfinite(r["train_loss"]) for r in h)
-    state = json.loads((tmp_path / "federated" / "server_state.json").read_text())
-    assert state["round"] == 1 and (tmp_path / "federated" / state["arrays_file"]).is_file()
+    state = json.loads((tmp_path / "deployed" / "federated" / "server_state.json").read_text())
+    assert state["round"] == 0 and (tmp_path / "deployed" / "federated" / state["arrays_file"]).is_file()
+    dep = RunFiles(root=tmp_path / "deployed")
+    cfg = resolve_config(None, [f"{k}={v}" for k, v in rc.items()], out=tmp_path / "embedded")
+    emb_model, emb = load_bundle(stage_train(cohort, cfg, progress=False))
+    dep_model, card = load_bundle(dep.model)
+    for k, v in emb_model.state_dict().items():
+        np.testing.assert_allclose(dep_model.state_dict()[k].numpy(), v.numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose([card.cutpoints.median, *card.cutpoints.tertiles],
+                               [emb.cutpoints.median, *emb.cutpoints.tertiles], rtol=1e-6)  # fmt: skip
+    assert card.horizons == emb.horizons and card.baseline["grid"] == emb.baseline["grid"]
+    np.testing.assert_allclose(card.baseline["cumhaz"], emb.baseline["cumhaz"], rtol=1e-6)
+    metrics = json.loads(dep.metrics.read_text())
+    data = load_run_data(cohort, cfg)
+    k = rc["federated.min_count"]
+    np.testing.assert_allclose(metrics["pooled"]["cindex"], _within_site_test_c(emb_model, data, k), rtol=1e-6)
+    for s in sites:
+        mine = pd.read_csv(tmp_path / "deployed" / f"risk_scores.{s}.csv", dtype={"patient_id": str})
+        idx = np.flatnonzero(data.site == data.sites.index(s))
+        assert mine.patient_id.tolist() == [data.patient_ids[i] for i in idx]
+        np.testing.assert_allclose(mine.log_hz, predict(emb_model, data, idx).log_hz, atol=2e-6)
 
 
 def test_flower_run_config_keys_map_onto_the_histofuse_config():
@@ -195,3 +224,144 @@ def test_raw_clinical_rows_smuggled_in_a_site_summary_are_stopped(clinical_omics
     ):
         server_app(grid, ctx)
     assert all(not m.has_content() for _, m in grid.sent)  # no summary left any site
+
+
+@pytest.fixture(scope="module")
+def finish_cohort(tmp_path_factory) -> Path:
+    """A clinical-only cohort of 3 sites x 30 patients (20 train, 4 val, 6 test each), survival from a Cox model
+    on the two clinical columns: every site has >= 10 training events (its own baseline) and test events."""
+    rng = np.random.default_rng(7)
+    out = tmp_path_factory.mktemp("finish_cohort")
+    n = 90
+    age, grade = rng.normal(60, 10, n).round(1), rng.normal(0, 1, n).round(3)
+    t = rng.exponential(900 * np.exp(-0.8 * grade - 0.03 * (age - 60))) + 1.0
+    c = rng.uniform(1000, 4000, n)
+    split = np.tile(["train"] * 20 + ["val"] * 4 + ["test"] * 6, 3)
+    ids, site = [f"P{i:03d}" for i in range(n)], np.repeat(["s1", "s2", "s3"], 30)
+    pts = pd.DataFrame({"patient_id": ids, "site": site, "time": np.minimum(t, c), "event": (t <= c).astype(int),
+                        "slides": "", "split": split})  # fmt: skip
+    pts.to_csv(out / "patients.csv", index=False)
+    pd.DataFrame({"patient_id": pts.patient_id, "age": age, "grade_score": grade}).to_csv(
+        out / "clinical.csv", index=False
+    )
+    (out / "cohort.yaml").write_text(
+        "name: finish_test\ntime_unit: days\npatients: patients.csv\n"
+        "clinical: {path: clinical.csv, id_column: patient_id}\n"
+    )
+    return out / "cohort.yaml"
+
+
+FINISH_CONFIG = {"train.batch_size": 4, "federated.rounds": 2, "federated.local_epochs": 1, "federated.min_sites": 3,
+                 "federated.min_count": 2}  # fmt: skip
+
+
+def _deploy_in_process(cohort_path: Path, out: Path, rc: dict):
+    """The pyproject ServerApp and ClientApp over the in-process Grid, every node writing into ``out``."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from pipeline.federated.client_app import client_app
+    from pipeline.federated.embedded import InProcessGrid
+    from pipeline.federated.server_app import server_app
+
+    sites = load_cohort(cohort_path).sites
+    nodes = {300 + k: s for k, s in enumerate(sites)}
+    grid = InProcessGrid(
+        {nid: (s, client_app) for nid, s in nodes.items()},
+        node_configs={nid: {"site": s, "cohort": str(cohort_path), "out": str(out)} for nid, s in nodes.items()},
+        run_config={**rc, "out": str(out), "config": "", "resume": False},
+        audit=True,
+    )
+    server_app(grid, Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[300].run_config)))
+    return grid, sites
+
+
+def _within_site_test_c(model, data, k: int) -> float:
+    """Harrell's C from the summed pairs within each site with at least k test patients and events."""
+    from pipeline.stats.metrics import concordant_pairs
+    from pipeline.training.predict import predict
+
+    conc = comp = 0.0
+    for idx in data.subset_sites(data.splits["test"]).values():
+        if min(len(idx), data.event[idx].sum()) < k:
+            continue
+        c, p = concordant_pairs(data.time[idx], data.event[idx], predict(model, data, idx).log_hz)
+        conc, comp = conc + c, comp + p
+    return conc / comp
+
+
+def test_deployment_writes_the_embedded_runs_model_cutpoints_baseline_and_test_c(finish_cohort, tmp_path):
+    """The deployed apps (statistics exchange, training, finish.* query rounds) and the embedded `stage_train` on
+    the same cohort and seed: equal weights, cut-points, horizons, baseline and pooled (within-site) test C; the
+    model file is loadable by `predict`, holds no patient id or training time; each site's risk scores stay in
+    its own file, and every finish reply is in that site's ledger."""
+    from data_specs.artifacts import RunFiles
+    from pipeline.federated.ledger import read_ledger
+    from pipeline.stages import stage_predict, stage_train
+    from pipeline.training.bundle import load_bundle
+    from pipeline.training.data import load_run_data
+
+    cohort = load_cohort(finish_cohort)
+    cfg = resolve_config(None, [f"{k}={v}" for k, v in FINISH_CONFIG.items()], out=tmp_path / "embedded")
+    emb_model, emb = load_bundle(stage_train(cohort, cfg, progress=False))
+    grid, sites = _deploy_in_process(finish_cohort, tmp_path / "deployed", FINISH_CONFIG)
+    dep = RunFiles(root=tmp_path / "deployed")
+    dep_model, card = load_bundle(dep.model)
+    for k, v in emb_model.state_dict().items():
+        np.testing.assert_allclose(dep_model.state_dict()[k].numpy(), v.numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(card.cutpoints.median, emb.cutpoints.median, rtol=1e-6)
+    np.testing.assert_allclose(card.cutpoints.tertiles, emb.cutpoints.tertiles, rtol=1e-6)
+    assert card.horizons == emb.horizons and card.horizons[0] == 365.0  # 1 year in days
+    assert card.baseline["grid"] == emb.baseline["grid"]
+    np.testing.assert_allclose(card.baseline["cumhaz"], emb.baseline["cumhaz"], rtol=1e-6)
+    assert card.baseline["cumhaz_by_site"].keys() == emb.baseline["cumhaz_by_site"].keys()
+    assert card.omics == emb.omics and card.sites == emb.sites
+    np.testing.assert_allclose(card.clinical["mean"], emb.clinical["mean"], rtol=1e-10)
+    metrics = json.loads(dep.metrics.read_text())
+    data = load_run_data(cohort, cfg)
+    k = FINISH_CONFIG["federated.min_count"]
+    np.testing.assert_allclose(metrics["pooled"]["cindex"], _within_site_test_c(emb_model, data, k), rtol=1e-6)
+    sent = {s for s, ix in data.subset_sites(data.splits["test"]).items() if data.event[ix].sum() >= k}
+    assert len(sent) >= 2 and set(metrics["per_site"]) == sent and metrics["pooled"]["n"] == 6 * len(sent)
+    assert metrics["sites_without_metrics"] == sorted(set(sites) - sent)
+    # no patient id, no training event time in the model file
+    raw = dep.model.read_bytes()
+    assert not any(p.patient_id.encode() in raw for p in cohort.patients)
+    tr = data.splits["train"]
+    assert not set(card.baseline["grid"]) & {float(x) for x in data.time[tr][data.event[tr]]}
+    # each site's own risk scores, equal to the embedded model's; nothing per patient crossed the grid
+    for s in sites:
+        mine = pd.read_csv(tmp_path / "deployed" / f"risk_scores.{s}.csv", dtype={"patient_id": str})
+        assert set(mine.site) == {s} and len(mine) == 30
+    scores = pd.concat(pd.read_csv(tmp_path / "deployed" / f"risk_scores.{s}.csv") for s in sites)
+    table = pd.read_csv(stage_predict(dep.model, cohort, tmp_path / "predicted", None))
+    m = scores.merge(table, on="patient_id", suffixes=("", "_predict"))
+    assert len(m) == 90 and (m.risk_group == m.risk_group_predict).all() and (m.split == m.split_predict).all()
+    np.testing.assert_allclose(m.log_hz, m.log_hz_predict, atol=2e-6)
+    # what the finish replies carried: scalars, and lists on the pre-agreed grids only (no patient axis)
+    from pipeline.stats.curves import RISK_EDGES
+
+    finish_sent = [m for _, m in grid.sent if m.has_content() and "finish" in m.content.config_records]
+    lengths = {len(v) for m in finish_sent for v in m.content.config_records["finish"].values() if isinstance(v, list)}
+    assert len(finish_sent) == 4 * len(sites) and lengths == {len(RISK_EDGES) - 1, len(card.baseline["grid"])}
+    for s in sites:
+        phases = {x["phase"] for x in read_ledger(tmp_path / "deployed" / f"privacy_ledger.{s}.jsonl")}
+        assert {"finish.moments", "finish.cutpoints", "finish.baseline", "finish.evaluate"} <= phases
+
+
+def test_a_patient_value_smuggled_in_a_finish_reply_is_stopped(finish_cohort, tmp_path, monkeypatch):
+    """The post-training replies pass the disclosure policy: a training time added to finish.moments stops the
+    run at the site (nothing of it is sent) and names the phase."""
+    import pipeline.federated.finish as finish
+    from pipeline.federated.protocol import SiteDataError
+
+    real = finish.site_reply
+
+    def leaky(client, kind, request, out):
+        reply = real(client, kind, request, out)
+        return {**reply, "time": float(client.data.time[client.train_idx[0]])} if kind == "finish.moments" else reply
+
+    monkeypatch.setattr("pipeline.federated.client_app.site_reply", leaky)
+    with pytest.raises(SiteDataError, match=r"finish.moments: .*undeclared key\(s\) \['time'\]"):
+        _deploy_in_process(finish_cohort, tmp_path, {**FINISH_CONFIG, "federated.rounds": 1})
+    assert not (tmp_path / "model.safetensors").exists()

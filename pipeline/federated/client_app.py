@@ -23,8 +23,10 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common.recorddict_compat import recorddict_to_evaluateres, recorddict_to_fitres
 
+from data_specs import load_cohort
 from data_specs.artifacts import RunFiles
 from data_specs.config import RunConfig
+from pipeline.federated.finish import check_site_reply, phase_of, site_reply
 from pipeline.federated.ledger import MessageLedger
 from pipeline.federated.policy import (
     DisclosureError,
@@ -99,7 +101,10 @@ SUMMARY_FACTS_KEY = "histofuse.summary_facts"  # node state only: the training c
 def _check_reply(msg: Message, reply: Message, ctxt: Context, client_fn) -> None:
     """The disclosure policy (:mod:`pipeline.federated.policy`) on one reply, by what it carries."""
     c = reply.content
-    if msg.metadata.message_type in ("query.summaries", "query.event_histogram"):
+    if (phase := phase_of(msg.metadata.message_type)) is not None:
+        body = {k: v for k, v in c.config_records["finish"].items() if k != "site"}
+        check_site_reply(client_fn(ctxt), phase, body)
+    elif msg.metadata.message_type in ("query.summaries", "query.event_histogram"):
         state = ctxt.state.config_records[SUMMARY_FACTS_KEY]
         site, _, cfg = _node_site(ctxt)
         facts = SiteFacts(site, int(state["n_train"]), int(state["n_events"]), 0, 0, (), cfg.federated.min_count)
@@ -141,6 +146,8 @@ def _describe_array(a) -> dict:
 
 def _phase(msg: Message) -> str:
     kind = msg.metadata.message_type
+    if (phase := phase_of(kind)) is not None:
+        return phase
     if kind.startswith("query."):
         return "statistics." + kind.removeprefix("query.")
     cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
@@ -218,6 +225,26 @@ def disclosure_mod(client_fn, ledger_for=None):
     return mod
 
 
+def finish_mod(client_fn):
+    """Answer the post-training query rounds (``query.finish_*``, :mod:`pipeline.federated.finish`) from the site's
+    own patients; the site's risk scores go to ``node_config["out"]`` (else the run config's ``out``)."""
+
+    def mod(msg: Message, ctxt: Context, call_next) -> Message:
+        kind = phase_of(msg.metadata.message_type)
+        if kind is None:
+            return call_next(msg, ctxt)
+        client = client_fn(ctxt)
+        out = str(ctxt.node_config.get("out", "") or ctxt.run_config.get("out", "") or "")
+        try:
+            body = site_reply(client, kind, decode_record(str(msg.content.config_records["query"]["json"])),
+                              Path(out) if out else None)  # fmt: skip
+        except REPEATING_ERRORS as e:
+            raise site_data_error(client.site, e) from e
+        return Message(RecordDict({"finish": ConfigRecord({**body, "site": client.site})}), reply_to=msg)
+
+    return mod
+
+
 def make_client_app(client_fn, mods: list | None = None, ledger_for=None) -> ClientApp:
     """The one ClientApp recipe: ``client_fn(context) -> SiteClient``, wrapped, with the SecAgg+ mod and the
     disclosure mod outermost (``ledger_for(context)``: the privacy ledger it records each reply in).
@@ -232,7 +259,7 @@ def make_client_app(client_fn, mods: list | None = None, ledger_for=None) -> Cli
         except REPEATING_ERRORS as e:
             raise site_data_error(str(context.node_config.get("site", f"node {context.node_id}")), e) from e
 
-    mods = [disclosure_mod(client_fn, ledger_for), *(mods or []), _secagg_when_asked]
+    mods = [disclosure_mod(client_fn, ledger_for), *(mods or []), finish_mod(client_fn), _secagg_when_asked]
     return ClientApp(client_fn=build, mods=mods)
 
 
@@ -292,7 +319,9 @@ def _deployed_site(context: Context) -> SiteClient:
         nc = context.node_config
         rank = int(nc["rank"]) if "rank" in nc else None
         out = Path(str(nc.get("out", cfg.out)))
-        _DEPLOYED[key] = deployed_client(spec, site, cfg, decode_record(stats_json) if stats_json else {}, out, rank)
+        client = deployed_client(spec, site, cfg, decode_record(stats_json) if stats_json else {}, out, rank)
+        client.time_unit = load_cohort(spec).time_unit  # type: ignore[attr-defined]  # for finish.moments
+        _DEPLOYED[key] = client
     return _DEPLOYED[key]
 
 

@@ -285,7 +285,7 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
         _time.sleep(1.0)
     nodes = sorted(grid.get_node_ids())
     nll = cfg.train.loss == "nll"
-    want = RecordDict({"want": ConfigRecord({"follow_up": nll})})
+    want = RecordDict({"want": ConfigRecord({"follow_up": True})})  # ceilings: time grids after training too
     ask = [Message(want, nid, "query.summaries", group_id="statistics") for nid in nodes]
     summaries, ceilings = [], []
     for reply in grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
@@ -316,7 +316,7 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
         sum("clinical" in x for x in summaries),
         sum(a.has_content() for a in acks),
     )
-    return stats
+    return {**stats, "follow_up_ceilings": ceilings}  # the ceilings stay at the server
 
 
 def exchange_time_bins(grid: Grid, nodes: list[int], end: float, cfg: RunConfig) -> np.ndarray:
@@ -339,16 +339,40 @@ def exchange_time_bins(grid: Grid, nodes: list[int], end: float, cfg: RunConfig)
     return bins_from_histogram(time_edges(end), total, cfg.train.n_bins)
 
 
+def finish_ask(grid: Grid, timeout: float | None):
+    """``ask(phase, request) -> {site: reply}`` for :func:`pipeline.federated.finish.finish_run`: one query message
+    per node (``query.finish_<name>``, group ``finish``); an error reply that repeats stops the run, another is
+    left out (warning)."""
+    from pipeline.federated.finish import message_type
+
+    def ask(kind: str, request: dict) -> dict[str, dict]:
+        body = RecordDict({"query": ConfigRecord({"json": encode_record(request)})})
+        msgs = [Message(body, n, message_type(kind), group_id="finish") for n in sorted(grid.get_node_ids())]
+        out = {}
+        for r in grid.send_and_receive(msgs, timeout=timeout):
+            if r.has_error():
+                if is_repeating_failure(r.error.reason):
+                    raise SiteDataError(f"{kind}: {r.error.reason}")
+                log.warning("%s: node %s did not answer (%s)", kind, r.metadata.src_node_id, r.error.reason)
+                continue
+            rec = dict(r.content.config_records["finish"])
+            out[str(rec.pop("site"))] = rec
+        return out
+
+    return ask
+
+
 server_app = ServerApp()
 
 
 @server_app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
-    """Deployment ServerApp: statistics exchange, then training; state and history under ``out/federated``."""
+    """Deployment ServerApp: statistics exchange, training (state and history under ``out/federated``), then the
+    post-training query rounds (:mod:`pipeline.federated.finish`): model file, metrics and summary in ``out``."""
     cfg = run_config_from_flower(dict(context.run_config))
     out = Path(cfg.out) / "federated"
     resume = str(context.run_config.get("resume", "false")).lower() == "true"
-    exchange_cohort_statistics(grid, cfg)
+    stats = exchange_cohort_statistics(grid, cfg)
     server = FederatedServer(cfg, None, out, resume=resume)
     server.roster = len(list(grid.get_node_ids()))  # the sites connected at the statistics exchange
     if cfg.federated.min_sites is None:
@@ -361,3 +385,9 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     info = {**server.summary(), "sites": sorted(set(strategy.node_site.values()))}
     write_json(out / "federated_history.json", info)
     log.info("federated run finished: best round %d; state in %s", info["best_round"], out)
+    from pipeline.federated.finish import finish_run, write_outputs
+
+    assert server.best is not None
+    parts = finish_run(finish_ask(grid, cfg.federated.round_timeout), cfg, stats, server.best[2])
+    written = write_outputs(Path(cfg.out), cfg, stats, parts, {"mode": "federated", "runtime": "deployment", **info})
+    log.info("model and test metrics from the sites' aggregates: %s", ", ".join(str(p) for p in written.values()))

@@ -5,8 +5,9 @@
 
 Every process gets its own FLWR_HOME under DIR/flwr/ and free loopback ports; they run without TLS
 (`--insecure`, loopback only; see README "Across hospitals" for TLS and node authentication). Prints the
-start-up time (processes launched -> run accepted), the run's wall time and the mean round time, and
-writes DIR/loopback.json. The run is submitted once every SuperNode has connected (so a run with
+start-up time (processes launched -> run accepted), the training wall time, the mean round time and the
+post-training query rounds' time (model file, metrics and each site's risk scores written), and writes
+DIR/loopback.json. The run is submitted once every SuperNode has connected (so a run with
 ``federated.min_sites`` below the number of sites still starts with all of them). Every process started here
 is stopped before the script returns.
 
@@ -164,7 +165,9 @@ def run_loopback(
 
     t0 = time.perf_counter()
     history = out / "federated" / "federated_history.json"
-    history.unlink(missing_ok=True)
+    done = out / "train_summary.json"  # written last, after the post-training query rounds
+    for stale in (history, done, out / "model.safetensors", out / "metrics.json"):
+        stale.unlink(missing_ok=True)
     try:
         start(
             [_bin("flower-superlink"), "--insecure", "--port", str(link_port), "--database", str(home / "link.db"),
@@ -176,7 +179,8 @@ def run_loopback(
         for k, site in enumerate(sites):
             start(
                 [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                 "--port", str(free_port()), "--node-config", f"site='{site}' cohort='{cohort.resolve()}' rank={k}"],
+                 "--port", str(free_port()), "--node-config",
+                 f"site='{site}' cohort='{cohort.resolve()}' rank={k} out='{out}'"],
                 home / f"node_{k}",
                 f"supernode_{site}",
             )  # fmt: skip
@@ -187,6 +191,10 @@ def run_loopback(
         t_start = time.perf_counter() - t0
         _wait_for(history, procs, deadline, out, nodes, fault)
         t_total = time.perf_counter() - t0
+        t_finish = None  # a run that lost a site (fault injection) is not waited for after training
+        if not nodes.killed:
+            _wait_for(done, procs, deadline, out, nodes, fault)
+            t_finish = time.perf_counter() - t0 - t_total
         info = json.loads(history.read_text())
         rounds = [r["seconds"] for r in info["history"]]
         res = {
@@ -195,6 +203,7 @@ def run_loopback(
             "total_seconds": t_total,
             "rounds": len(rounds),
             "mean_round_seconds": sum(rounds) / len(rounds),
+            "finish_seconds": t_finish,
             "best_round": info["best_round"],
             "history": info["history"],
             "killed": nodes.killed,
@@ -218,7 +227,8 @@ def main() -> None:
     r = run_loopback(a.cohort, a.sites, a.out, parse_config_args([a.run_config]), a.timeout)
     print(
         f"{len(a.sites)} SuperNodes: start-up {r['startup_seconds']:.1f} s, {r['rounds']} rounds in "
-        f"{r['total_seconds']:.1f} s total, mean round {r['mean_round_seconds']:.1f} s, best round {r['best_round']}"
+        f"{r['total_seconds']:.1f} s total, mean round {r['mean_round_seconds']:.1f} s, best round {r['best_round']}; "
+        f"post-training query rounds {r['finish_seconds'] or 0:.1f} s"
     )
 
 
