@@ -365,3 +365,47 @@ def test_a_patient_value_smuggled_in_a_finish_reply_is_stopped(finish_cohort, tm
     with pytest.raises(SiteDataError, match=r"finish.moments: .*undeclared key\(s\) \['time'\]"):
         _deploy_in_process(finish_cohort, tmp_path, {**FINISH_CONFIG, "federated.rounds": 1})
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_finish_replies_are_refused_when_they_are_not_the_declared_aggregates(finish_cohort):
+    """check_site_reply (the disclosure mod's check of finish.* replies): a count that is not the site's own, a
+    histogram or baseline step of 1..k-1 patients or events, test counts under k, impossible pair counts."""
+    from pipeline.federated.finish import check_site_reply, site_reply
+    from pipeline.federated.policy import DisclosureError
+    from pipeline.federated.protocol import trainable_arrays
+    from pipeline.federated.site import site_clients
+    from pipeline.training.data import load_run_data
+
+    cfg = resolve_config(None, [f"{k}={v}" for k, v in {**FINISH_CONFIG, "federated.min_count": 3}.items()])
+    c = site_clients(load_run_data(load_cohort(finish_cohort), cfg), cfg)[0]
+    arrays = trainable_arrays(c.new_model())
+    mom = site_reply(c, "finish.moments", {"arrays": arrays}, None)
+    check_site_reply(c, "finish.moments", mom)
+    with pytest.raises(DisclosureError, match="not the site's training count"):
+        check_site_reply(c, "finish.moments", {**mom, "n": mom["n"] - 1})
+    cut = site_reply(c, "finish.cutpoints", {"arrays": arrays, "mean": 0.0, "sd": 1.0}, None)
+    check_site_reply(c, "finish.cutpoints", cut)
+    split = list(cut["counts"])
+    i = next(j for j, x in enumerate(split) if x)
+    split[i], split[i + 1] = 1, split[i + 1] + split[i] - 1  # one patient singled out, same total
+    with pytest.raises(DisclosureError, match="fewer than 3"):
+        check_site_reply(c, "finish.cutpoints", {"counts": split})
+    grid = list(np.linspace(100.0, 4000.0, 40))
+    base = site_reply(c, "finish.baseline", {"arrays": arrays, "grid": grid}, None)
+    check_site_reply(c, "finish.baseline", base)
+    assert all(x == 0 or x >= 10 for x in base["events"])  # steps merged to >= max(k, 10) events
+    one = [1.0] + [0.0] * (len(grid) - 1)
+    with pytest.raises(DisclosureError, match="fewer than 3 events"):
+        check_site_reply(c, "finish.baseline", {"events": one, "risk_sum": base["risk_sum"]})
+    with pytest.raises(DisclosureError, match="shrinking risk set"):
+        check_site_reply(c, "finish.baseline", {"events": base["events"], "risk_sum": base["risk_sum"][::-1]})
+    test = c.data.splits["test"][c.data.site[c.data.splits["test"]] == 0]
+    n, ev = len(test), int(c.data.event[test].sum())
+    ok = {"n_test": n, "test_events": ev, "concordant": 1.0, "comparable": 2.0}
+    if min(n, ev) >= 3:
+        check_site_reply(c, "finish.evaluate", ok)
+    with pytest.raises(DisclosureError, match="not the site's test patients"):
+        check_site_reply(c, "finish.evaluate", {**ok, "n_test": n + 1})
+    with pytest.raises(DisclosureError, match="undeclared key"):
+        check_site_reply(c, "finish.evaluate", {**ok, "time": 12.5})
+    check_site_reply(c, "finish.evaluate", {})  # a site under k sends nothing
