@@ -270,8 +270,8 @@ def finish_run(ask: Ask, cfg: RunConfig, stats: dict, arrays: Arrays) -> dict:
     hist = sum(np.asarray(r["counts"], np.int64) for r in ask("finish.cutpoints", {"arrays": arrays, "mean": mean,
                                                                                      "sd": sd}).values())  # fmt: skip
     cut = cutpoints_from_histogram(hist, RISK_EDGES, mean, sd)
-    end = follow_up_end(stats.get("follow_up_ceilings", []))
     unit = first["time_unit"] or None
+    end = follow_up_end(stats.get("follow_up_ceilings", []), unit)
     hz = year_horizons(end, unit)
     if not hz:
         counts = sum(np.asarray(r["counts"], np.int64) for r in ask("finish.horizons", {"end": end}).values())

@@ -2,7 +2,8 @@
 deployment's post-training rounds (``pipeline.federated.finish``).
 
 The time grids end at the largest site :func:`~pipeline.stats.curves.follow_up_ceiling` (each site's k-th
-largest follow-up rounded up to two significant digits), never at a pooled maximum. Default horizons are 1, 3
+largest follow-up rounded up to two significant digits), never at a pooled maximum, and reach at least 10 years
+when the time unit is known. Default horizons are 1, 3
 and 5 years in the cohort's time unit up to that end; when the unit is unknown (or no year fits), the quartiles
 of the summed site histograms of training event times on :func:`~pipeline.stats.curves.time_edges` (bins under
 k merged). The Breslow baseline (Cox heads) is combined from per-site summaries on the coarse pre-agreed grid
@@ -37,9 +38,18 @@ def baseline_min_events(min_count: int) -> int:
     return max(MIN_SITE_EVENTS, int(min_count))
 
 
-def follow_up_end(ceilings: list[float]) -> float:
-    """The consortium's time-grid end: the largest of the sites' follow-up ceilings (1.0 when all are 0)."""
+APRIORI_YEARS = 10  # with a known time unit the grid reaches this many years whatever the data say
+
+
+def follow_up_end(ceilings: list[float], time_unit: str | None = None) -> float:
+    """The consortium's time-grid end: the largest of the sites' follow-up ceilings (1.0 when all are 0), and
+    at least :data:`APRIORI_YEARS` years when ``time_unit`` is known. The k-th largest follow-up of a small site is
+    near its median, so without the a-priori end the grid (and the 5-year horizon) would stop there; past the last
+    training event the baseline is flat."""
     end = max((float(c) for c in ceilings), default=0.0)
+    per_year = years_per_unit(time_unit)
+    if per_year is not None:
+        end = max(end, float(per_year * APRIORI_YEARS))
     return end if end > 0 else 1.0
 
 
@@ -80,7 +90,8 @@ def survival_summary(model, data: CohortData, time_unit: str | None = None, min_
     tr = np.asarray(data.splits["train"])
     t, e, site = data.time[tr], data.event[tr].astype(bool), data.site[tr]
     k = min_count if any((site == s).sum() >= min_count for s in np.unique(site)) else 1
-    end = follow_up_end([follow_up_ceiling(t[site == s], k) for s in np.unique(site)]) if len(tr) else 1.0
+    ceilings = [follow_up_ceiling(t[site == s], k) for s in np.unique(site)] if len(tr) else []
+    end = follow_up_end(ceilings, time_unit)
     hz = year_horizons(end, time_unit)
     if not hz and e.any():
         hz = horizons_from_histogram(end, pooled_histogram(t[e], site[e], time_edges(end), k))
