@@ -2,7 +2,8 @@
 
     python scripts/tcga_brca.py --data PATH/TO/tcga_brca [--out runs/tcga_brca] [--seeds 42 43 44 45 46]
         [--methods pooled sites fedsgd fedavg fedprox fedadam fedadam_secagg fedadam_dp linear_pooled linear_fedavg
-        linear_fedadam] [--tune fedsgd linear_pooled ...]
+        linear_fedadam lcv_pooled lcv_pooled_unstratified lcv_fedsgd lcv_fedavg lcv_fedadam coxnet_inrun]
+        [--tune fedsgd linear_pooled ...]
         [--set section.key=value ...]
 
 Builds a clinical-only cohort spec with :func:`pipeline.cohorts.tcga_brca.build_cohort` (FLamby's ``brca.csv``
@@ -10,6 +11,10 @@ and ``train_test_split.csv``; validation: 15% of each centre's training patients
 method and prints the pooled test C-index in FLamby's metric (lifelines ``concordance_index(T, -risk, E)``),
 mean +- sd over seeds, with wall time per round and bytes each site sent per round (Flower wire format,
 embedded runtime).
+
+The ``lcv_*`` rows are the linear family fitted to its optimum (:mod:`pipeline.training.linear_fit`,
+:mod:`pipeline.federated.linear_sites`): its penalty by (federated) K-fold CV on the training + validation
+patients; ``coxnet_inrun`` is the centralised Coxnet every run reports (alpha by CV on the same patients).
 
 Choices use the validation split only: the best round / epoch by pooled validation Cox loss, and with
 ``--tune M ...`` each listed method's candidate settings (``CANDIDATES``) are compared on the first seed by
