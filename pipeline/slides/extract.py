@@ -13,8 +13,9 @@ Beside it: ``<slide_id>.thumb.jpg`` (the thumbnail), ``<slide_id>.mask.png`` (ti
 
 Scale and safety:
 
-- memory is bounded by a batch of tiles and a chunk of features, whatever the slide's size: tiles stream
-  from DataLoader workers (each with its own slide handle) and features are appended to resizable datasets;
+- memory is bounded by a few batches of tiles and a chunk of features, whatever the slide's size: tiles stream
+  from DataLoader workers (each with its own slide handle) or, without workers, from one reader thread
+  ``extract.read_ahead`` batches ahead of the encoder, and features are appended to resizable datasets;
 - a features file is written under a temporary name, flushed to disk and renamed when complete, so a
   killed run never leaves a file that reads as complete (:func:`load_features` refuses one without
   ``complete``); leftover temporary files of dead processes are removed on the next run;
