@@ -547,12 +547,17 @@ def test_a_released_baseline_step_never_reveals_fewer_than_k_events(caplog):
             continue
         assert released.sum() == e.sum() - (t[e] > grid[-1]).sum()
         # one risk sum per run of >= k events; at each run's end the site's own hazard is the unmerged one
-        # the risk sum: a sum over >= k patients at risk (else 0), changing only after >= k have left
+        # the risk sum: exact only at anchors, each a sum over >= k patients at risk with >= k gone since the
+        # previous one; between anchors the log-linear interpolation of the anchors (a function of them alone)
         at_risk = np.array([(t > g).sum() for g in np.concatenate([[-np.inf], grid[:-1]])])  # at each start
-        cuts = [0, *(np.flatnonzero(np.diff(merged.risk_sum)) + 1)]
-        for a, b in zip(cuts, [*cuts[1:], len(grid)], strict=True):
-            assert merged.risk_sum[a] == 0 or (merged.risk_sum[a] == raw.risk_sum[a] and at_risk[a] >= k)
-            assert b == len(grid) or merged.risk_sum[b] == 0 or at_risk[a] - at_risk[b] >= k
+        exact = np.flatnonzero(np.isclose(merged.risk_sum, raw.risk_sum, rtol=1e-12) & (merged.risk_sum > 0))
+        assert exact[0] == 0 and (at_risk[exact] >= k).all() and (-np.diff(at_risk[exact]) >= k).all()
+        assert len(exact) < np.count_nonzero(np.diff(raw.risk_sum)) + 1  # fewer exact values than raw changes
+        upto = np.arange(exact[-1] + 1)
+        interp = np.exp(np.interp(upto, exact, np.log(raw.risk_sum[exact])))
+        np.testing.assert_allclose(merged.risk_sum[upto], interp, rtol=1e-12)
+        tail = merged.risk_sum[exact[-1] + 1 :]
+        assert np.all((tail == 0) | (tail == raw.risk_sum[exact[-1]]))  # held after the last anchor, then 0
         assert np.all(merged.risk_sum[merged.events > 0] > 0)  # every released step has its risk set
     caplog.clear()
     base = BreslowBaseline.fit(time, event, lh, site, ["a", "b", "c"], grid, k, True)

@@ -9,9 +9,11 @@ event count per interval and the sum of ``exp(log_hz)`` over its patients at ris
   the last run), each run's count charged to the interval of its middle event (as
   :func:`pipeline.stats.curves.site_histogram` reports a merged run, so steps are not pulled to the runs'
   ends). Every released count is 0 or at least k.
-- risk sums: held constant until at least k patients have left the risk set since it last changed (and k are
-  still at risk), and 0 after the site's last released step once fewer than k are at risk. Every released value
-  is a sum over at least k patients and every change follows the departure of at least k.
+- risk sums: released exactly only at anchor intervals, each after at least k patients have left the risk set
+  since the previous anchor (and with k still at risk); between anchors the sum is interpolated (linear in log)
+  from them, after the last anchor held, and 0 after the site's last released step once fewer than k are at
+  risk. Every exact value is a sum over at least k patients, every change between exact values follows the
+  departure of at least k, and the interpolated values are functions of the exact ones.
 
 A site with fewer than k events in all sends zeros (it is left out of the pooled baseline). Simulated bias
 against the unmerged pooled estimate: docs/benchmarks.md ("Baseline steps under the minimum-count rule").
@@ -56,11 +58,23 @@ def merge_small_steps(
     for a, b in runs:
         d = events[a : b + 1]
         out_e[a + int(np.searchsorted(np.cumsum(d), (d.sum() + 1) // 2))] = d.sum()  # its middle event's interval
-    last, final = 0, int(np.flatnonzero(out_e)[-1])  # the interval whose risk sum is released; the last step
-    for j in range(len(risk_sum)):
-        if at_risk[last] - at_risk[j] >= min_events and at_risk[j] >= min_events:
-            last = j
-        # up to its last step the site's risk sum is the last one over >= k patients; after it, 0 once fewer
-        # than k are at risk (a stale sum would stand for patients who have left)
-        out_r[j] = risk_sum[last] if j <= final or at_risk[j] >= min_events else 0.0
+    final = int(np.flatnonzero(out_e)[-1])  # the site's last released step
+    anchors = [0]  # intervals whose risk sum is released: >= k at risk, >= k left since the previous one
+    for j in range(1, len(risk_sum)):
+        if at_risk[anchors[-1]] - at_risk[j] >= min_events and at_risk[j] >= min_events:
+            anchors.append(j)
+    out_r[: anchors[-1] + 1] = _log_interpolate(anchors, risk_sum[anchors])
+    # after the last anchor: held up to the last step, then 0 once fewer than k are at risk (a stale sum would
+    # stand for patients who have left)
+    tail = np.arange(anchors[-1] + 1, len(risk_sum))
+    out_r[tail] = np.where((tail <= final) | (at_risk[tail] >= min_events), risk_sum[anchors[-1]], 0.0)
     return out_e, out_r
+
+
+def _log_interpolate(anchors: list[int], values: np.ndarray) -> np.ndarray:
+    """``[anchors[-1] + 1]`` values through ``values`` at the interval indices ``anchors``, linear in log between
+    them. Derived from the released anchors alone, and far less biased than holding each anchor: the risk sum of
+    a heterogeneous risk set falls fastest early, as its highest-risk patients die first (holding the first sum
+    made the demo's IBS 0.49, this 0.37, against 0.25 unmerged: docs/benchmarks.md)."""
+    v = np.log(np.maximum(np.asarray(values, float), np.finfo(float).tiny))
+    return np.exp(np.interp(np.arange(anchors[-1] + 1), anchors, v))
