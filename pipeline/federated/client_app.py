@@ -23,7 +23,6 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common.recorddict_compat import recorddict_to_evaluateres, recorddict_to_fitres
 
-from data_specs import load_cohort
 from data_specs.artifacts import RunFiles
 from data_specs.config import RunConfig
 from pipeline.federated.finish import check_site_reply, phase_of, site_reply
@@ -319,9 +318,7 @@ def _deployed_site(context: Context) -> SiteClient:
         nc = context.node_config
         rank = int(nc["rank"]) if "rank" in nc else None
         out = Path(str(nc.get("out", cfg.out)))
-        client = deployed_client(spec, site, cfg, decode_record(stats_json) if stats_json else {}, out, rank)
-        client.time_unit = load_cohort(spec).time_unit  # type: ignore[attr-defined]  # for finish.moments
-        _DEPLOYED[key] = client
+        _DEPLOYED[key] = deployed_client(spec, site, cfg, decode_record(stats_json) if stats_json else {}, out, rank)
     return _DEPLOYED[key]
 
 

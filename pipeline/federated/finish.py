@@ -116,7 +116,7 @@ def site_reply(client: SiteClient, kind: str, request: dict, out: Path | None) -
         reply: dict = {"n": n, "sum": float(lh.sum()) if n else 0.0, "sumsq": float((lh**2).sum()) if n else 0.0}
         reply.update({f"dim.{name}": int(v) for name, v in dims.items()})
         reply["features"] = d.feature_attrs.model_dump_json() if d.feature_attrs is not None else ""
-        reply["time_unit"] = str(getattr(client, "time_unit", "") or "")  # set by the deployed ClientApp
+        reply["time_unit"] = client.time_unit or ""
         return reply
     if kind == "finish.cutpoints":
         z = (lh - float(request["mean"])) / float(request["sd"])

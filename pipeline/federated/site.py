@@ -80,6 +80,7 @@ class SiteClient:
         self.site, self.data, self.cfg, self.rank = site, data, cfg, site_rank
         self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
         self.bin_edges: np.ndarray | None = None  # discrete-time bins agreed by the federation (None: local)
+        self.time_unit: str | None = None  # the cohort's time unit (a deployed site reports it after training)
         self.n_events = int(data.event[self.train_idx].sum())
         if self.n_events < 2:
             # Policy: reported, not fatal. Its updates are (near) zero under a site-stratified Cox loss.
@@ -303,4 +304,5 @@ def deployed_client(
     client = SiteClient(site, data, tr, va, cfg, data.sites.index(site) if rank is None else rank)
     if "time_bins" in stats:  # discrete time: the federation's bins, from the sites' event-time histograms
         client.bin_edges = np.asarray(stats["time_bins"], np.float64)
+    client.time_unit = cohort.time_unit
     return client
