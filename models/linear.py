@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from models.losses import survival_from_logits
+from models.skip import SlideStandardised, zero_linear
 from models.survival import SurvivalOutput
 
 
-class LinearSurvival(nn.Module):
+class LinearSurvival(SlideStandardised):
     """Linear Cox / discrete-time model over mean-pooled tile features, omics and clinical covariates.
 
     Args:
@@ -42,18 +43,15 @@ class LinearSurvival(nn.Module):
     """
 
     def __init__(self, feature_dim: int = 0, n_genes: int = 0, n_clinical: int = 0, n_bins: int = 0):
-        super().__init__()
         if feature_dim <= 0 and n_genes <= 0 and n_clinical <= 0:
             raise ValueError("LinearSurvival needs at least one modality (feature_dim, n_genes or n_clinical > 0)")
         if n_bins < 0:
             raise ValueError(f"n_bins must be >= 0 (0 = Cox head), got {n_bins}")
-        self.feature_dim, self.n_bins = max(0, feature_dim), n_bins
-        self.slide_linear = _zero_linear(feature_dim)
-        self.omics_linear = _zero_linear(n_genes)
-        self.clinical_linear = _zero_linear(n_clinical)
-        # standardisation of the mean-pooled tile features; set from the training slides, saved in the state dict
-        self.register_buffer("slide_mean", torch.zeros(self.feature_dim))
-        self.register_buffer("slide_scale", torch.ones(self.feature_dim))
+        super().__init__(feature_dim)  # slide standardisation buffers, set from the training slides
+        self.n_bins = n_bins
+        self.slide_linear = zero_linear(feature_dim)
+        self.omics_linear = zero_linear(n_genes)
+        self.clinical_linear = zero_linear(n_clinical)
         self.bin_bias = nn.Parameter(torch.zeros(n_bins)) if n_bins > 0 else None
         if n_bins > 0:
             self.register_buffer("bin_edges", torch.arange(n_bins + 1, dtype=torch.float32))
@@ -93,28 +91,8 @@ class LinearSurvival(nn.Module):
         return SurvivalOutput(risk, attn, logits=logits, hazards=hazards, survival=survival)
 
     def slide_z(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardised mean of each bag's real tiles ``[B, D]`` (0 for an empty bag) and the uniform
-        per-tile weights ``[B, N]`` the mean gives (0 on padding)."""
-        w = mask.to(features.dtype)  # (B, N)
-        n = w.sum(1, keepdim=True)  # (B, 1)
-        attn = w / n.clamp(min=1.0)
-        mean = torch.einsum("bn,bnd->bd", attn, features)  # (B, D)
-        z = (mean - self.get_buffer("slide_mean")) / self.get_buffer("slide_scale")
-        return z.masked_fill(n == 0, 0.0), attn
-
-    def set_slide_norm(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
-        """Store the mean ``[D]`` and scale ``[D]`` (> 0) of the training slides' mean-pooled tile features."""
-        if self.feature_dim == 0:
-            raise ValueError("set_slide_norm: this model has no slide term (feature_dim=0)")
-        if mean.shape != (self.feature_dim,) or scale.shape != (self.feature_dim,):
-            raise ValueError(
-                f"set_slide_norm: expected mean and scale of shape ({self.feature_dim},), got "
-                f"{tuple(mean.shape)} and {tuple(scale.shape)}"
-            )
-        if not bool((scale > 0).all()) or not bool(torch.isfinite(mean).all()):
-            raise ValueError("set_slide_norm: scale must be > 0 and mean finite")
-        self.get_buffer("slide_mean").copy_(mean.to(torch.float32))
-        self.get_buffer("slide_scale").copy_(scale.to(torch.float32))
+        """:meth:`standardised_mean`: ``z [B, D]`` and the uniform tile weights ``[B, N]``."""
+        return self.standardised_mean(features, mask)
 
     def terms(self) -> list[nn.Linear]:
         """The linear terms present, in coefficient order: slides, omics, clinical."""
@@ -174,15 +152,6 @@ class LinearSurvival(nn.Module):
             raise ValueError(f"set_bin_edges: expected {self.n_bins + 1} edges, got shape {tuple(edges.shape)}")
         buf = self.get_buffer("bin_edges")
         buf.copy_(edges.to(buf.dtype))
-
-
-def _zero_linear(n_in: int) -> nn.Linear | None:
-    """``n_in -> 1`` without bias, weights 0; None for an absent modality."""
-    if n_in <= 0:
-        return None
-    lin = nn.Linear(n_in, 1, bias=False)
-    nn.init.zeros_(lin.weight)
-    return lin
 
 
 def cox_nll_sum(log_hz: torch.Tensor, event: torch.Tensor, time: torch.Tensor, ties: str = "efron") -> torch.Tensor:

@@ -24,7 +24,48 @@ import torch
 from torch import nn
 
 
-class LinearSkip(nn.Module):
+class SlideStandardised(nn.Module):
+    """Base of the linear terms over mean-pooled tile features (:class:`LinearSkip`,
+    :class:`models.linear.LinearSurvival`): the training slides' mean and scale ``[D]`` (buffers ``slide_mean`` and
+    ``slide_scale``, saved in the state dict) and each bag's standardised mean.
+
+    Args:
+        feature_dim: tile feature size D (0: no slides).
+        no_slide: how an error names the missing slide part.
+    """
+
+    def __init__(self, feature_dim: int, no_slide: str = "this model has no slide term"):
+        super().__init__()
+        self.feature_dim, self._no_slide = max(0, feature_dim), no_slide
+        self.register_buffer("slide_mean", torch.zeros(self.feature_dim))
+        self.register_buffer("slide_scale", torch.ones(self.feature_dim))
+
+    def standardised_mean(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised mean of each bag's real tiles ``[B, D]`` (0 for an empty bag) and the uniform
+        per-tile weights ``[B, N]`` the mean gives (0 on padding)."""
+        w = mask.to(features.dtype)  # (B, N)
+        n = w.sum(1, keepdim=True)  # (B, 1)
+        attn = w / n.clamp(min=1.0)
+        mean = torch.einsum("bn,bnd->bd", attn, features)  # (B, D)
+        z = (mean - self.get_buffer("slide_mean")) / self.get_buffer("slide_scale")
+        return z.masked_fill(n == 0, 0.0), attn
+
+    def set_slide_norm(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        """Store the mean ``[D]`` and scale ``[D]`` (> 0) of the training slides' mean-pooled tile features."""
+        if self.feature_dim == 0:
+            raise ValueError(f"set_slide_norm: {self._no_slide} (feature_dim=0)")
+        if mean.shape != (self.feature_dim,) or scale.shape != (self.feature_dim,):
+            raise ValueError(
+                f"set_slide_norm: expected mean and scale of shape ({self.feature_dim},), got "
+                f"{tuple(mean.shape)} and {tuple(scale.shape)}"
+            )
+        if not bool((scale > 0).all()) or not bool(torch.isfinite(mean).all()):
+            raise ValueError("set_slide_norm: scale must be > 0 and mean finite")
+        self.get_buffer("slide_mean").copy_(mean.to(torch.float32))
+        self.get_buffer("slide_scale").copy_(scale.to(torch.float32))
+
+
+class LinearSkip(SlideStandardised):
     """Linear log-hazard term over the standardised mean-pooled tile features, omics and clinical covariates.
 
     Args:
@@ -37,16 +78,12 @@ class LinearSkip(nn.Module):
     """
 
     def __init__(self, feature_dim: int = 0, n_genes: int = 0, n_clinical: int = 0):
-        super().__init__()
         if feature_dim <= 0 and n_genes <= 0 and n_clinical <= 0:
             raise ValueError("LinearSkip needs at least one modality (feature_dim, n_genes or n_clinical > 0)")
-        self.feature_dim = max(0, feature_dim)
-        self.slide = _zero_linear(feature_dim)
-        self.omics = _zero_linear(n_genes)
-        self.clinical = _zero_linear(n_clinical)
-        # standardisation of the mean-pooled tile features; set from the training slides, saved in the state dict
-        self.register_buffer("slide_mean", torch.zeros(self.feature_dim))
-        self.register_buffer("slide_scale", torch.ones(self.feature_dim))
+        super().__init__(feature_dim, "this skip term has no slide part")  # slide standardisation buffers
+        self.slide = zero_linear(feature_dim)
+        self.omics = zero_linear(n_genes)
+        self.clinical = zero_linear(n_clinical)
 
     def forward(
         self,
@@ -75,28 +112,10 @@ class LinearSkip(nn.Module):
 
     def slide_z(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Standardised mean of each bag's real tiles over ``sqrt(D)``: ``[B, D]`` (0 for an empty bag)."""
-        w = mask.to(features.dtype)  # (B, N)
-        n = w.sum(1, keepdim=True)  # (B, 1)
-        mean = torch.einsum("bn,bnd->bd", w / n.clamp(min=1.0), features)  # (B, D)
-        z = (mean - self.get_buffer("slide_mean")) / self.get_buffer("slide_scale")
-        return z.masked_fill(n == 0, 0.0) / math.sqrt(self.feature_dim)
-
-    def set_slide_norm(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
-        """Store the mean ``[D]`` and scale ``[D]`` (> 0) of the training slides' mean-pooled tile features."""
-        if self.feature_dim == 0:
-            raise ValueError("set_slide_norm: this skip term has no slide part (feature_dim=0)")
-        if mean.shape != (self.feature_dim,) or scale.shape != (self.feature_dim,):
-            raise ValueError(
-                f"set_slide_norm: expected mean and scale of shape ({self.feature_dim},), got "
-                f"{tuple(mean.shape)} and {tuple(scale.shape)}"
-            )
-        if not bool((scale > 0).all()) or not bool(torch.isfinite(mean).all()):
-            raise ValueError("set_slide_norm: scale must be > 0 and mean finite")
-        self.get_buffer("slide_mean").copy_(mean.to(torch.float32))
-        self.get_buffer("slide_scale").copy_(scale.to(torch.float32))
+        return self.standardised_mean(features, mask)[0] / math.sqrt(self.feature_dim)
 
 
-def _zero_linear(n_in: int) -> nn.Linear | None:
+def zero_linear(n_in: int) -> nn.Linear | None:
     """``n_in -> 1`` without bias, weights 0; None for an absent modality."""
     if n_in <= 0:
         return None
