@@ -353,7 +353,7 @@ def test_federated_cv_leaves_small_sites_out_and_withholds_scores_below_the_mini
         from pipeline.training.linear_fit import choose
 
         choose(cross_validate([few], [1.0]))
-    assert any("withheld" in ln["records"] for ln in ledger.lines)
+    assert any("withheld" in ln and not ln["records"] for ln in ledger.lines)
 
 
 def test_linear_family_fit_local_is_the_cv_fit_and_predict_is_the_design_times_coefficients(monkeypatch):
@@ -373,3 +373,33 @@ def test_linear_family_fit_local_is_the_cv_fit_and_predict_is_the_design_times_c
     np.testing.assert_allclose(predict(model, data, idx).log_hz, (x @ model.coefficients().double()).numpy(), atol=1e-4)
     sgd = fit_local(data, resolve_config(None, ["model.family=linear", "train.linear_fit=sgd", "train.epochs=2"]))[1]
     assert sgd["select"] != "cv"  # the mini-batch path stays available
+
+
+def test_a_federated_linear_family_run_is_the_federated_cv_fit_and_sgd_keeps_the_strategies(tmp_path, monkeypatch):
+    """``model.family=linear`` federated (no DP, no SecAgg+): run_federated returns fit_federated_cv's model (the
+    pooled stratified optimum at the CV penalty), with its messages in the run's privacy ledger; with
+    ``train.linear_fit=sgd`` (or DP) it still trains through the Flower strategies, round by round."""
+    from pipeline.federated.embedded import run_federated
+    from pipeline.federated.ledger import read_ledger
+    from pipeline.federated.linear_sites import fit_federated_cv, full_batch_linear
+    from pipeline.training import linear_fit
+    from pipeline.training.module import new_model
+
+    monkeypatch.setattr(linear_fit, "PENALTY_GRID", (0.01, 1.0, 100.0))
+    data = synthetic()
+    cfg = resolve_config(None, ["model.family=linear"])
+    assert full_batch_linear(cfg) and not full_batch_linear(cfg.with_overrides(["federated.dp_noise=1"]))
+    (tmp_path / "federated").mkdir()
+    model, info = run_federated(data, cfg, tmp_path / "federated")
+    ref = new_model(data, cfg)
+    idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
+    rec = fit_federated_cv(ref, data, idx, cfg)
+    torch.testing.assert_close(model.coefficients(), ref.coefficients())
+    assert info["linear_fit"]["penalty"] == rec["penalty"] and info["best_round"] == rec["rounds"] > 0
+    assert _cindex(model, data, "test") > 0.75
+    phases = {ln["phase"] for ln in read_ledger(tmp_path / "privacy_ledger.jsonl")}
+    assert phases == {"linear.gradient", "linear.cv_score"}
+    sgd = resolve_config(None, ["model.family=linear", "train.linear_fit=sgd", "federated.rounds=2",
+                                "federated.local_epochs=1"])  # fmt: skip
+    info_sgd = run_federated(data, sgd)[1]
+    assert [h["round"] for h in info_sgd["history"]] == [0, 1] and "linear_fit" not in info_sgd

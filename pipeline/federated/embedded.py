@@ -61,6 +61,11 @@ def run_federated(
     """
 
     fc = cfg.federated
+    if cfg.model.family == "linear" and clients is None:
+        from pipeline.federated.linear_sites import full_batch_linear, train_linear_federated
+
+        if full_batch_linear(cfg):  # to the pooled optimum, penalty by federated CV (no rounds to resume)
+            return train_linear_federated(data, cfg, out)
     if clients is None:
         clients = site_clients(data, cfg)
     if fc.min_sites is not None and len(clients) < fc.min_sites:

@@ -58,21 +58,27 @@ class SiteParty(Party):
         dim = int(self.x.shape[1])
         facts = SiteFacts(self.name, n, n_events, n, n_events, ((dim,),), self.min_count)
         if kind == "linear.cv_score" and min(n, n_events) < self.min_count:
-            self._record(kind, {"withheld": f"fewer than {self.min_count} patients or events"})
+            self._record(kind, {}, withheld=f"fewer than {self.min_count} patients or events")
             return False
         if kind == "linear.cv_score":
             check_evaluate_reply(facts, n, {**values, "events": float(n_events)})
-            self._record(kind, {"metrics": dict.fromkeys((*values, "events"), "float"), "num_examples": "int"})
+            keys = dict.fromkeys((*values, "events"), {"type": "float"})
+            self._record(kind, {"metrics": {"kind": "metrics", "keys": {**keys, "num_examples": {"type": "int"}}}})
         else:  # a gradient or a local model: a model update over the site's n patients in the fit
             check_fit_reply(facts, n, {"train_loss": values.get("nll", 0.0)}, [(dim,)])
-            arrays = {"update": {"shape": [dim], "dtype": "float64"}}
-            self._record(kind, {"arrays": arrays, "metrics": {"train_loss": "float"}, "num_examples": "int"})
+            arrays = {"update": {"shape": [dim], "dtype": "float64", "bytes": 8 * dim}}
+            metrics = {"train_loss": {"type": "float"}, "num_examples": {"type": "int"}}
+            self._record(kind, {"update": {"kind": "arrays", "keys": arrays},
+                                "metrics": {"kind": "metrics", "keys": metrics}})  # fmt: skip
         return True
 
-    def _record(self, kind: str, what: dict) -> None:
+    def _record(self, kind: str, records: dict, withheld: str | None = None) -> None:
+        """One ledger line in the Flower runtime's form (``client_app.ledger_entry``): per record its kind and keys
+        with shapes, dtypes and bytes (arrays) or types (metrics); ``withheld``: why nothing was sent."""
         if self.ledger is not None:
-            self.ledger.record({"phase": kind, "group": f"linear-{self.rounds}", "round": self.rounds,
-                                "site": self.name, "records": what})  # fmt: skip
+            line = {"phase": kind, "group": f"linear-{self.rounds}", "round": self.rounds, "site": self.name,
+                    "records": records}  # fmt: skip
+            self.ledger.record(line if withheld is None else {**line, "withheld": withheld})
 
 
 def site_parties(
@@ -115,6 +121,41 @@ def fit_federated_cv(
         out.lines = ledger.lines
         out.flush()  # once, at the end: thousands of small messages
     return {**rec, "sites": [p.name for p in parties], "sites_left_out": left, "ledger_lines": len(ledger.lines)}
+
+
+def full_batch_linear(cfg: RunConfig) -> bool:
+    """Whether a federated linear-family fit takes :func:`fit_federated_cv` (``train.linear_fit=cv``, Cox loss, no
+    DP and no SecAgg+, whose protections these messages do not get) rather than the Flower strategies."""
+    fc, t = cfg.federated, cfg.train
+    return t.linear_fit == "cv" and t.loss == "cox" and fc.dp_noise <= 0 and not fc.secagg
+
+
+def train_linear_federated(data: CohortData, cfg: RunConfig, out: Path | None = None) -> tuple[LinearSurvival, dict]:
+    """A federated run of ``model.family=linear`` (:func:`full_batch_linear`): :func:`fit_federated_cv` on every
+    site's non-test patients, the messages in the run's privacy ledger (``out``: the run folder's ``federated/``).
+    Returns the model and the run's training summary."""
+    from data_specs.artifacts import RunFiles
+    from models.linear import LinearSurvival
+    from pipeline.training.module import new_model
+
+    model = new_model(data, cfg)
+    if not isinstance(model, LinearSurvival):
+        raise ValueError(f"train_linear_federated: model.family={cfg.model.family!r} is not the linear family")
+    idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
+    ledger = RunFiles(root=out.parent).privacy_ledger if out is not None else None
+    fit = fit_federated_cv(model, data, idx, cfg, ledger, None)
+    log.info("federated linear fit: penalty %g by federated %d-fold CV, %d rounds (site gradients summed, server "
+             "L-BFGS)", fit["penalty"], cfg.train.linear_cv_folds, fit["rounds"])  # fmt: skip
+    info = {
+        "runtime": "embedded",
+        "strategy": "fedsgd (full-batch site gradients, server L-BFGS), penalty by federated CV",
+        "best_round": fit["rounds"],
+        "history": [],
+        "sites": fit["sites"],
+        "linear_fit": {k: v for k, v in fit.items() if k != "candidates"},
+        "cv_candidates": fit["candidates"],
+    }
+    return model.eval(), info
 
 
 def fit_fedavg(

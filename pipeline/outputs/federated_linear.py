@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.federated.linear_sites import full_batch_linear
 from pipeline.outputs.scoring import BaselineSettings, scored
 from pipeline.training.linear_fit import PENALTY_GRID
 
@@ -80,7 +81,7 @@ def fit_federated_linear(
     s = settings or BaselineSettings()
     test = np.asarray(data.splits["test"])
     fc = cfg.federated
-    if fc.dp_noise > 0 or fc.secagg or cfg.train.linear_fit == "sgd" or cfg.train.loss != "cox":
+    if not full_batch_linear(cfg):
         cands, (rec, model) = _train_candidates(data, cfg, out)
         choice = (
             "weight decay with the highest pooled validation C-index (ties: the earlier candidate)"
