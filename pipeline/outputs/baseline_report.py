@@ -23,8 +23,9 @@ def federated_linear_line(fl: dict) -> str:
     """One console line: the model against the federated linear Cox baseline."""
     d = fl.get("model_minus_this", {})
     secagg = " + SecAgg+" if fl.get("secagg") else ""
+    penalty = "ridge penalty per patient" if "linear_fit" in fl else "weight decay"  # the full-batch CV fit's
     return (
-        f"model vs {fl['label']}, {fl['strategy']}{secagg}, weight decay {fl['weight_decay']:g}: "
+        f"model vs {fl['label']}, {fl['strategy']}{secagg}, {penalty} {fl['weight_decay']:.3g}: "
         f"test C {_fmt(fl['cindex'], None)}; model - baseline {_fmt(d.get('diff'), d.get('ci'))}: "
         f"{d.get('verdict', '')}"
     )
