@@ -12,7 +12,7 @@ import torch
 from data_specs import resolve_config
 from models import LinearSurvival, build_model, cox_loss
 from pipeline.training.data import CohortData
-from pipeline.training.slide_norm import prepare_linear, slide_norm_from_summaries, slide_site_summary
+from pipeline.training.slide_norm import prepare_slide_norm, slide_norm_from_summaries, slide_site_summary
 
 D, G, C = 6, 8, 3
 
@@ -145,7 +145,7 @@ def test_slide_norm_from_site_summaries_is_the_training_slides_statistics():
     m = LinearSurvival(D, G, C)
     before = data.bags[data.splits["test"][0]].copy()
     data.bags[data.splits["test"][0]][:] = 1e6  # test patients never enter the statistics
-    prepare_linear(m, data)
+    prepare_slide_norm(m, data)
     np.testing.assert_allclose(m.slide_mean.numpy(), means.mean(0), rtol=1e-5)
     data.bags[data.splits["test"][0]][:] = before
 

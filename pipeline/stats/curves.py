@@ -222,23 +222,13 @@ def years_per_unit(time_unit: str | None) -> float | None:
     return YEAR_IN_UNIT.get(u[:-1] if u.endswith("s") and u[:-1] in YEAR_IN_UNIT else u)
 
 
-def default_horizons(
-    time: np.ndarray,
-    event: np.ndarray,
-    grid: np.ndarray | None = None,
-    time_unit: str | None = None,
-    site: np.ndarray | None = None,
-    min_count: int = 1,
-) -> list[float]:
-    """Default horizons: 1, 3 and 5 years in the cohort's ``time_unit`` (``days`` -> 365, 1095, 1825;
-    ``months`` -> 12, 36, 60; ``years`` -> 1, 3, 5), keeping those at most the largest follow-up ``time [P]``.
-
-    If the unit is unknown or no year horizon fits, the quartiles of the event times (``event [P]``) rounded
-    to 2 significant digits; with ``site [P]`` read off the summed site histograms of the event times
-    (:func:`time_edges`, bins under ``min_count`` merged), never off the pooled times. The
-    horizons are never snapped: put them into a baseline grid with :func:`grid_with` (``grid`` is accepted
-    for old callers and ignored)."""
-    del grid
+def default_horizons(time: np.ndarray, event: np.ndarray, time_unit: str | None = None) -> list[float]:
+    """Default horizons of one set of patients held in one process (an evaluation's test patients): 1, 3 and 5
+    years in the cohort's ``time_unit`` (``days`` -> 365, 1095, 1825; ``months`` -> 12, 36, 60; ``years`` -> 1,
+    3, 5) up to the largest follow-up ``time [P]``; if the unit is unknown or none fits, the quartiles of the
+    event times (``event [P]``) rounded to 2 significant digits. A trained model's horizons come from site
+    aggregates instead (:mod:`pipeline.training.survival_summary`). Put them into a baseline grid with
+    :func:`grid_with`."""
     t = np.asarray(time, float)
     per_year = years_per_unit(time_unit)
     if per_year is not None and len(t):
@@ -248,13 +238,7 @@ def default_horizons(
     ev = np.asarray(event, bool)
     if not ev.any():
         return []
-    if site is None:  # one process holding every patient (centralised): the quartiles themselves
-        return sorted({float(f"{v:.2g}") for v in np.quantile(t[ev], [0.25, 0.5, 0.75])})
-    edges = time_edges(nice_ceil(float(t.max())))
-    hist = pooled_histogram(t[ev], np.asarray(site)[ev], edges, min_count)
-    if hist.sum() == 0:
-        return []
-    return sorted({float(f"{v:.2g}") for v in histogram_quantiles(edges, hist, [0.25, 0.5, 0.75])})
+    return sorted({float(f"{v:.2g}") for v in np.quantile(t[ev], [0.25, 0.5, 0.75])})
 
 
 def grid_with(grid: np.ndarray, points: list[float]) -> np.ndarray:

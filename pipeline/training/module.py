@@ -27,7 +27,7 @@ from pipeline.stats.metrics import harrell_cindex
 from pipeline.training.data import CohortData, make_loader, model_inputs
 from pipeline.training.linear_fit import fit_linear_centralised
 from pipeline.training.selection import Selector
-from pipeline.training.slide_norm import prepare_linear, slide_norm_from_summaries, slide_site_summary
+from pipeline.training.slide_norm import prepare_slide_norm
 
 
 def _adamw(params: Any, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
@@ -214,24 +214,8 @@ def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
         except ValueError as e:
             raise ValueError(f"train.loss=nll: {e}") from e
         model.set_bin_edges(edges)
-    prepare_linear(model, data)  # linear family: slide standardisation from site summaries
-    prepare_skip(model, data)  # the network's linear skip term: the same standardisation
+    prepare_slide_norm(model, data)  # linear family or skip term: slide standardisation from site summaries
     return model
-
-
-def prepare_skip(model: torch.nn.Module, data: CohortData) -> None:
-    """Give a network's linear skip term (``model.skip=linear``) with a slide part the standardisation of
-    ``data``'s training slides, from per-site summaries (as :func:`prepare_linear`); other models are left alone."""
-    skip = getattr(model, "skip", None)
-    if skip is None or skip.feature_dim == 0 or data.bags is None:
-        return
-    sites = data.subset_sites(np.asarray(data.splits["train"])).values()
-    summaries = [s for s in (slide_site_summary(data, idx) for idx in sites) if s is not None]
-    fitted = slide_norm_from_summaries(summaries, skip.feature_dim)
-    if fitted is None:
-        log.warning("model.skip=linear: fewer than 2 training slides in site summaries; tile features not standardised")
-        return
-    skip.set_slide_norm(torch.from_numpy(fitted[0]), torch.from_numpy(fitted[1]))
 
 
 def new_module(model: MultimodalSurvival, cfg: RunConfig, validate: bool = False) -> SurvivalModule:

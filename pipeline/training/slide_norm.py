@@ -21,6 +21,7 @@ import torch
 
 from data_specs.summaries import MIN_SUMMARY_PATIENTS
 from models.linear import LinearSurvival
+from models.skip import SlideStandardised
 from pipeline.training.data import CohortData
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,12 @@ def slide_norm_from_summaries(summaries: list[dict], dim: int) -> tuple[np.ndarr
     return mean, np.where(sd > 1e-8 * np.maximum(1.0, np.abs(mean)), sd, 1.0)
 
 
-def prepare_linear(model: torch.nn.Module, data: CohortData) -> None:
-    """Give a :class:`LinearSurvival` with a slide term the slide standardisation of ``data``'s training
-    patients, from per-site summaries; any other model is left alone. Every site of an embedded federation
-    builds the same statistics (each from the same site summaries)."""
-    if not isinstance(model, LinearSurvival) or model.feature_dim == 0 or data.bags is None:
+def prepare_slide_norm(model: torch.nn.Module, data: CohortData) -> None:
+    """Give a model's linear slide term (a :class:`LinearSurvival`, or a network's ``model.skip=linear`` term)
+    the slide standardisation of ``data``'s training patients, from per-site summaries; any other model is left
+    alone. Every site of an embedded federation builds the same statistics (each from the same site summaries)."""
+    target = model if isinstance(model, LinearSurvival) else getattr(model, "skip", None)
+    if not isinstance(target, SlideStandardised) or target.feature_dim == 0 or data.bags is None:
         return
     summaries = []
     for site, idx in data.subset_sites(np.asarray(data.splits["train"])).items():
@@ -63,8 +65,8 @@ def prepare_linear(model: torch.nn.Module, data: CohortData) -> None:
             log.warning("site %s: fewer than %d training slides, no slide summary", site, MIN_SUMMARY_PATIENTS)
         else:
             summaries.append(s)
-    fitted = slide_norm_from_summaries(summaries, model.feature_dim)
+    fitted = slide_norm_from_summaries(summaries, target.feature_dim)
     if fitted is None:
-        log.warning("linear model: fewer than 2 training slides; tile features are not standardised")
+        log.warning("linear slide term: fewer than 2 training slides; tile features are not standardised")
         return
-    model.set_slide_norm(torch.from_numpy(fitted[0]), torch.from_numpy(fitted[1]))
+    target.set_slide_norm(torch.from_numpy(fitted[0]), torch.from_numpy(fitted[1]))
