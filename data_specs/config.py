@@ -88,8 +88,10 @@ class ModelConfig(_Frozen):
     clinical_hidden: int = Field(16, ge=2)
     dropout: float = Field(0.25, ge=0, lt=1)
     # linear: a linear log-hazard term over the standardised mean-pooled tile features, genes and clinical
-    # covariates, the fused network branch scaled by a learnable gate that starts at 0 (models.skip)
-    skip: Literal["none", "linear"] = "none"
+    # covariates, the fused network branch scaled by a learnable gate that starts at 0 (models.skip); fitted: the
+    # linear family fitted first (train.linear_fit=cv; federated: summed site gradients, penalty by federated CV) as
+    # a frozen offset, plus the gated fused branch (models.survival; Cox loss; no DP or SecAgg+)
+    skip: Literal["none", "linear", "fitted"] = "none"
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
@@ -132,6 +134,9 @@ class TrainConfig(_Frozen):
     # patients (pipeline.training.linear_fit); "sgd": mini-batches and AdamW weight decay like the network
     linear_fit: Literal["cv", "sgd"] = "cv"
     linear_cv_folds: int = Field(5, ge=2)  # folds each site splits its non-test patients into
+    # model.skip=linear/fitted: weight of the mean square of the gated residual branch's log hazard, added to the
+    # training loss (pulls the network towards its linear part)
+    residual_penalty: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _cox_needs_a_risk_set(self) -> TrainConfig:

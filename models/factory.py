@@ -1,8 +1,12 @@
 """The model factory: a family name -> builder (``network``: :class:`MultimodalSurvival`, ``linear``:
-:class:`LinearSurvival`), both taking the same inputs and returning :class:`~models.survival.SurvivalOutput`."""
+:class:`LinearSurvival`), both taking the same inputs and returning :class:`~models.survival.SurvivalOutput`.
+
+A network with ``skip="fitted"`` gets the linear family's model (built by the ``linear`` builder, so with the same
+settings) as its frozen offset; the pipeline fits it before the network trains."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from models.linear import LinearSurvival
@@ -17,6 +21,10 @@ def _linear(feature_dim: int, n_genes: int, n_clinical: int, **kw: object) -> Li
 
 
 def _network(feature_dim: int, n_genes: int, n_clinical: int, **kw: object) -> MultimodalSurvival:
+    if kw.get("skip") == "fitted":  # the offset: the linear family's model, fitted and frozen by the pipeline
+        kw = {**kw, "offset": MODEL_FAMILIES["linear"](feature_dim, n_genes, n_clinical, **kw)}
+    # the linear family's own settings do not apply to the network
+    kw = {k: v for k, v in kw.items() if k in inspect.signature(MultimodalSurvival).parameters}
     return MultimodalSurvival(feature_dim, n_genes, n_clinical, **kw)  # type: ignore[arg-type]
 
 

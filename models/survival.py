@@ -22,6 +22,12 @@ additive term of the log hazard (or of every bin's logit), so an omics-only mode
 ``skip="linear"`` (:mod:`models.skip`) adds a linear term over the standardised mean-pooled tile features, genes
 and clinical covariates to the log hazard (every bin's logit), and scales the fused branch's output by a learnable
 gate initialised at 0: the network starts as a linear Cox model and the attention/MLP branch is a residual.
+
+``skip="fitted"`` makes the log hazard ``offset(x) + gate * residual(x)``: ``offset`` is a fitted linear model (the
+linear family, :class:`models.linear.LinearSurvival`, injected by :func:`models.factory.build_model` and fitted by
+the pipeline before the network trains), frozen: its weights travel in the state dict (and, as parameters, in a
+federation's arrays) but get no gradient, while inputs still do (attributions see the linear part). The residual is
+the fused branch, its gate starts at 0; ``SurvivalOutput.residual`` is the gated residual, for a penalty on it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from models.fusion import FUSIONS, GenomicCoAttention, build_fusion, mlp_block
 from models.losses import survival_from_logits
@@ -48,6 +55,7 @@ class SurvivalOutput:
         logits: ``[B, K]`` hazard logits (discrete-time heads only).
         hazards: ``[B, K]`` per-bin hazards ``sigmoid(logits)`` (discrete-time heads only).
         survival: ``[B, K]`` survival at the end of each bin, ``cumprod(1 - hazards)`` (discrete-time only).
+        residual: ``[B]`` the gated residual branch's share of ``log_hz`` (``model.skip`` linear / fitted, Cox).
     """
 
     log_hz: torch.Tensor
@@ -55,10 +63,11 @@ class SurvivalOutput:
     logits: torch.Tensor | None = None
     hazards: torch.Tensor | None = None
     survival: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
 
 
 OMICS_ENCODERS = ("mlp", "linear")
-SKIPS = ("none", "linear")
+SKIPS = ("none", "linear", "fitted")
 
 
 class MultimodalSurvival(nn.Module):
@@ -77,7 +86,10 @@ class MultimodalSurvival(nn.Module):
         omics_groups: genomic tokens for ``coattention``.
         n_bins: 0 for a Cox head, K > 0 for a discrete-time hazard head with K bins.
         skip: ``none``, or ``linear``: a :class:`models.skip.LinearSkip` term plus the fused branch times a
-            learnable ``residual_gate`` that starts at 0 (the model starts as a linear Cox model).
+            learnable ``residual_gate`` that starts at 0 (the model starts as a linear Cox model); ``fitted``: the
+            frozen ``offset`` model plus the gated fused branch (Cox head only).
+        offset: for ``skip="fitted"``, a module taking the same inputs and returning an output with ``log_hz [B]``
+            (the fitted linear model); its parameters get no gradient.
 
     Raises:
         ValueError: no modality, an unknown name, or a fusion that needs a modality the cohort lacks.
@@ -100,6 +112,7 @@ class MultimodalSurvival(nn.Module):
         omics_groups: int = 6,
         n_bins: int = 0,
         skip: str = "none",
+        offset: nn.Module | None = None,
     ):
         super().__init__()
         if feature_dim <= 0 and n_genes <= 0 and n_clinical <= 0:
@@ -112,8 +125,13 @@ class MultimodalSurvival(nn.Module):
             raise ValueError(f"n_bins must be >= 0 (0 = Cox head), got {n_bins}")
         if skip not in SKIPS:
             raise ValueError(f"unknown skip '{skip}': valid names are {list(SKIPS)}")
+        if (skip == "fitted") != (offset is not None):
+            raise ValueError("skip 'fitted' needs an offset model, and an offset needs skip 'fitted'")
+        if skip == "fitted" and n_bins > 0:
+            raise ValueError(f"skip 'fitted' needs a Cox head (n_bins=0), got n_bins={n_bins}")
         self.skip = LinearSkip(feature_dim, n_genes, n_clinical) if skip == "linear" else None
-        self.residual_gate = nn.Parameter(torch.zeros(1)) if skip == "linear" else None
+        self.offset = offset
+        self.residual_gate = nn.Parameter(torch.zeros(1)) if skip in ("linear", "fitted") else None
         dims = self._build_branches(feature_dim, n_genes, hidden, omics_hidden, dropout, fusion, mil,
                                     mil_layers, mil_heads, omics_encoder, omics_groups)  # fmt: skip
         self.clinical_net = mlp_block(n_clinical, clinical_hidden, dropout) if n_clinical > 0 else None
@@ -210,10 +228,11 @@ class MultimodalSurvival(nn.Module):
             assert clinical is not None and clinical_mask is not None, "pass clinical and clinical_mask"
             parts.append(self.clinical_net(clinical.masked_fill(~clinical_mask.unsqueeze(1), 0.0)))
             present.append(clinical_mask)
+        residual = None
         if self.fusion is not None and self.head is not None:
             out = self.head(self.fusion(parts, present))  # (B, max(1, K))
             if self.residual_gate is not None:
-                out = self.residual_gate * out
+                out = residual = self.residual_gate * out
         else:
             assert omics is not None, "pass omics"
             out = omics.new_zeros(len(omics), max(1, self.n_bins))
@@ -224,10 +243,20 @@ class MultimodalSurvival(nn.Module):
             out = out + self.omics_linear(omics.masked_fill(~omics_mask.unsqueeze(1), 0.0))  # (B, 1) broadcast
         if self.skip is not None:
             out = out + self.skip(features, mask, omics, omics_mask, clinical, clinical_mask).unsqueeze(1)
+        if self.offset is not None:
+            out = out + self.frozen_offset(features, mask, omics, omics_mask, clinical, clinical_mask).unsqueeze(1)
         if self.n_bins == 0:
-            return SurvivalOutput(out.squeeze(-1), attn)
+            res = residual.squeeze(-1) if residual is not None else None
+            return SurvivalOutput(out.squeeze(-1), attn, residual=res)
         hazards, survival, risk = survival_from_logits(out)
         return SurvivalOutput(risk, attn, logits=out, hazards=hazards, survival=survival)
+
+    def frozen_offset(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        """The offset model's ``log_hz [B]`` on the forward's inputs, with its weights detached (no gradient to
+        them; gradients to the inputs flow)."""
+        assert self.offset is not None
+        state = {k: v.detach() for k, v in self.offset.state_dict(keep_vars=True).items()}
+        return functional_call(self.offset, state, inputs).log_hz
 
     def set_bin_edges(self, edges: torch.Tensor) -> None:
         """Store the discrete-time bin edges ``[K + 1]`` (from :func:`models.losses.discrete_time_edges`)."""

@@ -26,6 +26,7 @@ from data_specs.config import RunConfig
 from models.survival import MultimodalSurvival
 from pipeline.federated.client_app import make_client_app
 from pipeline.federated.ledger import MessageLedger
+from pipeline.federated.offset_fit import fit_offset_federated
 from pipeline.federated.protocol import SiteDataError, load_arrays, trainable_arrays
 from pipeline.federated.server import FederatedServer
 from pipeline.federated.server_app import serve
@@ -71,12 +72,16 @@ def run_federated(
     if fc.min_sites is not None and len(clients) < fc.min_sites:
         raise ValueError(f"{len(clients)} site(s) with training patients, fewer than min_sites={fc.min_sites}")
     model = clients[0].new_model() if clients else new_model(data, cfg)  # the federation's bins (discrete time)
+    offset = fit_offset_federated(model, data, cfg, out, clients)  # model.skip=fitted: its weights start the rounds
     server = FederatedServer(cfg, trainable_arrays(model), out, resume=resume)
-    ledger = MessageLedger(RunFiles(root=out.parent).privacy_ledger if out is not None else None, keep=resume)
+    ledger_path = RunFiles(root=out.parent).privacy_ledger if out is not None else None
+    ledger = MessageLedger(ledger_path, keep=resume or offset is not None)  # keep the offset fit's lines
     info = run_embedded(clients, server, progress=progress, ledger=ledger)
     assert server.best is not None
     load_arrays(model, server.best[2])
     info = {**server.summary(), "sites": [c.site for c in clients], **info}
+    if offset is not None:
+        info["offset_fit"] = offset
     if out is not None:
         write_json(out / "federated_history.json", info)
     return model.eval(), info

@@ -58,6 +58,10 @@ class SurvivalModule(L.LightningModule):
         nll_alpha: weight of the uncensored term of the NLL.
         memory_bank: Cox only: recent patients (detached ``log_hz``) added to each training batch's risk set
             (:class:`models.CoxMemoryBank`); 0 = the batch alone. Emptied at the start of every fit.
+        residual_penalty: in training mode, ``residual_penalty * mean(residual ** 2)`` is added to the loss, where
+            ``residual [B]`` is the gated residual branch's log hazard (``model.skip`` linear / fitted).
+
+    A frozen offset (``model.skip=fitted``: parameters named ``offset.*``) is left out of the optimiser.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class SurvivalModule(L.LightningModule):
         memory_bank: int = 0,
         optimizer: str = "adamw",
         momentum: float = 0.9,
+        residual_penalty: float = 0.0,
     ):
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -104,8 +109,13 @@ class SurvivalModule(L.LightningModule):
         log_hz = out.log_hz if isinstance(out, SurvivalOutput) else out
         strata = batch["site"] if self.hparams.stratify else None
         if use_bank and self.bank.size:
-            return self.bank.loss(log_hz, batch["event"], batch["time"], strata, batch.get("index"), self.hparams.ties)
-        return cox_loss(log_hz, batch["event"], batch["time"], strata, self.hparams.ties)
+            loss = self.bank.loss(log_hz, batch["event"], batch["time"], strata, batch.get("index"), self.hparams.ties)
+        else:
+            loss = cox_loss(log_hz, batch["event"], batch["time"], strata, self.hparams.ties)
+        res = out.residual if isinstance(out, SurvivalOutput) else None
+        if self.training and res is not None and self.hparams.residual_penalty > 0:
+            loss = loss + self.hparams.residual_penalty * res.pow(2).mean()
+        return loss
 
     def on_fit_start(self) -> None:
         self.bank.reset()
@@ -118,7 +128,8 @@ class SurvivalModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        return OPTIMIZERS[h.optimizer](self.model.parameters(), h.lr, h.weight_decay, h.momentum)
+        params = [p for name, p in self.model.named_parameters() if not name.startswith("offset.")]
+        return OPTIMIZERS[h.optimizer](params, h.lr, h.weight_decay, h.momentum)
 
 
 class ValidatedSurvivalModule(SurvivalModule):
@@ -215,6 +226,8 @@ def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
             raise ValueError(f"train.loss=nll: {e}") from e
         model.set_bin_edges(edges)
     prepare_slide_norm(model, data)  # linear family or skip term: slide standardisation from site summaries
+    if getattr(model, "offset", None) is not None:  # model.skip=fitted: the offset's own (fitted later)
+        prepare_slide_norm(model.offset, data)
     return model
 
 
@@ -233,6 +246,7 @@ def new_module(model: MultimodalSurvival, cfg: RunConfig, validate: bool = False
         memory_bank=t.memory_bank,
         optimizer=t.optimizer,
         momentum=t.momentum,
+        residual_penalty=t.residual_penalty,
     )
 
 
@@ -262,6 +276,7 @@ def fit_local(
     keep = KeepBest(selector(cfg, "centralised training"))
     keep.selector.check_available(len(val_idx) > 0)
     module = new_module(new_model(data, cfg), cfg, validate=len(val_idx) > 0)
+    offset = fit_offset(module.model, data, np.concatenate([train_idx, val_idx]), cfg)
     L.seed_everything(t.seed, workers=True, verbose=False)
     trainer = make_trainer(t.epochs, [keep], progress=progress, validate=len(val_idx) > 0)
     loaders = [make_loader(data, train_idx, t.batch_size, True, t.seed, t.max_tiles)]
@@ -277,4 +292,37 @@ def fit_local(
         "best_val_loss": sel.best_loss if sel.has_score else None,
         "best_val_cindex": sel.best_cindex if sel.has_score else None,
         "val_history": keep.history,
+        **({"offset_fit": offset} if offset is not None else {}),
     }
+
+
+def offset_config(cfg: RunConfig) -> RunConfig:
+    """The linear family's config for a ``model.skip=fitted`` network's offset (``ValueError`` where it cannot be
+    fitted: the offset is the full-batch fit, ``train.linear_fit=cv``, of the Cox loss)."""
+    if cfg.train.loss != "cox" or cfg.train.linear_fit != "cv":
+        raise ValueError(
+            f"model.skip=fitted needs train.loss=cox and train.linear_fit=cv (the linear fit to its optimum), got "
+            f"train.loss={cfg.train.loss!r}, train.linear_fit={cfg.train.linear_fit!r}"
+        )
+    return cfg.with_overrides(["model.family=linear", "model.skip=none"])
+
+
+def set_offset(model: torch.nn.Module, fitted: torch.nn.Module) -> None:
+    """Copy a fitted linear-family model (weights and slide standardisation) into ``model``'s frozen offset."""
+    offset = getattr(model, "offset", None)
+    if offset is None:
+        raise ValueError("set_offset: this model has no offset (model.skip is not 'fitted')")
+    offset.load_state_dict(fitted.state_dict())
+
+
+def fit_offset(model: torch.nn.Module, data: CohortData, idx: np.ndarray, cfg: RunConfig) -> dict | None:
+    """Centralised: fit the linear family on the patients ``idx`` (its penalty by CV on them) and freeze it as
+    ``model``'s offset (``model.skip=fitted``); returns the fit's record (None: the model has no offset)."""
+    if getattr(model, "offset", None) is None:
+        return None
+    lin_cfg = offset_config(cfg)
+    linear = new_model(data, lin_cfg)
+    rec = fit_linear_centralised(linear, data, idx, lin_cfg)  # type: ignore[arg-type]
+    set_offset(model, linear)
+    log.info("model.skip=fitted: linear offset fitted on %d patients (penalty by CV)", len(idx))
+    return rec.get("linear_fit", rec)
