@@ -409,3 +409,128 @@ def test_finish_replies_are_refused_when_they_are_not_the_declared_aggregates(fi
     with pytest.raises(DisclosureError, match="undeclared key"):
         check_site_reply(c, "finish.evaluate", {**ok, "time": 12.5})
     check_site_reply(c, "finish.evaluate", {})  # a site under k sends nothing
+
+
+SECURE_PHASES = ("statistics.summaries", "finish.moments", "finish.cutpoints", "finish.baseline", "finish.evaluate")
+
+
+def test_secagg_deployment_sends_every_sum_masked_and_equals_the_plain_run(finish_cohort, tmp_path, monkeypatch):
+    """federated.secagg in a deployment: the statistics exchange and the finish rounds send their numbers only as
+    SecAgg+ secure sums (the server's normaliser fit sees one summed summary, no site reply carries a plain count,
+    sum or histogram, every stage is in the ledger); the outputs equal the plain run's: normalisers to float64
+    rounding, the finish aggregates for the same weights to 1e-9, the trained model within the update's SecAgg+
+    quantisation, and cut-points, baseline and test C within what that weight difference moves."""
+    import pipeline.federated.server_app as server_app_module
+    from data_specs.artifacts import RunFiles
+    from pipeline.federated.finish import finish_run
+    from pipeline.federated.ledger import read_ledger
+    from pipeline.federated.protocol import trainable_arrays
+    from pipeline.training.bundle import load_bundle
+
+    seen: list = []
+    real_fit = server_app_module.fit_normalisers
+    monkeypatch.setattr(server_app_module, "fit_normalisers", lambda s, *a: seen.append(s) or real_fit(s, *a))
+    rc = {**FINISH_CONFIG, "federated.rounds": 1}
+    plain_grid, sites = _deploy_in_process(finish_cohort, tmp_path / "plain", rc)
+    grid, _ = _deploy_in_process(finish_cohort, tmp_path / "secure", {**rc, "federated.secagg": True})
+    assert [len(s) for s in seen] == [3, 1]  # per-site summaries in plain; under SecAgg+ only their sum
+    assert seen[1][0]["clinical"].n_patients == 60 == sum(s["clinical"].n_patients for s in seen[0])
+    # what the sites sent under SecAgg+: names and model sizes in plain, no number of a summed phase
+    for _, m in grid.sent:
+        recs = m.content.config_records if m.has_content() else {}
+        assert not {"summaries", "histogram", "follow_up"} & set(recs)
+        if "finish" in recs:
+            assert set(recs["finish"]) <= {"site", "features", "time_unit", "dim.feature_dim", "dim.n_genes",
+                                           "dim.n_clinical"}  # fmt: skip
+        if m.metadata.group_id.startswith("secure_sum:"):
+            assert all(len(r) == 0 for r in m.content.array_records.values())  # masked integer vectors only
+    for s in sites:
+        phases = {x["phase"] for x in read_ledger(tmp_path / "secure" / f"privacy_ledger.{s}.jsonl")}
+        for p in SECURE_PHASES:
+            assert {f"{p}.secagg.{st}" for st in ("setup", "share_keys", "collect_masked_vectors", "unmask")} <= phases
+    a, ca = load_bundle(RunFiles(root=tmp_path / "plain").model)
+    b, cb = load_bundle(RunFiles(root=tmp_path / "secure").model)
+    np.testing.assert_allclose(cb.clinical["mean"], ca.clinical["mean"], rtol=1e-13)
+    np.testing.assert_allclose(cb.clinical["std"], ca.clinical["std"], rtol=1e-12)
+    for k, v in a.state_dict().items():  # the update's quantisation (2 * secagg_clip / 2**26 per value)
+        np.testing.assert_allclose(b.state_dict()[k].numpy(), v.numpy(), atol=2e-5, err_msg=k)
+    np.testing.assert_allclose([cb.cutpoints.median, *cb.cutpoints.tertiles],
+                               [ca.cutpoints.median, *ca.cutpoints.tertiles], atol=1e-4)  # fmt: skip
+    assert cb.horizons == ca.horizons and cb.baseline["grid"] == ca.baseline["grid"]
+    np.testing.assert_allclose(cb.baseline["cumhaz"], ca.baseline["cumhaz"], rtol=1e-3)
+    assert cb.baseline["cumhaz_by_site"] == {}  # a site's own curve would be that site's values: not formed
+    mp, ms = (json.loads(RunFiles(root=tmp_path / x).metrics.read_text()) for x in ("plain", "secure"))
+    assert (ms["pooled"]["n"], ms["pooled"]["events"]) == (mp["pooled"]["n"], mp["pooled"]["events"])
+    np.testing.assert_allclose(ms["pooled"]["cindex"], mp["pooled"]["cindex"], atol=0.02)
+    assert ms["per_site"] == {}
+    # the finish rounds alone, same weights: secure sums equal the plain replies' sums
+    from pipeline.federated.server_app import exchange_cohort_statistics, finish_ask
+
+    arrays = trainable_arrays(a)
+    cfg_p = resolve_config(None, [f"{k}={v}" for k, v in rc.items()])
+    cfg_s = cfg_p.model_copy(update={"federated": cfg_p.federated.model_copy(update={"secagg": True})})
+    want = finish_run(finish_ask(plain_grid, None), cfg_p, exchange_cohort_statistics(plain_grid, cfg_p), arrays)
+    got = finish_run(finish_ask(grid, None), cfg_s, exchange_cohort_statistics(grid, cfg_s), arrays)
+    for key in ("median", "tertiles"):
+        np.testing.assert_allclose(got["cutpoints"][key], want["cutpoints"][key], rtol=1e-9)
+    np.testing.assert_allclose(got["baseline"]["cumhaz"], want["baseline"]["cumhaz"], rtol=1e-9)
+    assert got["metrics"]["pooled"] == want["metrics"]["pooled"]
+
+
+def _leaky_app(monkeypatch, *, summaries: bool = False, finish: bool = False):
+    """The deployed ClientApp of a modified site that sends in plain what SecAgg+ should sum: its full summaries
+    when asked for names (``summaries``), or its finish numbers unstripped (``finish``)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    import pipeline.federated.client_app as ca
+
+    def plain_summaries(msg, ctxt, call_next):
+        if msg.metadata.message_type == "query.summaries":  # ignore the request for names: send the numbers
+            msg.content.config_records["want"] = ConfigRecord({"follow_up": True})
+        return ca._cohort_statistics_mod(msg, ctxt, call_next)
+
+    def plain_finish(client_fn):
+        def mod(msg, ctxt, call_next):
+            kind = ca.phase_of(msg.metadata.message_type)
+            if kind is None:
+                return call_next(msg, ctxt)
+            client = client_fn(ctxt)
+            body = ca.site_reply(client, kind, ca.decode_record(str(msg.content.config_records["query"]["json"])), None)
+            return Message(RecordDict({"finish": ConfigRecord({**body, "site": client.site})}), reply_to=msg)
+
+        return mod
+
+    if finish:
+        monkeypatch.setattr(ca, "finish_mod", plain_finish)
+    return ca.make_client_app(ca._deployed_site, [plain_summaries if summaries else ca._cohort_statistics_mod],
+                              ca._deployed_ledger)  # fmt: skip
+
+
+@pytest.mark.parametrize("leak", ["summaries", "finish"])
+def test_a_plain_summary_or_finish_number_under_secagg_is_stopped(finish_cohort, tmp_path, monkeypatch, leak):
+    """Under federated.secagg a site that sends its summaries or its finish.moments numbers in plain text (a
+    modified client) is refused by the disclosure policy: the run stops naming the phase, nothing of it is sent."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from pipeline.federated.embedded import InProcessGrid
+    from pipeline.federated.protocol import SiteDataError
+    from pipeline.federated.server_app import server_app
+
+    app = _leaky_app(monkeypatch, **{leak: True})
+    sites = load_cohort(finish_cohort).sites
+    nodes = {400 + k: s for k, s in enumerate(sites)}
+    rc = {**FINISH_CONFIG, "federated.rounds": 1, "federated.secagg": True}
+    grid = InProcessGrid(
+        {nid: (s, app) for nid, s in nodes.items()},
+        node_configs={nid: {"site": s, "cohort": str(finish_cohort), "out": str(tmp_path)} for nid, s in nodes.items()},
+        run_config={**rc, "out": str(tmp_path), "config": "", "resume": False},
+        audit=True,
+    )
+    where = "query.summaries" if leak == "summaries" else "finish.moments"
+    with pytest.raises(SiteDataError, match=rf"{where}: .*in plain text under federated.secagg"):
+        server_app(grid, Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[400].run_config)))
+    for _, m in grid.sent:
+        recs = m.content.config_records if m.has_content() else {}
+        assert "summaries" not in recs and not ("finish" in recs and "sum" in recs["finish"])
+    assert not (tmp_path / "model.safetensors").exists()

@@ -10,7 +10,6 @@ site's data and its summaries live in ``site.py``; this module only adapts them 
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from flwr.compat.common.recorddict_compat import recorddict_to_evaluateres, reco
 from data_specs.artifacts import RunFiles
 from data_specs.config import RunConfig
 from pipeline.federated.finish import check_site_reply, phase_of, site_reply
-from pipeline.federated.ledger import MessageLedger
+from pipeline.federated.ledger import MessageLedger, ledger_entry
 from pipeline.federated.policy import (
     DisclosureError,
     SiteFacts,
@@ -34,6 +33,7 @@ from pipeline.federated.policy import (
     check_fit_reply,
     check_follow_up,
     check_histogram,
+    check_names,
     check_summaries,
 )
 from pipeline.federated.protocol import (
@@ -47,6 +47,8 @@ from pipeline.federated.protocol import (
     run_config_from_flower,
     site_data_error,
 )
+from pipeline.federated.secure_sum import SUMMED_KEYS, secure_phase, summaries_values, summary_names
+from pipeline.federated.secure_sum_app import secure_sum_mod
 from pipeline.federated.site import SiteClient, deployed_client, local_event_times, local_summaries
 from pipeline.stats.curves import follow_up_ceiling, site_histogram, time_edges
 
@@ -98,15 +100,28 @@ SUMMARY_FACTS_KEY = "histofuse.summary_facts"  # node state only: the training c
 
 
 def _check_reply(msg: Message, reply: Message, ctxt: Context, client_fn) -> None:
-    """The disclosure policy (:mod:`pipeline.federated.policy`) on one reply, by what it carries."""
+    """The disclosure policy (:mod:`pipeline.federated.policy`) on one reply, by what it carries. Under SecAgg+ a
+    phase whose numbers are summed (:mod:`pipeline.federated.secure_sum`) may send none of them in plain."""
     c = reply.content
-    if (phase := phase_of(msg.metadata.message_type)) is not None:
+    if secure_phase(msg.metadata.group_id) is not None:
+        _check_masked(ctxt, c)
+    elif (phase := phase_of(msg.metadata.message_type)) is not None:
         body = {k: v for k, v in c.config_records["finish"].items() if k != "site"}
-        check_site_reply(client_fn(ctxt), phase, body)
+        client = client_fn(ctxt)
+        if client.cfg.federated.secagg and (plain := sorted(set(body) & SUMMED_KEYS[phase])):
+            raise DisclosureError(f"site {client.site}: disclosure policy: {phase}: {plain} in plain text under "
+                                  "federated.secagg (they leave only inside a secure sum)")  # fmt: skip
+        check_site_reply(client, phase, body)
     elif msg.metadata.message_type in ("query.summaries", "query.event_histogram"):
-        state = ctxt.state.config_records[SUMMARY_FACTS_KEY]
         site, _, cfg = _node_site(ctxt)
-        facts = SiteFacts(site, int(state["n_train"]), int(state["n_events"]), 0, 0, (), cfg.federated.min_count)
+        if cfg.federated.secagg and set(c.config_records) != {"layout"}:
+            raise DisclosureError(f"site {site}: disclosure policy: {msg.metadata.message_type}: "
+                                  f"{sorted(c.config_records)} in plain text under federated.secagg (numbers leave "
+                                  "only inside a secure sum; the plain reply holds names only)")  # fmt: skip
+        if "layout" in c.config_records:
+            check_names(site, decode_record(str(c.config_records["layout"]["json"])))
+            return
+        facts = _summary_facts(ctxt, site, cfg.federated.min_count)
         if "histogram" in c.config_records:
             check_histogram(facts, "histogram.counts", c.config_records["histogram"]["counts"], facts.n_train_events)
             return
@@ -122,25 +137,17 @@ def _check_reply(msg: Message, reply: Message, ctxt: Context, client_fn) -> None
         check_evaluate_reply(client_fn(ctxt).facts(), res.num_examples, dict(res.metrics))
 
 
-def _describe_value(v) -> dict:
-    """A record entry's form: type and length (lists, bytes, strings), never the value."""
-    if isinstance(v, list):
-        kinds = sorted({type(x).__name__ for x in v})
-        return {"type": f"list[{'|'.join(kinds)}]" if kinds else "list", "len": len(v)}
-    if isinstance(v, bytes | str):
-        return {"type": type(v).__name__, "len": len(v)}
-    return {"type": type(v).__name__}
-
-
-def _describe_array(a) -> dict:
-    """An array's shape and dtype (from its header for Flower's legacy ``numpy.ndarray`` bytes), and size."""
-    shape, dtype = list(a.shape), str(a.dtype)
-    if not shape and not dtype and a.stype == "numpy.ndarray":
-        fh = io.BytesIO(a.data)
-        read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(fh))
-        shp, _, dt = (read or np.lib.format.read_array_header_2_0)(fh)
-        shape, dtype = list(shp), str(dt)
-    return {"shape": shape, "dtype": dtype, "bytes": len(a.data)}
+def _check_masked(ctxt: Context, c: RecordDict) -> None:
+    """A secure-sum stage reply: SecAgg+ keys, shares and masked vectors only, weight 1 and no metric (the plain
+    values were checked before masking, in :func:`secure_answer`)."""
+    site = str(ctxt.node_config.get("site", f"node {ctxt.node_id}"))
+    if any(len(rec) for rec in c.array_records.values()) or set(c.metric_records) - {"fitres.num_examples"}:
+        raise DisclosureError(f"site {site}: disclosure policy: plain arrays or metrics in a secure-sum reply")
+    if "fitres.metrics" in c.config_records:
+        res = recorddict_to_fitres(c, keep_input=True)
+        if res.num_examples != 1 or res.metrics:
+            raise DisclosureError(f"site {site}: disclosure policy: a secure-sum reply with weight "
+                                  f"{res.num_examples} or metrics {sorted(res.metrics)}")  # fmt: skip
 
 
 def _phase(msg: Message) -> str:
@@ -150,8 +157,8 @@ def _phase(msg: Message) -> str:
     if kind.startswith("query."):
         return "statistics." + kind.removeprefix("query.")
     cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
-    if cfg is not None and Key.STAGE in cfg:
-        return f"{kind}.secagg.{cfg[Key.STAGE]}"
+    if cfg is not None and Key.STAGE in cfg:  # a secure sum's stages are named by its phase, training's by "train"
+        return f"{secure_phase(msg.metadata.group_id) or kind}.secagg.{cfg[Key.STAGE]}"
     return kind
 
 
@@ -174,27 +181,6 @@ def ledger_head(msg: Message, site: str) -> dict:
         "site": site,
         "reply_to": msg.metadata.message_id,
     }
-
-
-def ledger_entry(head: dict, reply: Message | None, error: str | None = None) -> dict:
-    """One ledger line for the ``reply`` a site sends (``head``: :func:`ledger_head`): for each record its
-    keys with shapes and dtypes (arrays) or types and lengths (metrics, configs). No value is copied."""
-    entry = dict(head)
-    if error is not None or reply is None or not reply.has_content():
-        entry["error"] = error or (f"code {reply.error.code}" if reply is not None else "no reply")
-        return entry
-    c = reply.content
-    records: dict = {}
-    for name, rec in c.array_records.items():
-        records[name] = {
-            "kind": "arrays",
-            "keys": {k: _describe_array(a) for k, a in rec.items()},
-        }
-    for kind, group in (("metrics", c.metric_records), ("config", c.config_records)):
-        for name, rec in group.items():
-            records[name] = {"kind": kind, "keys": {k: _describe_value(v) for k, v in rec.items()}}
-    entry["records"] = records
-    return entry
 
 
 def disclosure_mod(client_fn, ledger_for=None):
@@ -233,15 +219,60 @@ def finish_mod(client_fn):
         if kind is None:
             return call_next(msg, ctxt)
         client = client_fn(ctxt)
-        out = str(ctxt.node_config.get("out", "") or ctxt.run_config.get("out", "") or "")
         try:
             body = site_reply(client, kind, decode_record(str(msg.content.config_records["query"]["json"])),
-                              Path(out) if out else None)  # fmt: skip
+                              _site_out(ctxt))  # fmt: skip
         except REPEATING_ERRORS as e:
             raise site_data_error(client.site, e) from e
+        if client.cfg.federated.secagg:  # its numbers leave only inside a secure sum (secure_answer)
+            body = {k: v for k, v in body.items() if k not in SUMMED_KEYS[kind]}
         return Message(RecordDict({"finish": ConfigRecord({**body, "site": client.site})}), reply_to=msg)
 
     return mod
+
+
+def _site_out(ctxt: Context) -> Path | None:
+    out = str(ctxt.node_config.get("out", "") or ctxt.run_config.get("out", "") or "")
+    return Path(out) if out else None
+
+
+def secure_answer(client_fn):
+    """``answer(phase, request, context)``: the site's plain values for a secure sum (:mod:`.secure_sum_app`),
+    computed as the plain reply would be and checked by the same disclosure policy before they are masked."""
+
+    def answer(phase: str, request: dict, ctxt: Context) -> dict:
+        if phase.startswith("finish."):
+            client = client_fn(ctxt)
+            try:
+                body = site_reply(client, phase, request, _site_out(ctxt))
+                check_site_reply(client, phase, body)
+            except REPEATING_ERRORS as e:
+                raise site_data_error(client.site, e) from e
+            return {k: v for k, v in body.items() if k in SUMMED_KEYS[phase]}
+        site, spec, cfg = _node_site(ctxt)
+        k = cfg.federated.min_count
+        try:
+            time, event = local_event_times(spec, site, cfg)
+            if phase == "statistics.event_histogram":
+                counts = site_histogram(time[event], time_edges(float(request["end"]), int(request["bins"])), k)
+                check_histogram(_summary_facts(ctxt, site, k), "histogram.counts", counts, int(event.sum()))
+                return {"counts": counts}
+            summaries, n_train = local_summaries(spec, site, cfg)
+            facts = ConfigRecord({"n_train": n_train, "n_events": int(event.sum())})
+            ctxt.state.config_records[SUMMARY_FACTS_KEY] = facts
+            check_summaries(_summary_facts(ctxt, site, k), decode_record(encode_record(summaries)))
+            ceiling = follow_up_ceiling(time, k)
+            check_follow_up(_summary_facts(ctxt, site, k), ceiling)
+            return summaries_values(summaries, request["layout"], ceiling)
+        except REPEATING_ERRORS as e:
+            raise site_data_error(site, e) from e
+
+    return answer
+
+
+def _summary_facts(ctxt: Context, site: str, k: int) -> SiteFacts:
+    state = ctxt.state.config_records[SUMMARY_FACTS_KEY]
+    return SiteFacts(site, int(state["n_train"]), int(state["n_events"]), 0, 0, (), k)
 
 
 def make_client_app(client_fn, mods: list | None = None, ledger_for=None) -> ClientApp:
@@ -258,7 +289,8 @@ def make_client_app(client_fn, mods: list | None = None, ledger_for=None) -> Cli
         except REPEATING_ERRORS as e:
             raise site_data_error(str(context.node_config.get("site", f"node {context.node_id}")), e) from e
 
-    mods = [disclosure_mod(client_fn, ledger_for), *(mods or []), finish_mod(client_fn), _secagg_when_asked]
+    mods = [disclosure_mod(client_fn, ledger_for), *(mods or []), finish_mod(client_fn), _secagg_when_asked,
+            secure_sum_mod(secure_answer(client_fn))]  # fmt: skip
     return ClientApp(client_fn=build, mods=mods)
 
 
@@ -296,8 +328,11 @@ def _cohort_statistics_mod(msg: Message, ctxt: Context, call_next) -> Message:
             raise site_data_error(site, e) from e
         facts = {"n_train": n_train, "n_events": int(event.sum())}
         ctxt.state.config_records[SUMMARY_FACTS_KEY] = ConfigRecord(facts)
-        reply = RecordDict({"summaries": ConfigRecord({"json": encode_record(summaries)})})
         want = msg.content.config_records.get("want") if msg.has_content() else None
+        if want is not None and bool(want.get("layout", False)):  # SecAgg+: names now, numbers in a secure sum
+            return Message(RecordDict({"layout": ConfigRecord({"json": encode_record(summary_names(summaries))})}),
+                           reply_to=msg)  # fmt: skip
+        reply = RecordDict({"summaries": ConfigRecord({"json": encode_record(summaries)})})
         if want is not None and bool(want.get("follow_up", False)):
             reply["follow_up"] = ConfigRecord({"ceiling": follow_up_ceiling(time, k)})
         return Message(reply, reply_to=msg)

@@ -41,7 +41,15 @@ from pipeline.federated.policy import DisclosureError, SiteFacts, check_histogra
 from pipeline.federated.protocol import Arrays, load_arrays
 from pipeline.federated.site import SiteClient
 from pipeline.files import write_csv
-from pipeline.stats.curves import RISK_EDGES, SiteSummary, site_histogram, site_summary, time_edges
+from pipeline.stats.curves import (
+    RISK_EDGES,
+    BreslowBaseline,
+    SiteSummary,
+    combine,
+    site_histogram,
+    site_summary,
+    time_edges,
+)
 from pipeline.stats.metrics import concordant_pairs
 from pipeline.stats.risk_cuts import cutpoints_from_histogram, pooled_mean_sd
 from pipeline.training.module import model_kwargs
@@ -58,7 +66,8 @@ from pipeline.training.survival_summary import (
 log = logging.getLogger(__name__)
 
 PHASES = ("finish.moments", "finish.cutpoints", "finish.horizons", "finish.baseline", "finish.evaluate")
-Ask = Callable[[str, dict], dict[str, dict]]
+Ask = Callable[[str, dict], dict[str, dict]]  # under SecAgg+ it also has ``secure(cfg) -> SecureAsk``
+SecureAsk = Callable[[str, dict], dict[str, np.ndarray]]  # kind, request -> the sum over sites of each field
 MESSAGE_PREFIX = "query.finish_"  # Flower message types are query.<identifier>: finish.moments is query.finish_moments
 
 
@@ -202,10 +211,10 @@ def check_site_reply(client: SiteClient, kind: str, reply: dict) -> None:
         raise _fail(site, f"{kind}: undeclared key(s) {sorted(set(reply) - DECLARED.get(kind, set()))}")
     n_tr, n_ev = len(client.train_idx), client.n_events
     facts = SiteFacts(site, n_tr, n_ev, 0, 0, (), k)
-    if kind == "finish.moments":
-        if reply["n"] not in ({0, n_tr} if n_tr >= k else {0}):
+    if kind == "finish.moments":  # under SecAgg+ the plain reply lacks n, sum and sumsq (secure sum)
+        if "n" in reply and reply["n"] not in ({0, n_tr} if n_tr >= k else {0}):
             raise _fail(site, f"finish.moments: n = {reply['n']!r} is not the site's training count ({n_tr}, k={k})")
-        for key in ("sum", "sumsq", "dim.feature_dim", "dim.n_genes", "dim.n_clinical"):
+        for key in set(reply) & {"sum", "sumsq", "dim.feature_dim", "dim.n_genes", "dim.n_clinical"}:
             _number(site, key, reply[key])
         if not isinstance(reply["features"], str) or not isinstance(reply["time_unit"], str):
             raise _fail(site, "finish.moments: features and time_unit must be text")
@@ -257,29 +266,59 @@ def server_model(cfg: RunConfig, dims: dict[str, int], arrays: Arrays, time_bins
     return model.eval()
 
 
+def _summed(ask: Ask, secure: SecureAsk | None, kind: str, request: dict, keys: tuple[str, ...]) -> dict:
+    """The sum over sites of the histograms ``keys`` of the ``kind`` replies: from the secure sum when there is
+    one (SecAgg+: the server learns nothing else), else from the plain replies."""
+    if secure is not None:
+        got = secure(kind, request)
+        return {key: np.asarray(got[key]) for key in keys}
+    replies = ask(kind, request).values()
+    return {key: sum(np.asarray(r[key], np.int64) for r in replies) for key in keys}
+
+
 def finish_run(ask: Ask, cfg: RunConfig, stats: dict, arrays: Arrays) -> dict:
     """The server's half: query rounds over ``ask``; returns ``model`` (rebuilt), ``card`` fields (dims,
-    cut-points, features, horizons, baseline) and ``metrics`` (pooled test C from summed within-site pairs)."""
+    cut-points, features, horizons, baseline) and ``metrics`` (pooled test C from summed within-site pairs).
+
+    Under ``federated.secagg`` every summed reply comes from ``ask.secure(cfg)`` (SecAgg+, the transport's secure
+    sum); the plain ``finish.moments`` then carries only the model sizes, features identity and time unit, no
+    site gets its own baseline (each would be one site's values: every patient gets the pooled one) and no
+    per-site test metric is formed (``per_site`` empty)."""
     k = cfg.federated.min_count
+    secure = None
+    if cfg.federated.secagg:
+        if getattr(ask, "secure", None) is None:
+            raise ValueError("federated.secagg: the finish rounds need a transport with a secure sum (ask.secure)")
+        secure = ask.secure(cfg)  # type: ignore[attr-defined]
     mom = ask("finish.moments", {"arrays": arrays})
     if not mom:
         raise RuntimeError("finish.moments: no site answered")
     first = next(iter(mom.values()))
     dims = {name: int(first[f"dim.{name}"]) for name in ("feature_dim", "n_genes", "n_clinical")}
-    mean, sd = pooled_mean_sd([(r["n"], r["sum"], r["sumsq"]) for r in mom.values()], k)
-    hist = sum(np.asarray(r["counts"], np.int64) for r in ask("finish.cutpoints", {"arrays": arrays, "mean": mean,
-                                                                                     "sd": sd}).values())  # fmt: skip
-    cut = cutpoints_from_histogram(hist, RISK_EDGES, mean, sd)
+    if secure is not None:
+        m = secure("finish.moments", {"arrays": arrays})
+        parts = [(float(m["n"][0]), float(m["sum"][0]), float(m["sumsq"][0]))]
+    else:
+        parts = [(r["n"], r["sum"], r["sumsq"]) for r in mom.values()]
+    mean, sd = pooled_mean_sd(parts, k)
+    req = {"arrays": arrays, "mean": mean, "sd": sd}
+    cut = cutpoints_from_histogram(_summed(ask, secure, "finish.cutpoints", req, ("counts",))["counts"], RISK_EDGES,
+                                   mean, sd)  # fmt: skip
     unit = first["time_unit"] or None
     end = follow_up_end(stats.get("follow_up_ceilings", []), unit)
     hz = year_horizons(end, unit)
     if not hz:
-        counts = sum(np.asarray(r["counts"], np.int64) for r in ask("finish.horizons", {"end": end}).values())
-        hz = horizons_from_histogram(end, counts)
+        hz = horizons_from_histogram(end, _summed(ask, secure, "finish.horizons", {"end": end}, ("counts",))["counts"])
     model = server_model(cfg, dims, arrays, stats.get("time_bins"))
     out = {"model": model, "model_dims": dims, "cutpoints": cut, "horizons": hz, "sites": sorted(mom)}
     out["features"] = json.loads(first["features"]) if first["features"] else None
-    if model.n_bins == 0:
+    if model.n_bins == 0 and secure is not None:
+        grid = baseline_grid(end, hz)
+        b = secure("finish.baseline", {"arrays": arrays, "grid": grid.tolist()})
+        if b["events"].sum() > 0:
+            summed = SiteSummary(grid, b["events"].astype(float), b["risk_sum"])
+            out["baseline"] = BreslowBaseline(grid, combine([summed])).state()  # no per-site curve: pooled for all
+    elif model.n_bins == 0:
         grid = baseline_grid(end, hz)
         summ = {
             s: SiteSummary(grid, np.asarray(r["events"], float), np.asarray(r["risk_sum"], float))
@@ -287,8 +326,13 @@ def finish_run(ask: Ask, cfg: RunConfig, stats: dict, arrays: Arrays) -> dict:
         }
         if any(v.events.sum() > 0 for v in summ.values()):
             out["baseline"] = baseline_from_summaries(summ, baseline_min_events(k))
-    ev = ask("finish.evaluate", {"arrays": arrays, "cutpoints": cut, "scheme": cfg.evaluate.risk_groups})
-    out["metrics"] = pooled_test_metrics(ev, sorted(mom))
+    req = {"arrays": arrays, "cutpoints": cut, "scheme": cfg.evaluate.risk_groups}
+    if secure is not None:  # the sum only: every site's test pairs and counts (zeros from a site under k)
+        tot = {key: float(v[0]) for key, v in secure("finish.evaluate", req).items()}
+        out["metrics"] = pooled_test_metrics({"all sites": tot} if tot["n_test"] else {}, [])
+        out["metrics"].update(per_site={}, per_site_note="federated.secagg: the server learns only the sum over sites")
+    else:
+        out["metrics"] = pooled_test_metrics(ask("finish.evaluate", req), sorted(mom))
     return out
 
 

@@ -10,10 +10,13 @@ holds a float. Flower-free; the file is ``privacy_ledger.jsonl`` (JSON lines), r
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.files import write_text
 
@@ -70,3 +73,46 @@ def check_no_values(obj: Any, where: str = "ledger line") -> None:
     elif isinstance(obj, list | tuple):
         for i, v in enumerate(obj):
             check_no_values(v, f"{where}[{i}]")
+
+
+def describe_value(v) -> dict:
+    """A record entry's form: type and length (lists, bytes, strings), never the value."""
+    if isinstance(v, list):
+        kinds = sorted({type(x).__name__ for x in v})
+        return {"type": f"list[{'|'.join(kinds)}]" if kinds else "list", "len": len(v)}
+    if isinstance(v, bytes | str):
+        return {"type": type(v).__name__, "len": len(v)}
+    return {"type": type(v).__name__}
+
+
+def describe_array(a) -> dict:
+    """An array's shape and dtype (from its header for Flower's legacy ``numpy.ndarray`` bytes), and size."""
+    shape, dtype = list(a.shape), str(a.dtype)
+    if not shape and not dtype and a.stype == "numpy.ndarray":
+        fh = io.BytesIO(a.data)
+        read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(fh))
+        shp, _, dt = (read or np.lib.format.read_array_header_2_0)(fh)
+        shape, dtype = list(shp), str(dt)
+    return {"shape": shape, "dtype": dtype, "bytes": len(a.data)}
+
+
+def ledger_entry(head: dict, reply: Any, error: str | None = None) -> dict:
+    """One ledger line for the Flower ``reply`` (a ``Message``) a site sends (``head``: ``client_app.ledger_head``):
+    for each record its keys with shapes and dtypes (arrays) or types and lengths (metrics, configs). No value is
+    copied."""
+    entry = dict(head)
+    if error is not None or reply is None or not reply.has_content():
+        entry["error"] = error or (f"code {reply.error.code}" if reply is not None else "no reply")
+        return entry
+    c = reply.content
+    records: dict = {}
+    for name, rec in c.array_records.items():
+        records[name] = {
+            "kind": "arrays",
+            "keys": {k: describe_array(a) for k, a in rec.items()},
+        }
+    for kind, group in (("metrics", c.metric_records), ("config", c.config_records)):
+        for name, rec in group.items():
+            records[name] = {"kind": kind, "keys": {k: describe_value(v) for k, v in rec.items()}}
+    entry["records"] = records
+    return entry

@@ -71,6 +71,16 @@ def clip_l2(arrays: Arrays, max_norm: float) -> tuple[Arrays, float]:
 SECAGG_QUANTISATION = 2**26  # with modulus 2**32, up to 64 sites sum without overflow
 
 
+def secagg_shares_threshold(shares: int | None, threshold: int | None, n_sites: int) -> tuple[int, int]:
+    """SecAgg+ ``(shares, reconstruction threshold)`` for ``n_sites``: by default every site holds a share of
+    every site's secrets and a strict majority of the shares (``shares // 2 + 1``) reconstructs them, so the
+    server colluding with any minority of the sites cannot unmask an update; at most ``shares - threshold``
+    sites may drop out of a round. Both are capped so that Flower accepts them (threshold below the shares)."""
+    n_shares = min(shares or n_sites, n_sites)
+    t = threshold if threshold is not None else n_shares // 2 + 1
+    return n_shares, max(2, min(t, n_shares - 1)) if n_shares > 2 else min(t, n_shares)
+
+
 STATS_KEY = "histofuse.cohort_statistics"  # where a site keeps the cohort-level normalisers it was sent
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time as _time
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,10 @@ from pipeline.federated.protocol import (
     encode_record,
     is_repeating_failure,
     run_config_from_flower,
+    secagg_shares_threshold,
 )
+from pipeline.federated.secure_sum_app import secure_event_histogram, secure_finish_ask, secure_summaries
 from pipeline.federated.server import FederatedServer
-from pipeline.files import write_json
 from pipeline.omics.normalise import fit_normalisers
 
 log = logging.getLogger(__name__)
@@ -225,16 +227,6 @@ class _TimeoutGrid(Grid):
         return list(by_node.values())
 
 
-def secagg_shares_threshold(shares: int | None, threshold: int | None, n_sites: int) -> tuple[int, int]:
-    """SecAgg+ ``(shares, reconstruction threshold)`` for ``n_sites``: by default every site holds a share of
-    every site's secrets and a strict majority of the shares (``shares // 2 + 1``) reconstructs them, so the
-    server colluding with any minority of the sites cannot unmask an update; at most ``shares - threshold``
-    sites may drop out of a round. Both are capped so that Flower accepts them (threshold below the shares)."""
-    n_shares = min(shares or n_sites, n_sites)
-    t = threshold if threshold is not None else n_shares // 2 + 1
-    return n_shares, max(2, min(t, n_shares - 1)) if n_shares > 2 else min(t, n_shares)
-
-
 def serve(
     grid: Grid,
     context: Context,
@@ -287,8 +279,8 @@ def exchange_cohort_statistics(grid: Grid, cfg: RunConfig, timeout: float = 3600
     nll = cfg.train.loss == "nll"
     want = RecordDict({"want": ConfigRecord({"follow_up": True})})  # ceilings: time grids after training too
     ask = [Message(want, nid, "query.summaries", group_id="statistics") for nid in nodes]
-    summaries, ceilings = [], []
-    for reply in grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
+    summaries, ceilings = secure_summaries(grid, nodes, cfg) if cfg.federated.secagg else ([], [])  # SecAgg+: sums
+    for reply in [] if cfg.federated.secagg else grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
         if reply.has_error():
             if is_repeating_failure(reply.error.reason):
                 raise SiteDataError(f"statistics exchange: {reply.error.reason}")
@@ -326,6 +318,8 @@ def exchange_time_bins(grid: Grid, nodes: list[int], end: float, cfg: RunConfig)
 
     if end <= 0:
         raise ValueError(f"discrete-time bins: no site has federated.min_count={cfg.federated.min_count} patients")
+    if cfg.federated.secagg:  # the sum of the sites' histograms only (secure_sum_app)
+        return bins_from_histogram(time_edges(end), secure_event_histogram(grid, end, cfg), cfg.train.n_bins)
     grid_rec = RecordDict({"grid": ConfigRecord({"end": float(end), "bins": TIME_BINS})})
     ask = [Message(grid_rec, nid, "query.event_histogram", group_id="statistics") for nid in nodes]
     total = np.zeros(TIME_BINS, np.int64)
@@ -359,35 +353,35 @@ def finish_ask(grid: Grid, timeout: float | None):
             out[str(rec.pop("site"))] = rec
         return out
 
+    ask.secure = partial(secure_finish_ask, grid)  # type: ignore[attr-defined]  # SecAgg+ sums for finish_run
     return ask
 
 
 server_app = ServerApp()
 
 
+def run_server(grid: Grid, context: Context, cfg: RunConfig, server: FederatedServer, names: list[str] | None = None,
+               node_site: dict[int, str] | None = None, finish: bool = True):  # fmt: skip
+    """The ServerApp body of both runtimes (deployment: :func:`_deployed_main`; embedded: ``embedded.py``): the
+    statistics exchange, the training rounds (:func:`serve`), then the finish query rounds on the kept weights
+    (:func:`pipeline.federated.lifecycle.after_training`). Returns its ``LifecycleResult``."""
+    from pipeline.federated.lifecycle import after_training, warn_unset_min_sites
+
+    stats = exchange_cohort_statistics(grid, cfg)
+    server.roster = len(list(grid.get_node_ids()))  # the sites connected at the statistics exchange
+    warn_unset_min_sites(cfg, server.roster)
+    strategy = serve(grid, context, server, names, node_site)
+    ask = finish_ask(grid, cfg.federated.round_timeout) if finish else None
+    return after_training(ask, cfg, stats, server, strategy.node_site)
+
+
 @server_app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
-    """Deployment ServerApp: statistics exchange, training (state and history under ``out/federated``), then the
-    post-training query rounds (:mod:`pipeline.federated.finish`): model file, metrics and summary in ``out``."""
-    cfg = run_config_from_flower(dict(context.run_config))
-    out = Path(cfg.out) / "federated"
-    resume = str(context.run_config.get("resume", "false")).lower() == "true"
-    stats = exchange_cohort_statistics(grid, cfg)
-    server = FederatedServer(cfg, None, out, resume=resume)
-    server.roster = len(list(grid.get_node_ids()))  # the sites connected at the statistics exchange
-    if cfg.federated.min_sites is None:
-        log.warning(
-            "federated.min_sites not set: every one of the %d SuperNode(s) connected now must answer every round "
-            "(set federated.min_sites to the consortium's size so the run waits for late sites)",
-            server.roster,
-        )
-    strategy = serve(grid, context, server, None)
-    info = {**server.summary(), "sites": sorted(set(strategy.node_site.values()))}
-    write_json(out / "federated_history.json", info)
-    log.info("federated run finished: best round %d; state in %s", info["best_round"], out)
-    from pipeline.federated.finish import finish_run, write_outputs
+    """Deployment ServerApp: :func:`run_server` (state and history under ``out/federated``), then the run folder
+    from the sites' aggregates: model file, metrics, summary and what the report needs (``lifecycle``)."""
+    from pipeline.federated.lifecycle import write_deployment
 
-    assert server.best is not None
-    parts = finish_run(finish_ask(grid, cfg.federated.round_timeout), cfg, stats, server.best[2])
-    written = write_outputs(Path(cfg.out), cfg, stats, parts, {"mode": "federated", "runtime": "deployment", **info})
-    log.info("model and test metrics from the sites' aggregates: %s", ", ".join(str(p) for p in written.values()))
+    cfg = run_config_from_flower(dict(context.run_config))
+    resume = str(context.run_config.get("resume", "false")).lower() == "true"
+    server = FederatedServer(cfg, None, Path(cfg.out) / "federated", resume=resume)
+    write_deployment(Path(cfg.out), cfg, run_server(grid, context, cfg, server))

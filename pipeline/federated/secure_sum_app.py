@@ -1,0 +1,217 @@
+"""Secure sums over Flower's SecAgg+: the server learns only the sum over sites of a phase's numbers.
+
+Under ``federated.secagg`` the statistics exchange (site summaries and follow-up ceilings, the discrete-time
+event histogram) and the post-training ``finish.*`` rounds send their numbers this way instead of in plain text.
+:func:`secure_sum` drives Flower's legacy ``SecAggPlusWorkflow`` over one fit round whose "update" is the
+phase's vector (:mod:`pipeline.federated.secure_sum`: every count and fixed-point digit a whole SecAgg+ input, so
+the sum is exact) and whose weight is 1 at every site; the site side is :func:`secure_sum_mod`, the innermost
+ClientApp mod, which answers the round's ``train`` message from the site's own patients after the disclosure
+policy has checked the plain values (cells and bins under k are suppressed or merged first, as in plain runs).
+Every stage reply is in the site's ledger as ``<phase>.secagg.<stage>`` (e.g. ``statistics.summaries.secagg.
+collect_masked_vectors``). Names (genes, columns, categories) travel in plain first: the layout of the sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from data_specs.config import RunConfig
+from pipeline.federated.protocol import (
+    SiteDataError,
+    decode_record,
+    encode_record,
+    is_repeating_failure,
+    secagg_shares_threshold,
+)
+from pipeline.federated.secure_sum import (
+    CLIP,
+    GROUP_PREFIX,
+    MAX_SITES,
+    MODULUS,
+    QUANTISATION,
+    REQUEST_KEY,
+    decode,
+    encode,
+    largest_ceiling,
+    merge_names,
+    phase_layout,
+    summaries_from_sum,
+)
+from pipeline.stats.curves import TIME_BINS
+
+log = logging.getLogger(__name__)
+
+SecureAsk = Callable[[str, dict], dict[str, np.ndarray]]
+
+
+class _SumStrategy(Strategy):
+    """The legacy Strategy SecAgg+ needs: every node asked once for ``phase``; keeps the unmasked sum."""
+
+    def __init__(self, grid: Grid, nodes: list[int], phase: str, request: dict):
+        self.grid, self.nodes = grid, nodes
+        self.config = {REQUEST_KEY: phase, "json": encode_record(request)}
+        self.total: np.ndarray | None = None
+        self.n_sites = 0
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        ins = FitIns(Parameters([], "numpy.ndarray"), dict(self.config))
+        return [(GridClientProxy(n, self.grid, self.grid.run.run_id), ins) for n in self.nodes]
+
+    def aggregate_fit(self, server_round, results, failures):
+        if results:  # Flower hands the sum divided by the total weight (1 per site): scale it back
+            self.n_sites = len(results)
+            self.total = parameters_to_ndarrays(results[0][1].parameters)[0] * self.n_sites
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class _Watched(Grid):
+    """Forwards to a Grid; a site's error reply that will repeat (:class:`SiteDataError`) stops the run."""
+
+    def __init__(self, inner: Grid, phase: str, timeout: float | None):
+        self.inner, self.phase, self.timeout = inner, phase, timeout
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout if timeout is not None else self.timeout))
+        for r in replies:
+            if r.has_error():
+                if is_repeating_failure(r.error.reason):
+                    raise SiteDataError(f"{self.phase} (secure sum): {r.error.reason}")
+                log.warning("%s: node %s dropped from the secure sum (%s)", self.phase, r.metadata.src_node_id,
+                            r.error.reason)  # fmt: skip
+        return replies
+
+
+def secure_sum(grid: Grid, cfg: RunConfig, phase: str, request: dict) -> tuple[dict[str, np.ndarray], int]:
+    """The sum over every node of its ``phase`` vector for ``request`` (SecAgg+, weight 1 per site), decoded on
+    :func:`~pipeline.federated.secure_sum.phase_layout`; and the number of sites in the sum. The shares and the
+    reconstruction threshold are the training's (``federated.secagg_shares`` / ``secagg_threshold``)."""
+    nodes = sorted(grid.get_node_ids())
+    if not 2 <= len(nodes) <= MAX_SITES:
+        raise ValueError(f"{phase}: a secure sum needs 2..{MAX_SITES} sites, {len(nodes)} connected")
+    fc = cfg.federated
+    n_shares, threshold = secagg_shares_threshold(fc.secagg_shares, fc.secagg_threshold, len(nodes))
+    strategy = _SumStrategy(grid, nodes, phase, request)
+    ctx = LegacyContext(Context(grid.run.run_id, SUPERLINK_NODE_ID, {}, RecordDict(), {}), strategy=strategy)
+    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: GROUP_PREFIX + phase})
+    ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters([]), True)
+    workflow = SecAggPlusWorkflow(
+        num_shares=n_shares if n_shares > 2 else 1.0,
+        reconstruction_threshold=threshold,
+        max_weight=1.0,
+        clipping_range=CLIP,
+        quantization_range=QUANTISATION,
+        modulus_range=MODULUS,
+        timeout=fc.round_timeout,
+    )
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.WARNING)
+    try:
+        workflow(_Watched(grid, phase, fc.round_timeout), ctx)
+    finally:
+        flwr_log.setLevel(level)
+    if strategy.total is None:
+        raise RuntimeError(f"{phase}: the secure sum did not complete (too few sites answered every SecAgg+ stage)")
+    return decode(phase_layout(phase, request), strategy.total), strategy.n_sites
+
+
+def secure_summaries(grid: Grid, nodes: list[int], cfg: RunConfig) -> tuple[list[dict], list[float]]:
+    """The statistics exchange under SecAgg+: each site sends the names of its summaries in plain
+    (``query.summaries`` with ``want.layout``), then its counts, sums and follow-up ceiling (one-hot on the
+    pre-agreed grid) in a secure sum on the merged names. Returns ``([summed summaries], [largest ceiling])``,
+    the form of the plain exchange's per-site lists (the normalisers and grids use only their sums and maximum)."""
+    want = RecordDict({"want": ConfigRecord({"layout": True})})
+    ask = [Message(want, nid, "query.summaries", group_id="statistics") for nid in nodes]
+    names = []
+    for reply in grid.send_and_receive(ask, timeout=cfg.federated.round_timeout):
+        if reply.has_error():
+            if is_repeating_failure(reply.error.reason):
+                raise SiteDataError(f"statistics exchange: {reply.error.reason}")
+            log.warning("node %s sent no summary names (%s)", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        names.append(decode_record(str(reply.content.config_records["layout"]["json"])))
+    merged = merge_names(names)
+    total, n = secure_sum(grid, cfg, "statistics.summaries", {"layout": merged})
+    log.info("site summaries: the sum over %d site(s) under SecAgg+", n)
+    return [summaries_from_sum(merged, total)], [largest_ceiling(total["follow_up"])]
+
+
+def secure_event_histogram(grid: Grid, end: float, cfg: RunConfig) -> np.ndarray:
+    """The summed training event-time histogram on ``time_edges(end)`` (bins under k merged at each site)."""
+    return secure_sum(grid, cfg, "statistics.event_histogram", {"end": float(end), "bins": TIME_BINS})[0]["counts"]
+
+
+def secure_finish_ask(grid: Grid, cfg: RunConfig) -> SecureAsk | None:
+    """``secure(kind, request) -> summed fields`` for :func:`pipeline.federated.finish.finish_run` under SecAgg+
+    (None otherwise: every finish reply is then plain)."""
+    if not cfg.federated.secagg:
+        return None
+    return lambda kind, request: secure_sum(grid, cfg, kind, request)[0]
+
+
+Answer = Callable[[str, dict, Context], dict[str, Any]]
+
+
+def secure_sum_mod(answer: Answer):
+    """The innermost ClientApp mod: a ``train`` message whose config asks for a secure sum
+    (:data:`~pipeline.federated.secure_sum.REQUEST_KEY`) is answered with the phase's vector, ``answer(phase,
+    request, context)`` (the site's plain values, already through the disclosure policy), encoded for SecAgg+
+    with weight 1; Flower's ``secaggplus_mod`` around it masks the vector before anything leaves."""
+
+    def mod(msg: Message, ctxt: Context, call_next) -> Message:
+        cfg = msg.content.config_records.get("fitins.config") if msg.has_content() else None
+        if msg.metadata.message_type != "train" or cfg is None or REQUEST_KEY not in cfg:
+            return call_next(msg, ctxt)
+        phase, request = str(cfg[REQUEST_KEY]), decode_record(str(cfg["json"]))
+        vec = encode(phase_layout(phase, request), answer(phase, request, ctxt))
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vec]), 1, {})
+        return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+    return mod
