@@ -534,3 +534,49 @@ def test_a_plain_summary_or_finish_number_under_secagg_is_stopped(finish_cohort,
         recs = m.content.config_records if m.has_content() else {}
         assert "summaries" not in recs and not ("finish" in recs and "sum" in recs["finish"])
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_secagg_statistics_exchange_with_omics_and_discrete_time_equals_the_plain_one(clinical_omics_cohort, tmp_path):
+    """Omics and clinical summaries and the event-time histogram under SecAgg+: every site gets the normalisers
+    and discrete-time bins the plain exchange gives (float64 rounding), the event histogram and the summaries
+    travel only as secure sums (ledger phases), and the sites' plain replies carry names only."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from pipeline.federated.client_app import client_app
+    from pipeline.federated.embedded import InProcessGrid
+    from pipeline.federated.ledger import read_ledger
+    from pipeline.federated.protocol import STATS_KEY, decode_record
+    from pipeline.federated.server_app import server_app
+
+    sites = load_cohort(clinical_omics_cohort).sites
+    rc = {**RUN_CONFIG, "federated.min_count": 2, "train.loss": "nll", "train.n_bins": 3, "federated.rounds": 1}
+    got = {}
+    for name, extra in (("plain", {}), ("secure", {"federated.secagg": True})):
+        nodes = {500 + k: s for k, s in enumerate(sites)}
+        out = tmp_path / name
+        grid = InProcessGrid(
+            {nid: (s, client_app) for nid, s in nodes.items()},
+            node_configs={
+                nid: {"site": s, "cohort": str(clinical_omics_cohort), "out": str(out)} for nid, s in nodes.items()
+            },  # fmt: skip
+            run_config={**rc, **extra, "out": str(out), "config": "", "resume": False},
+            audit=True,
+        )
+        server_app(grid, Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[500].run_config)))
+        got[name] = [decode_record(str(c.state.config_records[STATS_KEY]["json"])) for c in grid.contexts.values()]
+        if extra:
+            plain_recs = [set(m.content.config_records) for _, m in grid.sent
+                          if m.has_content() and m.metadata.group_id == "statistics"]  # fmt: skip
+            assert plain_recs and all(r <= {"layout", "ack"} for r in plain_recs)
+            phases = {x["phase"] for s in sites for x in read_ledger(out / f"privacy_ledger.{s}.jsonl")}
+            assert {"statistics.summaries.secagg.unmask", "statistics.event_histogram.secagg.unmask"} <= phases
+    p, s = got["plain"][0], got["secure"]
+    assert all(x["time_bins"] == p["time_bins"] for x in s)
+    for x in s:
+        assert x["omics"]["genes"] == p["omics"]["genes"] and x["clinical"]["columns"] == p["clinical"]["columns"]
+        np.testing.assert_allclose(x["omics"]["mean"], p["omics"]["mean"], rtol=1e-12)
+        np.testing.assert_allclose(x["omics"]["std"], p["omics"]["std"], rtol=1e-9)
+        np.testing.assert_allclose(x["clinical"]["mean"], p["clinical"]["mean"], rtol=1e-12)
+        np.testing.assert_allclose(x["clinical"]["std"], p["clinical"]["std"], rtol=1e-9)
+        assert x["clinical"]["categories"] == p["clinical"]["categories"]
