@@ -72,6 +72,18 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {
     "skip_sgd_lr0.03": (["model.skip=linear", "train.optimizer=sgd", "train.lr=0.03"], set()),
     "skip_mil_mean": (["model.skip=linear", "model.mil=gated_attention_mean"], set()),
     "skip_cindex": (["model.skip=linear", "train.select=cindex"], set()),
+    # the fitted linear family as a frozen offset + the gated residual (model.skip=fitted), and the offset alone
+    "linear_cv": (["model.family=linear"], set()),
+    "fitted": (["model.skip=fitted"], set()),
+    "fitted_pen1": (["model.skip=fitted", "train.residual_penalty=1"], set()),
+    "fitted_pen10": (["model.skip=fitted", "train.residual_penalty=10"], set()),
+    "fitted_pen100": (["model.skip=fitted", "train.residual_penalty=100"], set()),
+    "fitted_lr3e-4": (["model.skip=fitted", "train.lr=3e-4"], set()),
+    # the same without validation (the last of 60 epochs kept), as a federated run at 120 patients keeps its last round
+    "fitted_last": (["model.skip=fitted"], {"noval"}),
+    "fitted_pen1_last": (["model.skip=fitted", "train.residual_penalty=1"], {"noval"}),
+    "fitted_pen10_last": (["model.skip=fitted", "train.residual_penalty=10"], {"noval"}),
+    "fitted_pen100_last": (["model.skip=fitted", "train.residual_penalty=100"], {"noval"}),
     "tile_std": ([], {"std"}),
     "tile_layernorm": ([], {"ln"}),
 }
@@ -250,7 +262,8 @@ def _validation_table(rows: list[dict[str, Any]], variants: list[str]) -> dict[s
         d = np.array([r["cindex"] - ref[r["fold"]] for r in rv if r["fold"] in ref])
         dm, ds = (d.mean(), d.std(ddof=1)) if len(d) > 1 else (float("nan"), float("nan"))
         means[v] = c
-        ep, fs = np.mean([r["best_epoch"] for r in rv]), np.mean([r["train_s"] for r in rv])
+        ep = np.mean([np.nan if r["best_epoch"] is None else r["best_epoch"] for r in rv])  # None: a full-batch fit
+        fs = np.mean([r["train_s"] for r in rv])
         print(f"{v:18s} {c:8.3f} {cs:8.3f} {dm:+8.3f} {ds:8.3f} {lo:8.3f} {ep:8.1f} {fs:8.0f}")
     return means
 
