@@ -515,6 +515,18 @@ def test_read_ahead_thread_gives_the_same_features_file(tmp_path, slides, enc):
         np.testing.assert_array_equal(runs[ahead][0], runs[0][0])  # same encoder, same batches: identical
 
 
+def test_direct_tiff_reader_gives_the_same_features_file_as_openslide(tmp_path, slides, enc):
+    runs = {}
+    for reader in ("auto", "openslide"):
+        cfg = CFG.model_copy(update={"tile_reader": reader})
+        (r,) = extract_slides([slides["good"]], tmp_path / reader, enc, cfg, progress=False)
+        assert r.status == "done" and r.tiles == 9
+        runs[reader] = load_features(tmp_path / reader / "good.h5")
+    assert runs["auto"][2]["tile_reader"] == "tiff" and runs["openslide"][2]["tile_reader"] == "openslide"
+    np.testing.assert_array_equal(runs["auto"][1], runs["openslide"][1])
+    np.testing.assert_array_equal(runs["auto"][0], runs["openslide"][0])  # the same pixels, the same features
+
+
 def test_prefetcher_keeps_order_bounds_memory_and_hands_errors_over():
     from pipeline.slides.prefetch import Prefetcher
 
@@ -560,14 +572,14 @@ def test_unreadable_tiles_mid_slide_fail_that_slide_only_with_read_ahead(tmp_pat
 
     from pipeline.slides import reader
 
-    real = reader.TileDataset.read_rgba
+    real = reader.TileDataset.read_rgb
 
     def broken(self, i):
         if i == 5:
             raise openslide.OpenSlideError("Not a JPEG file")
         return real(self, i)
 
-    monkeypatch.setattr(reader.TileDataset, "read_rgba", broken)
+    monkeypatch.setattr(reader.TileDataset, "read_rgb", broken)
     cfg = CFG.model_copy(update={"read_ahead": 2, "max_background": 1.0})
     res = extract_slides([slides["good"], slides["blank"]], tmp_path, enc, cfg, progress=False)
     assert [r.status for r in res] == ["failed", "empty"]

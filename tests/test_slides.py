@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -134,15 +135,83 @@ def test_tiles_map_back_to_level0_pixels(tmp_path, he_rgb):
     assert len(g.coords) == 9  # the 672 px tissue square holds 3 x 3 tiles of 224 level-0 px
     assert g.coords[:, 0].max() + g.size0 <= 672 and g.coords[:, 1].max() + g.size0 <= 672
     ds = TileDataset(p, g)
+    assert ds.reader_kind == "tiff"
     for i in (0, 4, 8):
         x, y = g.coords[i]
         tile, idx, keep = ds[i]
-        assert tile.dtype == np.uint8 and tile.shape == (112, 112, 4) and idx == i and keep
-        assert (tile[..., 3] == 255).all()  # opaque: inside the slide
+        assert tile.dtype == np.uint8 and tile.shape == (112, 112, 3) and idx == i and keep
+        assert (ds.read_rgba(i)[..., 3] == 255).all()  # opaque: inside the slide
+        assert np.array_equal(tile, ds.read_rgba(i)[..., :3])  # the direct TIFF read is OpenSlide's pixels
         ref = np.asarray(Image.fromarray(he_rgb[y : y + 224, x : x + 224]).resize((112, 112), Image.BILINEAR), float)
         assert np.abs(tile[..., :3] - ref).mean() < 12, "tile does not show the source pixels"
         wrong = np.asarray(Image.fromarray(he_rgb[y + 112 : y + 336, x : x + 224]).resize((112, 112)), float)
         assert np.abs(tile[..., :3] - wrong).mean() > 20  # the check can tell a shifted tile
+
+
+def _slide_file(kind: str, tmp_path: Path, he_rgb: np.ndarray) -> Path:
+    if kind == "svs":  # a real scanner's file: YCbCr JPEG tiles with shared tables
+        return ASSETS / "cmu_small_region.svs"
+    p = tmp_path / f"{kind}.tif"
+    big = np.concatenate([he_rgb, he_rgb[::-1]], axis=0)[:, :1000]  # 1,200 x 1,000: edge tiles are partial
+    write_pyramid_tiff(p, big, mpp=0.25) if kind == "aperio" else _generic_tiff(p, big, 0.25)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["aperio", "generic", "svs"])
+def test_direct_tiff_regions_are_openslides_pixels(tmp_path, he_rgb, kind):
+    """Regions decoded straight from the TIFF equal OpenSlide's exactly: across JPEG tile borders, at level 0
+    and 1, and past the level's right and bottom edge (OpenSlide's transparent pixels are black)."""
+    from pipeline.slides.tiff_tiles import tiff_level
+
+    p = _slide_file(kind, tmp_path, he_rgb)
+    s = openslide.OpenSlide(str(p))
+    rng = np.random.default_rng(0)
+    assert s.level_count >= (1 if kind == "svs" else 2)
+    for level in range(min(2, s.level_count)):
+        ds = float(s.level_downsamples[level])
+        lw, lh = s.level_dimensions[level]
+        lv = tiff_level(p, s, level, [(0, 0, 300, 300)])
+        assert lv is not None, f"{kind} level {level}: no direct reader"
+        regions = [(250, 250, 20, 20), (lw - 100, lh - 50, 300, 120), (0, 0, lw + 7, 9)]
+        regions += [(int(rng.integers(0, lw - 1)), int(rng.integers(0, lh - 1)), 448, 448) for _ in range(6)]
+        for x, y, w, h in regions:
+            ref = np.asarray(s.read_region((int(x * ds), int(y * ds)), level, (w, h)))
+            got = lv.region(x, y, w, h)
+            assert got.shape == (h, w, 3)
+            np.testing.assert_array_equal(got, ref[..., :3], err_msg=f"{kind} level {level} region {(x, y, w, h)}")
+        lv.close()
+
+
+def test_tile_reader_falls_back_to_openslide(tmp_path, he_rgb, monkeypatch, caplog):
+    """OpenSlide reads the tiles of a plain image, of a grid off its level's pixels, when asked, and when the
+    direct decoding disagrees with it on the check tiles; the tiles are the same either way."""
+    from pipeline.slides import tiff_tiles
+
+    p = _slide_file("aperio", tmp_path, he_rgb)
+    s = open_slide(p)
+    mask = np.ones((10, 10), bool)
+    g = tile_grid(s, mask, 0.25, 0.5, 112, 0.0)  # level 1, tiles at even level-0 pixels
+    auto, forced = TileDataset(p, g), TileDataset(p, g, tile_reader="openslide")
+    assert auto.reader_kind == "tiff" and forced.reader_kind == "openslide"
+    for i in (0, len(g.coords) // 2, len(g.coords) - 1):
+        np.testing.assert_array_equal(auto[i][0], forced[i][0])
+    shifted = g.subset(slice(None))
+    object.__setattr__(shifted, "coords", g.coords + 1)  # odd level-0 pixels: half a pixel at level 1
+    assert TileDataset(p, shifted).reader_kind == "openslide"
+    png = tmp_path / "plain.png"
+    Image.fromarray(he_rgb).save(png)
+    assert TileDataset(png, tile_grid(open_slide(png), mask, 0.5, 0.5, 112, 0.0)).reader_kind == "openslide"
+    real = tiff_tiles.TiffLevel.region
+
+    def off_by_one(self, *a):
+        return real(self, *a) ^ np.uint8(1)
+
+    monkeypatch.setattr(tiff_tiles.TiffLevel, "region", off_by_one)
+    with caplog.at_level(logging.INFO, logger="pipeline.slides.tiff_tiles"):
+        assert TileDataset(p, g).reader_kind == "openslide"
+    assert "differs by up to 1" in caplog.text
+    with pytest.raises(ValueError, match="tile_reader"):
+        TileDataset(p, g, tile_reader="pil")
 
 
 def test_overlap_grid_and_level_choice(tmp_path, he_rgb):

@@ -88,8 +88,9 @@ def choose_batch_size(fits, start: int = 32, cap: int = 2048) -> int:
 class EncoderRunner:
     """The encoder placed for inference: device, autocast precision, channels-last, optional ``torch.compile``.
 
-    ``runner(tiles)`` maps uint8 tiles, ``[B, 3, h, w]`` or as the reader yields them ``[B, h, w, 4]`` (RGBA;
-    alpha dropped on the device), to ``[B, D]`` float32 features on the CPU. On CUDA, the device-to-host copy
+    ``runner(tiles)`` maps uint8 tiles, ``[B, 3, h, w]`` or as the reader yields them ``[B, h, w, 3]`` (RGB, a
+    channels-last view at no copy; ``[B, h, w, 4]`` RGBA has its alpha dropped on the device), to ``[B, D]``
+    float32 features on the CPU. On CUDA, the device-to-host copy
     of one batch overlaps the next (``submit`` / ``collect``).
     """
 

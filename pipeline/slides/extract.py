@@ -6,7 +6,7 @@ File layout (TRIDENT-like)::
     coords    [N, 2] int64       top-left (x, y) of each tile at level 0
     attrs     encoder, weights, feature_kind, dim, tile_px, target_mpp, overlap_px, slide_mpp, level,
               read_px, size0, min_tissue, thumbnail_px, remove_pen, max_background, slide_id, slide_path,
-              slide_fingerprint, n_tiles, n_rejected, precision, optimize, format_version, complete
+              slide_fingerprint, n_tiles, n_rejected, precision, optimize, tile_reader, format_version, complete
 
 Beside it: ``<slide_id>.thumb.jpg`` (the thumbnail), ``<slide_id>.mask.png`` (tissue mask, 255 = tissue) and
 ``<slide_id>.tissue.geojson`` (tissue contours in level-0 pixels, a FeatureCollection QuPath imports).
@@ -103,7 +103,7 @@ def slide_fingerprint(path: Path) -> str:
 
 
 def _slide_attrs(
-    sid: str, path: Path, want: dict, dims: tuple[int, int], thumb, grid: TileGrid, enc, precision: str, optimize: str
+    sid: str, path: Path, want: dict, dims: tuple[int, int], thumb, grid: TileGrid, enc, runner, tile_reader: str
 ):
     return {
         **want,
@@ -118,8 +118,9 @@ def _slide_attrs(
         "level": grid.level,
         "read_px": grid.read_px,
         "size0": grid.size0,
-        "precision": precision,
-        "optimize": optimize,  # how the encoder graph ran: trace (jit traced + frozen) or none (eager)
+        "precision": runner.precision,
+        "optimize": runner.optimize,  # how the encoder graph ran: trace (jit traced + frozen) or none (eager)
+        "tile_reader": tile_reader,  # tiff (the level's tiles decoded directly, OpenSlide's pixels) or openslide
     }
 
 
@@ -175,10 +176,15 @@ def extract_slide(
         slide.close()
     _write_tissue_files(out_dir, sid, thumb, mask, dims)
     runner = runner or EncoderRunner(enc, cfg)
-    attrs = _slide_attrs(sid, path, want, dims, thumb, grid, enc, runner.precision, runner.optimize)
+    ds = TileDataset(path, grid, tissue, cfg.tile_reader)
+    try:
+        attrs = _slide_attrs(sid, path, want, dims, thumb, grid, enc, runner, ds.reader_kind)
+    except openslide.OpenSlideError as e:
+        ds.close()
+        raise SlideError(f"{path}: reading tiles failed ({e}); the file may be truncated or corrupt") from e
     bar = Progress(len(grid.coords), f"{sid} tiles", "tile", enabled=progress, leave=False)
     with bar, features_writer(out, enc.dim, attrs) as writer:
-        rejected = encode_tiles(path, grid, runner, cfg, tissue, writer, on_tiles=bar.update)
+        rejected = encode_tiles(path, grid, runner, cfg, tissue, writer, on_tiles=bar.update, dataset=ds)
         writer.finish(rejected)
     n = writer.n
     if n == 0:
@@ -214,10 +220,12 @@ def encode_tiles(
     tissue: TissueSettings,
     writer: FeaturesWriter,
     on_tiles: Callable[[int], object] | None = None,
+    dataset: TileDataset | None = None,
 ) -> int:
     """Stream the grid's tiles through the encoder into ``writer`` batch by batch; returns the tiles rejected.
 
-    ``on_tiles(n)`` is called after each batch read with its number of tiles (kept and rejected).
+    ``on_tiles(n)`` is called after each batch read with its number of tiles (kept and rejected). ``dataset``:
+    the grid's :class:`TileDataset` if the caller made it (closed here); by default one with ``cfg.tile_reader``.
 
     Holds at most the prefetched batches and one batch of features; never all tiles of a slide. With no
     DataLoader workers, a reader thread reads ``cfg.read_ahead`` batches ahead of the encoder
@@ -226,10 +234,11 @@ def encode_tiles(
     """
     import openslide
 
+    ds = dataset if dataset is not None else TileDataset(path, grid, tissue, cfg.tile_reader)
     if not len(grid.coords):
+        ds.close()
         return 0
     rejected = 0
-    ds = TileDataset(path, grid, tissue)
     workers = cfg.num_workers
     loader = torch.utils.data.DataLoader(
         ds,
@@ -244,7 +253,7 @@ def encode_tiles(
     ahead = Prefetcher(lambda: loader, cfg.read_ahead) if not workers and cfg.read_ahead else nullcontext(loader)
     try:
         with ahead as batches:
-            for x, idx, keep in batches:  # x [B, h, w, 4] uint8 RGBA; in grid order
+            for x, idx, keep in batches:  # x [B, h, w, 3] uint8 RGB; in grid order
                 if on_tiles is not None:
                     on_tiles(len(keep))
                 if not bool(keep.all()):
