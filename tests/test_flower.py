@@ -479,15 +479,10 @@ def test_secagg_deployment_sends_every_sum_masked_and_equals_the_plain_run(finis
 
 def _leaky_app(monkeypatch, *, summaries: bool = False, finish: bool = False):
     """The deployed ClientApp of a modified site that sends in plain what SecAgg+ should sum: its full summaries
-    when asked for names (``summaries``), or its finish numbers unstripped (``finish``)."""
+    when asked for their names (``summaries``: no names mod), or its finish numbers unstripped (``finish``)."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
     import pipeline.federated.client_app as ca
-
-    def plain_summaries(msg, ctxt, call_next):
-        if msg.metadata.message_type == "query.summaries":  # ignore the request for names: send the numbers
-            msg.content.config_records["want"] = ConfigRecord({"follow_up": True})
-        return ca._cohort_statistics_mod(msg, ctxt, call_next)
 
     def plain_finish(client_fn):
         def mod(msg, ctxt, call_next):
@@ -500,10 +495,11 @@ def _leaky_app(monkeypatch, *, summaries: bool = False, finish: bool = False):
 
         return mod
 
+    if summaries:  # the statistics mod answers the request for names with the summaries themselves
+        monkeypatch.setattr(ca, "names_mod", lambda msg, ctxt, call_next: call_next(msg, ctxt))
     if finish:
         monkeypatch.setattr(ca, "finish_mod", plain_finish)
-    return ca.make_client_app(ca._deployed_site, [plain_summaries if summaries else ca._cohort_statistics_mod],
-                              ca._deployed_ledger)  # fmt: skip
+    return ca.make_client_app(ca._deployed_site, [ca._cohort_statistics_mod], ca._deployed_ledger)
 
 
 @pytest.mark.parametrize("leak", ["summaries", "finish"])

@@ -47,8 +47,8 @@ from pipeline.federated.protocol import (
     run_config_from_flower,
     site_data_error,
 )
-from pipeline.federated.secure_sum import SUMMED_KEYS, secure_phase, summaries_values, summary_names
-from pipeline.federated.secure_sum_app import secure_sum_mod
+from pipeline.federated.secure_sum import SUMMED_KEYS, secure_phase
+from pipeline.federated.secure_sum_app import compose_mods, names_mod, plain_query, plain_values, secure_sum_mod
 from pipeline.federated.site import SiteClient, deployed_client, local_event_times, local_summaries
 from pipeline.stats.curves import follow_up_ceiling, site_histogram, time_edges
 
@@ -99,9 +99,10 @@ def _secagg_when_asked(msg: Message, ctxt: Context, call_next) -> Message:
 SUMMARY_FACTS_KEY = "histofuse.summary_facts"  # node state only: the training count behind the summaries
 
 
-def _check_reply(msg: Message, reply: Message, ctxt: Context, client_fn) -> None:
+def _check_reply(msg: Message, reply: Message, ctxt: Context, client_fn, masked: bool = False) -> None:
     """The disclosure policy (:mod:`pipeline.federated.policy`) on one reply, by what it carries. Under SecAgg+ a
-    phase whose numbers are summed (:mod:`pipeline.federated.secure_sum`) may send none of them in plain."""
+    phase whose numbers are summed (:mod:`pipeline.federated.secure_sum`) may send none of them in plain
+    (``masked``: values about to go into a secure sum, checked by the same rules)."""
     c = reply.content
     if secure_phase(msg.metadata.group_id) is not None:
         _check_masked(ctxt, c)
@@ -114,7 +115,7 @@ def _check_reply(msg: Message, reply: Message, ctxt: Context, client_fn) -> None
         check_site_reply(client, phase, body)
     elif msg.metadata.message_type in ("query.summaries", "query.event_histogram"):
         site, _, cfg = _node_site(ctxt)
-        if cfg.federated.secagg and set(c.config_records) != {"layout"}:
+        if cfg.federated.secagg and not masked and set(c.config_records) != {"layout"}:
             raise DisclosureError(f"site {site}: disclosure policy: {msg.metadata.message_type}: "
                                   f"{sorted(c.config_records)} in plain text under federated.secagg (numbers leave "
                                   "only inside a secure sum; the plain reply holds names only)")  # fmt: skip
@@ -236,11 +237,12 @@ def _site_out(ctxt: Context) -> Path | None:
     return Path(out) if out else None
 
 
-def secure_answer(client_fn):
+def secure_answer(client_fn, plain):
     """``answer(phase, request, context)``: the site's plain values for a secure sum (:mod:`.secure_sum_app`),
-    computed as the plain reply would be and checked by the same disclosure policy before they are masked."""
+    the plain reply of the same query (``plain``: the app's statistics mods; the finish replies from
+    ``client_fn``), checked by the same disclosure policy before they are masked."""
 
-    def answer(phase: str, request: dict, ctxt: Context) -> dict:
+    def answer(phase: str, request: dict, ctxt: Context, msg: Message) -> dict:
         if phase.startswith("finish."):
             client = client_fn(ctxt)
             try:
@@ -249,23 +251,9 @@ def secure_answer(client_fn):
             except REPEATING_ERRORS as e:
                 raise site_data_error(client.site, e) from e
             return {k: v for k, v in body.items() if k in SUMMED_KEYS[phase]}
-        site, spec, cfg = _node_site(ctxt)
-        k = cfg.federated.min_count
-        try:
-            time, event = local_event_times(spec, site, cfg)
-            if phase == "statistics.event_histogram":
-                counts = site_histogram(time[event], time_edges(float(request["end"]), int(request["bins"])), k)
-                check_histogram(_summary_facts(ctxt, site, k), "histogram.counts", counts, int(event.sum()))
-                return {"counts": counts}
-            summaries, n_train = local_summaries(spec, site, cfg)
-            facts = ConfigRecord({"n_train": n_train, "n_events": int(event.sum())})
-            ctxt.state.config_records[SUMMARY_FACTS_KEY] = facts
-            check_summaries(_summary_facts(ctxt, site, k), decode_record(encode_record(summaries)))
-            ceiling = follow_up_ceiling(time, k)
-            check_follow_up(_summary_facts(ctxt, site, k), ceiling)
-            return summaries_values(summaries, request["layout"], ceiling)
-        except REPEATING_ERRORS as e:
-            raise site_data_error(site, e) from e
+        query, reply = plain_query(plain, phase, request, ctxt, msg)
+        _check_reply(query, reply, ctxt, client_fn, masked=True)
+        return plain_values(phase, request, reply.content)
 
     return answer
 
@@ -289,8 +277,9 @@ def make_client_app(client_fn, mods: list | None = None, ledger_for=None) -> Cli
         except REPEATING_ERRORS as e:
             raise site_data_error(str(context.node_config.get("site", f"node {context.node_id}")), e) from e
 
-    mods = [disclosure_mod(client_fn, ledger_for), *(mods or []), finish_mod(client_fn), _secagg_when_asked,
-            secure_sum_mod(secure_answer(client_fn))]  # fmt: skip
+    answer = secure_answer(client_fn, compose_mods(mods or []))  # SecAgg+: the statistics mods' plain values
+    mods = [disclosure_mod(client_fn, ledger_for), names_mod, *(mods or []), finish_mod(client_fn), _secagg_when_asked,
+            secure_sum_mod(answer)]  # fmt: skip
     return ClientApp(client_fn=build, mods=mods)
 
 
@@ -328,11 +317,8 @@ def _cohort_statistics_mod(msg: Message, ctxt: Context, call_next) -> Message:
             raise site_data_error(site, e) from e
         facts = {"n_train": n_train, "n_events": int(event.sum())}
         ctxt.state.config_records[SUMMARY_FACTS_KEY] = ConfigRecord(facts)
-        want = msg.content.config_records.get("want") if msg.has_content() else None
-        if want is not None and bool(want.get("layout", False)):  # SecAgg+: names now, numbers in a secure sum
-            return Message(RecordDict({"layout": ConfigRecord({"json": encode_record(summary_names(summaries))})}),
-                           reply_to=msg)  # fmt: skip
         reply = RecordDict({"summaries": ConfigRecord({"json": encode_record(summaries)})})
+        want = msg.content.config_records.get("want") if msg.has_content() else None
         if want is not None and bool(want.get("follow_up", False)):
             reply["follow_up"] = ConfigRecord({"ceiling": follow_up_ceiling(time, k)})
         return Message(reply, reply_to=msg)

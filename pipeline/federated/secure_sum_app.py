@@ -13,6 +13,7 @@ collect_masked_vectors``). Names (genes, columns, categories) travel in plain fi
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,12 +33,14 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from data_specs.config import RunConfig
+from data_specs.summaries import site_summaries_from_wire
 from pipeline.federated.protocol import (
     SiteDataError,
     decode_record,
     encode_record,
     is_repeating_failure,
     secagg_shares_threshold,
+    site_data_error,
 )
 from pipeline.federated.secure_sum import (
     CLIP,
@@ -52,6 +55,8 @@ from pipeline.federated.secure_sum import (
     merge_names,
     phase_layout,
     summaries_from_sum,
+    summaries_values,
+    summary_names,
 )
 from pipeline.stats.curves import TIME_BINS
 
@@ -196,13 +201,13 @@ def secure_finish_ask(grid: Grid, cfg: RunConfig) -> SecureAsk | None:
     return lambda kind, request: secure_sum(grid, cfg, kind, request)[0]
 
 
-Answer = Callable[[str, dict, Context], dict[str, Any]]
+Answer = Callable[[str, dict, Context, Message], dict[str, Any]]
 
 
 def secure_sum_mod(answer: Answer):
     """The innermost ClientApp mod: a ``train`` message whose config asks for a secure sum
     (:data:`~pipeline.federated.secure_sum.REQUEST_KEY`) is answered with the phase's vector, ``answer(phase,
-    request, context)`` (the site's plain values, already through the disclosure policy), encoded for SecAgg+
+    request, context, message)`` (the site's plain values, already through the disclosure policy), encoded for SecAgg+
     with weight 1; Flower's ``secaggplus_mod`` around it masks the vector before anything leaves."""
 
     def mod(msg: Message, ctxt: Context, call_next) -> Message:
@@ -210,8 +215,67 @@ def secure_sum_mod(answer: Answer):
         if msg.metadata.message_type != "train" or cfg is None or REQUEST_KEY not in cfg:
             return call_next(msg, ctxt)
         phase, request = str(cfg[REQUEST_KEY]), decode_record(str(cfg["json"]))
-        vec = encode(phase_layout(phase, request), answer(phase, request, ctxt))
+        vec = encode(phase_layout(phase, request), answer(phase, request, ctxt, msg))
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vec]), 1, {})
         return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
     return mod
+
+
+def compose_mods(mods: list) -> Callable[[Message, Context], Message]:
+    """``mods`` (ClientApp mods) as one handler; a message none of them answers is a ``ValueError``."""
+
+    def call(i: int, msg: Message, ctxt: Context) -> Message:
+        if i == len(mods):
+            raise ValueError(f"no statistics handler answers {msg.metadata.message_type!r}")
+        return mods[i](msg, ctxt, lambda m, c: call(i + 1, m, c))
+
+    return lambda msg, ctxt: call(0, msg, ctxt)
+
+
+def _query(msg: Message, kind: str, content: RecordDict) -> Message:
+    """A plain statistics query answered inside the site (never sent): ``msg``'s metadata, another type."""
+    md = copy.copy(msg.metadata)
+    md.message_type, md.group_id = kind, "statistics"
+    return Message(metadata=md, content=content)
+
+
+def plain_query(plain, phase: str, request: dict, ctxt: Context, msg: Message) -> tuple[Message, Message]:
+    """The plain statistics query behind a secure-sum ``phase`` and the site's own reply to it (``plain``: its
+    statistics mods): ``query.summaries`` (with the follow-up ceiling) or ``query.event_histogram``."""
+    if phase == "statistics.summaries":
+        query = _query(msg, "query.summaries", RecordDict({"want": ConfigRecord({"follow_up": True})}))
+    elif phase == "statistics.event_histogram":
+        grid = ConfigRecord({"end": float(request["end"]), "bins": int(request["bins"])})
+        query = _query(msg, "query.event_histogram", RecordDict({"grid": grid}))
+    else:
+        raise ValueError(f"secure sum: no plain query for phase {phase!r}")
+    return query, plain(query, ctxt)
+
+
+def plain_values(phase: str, request: dict, content: RecordDict) -> dict:
+    """The numbers of a plain statistics reply on the phase's secure-sum layout."""
+    if phase == "statistics.event_histogram":
+        return {"counts": list(content.config_records["histogram"]["counts"])}
+    typed = site_summaries_from_wire(decode_record(str(content.config_records["summaries"]["json"])))
+    fu = content.config_records.get("follow_up")
+    return summaries_values(typed, request["layout"], float(fu["ceiling"]) if fu is not None else 0.0)
+
+
+def names_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """Under SecAgg+ the server first asks for the names of a site's summaries (``query.summaries`` with
+    ``want.layout``): this mod asks the site's own statistics mods for its summaries and replies with their names
+    only (:func:`~pipeline.federated.secure_sum.summary_names`); the numbers follow in the secure sum."""
+    want = msg.content.config_records.get("want") if msg.has_content() else None
+    if msg.metadata.message_type != "query.summaries" or want is None or not bool(want.get("layout", False)):
+        return call_next(msg, ctxt)
+    reply = call_next(_query(msg, "query.summaries", RecordDict({"want": ConfigRecord({})})), ctxt)
+    if not reply.has_content():
+        return reply
+    site = str(ctxt.node_config.get("site", f"node {ctxt.node_id}"))
+    try:
+        typed = site_summaries_from_wire(decode_record(str(reply.content.config_records["summaries"]["json"])), site)
+    except ValueError as e:
+        raise site_data_error(site, e) from e
+    names = ConfigRecord({"json": encode_record(summary_names(typed))})
+    return Message(RecordDict({"layout": names}), reply_to=msg)
