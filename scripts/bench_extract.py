@@ -1,7 +1,8 @@
 """What users run, measured: ``histofuse extract`` end to end on a realistic slide, beside its limits and a naive loop.
 
     python scripts/bench_extract.py [--encoders efficientnet_lite0_imagenet resnet50] [--side 24576]
-                                    [--repeats 3] [--sample 192] [--rss-scale 2] [--serial] [--json FILE]
+                                    [--repeats 3] [--sample 192] [--rss-scale 2] [--serial] [--openslide]
+                                    [--json FILE]
 
 The slide: an Aperio-style pyramidal JPEG TIFF at 0.25 um/px (levels by 4, as scanners write them), glass
 with seeded tissue islands of the real H&E images (large pieces, thin needle-biopsy strips and small
@@ -22,6 +23,8 @@ Columns, tiles per second over the tiles the extraction keeps (same grid for all
   costs (imports, encoder build and trace, the first batches' first-touch memory) are behind. The first
   slide's rate and the process's wall time are printed beside it;
 - ``end to end serial`` (with ``--serial``): the same with ``extract.read_ahead=0`` (no reader thread);
+- ``end to end openslide`` (with ``--openslide``): the same with ``extract.tile_reader=openslide`` (every tile
+  through OpenSlide's ``read_region`` instead of the direct TIFF decoding), and its peak RSS at both sizes;
 - ``naive``: a plain loop over the same ``--sample`` tiles: OpenSlide ``read_region`` -> RGB -> timm's own
   transform (PIL resize, to tensor, normalise) per tile, batches of 64 through the eager fp32 model.
 
@@ -179,7 +182,9 @@ def _naive(path: Path, grid, enc, batch: int = 64) -> int:
     return n
 
 
-def _cli(folder: Path, out: Path, encoder: str, random_weights: bool, read_ahead: int | None = None) -> dict:
+def _cli(
+    folder: Path, out: Path, encoder: str, random_weights: bool, read_ahead: int | None = None, tile_reader: str = ""
+) -> dict:
     """``histofuse extract folder`` in a fresh process: wall seconds, peak RSS, and per slide (in order) its
     seconds and tiles (``seconds`` / ``tiles``: the last slide's)."""
     import pandas as pd
@@ -188,6 +193,7 @@ def _cli(folder: Path, out: Path, encoder: str, random_weights: bool, read_ahead
     cmd += ["--encoder", encoder, "--mpp", str(TARGET_MPP), "--tile-px", str(TILE)]
     cmd += ["--set", "extract.random_weights=true"] if random_weights else []
     cmd += ["--set", f"extract.read_ahead={read_ahead}"] if read_ahead is not None else []
+    cmd += ["--set", f"extract.tile_reader={tile_reader}"] if tile_reader else []
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
@@ -213,9 +219,16 @@ def _cli(folder: Path, out: Path, encoder: str, random_weights: bool, read_ahead
 
 
 def bench_encoder(
-    name: str, folder: Path, slide: Path, work: Path, repeats: int, sample: int, serial: bool = False
+    name: str,
+    folder: Path,
+    slide: Path,
+    work: Path,
+    repeats: int,
+    sample: int,
+    serial: bool = False,
+    openslide: bool = False,
 ) -> dict:
-    """Warm-up plus ``repeats`` rotated rounds of the four columns for one encoder; medians and the CLI runs."""
+    """Warm-up plus ``repeats`` rotated rounds of the columns for one encoder; medians and the CLI runs."""
     from data_specs.config import ExtractConfig
     from models import build_encoder
     from pipeline.slides.encode import EncoderRunner
@@ -236,6 +249,7 @@ def bench_encoder(
     del items, kept
     runs: list[dict] = []
     serial_runs: list[dict] = []
+    os_runs: list[dict] = []
 
     def e2e() -> tuple[int, float]:
         r = _cli(folder, work / f"out_{name}_{len(runs)}", name, rw)
@@ -245,6 +259,11 @@ def bench_encoder(
     def e2e_serial() -> tuple[int, float]:
         r = _cli(folder, work / f"out_{name}_serial_{len(serial_runs)}", name, rw, read_ahead=0)
         serial_runs.append(r)
+        return r["tiles"], r["seconds"]
+
+    def e2e_openslide() -> tuple[int, float]:
+        r = _cli(folder, work / f"out_{name}_openslide_{len(os_runs)}", name, rw, tile_reader="openslide")
+        os_runs.append(r)
         return r["tiles"], r["seconds"]
 
     def timed(fn):
@@ -260,6 +279,7 @@ def bench_encoder(
         "encoder limit": timed(lambda: sum(len(runner(b)) for b in batches)),
         "end to end": e2e,
         **({"end to end serial": e2e_serial} if serial else {}),
+        **({"end to end openslide": e2e_openslide} if openslide else {}),
         "naive": timed(lambda: _naive(slide, sub, enc)),
     }
     names = list(cols)
@@ -275,7 +295,7 @@ def bench_encoder(
     return {"encoder": name, "weights": enc.weights, "optimize": runner.optimize, "tiles": len(grid.coords),
             "kept": runs[-1]["tiles"], "sampled": sum(len(b) for b in batches), "median": med, "all": rates,
             "first_slide_median": statistics.median(first), "cli": runs[1:], "cli_serial": serial_runs[1:],
-            "load": _load()}  # fmt: skip
+            "cli_openslide": os_runs[1:], "load": _load()}  # fmt: skip
 
 
 def _load() -> str:
@@ -289,6 +309,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sample", type=int, default=192, help="tiles the encoder-limit and naive columns run on")
     ap.add_argument("--serial", action="store_true", help="also run the CLI with extract.read_ahead=0")
+    ap.add_argument("--openslide", action="store_true", help="also run the CLI with extract.tile_reader=openslide")
     ap.add_argument("--rss-scale", type=int, default=2, help="side factor of the peak-RSS slide (2: 4x area)")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -311,7 +332,7 @@ def main() -> None:
             f"in {time.perf_counter() - t0:.0f} s"
         )
         for name in args.encoders:
-            r = bench_encoder(name, folder, slide, work, args.repeats, args.sample, args.serial)
+            r = bench_encoder(name, folder, slide, work, args.repeats, args.sample, args.serial, args.openslide)
             res["encoders"].append(r)
             m = r["median"]
             cli = statistics.median(c["wall"] for c in r["cli"])
@@ -321,6 +342,8 @@ def main() -> None:
                   + f"; first slide {r['first_slide_median']:.1f}; CLI wall {cli:.1f} s for two slides; "
                   f"e2e/naive {m['end to end'] / m['naive']:.2f}x, e2e/limit {m['end to end'] / m['encoder limit']:.2f}"
                   + (f", serial e2e/limit {m['end to end serial'] / m['encoder limit']:.2f}" if args.serial else "")
+                  + (f", openslide e2e/limit {m['end to end openslide'] / m['encoder limit']:.2f}"
+                     if args.openslide else "")
                   + f"; load {r['load']}", flush=True)  # fmt: skip
         if not args.skip_rss:
             res["rss"] = _rss(args, folder, work, res["encoders"][0])
@@ -341,7 +364,16 @@ def _rss(args, folder: Path, work: Path, first: dict) -> dict:
     small = max(c["rss_mib"] for c in first["cli"])
     print(f"peak RSS {name}: {small:.0f} MiB at {args.side} px ({first['kept']} tiles), {big['rss_mib']:.0f} MiB at "
           f"{side} px ({big['tiles']} tiles, {args.rss_scale**2}x area): {big['rss_mib'] / small:.2f}x")  # fmt: skip
-    return {"small_mib": small, "big_mib": big["rss_mib"], "big_tiles": big["tiles"], "big_side": side}
+    out = {"small_mib": small, "big_mib": big["rss_mib"], "big_tiles": big["tiles"], "big_side": side}
+    if first["cli_openslide"]:
+        big_os = _cli(
+            big_dir, work / "out_big_openslide", name, name != "efficientnet_lite0_imagenet", tile_reader="openslide"
+        )
+        small_os = max(c["rss_mib"] for c in first["cli_openslide"])
+        print(f"peak RSS {name}, tile_reader=openslide: {small_os:.0f} MiB at {args.side} px, {big_os['rss_mib']:.0f} "
+              f"MiB at {side} px: {big_os['rss_mib'] / small_os:.2f}x")  # fmt: skip
+        out.update(small_openslide_mib=small_os, big_openslide_mib=big_os["rss_mib"])
+    return out
 
 
 if __name__ == "__main__":
