@@ -576,3 +576,23 @@ def test_secagg_statistics_exchange_with_omics_and_discrete_time_equals_the_plai
         np.testing.assert_allclose(x["clinical"]["mean"], p["clinical"]["mean"], rtol=1e-12)
         np.testing.assert_allclose(x["clinical"]["std"], p["clinical"]["std"], rtol=1e-9)
         assert x["clinical"]["categories"] == p["clinical"]["categories"]
+
+
+def test_secagg_horizons_from_the_summed_event_histogram(finish_cohort, tmp_path):
+    """With a time unit of no known length the horizons are quartiles of the summed event-time histogram (finish.horizons): under
+    SecAgg+ that sum is a secure sum, and the horizons equal the plain run's."""
+    from data_specs.artifacts import RunFiles
+    from pipeline.federated.ledger import read_ledger
+    from pipeline.training.bundle import load_bundle
+
+    src = Path(finish_cohort).parent
+    spec = tmp_path / "cohort.yaml"
+    spec.write_text(f"name: no_unit\ntime_unit: visits\npatients: {src / 'patients.csv'}\n"
+                    f"clinical: {{path: {src / 'clinical.csv'}, id_column: patient_id}}\n")  # fmt: skip
+    rc = {**FINISH_CONFIG, "federated.rounds": 1}
+    _deploy_in_process(spec, tmp_path / "plain", rc)
+    _, sites = _deploy_in_process(spec, tmp_path / "secure", {**rc, "federated.secagg": True})
+    hp, hs = (load_bundle(RunFiles(root=tmp_path / x).model)[1].horizons for x in ("plain", "secure"))
+    assert hp and hs == hp
+    phases = {x["phase"] for x in read_ledger(tmp_path / "secure" / f"privacy_ledger.{sites[0]}.jsonl")}
+    assert "finish.horizons.secagg.collect_masked_vectors" in phases and "finish.horizons" not in phases
