@@ -95,6 +95,11 @@ class ModelConfig(_Frozen):
     # linear family fitted first (train.linear_fit=cv; federated: summed site gradients, penalty by federated CV) as
     # a frozen offset, plus the gated fused branch (models.survival; Cox loss; no DP or SecAgg+)
     skip: Literal["none", "linear", "fitted"] = "none"
+    # model.family=linear (full-batch fit, train.linear_fit=cv): the slide term over the top-r principal components
+    # of the tile features (from per-site second moments of the non-test patients' tiles, each patient weighted
+    # once: "tiles"; or of their mean tiles: "patients"), each score standardised; 0: every standardised dimension
+    linear_slide_pcs: int = Field(10, ge=0)
+    linear_slide_moments: Literal["tiles", "patients"] = "tiles"
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
@@ -137,6 +142,9 @@ class TrainConfig(_Frozen):
     # patients (pipeline.training.linear_fit); "sgd": mini-batches and AdamW weight decay like the network
     linear_fit: Literal["cv", "sgd"] = "cv"
     linear_cv_folds: int = Field(5, ge=2)  # folds each site splits its non-test patients into
+    # the linear fit's elastic net, c * (l1_ratio * |beta|_1 + (1 - l1_ratio) / 2 * |beta|^2) per patient
+    # (scikit-survival Coxnet's parametrisation), c by the K-fold CV; 0 = ridge
+    linear_l1_ratio: float = Field(0.5, ge=0, le=1)
     # model.skip=linear/fitted: weight of the mean square of the gated residual branch's log hazard, added to the
     # training loss (pulls the network towards its linear part)
     residual_penalty: float = Field(0.0, ge=0)

@@ -8,9 +8,15 @@ optimiser's weight decay; there is no intercept (a Cox model has none) except on
 discrete-time head (``n_bins = K``: every bin's logit is ``bias_k + log_hz``, survival ``cumprod(1 - hazards)``,
 and the ranking score ``-sum_k S_k``, as in :mod:`models.survival`).
 
+Slide projection (optional, ``slide_pcs = r > 0`` or :meth:`LinearSurvival.set_slide_projection`): the slide term
+is then linear in ``u = (z @ components.T - pc_mean) / pc_scale [B, r]``, the standardised scores of ``z`` on ``r``
+principal directions fitted from site aggregates of the training tiles (by the caller:
+:mod:`pipeline.training.slide_norm`). ``components [r, D]``, ``pc_mean [r]`` and ``pc_scale [r]`` are buffers, saved
+with the model; a state dict with a projection loads into a model built without one (its shapes are taken).
+
 A missing modality contributes 0: omics and clinical inputs are standardised upstream, so 0 is the training
-mean; a patient without tiles gets ``z = 0`` likewise. The tile "attention" returned is uniform over the real
-tiles (``1 / N_i``): that is exactly the weight mean pooling gives each tile.
+mean; a patient without tiles gets ``z = 0`` (``u = 0``) likewise. The tile "attention" returned is uniform over
+the real tiles (``1 / N_i``): that is exactly the weight mean pooling gives each tile.
 
 Example::
 
@@ -37,19 +43,26 @@ class LinearSurvival(SlideStandardised):
         n_genes: G (0: no omics).
         n_clinical: C (0: no clinical covariates).
         n_bins: 0 for a Cox head, K > 0 for a discrete-time head with K bins.
+        slide_pcs: r > 0: the slide term over r projected scores (components 0 and scale 1 until
+            :meth:`set_slide_projection`); 0: over the D standardised features.
 
     Weights start at 0 (the null model: every patient has the same risk), so training is deterministic given
     the data order. Raises ``ValueError`` for no modality or a negative ``n_bins``.
     """
 
-    def __init__(self, feature_dim: int = 0, n_genes: int = 0, n_clinical: int = 0, n_bins: int = 0):
+    def __init__(
+        self, feature_dim: int = 0, n_genes: int = 0, n_clinical: int = 0, n_bins: int = 0, slide_pcs: int = 0
+    ):
         if feature_dim <= 0 and n_genes <= 0 and n_clinical <= 0:
             raise ValueError("LinearSurvival needs at least one modality (feature_dim, n_genes or n_clinical > 0)")
         if n_bins < 0:
             raise ValueError(f"n_bins must be >= 0 (0 = Cox head), got {n_bins}")
+        if slide_pcs < 0 or (slide_pcs > 0 and slide_pcs > feature_dim):
+            raise ValueError(f"slide_pcs must be in 0..feature_dim ({feature_dim}), got {slide_pcs}")
         super().__init__(feature_dim)  # slide standardisation buffers, set from the training slides
         self.n_bins = n_bins
         self.slide_linear = zero_linear(feature_dim)
+        self._projection_buffers(slide_pcs)
         self.omics_linear = zero_linear(n_genes)
         self.clinical_linear = zero_linear(n_clinical)
         self.bin_bias = nn.Parameter(torch.zeros(n_bins)) if n_bins > 0 else None
@@ -91,8 +104,62 @@ class LinearSurvival(SlideStandardised):
         return SurvivalOutput(risk, attn, logits=logits, hazards=hazards, survival=survival)
 
     def slide_z(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`standardised_mean`: ``z [B, D]`` and the uniform tile weights ``[B, N]``."""
-        return self.standardised_mean(features, mask)
+        """The slide term's inputs ``[B, D]`` (:meth:`standardised_mean`), or ``[B, r]`` with a projection (0 for
+        an empty bag), and the uniform tile weights ``[B, N]``."""
+        z, attn = self.standardised_mean(features, mask)
+        return self.project(z, mask.any(1)), attn
+
+    @property
+    def slide_pcs(self) -> int:
+        """r, the number of projected slide scores (0: no projection)."""
+        comps = self.get_buffer("slide_components")
+        return 0 if comps is None else int(comps.shape[0])
+
+    def project(self, z: torch.Tensor, has_tiles: torch.Tensor) -> torch.Tensor:
+        """``z [B, D]`` -> the standardised scores ``[B, r]`` (0 where ``has_tiles [B]`` is False); ``z`` itself
+        without a projection."""
+        if not self.slide_pcs:
+            return z
+        comps = self.get_buffer("slide_components").to(z.dtype)
+        u = (z @ comps.T - self.get_buffer("slide_pc_mean").to(z.dtype)) / self.get_buffer("slide_pc_scale").to(z.dtype)
+        return u.masked_fill(~has_tiles.unsqueeze(1), 0.0)  # (B, r)
+
+    def set_slide_projection(self, components: torch.Tensor, pc_mean: torch.Tensor, pc_scale: torch.Tensor) -> None:
+        """Project the slide term onto ``components [r, D]`` (rows: directions in the standardised feature space),
+        scores centred by ``pc_mean [r]`` and divided by ``pc_scale [r]`` (> 0). The slide weights are reset to 0
+        (``r`` inputs): call before fitting."""
+        if self.feature_dim == 0:
+            raise ValueError("set_slide_projection: this model has no slide term (feature_dim=0)")
+        r = int(components.shape[0]) if components.dim() == 2 else -1
+        if components.shape != (r, self.feature_dim) or not 0 < r <= self.feature_dim:
+            raise ValueError(
+                f"set_slide_projection: expected components of shape (r, {self.feature_dim}) with 0 < r <= "
+                f"{self.feature_dim}, got {tuple(components.shape)}"
+            )
+        if pc_mean.shape != (r,) or pc_scale.shape != (r,):
+            raise ValueError(f"set_slide_projection: expected pc_mean and pc_scale of shape ({r},)")
+        ok = torch.isfinite(components).all() and torch.isfinite(pc_mean).all() and (pc_scale > 0).all()
+        if not bool(ok):
+            raise ValueError("set_slide_projection: components and pc_mean must be finite, pc_scale > 0")
+        self._projection_buffers(r)
+        for name, value in (("slide_components", components), ("slide_pc_mean", pc_mean), ("slide_pc_scale", pc_scale)):
+            self.get_buffer(name).copy_(value.to(torch.float32))
+
+    def _projection_buffers(self, r: int) -> None:
+        """(Re)make the projection buffers for ``r`` scores (None for 0) and a zero slide layer of matching width."""
+        d = self.feature_dim
+        self.register_buffer("slide_components", torch.zeros(r, d) if r else None)
+        self.register_buffer("slide_pc_mean", torch.zeros(r) if r else None)
+        self.register_buffer("slide_pc_scale", torch.ones(r) if r else None)
+        if d:
+            self.slide_linear = zero_linear(r or d)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        comps = state_dict.get(prefix + "slide_components")
+        r = 0 if comps is None else int(comps.shape[0])
+        if self.feature_dim and r != self.slide_pcs:  # a projection of another rank (or none): take its shapes
+            self._projection_buffers(r)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def terms(self) -> list[nn.Linear]:
         """The linear terms present, in coefficient order: slides, omics, clinical."""
@@ -127,14 +194,15 @@ class LinearSurvival(SlideStandardised):
 
         Args:
             slide_means: ``[B, D]`` each bag's mean tile feature (not yet standardised); has_tiles ``[B]`` bool.
+                With a projection the slide columns are the ``r`` scores of :meth:`project`.
             omics, omics_mask, clinical, clinical_mask: as in :meth:`forward`.
         """
         cols: list[torch.Tensor] = []
         if self.slide_linear is not None:
             assert slide_means is not None and has_tiles is not None, "model has a slide term: pass slide means"
             mean, scale = self.get_buffer("slide_mean").double(), self.get_buffer("slide_scale").double()
-            z = (slide_means.double() - mean) / scale
-            cols.append(z.masked_fill(~has_tiles.unsqueeze(1), 0.0))
+            z = ((slide_means.double() - mean) / scale).masked_fill(~has_tiles.unsqueeze(1), 0.0)
+            cols.append(self.project(z, has_tiles))
         for lin, x, present, what in (
             (self.omics_linear, omics, omics_mask, "omics"),
             (self.clinical_linear, clinical, clinical_mask, "clinical"),

@@ -220,11 +220,12 @@ def test_federated_linear_record_console_and_report(tmp_path, monkeypatch):
 def test_federated_linear_without_validation_patients_still_chooses_by_federated_cv(monkeypatch):
     from pipeline.outputs import federated_linear
 
-    monkeypatch.setattr(federated_linear, "GRID", (1.0, 0.01))
+    # elastic-net penalties (the default train.linear_l1_ratio 0.5): 0.3 near the null model, 0.01 nearly unpenalised
+    monkeypatch.setattr(federated_linear, "GRID", (0.3, 0.1, 0.01))
     data = _three_sites(synthetic("omics"))
     data.splits = {**data.splits, "val": np.zeros(0, int)}
     fl = federated_linear.fit_federated_linear(data, _fed_cfg(2), settings=FAST)
-    assert len(fl["candidates"]) == 2 and "cross-validated" in fl["choice"]
+    assert len(fl["candidates"]) == 3 and "cross-validated" in fl["choice"]
     best = max(fl["candidates"], key=lambda c: c["cv_loglik"])
     assert fl["weight_decay"] == best["weight_decay"]  # the higher summed CV partial likelihood wins
     assert fl["cindex"] > 0.75  # gene 0 drives the hazard; noise inputs alone give ~0.5
@@ -257,12 +258,15 @@ def test_federated_linear_choice_never_sees_test_outcomes(monkeypatch):
 
 @pytest.mark.slow
 def test_federated_run_gets_a_federated_linear_baseline_that_finds_the_signal(tmp_path):
+    from pipeline.training.linear_fit import penalty_grid
+
     data = _three_sites(synthetic("omics", n=300))  # 60 training patients per site
     (tmp_path / "metrics.json").write_text('{"pooled": {"cindex": 0.7}}')
     lines = bl.add_to_run(tmp_path, data, _omics_only, n_boot=50, cfg=_fed_cfg(10, 2, 16))
     fl = json.loads((tmp_path / "metrics.json").read_text())["baselines"]["federated_linear"]
     best = max(fl["candidates"], key=lambda c: c["cv_loglik"])
-    assert len(fl["candidates"]) == 13 and fl["weight_decay"] == best["weight_decay"]
+    grid = penalty_grid(_fed_cfg(10).train.linear_l1_ratio)  # the a-priori grid of the default penalty
+    assert len(fl["candidates"]) == len(grid) and fl["weight_decay"] == best["weight_decay"]
     assert fl["cindex"] > 0.75  # gene 0 drives the hazard; noise inputs alone give ~0.5
     assert any(s.startswith("model vs federated linear Cox (no pooling)") for s in lines)
 

@@ -15,6 +15,9 @@ from pipeline.training.data import CohortData
 from pipeline.training.slide_norm import prepare_slide_norm, slide_norm_from_summaries, slide_site_summary
 
 D, G, C = 6, 8, 3
+# the ridge fit over every standardised slide dimension (the tests below that pin it are about that path; the
+# elastic net and the slide projection, the defaults, are tested in tests/test_linear_sparse.py)
+RIDGE_ALL = ["model.linear_slide_pcs=0", "train.linear_l1_ratio=0"]
 
 
 def synthetic(n: int = 180, seed: int = 0, n_sites: int = 3) -> CohortData:
@@ -167,7 +170,7 @@ def test_linear_family_learns_the_slide_signal_centralised_and_federated(federat
     monkeypatch.setattr(linear_fit, "PENALTY_GRID", (0.01, 1.0))  # centralised: the CV fit; two candidates
     data = synthetic()
     ov = ["model.family=linear", "train.lr=0.05", "train.epochs=15", "train.batch_size=32",
-          "federated.rounds=6", "federated.local_epochs=2"]  # fmt: skip
+          "federated.rounds=6", "federated.local_epochs=2", *RIDGE_ALL]  # fmt: skip
     cfg = resolve_config(None, ov)
     model = run_federated(data, cfg)[0] if federated else fit_local(data, cfg)[0].model
     assert isinstance(model, LinearSurvival)
@@ -304,7 +307,7 @@ def test_federated_cv_chooses_without_test_outcomes_and_finds_the_signal(tmp_pat
     from pipeline.training.module import new_model
 
     data = synthetic(n=240)  # 3 sites, 40 training + 20 validation patients each
-    cfg = resolve_config(None, ["model.family=linear"])
+    cfg = resolve_config(None, ["model.family=linear", *RIDGE_ALL])  # ridge on every dimension
     idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
     grid = (0.003, 0.1, 3.0, 100.0)
 
@@ -364,7 +367,7 @@ def test_linear_family_fit_local_is_the_cv_fit_and_predict_is_the_design_times_c
 
     monkeypatch.setattr(linear_fit, "PENALTY_GRID", (0.01, 1.0, 100.0))  # three candidates keep it fast
     data = synthetic()
-    module, info = fit_local(data, resolve_config(None, ["model.family=linear", "federated.enabled=false"]))
+    module, info = fit_local(data, resolve_config(None, ["model.family=linear", "federated.enabled=false", *RIDGE_ALL]))
     model = module.model
     assert info["select"] == "cv" and info["linear_fit"]["converged"] and len(info["linear_fit"]["candidates"]) == 3
     assert info["linear_fit"]["penalty"] < 100.0 and _cindex(model, data, "test") > 0.75
@@ -387,7 +390,7 @@ def test_a_federated_linear_family_run_is_the_federated_cv_fit_and_sgd_keeps_the
 
     monkeypatch.setattr(linear_fit, "PENALTY_GRID", (0.01, 1.0, 100.0))
     data = synthetic()
-    cfg = resolve_config(None, ["model.family=linear"])
+    cfg = resolve_config(None, ["model.family=linear", *RIDGE_ALL])  # ridge on every dimension
     assert full_batch_linear(cfg) and not full_batch_linear(cfg.with_overrides(["federated.dp_noise=1"]))
     (tmp_path / "federated").mkdir()
     model, info = run_federated(data, cfg, tmp_path / "federated")

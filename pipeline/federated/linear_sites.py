@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.federated.ledger import MessageLedger
-from pipeline.federated.policy import SiteFacts, check_evaluate_reply, check_fit_reply
-from pipeline.training.linear_fit import Party, fit_ridge, fit_with_cv, parties_of
+from pipeline.federated.policy import SiteFacts, check_evaluate_reply, check_fit_reply, check_slide_aggregate
+from pipeline.training.linear_fit import Party, fit_ridge, fit_with_cv, parties_of, slide_settings
+from pipeline.training.slide_norm import prepare_slide_projection
 
 if TYPE_CHECKING:
     from data_specs.config import RunConfig
@@ -101,6 +102,33 @@ def site_parties(
     return kept, left
 
 
+def slide_release(data: CohortData, idx: np.ndarray, cfg: RunConfig, ledger: MessageLedger | None):
+    """The ``release`` of :func:`pipeline.training.slide_norm.prepare_slide_projection` for a federation: each
+    site's slide aggregate is checked against :func:`pipeline.federated.policy.check_slide_aggregate` (at least
+    ``federated.min_count`` of its patients in the fit) and described in ``ledger``; below the count it is withheld."""
+    k = cfg.federated.min_count
+    counts = {s: len(g) for s, g in data.subset_sites(np.asarray(idx, int)).items()}
+
+    def release(site: str, kind: str, message: dict) -> bool:
+        n = int(message["n_patients" if kind == "slide_moments" else "n"])
+        line = {"phase": f"linear.{kind}", "group": "linear-slides", "round": 0, "site": site}
+        if n < k:
+            if ledger is not None:
+                ledger.record({**line, "records": {}, "withheld": f"fewer than {k} patients with slides"})
+            return False
+        dim = int(np.asarray(message["sum"]).shape[0])
+        check_slide_aggregate(SiteFacts(site, counts[site], 0, 0, 0, (), k), kind, message, dim)
+        if ledger is not None:
+            arrays = {key: {"shape": list(np.shape(v)), "dtype": "float64", "bytes": 8 * int(np.size(v))}
+                      for key, v in message.items() if np.ndim(v) > 0}  # fmt: skip
+            metrics = {key: {"type": "int"} for key, v in message.items() if np.ndim(v) == 0}
+            ledger.record({**line, "records": {"aggregate": {"kind": "arrays", "keys": arrays},
+                                               "metrics": {"kind": "metrics", "keys": metrics}}})  # fmt: skip
+        return True
+
+    return release
+
+
 def fit_federated_cv(
     model: LinearSurvival,
     data: CohortData,
@@ -110,17 +138,21 @@ def fit_federated_cv(
     grid: Sequence[float] | None = None,
 ) -> dict:
     """Fit ``model`` federated on the patients ``idx`` (each site's non-test patients) at the penalty chosen by
-    federated CV among ``grid`` (default :data:`~pipeline.training.linear_fit.PENALTY_GRID`); its coefficients
-    are loaded into ``model``. Returns the fit record (``sites_left_out``, ``rounds``: every evaluation the server
-    asked of the sites, CV included)."""
+    federated CV among ``grid`` (default :func:`~pipeline.training.linear_fit.penalty_grid` of
+    ``train.linear_l1_ratio``); with ``model.linear_slide_pcs`` > 0 the slide projection comes first, from each
+    site's policy-checked tile moments (:func:`slide_release`). The coefficients are loaded into ``model``. Returns
+    the fit record (``sites_left_out``, ``rounds``: every evaluation the server asked of the sites, CV included)."""
     ledger = MessageLedger(None)
+    r, level = slide_settings(cfg)
+    proj = prepare_slide_projection(model, data, idx, r, level, slide_release(data, idx, cfg, ledger))
     parties, left = site_parties(model, data, idx, cfg, ledger)
-    rec = fit_with_cv(model, parties, grid)
+    rec = fit_with_cv(model, parties, grid, l1_ratio=cfg.train.linear_l1_ratio)
     if ledger_path is not None:
         out = MessageLedger(ledger_path)
         out.lines = ledger.lines
         out.flush()  # once, at the end: thousands of small messages
-    return {**rec, "sites": [p.name for p in parties], "sites_left_out": left, "ledger_lines": len(ledger.lines)}
+    return {**rec, "slide_projection": proj, "sites": [p.name for p in parties], "sites_left_out": left,
+            "ledger_lines": len(ledger.lines)}  # fmt: skip
 
 
 def full_batch_linear(cfg: RunConfig) -> bool:
@@ -144,8 +176,9 @@ def train_linear_federated(data: CohortData, cfg: RunConfig, out: Path | None = 
     idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
     ledger = RunFiles(root=out.parent).privacy_ledger if out is not None else None
     fit = fit_federated_cv(model, data, idx, cfg, ledger, None)
-    log.info("federated linear fit: penalty %g by federated %d-fold CV, %d rounds (site gradients summed, server "
-             "L-BFGS)", fit["penalty"], cfg.train.linear_cv_folds, fit["rounds"])  # fmt: skip
+    log.info("federated linear fit: penalty %g (l1_ratio %g) by federated %d-fold CV, %d rounds (site gradients "
+             "summed, server L-BFGS)", fit["penalty"], fit["l1_ratio"], cfg.train.linear_cv_folds,
+             fit["rounds"])  # fmt: skip
     info = {
         "runtime": "embedded",
         "strategy": "fedsgd (full-batch site gradients, server L-BFGS), penalty by federated CV",

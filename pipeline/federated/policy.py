@@ -167,6 +167,43 @@ def check_follow_up(facts: SiteFacts, value: Any) -> None:
         raise _fail(facts, f"follow_up.ceiling = {value!r} is not rounded to two significant digits")
 
 
+# The linear family's slide projection (pipeline.training.slide_norm.prepare_slide_projection): two aggregates per
+# site over its patients in the fit, each over at least min_count of them. "slide_moments": the second moments of
+# the tile features (each patient's tiles weighted 1 / N_i: one patient counts once), D-vectors and a D x D matrix;
+# "slide_scores": per-score sums and sums of squares of the patients' projected mean tiles (r-vectors).
+SLIDE_SCHEMAS: dict[str, dict[str, str]] = {
+    "slide_moments": {"n_patients": "count", "n_rows": "count", "sum": "vector", "cross": "matrix"},
+    "slide_scores": {"n": "count", "sum": "vector", "sumsq": "vector"},
+}
+
+
+def check_slide_aggregate(facts: SiteFacts, kind: str, message: Mapping[str, Any], dim: int) -> None:
+    """A slide aggregate of ``kind`` (:data:`SLIDE_SCHEMAS`): exactly the declared fields; counts whole, the patient
+    count within ``min_count .. n_train`` (``n_rows`` >= it); vectors of ``dim`` finite values, a symmetric
+    ``dim x dim`` matrix."""
+    import numpy as np
+
+    if kind not in SLIDE_SCHEMAS:
+        raise _fail(facts, f"undeclared slide aggregate {kind!r}; declared {sorted(SLIDE_SCHEMAS)}")
+    schema = SLIDE_SCHEMAS[kind]
+    if set(message) != set(schema):
+        raise _fail(facts, f"{kind}: fields {sorted(message)}, declared {sorted(schema)}")
+    n = message["n_patients" if kind == "slide_moments" else "n"]
+    _check_count(facts, f"{kind} patients", n, set(range(facts.min_count, facts.n_train + 1)))
+    for key, what in schema.items():
+        v = message[key]
+        if what == "count":
+            if isinstance(v, bool) or not float(v).is_integer() or int(v) < int(n):
+                raise _fail(facts, f"{kind}.{key} = {v!r} is not a count of at least {n}")
+            continue
+        a = np.asarray(v, dtype=float)
+        shape = (dim,) if what == "vector" else (dim, dim)
+        if a.shape != shape or not np.isfinite(a).all():
+            raise _fail(facts, f"{kind}.{key}: shape {a.shape}, declared {shape} finite values")
+        if what == "matrix" and not np.allclose(a, a.T, rtol=1e-9, atol=1e-9 * max(1.0, float(np.abs(a).max()))):
+            raise _fail(facts, f"{kind}.{key} is not symmetric")
+
+
 NAME_PARTS = {
     "omics": {"values": str, "genes": list},
     "clinical": {"columns": list, "numeric": list, "categories": dict},

@@ -54,7 +54,8 @@ def _raw_block(data: CohortData, m: str) -> tuple[np.ndarray, np.ndarray]:
 def modality_block(data: CohortData, m: str, train: np.ndarray, n_pcs: int = 10) -> tuple[np.ndarray, dict]:
     """One modality as a standardised design matrix ``[P, k]``, every statistic fitted on ``train`` only.
 
-    Slides: PCA (``min(n_pcs, training slides - 1, D)`` components) of the mean-pooled tile features. Each
+    Slides: PCA (``min(n_pcs, training slides - 1, D)`` components) of the mean-pooled tile features (``n_pcs``
+    <= 0: every feature dimension, no PCA). Each
     column is standardised with the mean/SD of the training patients who have the modality; a patient
     without it gets the training mean (0 after standardising). Returns the matrix and what was done.
     """
@@ -63,7 +64,7 @@ def modality_block(data: CohortData, m: str, train: np.ndarray, n_pcs: int = 10)
     if len(tr) < 2:
         raise ValueError(f"modality {m}: {len(tr)} training patients have it (need >= 2)")
     info: dict = {"columns": x.shape[1], "train_with_modality": len(tr), "imputed": int((~present).sum())}
-    if m == "slides":
+    if m == "slides" and n_pcs > 0:
         from sklearn.decomposition import PCA
 
         k = min(n_pcs, len(tr) - 1, x.shape[1])  # n centred slides span at most n - 1 directions

@@ -6,7 +6,7 @@ data, so a consortium gets a linear reference.
 
 Default (``train.linear_fit=cv``, no DP, no SecAgg+): fitted to the optimum of the ridge-penalised
 site-stratified Cox partial likelihood on every site's non-test patients (full-batch site gradients summed,
-L-BFGS at the server), the penalty chosen among :data:`~pipeline.training.linear_fit.PENALTY_GRID` by federated
+L-BFGS at the server), the penalty chosen among :func:`~pipeline.training.linear_fit.penalty_grid` by federated
 K-fold cross-validation of the partial likelihood (:mod:`pipeline.federated.linear_sites`; each site sends one
 CV score over all its non-test patients, so it passes the minimum count where a validation split would not).
 Its messages are described in ``federated_linear/privacy_ledger.jsonl``.
@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.federated.linear_sites import full_batch_linear
 from pipeline.outputs.scoring import BaselineSettings, scored
-from pipeline.training.linear_fit import PENALTY_GRID
+from pipeline.training.linear_fit import penalty_grid
 
 if TYPE_CHECKING:
     from data_specs.config import RunConfig
@@ -41,12 +41,12 @@ MODALITY_DIMS = {"slides": "feature_dim", "omics": "n_genes", "clinical": "n_cli
 # AdamW weight decay candidates: the a-priori default first (kept alone when the sites send no validation scores,
 # e.g. too few validation events under the disclosure policy), then strong and weak; ties keep the earlier
 PENALTIES = (1.0, 10.0, 0.01)
-# ridge penalties per patient tried by the default fit's federated CV (a-priori grid)
-GRID: tuple[float, ...] = PENALTY_GRID
 # Optimiser settings of the linear family, fixed a priori and checked on TCGA-BRCA's validation split (see
 # docs/benchmarks.md); the network's learning rates do not suit a zero-initialised linear model.
 LINEAR_LR = 0.01
 ADAPTIVE_SERVER_LR = 0.05  # fedadam / fedyogi server learning rate for the linear family
+# penalties per patient tried by the default fit's federated CV; None: the a-priori grid of train.linear_l1_ratio
+GRID: tuple[float, ...] | None = None
 
 
 def linear_overrides(cfg: RunConfig, weight_decay: float) -> list[str]:
@@ -128,7 +128,8 @@ def _fit_cv(data: CohortData, cfg: RunConfig, out: Path | None) -> tuple[dict, o
     c = cfg.with_overrides(["model.family=linear"])
     model = new_model(data, c)
     idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
-    fit = fit_federated_cv(model, data, idx, c, None if out is None else Path(out) / "privacy_ledger.jsonl", GRID)
+    grid = penalty_grid(c.train.linear_l1_ratio) if GRID is None else GRID  # a-priori grid of the federated CV
+    fit = fit_federated_cv(model, data, idx, c, None if out is None else Path(out) / "privacy_ledger.jsonl", grid)
     cands = [{"weight_decay": r["penalty"], "val_cindex": r["cv_cindex"], "cv_loglik": r["cv_loglik"]}
              for r in fit["candidates"]]  # fmt: skip
     k = c.train.linear_cv_folds

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 # c, the ridge penalty per patient, fixed before any data was seen: 13 log-spaced values (factor sqrt(10)) from
 # nearly unpenalised to nearly the null model, for standardised covariates and up to thousands of features
 PENALTY_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 3, 13))
+# c for the elastic net (train.linear_l1_ratio > 0), fixed a priori: 17 log-spaced values (factor 10^0.25) from
+# nearly unpenalised to past the null model of standardised covariates (every coefficient 0 once c * l1_ratio
+# exceeds the largest |gradient| per patient at 0, at most ~1 for standardised covariates)
+ELASTIC_NET_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 1, 17))
 CV_FOLDS = 5
 MAX_ITER = 1000  # L-BFGS iterations (each one or a few evaluations = rounds)
 GTOL = 1e-7  # L-BFGS stops when every gradient component of f is below this
@@ -155,40 +159,66 @@ def fit_ridge(
     x0: np.ndarray | None = None,
     max_iter: int = MAX_ITER,
     quiet: bool = False,
+    l1_ratio: float = 0.0,
 ) -> RidgeFit:
     """Minimise ``f`` (module docstring) over the parties' patients outside fold ``drop_fold`` by L-BFGS from
-    ``x0`` (default 0), for at most ``max_iter`` iterations; ``quiet``: no warning when not converged."""
+    ``x0`` (default 0), for at most ``max_iter`` iterations; ``quiet``: no warning when not converged.
+
+    ``l1_ratio`` > 0: the elastic net ``c * (l1_ratio * |beta|_1 + (1 - l1_ratio) / 2 * |beta|^2)`` instead of the
+    ridge term (scikit-survival ``CoxnetSurvivalAnalysis(alphas=[c], l1_ratio=...)`` on one stratum, Breslow ties),
+    minimised exactly by L-BFGS-B on the split ``beta = p - q`` with ``p, q >= 0`` (the L1 term is then linear);
+    coefficients at the bound are exact zeros. ``grad_max``: the largest violation of the optimality conditions."""
     from scipy.optimize import minimize
 
+    if not 0.0 <= l1_ratio <= 1.0:
+        raise ValueError(f"l1_ratio must be in [0, 1], got {l1_ratio}")
     dim = int(parties[0].x.shape[1])
     evals = 0
+    lam1, lam2 = c * l1_ratio, c * (1.0 - l1_ratio)
 
-    def fun(beta: np.ndarray) -> tuple[float, np.ndarray]:
+    def smooth(beta: np.ndarray) -> tuple[float, np.ndarray]:
         nonlocal evals
         evals += 1
         answers = [p.nll_grad(beta, drop_fold) for p in parties]
         n = sum(a[2] for a in answers)
         if n == 0:
             raise ValueError("linear fit: no patients in the fit")
-        value = sum(a[0] for a in answers) / n + 0.5 * c * float(beta @ beta)
-        return value, np.sum([a[1] for a in answers], 0) / n + c * beta
+        value = sum(a[0] for a in answers) / n + 0.5 * lam2 * float(beta @ beta)
+        return value, np.sum([a[1] for a in answers], 0) / n + lam2 * beta
 
     start = np.zeros(dim) if x0 is None else np.asarray(x0, np.float64)
-    res = minimize(fun, start, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": GTOL, "ftol": 0})
-    grad_max = float(np.abs(res.jac).max()) if dim else 0.0
+    opts = {"maxiter": max_iter, "gtol": GTOL, "ftol": 0}
+    if lam1 == 0:
+        res = minimize(smooth, start, jac=True, method="L-BFGS-B", options=opts)
+        beta, grad = res.x, res.jac
+        violation = np.abs(grad)
+    else:
+
+        def split(pq: np.ndarray) -> tuple[float, np.ndarray]:
+            value, g = smooth(pq[:dim] - pq[dim:])
+            return value + lam1 * float(pq.sum()), np.concatenate([g + lam1, lam1 - g])
+
+        pq0 = np.concatenate([np.maximum(start, 0.0), np.maximum(-start, 0.0)])
+        res = minimize(split, pq0, jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * (2 * dim), options=opts)
+        beta = res.x[:dim] - res.x[dim:]
+        grad = smooth(beta)[1]
+        evals -= 1  # the check above is not a round of the optimiser's
+        violation = np.where(beta != 0, np.abs(grad + lam1 * np.sign(beta)), np.maximum(np.abs(grad) - lam1, 0.0))
+    grad_max = float(violation.max()) if dim else 0.0
     if grad_max > 1e-4 and not quiet:
         log.warning("linear fit (c=%g): L-BFGS stopped with gradient %.2g (%s)", c, grad_max, res.message)
-    return RidgeFit(res.x, evals, bool(grad_max <= 1e-4), float(res.fun), grad_max)
+    return RidgeFit(beta, evals, bool(grad_max <= 1e-4), float(res.fun), grad_max)
 
 
-def cross_validate(parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRID) -> list[dict]:
-    """The CV score of every penalty in ``grid`` (module docstring); one record per penalty, in grid order.
-    Fits run from the largest penalty down, each fold warm-started from the previous penalty's fit."""
+def cross_validate(parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRID, l1_ratio: float = 0.0) -> list[dict]:
+    """The CV score of every penalty in ``grid`` (module docstring; ``l1_ratio``: :func:`fit_ridge`); one record per
+    penalty, in grid order. Fits run from the largest penalty down, each fold warm-started from the previous
+    penalty's fit."""
     n_folds = int(max(int(p.fold.max()) for p in parties)) + 1
     warm: list[np.ndarray | None] = [None] * n_folds
     out: dict[float, dict] = {}
     for c in sorted(grid, reverse=True):
-        fits = [fit_ridge(parties, c, k, warm[k]) for k in range(n_folds)]
+        fits = [fit_ridge(parties, c, k, warm[k], l1_ratio=l1_ratio) for k in range(n_folds)]
         warm = [f.beta for f in fits]
         scores = [s for s in (p.cv_score(warm) for p in parties) if s is not None]
         cvl, conc, comp = (float(sum(s[i] for s in scores)) for i in range(3))
@@ -199,6 +229,7 @@ def cross_validate(parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRI
             "parties_scored": len(scores),
             "evaluations": sum(f.evaluations for f in fits),
             "converged": all(f.converged for f in fits),
+            "nonzero": float(np.mean([(f.beta != 0).sum() for f in fits])),
         }
     return [out[c] for c in grid]
 
@@ -268,20 +299,30 @@ def parties_of(
     return parties
 
 
-def fit_with_cv(model: LinearSurvival, parties: Sequence[Party], grid: Sequence[float] | None = None) -> dict:
-    """Choose the penalty by CV over ``parties`` (among ``grid``, default :data:`PENALTY_GRID`), refit on all their
+def penalty_grid(l1_ratio: float) -> tuple[float, ...]:
+    """The a-priori grid of ``c``: :data:`PENALTY_GRID` for ridge (``l1_ratio`` 0), else :data:`ELASTIC_NET_GRID`."""
+    return PENALTY_GRID if l1_ratio == 0 else ELASTIC_NET_GRID
+
+
+def fit_with_cv(
+    model: LinearSurvival, parties: Sequence[Party], grid: Sequence[float] | None = None, l1_ratio: float = 0.0
+) -> dict:
+    """Choose the penalty by CV over ``parties`` (among ``grid``, default :func:`penalty_grid`), refit on all their
     patients and load the coefficients into ``model``; returns the record (chosen penalty, every candidate's CV
-    score, evaluations = rounds)."""
+    score, evaluations = rounds). ``l1_ratio``: the elastic net's mix (:func:`fit_ridge`; 0 = ridge)."""
     if not parties:
         raise ValueError("linear fit: no patients to fit")
-    records = cross_validate(parties, PENALTY_GRID if grid is None else grid)
+    records = cross_validate(parties, penalty_grid(l1_ratio) if grid is None else grid, l1_ratio)
     best = choose(records)
-    final = fit_ridge(parties, best["penalty"])
+    final = fit_ridge(parties, best["penalty"], l1_ratio=l1_ratio)
     model.set_coefficients(torch.from_numpy(final.beta))
     n = sum(len(p.fold) for p in parties)
+    kind = "ridge" if l1_ratio == 0 else f"elastic-net (l1_ratio {l1_ratio:g}, L-BFGS-B on beta = p - q)"
     return {
-        "fit": "full-batch ridge Cox (L-BFGS), penalty by K-fold cross-validated partial likelihood",
+        "fit": f"full-batch {kind} Cox (L-BFGS), penalty by K-fold cross-validated partial likelihood",
         "penalty": best["penalty"],
+        "l1_ratio": l1_ratio,
+        "nonzero": int((final.beta != 0).sum()),
         "ridge_alpha": best["penalty"] * n,  # scikit-survival CoxPHSurvivalAnalysis(alpha=...) on one stratum
         "cv_cindex": best["cv_cindex"],
         "cv_loglik": best["cv_loglik"],
@@ -293,9 +334,23 @@ def fit_with_cv(model: LinearSurvival, parties: Sequence[Party], grid: Sequence[
     }
 
 
+def slide_settings(cfg: RunConfig) -> tuple[int, str]:
+    """``(r, level)`` of the linear family's slide projection (``model.linear_slide_pcs``,
+    ``model.linear_slide_moments``); r = 0: none."""
+    return cfg.model.linear_slide_pcs, cfg.model.linear_slide_moments
+
+
 def fit_linear_centralised(model: LinearSurvival, data: CohortData, idx: np.ndarray, cfg: RunConfig) -> dict:
-    """``model.family=linear`` centralised (Cox loss): the CV-chosen ridge fit on the patients ``idx`` (training
-    and validation patients: the CV is the validation), stratified by site as ``train.stratify`` says."""
-    rec = fit_with_cv(model, parties_of(model, data, idx, cfg, cfg.train.stratify))
+    """``model.family=linear`` centralised (Cox loss): the CV-chosen penalised fit (``train.linear_l1_ratio``) on
+    the patients ``idx`` (training and validation patients: the CV is the validation), stratified by site as
+    ``train.stratify`` says; with ``model.linear_slide_pcs`` > 0 the slide term first gets its projection from the
+    sites' tile moments over ``idx`` (:func:`pipeline.training.slide_norm.prepare_slide_projection`)."""
+    from pipeline.training.slide_norm import prepare_slide_projection
+
+    r, level = slide_settings(cfg)
+    proj = prepare_slide_projection(model, data, idx, r, level)
+    parties = parties_of(model, data, idx, cfg, cfg.train.stratify)
+    rec = fit_with_cv(model, parties, l1_ratio=cfg.train.linear_l1_ratio)
+    rec["slide_projection"] = proj
     return {"select": "cv", "best_epoch": None, "best_val_loss": None, "best_val_cindex": rec["cv_cindex"],
             "val_history": [], "linear_fit": rec}  # fmt: skip
