@@ -579,8 +579,8 @@ def test_secagg_statistics_exchange_with_omics_and_discrete_time_equals_the_plai
 
 
 def test_secagg_horizons_from_the_summed_event_histogram(finish_cohort, tmp_path):
-    """With a time unit of no known length the horizons are quartiles of the summed event-time histogram (finish.horizons): under
-    SecAgg+ that sum is a secure sum, and the horizons equal the plain run's."""
+    """With a time unit of no known length the horizons are quartiles of the summed event-time histogram
+    (finish.horizons): under SecAgg+ that sum is a secure sum, and the horizons equal the plain run's."""
     from data_specs.artifacts import RunFiles
     from pipeline.federated.ledger import read_ledger
     from pipeline.training.bundle import load_bundle
@@ -596,3 +596,32 @@ def test_secagg_horizons_from_the_summed_event_histogram(finish_cohort, tmp_path
     assert hp and hs == hp
     phases = {x["phase"] for x in read_ledger(tmp_path / "secure" / f"privacy_ledger.{sites[0]}.jsonl")}
     assert "finish.horizons.secagg.collect_masked_vectors" in phases and "finish.horizons" not in phases
+
+
+def test_raw_rows_in_a_summary_are_stopped_before_the_secure_sum(clinical_omics_cohort, tmp_path, monkeypatch):
+    """Under SecAgg+ a site's summaries pass the disclosure policy before any of their numbers is masked: raw
+    per-patient rows added to a clinical summary stop the run at the site (names round), and no site sends a
+    summary, a name list or a masked vector of them."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from data_specs.summaries import ClinicalSiteSummary
+    from pipeline.federated.client_app import client_app
+    from pipeline.federated.embedded import InProcessGrid
+    from pipeline.federated.protocol import SiteDataError
+    from pipeline.federated.server_app import server_app
+
+    real = ClinicalSiteSummary.to_wire
+    rows = pd.read_csv(Path(clinical_omics_cohort).parent / "patients.csv")[["time"]].to_numpy().tolist()
+    monkeypatch.setattr(ClinicalSiteSummary, "to_wire", lambda self: {**real(self), "rows": rows})
+    nodes = {700 + k: s for k, s in enumerate(load_cohort(clinical_omics_cohort).sites)}
+    rc = {**RUN_CONFIG, "federated.rounds": 1, "federated.secagg": True}
+    grid = InProcessGrid(
+        {nid: (s, client_app) for nid, s in nodes.items()},
+        node_configs={nid: {"site": s, "cohort": str(clinical_omics_cohort)} for nid, s in nodes.items()},
+        run_config={**rc, "out": str(tmp_path), "config": "", "resume": False},
+        audit=True,
+    )
+    with pytest.raises(SiteDataError, match=r"site site_[abc]: ValueError: .*clinical summary"):
+        server_app(grid, Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[700].run_config)))
+    assert all(not m.has_content() for _, m in grid.sent)  # nothing left any site
