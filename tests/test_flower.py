@@ -444,8 +444,15 @@ def test_secagg_deployment_sends_every_sum_masked_and_equals_the_plain_run(finis
                                            "dim.n_clinical"}  # fmt: skip
         if m.metadata.group_id.startswith("secure_sum:"):
             assert all(len(r) == 0 for r in m.content.array_records.values())  # masked integer vectors only
+    lines = {(x["site"], x["reply_to"]): x for s in sites
+             for x in read_ledger(tmp_path / "secure" / f"privacy_ledger.{s}.jsonl")}  # fmt: skip
+    for site, m in grid.sent:  # every reply has its ledger line, with the same records and keys
+        line = lines[(site, m.metadata.reply_to_message_id)]
+        c = m.content
+        recs = {**dict(c.array_records), **dict(c.metric_records), **dict(c.config_records)}
+        assert {k: set(v["keys"]) for k, v in line["records"].items()} == {k: set(r) for k, r in recs.items()}
     for s in sites:
-        phases = {x["phase"] for x in read_ledger(tmp_path / "secure" / f"privacy_ledger.{s}.jsonl")}
+        phases = {x["phase"] for x in lines.values() if x["site"] == s}
         for p in SECURE_PHASES:
             assert {f"{p}.secagg.{st}" for st in ("setup", "share_keys", "collect_masked_vectors", "unmask")} <= phases
     a, ca = load_bundle(RunFiles(root=tmp_path / "plain").model)
