@@ -4,8 +4,10 @@
 ``client_app`` below, the ``[tool.flwr.app.components]`` clientapp run by each SuperNode with
 ``--node-config "site='NAME' cohort='SPEC'"``). It adds Flower's ``secaggplus_mod`` for SecAgg+ stage
 messages, and a deployed node answers the statistics exchange (``query.summaries`` /
-``query.normalisers``) with :func:`~pipeline.federated.site.local_summaries`. Local training, the
-site's data and its summaries live in ``site.py``; this module only adapts them to Flower messages.
+``query.normalisers``) with :func:`~pipeline.federated.site.local_summaries`. Under SecAgg+ the numbers of
+the statistics exchange and of the finish rounds leave only inside secure sums (``secure_sum_app``: the names
+mod, and the innermost mod answering a secure-sum round from the same plain replies, checked first). Local
+training, the site's data and its summaries live in ``site.py``; this module only adapts them to Flower messages.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ disclosure mod, so it is in the privacy ledger under its phase, the message type
 The server side (:func:`finish_run`) is written against ``ask(kind, request) -> {site: reply}`` so it runs
 over any transport (``server_app.py`` adapts it to Flower messages). The rules are the embedded run's
 (``stats.risk_cuts``, ``training.survival_summary``), so the two give the same cut-points, horizons and
-baseline for the same weights.
+baseline for the same weights. Under ``federated.secagg`` the summed keys (``secure_sum.SUMMED_KEYS``) come from
+the transport's secure sum (``ask.secure``) and are never in a plain reply.
 """
 
 from __future__ import annotations
