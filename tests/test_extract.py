@@ -527,6 +527,24 @@ def test_direct_tiff_reader_gives_the_same_features_file_as_openslide(tmp_path, 
     np.testing.assert_array_equal(runs["auto"][0], runs["openslide"][0])  # the same pixels, the same features
 
 
+@pytest.mark.parametrize("reader", ["auto", "openslide"])
+def test_a_corrupt_tile_mid_slide_fails_that_slide_with_either_tile_reader(tmp_path, enc, reader):
+    import tifffile
+
+    p = tmp_path / "s.tif"
+    rgb = np.asarray(Image.open(ASSETS / "tumor_target_he.png").convert("RGB"))
+    write_pyramid_tiff(p, np.tile(rgb[:672, :672], (2, 2, 1)), mpp=0.5)  # 6 x 6 JPEG tiles of 256 px at level 0
+    with tifffile.TiffFile(p) as tf:
+        off = int(tf.pages[0].dataoffsets[1 * 6 + 2])  # under grid tiles the reader's check does not read
+    data = bytearray(p.read_bytes())
+    data[off : off + 2] = b"\0\0"  # no JPEG start marker
+    p.write_bytes(bytes(data))
+    cfg = CFG.model_copy(update={"tile_reader": reader, "max_background": 1.0, "thumbnail_px": 300})
+    (r,) = extract_slides([p], tmp_path / reader, enc, cfg, progress=False)
+    assert r.status == "failed" and "reading tiles failed" in r.error and str(p) in r.error
+    assert not (tmp_path / reader / "s.h5").exists()
+
+
 def test_prefetcher_keeps_order_bounds_memory_and_hands_errors_over():
     from pipeline.slides.prefetch import Prefetcher
 

@@ -81,6 +81,7 @@ from pipeline.slides.report import (
     shard_of,
     write_report,
 )
+from pipeline.slides.tiff_tiles import TileDecodeError
 from pipeline.slides.tissue import TissueSettings, save_geojson, save_mask_png, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ def encode_tiles(
                 pending = nxt
         if pending is not None:
             writer.append(runner.collect(pending[0]), pending[1])
-    except openslide.OpenSlideError as e:
+    except (openslide.OpenSlideError, TileDecodeError) as e:
         raise SlideError(f"{path}: reading tiles failed ({e}); the file may be truncated or corrupt") from e
     finally:
         ds.close()

@@ -34,6 +34,10 @@ TIFF_VENDORS = ("aperio", "generic-tiff")
 CACHE_BYTES = 64 << 20
 
 
+class TileDecodeError(OSError):
+    """A tile of the file cannot be decoded (truncated or corrupt data); the message names the file and tile."""
+
+
 class TiffLevel:
     """One tiled TIFF page: regions ``[h, w, 3]`` uint8 RGB, zero (OpenSlide's transparent black) outside the image.
 
@@ -65,8 +69,11 @@ class TiffLevel:
             tile = np.zeros((self.th, self.tw, 3), np.uint8)
         else:
             data = os.pread(self._fd, n, int(self._offsets[k]))
-            seg = self._decode(data, k, jpegtables=self._tables)[0]
-            tile = np.asarray(seg).reshape(self.th, self.tw, 3)
+            try:
+                seg = self._decode(data, k, jpegtables=self._tables)[0]
+                tile = np.asarray(seg).reshape(self.th, self.tw, 3)
+            except Exception as e:  # imagecodecs' and tifffile's errors have no common base class
+                raise TileDecodeError(f"{self.path}: TIFF tile {k} cannot be decoded ({type(e).__name__}: {e})") from e
         self._cache[k] = tile
         if len(self._cache) > self._cap:
             self._cache.popitem(last=False)
@@ -106,7 +113,10 @@ def _level_page(path: Path, slide: object, level: int) -> tuple[object, object] 
     except ImportError as e:
         return f"{e.name} is not installed"
     w, h = slide.level_dimensions[level]  # type: ignore[attr-defined]
-    tf = tifffile.TiffFile(path)
+    try:
+        tf = tifffile.TiffFile(path)
+    except Exception as e:  # a TIFF variant tifffile does not parse
+        return f"tifffile cannot parse it ({type(e).__name__}: {e})"
     pages = [p for p in tf.pages if (int(p.imagewidth), int(p.imagelength)) == (w, h) and p.is_tiled]
     if len(pages) != 1:
         tf.close()
@@ -131,9 +141,10 @@ def tiff_level(path: Path, slide: object, level: int, checks: Sequence[tuple[int
         log.debug("%s: tiles read through OpenSlide (%s)", path, found)
         return None
     tf, page = found
-    lv = TiffLevel(path, page)
     ds = float(slide.level_downsamples[level])  # type: ignore[attr-defined]
+    lv = None
     try:
+        lv = TiffLevel(path, page)
         for x, y, w, h in checks:
             ref = np.asarray(slide.read_region((x, y), level, (w, h)))  # type: ignore[attr-defined]
             got = lv.region(int(round(x / ds)), int(round(y / ds)), w, h)
@@ -144,7 +155,8 @@ def tiff_level(path: Path, slide: object, level: int, checks: Sequence[tuple[int
                 return None
     except Exception as e:  # tifffile cannot decode this page's compression, a truncated tile, ...
         log.info("%s: tiles read through OpenSlide (direct TIFF decoding failed: %s: %s)", path, type(e).__name__, e)
-        lv.close()
+        if lv is not None:
+            lv.close()
         return None
     finally:
         tf.close()  # the page's offsets, counts and tables are already read; tiles are read with os.pread
