@@ -1,6 +1,6 @@
 """The linear family on demo cohorts: federated (full-batch fit, penalty by federated CV) and pooled, beside Coxnet.
 
-    python scripts/demo_linear.py DIR [DIR ...] [--out summary.json]
+    python scripts/demo_linear.py DIR [DIR ...] [--set KEY=VALUE ...] [--out summary.json]
 
 Each ``DIR`` holds a demo cohort and its tile features: ``histofuse demo --out DIR`` (or ``histofuse demo
 --build-only --out DIR`` then ``histofuse extract --out DIR DIR/cohort/cohort.yaml``). With the default run
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 
-def one(run: Path) -> dict:
+def one(run: Path, overrides: list[str] | None = None) -> dict:
     from data_specs import load_cohort, resolve_config
     from pipeline.outputs.baselines import fit_baselines
     from pipeline.outputs.federated_linear import fit_federated_linear
@@ -39,7 +39,7 @@ def one(run: Path) -> dict:
     from pipeline.training.predict import predict
 
     spec = run / "cohort" / "cohort.yaml"
-    cfg = resolve_config(None, [], out=run).model_copy(update={"cohort": spec})
+    cfg = resolve_config(None, overrides or [], out=run).model_copy(update={"cohort": spec})
     data = load_run_data(load_cohort(spec), cfg)
     t0 = time.perf_counter()
     fl = fit_federated_linear(data, cfg, settings=BaselineSettings(n_boot=200))
@@ -57,6 +57,9 @@ def one(run: Path) -> dict:
         "federated_linear": fl["cindex"],
         "federated_linear_ci": fl.get("cindex_ci"),
         "federated_penalty": fl["weight_decay"],
+        "l1_ratio": cfg.train.linear_l1_ratio,
+        "slide_pcs": cfg.model.linear_slide_pcs,
+        "nonzero": fl.get("linear_fit", {}).get("nonzero"),
         "federated_cv_cindex": fl["val_cindex"],
         "sites_left_out": fl.get("linear_fit", {}).get("sites_left_out"),
         "federated_seconds": t_fed,
@@ -71,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, default=None, help="JSON summary")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override (repeatable)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
@@ -78,7 +82,7 @@ def main() -> None:
 
     rows = []
     for run in args.runs:
-        rows.append(one(run))
+        rows.append(one(run, args.overrides))
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     if args.out is not None:
         write_json(args.out, {"rows": rows})

@@ -10,10 +10,10 @@ run's baselines) is scored by **nested** K-fold CV over the non-test patients: i
 standardisation and the alpha are fitted on the other folds only and the fold's patients are scored (Harrell C);
 the outer split is repeated with seeds ``0..R-1`` and the score is the mean over folds and repeats.
 The variant name is ``<slides>_<penalty>``: slides ``pc<r>`` or ``all``; penalty ``en`` (l1_ratio 0.5) or
-``ridge`` (l1_ratio 0.01, sksurv's Coxnet needs l1_ratio > 0). ``lin_<slides>_<penalty>[_patients]`` is the
+``ridge`` (l1_ratio 0.01, sksurv's Coxnet needs l1_ratio > 0). ``lin_<slides>_<penalty>[_patients][_unstrat]`` is the
 linear family instead (:func:`pipeline.training.linear_fit.fit_linear_centralised`: site-stratified, penalty by its
 own K-fold CV; ``ridge`` is l1_ratio 0 there; slide PCs from tile moments, or ``_patients``: from mean-tile
-moments). ``--test`` also prints each variant's test C
+moments; ``_unstrat``: one stratum instead of one per site). ``--test`` also prints each variant's test C
 (fitted on all non-test patients), as a final check only: choices are made on the nested CV score.
 """
 
@@ -40,11 +40,13 @@ def parse(variant: str) -> tuple[int, float]:
 
 
 def linear_overrides(variant: str) -> list[str]:
-    """``lin_<slides>_<pen>[_patients]``: the linear family's config (slide PCs, l1_ratio, moment level)."""
+    """``lin_<slides>_<pen>[_patients][_unstrat]``: the linear family's config (slide PCs, l1_ratio, moment level,
+    strata)."""
     r, l1 = parse(variant)
-    level = "patients" if variant.endswith("_patients") else "tiles"
-    return ["model.family=linear", f"model.linear_slide_pcs={r}", f"train.linear_l1_ratio={l1}",
-            f"model.linear_slide_moments={level}"]  # fmt: skip
+    level = "patients" if "_patients" in variant else "tiles"
+    ov = ["model.family=linear", f"model.linear_slide_pcs={r}", f"train.linear_l1_ratio={l1}",
+          f"model.linear_slide_moments={level}"]  # fmt: skip
+    return ov + (["train.stratify=false"] if "_unstrat" in variant else [])
 
 
 def linear_fit_score(data, cfg, fit: np.ndarray, score: np.ndarray, variant: str) -> float:

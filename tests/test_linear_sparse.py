@@ -182,3 +182,28 @@ def test_slide_aggregates_pass_the_disclosure_policy_only_as_declared():
     cfg = resolve_config(None, ["model.family=linear"])
     release = slide_release(data, idx[:8], cfg, ledger)
     assert release("s0", "slide_moments", small) is False and ledger.lines[0]["withheld"]
+
+
+def test_model_file_round_trip_keeps_the_slide_projection(tmp_path):
+    from data_specs.artifacts import FeatureAttrs, RunFiles
+    from pipeline.training.bundle import load_bundle, save_bundle
+    from pipeline.training.linear_fit import fit_linear_centralised
+    from pipeline.training.module import new_model
+    from pipeline.training.predict import predict
+
+    data = synthetic(n=90)
+    data.feature_attrs = FeatureAttrs(encoder="enc", weights=None, feature_kind="imagenet", dim=D, tile_px=224,
+                                      target_mpp=0.5)  # fmt: skip
+    cfg = resolve_config(None, ["model.family=linear", "model.linear_slide_pcs=2"], out=tmp_path)
+    model = new_model(data, cfg)
+    idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
+    rec = fit_linear_centralised(model, data, idx, cfg)["linear_fit"]
+    assert rec["slide_projection"]["r"] == 2 and model.slide_linear.in_features == 2
+    path = RunFiles(root=tmp_path).model
+    save_bundle(path, model.eval(), data, cfg, {"train_info": {"mode": "centralised"}})
+    loaded, _ = load_bundle(path)
+    assert isinstance(loaded, LinearSurvival) and loaded.slide_pcs == 2
+    for name in ("slide_components", "slide_pc_mean", "slide_pc_scale", "slide_mean"):
+        torch.testing.assert_close(loaded.get_buffer(name), model.get_buffer(name))
+    every = np.arange(90)
+    np.testing.assert_array_equal(predict(loaded, data, every).log_hz, predict(model, data, every).log_hz)
