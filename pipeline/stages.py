@@ -106,19 +106,35 @@ def stage_train(
     log.info("training on %s patients (train/val/test), %d sites, modalities %s", n, len(data.sites), data.model_dims())
     rf = RunFiles(root=stage)
     write_text(rf.config, cfg.to_yaml())
+    parts = None
     if cfg.federated.enabled:
-        from pipeline.federated.embedded import run_federated
+        from pipeline.federated.embedded import train_federated
 
-        model, info = run_federated(data, cfg, rf.federated, progress=progress, resume=resume)
-        info = {"mode": "federated", **info}
+        run = train_federated(data, cfg, rf.federated, progress=progress, resume=resume, cohort=cohort)
+        model, info, parts = run.model, {"mode": "federated", **run.info}, run.parts
     else:
         module, info = fit_local(data, cfg, progress=progress)
         model, info = module.model.eval(), {"mode": "centralised", **info}
-    k = cfg.federated.min_count if cfg.federated.enabled else 1  # grid end and horizons from site aggregates
-    summary = survival_summary(model, data, cohort.time_unit, k)
-    save_bundle(rf.model, model, data, cfg, {"train_info": info, **summary})
+    if parts is not None:  # the finish query rounds' aggregates, as a deployment's model file has them
+        save_federated_bundle(rf.model, model, data, cfg, parts, info)
+    else:  # centralised: grid end and horizons by the same rule, in this process
+        k = cfg.federated.min_count if cfg.federated.enabled else 1
+        summary = survival_summary(model, data, cohort.time_unit, k)
+        save_bundle(rf.model, model, data, cfg, {"train_info": info, **summary})
     write_json(rf.train_summary, info)
     return rf.model
+
+
+def save_federated_bundle(path: Path, model, data: CohortData, cfg: RunConfig, parts: dict, info: dict) -> None:
+    """The model file of an embedded federated run: its card's cut-points, horizons and baseline are the finish
+    query rounds' (``parts``: from the sites' aggregates, as in a deployment's model file), the rest from ``data``
+    (normalisers, features identity, split digest)."""
+    from data_specs.artifacts import Cutpoints
+    from pipeline.training.bundle import make_card, save_model
+
+    extra = {"horizons": parts["horizons"], **({"baseline": parts["baseline"]} if "baseline" in parts else {})}
+    card = make_card(model, data, cfg, train_info=info, **extra)
+    save_model(path, model, card.model_copy(update={"cutpoints": Cutpoints(**parts["cutpoints"])}))
 
 
 def _model_data(

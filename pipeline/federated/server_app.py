@@ -1,10 +1,10 @@
 """The Flower ServerApp: :class:`~pipeline.federated.server.FederatedServer` behind Flower's Strategy interface.
 
-:func:`serve` is the body both runtimes run (embedded: ``embedded.py``; deployment: ``server_app``, the
-``[tool.flwr.app.components]`` serverapp). It drives Flower's legacy workflow (``LegacyContext`` +
-``DefaultWorkflow``) because SecAgg+ is available only there (``SecAggPlusWorkflow`` when
-``federated.secagg`` is on). A deployment first runs :func:`exchange_cohort_statistics` (site summaries in,
-cohort-level normalisers out, fitted by ``omics.normalise.fit_normalisers``). Aggregation, DP, validation
+:func:`run_server` is the body both runtimes run (embedded: ``embedded.py``; deployment: ``server_app``, the
+``[tool.flwr.app.components]`` serverapp): :func:`exchange_cohort_statistics` (site summaries in, cohort-level
+normalisers out, fitted by ``omics.normalise.fit_normalisers``), then :func:`serve`, which drives Flower's legacy
+workflow (``LegacyContext`` + ``DefaultWorkflow``: SecAgg+ is available only there, ``SecAggPlusWorkflow`` when
+``federated.secagg`` is on), then the finish query rounds (:func:`finish_ask`). Aggregation, DP, validation
 pooling and checkpoints live in ``server.py``; this module only adapts them to Flower.
 """
 
@@ -51,7 +51,6 @@ from pipeline.federated.protocol import (
 )
 from pipeline.federated.secure_sum_app import secure_event_histogram, secure_finish_ask, secure_summaries
 from pipeline.federated.server import FederatedServer
-from pipeline.files import write_json
 from pipeline.omics.normalise import fit_normalisers
 
 log = logging.getLogger(__name__)
@@ -361,29 +360,28 @@ def finish_ask(grid: Grid, timeout: float | None):
 server_app = ServerApp()
 
 
+def run_server(grid: Grid, context: Context, cfg: RunConfig, server: FederatedServer, names: list[str] | None = None,
+               node_site: dict[int, str] | None = None, finish: bool = True, statistics: bool = True):  # fmt: skip
+    """The ServerApp body of both runtimes (deployment: :func:`_deployed_main`; embedded: ``embedded.py``): the
+    statistics exchange, the training rounds (:func:`serve`), then the finish query rounds on the kept weights
+    (:func:`pipeline.federated.lifecycle.after_training`). Returns its ``LifecycleResult``."""
+    from pipeline.federated.lifecycle import after_training, warn_unset_min_sites
+
+    stats = exchange_cohort_statistics(grid, cfg) if statistics else {}
+    server.roster = len(list(grid.get_node_ids()))  # the sites connected at the statistics exchange
+    warn_unset_min_sites(cfg, server.roster)
+    strategy = serve(grid, context, server, names, node_site)
+    ask = finish_ask(grid, cfg.federated.round_timeout) if finish else None
+    return after_training(ask, cfg, stats, server, strategy.node_site)
+
+
 @server_app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
-    """Deployment ServerApp: statistics exchange, training (state and history under ``out/federated``), then the
-    post-training query rounds (:mod:`pipeline.federated.finish`): model file, metrics and summary in ``out``."""
-    cfg = run_config_from_flower(dict(context.run_config))
-    out = Path(cfg.out) / "federated"
-    resume = str(context.run_config.get("resume", "false")).lower() == "true"
-    stats = exchange_cohort_statistics(grid, cfg)
-    server = FederatedServer(cfg, None, out, resume=resume)
-    server.roster = len(list(grid.get_node_ids()))  # the sites connected at the statistics exchange
-    if cfg.federated.min_sites is None:
-        log.warning(
-            "federated.min_sites not set: every one of the %d SuperNode(s) connected now must answer every round "
-            "(set federated.min_sites to the consortium's size so the run waits for late sites)",
-            server.roster,
-        )
-    strategy = serve(grid, context, server, None)
-    info = {**server.summary(), "sites": sorted(set(strategy.node_site.values()))}
-    write_json(out / "federated_history.json", info)
-    log.info("federated run finished: best round %d; state in %s", info["best_round"], out)
-    from pipeline.federated.finish import finish_run, write_outputs
+    """Deployment ServerApp: :func:`run_server` (state and history under ``out/federated``), then the run folder
+    from the sites' aggregates: model file, metrics, summary and what the report needs (``lifecycle``)."""
+    from pipeline.federated.lifecycle import write_deployment
 
-    assert server.best is not None
-    parts = finish_run(finish_ask(grid, cfg.federated.round_timeout), cfg, stats, server.best[2])
-    written = write_outputs(Path(cfg.out), cfg, stats, parts, {"mode": "federated", "runtime": "deployment", **info})
-    log.info("model and test metrics from the sites' aggregates: %s", ", ".join(str(p) for p in written.values()))
+    cfg = run_config_from_flower(dict(context.run_config))
+    resume = str(context.run_config.get("resume", "false")).lower() == "true"
+    server = FederatedServer(cfg, None, Path(cfg.out) / "federated", resume=resume)
+    write_deployment(Path(cfg.out), cfg, run_server(grid, context, cfg, server))
