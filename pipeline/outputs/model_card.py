@@ -195,3 +195,13 @@ def metadata_html(rf: RunFiles, time_unit: str = "") -> list[str]:
         _li("config digest", config_digest(cfg) if cfg else "–"),
     ]
     return ["<h2 id='run-metadata'>Run metadata</h2>", "<ul>", *items, "</ul>"]
+
+
+def package_version(name: str) -> str:
+    """The installed version of package ``name``, or ``not installed``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"

@@ -115,3 +115,42 @@ def privacy_html(rf: RunFiles) -> list[str]:
         f"in {files} (its form only: keys, shapes, types; never a value). {len(lines)} replies in all.</p>",
         table.to_html(index=False, border=0, classes="t"),
     ]
+
+
+DEPLOYED_METRICS_NOTE = (
+    "Harrell's C from the sites' summed within-site concordant and comparable pairs of test patients (no pair "
+    "across sites is formed: no site sees another's patients; a site under k test patients or events sends none). "
+    "Uno's C, td-AUC, IBS, Kaplan-Meier curves and bootstrap CIs need per-patient times and risks: they are "
+    "site-local, not available to the server."
+)
+
+
+def site_local_html(rf: RunFiles) -> list[str]:
+    """A deployment's report: what its server does not hold, each part named as site-local (why), and the sites
+    that sent no test metric; nothing for a run folder without ``site_local.json`` (embedded or centralised)."""
+    from pipeline.federated.lifecycle import SITE_LOCAL_FILE
+
+    path = rf.root / SITE_LOCAL_FILE
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as e:
+        log.warning("site-local section: %s not read (%s)", path, e)
+        return []
+    if not info:
+        return []
+    names = [str(s) for s in info.get("sites", [])]
+    each = lambda part: ", ".join(part.replace("<site>", s) for s in names) if "<site>" in part else part  # noqa: E731
+    rows = pd.DataFrame([{"part": each(k), "why": v} for k, v in info.get("site_local", {}).items()])
+    sites = ", ".join(html.escape(s) for s in names)
+    silent = info.get("sites_without_metrics") or []
+    return [
+        "<h2>At the sites only</h2>",
+        f"<p>A {html.escape(str(info.get('runtime', 'deployment')))} run: the server holds the model file, the "
+        f"aggregates above and the sites' ledgers, from sites {sites}. These parts are site-local, not available "
+        "to the server (each site can build them from its own patients and the model file):</p>",
+        rows.to_html(index=False, border=0, classes="t") if len(rows) else "",
+        f"<p class='note'>Sites that sent no test metric (fewer than k test patients or events): "
+        f"{html.escape(', '.join(map(str, silent)))}.</p>"
+        if silent
+        else "",
+    ]

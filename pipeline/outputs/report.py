@@ -80,17 +80,18 @@ def _metrics_section(rf: RunFiles, unit: str = "") -> list[str]:
         )
     split = html.escape(str(m.get("split")))
     b = m.get("bootstrap", {})
-    parts = [
-        f"<h2>Metrics ({split} set)</h2>",
-        _table(pd.DataFrame(rows)),
-        "<p class='note'>Harrell and Uno C-index (scikit-survival; Uno's truncated at "
+    note = (
+        "Harrell and Uno C-index (scikit-survival; Uno's truncated at "
         f"t={_num(m.get('uno_tau'), 0)} {html.escape(unit)}), cumulative/dynamic AUC averaged over the horizons "
         f"{html.escape(', '.join(f'{h:g} {unit}'.strip() for h in m.get('horizons', [])))}, integrated Brier score "
         "(lower is better; needs survival curves). "
         f"Censoring weights from the {html.escape(str(m.get('censoring_from')))}. "
         f"CIs: {b.get('resamples')} patient bootstrap resamples (seed {b.get('seed')}). "
-        "A dash is a metric that cannot be computed on those patients; the notes say why.</p>",
-    ]
+        "A dash is a metric that cannot be computed on those patients; the notes say why."
+    )
+    if m.get("pairs") == "within site":  # a deployment's: from the sites' summed pair counts only
+        from pipeline.outputs.privacy_report import DEPLOYED_METRICS_NOTE as note
+    parts = [f"<h2>Metrics ({split} set)</h2>", _table(pd.DataFrame(rows)), f"<p class='note'>{note}</p>"]
     km = m["pooled"].get("km_by_group")
     if km:
         t = pd.DataFrame(
@@ -283,11 +284,9 @@ def _tile_sections(rf: RunFiles) -> list[str]:
 
 def build_report(out: Path, title: str = "histofuse run") -> Path:
     """Assemble ``report.html`` from whatever the run's folder holds."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from pipeline.outputs.model_card import limitations_html, metadata_html, model_card_html
+    from pipeline.outputs.model_card import limitations_html, metadata_html, model_card_html, package_version
     from pipeline.outputs.plots import time_unit_of
-    from pipeline.outputs.privacy_report import privacy_html
+    from pipeline.outputs.privacy_report import privacy_html, site_local_html
 
     rf = RunFiles(root=Path(out))
     unit = time_unit_of(pd.read_csv(rf.risk_scores, nrows=0).columns) if rf.risk_scores.is_file() else ""
@@ -299,7 +298,7 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
         from pipeline.outputs.baseline_report import baselines_html
 
         parts += baselines_html(json.loads(rf.metrics.read_text()))
-    parts += _training_section(rf) + privacy_html(rf)
+    parts += _training_section(rf) + privacy_html(rf) + site_local_html(rf)
     if rf.attributions.is_dir():
         parts += _biomarker_sections(rf)
         parts += _tile_sections(rf)
@@ -310,12 +309,7 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
             "<h2>Resolved config</h2>",
             f"<pre>{html.escape(yaml.safe_dump(yaml.safe_load(cfg.read_text()), sort_keys=False))}</pre>",
         ]
-    vers = {}
-    for p in VERSIONED:
-        try:
-            vers[p] = version(p)
-        except PackageNotFoundError:
-            vers[p] = "not installed"
+    vers = {p: package_version(p) for p in VERSIONED}
     parts.append(f"<h2>Versions</h2><pre>{html.escape(json.dumps(vers, indent=1))}</pre>")
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
