@@ -178,3 +178,35 @@ def test_an_embedded_secagg_run_sends_the_statistics_and_finish_numbers_only_in_
     assert card.horizons == plain.horizons
     np.testing.assert_allclose([card.cutpoints.median, *card.cutpoints.tertiles],
                                [plain.cutpoints.median, *plain.cutpoints.tertiles], rtol=1e-3)  # fmt: skip
+
+
+@pytest.mark.slow  # SuperLink + 3 SuperNodes as processes: ~10 min on a loaded 2-core machine
+def test_a_loopback_deployment_run_folder_builds_the_report_with_the_embedded_runs_numbers(cohort_path, tmp_path):
+    """`flwr run` of the project's app on 127.0.0.1: `histofuse report` builds from its run folder, whose model
+    file and test metrics are the embedded run's for the same seed."""
+    import sys
+
+    from data_specs.artifacts import RunFiles
+    from pipeline.outputs.report import build_report
+    from pipeline.stages import stage_train
+    from pipeline.training.bundle import load_bundle
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "flower"))
+    from loopback import run_loopback
+
+    cohort = load_cohort(cohort_path)
+    rc = {**CONFIG, "federated.rounds": 1}
+    res = run_loopback(cohort_path, cohort.sites, tmp_path / "deployed", rc, timeout=1200)
+    assert res["finish_seconds"] is not None and not res["killed"]
+    _, emb = load_bundle(stage_train(cohort, _cfg(cohort_path, tmp_path / "embedded", **rc), progress=False))
+    dep = RunFiles(root=tmp_path / "deployed")
+    _, card = load_bundle(dep.model)
+    np.testing.assert_allclose([card.cutpoints.median, *card.cutpoints.tertiles],
+                               [emb.cutpoints.median, *emb.cutpoints.tertiles], rtol=1e-6)  # fmt: skip
+    assert card.horizons == emb.horizons
+    emb_metrics = json.loads((tmp_path / "embedded" / "federated" / "finish_metrics.json").read_text())
+    np.testing.assert_allclose(json.loads(dep.metrics.read_text())["pooled"]["cindex"],
+                               emb_metrics["pooled"]["cindex"], rtol=1e-6)  # fmt: skip
+    page = build_report(dep.root).read_text()
+    assert "site-local, not available to the server" in page and "finish.evaluate" in page
+    assert all(f"privacy_ledger.{s}.jsonl" in page for s in cohort.sites)

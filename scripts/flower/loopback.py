@@ -6,8 +6,9 @@
 Every process gets its own FLWR_HOME under DIR/flwr/ and free loopback ports; they run without TLS
 (`--insecure`, loopback only; see README "Across hospitals" for TLS and node authentication). Prints the
 start-up time (processes launched -> run accepted), the training wall time, the mean round time and the
-post-training query rounds' time (model file, metrics and each site's risk scores written), and writes
-DIR/loopback.json. The run is submitted once every SuperNode has connected (so a run with
+post-training query rounds' time (model file, metrics and each site's risk scores written), writes
+DIR/loopback.json and (from the command line) builds DIR/report.html from the run folder, as ``histofuse
+report DIR`` does. The run is submitted once every SuperNode has connected (so a run with
 ``federated.min_sites`` below the number of sites still starts with all of them). Every process started here
 is stopped before the script returns.
 
@@ -230,6 +231,10 @@ def main() -> None:
         f"{r['total_seconds']:.1f} s total, mean round {r['mean_round_seconds']:.1f} s, best round {r['best_round']}; "
         f"post-training query rounds {r['finish_seconds'] or 0:.1f} s"
     )
+    if r["finish_seconds"] is not None:  # the run folder holds what the report needs (model, metrics, ledgers)
+        from pipeline.outputs.report import build_report
+
+        print(f"report: {build_report(a.out, f'histofuse deployment: {a.cohort.stem}')}")
 
 
 if __name__ == "__main__":
