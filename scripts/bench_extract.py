@@ -25,6 +25,8 @@ Columns, tiles per second over the tiles the extraction keeps (same grid for all
 - ``end to end serial`` (with ``--serial``): the same with ``extract.read_ahead=0`` (no reader thread);
 - ``end to end openslide`` (with ``--openslide``): the same with ``extract.tile_reader=openslide`` (every tile
   through OpenSlide's ``read_region`` instead of the direct TIFF decoding), and its peak RSS at both sizes;
+- beside the rates, each CLI variant's process CPU time (user + system, ``wait4``) per tile of its two
+  slides: a figure far less moved by other jobs on a shared machine than its tiles per second;
 - ``naive``: a plain loop over the same ``--sample`` tiles: OpenSlide ``read_region`` -> RGB -> timm's own
   transform (PIL resize, to tensor, normalise) per tile, batches of 64 through the eager fp32 model.
 
@@ -215,6 +217,7 @@ def _cli(
         "seconds": float(rows["seconds"].iloc[-1]),
         "tiles": int(rows["tiles"].iloc[-1]),
         "rss_mib": usage.ru_maxrss / 1024,
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # the whole process: imports, encoder build, both slides
     }
 
 
@@ -345,6 +348,11 @@ def main() -> None:
                   + (f", openslide e2e/limit {m['end to end openslide'] / m['encoder limit']:.2f}"
                      if args.openslide else "")
                   + f"; load {r['load']}", flush=True)  # fmt: skip
+            for key in ("cli", "cli_serial", "cli_openslide"):
+                if r[key]:  # CPU per tile is far less sensitive to other jobs' load than tiles per second
+                    per = [1e3 * c["cpu_s"] / sum(c["slide_tiles"]) for c in r[key]]
+                    print(f"  {key}: process CPU {statistics.median(per):.1f} ms per tile (rounds "
+                          + ", ".join(f"{v:.1f}" for v in per) + ")", flush=True)  # fmt: skip
         if not args.skip_rss:
             res["rss"] = _rss(args, folder, work, res["encoders"][0])
     res["load_end"] = _load()
