@@ -181,7 +181,7 @@ def fit_one(name: str, seed: int, fold: int | None) -> dict[str, Any]:
         cfg = cfg.with_overrides(["federated.enabled=true"])
         model, info = run_federated(d, cfg)
         module = module_mod.new_module(model, cfg)
-        info = {**info, "best_epoch": info["best_round"], "val_history": info["history"]}
+        info = {**info, "best_epoch": info.get("best_round"), "val_history": info.get("history", [])}
     else:
         module, info = module_mod.fit_local(d, cfg, tr, np.array([], int) if "noval" in extras else va)
         model = module.model.eval()
@@ -193,7 +193,8 @@ def fit_one(name: str, seed: int, fold: int | None) -> dict[str, Any]:
         batch["site"] = torch.from_numpy(d.site[scored])
         row["loss"] = float(module.loss(batch, torch.from_numpy(lh)))
         row["log_hz"] = [float(x) for x in lh]
-    row.update(best_epoch=info["best_epoch"], inner_val_cindex=info["best_val_cindex"], history=info["val_history"])
+    row.update(best_epoch=info.get("best_epoch"), inner_val_cindex=info.get("best_val_cindex"),
+               history=info.get("val_history", []))  # fmt: skip
     return row
 
 
