@@ -3,8 +3,9 @@
 ``log_hz = w_s . z(mean of the bag's tiles) + w_g . omics + w_c . clinical``, where ``z`` standardises the
 mean-pooled tile features with a mean and scale fitted on the training slides (from per-site summaries, by
 the caller: :meth:`LinearSurvival.set_slide_norm`). The inputs and the output (:class:`SurvivalOutput`) are the
-network's, so it trains through the same centralised and federated code. The L2 (ridge) penalty is the
-optimiser's weight decay; there is no intercept (a Cox model has none) except one bias per bin for a
+network's, so it trains through the same centralised and federated code. The penalty is the fit's (ridge or
+elastic net, full batch: :mod:`pipeline.training.linear_fit`; mini-batch: the optimiser's weight decay); there is
+no intercept (a Cox model has none) except one bias per bin for a
 discrete-time head (``n_bins = K``: every bin's logit is ``bias_k + log_hz``, survival ``cumprod(1 - hazards)``,
 and the ranking score ``-sum_k S_k``, as in :mod:`models.survival`).
 
