@@ -23,10 +23,15 @@ def e2e_run(tiny_features):
     import contextlib
     import io
 
+    from pipeline.training import survival_summary
+
     cohort, cfg, fdir = tiny_features
     out = cfg.out
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    # the tiny demo's sites have 1-2 training events: a released baseline needs steps of >= 10 (k) events
+    # per site, so with k = 2 here the run's survival curves and horizon columns are not trivially absent
+    with contextlib.redirect_stdout(buf), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(survival_summary, "MIN_SITE_EVENTS", 2)
         rc = main(
             [
                 "run",
@@ -503,7 +508,7 @@ def test_a_train_failing_after_loading_leaves_the_previous_run_byte_identical(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pipeline.training.module, "fit_local", lambda data, cfg, **k: fails(data, cfg))
-    monkeypatch.setattr(pipeline.federated.embedded, "run_federated", fails)
+    monkeypatch.setattr(pipeline.federated.embedded, "train_federated", fails)
     rc = main(["train", str(spec), "--out", str(run), mode, "--set", "train.lr=0.5", *sets])
     assert rc == 2 and loaded and "No space left on device" in capsys.readouterr().err
     after = _snapshot(run)

@@ -97,11 +97,10 @@ class _SumStrategy(Strategy):
         return None
 
 
-class _Watched(Grid):
-    """Forwards to a Grid; a site's error reply that will repeat (:class:`SiteDataError`) stops the run."""
+class ForwardingGrid(Grid):
+    """A Grid that forwards every call to ``self.inner``; subclasses change :meth:`send_and_receive`."""
 
-    def __init__(self, inner: Grid, phase: str, timeout: float | None):
-        self.inner, self.phase, self.timeout = inner, phase, timeout
+    inner: Grid
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -121,6 +120,16 @@ class _Watched(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class _Watched(ForwardingGrid):
+    """Forwards to a Grid; a site's error reply that will repeat (:class:`SiteDataError`) stops the run."""
+
+    def __init__(self, inner: Grid, phase: str, timeout: float | None):
+        self.inner, self.phase, self.timeout = inner, phase, timeout
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = list(self.inner.send_and_receive(messages, timeout=timeout if timeout is not None else self.timeout))

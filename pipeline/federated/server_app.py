@@ -33,7 +33,6 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
 from data_specs.config import RunConfig
 from data_specs.summaries import site_summaries_from_wire
@@ -49,7 +48,12 @@ from pipeline.federated.protocol import (
     run_config_from_flower,
     secagg_shares_threshold,
 )
-from pipeline.federated.secure_sum_app import secure_event_histogram, secure_finish_ask, secure_summaries
+from pipeline.federated.secure_sum_app import (
+    ForwardingGrid,
+    secure_event_histogram,
+    secure_finish_ask,
+    secure_summaries,
+)
 from pipeline.federated.server import FederatedServer
 from pipeline.omics.normalise import fit_normalisers
 
@@ -170,7 +174,7 @@ def stop_on_repeating_failure(rnd: int, failures: list) -> None:
             raise SiteDataError(f"round {rnd}: {reason}; fix the site's data and rerun (--resume continues)")
 
 
-class _TimeoutGrid(Grid):
+class _TimeoutGrid(ForwardingGrid):
     """Forwards to a Grid, giving every ``send_and_receive`` the round timeout (the workflows pass none).
 
     With ``retry``, a site that did not answer (timeout, lost connection) or answered with an error that is
@@ -181,25 +185,6 @@ class _TimeoutGrid(Grid):
     def __init__(self, inner: Grid, timeout: float | None, retry: bool = False):
         self.inner, self.timeout, self.retry = inner, timeout, retry
         self.retried: dict[str, list[int]] = {}
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

@@ -100,5 +100,6 @@ def survival_summary(model, data: CohortData, time_unit: str | None = None, min_
         lh = predict(model, data, tr).log_hz
         grid = baseline_grid(end, hz)
         base = BreslowBaseline.fit(t, e, lh, site, data.sites, grid, baseline_min_events(min_count), True)
-        out["baseline"] = base.state()  # risk set at each interval's start: see curves.site_summary
+        if base.cumhaz[-1] > 0:  # no site released steps of >= k events: no baseline, as the finish round
+            out["baseline"] = base.state()  # risk set at each interval's start: see curves.site_summary
     return out
