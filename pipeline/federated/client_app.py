@@ -6,7 +6,9 @@
 messages, and a deployed node answers the statistics exchange (``query.summaries`` /
 ``query.normalisers``) with :func:`~pipeline.federated.site.local_summaries`. Under SecAgg+ the numbers of
 the statistics exchange and of the finish rounds leave only inside secure sums (``secure_sum_app``: the names
-mod, and the innermost mod answering a secure-sum round from the same plain replies, checked first). Local
+mod, and the innermost mod answering a secure-sum round from the same plain replies, checked first), and so does
+each training round's validation (``evaluate``, :meth:`~pipeline.federated.site.SiteClient.secure_validation`);
+a training reply's plain weight is 1 (:func:`_secagg_when_asked`). Local
 training, the site's data and its summaries live in ``site.py``; this module only adapts them to Flower messages.
 """
 
@@ -16,13 +18,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.compat.common.recorddict_compat import recorddict_to_evaluateres, recorddict_to_fitres
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common.recorddict_compat import recorddict_to_evaluateres, recorddict_to_fitins, recorddict_to_fitres
 
 from data_specs.artifacts import RunFiles
 from data_specs.config import RunConfig
@@ -36,6 +38,7 @@ from pipeline.federated.policy import (
     check_follow_up,
     check_histogram,
     check_names,
+    check_secure_evaluation,
     check_summaries,
 )
 from pipeline.federated.protocol import (
@@ -91,11 +94,23 @@ class HistofuseClient(NumPyClient):
 
 
 def _secagg_when_asked(msg: Message, ctxt: Context, call_next) -> Message:
-    """Engage Flower's ``secaggplus_mod`` for SecAgg+ stage messages; plain train messages pass through."""
+    """Engage Flower's ``secaggplus_mod`` for SecAgg+ stage messages; plain train messages pass through.
+
+    Flower's mod puts the update's weight inside the masked vector (the update times ``weight / max_weight``, that
+    ratio appended) but leaves the training reply's ``fitres.num_examples`` (the site's patient count) in plain
+    text: here it becomes 1, so the server learns only the consortium's total weight (from the unmasked sum)."""
     cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
-    if cfg is not None and Key.STAGE in cfg:
-        return secaggplus_mod(msg, ctxt, call_next)
-    return call_next(msg, ctxt)
+    if cfg is None or Key.STAGE not in cfg:
+        return call_next(msg, ctxt)
+    stage = cfg[Key.STAGE]
+    reply = secaggplus_mod(msg, ctxt, call_next)
+    if stage == Stage.COLLECT_MASKED_VECTORS and reply.has_content():
+        if WEIGHT_RECORD in reply.content.metric_records:
+            reply.content.metric_records[WEIGHT_RECORD] = MetricRecord({"num_examples": 1})
+    return reply
+
+
+WEIGHT_RECORD = "fitres.num_examples"  # Flower's legacy FitRes weight, a metric record of the reply
 
 
 SUMMARY_FACTS_KEY = "histofuse.summary_facts"  # node state only: the training count behind the summaries
@@ -245,6 +260,17 @@ def secure_answer(client_fn, plain):
     ``client_fn``), checked by the same disclosure policy before they are masked."""
 
     def answer(phase: str, request: dict, ctxt: Context, msg: Message) -> dict:
+        if phase == "evaluate":  # a training round's validation on the weights the sum carries
+            client = client_fn(ctxt)
+            try:
+                arrays = parameters_to_ndarrays(recorddict_to_fitins(msg.content, keep_input=True).parameters)
+                if len(arrays) != len(names := client.param_names()):
+                    raise ValueError(f"site {client.site}: got {len(arrays)} arrays, the model has {len(names)}")
+                values = client.secure_validation(dict(zip(names, arrays, strict=True)))
+            except REPEATING_ERRORS as e:
+                raise site_data_error(client.site, e) from e
+            check_secure_evaluation(client.facts(), values)
+            return values
         if phase.startswith("finish."):
             client = client_fn(ctxt)
             try:

@@ -16,8 +16,25 @@ and ``num_examples`` 0 when the site has fewer than k validation patients); a si
 
 What it cannot catch: a float metric (``train_loss``, ``loss_sum``, ``cindex``) is a real number a
 modified client could choose freely within its range; those channels are closed only by not sending
-them, which DP and SecAgg+ runs do (:func:`evaluation_withheld`: no fit metric, and no evaluation metric nor
-validation count, unless ``federated.secagg_eval_plain`` sends the evaluation replies plain under SecAgg+).
+them in plain text, which DP and SecAgg+ runs do (:func:`evaluation_withheld`: no fit metric, and no plain
+evaluation metric nor validation count, unless ``federated.secagg_eval_plain`` sends the evaluation replies plain
+under SecAgg+). Under SecAgg+ a training reply's plain weight is 1 (:func:`check_fit_reply`): the site's real
+weight travels only inside the masked vector (Flower's ``secaggplus_mod`` multiplies the update by
+``weight / secagg_max_weight`` before masking and appends that ratio to the vector), so the server learns only the
+consortium's total weight.
+
+Validation under SecAgg+ (:func:`secure_evaluation`: ``federated.secagg``, no DP, not ``secagg_eval_plain``): after
+each training round every site sends :data:`SECURE_EVAL_FIELDS` for the round's global weights (whether it has
+validation patients, their count, their event count, the loss sum of the plain reply, comparable and concordant
+pairs) only inside a SecAgg+ secure sum (phase ``evaluate``, ledger ``evaluate.secagg.<stage>``), checked first by
+:func:`check_secure_evaluation`. A site takes part with any number of validation patients, also fewer than k: the
+minimum-count rule applies to what the server sees, the decoded totals (:func:`secure_totals_rule`): the round has
+a validation C-index and loss only when at least two sites with validation patients are in the sum and the sum
+holds at least k validation patients and k validation events; otherwise it has none (as a plain round in which
+every site is under k). What the server learns per round: those consortium totals (sites with validation
+patients, patients, events, loss sum, comparable and concordant pairs), nothing per site. SecAgg+'s usual
+assumption bounds it: the server colluding with every other site in the sum (or with enough of them to reach the
+reconstruction threshold, ``federated.secagg_threshold``) could subtract their values and learn one site's.
 """
 
 from __future__ import annotations
@@ -51,21 +68,60 @@ class SiteFacts:
     n_val_events: int
     shapes: tuple[tuple[int, ...], ...]  # trainable parameter shapes, in order
     min_count: int = MIN_COUNT
-    eval_metrics: bool = True  # False: the run withholds evaluation metrics (:func:`evaluation_withheld`)
+    eval_metrics: bool = True  # False: no plain evaluation metric in this run (:func:`evaluation_withheld`)
+    secagg: bool = False  # SecAgg+: a training reply's plain weight is 1 and it carries no metric
 
 
 def evaluation_withheld(fc: FederatedConfig) -> str | None:
-    """Why no site sends evaluation metrics in this run, or None when they are sent (subject to k).
+    """Why no site sends a plain evaluation reply with metrics in this run, or None when it does (subject to k).
 
     Under DP (``dp_noise`` > 0) the accountant covers the aggregated updates only: a validation C-index, pair
-    count or loss would leave un-noised and unaccounted, so none is sent. Under SecAgg+ the masks cover the
-    update arrays only: the scalars would travel in plain text, so by default none is sent either;
-    ``federated.secagg_eval_plain=true`` sends them plain (the server then sees each site's validation scalars).
+    count or loss would leave un-noised and unaccounted, so none is sent at all. Under SecAgg+ a plain reply
+    would bypass the masks, so none is sent in plain; the validation goes as a secure sum instead
+    (:func:`secure_evaluation`). ``federated.secagg_eval_plain=true`` sends the plain replies under SecAgg+ (the
+    server then sees each site's validation scalars).
     """
     if fc.dp_noise > 0:
         return "federated.dp_noise > 0 (evaluation replies are not covered by the DP accountant)"
     if fc.secagg and not fc.secagg_eval_plain:
-        return "federated.secagg (SecAgg+ masks only the updates; federated.secagg_eval_plain=true sends them plain)"
+        return "federated.secagg (validation leaves a site only inside a secure sum)"
+    return None
+
+
+def secure_evaluation(fc: FederatedConfig) -> bool:
+    """Whether each round's validation goes as a SecAgg+ secure sum: SecAgg+ on, no DP, not ``secagg_eval_plain``."""
+    return fc.secagg and fc.dp_noise <= 0 and not fc.secagg_eval_plain
+
+
+# One site's part of a round's secure validation sum (``secure_sum.phase_layout("evaluate")``): counts, then reals
+SECURE_EVAL_FIELDS = ("sites", "n_val", "val_events", "loss_sum", "comparable", "concordant")
+
+
+def check_secure_evaluation(facts: SiteFacts, values: Mapping[str, Any]) -> None:
+    """A site's values for the secure validation sum, before masking: exactly :data:`SECURE_EVAL_FIELDS`; ``sites``
+    1 with validation patients (0 without), ``n_val`` and ``val_events`` the site's counts, pair counts possible for
+    ``n_val`` patients, a finite loss sum (0 without validation events)."""
+    if set(values) != set(SECURE_EVAL_FIELDS):
+        raise _fail(facts, f"secure validation: fields {sorted(values)}, declared {list(SECURE_EVAL_FIELDS)}")
+    v = {k: float(values[k]) for k in SECURE_EVAL_FIELDS}
+    _check_count(facts, "secure validation n_val", v["n_val"], {facts.n_val})
+    _check_count(facts, "secure validation val_events", v["val_events"], {facts.n_val_events})
+    _check_count(facts, "secure validation sites", v["sites"], {int(facts.n_val > 0)})
+    pairs = facts.n_val * (facts.n_val - 1) / 2
+    comp, conc = v["comparable"], v["concordant"]
+    if not (comp.is_integer() and 0 <= comp <= pairs and 0 <= conc <= comp and (2 * conc).is_integer()):
+        raise _fail(facts, f"secure validation: pair counts {conc}/{comp} impossible for {facts.n_val} patients")
+    if not math.isfinite(v["loss_sum"]) or (facts.n_val_events == 0 and v["loss_sum"] != 0.0):
+        raise _fail(facts, f"secure validation: loss_sum = {v['loss_sum']!r}")
+
+
+def secure_totals_rule(sites: int, n_val: int, val_events: int, k: int) -> str | None:
+    """Why a round's decoded secure validation totals give no validation, None when they do: at least two sites
+    with validation patients in the sum, and at least ``k`` validation patients and ``k`` events in it."""
+    if sites < 2:
+        return f"{sites} site(s) with validation patients in the secure sum (at least 2 needed)"
+    if min(n_val, val_events) < k:
+        return f"{n_val} validation patient(s), {val_events} event(s) in the sum: fewer than federated.min_count={k}"
     return None
 
 
@@ -91,9 +147,17 @@ def _check_count(facts: SiteFacts, field: str, value: Any, expected: set[int]) -
 
 def check_fit_reply(facts: SiteFacts, num_examples: int, metrics: Mapping[str, Any], shapes: list[tuple]) -> None:
     """A train reply: the update's shapes (none under SecAgg+), a weight that is the site's training patient
-    or event count (1 under DP), and only the declared metrics, ``train_events`` equal to the site's count."""
+    or event count (1 under DP), and only the declared metrics, ``train_events`` equal to the site's count. Under
+    SecAgg+ (``facts.secagg``) the plain weight is 1 and no metric is sent: both would bypass the masks."""
     if shapes and tuple(map(tuple, shapes)) != facts.shapes:
         raise _fail(facts, f"update shapes {shapes} are not the model's trainable parameters")
+    if facts.secagg:  # the real weight is inside the masked vector: 1 here is no count of patients or events
+        _check_count(facts, "num_examples (plain, under SecAgg+)", num_examples, {1})
+        if extra := sorted(set(metrics) - {"site"}):
+            raise _fail(facts, f"training metric(s) {extra} in plain text under federated.secagg")
+        if facts.n_train < facts.min_count:
+            raise _fail(facts, f"{facts.n_train} training patients, fewer than the minimum count {facts.min_count}")
+        return
     _check_count(facts, "num_examples", num_examples, {facts.n_train, facts.n_train_events, 1})
     if facts.n_train < facts.min_count:
         raise _fail(facts, f"{facts.n_train} training patients, fewer than the minimum count {facts.min_count}")

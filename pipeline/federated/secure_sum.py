@@ -1,9 +1,10 @@
 """Secure sums, Flower-free: what a site's numbers look like when the server may learn only their sum over sites.
 
 Under ``federated.secagg`` every phase whose server-side use is a sum (the statistics exchange, the discrete-time
-histogram, the post-training ``finish.*`` rounds) sends its numbers through Flower's SecAgg+ instead of in plain
-text (``secure_sum_app.py`` drives it). SecAgg+ sums integer vectors modulo 2**32 after quantising floats to
-``[-clip, clip]``; here every number becomes whole SecAgg+ inputs that its quantisation leaves exact:
+histogram, each training round's validation (``evaluate``), the post-training ``finish.*`` rounds) sends its
+numbers through Flower's SecAgg+ instead of in plain text (``secure_sum_app.py`` drives it). SecAgg+ sums integer
+vectors modulo 2**32 after quantising floats to ``[-clip, clip]``; here every number becomes whole SecAgg+ inputs
+that its quantisation leaves exact:
 
 - a count (``Field.integer``): one integer in ``[-2**23, 2**23)``;
 - a real: fixed point with :data:`FRAC_BITS` fractional bits, written as :data:`LIMBS` balanced base-2**24
@@ -143,6 +144,9 @@ def phase_layout(phase: str, request: Mapping[str, Any]) -> Layout:
         return (Field("n_test", 1, True), Field("test_events", 1, True), Field("concordant", 1), Field("comparable", 1))
     if phase == "statistics.summaries":
         return summaries_layout(request["layout"])
+    if phase == "evaluate":  # a training round's validation (policy.SECURE_EVAL_FIELDS): counts, then reals
+        counts = (Field("sites", 1, True), Field("n_val", 1, True), Field("val_events", 1, True))
+        return (*counts, Field("loss_sum", 1), Field("comparable", 1, True), Field("concordant", 1))
     raise ValueError(f"secure sum: no layout for phase {phase!r}")
 
 

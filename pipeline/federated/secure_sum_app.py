@@ -1,7 +1,9 @@
 """Secure sums over Flower's SecAgg+: the server learns only the sum over sites of a phase's numbers.
 
 Under ``federated.secagg`` the statistics exchange (site summaries and follow-up ceilings, the discrete-time
-event histogram) and the post-training ``finish.*`` rounds send their numbers this way instead of in plain text.
+event histogram), each training round's validation (:func:`secure_validation`, the round's weights as the sum's
+``FitIns`` parameters) and the post-training ``finish.*`` rounds send their numbers this way instead of in plain
+text.
 :func:`secure_sum` drives Flower's legacy ``SecAggPlusWorkflow`` over one fit round whose "update" is the
 phase's vector (:mod:`pipeline.federated.secure_sum`: every count and fixed-point digit a whole SecAgg+ input, so
 the sum is exact) and whose weight is 1 at every site; the site side is :func:`secure_sum_mod`, the innermost
@@ -68,9 +70,13 @@ SecureAsk = Callable[[str, dict], dict[str, np.ndarray]]
 class _SumStrategy(Strategy):
     """The legacy Strategy SecAgg+ needs: every node asked once for ``phase``; keeps the unmasked sum."""
 
-    def __init__(self, grid: Grid, nodes: list[int], phase: str, request: dict):
+    def __init__(self, grid: Grid, nodes: list[int], phase: str, request: dict, parameters: Parameters | None = None,
+                 rnd: int | None = None):  # fmt: skip
         self.grid, self.nodes = grid, nodes
-        self.config = {REQUEST_KEY: phase, "json": encode_record(request)}
+        self.config: dict = {REQUEST_KEY: phase, "json": encode_record(request)}
+        if rnd is not None:
+            self.config["round"] = rnd  # the training round it belongs to (the site's ledger line names it)
+        self.parameters = parameters if parameters is not None else Parameters([], "numpy.ndarray")
         self.total: np.ndarray | None = None
         self.n_sites = 0
 
@@ -78,7 +84,7 @@ class _SumStrategy(Strategy):
         return None
 
     def configure_fit(self, server_round, parameters, client_manager):
-        ins = FitIns(Parameters([], "numpy.ndarray"), dict(self.config))
+        ins = FitIns(self.parameters, dict(self.config))
         return [(GridClientProxy(n, self.grid, self.grid.run.run_id), ins) for n in self.nodes]
 
     def aggregate_fit(self, server_round, results, failures):
@@ -142,16 +148,19 @@ class _Watched(ForwardingGrid):
         return replies
 
 
-def secure_sum(grid: Grid, cfg: RunConfig, phase: str, request: dict) -> tuple[dict[str, np.ndarray], int]:
+def secure_sum(grid: Grid, cfg: RunConfig, phase: str, request: dict, parameters: Parameters | None = None,
+               rnd: int | None = None) -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
     """The sum over every node of its ``phase`` vector for ``request`` (SecAgg+, weight 1 per site), decoded on
     :func:`~pipeline.federated.secure_sum.phase_layout`; and the number of sites in the sum. The shares and the
-    reconstruction threshold are the training's (``federated.secagg_shares`` / ``secagg_threshold``)."""
+    reconstruction threshold are the training's (``federated.secagg_shares`` / ``secagg_threshold``).
+    ``parameters``: model weights the sites compute on (sent as the round's ``FitIns`` parameters, binary, once
+    per site); ``rnd``: the training round the sum belongs to."""
     nodes = sorted(grid.get_node_ids())
     if not 2 <= len(nodes) <= MAX_SITES:
         raise ValueError(f"{phase}: a secure sum needs 2..{MAX_SITES} sites, {len(nodes)} connected")
     fc = cfg.federated
     n_shares, threshold = secagg_shares_threshold(fc.secagg_shares, fc.secagg_threshold, len(nodes))
-    strategy = _SumStrategy(grid, nodes, phase, request)
+    strategy = _SumStrategy(grid, nodes, phase, request, parameters, rnd)
     ctx = LegacyContext(Context(grid.run.run_id, SUPERLINK_NODE_ID, {}, RecordDict(), {}), strategy=strategy)
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: GROUP_PREFIX + phase})
     ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters([]), True)
@@ -200,6 +209,14 @@ def secure_summaries(grid: Grid, nodes: list[int], cfg: RunConfig) -> tuple[list
 def secure_event_histogram(grid: Grid, end: float, cfg: RunConfig) -> np.ndarray:
     """The summed training event-time histogram on ``time_edges(end)`` (bins under k merged at each site)."""
     return secure_sum(grid, cfg, "statistics.event_histogram", {"end": float(end), "bins": TIME_BINS})[0]["counts"]
+
+
+def secure_validation(grid: Grid, cfg: RunConfig, parameters: Parameters, rnd: int) -> tuple[dict[str, float], int]:
+    """A training round's validation under SecAgg+: every site's :data:`~pipeline.federated.policy.SECURE_EVAL_FIELDS`
+    for the global weights ``parameters`` in one secure sum (phase ``evaluate``); the decoded totals (counts as
+    whole floats) and the number of sites that answered every stage."""
+    total, n = secure_sum(grid, cfg, "evaluate", {}, parameters, rnd)
+    return {k: float(v[0]) for k, v in total.items()}, n
 
 
 def secure_finish_ask(grid: Grid, cfg: RunConfig) -> SecureAsk | None:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from data_specs.config import FederatedConfig, RunConfig
-from pipeline.federated.policy import evaluation_withheld
+from pipeline.federated.policy import evaluation_withheld, secure_evaluation, secure_totals_rule
 from pipeline.federated.protocol import DEFAULT_SERVER_LR, STRATEGIES, Arrays, Evaluation, Update
 from pipeline.files import write_bytes, write_text
 from pipeline.progress import RoundClock
@@ -211,7 +211,8 @@ class FederatedServer:
         self.best: tuple[float, int, Arrays] | None = None  # (selection score, round, arrays) of the kept round
         t = cfg.train
         self.selector = Selector(t.select, t.select_window, t.without_validation, "federated server")
-        self.withheld = evaluation_withheld(fc)  # why the sites send no evaluation metric (None: they do)
+        self.secure_eval = secure_evaluation(fc)  # SecAgg+: each round's validation is a secure sum of the sites'
+        self.withheld = None if self.secure_eval else evaluation_withheld(fc)  # why no validation (None: there is)
         if self.withheld and t.without_validation == "error":
             raise ValueError(
                 f"train.without_validation=error, but with {self.withheld} the sites send no validation metrics, "
@@ -292,23 +293,49 @@ class FederatedServer:
 
     def finish_round(self, rnd: int, evals: dict[str, Evaluation], rec: dict) -> dict:
         """Pool the sites' validation scalars, keep the round ``train.select`` picks, checkpoint. In a run that
-        withholds evaluation metrics (DP, SecAgg+) any metric that arrives is ignored and the last round kept."""
+        withholds evaluation metrics (DP; SecAgg+ with neither a secure sum nor ``secagg_eval_plain``) any metric
+        that arrives is ignored and the last round kept."""
         assert self.global_arrays is not None
-        if self.withheld:
+        if self.withheld or self.secure_eval:  # under a secure validation sum no plain metric is used either
             evals = {s: Evaluation(0, {}) for s in evals}
-            if not self.selector.warned:
+            if self.withheld and not self.selector.warned:
                 log.warning("federated server: %s: no validation metrics, keeping the last round", self.withheld)
                 self.selector.warned = True
         conc = sum(e.metrics.get("concordant", 0.0) for e in evals.values())
         comp = sum(e.metrics.get("comparable", 0.0) for e in evals.values())
         ev_n = sum(e.metrics.get("events", 0.0) for e in evals.values())
-        val_loss = sum(e.metrics.get("loss_sum", 0.0) for e in evals.values()) / ev_n if ev_n else float("nan")
+        loss_sum = sum(e.metrics.get("loss_sum", 0.0) for e in evals.values())
+        site_c = {s: e.metrics.get("cindex", float("nan")) for s, e in evals.items()}
+        return self._finish(rnd, conc, comp, loss_sum, ev_n, rec, site_c)
+
+    def finish_secure_round(self, rnd: int, total: dict[str, float] | None, rec: dict) -> dict:
+        """:meth:`finish_round` from a round's secure validation sum (``total``: the decoded
+        :data:`~pipeline.federated.policy.SECURE_EVAL_FIELDS` summed over sites, None when the sum did not
+        complete): pooled exactly as from plain replies when the totals pass the minimum-count rule
+        (:func:`~pipeline.federated.policy.secure_totals_rule`), else no validation this round (warned). The
+        history keeps the totals the server learnt (``val_sum``); there is no per-site C-index."""
+        k = self.fc.min_count
+        why = "the secure sum did not complete"
+        if total is not None:
+            rec = {**rec, "val_sum": {"sites": int(total["sites"]), "patients": int(total["n_val"]),
+                                      "events": int(total["val_events"])}}  # fmt: skip
+            why = secure_totals_rule(int(total["sites"]), int(total["n_val"]), int(total["val_events"]), k)
+        if why is not None:
+            log.warning("round %d: no validation: %s", rnd, why)
+            return self._finish(rnd, 0.0, 0.0, 0.0, 0.0, rec, {})
+        assert total is not None
+        return self._finish(rnd, total["concordant"], total["comparable"], total["loss_sum"], total["val_events"],
+                            rec, {})  # fmt: skip
+
+    def _finish(self, rnd: int, conc: float, comp: float, loss_sum: float, ev_n: float, rec: dict,
+                site_c: dict[str, float]) -> dict:  # fmt: skip
+        val_loss = loss_sum / ev_n if ev_n else float("nan")
         rec = {
             "round": rnd,
             "val_cindex": conc / comp if comp > 0 else float("nan"),
             "val_loss": val_loss,
             **rec,
-            "site_val_cindex": {s: e.metrics.get("cindex", float("nan")) for s, e in evals.items()},
+            "site_val_cindex": site_c,
         }
         if self.ledger is not None:
             rec["epsilon"], rec["delta"] = self.ledger.step(), self.fc.dp_delta

@@ -4,8 +4,9 @@
 ``[tool.flwr.app.components]`` serverapp): :func:`exchange_cohort_statistics` (site summaries in, cohort-level
 normalisers out, fitted by ``omics.normalise.fit_normalisers``), then :func:`serve`, which drives Flower's legacy
 workflow (``LegacyContext`` + ``DefaultWorkflow``: SecAgg+ is available only there, ``SecAggPlusWorkflow`` when
-``federated.secagg`` is on), then the finish query rounds (:func:`finish_ask`). Aggregation, DP, validation
-pooling and checkpoints live in ``server.py``; this module only adapts them to Flower.
+``federated.secagg`` is on; then each round's validation is a secure sum too, run from the strategy's
+``configure_evaluate``), then the finish query rounds (:func:`finish_ask`). Aggregation, DP, validation pooling
+and checkpoints live in ``server.py``; this module only adapts them to Flower.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from pipeline.federated.secure_sum_app import (
     secure_event_histogram,
     secure_finish_ask,
     secure_summaries,
+    secure_validation,
 )
 from pipeline.federated.server import FederatedServer
 from pipeline.omics.normalise import fit_normalisers
@@ -70,6 +72,7 @@ class HistofuseStrategy(Strategy):
         self.start = server.next_round
         self.node_site: dict[int, str] = {}
         self.retried: dict[str, list[int]] = {}  # group id (Flower's round) -> nodes asked twice
+        self.grid: Grid | None = None  # the run's grid (serve): a secure validation sum runs over it
         self._round: dict = {}
 
     def _abs(self, server_round: int) -> int:
@@ -130,8 +133,35 @@ class HistofuseStrategy(Strategy):
         return ndarrays_to_parameters([new[k] for k in self.names or []]), {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
-        ins = EvaluateIns(parameters, {"round": self._abs(server_round)})
-        return [(c, ins) for c in self._clients(client_manager)]
+        """Plain evaluate messages to every site; under a secure validation (``server.secure_eval``: SecAgg+, no
+        DP) none: the round's validation runs here as a secure sum on the new global weights (the sites get them
+        as the sum's parameters) and the round finishes with its totals
+        (:meth:`~pipeline.federated.server.FederatedServer.finish_secure_round`)."""
+        rnd = self._abs(server_round)
+        if not self.server.secure_eval:
+            ins = EvaluateIns(parameters, {"round": rnd})
+            return [(c, ins) for c in self._clients(client_manager)]
+        if self.grid is None:
+            raise RuntimeError("a secure validation needs the strategy's grid (set by serve)")
+        try:
+            total, _ = secure_validation(self.grid, self.server.cfg, self._params(), rnd)
+        except SiteDataError:
+            raise
+        except RuntimeError as e:  # too few sites answered every SecAgg+ stage: no validation this round
+            log.warning("round %d: %s", rnd, e)
+            total = None
+        self.server.finish_secure_round(rnd, total, self._round_record(server_round))
+        return []
+
+    def _round_record(self, server_round: int) -> dict:
+        r = self._round
+        return {
+            "seconds": _time.perf_counter() - r.get("t0", _time.perf_counter()),
+            "dropped": r.get("dropped", []),
+            "retried": [self.node_site.get(n, f"node {n}") for n in self.retried.get(str(server_round), [])],
+            "train_loss": r.get("train_loss", float("nan")),
+            "update_bytes": r.get("update_bytes", 0),
+        }
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list):
         rnd = self._abs(server_round)
@@ -143,15 +173,7 @@ class HistofuseStrategy(Strategy):
             m = dict(res.metrics)
             site = str(m.pop("site", f"node {proxy.node_id}"))
             evals[site] = Evaluation(int(res.num_examples), {k: float(v) for k, v in m.items()})
-        r = self._round
-        rec = {
-            "seconds": _time.perf_counter() - r.get("t0", _time.perf_counter()),
-            "dropped": r.get("dropped", []),
-            "retried": [self.node_site.get(n, f"node {n}") for n in self.retried.get(str(server_round), [])],
-            "train_loss": r.get("train_loss", float("nan")),
-            "update_bytes": r.get("update_bytes", 0),
-        }
-        rec = self.server.finish_round(rnd, evals, rec)
+        rec = self.server.finish_round(rnd, evals, self._round_record(server_round))
         return rec["val_loss"], {}
 
     def evaluate(self, server_round: int, parameters: Parameters):
@@ -177,6 +199,10 @@ def stop_on_repeating_failure(rnd: int, failures: list) -> None:
 class _TimeoutGrid(ForwardingGrid):
     """Forwards to a Grid, giving every ``send_and_receive`` the round timeout (the workflows pass none).
 
+    Without ``retry`` (SecAgg+, whose stages are not re-sent) an error reply that will repeat
+    (:class:`SiteDataError`, e.g. a reply the disclosure policy refused) stops the run: Flower's SecAgg+ workflow
+    would only halt the round and go on.
+
     With ``retry``, a site that did not answer (timeout, lost connection) or answered with an error that is
     not a :class:`SiteDataError` is asked once more; its node id is recorded once in ``retried[group_id]``
     (the round), even when both its train and its evaluate message were re-sent.
@@ -190,7 +216,11 @@ class _TimeoutGrid(ForwardingGrid):
         messages = list(messages)
         t = timeout if timeout is not None else self.timeout
         replies = list(self.inner.send_and_receive(messages, timeout=t))
-        if not self.retry:
+        if not self.retry:  # SecAgg+: a stage that fails halts Flower's workflow silently, so stop the run here
+            for r in replies:
+                if r.has_error() and is_repeating_failure(r.error.reason):
+                    raise SiteDataError(f"round {r.metadata.group_id}: {r.error.reason}; fix the site's data and "
+                                        "rerun (--resume continues)")  # fmt: skip
             return replies
         good = {r.metadata.src_node_id for r in replies if not r.has_error() or is_repeating_failure(r.error.reason)}
         again = [m for m in messages if m.metadata.dst_node_id not in good]
@@ -243,6 +273,7 @@ def serve(
         )
     timeout_grid = _TimeoutGrid(grid, fc.round_timeout, retry=not fc.secagg)  # SecAgg+ stages are not re-sent
     strategy.retried = timeout_grid.retried
+    strategy.grid = grid
     DefaultWorkflow(fit_workflow=fit_workflow)(timeout_grid, legacy)
     return strategy
 
@@ -365,8 +396,9 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     """Deployment ServerApp: :func:`run_server` (state and history under ``out/federated``), then the run folder
     from the sites' aggregates: model file, metrics, summary and what the report needs (``lifecycle``)."""
     from pipeline.federated.lifecycle import write_deployment
+    from pipeline.training.module import resolve_skip
 
-    cfg = run_config_from_flower(dict(context.run_config))
+    cfg = resolve_skip(run_config_from_flower(dict(context.run_config)), runtime="deployment")[0]  # auto: none
     resume = str(context.run_config.get("resume", "false")).lower() == "true"
     server = FederatedServer(cfg, None, Path(cfg.out) / "federated", resume=resume)
     write_deployment(Path(cfg.out), cfg, run_server(grid, context, cfg, server))

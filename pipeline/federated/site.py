@@ -91,12 +91,17 @@ class SiteClient:
         if getattr(self, "_facts", None) is None:
             shapes = tuple(tuple(v.shape) for v in self.initial_arrays().values())
             n_val_events = int(self.data.event[self.val_idx].sum()) if len(self.val_idx) else 0
-            k = self.cfg.federated.min_count
-            sends = evaluation_withheld(self.cfg.federated) is None
-            self._facts = SiteFacts(
-                self.site, len(self.train_idx), self.n_events, len(self.val_idx), n_val_events, shapes, k, sends
-            )
+            fc = self.cfg.federated
+            sends = evaluation_withheld(fc) is None
+            self._facts = SiteFacts(self.site, len(self.train_idx), self.n_events, len(self.val_idx), n_val_events,
+                                    shapes, fc.min_count, sends, fc.secagg)  # fmt: skip
         return self._facts
+
+    def param_names(self) -> list[str]:
+        """The trainable parameters' names in the order the arrays travel."""
+        if getattr(self, "_names", None) is None:
+            self._names = list(self.initial_arrays())
+        return list(self._names)
 
     def initial_arrays(self) -> Arrays:
         """The seeded initial trainable weights (identical at every site with the same config)."""
@@ -178,12 +183,13 @@ class SiteClient:
         only when that is at least k (0 otherwise); a warning names the site. The server pools the others.
 
         Under DP, and under SecAgg+ unless ``federated.secagg_eval_plain`` (:func:`evaluation_withheld`), the site
-        sends no metric and a patient count of 0 every round (warned once): nothing the accountant or the masks
-        do not cover leaves it.
+        sends no plain metric and a patient count of 0 (warned once): nothing the accountant or the masks do not
+        cover leaves it. Under SecAgg+ its validation goes in the round's secure sum instead
+        (:meth:`secure_validation`).
         """
         if why := evaluation_withheld(self.cfg.federated):
             if not getattr(self, "_warned_withheld", False):
-                log.warning("site %s: %s: its validation metrics are not sent", self.site, why)
+                log.warning("site %s: %s: its validation metrics are not sent in plain text", self.site, why)
                 self._warned_withheld = True
             return Evaluation(0, {})
         if len(self.val_idx) == 0:
@@ -196,6 +202,25 @@ class SiteClient:
                             facts.n_val_events, facts.min_count)  # fmt: skip
                 self._warned_small_val = True
             return Evaluation(facts.n_val if facts.n_val >= facts.min_count else 0, {})
+        return Evaluation(len(self.val_idx), self._validation(arrays))
+
+    def secure_validation(self, arrays: Arrays) -> dict[str, float]:
+        """This site's part of a round's secure validation sum (:data:`~pipeline.federated.policy.SECURE_EVAL_FIELDS`):
+        whether it has validation patients, their count and event count, and the plain reply's loss sum and pair
+        counts; zeros without validation patients. No minimum count here: under the secure sum the server applies
+        k to the totals (:func:`~pipeline.federated.policy.secure_totals_rule`)."""
+        n = len(self.val_idx)
+        out = {"sites": float(n > 0), "n_val": float(n), "val_events": 0.0, "loss_sum": 0.0, "comparable": 0.0,
+               "concordant": 0.0}  # fmt: skip
+        if n:
+            m = self._validation(arrays)
+            out.update(val_events=m["events"], loss_sum=m["loss_sum"], comparable=m["comparable"],
+                       concordant=m["concordant"])  # fmt: skip
+        return out
+
+    def _validation(self, arrays: Arrays) -> dict[str, float]:
+        """The global model on the validation patients: C-index, concordant and comparable pairs, the loss summed
+        as ``mean loss * events`` (0 without events) and the event count."""
         module = self._module(arrays)
         lh = predict(module.model, self.data, self.val_idx).log_hz
         t, e = self.data.time[self.val_idx], self.data.event[self.val_idx]
@@ -213,16 +238,14 @@ class SiteClient:
             nll = float(
                 cox_loss(torch.from_numpy(lh), torch.from_numpy(e), torch.from_numpy(t), ties=self.cfg.train.ties)
             )
-        return Evaluation(
-            len(self.val_idx),
-            {
-                "cindex": harrell_cindex(t, e, lh),
-                "concordant": conc,
-                "comparable": comp,
-                "loss_sum": nll * float(e.sum()),
-                "events": float(e.sum()),
-            },
-        )
+        ev = float(e.sum())
+        return {
+            "cindex": harrell_cindex(t, e, lh),
+            "concordant": float(conc),
+            "comparable": float(comp),
+            "loss_sum": nll * ev if ev else 0.0,
+            "events": ev,
+        }
 
 
 def site_clients(data: CohortData, cfg: RunConfig) -> list[SiteClient]:
