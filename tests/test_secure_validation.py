@@ -232,3 +232,41 @@ def test_totals_under_k_give_no_validation(cohort_path, caplog):
     assert math.isnan(rec["val_cindex"]) and rec["val_sum"]["sites"] == 1
     rec = one.finish_secure_round(1, {**total, "sites": 2.0}, {})
     assert rec["val_cindex"] == 0.7 and rec["val_loss"] == 0.25
+
+
+def _deploy(cohort_path: Path, out: Path, rc: dict) -> dict:
+    """The pyproject ServerApp and ClientApp over the in-process grid (every node its own cohort spec and ``out``),
+    as a deployment runs them; returns the run's ``federated_history.json``."""
+    import json
+
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from pipeline.federated.client_app import client_app
+    from pipeline.federated.embedded import InProcessGrid
+    from pipeline.federated.server_app import server_app
+
+    nodes = {500 + k: s for k, s in enumerate(load_cohort(cohort_path).sites)}
+    grid = InProcessGrid(
+        {nid: (s, client_app) for nid, s in nodes.items()},
+        node_configs={nid: {"site": s, "cohort": str(cohort_path), "out": str(out)} for nid, s in nodes.items()},
+        run_config={**rc, "out": str(out), "config": "", "resume": False},
+    )
+    server_app(grid, Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), dict(grid.contexts[500].run_config)))
+    return json.loads((out / "federated" / "federated_history.json").read_text())
+
+
+def test_a_deployment_validates_through_the_same_secure_sum(cohort_path, tmp_path):
+    """The deployed apps under SecAgg+ take the same path: each round's pooled validation from the secure sum equals
+    the plain deployment's, the same round is kept, and each node's own ledger has the ``evaluate`` secure stages."""
+    rc = {**CONFIG, "federated.rounds": 2}
+    plain = _deploy(cohort_path, tmp_path / "plain", rc)
+    secure = _deploy(cohort_path, tmp_path / "secure", {**rc, "federated.secagg": True})
+    for p, s in zip(plain["history"], secure["history"], strict=True):
+        assert math.isfinite(s["val_cindex"]) and s["site_val_cindex"] == {}
+        np.testing.assert_allclose(s["val_cindex"], p["val_cindex"], atol=1e-9)
+        np.testing.assert_allclose(s["val_loss"], p["val_loss"], rtol=1e-4)
+    assert secure["best_round"] == plain["best_round"] and secure["select"] == "cindex"
+    for site in load_cohort(cohort_path).sites:
+        phases = {x["phase"] for x in read_ledger(tmp_path / "secure" / f"privacy_ledger.{site}.jsonl")}
+        assert {f"evaluate.secagg.{st}" for st in STAGES} <= phases and "evaluate" not in phases
