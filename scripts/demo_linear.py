@@ -58,6 +58,7 @@ def one(run: Path, overrides: list[str] | None = None) -> dict:
         "federated_linear_ci": fl.get("cindex_ci"),
         "federated_penalty": fl["weight_decay"],
         "l1_ratio": cfg.train.linear_l1_ratio,
+        "l1_ratio_chosen": fl.get("linear_fit", {}).get("l1_ratio"),
         "slide_pcs": cfg.model.linear_slide_pcs,
         "nonzero": fl.get("linear_fit", {}).get("nonzero"),
         "federated_cv_cindex": fl["val_cindex"],
@@ -66,6 +67,7 @@ def one(run: Path, overrides: list[str] | None = None) -> dict:
         "rounds": fl.get("linear_fit", {}).get("rounds"),
         "pooled_linear": c_pooled,
         "pooled_penalty": pooled["penalty"],
+        "pooled_l1_ratio": pooled["l1_ratio"],
         **{f"coxnet_{k}": v["cindex"] for k, v in bl.items()},
     }
 

@@ -1,6 +1,7 @@
 """Why the linear family loses to Coxnet on the demo: slide representation or penalty? (centralised diagnostic)
 
     python scripts/linear_representation.py DIR [DIR ...] [--variants ...] [--folds 5] [--repeats 5] [--test]
+    python scripts/linear_representation.py --tcga PATH/TO/tcga_brca [--seeds 42 ...] --variants lin_pc10_en ...
 
 Each ``DIR`` holds a demo cohort with its tile features (``histofuse demo --out DIR``). On the run's own split, with
 the blocks of :func:`pipeline.outputs.baselines.modality_block` (genes and clinical standardised on training
@@ -12,9 +13,11 @@ the outer split is repeated with seeds ``0..R-1`` and the score is the mean over
 The variant name is ``<slides>_<penalty>``: slides ``pc<r>`` or ``all``; penalty ``en`` (l1_ratio 0.5) or
 ``ridge`` (l1_ratio 0.01, sksurv's Coxnet needs l1_ratio > 0). ``lin_<slides>_<penalty>[_patients][_unstrat]`` is the
 linear family instead (:func:`pipeline.training.linear_fit.fit_linear_centralised`: site-stratified, penalty by its
-own K-fold CV; ``ridge`` is l1_ratio 0 there; slide PCs from tile moments, or ``_patients``: from mean-tile
-moments; ``_unstrat``: one stratum instead of one per site). ``--test`` also prints each variant's test C
-(fitted on all non-test patients), as a final check only: choices are made on the nested CV score.
+own K-fold CV; ``ridge`` is l1_ratio 0 there, ``auto`` the mix chosen by that CV; slide PCs from tile moments, or
+``_patients``: from mean-tile moments; ``_unstrat``: one stratum instead of one per site). ``--test`` also prints
+each variant's test C (fitted on all non-test patients), as a final check only: choices are made on the nested CV
+score. ``--tcga``: the same nested CV on TCGA-BRCA clinical (FLamby's split, :func:`pipeline.cohorts.tcga_brca.
+build_cohort` with each of ``--seeds``, ``train.seed`` the same; its non-test patients only).
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ PENALTIES = {"en": 0.5, "ridge": 0.01, "l1": 1.0, "en9": 0.9, "en1": 0.1}
 DEFAULT_VARIANTS = ("pc10_en", "pc10_ridge", "all_en", "all_ridge")
 
 
-def parse(variant: str) -> tuple[int, float]:
-    """``pc<r>_<pen>`` or ``all_<pen>`` -> (n_pcs, 0 for every dimension; l1_ratio)."""
+def parse(variant: str) -> tuple[int, float | str]:
+    """``pc<r>_<pen>`` or ``all_<pen>`` -> (n_pcs, 0 for every dimension; l1_ratio, or ``auto``: linear family)."""
     slides, pen = variant.removeprefix("lin_").split("_")[:2]
     r = 0 if slides == "all" else int(slides.removeprefix("pc"))
+    if pen == "auto":
+        if not variant.startswith("lin_"):
+            raise ValueError(f"variant {variant!r}: 'auto' (the mix chosen by the CV) is the linear family's only")
+        return r, "auto"
     return r, 0.0 if variant.startswith("lin_") and pen == "ridge" else PENALTIES[pen]
 
 
@@ -98,22 +105,34 @@ def score_variant(data, cfg, fit: np.ndarray, score: np.ndarray, variant: str, s
     if variant.startswith("lin_"):
         return linear_fit_score(data, cfg, fit, score, variant)
     r, l1 = parse(variant)
-    return fit_score(data, fit, score, r, l1, seed)
+    return fit_score(data, fit, score, r, float(l1), seed)
 
 
-def one(run: Path, variants: list[str], folds: int, test: bool, repeats: int = 1) -> list[dict]:
+def one(run: Path, variants: list[str], folds: int, test: bool, repeats: int = 1, tcga_seed: int | None = None
+        ) -> list[dict]:  # fmt: skip
+    """Every variant on the demo cohort in ``run`` (or, with ``tcga_seed``, TCGA-BRCA clinical from ``run``)."""
     from data_specs import load_cohort, resolve_config
     from pipeline.training.data import load_run_data
 
-    spec = run / "cohort" / "cohort.yaml"
-    cfg = resolve_config(None, [], out=run).model_copy(update={"cohort": spec})
+    if tcga_seed is None:
+        spec = run / "cohort" / "cohort.yaml"
+        cfg = resolve_config(None, [], out=run).model_copy(update={"cohort": spec})
+    else:
+        import tempfile
+
+        from pipeline.cohorts.tcga_brca import build_cohort
+
+        tmp = Path(tempfile.mkdtemp(prefix="tcga_brca_"))
+        spec = build_cohort(run, tmp / f"cohort_seed{tcga_seed}", tcga_seed)
+        cfg = resolve_config(None, [f"train.seed={tcga_seed}"], out=tmp)
     data = load_run_data(load_cohort(spec), cfg)
+    name = run.name if tcga_seed is None else f"tcga_brca_seed{tcga_seed}"
     pool = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
     rows = []
     for v in variants:
         t0 = time.perf_counter()
         reps = [float(np.mean(nested(data, cfg, v, folds, seed))) for seed in range(repeats)]
-        row = {"run": run.name, "variant": v, "nested_cv_c": float(np.mean(reps)), "sd_repeats": float(np.std(reps))}
+        row = {"run": name, "variant": v, "nested_cv_c": float(np.mean(reps)), "sd_repeats": float(np.std(reps))}
         row["repeats"] = [round(c, 3) for c in reps]
         if test:
             row["test_c"] = score_variant(data, cfg, pool, np.asarray(data.splits["test"]), v, 0)
@@ -125,7 +144,9 @@ def one(run: Path, variants: list[str], folds: int, test: bool, repeats: int = 1
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("runs", type=Path, nargs="*")
+    ap.add_argument("--tcga", type=Path, default=None, help="TCGA-BRCA folder (brca.csv, train_test_split.csv)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="--tcga: cohort / train seeds")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5, help="outer CV repeated with seeds 0..R-1 (mean of means)")
@@ -135,6 +156,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
     rows = [r for run in args.runs for r in one(run, args.variants, args.folds, args.test, args.repeats)]
+    if args.tcga is not None:
+        rows += [r for s in args.seeds for r in one(args.tcga, args.variants, args.folds, args.test, args.repeats, s)]
     if args.out is not None:
         from pipeline.files import write_json
 

@@ -67,7 +67,8 @@ METHODS |= {
 # (pipeline.outputs.federated_linear): the run's own strategy and schedule, its weight decay chosen per seed on
 # the pooled validation C-index
 METHODS |= {"inrun_linear_fedavg": ["federated.strategy=fedavg"], "inrun_linear_fedadam": METHODS["fedadam"]}
-# The linear family fitted to its optimum (pipeline.training.linear_fit): full-batch ridge Cox, penalty by K-fold
+# The linear family fitted to its optimum (pipeline.training.linear_fit): full-batch penalised Cox (ridge or elastic
+# net, train.linear_l1_ratio; auto: the mix chosen with the penalty), penalty by K-fold
 # cross-validated partial likelihood on each centre's training + validation patients (federated CV for the
 # federated rows; no validation split needed), then pooled (site-stratified, or not), FedSGD (summed site gradients,
 # server L-BFGS), or FedAvg / FedAdam (LCV_ROUNDS rounds of LCV_LOCAL_ITER local L-BFGS iterations, a-priori settings)
@@ -130,7 +131,7 @@ def linear_cv(method: str, data, cfg) -> dict:
             model.set_coefficients(torch.from_numpy(beta))
     te = data.splits["test"]
     return {"test": _cindex(data, te, model), "val": fit["cv_cindex"], "penalty": fit["penalty"],
-            "rounds": fit["rounds"], "seconds": time.perf_counter() - t0}  # fmt: skip
+            "l1_ratio": fit["l1_ratio"], "rounds": fit["rounds"], "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
 def train_one(method: str, data, cfg) -> list[dict]:
@@ -236,7 +237,8 @@ def main() -> None:
             for rec in train_one(m, datasets[seed], config(m, seed, chosen.get(m, []))):
                 results[m].append({"seed": seed, **rec})
                 site = f" {rec['site']}" if "site" in rec else ""
-                print(f"seed {seed} {m}{site}: test {rec['test']:.3f} val {rec['val']:.3f}", flush=True)
+                mix = f" l1_ratio {rec['l1_ratio']:g} penalty {rec['penalty']:.3g}" if "l1_ratio" in rec else ""
+                print(f"seed {seed} {m}{site}: test {rec['test']:.3f} val {rec['val']:.3f}{mix}", flush=True)
     summary = {}
     for m, recs in results.items():
         groups = {}
@@ -247,7 +249,7 @@ def main() -> None:
             s = {"test_mean": float(np.mean(t)), "test_sd": float(np.std(t, ddof=1)) if len(t) > 1 else 0.0,
                  "runs": t, "settings": [*METHODS[m], *chosen.get(m, [])]}  # fmt: skip
             for k in ("seconds_per_round", "bytes_sent_per_site_per_round", "update_bytes", "seconds_per_epoch",
-                      "epsilon", "penalty", "rounds", "seconds"):  # fmt: skip
+                      "epsilon", "penalty", "l1_ratio", "rounds", "seconds"):  # fmt: skip
                 vals = [r[k] for r in rs if r.get(k) is not None]
                 if vals:
                     s[k] = float(np.mean(vals))
@@ -255,7 +257,15 @@ def main() -> None:
     for name, s in summary.items():
         extra = " ".join(
             f"{k}={s[k]:.4g}"
-            for k in ("seconds_per_round", "bytes_sent_per_site_per_round", "epsilon", "penalty", "rounds", "seconds")
+            for k in (
+                "seconds_per_round",
+                "bytes_sent_per_site_per_round",
+                "epsilon",
+                "penalty",
+                "l1_ratio",
+                "rounds",
+                "seconds",
+            )
             if k in s
         )
         print(f"{name:18s}: {s['test_mean']:.3f} +- {s['test_sd']:.3f} over {len(s['runs'])} seeds {extra}")

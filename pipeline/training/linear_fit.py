@@ -13,11 +13,16 @@ scikit-survival's ``CoxPHSurvivalAnalysis(alpha=c * N)``. ``f`` is convex; it is
 strata; federated (:mod:`pipeline.federated.linear_sites`) each is a site whose every answer passes the
 disclosure policy and is written to its privacy ledger. Each evaluation is one round.
 
-Elastic net (``train.linear_l1_ratio`` = ``a`` > 0, the default 0.5): the penalty term is
+Elastic net (``train.linear_l1_ratio`` = ``a`` > 0): the penalty term is
 ``c * (a * |beta|_1 + (1 - a) / 2 * |beta|^2)`` instead, scikit-survival Coxnet's parametrisation (for one stratum
 and Breslow ties, ``CoxnetSurvivalAnalysis(alphas=[c], l1_ratio=a)``: tested to < 1e-4 relative, same support). It
 is minimised exactly by L-BFGS-B on the split ``beta = p - q``, ``p, q >= 0`` (the L1 term becomes linear; the
 same site answers), and ``c`` comes from :data:`ELASTIC_NET_GRID` by the same CV.
+
+The mix chosen by the same CV (``train.linear_l1_ratio=auto``, the default): every mix of :data:`L1_RATIO_GRID` is
+cross-validated along its own a-priori grid (ridge :data:`PENALTY_GRID`, the elastic net :data:`ELASTIC_NET_GRID`),
+each path warm-started along ``c``, and the pair ``(l1_ratio, c)`` with the highest summed CV score is refitted on
+all patients: one choice, from the same kind of site answers as a fixed mix's (pooled or federated).
 
 The penalty ``c`` comes from :data:`PENALTY_GRID` (fixed a priori; ``c * N`` is the absolute ridge penalty) by
 the cross-validated partial likelihood of Verweij & van Houwelingen (1993): each party splits its own patients
@@ -37,7 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from models.linear import LinearSurvival, cox_nll_sum
+from models.linear import LinearSurvival
 from pipeline.stats.metrics import concordant_pairs
 
 if TYPE_CHECKING:
@@ -53,6 +58,24 @@ PENALTY_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 3, 13)
 # nearly unpenalised to past the null model of standardised covariates (every coefficient 0 once c * l1_ratio
 # exceeds the largest |gradient| per patient at 0, at most ~1 for standardised covariates)
 ELASTIC_NET_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 1, 17))
+# train.linear_l1_ratio=auto, fixed a priori: the mixes tried, ridge and the elastic net 0.5, each along its own grid
+# above (so auto's candidates hold those of both fixed settings). The lasso (1) was left out for its cost: a third
+# path of ~1,500 rounds on TCGA-BRCA, where the two cost ~1.7x one elastic-net path (docs/benchmarks.md)
+L1_RATIO_GRID: tuple[float, ...] = (0.0, 0.5)
+
+
+class MixGrids(tuple):
+    """The penalty grids of ``train.linear_l1_ratio=auto``: a tuple of every distinct ``c`` (ascending) that also
+    knows each mix's own grid (``per_mix``), so that passing it on as ``grid`` keeps each mix on its own grid."""
+
+    per_mix: dict[float, tuple[float, ...]]
+
+    def __new__(cls, per_mix: dict[float, tuple[float, ...]]) -> MixGrids:
+        grids = super().__new__(cls, sorted({c for g in per_mix.values() for c in g}))
+        grids.per_mix = dict(per_mix)
+        return grids
+
+
 CV_FOLDS = 5
 MAX_ITER = 1000  # L-BFGS iterations (each one or a few evaluations = rounds)
 GTOL = 1e-7  # L-BFGS stops when every gradient component of f is below this
@@ -71,6 +94,8 @@ class Party:
     fold: np.ndarray
     ties: str = "efron"
     rounds: int = field(default=0, init=False)
+    # per fold left out (None: none): the rows kept, their events, times and tie groups (the data do not change)
+    _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def release(self, kind: str, n: int, n_events: int, values: dict[str, float]) -> bool:
         """Whether an answer of ``kind`` over ``n`` patients / ``n_events`` events may be sent (always, here)."""
@@ -79,16 +104,23 @@ class Party:
     def _keep(self, drop_fold: int | None) -> np.ndarray:
         return np.ones(len(self.fold), bool) if drop_fold is None else self.fold != drop_fold
 
-    def _nll(self, beta: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
-        return cox_nll_sum(self.x[keep] @ beta, self.event[keep], self.time[keep], self.ties)
+    def _block(self, drop_fold: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, TieGroups]:
+        """``(x, event, time, tie groups)`` of the patients outside fold ``drop_fold`` (None: all), cached."""
+        if drop_fold not in self._blocks:
+            keep = self._keep(drop_fold)
+            e, t = self.event.numpy()[keep], self.time.numpy()[keep]
+            self._blocks[drop_fold] = (self.x.numpy()[keep], e, t, TieGroups(t, e, self.ties))
+        return self._blocks[drop_fold]
+
+    def _nll_value(self, beta: np.ndarray, drop_fold: int | None) -> float:
+        x, e, t, groups = self._block(drop_fold)
+        return cox_nll_grad(x @ beta, e, t, self.ties, groups)[0]
 
     def nll_grad(self, beta: np.ndarray, drop_fold: int | None = None) -> tuple[float, np.ndarray, int]:
         """``(nll, grad [F], n)`` of this party's patients outside fold ``drop_fold`` (None: all) at ``beta``."""
-        keep = self._keep(drop_fold)
-        x = self.x.numpy()[keep]  # (n, F)
-        e = self.event.numpy()[keep]
-        loss, g_eta = cox_nll_grad(x @ np.asarray(beta, np.float64), e, self.time.numpy()[keep], self.ties)
-        n, d = int(keep.sum()), int(e.sum())
+        x, e, t, groups = self._block(drop_fold)  # x: (n, F)
+        loss, g_eta = cox_nll_grad(x @ np.asarray(beta, np.float64), e, t, self.ties, groups)
+        n, d = len(e), int(e.sum())
         self.rounds += 1
         if not self.release("linear.gradient", n, d, {"nll": loss}):
             raise ValueError(f"party {self.name}: may not send its gradient")
@@ -97,13 +129,12 @@ class Party:
     def cv_score(self, betas: Sequence[np.ndarray]) -> tuple[float, float, float] | None:
         """``(cvl, concordant, comparable)`` over all this party's patients given each fold's coefficients
         ``betas[k]`` (fitted without fold ``k``); None when the party may not send it."""
-        cvl, risk = 0.0, np.zeros(len(self.fold))
-        with torch.no_grad():
-            for k, beta in enumerate(betas):
-                b = torch.from_numpy(np.asarray(beta, np.float64))
-                cvl += float(self._nll(b, self._keep(k)) - self._nll(b, self._keep(None)))
-                held = self.fold == k
-                risk[held] = (self.x[held] @ b).numpy()
+        cvl, risk, x = 0.0, np.zeros(len(self.fold)), self.x.numpy()
+        for k, beta in enumerate(betas):
+            b = np.asarray(beta, np.float64)
+            cvl += self._nll_value(b, k) - self._nll_value(b, None)
+            held = self.fold == k
+            risk[held] = x[held] @ b
         conc, comp = concordant_pairs(self.time.numpy(), self.event.numpy(), risk)
         values = {"loss_sum": cvl, "concordant": conc, "comparable": comp}
         if not self.release("linear.cv_score", len(self.fold), int(self.event.sum()), values):
@@ -111,37 +142,58 @@ class Party:
         return cvl, conc, comp
 
 
-def cox_nll_grad(eta: np.ndarray, event: np.ndarray, time: np.ndarray, ties: str = "efron") -> tuple[float, np.ndarray]:
+_TINY = float(np.finfo(float).tiny)
+
+
+class TieGroups:
+    """What :func:`cox_nll_grad` needs of ``time [n]`` and ``event [n]`` besides the risk scores (computed once per
+    data set): each patient's distinct-time group, the deaths per group and, for Efron ties, the weights of each
+    group's tied deaths."""
+
+    def __init__(self, time: np.ndarray, event: np.ndarray, ties: str = "efron"):
+        self.event = np.asarray(event, bool)
+        _, self.group = np.unique(time, return_inverse=True)
+        self.n_groups = int(self.group.max()) + 1 if len(self.group) else 0
+        self.d = np.bincount(self.group, self.event, self.n_groups)
+        self.has = self.d > 0
+        self.efron = ties != "breslow"
+        if self.efron and self.has.any():
+            r = np.arange(int(self.d.max()))[None, :]  # (1, R)
+            self.use = r < self.d[self.has, None]  # (G, R)
+            self.frac = np.where(self.use, r / self.d[self.has, None], 0.0)
+
+
+def cox_nll_grad(
+    eta: np.ndarray, event: np.ndarray, time: np.ndarray, ties: str = "efron", groups: TieGroups | None = None
+) -> tuple[float, np.ndarray]:
     """:func:`models.linear.cox_nll_sum` and its gradient with respect to ``eta [n]``, in closed form (numpy).
+    ``groups``: :class:`TieGroups` of ``time`` and ``event`` (computed here when None).
 
     With ``R_g`` the sum of ``exp(eta)`` over the risk set of event time ``g``, ``D_g`` over its ``d_g`` deaths:
     ``A_g = sum_{r<d_g} 1 / (R_g - r/d_g D_g)``, ``B_g = sum_{r<d_g} (r/d_g) / (R_g - r/d_g D_g)`` (Breslow:
     ``A_g = d_g / R_g``, ``B_g = 0``); ``d nll / d eta_i = -delta_i + w_i sum_{g: t_g <= t_i} A_g - delta_i w_i
     B_{g(i)}``.
     """
-    event = np.asarray(event, bool)
+    g = TieGroups(time, event, ties) if groups is None else groups
+    event = g.event
     if not event.any():
         return 0.0, np.zeros(len(eta))
-    _, group = np.unique(time, return_inverse=True)
-    n_groups = int(group.max()) + 1
+    group, n_groups, d, has = g.group, g.n_groups, g.d, g.has
     shift = float(eta.max())
     w = np.exp(eta - shift)
     risk = np.cumsum(np.bincount(group, w, n_groups)[::-1])[::-1]  # everyone with time >= t_g
-    d = np.bincount(group, event, n_groups)
     dead = np.bincount(group, w * event, n_groups)
     a, b, logs = np.zeros(n_groups), np.zeros(n_groups), np.zeros(n_groups)
-    has = d > 0
-    if ties == "breslow":
+    if not g.efron:
         a[has] = d[has] / risk[has]
         logs[has] = d[has] * np.log(risk[has])
     else:
-        r = np.arange(int(d.max()))[None, :]  # (1, R)
-        use = r < d[has, None]  # (G, R)
-        frac = np.where(use, r / d[has, None], 0.0)
-        inner = np.maximum(risk[has, None] - frac * dead[has, None], np.finfo(float).tiny)
-        a[has] = np.where(use, 1.0 / inner, 0.0).sum(1)
-        b[has] = np.where(use, frac / inner, 0.0).sum(1)
-        logs[has] = np.where(use, np.log(inner), 0.0).sum(1)
+        use, frac = g.use, g.frac
+        inner = np.where(use, np.maximum(risk[has, None] - frac * dead[has, None], _TINY), 1.0)
+        inv = np.where(use, 1.0 / inner, 0.0)
+        a[has] = inv.sum(1)
+        b[has] = (frac * inv).sum(1)  # frac is 0 where not used
+        logs[has] = np.log(inner).sum(1)  # log 1 = 0 where not used
     value = -(float(eta[event].sum()) - float(logs.sum()) - float(d.sum()) * shift)
     grad = -event.astype(float) + w * np.cumsum(a)[group] - event * w * b[group]
     return value, grad
@@ -229,6 +281,7 @@ def cross_validate(parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRI
         cvl, conc, comp = (float(sum(s[i] for s in scores)) for i in range(3))
         out[c] = {
             "penalty": c,
+            "l1_ratio": l1_ratio,
             "cv_loglik": cvl if scores else float("nan"),
             "cv_cindex": conc / comp if comp else float("nan"),
             "parties_scored": len(scores),
@@ -240,12 +293,14 @@ def cross_validate(parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRI
 
 
 def choose(records: Sequence[dict]) -> dict:
-    """The record with the highest CV log-likelihood (ties, within 1e-9: the larger penalty)."""
+    """The record with the highest CV log-likelihood (ties, within 1e-9: the larger penalty, then the larger
+    ``l1_ratio``, the sparser model)."""
     ok = [r for r in records if np.isfinite(r["cv_loglik"])]
     if not ok:
         raise ValueError("linear fit: no party could send a cross-validation score (too few patients or events)")
     best = max(r["cv_loglik"] for r in ok)
-    return max((r for r in ok if r["cv_loglik"] >= best - 1e-9), key=lambda r: r["penalty"])
+    tied = [r for r in ok if r["cv_loglik"] >= best - 1e-9]
+    return max(tied, key=lambda r: (r["penalty"], r.get("l1_ratio", 0.0)))
 
 
 def assign_folds(n: int, n_folds: int, seed: int, party: int) -> np.ndarray:
@@ -304,34 +359,80 @@ def parties_of(
     return parties
 
 
-def penalty_grid(l1_ratio: float) -> tuple[float, ...]:
-    """The a-priori grid of ``c``: :data:`PENALTY_GRID` for ridge (``l1_ratio`` 0), else :data:`ELASTIC_NET_GRID`."""
-    return PENALTY_GRID if l1_ratio == 0 else ELASTIC_NET_GRID
+def mixes(l1_ratio: float | str) -> tuple[float, ...]:
+    """The mixes the CV tries for ``train.linear_l1_ratio``: the value itself, or :data:`L1_RATIO_GRID` for
+    ``auto``. Raises ``ValueError`` naming the field and the value when it is neither in [0, 1] nor ``auto``."""
+    if isinstance(l1_ratio, str) and l1_ratio == "auto":
+        return L1_RATIO_GRID
+    if isinstance(l1_ratio, bool) or not isinstance(l1_ratio, int | float) or not 0.0 <= l1_ratio <= 1.0:
+        raise ValueError(f"train.linear_l1_ratio must be a number in [0, 1] or 'auto', got {l1_ratio!r}")
+    return (float(l1_ratio),)
+
+
+def penalty_grid(l1_ratio: float | str) -> tuple[float, ...]:
+    """The a-priori grid of ``c``: :data:`PENALTY_GRID` for ridge (``l1_ratio`` 0), else :data:`ELASTIC_NET_GRID`;
+    for ``auto`` each mix's own (a :class:`MixGrids`)."""
+    tried = mixes(l1_ratio)
+    if len(tried) > 1:
+        return MixGrids({a: penalty_grid(a) for a in tried})
+    return PENALTY_GRID if tried[0] == 0 else ELASTIC_NET_GRID
+
+
+def fit_kind(l1_ratio: float) -> str:
+    """The penalised fit in words: ridge, lasso or the elastic net with its mix."""
+    if l1_ratio == 0:
+        return "ridge"
+    return "lasso" if l1_ratio == 1 else f"elastic net (l1_ratio {l1_ratio:g})"
 
 
 def fit_with_cv(
-    model: LinearSurvival, parties: Sequence[Party], grid: Sequence[float] | None = None, l1_ratio: float = 0.0
+    model: LinearSurvival,
+    parties: Sequence[Party],
+    grid: Sequence[float] | None = None,
+    l1_ratio: float | str = 0.0,
 ) -> dict:
-    """Choose the penalty by CV over ``parties`` (among ``grid``, default :func:`penalty_grid`), refit on all their
-    patients and load the coefficients into ``model``; returns the record (chosen penalty, every candidate's CV
-    score, evaluations = rounds). ``l1_ratio``: the elastic net's mix (:func:`fit_ridge`; 0 = ridge)."""
+    """Choose the penalty (and with ``l1_ratio="auto"`` the mix, jointly: :func:`mixes`) by CV over ``parties``
+    (``c`` among ``grid``, default :func:`penalty_grid`; a plain grid is every mix's, a :class:`MixGrids` gives each
+    mix its own), refit on all their patients and
+    load the coefficients into ``model``; returns the record (chosen penalty and mix, the chosen mix's candidates
+    with their CV scores, each mix's best, evaluations = rounds). ``l1_ratio``: the elastic net's mix
+    (:func:`fit_ridge`; 0 = ridge) or ``auto``."""
     if not parties:
         raise ValueError("linear fit: no patients to fit")
-    records = cross_validate(parties, penalty_grid(l1_ratio) if grid is None else grid, l1_ratio)
-    best = choose(records)
-    final = fit_ridge(parties, best["penalty"], l1_ratio=l1_ratio)
+    tried = mixes(l1_ratio)
+    cs = penalty_grid(l1_ratio) if grid is None else grid
+    per_mix_grid = getattr(cs, "per_mix", {})
+    paths = {a: cross_validate(parties, per_mix_grid.get(a, cs), a) for a in tried}
+    best = choose([r for path in paths.values() for r in path])
+    mix = float(best["l1_ratio"])
+    final = fit_ridge(parties, best["penalty"], l1_ratio=mix)
     model.set_coefficients(torch.from_numpy(final.beta))
     n = sum(len(p.fold) for p in parties)
-    kind = "ridge" if l1_ratio == 0 else f"elastic-net (l1_ratio {l1_ratio:g}, L-BFGS-B on beta = p - q)"
+    solver = "L-BFGS-B on beta = p - q" if mix > 0 else "L-BFGS"
+    how = "penalty" if len(tried) == 1 else f"penalty and mix (l1_ratio among {', '.join(f'{a:g}' for a in tried)})"
+    per_mix = []
+    for a, path in paths.items():
+        scored = [r for r in path if np.isfinite(r["cv_loglik"])]
+        top = (
+            choose(scored)
+            if scored
+            else {"penalty": float("nan"), "cv_loglik": float("nan"), "cv_cindex": float("nan")}
+        )
+        evals = int(sum(r["evaluations"] for r in path))
+        per_mix.append({"l1_ratio": a, "penalty": top["penalty"], "cv_loglik": top["cv_loglik"],
+                        "cv_cindex": top["cv_cindex"], "evaluations": evals})  # fmt: skip
+    records = [r for path in paths.values() for r in path]
     return {
-        "fit": f"full-batch {kind} Cox (L-BFGS), penalty by K-fold cross-validated partial likelihood",
+        "fit": f"full-batch {fit_kind(mix)} Cox ({solver}), {how} by K-fold cross-validated partial likelihood",
         "penalty": best["penalty"],
-        "l1_ratio": l1_ratio,
+        "l1_ratio": mix,
+        "l1_ratio_setting": l1_ratio,
+        "mix_candidates": per_mix,
         "nonzero": int((final.beta != 0).sum()),
         "ridge_alpha": best["penalty"] * n,  # scikit-survival CoxPHSurvivalAnalysis(alpha=...) on one stratum
         "cv_cindex": best["cv_cindex"],
         "cv_loglik": best["cv_loglik"],
-        "candidates": records,
+        "candidates": paths[mix],
         "n_patients": n,
         "final_evaluations": final.evaluations,
         "converged": final.converged,
