@@ -16,7 +16,11 @@ SurvivalModel = MultimodalSurvival | LinearSurvival
 
 
 def _linear(feature_dim: int, n_genes: int, n_clinical: int, **kw: object) -> LinearSurvival:
-    # the network's architecture settings (mil, fusion, hidden, ...) do not apply to a linear model
+    # the network's architecture settings (mil, fusion, hidden, ...) do not apply to a linear model. Its slide
+    # projection (model.linear_slide_pcs) is not built here: the full-batch fits give it its rank and directions
+    # (pipeline.training.slide_norm.prepare_slide_projection, centralised and federated), and a model file's state
+    # brings its own shapes; the mini-batch path (train.linear_fit=sgd, DP / SecAgg+) computes none, so a projection
+    # built here would stay empty there and silence the slide term (tests/test_linear_mix.py)
     return LinearSurvival(feature_dim, n_genes, n_clinical, n_bins=int(kw.get("n_bins", 0)))  # type: ignore[call-overload]
 
 

@@ -19,11 +19,23 @@ def _fmt(c: float | None, ci: list | None) -> str:
     return f"{c:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ok else f"{c:.3f}"  # type: ignore[index]
 
 
+def linear_penalty(fl: dict) -> str:
+    """The federated linear baseline's penalty in words: the full-batch fit's (ridge, lasso or the elastic net with
+    its mix, and whether the CV chose the mix) or the mini-batch path's weight decay."""
+    if "linear_fit" not in fl:
+        return "weight decay"
+    fit = fl["linear_fit"]
+    a = float(fit.get("l1_ratio", 0.0))  # records from before the elastic net: ridge
+    kind = "ridge" if a == 0 else "lasso" if a == 1 else f"elastic net (l1_ratio {a:g})"
+    chosen = ", mix chosen by CV" if fit.get("l1_ratio_setting") == "auto" else ""
+    return f"{kind}{chosen}, penalty per patient"
+
+
 def federated_linear_line(fl: dict) -> str:
     """One console line: the model against the federated linear Cox baseline."""
     d = fl.get("model_minus_this", {})
     secagg = " + SecAgg+" if fl.get("secagg") else ""
-    penalty = "ridge penalty per patient" if "linear_fit" in fl else "weight decay"  # the full-batch CV fit's
+    penalty = linear_penalty(fl)
     return (
         f"model vs {fl['label']}, {fl['strategy']}{secagg}, {penalty} {fl['weight_decay']:.3g}: "
         f"test C {_fmt(fl['cindex'], None)}; model - baseline {_fmt(d.get('diff'), d.get('ci'))}: "
@@ -116,7 +128,7 @@ def _federated_linear_note(fl: dict) -> str:
         f"Against the federated linear Cox baseline: <b>{html.escape(fl['model_minus_this'].get('verdict', ''))}"
         "</b>. The linear model family (log hazard linear in the standardised mean-pooled tile features, genes "
         "and clinical covariates) trained through the same sites, split, strategy, SecAgg+ and DP as the run, "
-        f"without pooling; L2 penalty: {html.escape(fl['choice'])} (candidates tried: "
+        f"without pooling; {html.escape(linear_penalty(fl))}: {html.escape(fl['choice'])} (candidates tried: "
         f"{', '.join(format(c['weight_decay'], 'g') for c in fl['candidates'])})."
     )
     if "epsilon_total" in fl:
