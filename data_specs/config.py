@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -93,8 +93,10 @@ class ModelConfig(_Frozen):
     # linear: a linear log-hazard term over the standardised mean-pooled tile features, genes and clinical
     # covariates, the fused network branch scaled by a learnable gate that starts at 0 (models.skip); fitted: the
     # linear family fitted first (train.linear_fit=cv; federated: summed site gradients, penalty by federated CV) as
-    # a frozen offset, plus the gated fused branch (models.survival; Cox loss; no DP or SecAgg+)
-    skip: Literal["none", "linear", "fitted"] = "none"
+    # a frozen offset, plus the gated fused branch (models.survival; Cox loss; no DP or SecAgg+); auto (default):
+    # fitted where it can run, else none, resolved once per run (pipeline.training.skip_auto.resolve_skip: the saved
+    # config holds the value used; a Flower deployment: none)
+    skip: Literal["auto", "none", "linear", "fitted"] = "auto"
     # model.family=linear (full-batch fit, train.linear_fit=cv): the slide term over the top-r principal components
     # of the tile features (from per-site second moments of the non-test patients' tiles, each patient weighted
     # once: "tiles"; or of their mean tiles: "patients"), each score standardised; 0: every standardised dimension
@@ -146,8 +148,9 @@ class TrainConfig(_Frozen):
     # (scikit-survival Coxnet's parametrisation), c by the K-fold CV; 0 = ridge
     linear_l1_ratio: float = Field(0.5, ge=0, le=1)
     # model.skip=linear/fitted: weight of the mean square of the gated residual branch's log hazard, added to the
-    # training loss (pulls the network towards its linear part)
-    residual_penalty: float = Field(0.0, ge=0)
+    # training loss (pulls the network towards its linear part); auto: 1 with model.skip=fitted (chosen on the
+    # demo's validation folds for runs without validation, within 0.005 of 0 with it), else 0
+    residual_penalty: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _cox_needs_a_risk_set(self) -> TrainConfig:

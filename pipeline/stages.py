@@ -90,11 +90,14 @@ def stage_train(
     config, model file, summary and federated checkpoints are staged and moved over ``cfg.out``'s only on
     success (:func:`pipeline.staging.staged_run`). ``data``: the cohort built by :func:`load_run_data`.
     ``resume``: federated only, continue after the last checkpointed round. ``stage``: a staging folder
-    the caller commits (``histofuse run``); the staged model file is returned.
+    the caller commits (``histofuse run``); the staged model file is returned. ``model.skip=auto`` is resolved
+    here, once, on the run's data (:func:`pipeline.training.skip_auto.resolve_skip`): ``config.yaml`` and the model
+    file hold the value used, the training summary (``model_skip``) what was asked, what was used and why.
     """
     from pipeline.staging import staged_run
     from pipeline.training.bundle import save_bundle
     from pipeline.training.module import fit_local
+    from pipeline.training.skip_auto import resolve_skip
 
     if stage is None:
         with staged_run(cfg.out, resume) as st:
@@ -102,6 +105,7 @@ def stage_train(
         return RunFiles(root=cfg.out).model
     data = load_run_data(cohort, cfg) if data is None else data
     check_trainable(data, cfg.cohort or "the cohort")
+    cfg, skip = resolve_skip(cfg, data)
     n = {k: len(v) for k, v in data.splits.items()}
     log.info("training on %s patients (train/val/test), %d sites, modalities %s", n, len(data.sites), data.model_dims())
     rf = RunFiles(root=stage)
@@ -111,10 +115,10 @@ def stage_train(
         from pipeline.federated.embedded import train_federated
 
         run = train_federated(data, cfg, rf.federated, progress=progress, resume=resume, cohort=cohort)
-        model, info, parts = run.model, {"mode": "federated", **run.info}, run.parts
+        model, info, parts = run.model, {"mode": "federated", **run.info, "model_skip": skip}, run.parts
     else:
         module, info = fit_local(data, cfg, progress=progress)
-        model, info = module.model.eval(), {"mode": "centralised", **info}
+        model, info = module.model.eval(), {"mode": "centralised", **info, "model_skip": skip}
     if parts is not None:  # the finish query rounds' aggregates, as a deployment's model file has them
         save_federated_bundle(rf.model, model, data, cfg, parts, info)
     else:  # centralised: grid end and horizons by the same rule, in this process

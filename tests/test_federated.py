@@ -29,7 +29,7 @@ def _run(data, cfg, clients=None, out=None, resume=False, grids=None):
 
 def test_one_site_one_round_equals_local_training(fed_data):
     data, base = fed_data
-    cfg = _cfg(base, "train.epochs=2", "federated.local_epochs=2", "federated.rounds=1")
+    cfg = _cfg(base, "train.epochs=2", "federated.local_epochs=2", "federated.rounds=1", "model.skip=none")
     idx = data.splits["train"]
     local, _ = fit_local(data, cfg, train_idx=idx, val_idx=np.array([], int))
     client = SiteClient("all", data, idx, np.array([], int), cfg, site_rank=0)

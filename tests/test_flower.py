@@ -274,6 +274,7 @@ def finish_cohort(tmp_path_factory) -> Path:
 
 FINISH_CONFIG = {"train.batch_size": 4, "federated.rounds": 2, "federated.local_epochs": 1, "federated.min_sites": 3,
                  "federated.min_count": 2}  # fmt: skip
+FINISH_CONFIG["model.skip"] = "none"  # the plain network: a deployment resolves model.skip=auto to none
 
 
 def _deploy_in_process(cohort_path: Path, out: Path, rc: dict):

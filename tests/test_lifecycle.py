@@ -17,6 +17,8 @@ from data_specs import load_cohort, resolve_config
 
 CONFIG = {"train.batch_size": 4, "federated.rounds": 2, "federated.local_epochs": 1, "federated.min_sites": 3,
           "federated.min_count": 2}  # fmt: skip  # sites of 20 training patients (default k is 10)
+# the plain network: a deployment (and SecAgg+) resolves model.skip=auto to none, the embedded plain run to fitted
+CONFIG["model.skip"] = "none"
 STATISTICS = {"statistics.summaries", "statistics.normalisers"}
 FINISH = {"finish.moments", "finish.cutpoints", "finish.baseline", "finish.evaluate"}
 

@@ -65,7 +65,8 @@ def test_every_reply_a_site_sends_has_its_ledger_line_and_no_line_holds_a_value(
 
 def test_a_trained_run_folder_holds_the_ledger(fed_data, tmp_path):
     data, base = fed_data
-    cfg = _cfg(base, "federated.rounds=1", "federated.local_epochs=1").model_copy(update={"out": tmp_path})
+    cfg = _cfg(base, "federated.rounds=1", "federated.local_epochs=1", "model.skip=none")
+    cfg = cfg.model_copy(update={"out": tmp_path})
     run_federated(data, cfg, out=tmp_path / "federated")
     lines = list(read_ledger(tmp_path / "privacy_ledger.jsonl"))
     assert {x["site"] for x in lines} == set(data.sites) & {c.site for c in site_clients(data, cfg)}

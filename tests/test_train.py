@@ -142,6 +142,7 @@ def test_linear_omics_cox_recovers_lifelines_coefficients(tmp_path):
     cfg = _cfg(
         tmp_path,
         "model.omics_encoder=linear",
+        "model.skip=none",
         "train.batch_size=120",
         "train.epochs=300",
         "train.lr=0.05",

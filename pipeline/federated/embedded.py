@@ -62,6 +62,7 @@ from pipeline.files import write_json
 from pipeline.stats.curves import follow_up_ceiling, site_histogram, time_edges
 from pipeline.training.data import CohortData
 from pipeline.training.module import new_model
+from pipeline.training.skip_auto import resolve_skip
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,11 @@ def train_federated(
     (warning) as long as ``min_sites`` remain (default: every site). Server state is checkpointed after each
     round; ``resume`` continues after the last finished round in ``out`` (the run folder's ``federated/``). With
     ``out``, every message a site sends is described in the run folder's ``privacy_ledger.jsonl``.
+    ``model.skip=auto`` is resolved here when the caller has not (:func:`~pipeline.training.skip_auto.resolve_skip`);
+    given ``clients``, their config's models are used as built (an unresolved auto: the plain network).
     """
+    if clients is None:
+        cfg = resolve_skip(cfg, data, "embedded")[0]
     fc = cfg.federated
     if cfg.model.family == "linear" and clients is None:
         from pipeline.federated.linear_sites import full_batch_linear, train_linear_federated

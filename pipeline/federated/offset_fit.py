@@ -6,8 +6,10 @@ fit as the run's federated linear baseline, its messages in the privacy ledger).
 rounds' global arrays and reach every site unchanged: they get no gradient and no optimiser step, so every site's
 update of them is exactly 0 under FedAvg, FedProx, FedAdam, FedYogi and FedSGD. Its buffers (slide standardisation,
 the slide projection) are not trainable arrays: each in-process site's model builder is given the fitted offset's
-state. A deployment would have to send that state to the sites; it is not built (train ``model.skip=fitted``
-embedded).
+state. A deployment would have to send that state to the sites; it is not built (a deployment resolves
+``model.skip=auto`` to ``none`` and refuses ``fitted``: train it embedded). The fit's record keeps its CV candidates,
+so the run's federated linear baseline (:mod:`pipeline.outputs.federated_linear`) reuses this fit instead of
+repeating it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def fit_offset_federated(
 ) -> dict | None:
     """``model.skip=fitted``: the linear family fitted federated first (summed full-batch site gradients, penalty by
     federated CV; its messages in the privacy ledger) and copied into ``model``'s frozen offset, whose weights then
-    travel in the rounds' arrays unchanged (no gradient, not optimised). Returns the fit's record (None: no offset).
+    travel in the rounds' arrays unchanged (no gradient, not optimised). Returns the fit's record, its CV candidates
+    included (None: no offset).
     ``ValueError`` under DP or SecAgg+, whose protections the linear fit's messages do not get."""
     if getattr(model, "offset", None) is None:
         return None
@@ -44,7 +47,7 @@ def fit_offset_federated(
     set_offset(model, linear)
     for client in clients:  # every site's models carry the fitted offset (weights and buffers)
         client.new_model = _with_offset(client.new_model, linear)  # type: ignore[method-assign]
-    return info["linear_fit"]
+    return {**info["linear_fit"], "candidates": info["cv_candidates"]}
 
 
 def _with_offset(build: Callable[[], torch.nn.Module], fitted: torch.nn.Module) -> Callable[[], torch.nn.Module]:

@@ -396,7 +396,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     """Deployment ServerApp: :func:`run_server` (state and history under ``out/federated``), then the run folder
     from the sites' aggregates: model file, metrics, summary and what the report needs (``lifecycle``)."""
     from pipeline.federated.lifecycle import write_deployment
-    from pipeline.training.module import resolve_skip
+    from pipeline.training.skip_auto import resolve_skip
 
     cfg = resolve_skip(run_config_from_flower(dict(context.run_config)), runtime="deployment")[0]  # auto: none
     resume = str(context.run_config.get("resume", "false")).lower() == "true"

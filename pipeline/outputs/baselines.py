@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -306,6 +306,19 @@ def bundle_predict_fn(model_path: Path, trust_pickle: bool = False) -> PredictFn
     return predict
 
 
+def _saved_model(path: Path) -> tuple[object, Any] | None:
+    """``(model, card)`` of the run's model file; None when there is none (or it is not read: a warning)."""
+    from pipeline.training.bundle import load_bundle
+
+    if not path.is_file():
+        return None
+    try:
+        return load_bundle(path)
+    except ValueError as e:  # a legacy pickle or an unreadable file: the baselines do without it
+        log.warning("%s not read for the baselines: %s", path, e)
+        return None
+
+
 def add_to_run(
     out: Path, data: CohortData, predict_fn: PredictFn, n_boot: int = 200, seed: int = 0, cfg: RunConfig | None = None
 ) -> list[str]:
@@ -314,12 +327,19 @@ def add_to_run(
 
     With a federated ``cfg``, the linear family is also trained federated on the run's sites and split
     (:func:`pipeline.outputs.federated_linear.fit_federated_linear`), under ``baselines.federated_linear``;
-    its checkpoints and privacy ledgers go to ``out/federated_linear/``."""
+    its checkpoints and privacy ledgers go to ``out/federated_linear/``. Where the run's model file (``out``'s) has a
+    fitted offset that is that very fit (``model.skip=fitted``, :func:`~pipeline.outputs.federated_linear.run_offset`),
+    the offset is the baseline: not fitted twice. The model file's ``model.skip`` choice (requested, used, why) is
+    copied to ``metrics.json`` as ``model_skip``."""
     from pipeline.files import write_json
 
     s = BaselineSettings(n_boot=n_boot, seed=seed)
-    path = RunFiles(root=Path(out)).metrics
+    rf = RunFiles(root=Path(out))
+    path = rf.metrics
     m = json.loads(path.read_text())
+    saved = _saved_model(rf.model)
+    if saved is not None and "model_skip" in saved[1].train_info:
+        m["model_skip"] = saved[1].train_info["model_skip"]
     ref = predict_fn(data, np.asarray(data.splits["test"]))
     try:
         m["baselines"] = fit_baselines(data, ref, s)
@@ -327,10 +347,11 @@ def add_to_run(
         log.warning("baselines not fitted: %s", e)
         m["baselines"] = {"label": "centralised", "baselines": {}, "notes": {"all": str(e)}}
     if cfg is not None and cfg.federated.enabled:
-        from pipeline.outputs.federated_linear import fit_federated_linear
+        from pipeline.outputs.federated_linear import fit_federated_linear, run_offset
 
+        offset = run_offset(*saved, cfg) if saved is not None else None
         try:
-            fl = fit_federated_linear(data, cfg, ref, s, Path(out) / "federated_linear")
+            fl = fit_federated_linear(data, cfg, ref, s, Path(out) / "federated_linear", offset)
             fl["model_minus_this"]["verdict"] = verdict(fl["model_minus_this"])
             m["baselines"]["federated_linear"] = fl
         except ValueError as e:  # a site without training patients, too few sites: say so, keep the run

@@ -9,7 +9,10 @@ site-stratified Cox partial likelihood on every site's non-test patients (full-b
 L-BFGS at the server), the penalty chosen among :func:`~pipeline.training.linear_fit.penalty_grid` by federated
 K-fold cross-validation of the partial likelihood (:mod:`pipeline.federated.linear_sites`; each site sends one
 CV score over all its non-test patients, so it passes the minimum count where a validation split would not).
-Its messages are described in ``federated_linear/privacy_ledger.jsonl``.
+Its messages are described in ``federated_linear/privacy_ledger.jsonl``. A run whose network starts from this fit
+(``model.skip=fitted``: the same federated fit of the same config on the same patients, done before the rounds) has
+it already: :func:`run_offset` takes it from the model file and the baseline reuses it (its messages are in the
+run's ``privacy_ledger.jsonl``) instead of fitting it twice.
 
 Under DP or SecAgg+ (whose protections that fit does not yet apply) or ``train.linear_fit=sgd``: the run's
 strategy, rounds, SecAgg+ and DP settings through the embedded Flower runtime, the AdamW weight decay among
@@ -63,6 +66,7 @@ def fit_federated_linear(
     model_log_hz: np.ndarray | None = None,
     settings: BaselineSettings | None = None,
     out: Path | None = None,
+    offset: tuple[object, dict] | None = None,
 ) -> dict:
     """Train the linear family federated on ``data``'s sites and split; score it on the test patients.
 
@@ -72,15 +76,15 @@ def fit_federated_linear(
         model_log_hz: the model's test ``log_hz`` in ``data.splits["test"]`` order: adds the paired bootstrap
             CI of (model - this).
         out: folder for each candidate's federated checkpoints and privacy ledger (None: nothing written).
+        offset: ``(linear model, fit record)`` of the run's fitted offset (:func:`run_offset`): this very fit, used
+            instead of fitting again (only on the default path, ``full_batch_linear``).
 
     Returns a record for ``metrics.json``'s ``baselines`` block (``val_cindex`` NaN and the default penalty when
     the sites send no validation scores).
     """
     from pipeline.training.predict import predict
 
-    s = settings or BaselineSettings()
-    test = np.asarray(data.splits["test"])
-    fc = cfg.federated
+    s, test = settings or BaselineSettings(), np.asarray(data.splits["test"])
     if not full_batch_linear(cfg):
         cands, (rec, model) = _train_candidates(data, cfg, out)
         choice = (
@@ -88,9 +92,9 @@ def fit_federated_linear(
             if np.isfinite(rec["val_cindex"])
             else f"weight decay fixed a priori at {rec['weight_decay']:g}: the sites sent no validation C-index"
         )
-        strategy = fc.strategy
+        strategy = cfg.federated.strategy
     else:
-        rec, model, cands, choice = _fit_cv(data, cfg, out)
+        rec, model, cands, choice = _fit_cv(data, cfg, out) if offset is None else _reused(offset, cfg)
         strategy = "fedsgd (full-batch site gradients, server L-BFGS)"
     lh = predict(model, data, test).log_hz
     ref = None if model_log_hz is None else np.asarray(model_log_hz, float)
@@ -118,6 +122,42 @@ def fit_federated_linear(
     return out_rec
 
 
+def run_offset(model: object, card: object, cfg: RunConfig) -> tuple[object, dict] | None:
+    """``(offset model, fit record)`` of a saved run (``model``, ``card``: :func:`pipeline.training.bundle.load_bundle`)
+    whose network starts from the federated linear fit that :func:`fit_federated_linear` would make with ``cfg``:
+    trained federated with ``model.skip=fitted``, the fit's record (CV candidates included) in the card, the same
+    linear-family settings as ``cfg`` (every section but ``out``, with ``model.skip`` and the residual penalty set
+    aside) and the default penalty grid. None otherwise (the baseline is then fitted)."""
+    from data_specs.config import RunConfig as _RunConfig
+
+    run_cfg = getattr(card, "config", None)
+    info = getattr(card, "train_info", {}) or {}
+    fit = info.get("offset_fit") or {}
+    if not isinstance(run_cfg, _RunConfig) or run_cfg.model.skip != "fitted" or info.get("mode") != "federated":
+        return None
+    if GRID is not None or "candidates" not in fit or getattr(model, "offset", None) is None:
+        return None
+    if _linear_settings(run_cfg) != _linear_settings(cfg):
+        log.info("federated linear baseline: the run's offset was fitted with other settings; fitting the baseline")
+        return None
+    return model.offset.eval(), fit  # type: ignore[attr-defined]
+
+
+def _reused(offset: tuple[object, dict], cfg: RunConfig) -> tuple[dict, object, list[dict], str]:
+    """:func:`_fit_cv`'s answer from the run's offset (its model and fit record) instead of a second fit."""
+    model, fit = offset
+    rec, cands, choice = _cv_record(fit, cfg.train.linear_cv_folds)
+    choice += "; the network's fitted offset (model.skip=fitted) is this fit, reused (messages: the run's ledger)"
+    return rec, model, cands, choice
+
+
+def _linear_settings(cfg: RunConfig) -> dict:
+    """What the linear family's federated fit depends on in ``cfg``: every section, ``out`` left out, the network's
+    ``model.skip`` and residual penalty set aside."""
+    ov = ["model.family=linear", "model.skip=none", "train.residual_penalty=0"]
+    return {k: v for k, v in cfg.with_overrides(ov).to_dict().items() if k != "out"}
+
+
 def _fit_cv(data: CohortData, cfg: RunConfig, out: Path | None) -> tuple[dict, object, list[dict], str]:
     """The default fit: federated L-BFGS on every site's non-test patients at the penalty federated CV chose.
     Returns the chosen record (``weight_decay``: the ridge penalty per patient ``c``), the model, every
@@ -130,9 +170,15 @@ def _fit_cv(data: CohortData, cfg: RunConfig, out: Path | None) -> tuple[dict, o
     idx = np.sort(np.concatenate([data.splits["train"], data.splits["val"]]))
     grid = penalty_grid(c.train.linear_l1_ratio) if GRID is None else GRID  # a-priori grid of the federated CV
     fit = fit_federated_cv(model, data, idx, c, None if out is None else Path(out) / "privacy_ledger.jsonl", grid)
+    rec, cands, choice = _cv_record(fit, c.train.linear_cv_folds)
+    return rec, model.eval(), cands, choice
+
+
+def _cv_record(fit: dict, k: int) -> tuple[dict, list[dict], str]:
+    """The chosen record, every candidate's record and the choice in words, from a federated CV fit's record
+    (:func:`~pipeline.federated.linear_sites.fit_federated_cv`; ``k``: its folds)."""
     cands = [{"weight_decay": r["penalty"], "val_cindex": r["cv_cindex"], "cv_loglik": r["cv_loglik"]}
              for r in fit["candidates"]]  # fmt: skip
-    k = c.train.linear_cv_folds
     choice = (
         f"ridge penalty {fit['penalty']:g} per patient (x {fit['n_patients']} patients) with the highest "
         f"cross-validated partial likelihood, federated {k}-fold CV within each site's non-test patients; fitted "
@@ -143,7 +189,7 @@ def _fit_cv(data: CohortData, cfg: RunConfig, out: Path | None) -> tuple[dict, o
         choice += f"; sites left out (too few patients for the minimum count): {', '.join(fit['sites_left_out'])}"
     rec = {"weight_decay": fit["penalty"], "val_cindex": fit["cv_cindex"], "best_round": fit["rounds"],
            "linear_fit": {k2: v for k2, v in fit.items() if k2 != "candidates"}}  # fmt: skip
-    return rec, model.eval(), cands, choice
+    return rec, cands, choice
 
 
 def _train_candidates(data: CohortData, cfg: RunConfig, out: Path | None) -> tuple[list[dict], tuple[dict, object]]:

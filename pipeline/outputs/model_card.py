@@ -1,9 +1,9 @@
 """The report's model card, limitations and run metadata, read from a run folder's files.
 
 ``config.yaml`` (encoder, MIL, fusion, loss, federated settings, config digest), ``train_summary.json``
-(centralised or federated, rounds, DP epsilon), ``risk_scores.csv`` (patients and events per site, time
-unit), ``metrics.json`` (the model against the linear baselines) and, where found beside the run, one
-features ``.h5`` (what the encoder's weights were trained on). Missing files leave their lines out.
+(centralised or federated, rounds, DP epsilon, the ``model.skip`` used and why), ``risk_scores.csv`` (patients
+and events per site, time unit), ``metrics.json`` (the model against the linear baselines) and, where found beside
+the run, one features ``.h5`` (what the encoder's weights were trained on). Missing files leave their lines out.
 """
 
 from __future__ import annotations
@@ -124,6 +124,28 @@ def _training(info: dict, cfg: dict) -> str:
     )
 
 
+SKIPS = {
+    "fitted": "the fitted linear family as a frozen offset, the network a gated residual on top",
+    "linear": "a linear term trained with the network, the network a gated residual on top",
+    "none": "none: the network alone",
+}
+
+
+def _skip(info: dict, mo: dict, tr: dict) -> str:
+    """What ``model.skip`` the run used and why (``train_summary.json``'s ``model_skip``; else ``config.yaml``)."""
+    if mo.get("family") == "linear":
+        return "– (the linear family)"
+    rec = info.get("model_skip") or {}
+    used = str(rec.get("used") or mo.get("skip") or "–")
+    text = f"{used}: {SKIPS[used]}" if used in SKIPS else used
+    if rec.get("requested") == "auto":
+        text += f" (auto: {rec.get('reason', '?')})"
+    pen = rec.get("residual_penalty", tr.get("residual_penalty"))
+    if used in ("fitted", "linear") and pen is not None:
+        text += f"; residual penalty {pen:g}" if isinstance(pen, int | float) else f"; residual penalty {pen}"
+    return text
+
+
 def _drops(info: dict) -> str:
     """Which site was retried or dropped in which round (``train_summary.json``'s ``retried``/``dropped``)."""
     out = []
@@ -149,6 +171,7 @@ def model_card_html(rf: RunFiles) -> list[str]:
         _li("slide pooling (MIL)", mo.get("mil", "–")),
         _li("fusion of slides and omics", f"{mo.get('fusion', '–')} (omics encoder {mo.get('omics_encoder', '–')})"),
         _li("loss", {"cox": "Cox partial likelihood", "nll": "discrete-time hazards NLL"}.get(tr.get("loss"), "–")),
+        _li("linear start (model.skip)", _skip(info, mo, tr)),
         _li("patients and events per site", _sites(rf)),
         _li("training", _training(info, cfg)),
     ]

@@ -27,6 +27,7 @@ from pipeline.stats.metrics import harrell_cindex
 from pipeline.training.data import CohortData, make_loader, model_inputs
 from pipeline.training.linear_fit import fit_linear_centralised
 from pipeline.training.selection import Selector
+from pipeline.training.skip_auto import residual_penalty, resolve_skip
 from pipeline.training.slide_norm import prepare_slide_norm
 
 
@@ -206,8 +207,15 @@ def make_trainer(
 
 
 def model_kwargs(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
-    """``build_model`` keyword arguments: every ``model`` field as is, ``n_bins`` from the ``train`` section."""
-    return {**model_cfg.model_dump(), "n_bins": train_cfg.n_bins if train_cfg.loss == "nll" else 0}
+    """``build_model`` keyword arguments: every ``model`` field as is, ``n_bins`` from the ``train`` section.
+
+    A ``model.skip=auto`` that was not resolved by :func:`~pipeline.training.skip_auto.resolve_skip` (a
+    deployment's ClientApp reads the run's YAML itself) builds the plain network: an offset only where a run fitted
+    it."""
+    kw = model_cfg.model_dump()
+    if kw["skip"] == "auto":
+        kw["skip"] = "none"
+    return {**kw, "n_bins": train_cfg.n_bins if train_cfg.loss == "nll" else 0}
 
 
 def new_model(data: CohortData, cfg: RunConfig) -> MultimodalSurvival:
@@ -246,7 +254,7 @@ def new_module(model: MultimodalSurvival, cfg: RunConfig, validate: bool = False
         memory_bank=t.memory_bank,
         optimizer=t.optimizer,
         momentum=t.momentum,
-        residual_penalty=t.residual_penalty,
+        residual_penalty=residual_penalty(model_kwargs(cfg.model, t)["skip"], t.residual_penalty),
     )
 
 
@@ -265,7 +273,10 @@ def fit_local(
 ) -> tuple[SurvivalModule, dict]:
     """Centralised training on ``train_idx`` (default: the train split), validated on ``val_idx`` (default: the
     val split). The epoch kept is the :class:`Selector`'s (``train.select``); with no validation patients,
-    ``train.without_validation`` decides (``last``: the last epoch, with a warning; ``error``: raise)."""
+    ``train.without_validation`` decides (``last``: the last epoch, with a warning; ``error``: raise).
+    ``model.skip=auto`` is resolved here when the caller has not
+    (:func:`~pipeline.training.skip_auto.resolve_skip`)."""
+    cfg = resolve_skip(cfg, data, "centralised")[0]
     t = cfg.train
     train_idx = data.splits["train"] if train_idx is None else train_idx
     val_idx = data.splits["val"] if val_idx is None else val_idx
