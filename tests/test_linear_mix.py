@@ -73,7 +73,10 @@ def test_auto_picks_the_mix_with_the_best_cv_score(truth, want):
     for m in auto["mix_candidates"]:
         rec = fixed[m["l1_ratio"]][0]
         assert m["cv_loglik"] == pytest.approx(rec["cv_loglik"], rel=1e-9) and m["penalty"] == rec["penalty"]
-    assert auto["penalty"] == fixed[want][0]["penalty"] and auto["candidates"] == fixed[want][0]["candidates"]
+    assert auto["penalty"] == fixed[want][0]["penalty"]
+    for k, cand in enumerate(auto["candidates"]):  # per c of the grid, the mix that scored best there
+        at_c = {a: rec["candidates"][k] for a, (rec, _) in fixed.items()}
+        assert cand["penalty"] == GRID[k] and cand == max(at_c.values(), key=lambda r: r["cv_loglik"])
     torch.testing.assert_close(beta, fixed[want][1])
     assert (
         auto["rounds"]
@@ -109,7 +112,8 @@ def test_auto_grid_keeps_each_mix_on_its_own_a_priori_grid_and_a_plain_grid_is_e
     assert [r["penalty"] for r in rec["candidates"]] == [1.0, 0.1] and len(rec["mix_candidates"]) == 2
     own = fit_with_cv(LinearSurvival(0, G, 0), parties, MixGrids({0.0: (1.0,), 0.5: (0.1, 0.03)}), "auto")
     assert [(m["l1_ratio"], m["penalty"]) for m in own["mix_candidates"]][0] == (0.0, 1.0)
-    assert {r["penalty"] for r in own["candidates"]} == ({1.0} if own["l1_ratio"] == 0 else {0.1, 0.03})
+    # one candidate per c of the union grid (ascending), each from the only mix that tried it
+    assert [(r["penalty"], r["l1_ratio"]) for r in own["candidates"]] == [(0.03, 0.5), (0.1, 0.5), (1.0, 0.0)]
 
 
 @pytest.mark.parametrize("bad", ["1.5", "-0.1", "lasso", "true", "'0.5x'"])

@@ -394,8 +394,9 @@ def fit_with_cv(
     """Choose the penalty (and with ``l1_ratio="auto"`` the mix, jointly: :func:`mixes`) by CV over ``parties``
     (``c`` among ``grid``, default :func:`penalty_grid`; a plain grid is every mix's, a :class:`MixGrids` gives each
     mix its own), refit on all their patients and
-    load the coefficients into ``model``; returns the record (chosen penalty and mix, the chosen mix's candidates
-    with their CV scores, each mix's best, evaluations = rounds). ``l1_ratio``: the elastic net's mix
+    load the coefficients into ``model``; returns the record (chosen penalty and mix; ``candidates``: per penalty of
+    the grid, the best-scoring mix's CV record, each with its ``l1_ratio``; ``mix_candidates``: each mix's best;
+    evaluations = rounds). ``l1_ratio``: the elastic net's mix
     (:func:`fit_ridge`; 0 = ridge) or ``auto``."""
     if not parties:
         raise ValueError("linear fit: no patients to fit")
@@ -422,6 +423,12 @@ def fit_with_cv(
         per_mix.append({"l1_ratio": a, "penalty": top["penalty"], "cv_loglik": top["cv_loglik"],
                         "cv_cindex": top["cv_cindex"], "evaluations": evals})  # fmt: skip
     records = [r for path in paths.values() for r in path]
+    per_c = []  # per penalty of the grid, the record of the mix that scored best at it (one mix: its path)
+    for c in cs:
+        at_c = [r for r in records if r["penalty"] == c]
+        finite = [r for r in at_c if np.isfinite(r["cv_loglik"])]
+        if at_c:
+            per_c.append(choose(finite) if finite else at_c[0])
     return {
         "fit": f"full-batch {fit_kind(mix)} Cox ({solver}), {how} by K-fold cross-validated partial likelihood",
         "penalty": best["penalty"],
@@ -432,7 +439,7 @@ def fit_with_cv(
         "ridge_alpha": best["penalty"] * n,  # scikit-survival CoxPHSurvivalAnalysis(alpha=...) on one stratum
         "cv_cindex": best["cv_cindex"],
         "cv_loglik": best["cv_loglik"],
-        "candidates": paths[mix],
+        "candidates": per_c,
         "n_patients": n,
         "final_evaluations": final.evaluations,
         "converged": final.converged,
