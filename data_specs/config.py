@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -145,8 +145,9 @@ class TrainConfig(_Frozen):
     linear_fit: Literal["cv", "sgd"] = "cv"
     linear_cv_folds: int = Field(5, ge=2)  # folds each site splits its non-test patients into
     # the linear fit's elastic net, c * (l1_ratio * |beta|_1 + (1 - l1_ratio) / 2 * |beta|^2) per patient
-    # (scikit-survival Coxnet's parametrisation), c by the K-fold CV; 0 = ridge
-    linear_l1_ratio: float = Field(0.5, ge=0, le=1)
+    # (scikit-survival Coxnet's parametrisation), c by the K-fold CV; 0 = ridge; "auto" (default): the mix chosen by
+    # the same CV, jointly with c, among 0 and 0.5 (pipeline.training.linear_fit.L1_RATIO_GRID; docs/benchmarks.md)
+    linear_l1_ratio: float | Literal["auto"] = "auto"
     # model.skip=linear/fitted: weight of the mean square of the gated residual branch's log hazard, added to the
     # training loss (pulls the network towards its linear part); auto: 1 with model.skip=fitted (chosen on the
     # demo's validation folds for runs without validation, within 0.005 of 0 with it), else 0
@@ -159,6 +160,14 @@ class TrainConfig(_Frozen):
                 "train.batch_size=1 gives the Cox loss no risk set: set train.memory_bank (e.g. 32) or train.loss=nll"
             )
         return self
+
+    @field_validator("linear_l1_ratio", mode="before")
+    @classmethod
+    def _l1_ratio_in_range(cls, v: Any) -> Any:
+        ok = v == "auto" or (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1)
+        if not ok:
+            raise ValueError(f"train.linear_l1_ratio must be a number in [0, 1] or 'auto', got {v!r}")
+        return v
 
 
 class FederatedConfig(_Frozen):
