@@ -4,14 +4,16 @@ Flower-free, in process (the embedded setting). Each site is a :class:`SiteParty
 (:class:`pipeline.training.linear_fit.Party`): for coefficients the server sends, it answers the sum over its
 patients of the stratified Cox partial likelihood and its gradient (one site = one stratum, so the sum over
 sites is the pooled site-stratified objective exactly) and its patient count; the server minimises the
-ridge-penalised sum by L-BFGS ("FedSGD" with full-batch site gradients and a quasi-Newton server optimiser:
-each evaluation is one round). The result is the pooled site-stratified fit (tested to 1e-6).
+penalised sum (ridge or elastic net, ``train.linear_l1_ratio``) by L-BFGS ("FedSGD" with full-batch site
+gradients and a quasi-Newton server optimiser: each evaluation is one round). The result is the pooled
+site-stratified fit (tested to 1e-6).
 
 Penalty: federated K-fold CV (:func:`pipeline.training.linear_fit.cross_validate`): each site splits its own
 non-test patients into K folds; the model of fold k is fitted on every site's other folds; each site returns
 one cross-validated partial log-likelihood over all its non-test patients (plus out-of-fold concordant and
-comparable pairs), the server sums them and keeps the best penalty of the a-priori grid. No site sends a
-per-patient value or a per-fold score.
+comparable pairs), the server sums them and keeps the best penalty of the a-priori grid (with
+``train.linear_l1_ratio=auto``, the default, the best pair of mix and penalty, each mix along its own grid). No
+site sends a per-patient value or a per-fold score.
 
 Disclosure: every answer passes :mod:`pipeline.federated.policy` (a gradient is a model update over the site's
 patients in the fit: at least ``federated.min_count`` of them; a CV score is an evaluation reply over all its
