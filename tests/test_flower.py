@@ -156,7 +156,8 @@ def test_flower_deployment_on_loopback(finish_cohort, tmp_path, secagg):
     state = json.loads((tmp_path / "deployed" / "federated" / "server_state.json").read_text())
     assert state["round"] == 0 and (tmp_path / "deployed" / "federated" / state["arrays_file"]).is_file()
     dep = RunFiles(root=tmp_path / "deployed")
-    cfg = resolve_config(None, [f"{k}={v}" for k, v in rc.items()], out=tmp_path / "embedded")
+    # the plain network, as the deployment resolves model.skip=auto (a flwr run config has no model keys)
+    cfg = resolve_config(None, [f"{k}={v}" for k, v in rc.items()] + ["model.skip=none"], out=tmp_path / "embedded")
     emb_model, emb = load_bundle(stage_train(cohort, cfg, progress=False))
     dep_model, card = load_bundle(dep.model)
     for k, v in emb_model.state_dict().items():
@@ -274,7 +275,6 @@ def finish_cohort(tmp_path_factory) -> Path:
 
 FINISH_CONFIG = {"train.batch_size": 4, "federated.rounds": 2, "federated.local_epochs": 1, "federated.min_sites": 3,
                  "federated.min_count": 2}  # fmt: skip
-FINISH_CONFIG["model.skip"] = "none"  # the plain network: a deployment resolves model.skip=auto to none
 
 
 def _deploy_in_process(cohort_path: Path, out: Path, rc: dict):
@@ -324,7 +324,8 @@ def test_deployment_writes_the_embedded_runs_model_cutpoints_baseline_and_test_c
     from pipeline.training.data import load_run_data
 
     cohort = load_cohort(finish_cohort)
-    cfg = resolve_config(None, [f"{k}={v}" for k, v in FINISH_CONFIG.items()], out=tmp_path / "embedded")
+    ov = [f"{k}={v}" for k, v in FINISH_CONFIG.items()] + ["model.skip=none"]  # the deployment's resolved skip
+    cfg = resolve_config(None, ov, out=tmp_path / "embedded")
     emb_model, emb = load_bundle(stage_train(cohort, cfg, progress=False))
     grid, sites = _deploy_in_process(finish_cohort, tmp_path / "deployed", FINISH_CONFIG)
     dep = RunFiles(root=tmp_path / "deployed")

@@ -17,8 +17,6 @@ from data_specs import load_cohort, resolve_config
 
 CONFIG = {"train.batch_size": 4, "federated.rounds": 2, "federated.local_epochs": 1, "federated.min_sites": 3,
           "federated.min_count": 2}  # fmt: skip  # sites of 20 training patients (default k is 10)
-# the plain network: a deployment (and SecAgg+) resolves model.skip=auto to none, the embedded plain run to fitted
-CONFIG["model.skip"] = "none"
 STATISTICS = {"statistics.summaries", "statistics.normalisers"}
 FINISH = {"finish.moments", "finish.cutpoints", "finish.baseline", "finish.evaluate"}
 
@@ -47,7 +45,8 @@ def cohort_path(tmp_path_factory) -> Path:
 
 
 def _cfg(cohort_path: Path, out: Path, **extra):
-    cfg = resolve_config(None, [f"{k}={v}" for k, v in {**CONFIG, **extra}.items()], out=out)
+    # the plain network: a deployment (and SecAgg+) resolves model.skip=auto to none, the embedded plain run to fitted
+    cfg = resolve_config(None, [f"{k}={v}" for k, v in {**CONFIG, "model.skip": "none", **extra}.items()], out=out)
     return cfg.model_copy(update={"cohort": cohort_path})
 
 
