@@ -131,6 +131,8 @@ def test_flower_deployment_on_loopback(finish_cohort, tmp_path, secagg):
     every summed phase went through the four SecAgg+ stages at every site."""
     import sys
 
+    import yaml
+
     from data_specs.artifacts import RunFiles
     from pipeline.federated.ledger import read_ledger
     from pipeline.stages import stage_train
@@ -178,8 +180,9 @@ def test_flower_deployment_on_loopback(finish_cohort, tmp_path, secagg):
     if not secagg:
         return
     assert card.baseline["cumhaz_by_site"] == {} and metrics["per_site"] == {}  # a site's own values: not formed
-    plain_cfg = resolve_config(None, [f"{k}={v}" for k, v in {**rc, "federated.secagg": False}.items()],
-                               out=tmp_path / "plain")  # fmt: skip
+    used = yaml.safe_load((tmp_path / "embedded" / "config.yaml").read_text())["model"]  # the resolved model
+    plain_rc = {**rc, "federated.secagg": False, "model.skip": used["skip"]}  # the same network, in plain
+    plain_cfg = resolve_config(None, [f"{k}={v}" for k, v in plain_rc.items()], out=tmp_path / "plain")
     plain, _ = load_bundle(stage_train(cohort, plain_cfg, progress=False))
     gap = max(float((dep_model.state_dict()[k] - v).abs().max()) for k, v in plain.state_dict().items())
     assert 0 < gap < 2e-5  # the update's SecAgg+ quantisation (2 * secagg_clip / 2**26 per value), nothing more
