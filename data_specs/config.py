@@ -213,8 +213,8 @@ class FederatedConfig(_Frozen):
     # k of the disclosure policy: no aggregate over fewer than k patients or events leaves a site (updates, site
     # summaries, validation replies, histograms); smaller sites are left out, smaller cells suppressed (warning)
     min_count: int = Field(10, ge=2)
-    # evaluation replies under SecAgg+: False (default) sends no validation metric or count (SecAgg+ masks only the
-    # update arrays, so they would travel in plain text); True sends them plain. Under DP none is ever sent
+    # evaluation replies under SecAgg+: False (default) sends no plain reply; each round's validation goes as a
+    # secure sum (k on the totals); True sends the replies plain instead. Under DP none is ever sent
     secagg_eval_plain: bool = False
 
 

@@ -160,7 +160,7 @@ def _linear_settings(cfg: RunConfig) -> dict:
 
 def _fit_cv(data: CohortData, cfg: RunConfig, out: Path | None) -> tuple[dict, object, list[dict], str]:
     """The default fit: federated L-BFGS on every site's non-test patients at the penalty federated CV chose.
-    Returns the chosen record (``weight_decay``: the ridge penalty per patient ``c``), the model, every
+    Returns the chosen record (``weight_decay``: the penalty per patient ``c``), the model, every
     candidate's record and the choice in words."""
     from pipeline.federated.linear_sites import fit_federated_cv
     from pipeline.training.module import new_model
@@ -179,10 +179,13 @@ def _cv_record(fit: dict, k: int) -> tuple[dict, list[dict], str]:
     (:func:`~pipeline.federated.linear_sites.fit_federated_cv`; ``k``: its folds)."""
     cands = [{"weight_decay": r["penalty"], "val_cindex": r["cv_cindex"], "cv_loglik": r["cv_loglik"]}
              for r in fit["candidates"]]  # fmt: skip
+    a = float(fit.get("l1_ratio", 0.0))
+    kind = "ridge" if a == 0 else "lasso" if a == 1 else f"elastic net (l1_ratio {a:g})"
+    mixed = ", mix and penalty chosen together" if len(fit.get("mix_candidates", ())) > 1 else ""
     choice = (
-        f"ridge penalty {fit['penalty']:g} per patient (x {fit['n_patients']} patients) with the highest "
-        f"cross-validated partial likelihood, federated {k}-fold CV within each site's non-test patients; fitted "
-        f"full batch (site gradients summed, server L-BFGS, {fit['rounds']} rounds in all), not with the run's "
+        f"{kind}, penalty {fit['penalty']:g} per patient (x {fit['n_patients']} patients) with the highest "
+        f"cross-validated partial likelihood{mixed}, federated {k}-fold CV within each site's non-test patients; "
+        f"fitted full batch (site gradients summed, server L-BFGS, {fit['rounds']} rounds in all), not with the run's "
         "strategy"
     )
     if fit["sites_left_out"]:
