@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from data_specs import resolve_config
+from pipeline.federated.dp import PrivacyLedger
 from pipeline.federated.embedded import run_embedded, run_federated
 from pipeline.federated.protocol import Update, trainable_arrays
-from pipeline.federated.server import FederatedServer, PrivacyLedger, ServerOptimizer, weighted_mean
+from pipeline.federated.server import FederatedServer, ServerOptimizer, weighted_mean
 from pipeline.federated.site import ProximalTerm, SiteClient, site_clients
 from pipeline.training.data import make_loader
 from pipeline.training.module import SurvivalModule, fit_local, make_trainer, new_model, new_module
@@ -428,7 +429,7 @@ def test_dp_noise_is_fresh_and_not_derived_from_the_saved_seed():
 
 
 def test_dp_noise_std_is_sigma_times_the_replace_one_sensitivity_of_the_mean():
-    from pipeline.federated.server import dp_noise_std
+    from pipeline.federated.dp import dp_noise_std
 
     sigma, clip, n = 1.3, 0.5, 4
     assert dp_noise_std(sigma, clip, n) == pytest.approx(sigma * 2 * clip / n)

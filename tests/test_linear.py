@@ -205,7 +205,7 @@ def test_model_file_round_trip_keeps_the_slide_standardisation(tmp_path):
 
 
 # --- the full-batch fit to the optimum and the federated cross-validation (pipeline.training.linear_fit,
-# pipeline.federated.linear_sites)
+# pipeline.training.linear_solver, pipeline.federated.linear_sites)
 
 
 def _tied_cox_data(n: int = 240, f: int = 6, seed: int = 0, n_sites: int = 1):
@@ -224,7 +224,8 @@ def test_full_batch_fit_equals_scikit_survival_coxph_on_the_same_penalty(ties):
     from sksurv.util import Surv
 
     from models.linear import cox_nll_sum
-    from pipeline.training.linear_fit import Party, assign_folds, fit_ridge
+    from pipeline.training.linear_fit import Party, assign_folds
+    from pipeline.training.linear_solver import fit_ridge
 
     x, t, e, _ = _tied_cox_data()
     p = Party("a", torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(e), assign_folds(len(t), 5, 0, 0), ties)
@@ -241,7 +242,7 @@ def test_full_batch_fit_equals_scikit_survival_coxph_on_the_same_penalty(ties):
 @pytest.mark.parametrize("ties", ["breslow", "efron"])
 def test_closed_form_gradient_is_the_autograd_gradient_of_the_partial_likelihood(ties):
     from models.linear import cox_nll_sum
-    from pipeline.training.linear_fit import cox_nll_grad
+    from pipeline.training.linear_solver import cox_nll_grad
 
     x, t, e, _ = _tied_cox_data(n=80)
     eta = torch.from_numpy(x @ np.linspace(-1, 1, x.shape[1])).requires_grad_(True)
@@ -259,7 +260,8 @@ def test_federated_fit_equals_the_pooled_site_stratified_fit():
     from models.linear import cox_nll_sum
     from pipeline.federated.ledger import MessageLedger
     from pipeline.federated.linear_sites import SiteParty
-    from pipeline.training.linear_fit import assign_folds, fit_ridge
+    from pipeline.training.linear_fit import assign_folds
+    from pipeline.training.linear_solver import fit_ridge
 
     x, t, e, site = _tied_cox_data(n=300, n_sites=3)
     c, n = 0.05, len(t)
@@ -285,7 +287,8 @@ def test_federated_fit_equals_the_pooled_site_stratified_fit():
 
 def test_cv_score_is_the_verweij_van_houwelingen_cross_validated_likelihood():
     from models.linear import cox_nll_sum
-    from pipeline.training.linear_fit import Party, assign_folds, cross_validate, fit_ridge
+    from pipeline.training.linear_fit import Party, assign_folds, cross_validate
+    from pipeline.training.linear_solver import fit_ridge
 
     x, t, e, _ = _tied_cox_data(n=120)
     fold = assign_folds(120, 4, 3, 0)

@@ -13,7 +13,8 @@ import torch
 
 from data_specs import resolve_config
 from models import LinearSurvival
-from pipeline.training.linear_fit import Party, fit_ridge
+from pipeline.training.linear_fit import Party
+from pipeline.training.linear_solver import fit_ridge
 from tests.test_linear import D, _cindex, _inputs, synthetic
 
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from pipeline.federated.ledger import MessageLedger
 from pipeline.federated.policy import SiteFacts, check_evaluate_reply, check_fit_reply, check_slide_aggregate
-from pipeline.training.linear_fit import Party, fit_ridge, fit_with_cv, parties_of, slide_settings
+from pipeline.training.linear_fit import Party, fit_with_cv, parties_of, slide_settings
+from pipeline.training.linear_solver import fit_ridge
 from pipeline.training.slide_norm import prepare_slide_projection
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ ClientApp and ServerApp, run by the embedded in-process runtime (``embedded.py``
   training patients or events) and scalar metrics; and an :class:`Evaluation` (count + scalars) of the
   global model on its validation patients. Never features, omics, clinical values, times, events or ids.
 - :class:`FederatedServer` (this module): weighted mean of the updates, optional DP noise (with an RDP
-  accountant), a server optimizer (SGD, FedAvg, FedAdam, FedYogi), pooled validation every round, the best
-  round's weights, and a checkpoint after every finished round so a killed run resumes: arrays in
+  accountant: ``dp.py``), a server optimizer (SGD, FedAvg, FedAdam, FedYogi), pooled validation every round,
+  the best round's weights, and a checkpoint after every finished round so a killed run resumes: arrays in
   safetensors, everything else in JSON (no pickle: loading it runs no code), both written atomically.
 
 Differential privacy (``federated.dp_noise`` = sigma > 0) covers exactly this: each site clips its model update
@@ -33,12 +33,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import secrets
 from pathlib import Path
 
 import numpy as np
 
 from data_specs.config import FederatedConfig, RunConfig
+from pipeline.federated.dp import PrivacyLedger, add_dp_noise, dp_noise_std
 from pipeline.federated.policy import evaluation_withheld, secure_evaluation, secure_totals_rule
 from pipeline.federated.protocol import DEFAULT_SERVER_LR, STRATEGIES, Arrays, Evaluation, Update
 from pipeline.files import write_bytes, write_text
@@ -58,19 +58,6 @@ def weighted_mean(updates: list[Update]) -> Arrays | None:
         return None
     keys = updates[0].arrays.keys()
     return {k: sum(u.arrays[k].astype(np.float64) * (u.num_examples / total) for u in updates) for k in keys}
-
-
-def dp_noise_std(noise_multiplier: float, clip: float, n_sites: int) -> float:
-    """Std of the Gaussian noise on the mean of ``n_sites`` updates clipped to L2 norm ``clip``:
-    ``noise_multiplier`` times the replace-one sensitivity of that mean, ``2 * clip / n_sites``."""
-    return noise_multiplier * 2.0 * clip / n_sites
-
-
-def add_dp_noise(mean: Arrays, std: float, rng: np.random.Generator | None = None) -> Arrays:
-    """``mean`` plus N(0, std^2) per value, from a generator seeded by the OS CSPRNG (128 bits of
-    ``secrets``): nothing saved with the run (seed, config, checkpoint) regenerates the noise."""
-    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
-    return {k: v + rng.normal(0.0, std, size=v.shape) for k, v in mean.items()}
 
 
 class ServerOptimizer:
@@ -119,31 +106,6 @@ class ServerOptimizer:
 
     def load_state(self, s: dict) -> None:
         self.t, self.m, self.v = int(s["t"]), s["m"], s["v"]
-
-
-class PrivacyLedger:
-    """(epsilon, delta) of the Gaussian mechanism on clipped site updates, by Opacus' RDP accountant.
-
-    Every site takes part in every round (sampling rate 1), so each round is one full-batch Gaussian step
-    with noise multiplier ``sigma`` (noise std ``sigma`` times the mean's replace-one sensitivity ``2C/n``,
-    :func:`dp_noise_std`): RDP(alpha) = rounds * alpha / (2 sigma^2), converted to (epsilon, delta).
-    The guarantee is per site (site-level DP), for the aggregated updates (under DP no validation scalar is sent).
-    """
-
-    def __init__(self, noise_multiplier: float, delta: float, history: list | None = None):
-        from opacus.accountants import RDPAccountant
-
-        self.sigma, self.delta = noise_multiplier, delta
-        self.acc = RDPAccountant()
-        self.acc.history = list(history or [])
-
-    def step(self) -> float:
-        self.acc.step(noise_multiplier=self.sigma, sample_rate=1.0)
-        return self.epsilon
-
-    @property
-    def epsilon(self) -> float:
-        return float(self.acc.get_epsilon(self.delta)) if self.acc.history else 0.0
 
 
 def save_state(folder: Path, state: dict, arrays: dict[str, Arrays]) -> Path:

@@ -37,6 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from data_specs.config import RunConfig
 from data_specs.summaries import site_summaries_from_wire
+from pipeline.federated.failures import stop_on_repeating_failure
 from pipeline.federated.protocol import (
     SECAGG_QUANTISATION,
     Arrays,
@@ -178,22 +179,6 @@ class HistofuseStrategy(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters):
         return None  # no central data: validation is pooled from the sites' scalars
-
-
-def failure_reason(failure) -> str:
-    """The text of a workflow failure: an ``Exception(Error)`` for an error reply, or ``(proxy, res)``."""
-    if isinstance(failure, BaseException):
-        arg = failure.args[0] if failure.args else failure
-        return str(getattr(arg, "reason", arg))
-    return str(failure[1].status.message)
-
-
-def stop_on_repeating_failure(rnd: int, failures: list) -> None:
-    """Raise :class:`SiteDataError` (site and error text) when a site failed for a reason that will repeat."""
-    for f in failures:
-        reason = failure_reason(f)
-        if is_repeating_failure(reason):
-            raise SiteDataError(f"round {rnd}: {reason}; fix the site's data and rerun (--resume continues)")
 
 
 class _TimeoutGrid(ForwardingGrid):

@@ -17,9 +17,9 @@ import torch
 
 from data_specs import load_cohort
 from data_specs.config import RunConfig
+from pipeline.federated.dp import add_dp_noise
 from pipeline.federated.policy import SiteFacts, evaluation_withheld
 from pipeline.federated.protocol import Arrays, Evaluation, Update, clip_l2, load_arrays, trainable_arrays
-from pipeline.federated.server import add_dp_noise
 from pipeline.omics.clinical import ClinicalNormaliser
 from pipeline.omics.normalise import OmicsNormaliser, site_summaries
 from pipeline.omics.readers import read_omics
