@@ -53,8 +53,11 @@ def test_every_reply_a_site_sends_has_its_ledger_line_and_no_line_holds_a_value(
     want = (
         {"train", "evaluate"}
         if not extra
-        else {f"{p}.secagg.{s}" for p in ("train", "evaluate")
-              for s in ("setup", "share_keys", "collect_masked_vectors", "unmask")}  # fmt: skip
+        else {
+            f"{p}.secagg.{s}"
+            for p in ("train", "evaluate")
+            for s in ("setup", "share_keys", "collect_masked_vectors", "unmask")
+        }  # fmt: skip
     )
     assert phases == want
     arrays = [r for x in lines for r in x["records"].values() if r["kind"] == "arrays" and r["keys"]]
