@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from clinical_cohort import write_clinical_cohort
 
 from data_specs import load_cohort, resolve_config
 
@@ -255,25 +256,9 @@ def test_raw_clinical_rows_smuggled_in_a_site_summary_are_stopped(clinical_omics
 def finish_cohort(tmp_path_factory) -> Path:
     """A clinical-only cohort of 3 sites x 30 patients (20 train, 4 val, 6 test each), survival from a Cox model
     on the two clinical columns: every site has >= 10 training events (its own baseline) and test events."""
-    rng = np.random.default_rng(7)
     out = tmp_path_factory.mktemp("finish_cohort")
-    n = 90
-    age, grade = rng.normal(60, 10, n).round(1), rng.normal(0, 1, n).round(3)
-    t = rng.exponential(900 * np.exp(-0.8 * grade - 0.03 * (age - 60))) + 1.0
-    c = rng.uniform(1000, 4000, n)
-    split = np.tile(["train"] * 20 + ["val"] * 4 + ["test"] * 6, 3)
-    ids, site = [f"P{i:03d}" for i in range(n)], np.repeat(["s1", "s2", "s3"], 30)
-    pts = pd.DataFrame({"patient_id": ids, "site": site, "time": np.minimum(t, c), "event": (t <= c).astype(int),
-                        "slides": "", "split": split})  # fmt: skip
-    pts.to_csv(out / "patients.csv", index=False)
-    pd.DataFrame({"patient_id": pts.patient_id, "age": age, "grade_score": grade}).to_csv(
-        out / "clinical.csv", index=False
-    )
-    (out / "cohort.yaml").write_text(
-        "name: finish_test\ntime_unit: days\npatients: patients.csv\n"
-        "clinical: {path: clinical.csv, id_column: patient_id}\n"
-    )
-    return out / "cohort.yaml"
+    return write_clinical_cohort(out, "finish_test", seed=7, split=(20, 4, 6), censor=(1000, 4000), prefix="P",
+                                 round_time=False)  # fmt: skip
 
 
 FINISH_CONFIG = {"train.batch_size": 4, "federated.rounds": 2, "federated.local_epochs": 1, "federated.min_sites": 3,

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+from clinical_cohort import write_clinical_cohort
 
 from data_specs import load_cohort, resolve_config
 from pipeline.federated.embedded import run_embedded
@@ -31,23 +31,10 @@ STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 def cohort_path(tmp_path_factory) -> Path:
     """Clinical-only, 3 sites x 40 patients (24 train, 10 val, 6 test each), survival from a Cox model on the two
     clinical columns: every site has at least 2 validation events (k = 2 in plain runs: every site sends)."""
-    rng = np.random.default_rng(5)
     out = tmp_path_factory.mktemp("secure_validation_cohort")
-    n = 120
-    age, grade = rng.normal(60, 10, n).round(1), rng.normal(0, 1, n).round(3)
-    t = rng.exponential(900 * np.exp(-0.8 * grade - 0.03 * (age - 60))) + 1.0
-    c = rng.uniform(600, 3000, n)
-    split = np.tile(["train"] * 24 + ["val"] * 10 + ["test"] * 6, 3)
-    ids, site = [f"V{i:03d}" for i in range(n)], np.repeat(["s1", "s2", "s3"], 40)
-    pts = pd.DataFrame({"patient_id": ids, "site": site, "time": np.minimum(t, c).round(2),
-                        "event": (t <= c).astype(int), "slides": "", "split": split})  # fmt: skip
-    pts.to_csv(out / "patients.csv", index=False)
-    pd.DataFrame({"patient_id": ids, "age": age, "grade_score": grade}).to_csv(out / "clinical.csv", index=False)
-    (out / "cohort.yaml").write_text(
-        "name: secure_validation_test\ntime_unit: days\npatients: patients.csv\n"
-        "clinical: {path: clinical.csv, id_column: patient_id}\n"
+    return write_clinical_cohort(
+        out, "secure_validation_test", seed=5, split=(24, 10, 6), censor=(600, 3000), prefix="V"
     )
-    return out / "cohort.yaml"
 
 
 def _cfg(cohort_path: Path, **extra):
