@@ -71,6 +71,7 @@ def main() -> None:
         None,
         [
             "model.omics_encoder=linear",
+            "model.skip=none",  # the network's own linear omics term, trained by the pipeline (no fitted offset)
             "train.loss=cox",
             "train.ties=efron",
             "train.stratify=false",
