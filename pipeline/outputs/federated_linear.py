@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.federated.linear_sites import full_batch_linear
 from pipeline.outputs.scoring import BaselineSettings, scored
-from pipeline.training.linear_fit import penalty_grid
+from pipeline.training.linear_fit import fit_kind, penalty_grid
 
 if TYPE_CHECKING:
     from data_specs.config import RunConfig
@@ -179,8 +179,7 @@ def _cv_record(fit: dict, k: int) -> tuple[dict, list[dict], str]:
     (:func:`~pipeline.federated.linear_sites.fit_federated_cv`; ``k``: its folds)."""
     cands = [{"weight_decay": r["penalty"], "val_cindex": r["cv_cindex"], "cv_loglik": r["cv_loglik"]}
              for r in fit["candidates"]]  # fmt: skip
-    a = float(fit.get("l1_ratio", 0.0))
-    kind = "ridge" if a == 0 else "lasso" if a == 1 else f"elastic net (l1_ratio {a:g})"
+    kind = fit_kind(float(fit.get("l1_ratio", 0.0)))
     mixed = ", mix and penalty chosen together" if len(fit.get("mix_candidates", ())) > 1 else ""
     choice = (
         f"{kind}, penalty {fit['penalty']:g} per patient (x {fit['n_patients']} patients) with the highest "
