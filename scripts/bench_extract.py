@@ -322,6 +322,8 @@ def main() -> None:
     alloc = {k: os.environ.get(k, "unset") for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; allocator {alloc}; load {_load()}")
     res: dict = {"side": args.side, "load_start": _load(), "encoders": []}
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as td:
         work = Path(td)
         folder = work / "slides"
