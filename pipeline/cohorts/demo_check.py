@@ -6,6 +6,9 @@ tile attributions find the carrier tiles (attention and integrated-gradient AUC,
 within each carrier slide; the share of carrier slides whose top tile is a carrier), the tile deletion
 curves' gaps against random (from ``faithfulness.json``) and the centralised Coxnet baselines of the run
 (``metrics.json``), whose slide block is mean-pooled tile features.
+
+Where the run wrote a biomarker table, ``planted_gene_biomarkers`` says for each planted gene whether it was a
+tested candidate and its Cox hazard ratio, p and FDR on the held-out patients.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def check_demo(out: Path) -> dict:
     planted = json.loads((truth / TRUTH_GENES).read_text())["planted"]
     if rf.genes.is_file():
         r.update(_gene_check(pd.read_csv(rf.genes), planted))
+    if rf.biomarkers.is_file():
+        r["planted_gene_biomarkers"] = _biomarker_check(rf, planted)
     if rf.tiles.is_file():
         t = pd.read_csv(rf.tiles).merge(pd.read_csv(truth / TRUTH_TILES), on=["slide_id", "x", "y"], how="left")
         if t.is_tumour.isna().any():
@@ -68,6 +73,28 @@ def _gene_check(g: pd.DataFrame, planted: dict[str, float]) -> dict:
             for k, beta in planted.items()
             if (g.gene == k).any()
         },
+    }
+
+
+def _biomarker_check(rf: RunFiles, planted: dict[str, float]) -> dict:
+    """The planted genes in the biomarker table (``biomarkers.csv``): whether each is a tested candidate, its
+    univariate hazard ratio, p and FDR on the held-out patients (None where not tested), and the table's size."""
+    b = pd.read_csv(rf.biomarkers)
+    tested = b[b.uni_p.notna()]
+    cols = ("uni_hr", "uni_p", "uni_fdr", "multi_hr", "multi_fdr")
+    genes = {}
+    for g in planted:
+        row = b[b.name == g]
+        genes[g] = {"candidate": bool(len(row) and row.top_candidate.iloc[0])} | {
+            k: (float(row[k].iloc[0]) if len(row) and pd.notna(row[k].iloc[0]) else None) for k in cols
+        }
+    return {
+        "genes": genes,
+        "tests": int(len(tested)),
+        "gene_tests": int((tested.kind == "gene").sum()),
+        "events": int(b.events.max()) if len(b) else 0,
+        "patients": int(b.n.max()) if len(b) else 0,
+        "fdr_below_0.05": [g for g, v in genes.items() if v["uni_fdr"] is not None and v["uni_fdr"] < 0.05],
     }
 
 
@@ -114,6 +141,10 @@ def summary_lines(r: dict) -> list[str]:
         lines.append(
             f"mean relative attention: tumour tiles {a['tumour']:.2f}, other tiles {a['other']:.2f}; AUC {a['auc']:.3f}"
         )
+    bio = r.get("planted_gene_biomarkers")
+    if bio:
+        fdr = {g: "not tested" if v["uni_fdr"] is None else f"{v['uni_fdr']:.3g}" for g, v in bio["genes"].items()}
+        lines.append(f"planted genes' FDR in the biomarker table ({bio['tests']} tests, {bio['events']} events): {fdr}")
     loc = r.get("local_morphology")
     if loc:
         ig = loc.get("ig", {}).get("auc", float("nan"))
