@@ -2,7 +2,7 @@
 
     python scripts/bench_extract.py [--encoders efficientnet_lite0_imagenet resnet50] [--side 24576]
                                     [--repeats 3] [--sample 192] [--rss-scale 2] [--serial] [--openslide]
-                                    [--json FILE]
+                                    [--trident] [--json FILE]
 
 The slide: an Aperio-style pyramidal JPEG TIFF at 0.25 um/px (levels by 4, as scanners write them), glass
 with seeded tissue islands of the real H&E images (large pieces, thin needle-biopsy strips and small
@@ -29,6 +29,15 @@ Columns, tiles per second over the tiles the extraction keeps (same grid for all
   slides: a figure far less moved by other jobs on a shared machine than its tiles per second;
 - ``naive``: a plain loop over the same ``--sample`` tiles: OpenSlide ``read_region`` -> RGB -> timm's own
   transform (PIL resize, to tensor, normalise) per tile, batches of 64 through the eager fp32 model.
+- ``trident read-only`` / ``trident end to end`` (with ``--trident``, when ``import trident`` works: TRIDENT,
+  github.com/mahmoodlab/TRIDENT, is not on PyPI): TRIDENT's own pipeline through its public API, in this
+  process, on the same slide with the same encoder object and transform: ``load_wsi`` -> ``segment_tissue``
+  with its ``OtsuSegmenter`` (its deep segmenters need hub weights) -> ``extract_tissue_coords`` at the same
+  um/px, tile size and minimum tissue fraction -> ``extract_patch_features`` with a ``CustomInferenceEncoder``
+  (the eager fp32 model, timm's transform, batch 64, CPU). ``read-only`` is ``extract_patch_features`` alone
+  with a no-op encoder (a mean over each tile), over the coordinates of the last segmentation. Rates are over
+  TRIDENT's own tiles; the tile sets of both (same level-0 lattice) are compared with each other and with the
+  planted tissue islands.
 
 Every column is run once as a warm-up, then ``--repeats`` times in rotated order (each repeat starts with
 another column, so load from other jobs falls on all alike); medians are printed. Peak RSS of the CLI
@@ -184,6 +193,117 @@ def _naive(path: Path, grid, enc, batch: int = 64) -> int:
     return n
 
 
+TRIDENT_HELP = (
+    "TRIDENT is not on PyPI (the PyPI 'trident' is another project): install it from its GitHub, "
+    "git clone https://github.com/mahmoodlab/TRIDENT && pip install -e TRIDENT, then rerun with --trident"
+)
+
+
+def _trident_importable() -> bool:
+    try:
+        import trident  # noqa: F401
+        from trident.patch_encoder_models.load import CustomInferenceEncoder  # noqa: F401
+        from trident.segmentation_models import OtsuSegmenter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _MeanPool(torch.nn.Module):
+    """A no-op encoder for TRIDENT's read-only column: ``[B, 3, H, W]`` -> ``[B, 3]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+class _Trident:
+    """TRIDENT's pipeline through its public API on one slide, with a histofuse encoder's model and transform.
+
+    TRIDENT gets its own copy of the model in the default (contiguous) memory format, as a TRIDENT user has it:
+    histofuse's runner converts ``enc.model``'s weights to channels-last in place.
+    """
+
+    def __init__(self, slide: Path, enc, cfg, work: Path) -> None:
+        import copy
+
+        from trident.patch_encoder_models.load import CustomInferenceEncoder
+
+        self.slide, self.work, self.cfg, self.runs = slide, work, cfg, 0
+        self.target_mag = round(10 / cfg.target_mpp)  # TRIDENT's magnification convention: 10x = 1 um/px
+        model = copy.deepcopy(enc.model).to(memory_format=torch.contiguous_format).eval()
+        self.encoder = CustomInferenceEncoder(enc.name, model, enc.transform, torch.float32)
+        self.noop = CustomInferenceEncoder("noop", _MeanPool(), enc.transform, torch.float32)
+        self.coords_path = self._coords(self.work / "trident_coords")[1]
+
+    def _coords(self, job: Path):
+        """Segment the tissue (Otsu) and lay the tile coordinates: the slide object and the coords file."""
+        from trident import load_wsi
+        from trident.segmentation_models import OtsuSegmenter
+
+        wsi = load_wsi(str(self.slide), lazy_init=False)
+        seg = OtsuSegmenter()
+        wsi.segment_tissue(seg, target_mag=seg.target_mag, job_dir=str(job), device="cpu", holes_are_tissue=True)
+        path = wsi.extract_tissue_coords(
+            target_mag=self.target_mag,
+            patch_size=self.cfg.tile_px,
+            save_coords=str(job),
+            min_tissue_proportion=self.cfg.min_tissue,
+        )
+        return wsi, path
+
+    def end_to_end(self) -> int:
+        """Segment, lay the coordinates, extract the features: TRIDENT's per-slide workflow."""
+        job = self.work / f"trident_{self.runs}"
+        self.runs += 1
+        wsi, path = self._coords(job)
+        batch = int(self.cfg.batch_size)
+        wsi.extract_patch_features(self.encoder, path, str(job / "features"), device="cpu", batch_limit=batch)
+        wsi.release()
+        return len(self.coords(path))
+
+    def read_only(self) -> int:
+        """``extract_patch_features`` with a no-op encoder: TRIDENT's reading, resizing and transforms alone."""
+        from trident import load_wsi
+
+        wsi = load_wsi(str(self.slide), lazy_init=False)
+        batch = int(self.cfg.batch_size)
+        wsi.extract_patch_features(self.noop, self.coords_path, str(self.work / "trident_ro"), device="cpu",
+                                   batch_limit=batch)  # fmt: skip
+        wsi.release()
+        return len(self.coords(self.coords_path))
+
+    @staticmethod
+    def coords(path: str) -> np.ndarray:
+        """``[N, 2]`` level-0 top-left corners of TRIDENT's tiles."""
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return f["coords"][:]
+
+
+def _tile_sets(slide: Path, grid, kept: int, trident_xy: np.ndarray) -> dict:
+    """Compare histofuse's grid tiles and TRIDENT's tiles (the same level-0 lattice) with the planted islands."""
+    import openslide
+
+    with openslide.OpenSlide(str(slide)) as s:
+        side = int(s.dimensions[0])
+    size0, cell = grid.size0, 64
+    truth_mask = island_mask(side, cell)
+    n = side // size0
+    per = size0 // cell  # mask cells per tile side (448 / 64 = 7)
+    frac = truth_mask[: n * per, : n * per].reshape(n, per, n, per).mean((1, 3))  # [row, col]
+    truth = {(int(c) * size0, int(r) * size0) for r, c in zip(*np.nonzero(frac >= 0.5), strict=True)}
+    hf = {(int(x), int(y)) for x, y in grid.coords}
+    tr = {(int(x), int(y)) for x, y in trident_xy}
+    return {
+        "histofuse_grid": len(hf), "histofuse_kept": kept, "trident": len(tr), "both": len(hf & tr),
+        "only_histofuse": len(hf - tr), "only_trident": len(tr - hf), "planted": len(truth),
+        "histofuse_recall": len(hf & truth) / max(len(truth), 1),
+        "trident_recall": len(tr & truth) / max(len(truth), 1),
+        "histofuse_outside": len(hf - truth), "trident_outside": len(tr - truth),
+    }  # fmt: skip
+
+
 def _cli(
     folder: Path, out: Path, encoder: str, random_weights: bool, read_ahead: int | None = None, tile_reader: str = ""
 ) -> dict:
@@ -230,6 +350,7 @@ def bench_encoder(
     sample: int,
     serial: bool = False,
     openslide: bool = False,
+    trident: bool = False,
 ) -> dict:
     """Warm-up plus ``repeats`` rotated rounds of the columns for one encoder; medians and the CLI runs."""
     from data_specs.config import ExtractConfig
@@ -253,6 +374,7 @@ def bench_encoder(
     runs: list[dict] = []
     serial_runs: list[dict] = []
     os_runs: list[dict] = []
+    tri = _Trident(slide, enc, cfg, work) if trident else None
 
     def e2e() -> tuple[int, float]:
         r = _cli(folder, work / f"out_{name}_{len(runs)}", name, rw)
@@ -284,6 +406,7 @@ def bench_encoder(
         **({"end to end serial": e2e_serial} if serial else {}),
         **({"end to end openslide": e2e_openslide} if openslide else {}),
         "naive": timed(lambda: _naive(slide, sub, enc)),
+        **({"trident read-only": timed(tri.read_only), "trident end to end": timed(tri.end_to_end)} if tri else {}),
     }
     names = list(cols)
     rates: dict[str, list[float]] = {k: [] for k in names}
@@ -298,7 +421,9 @@ def bench_encoder(
     return {"encoder": name, "weights": enc.weights, "optimize": runner.optimize, "tiles": len(grid.coords),
             "kept": runs[-1]["tiles"], "sampled": sum(len(b) for b in batches), "median": med, "all": rates,
             "first_slide_median": statistics.median(first), "cli": runs[1:], "cli_serial": serial_runs[1:],
-            "cli_openslide": os_runs[1:], "load": _load()}  # fmt: skip
+            "cli_openslide": os_runs[1:], "load": _load(),
+            "tile_sets": _tile_sets(slide, grid, runs[-1]["tiles"], tri.coords(tri.coords_path)) if tri else None,
+            }  # fmt: skip
 
 
 def _load() -> str:
@@ -313,11 +438,15 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=192, help="tiles the encoder-limit and naive columns run on")
     ap.add_argument("--serial", action="store_true", help="also run the CLI with extract.read_ahead=0")
     ap.add_argument("--openslide", action="store_true", help="also run the CLI with extract.tile_reader=openslide")
+    ap.add_argument("--trident", action="store_true", help="also run TRIDENT's pipeline (when TRIDENT is installed)")
     ap.add_argument("--rss-scale", type=int, default=2, help="side factor of the peak-RSS slide (2: 4x area)")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    if args.trident and not _trident_importable():
+        print(f"--trident: TRIDENT columns skipped: {TRIDENT_HELP}", flush=True)
+        args.trident = False
     torch.set_num_threads(os.cpu_count() or 1)
     alloc = {k: os.environ.get(k, "unset") for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; allocator {alloc}; load {_load()}")
@@ -337,7 +466,9 @@ def main() -> None:
             f"in {time.perf_counter() - t0:.0f} s"
         )
         for name in args.encoders:
-            r = bench_encoder(name, folder, slide, work, args.repeats, args.sample, args.serial, args.openslide)
+            r = bench_encoder(
+                name, folder, slide, work, args.repeats, args.sample, args.serial, args.openslide, args.trident
+            )
             res["encoders"].append(r)
             m = r["median"]
             cli = statistics.median(c["wall"] for c in r["cli"])
@@ -349,7 +480,17 @@ def main() -> None:
                   + (f", serial e2e/limit {m['end to end serial'] / m['encoder limit']:.2f}" if args.serial else "")
                   + (f", openslide e2e/limit {m['end to end openslide'] / m['encoder limit']:.2f}"
                      if args.openslide else "")
+                  + (f", e2e/TRIDENT e2e {m['end to end'] / m['trident end to end']:.2f}x, read-only/TRIDENT "
+                     f"read-only {m['read-only'] / m['trident read-only']:.2f}x" if args.trident else "")
                   + f"; load {r['load']}", flush=True)  # fmt: skip
+            if r["tile_sets"]:
+                t = r["tile_sets"]
+                print(f"  tiles: histofuse grid {t['histofuse_grid']} ({t['histofuse_kept']} kept after the "
+                      f"background check), TRIDENT {t['trident']}; in both {t['both']}, only histofuse "
+                      f"{t['only_histofuse']}, only TRIDENT {t['only_trident']}; planted (>= 50% island) "
+                      f"{t['planted']}: recall histofuse "
+                      f"{t['histofuse_recall']:.3f}, TRIDENT {t['trident_recall']:.3f}; tiles under 50% island: "
+                      f"histofuse {t['histofuse_outside']}, TRIDENT {t['trident_outside']}", flush=True)  # fmt: skip
             for key in ("cli", "cli_serial", "cli_openslide"):
                 if r[key]:  # CPU per tile is far less sensitive to other jobs' load than tiles per second
                     per = [1e3 * c["cpu_s"] / sum(c["slide_tiles"]) for c in r[key]]
