@@ -148,6 +148,10 @@ class TrainConfig(_Frozen):
     # (scikit-survival Coxnet's parametrisation), c by the K-fold CV; 0 = ridge; "auto" (default): the mix chosen by
     # the same CV, jointly with c, among 0 and 0.5 (pipeline.training.linear_fit.L1_RATIO_GRID; docs/benchmarks.md)
     linear_l1_ratio: float | Literal["auto"] = "auto"
+    # the relaxed elastic net (pipeline.training.linear_relaxed): the elastic net's active set refitted with its
+    # penalty scaled by gamma (plus a ridge of 1e-3); 1 = not relaxed; "auto": gamma chosen by the same CV, jointly
+    # with c and the mix, among 0, 0.25, 0.5, 1. Ridge (l1_ratio 0) has no active set and is never relaxed
+    linear_relax: float | Literal["auto"] = 1.0
     # model.skip=linear/fitted: weight of the mean square of the gated residual branch's log hazard, added to the
     # training loss (pulls the network towards its linear part); auto: 1 with model.skip=fitted (chosen on the
     # demo's validation folds for runs without validation, within 0.005 of 0 with it), else 0
@@ -168,6 +172,23 @@ class TrainConfig(_Frozen):
         if not ok:
             raise ValueError(f"train.linear_l1_ratio must be a number in [0, 1] or 'auto', got {v!r}")
         return v
+
+    @field_validator("linear_relax", mode="before")
+    @classmethod
+    def _relax_in_range(cls, v: Any) -> Any:
+        ok = v == "auto" or (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1)
+        if not ok:
+            raise ValueError(f"train.linear_relax must be a number in [0, 1] or 'auto', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _relax_needs_an_active_set(self) -> TrainConfig:
+        if self.linear_relax != 1 and self.linear_l1_ratio == 0:
+            raise ValueError(
+                f"train.linear_relax={self.linear_relax} relaxes an elastic net's active set: "
+                "train.linear_l1_ratio=0 (ridge) has none (set train.linear_l1_ratio > 0 or 'auto')"
+            )
+        return self
 
 
 class FederatedConfig(_Frozen):

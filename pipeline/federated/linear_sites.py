@@ -12,7 +12,8 @@ Penalty: federated K-fold CV (:func:`pipeline.training.linear_fit.cross_validate
 non-test patients into K folds; the model of fold k is fitted on every site's other folds; each site returns
 one cross-validated partial log-likelihood over all its non-test patients (plus out-of-fold concordant and
 comparable pairs), the server sums them and keeps the best penalty of the a-priori grid (with
-``train.linear_l1_ratio=auto``, the default, the best pair of mix and penalty, each mix along its own grid). No
+``train.linear_l1_ratio=auto``, the default, the best pair of mix and penalty, each mix along its own grid; with
+``train.linear_relax``, the relaxed elastic net's scale too: :mod:`pipeline.training.linear_relaxed`). No
 site sends a per-patient value or a per-fold score.
 
 Disclosure: every answer passes :mod:`pipeline.federated.policy` (a gradient is a model update over the site's
@@ -149,7 +150,7 @@ def fit_federated_cv(
     r, level = slide_settings(cfg)
     proj = prepare_slide_projection(model, data, idx, r, level, slide_release(data, idx, cfg, ledger))
     parties, left = site_parties(model, data, idx, cfg, ledger)
-    rec = fit_with_cv(model, parties, grid, l1_ratio=cfg.train.linear_l1_ratio)
+    rec = fit_with_cv(model, parties, grid, l1_ratio=cfg.train.linear_l1_ratio, relax=cfg.train.linear_relax)
     if ledger_path is not None:
         out = MessageLedger(ledger_path)
         out.lines = ledger.lines

@@ -22,7 +22,9 @@ same site answers), and ``c`` comes from :data:`ELASTIC_NET_GRID` by the same CV
 The mix chosen by the same CV (``train.linear_l1_ratio=auto``, the default): every mix of :data:`L1_RATIO_GRID` is
 cross-validated along its own a-priori grid (ridge :data:`PENALTY_GRID`, the elastic net :data:`ELASTIC_NET_GRID`),
 each path warm-started along ``c``, and the pair ``(l1_ratio, c)`` with the highest summed CV score is refitted on
-all patients: one choice, from the same kind of site answers as a fixed mix's (pooled or federated).
+all patients: one choice, from the same kind of site answers as a fixed mix's (pooled or federated). The relaxed
+elastic net (``train.linear_relax``): the elastic net's active set refitted with its penalty scaled by ``gamma``,
+``gamma`` chosen by the same CV (:mod:`pipeline.training.linear_relaxed`).
 
 The penalty ``c`` comes from :data:`PENALTY_GRID` (fixed a priori; ``c * N`` is the absolute ridge penalty) by
 the cross-validated partial likelihood of Verweij & van Houwelingen (1993): each party splits its own patients
@@ -165,13 +167,13 @@ def cross_validate(parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRI
 
 def choose(records: Sequence[dict]) -> dict:
     """The record with the highest CV log-likelihood (ties, within 1e-9: the larger penalty, then the larger
-    ``l1_ratio``, the sparser model)."""
+    ``l1_ratio``, the sparser model, then the larger ``relax``, the less relaxed)."""
     ok = [r for r in records if np.isfinite(r["cv_loglik"])]
     if not ok:
         raise ValueError("linear fit: no party could send a cross-validation score (too few patients or events)")
     best = max(r["cv_loglik"] for r in ok)
     tied = [r for r in ok if r["cv_loglik"] >= best - 1e-9]
-    return max(tied, key=lambda r: (r["penalty"], r.get("l1_ratio", 0.0)))
+    return max(tied, key=lambda r: (r["penalty"], r.get("l1_ratio", 0.0), r.get("relax", 1.0)))
 
 
 def assign_folds(n: int, n_folds: int, seed: int, party: int) -> np.ndarray:
@@ -261,6 +263,7 @@ def fit_with_cv(
     parties: Sequence[Party],
     grid: Sequence[float] | None = None,
     l1_ratio: float | str = 0.0,
+    relax: float | str = 1.0,
 ) -> dict:
     """Choose the penalty (and with ``l1_ratio="auto"`` the mix, jointly: :func:`mixes`) by CV over ``parties``
     (``c`` among ``grid``, default :func:`penalty_grid`; a plain grid is every mix's, a :class:`MixGrids` gives each
@@ -268,20 +271,35 @@ def fit_with_cv(
     load the coefficients into ``model``; returns the record (chosen penalty and mix; ``candidates``: per penalty of
     the grid, the best-scoring mix's CV record, each with its ``l1_ratio``; ``mix_candidates``: each mix's best;
     evaluations = rounds). ``l1_ratio``: the elastic net's mix
-    (:func:`fit_ridge`; 0 = ridge) or ``auto``."""
+    (:func:`fit_ridge`; 0 = ridge) or ``auto``. ``relax``: the relaxed elastic net's penalty scale on the active set
+    (:mod:`pipeline.training.linear_relaxed`; 1 = none), or ``auto``: chosen by the same CV with ``c`` and the mix."""
+    from pipeline.training.linear_relaxed import cross_validate_relaxed, refit, relax_values
+
     if not parties:
         raise ValueError("linear fit: no patients to fit")
-    tried = mixes(l1_ratio)
+    tried, gammas = mixes(l1_ratio), relax_values(relax)
     cs = penalty_grid(l1_ratio) if grid is None else grid
     per_mix_grid = getattr(cs, "per_mix", {})
-    paths = {a: cross_validate(parties, per_mix_grid.get(a, cs), a) for a in tried}
+
+    def cv_path(a: float) -> list[dict]:  # ridge, or no relaxation: one fit per c and fold
+        if a == 0 or gammas == (1.0,):
+            return [{**r, "relax": 1.0} for r in cross_validate(parties, per_mix_grid.get(a, cs), a)]
+        return cross_validate_relaxed(parties, per_mix_grid.get(a, cs), a, gammas)
+
+    paths = {a: cv_path(a) for a in tried}
     best = choose([r for path in paths.values() for r in path])
-    mix = float(best["l1_ratio"])
+    mix, gamma = float(best["l1_ratio"]), float(best["relax"])
     final = fit_ridge(parties, best["penalty"], l1_ratio=mix)
+    final_evals = final.evaluations
+    if gamma < 1:  # the relaxed refit on the elastic net's active set over all patients
+        final = refit(parties, final.beta, best["penalty"], mix, gamma)
+        final_evals += final.evaluations
     model.set_coefficients(torch.from_numpy(final.beta))
     n = sum(len(p.fold) for p in parties)
     solver = "L-BFGS-B on beta = p - q" if mix > 0 else "L-BFGS"
     how = "penalty" if len(tried) == 1 else f"penalty and mix (l1_ratio among {', '.join(f'{a:g}' for a in tried)})"
+    kind = fit_kind(mix) if gamma == 1 else f"relaxed {fit_kind(mix)}, gamma {gamma:g},"
+    how += f" and gamma among {', '.join(f'{g:g}' for g in gammas)}" if len(gammas) > 1 else ""
     per_mix = []
     for a, path in paths.items():
         scored = [r for r in path if np.isfinite(r["cv_loglik"])]
@@ -300,11 +318,16 @@ def fit_with_cv(
         finite = [r for r in at_c if np.isfinite(r["cv_loglik"])]
         if at_c:
             per_c.append(choose(finite) if finite else at_c[0])
+    scored = [r for r in records if np.isfinite(r["cv_loglik"])]
+    per_gamma = [choose(rs) for g in gammas if (rs := [r for r in scored if r["relax"] == g])]
     return {
-        "fit": f"full-batch {fit_kind(mix)} Cox ({solver}), {how} by K-fold cross-validated partial likelihood",
+        "fit": f"full-batch {kind} Cox ({solver}), {how} by K-fold cross-validated partial likelihood",
         "penalty": best["penalty"],
         "l1_ratio": mix,
         "l1_ratio_setting": l1_ratio,
+        "relax": gamma,
+        "relax_setting": relax,
+        "relax_candidates": per_gamma,  # each gamma's best record
         "mix_candidates": per_mix,
         "nonzero": int((final.beta != 0).sum()),
         "ridge_alpha": best["penalty"] * n,  # scikit-survival CoxPHSurvivalAnalysis(alpha=...) on one stratum
@@ -312,9 +335,9 @@ def fit_with_cv(
         "cv_loglik": best["cv_loglik"],
         "candidates": per_c,
         "n_patients": n,
-        "final_evaluations": final.evaluations,
+        "final_evaluations": final_evals,
         "converged": final.converged,
-        "rounds": int(sum(r["evaluations"] for r in records) + final.evaluations),
+        "rounds": int(sum(r["evaluations"] for r in records) + final_evals),
     }
 
 
@@ -334,7 +357,7 @@ def fit_linear_centralised(model: LinearSurvival, data: CohortData, idx: np.ndar
     r, level = slide_settings(cfg)
     proj = prepare_slide_projection(model, data, idx, r, level)
     parties = parties_of(model, data, idx, cfg, cfg.train.stratify)
-    rec = fit_with_cv(model, parties, l1_ratio=cfg.train.linear_l1_ratio)
+    rec = fit_with_cv(model, parties, l1_ratio=cfg.train.linear_l1_ratio, relax=cfg.train.linear_relax)
     rec["slide_projection"] = proj
     return {"select": "cv", "best_epoch": None, "best_val_loss": None, "best_val_cindex": rec["cv_cindex"],
             "val_history": [], "linear_fit": rec}  # fmt: skip

@@ -102,6 +102,7 @@ def fit_ridge(
     max_iter: int = MAX_ITER,
     quiet: bool = False,
     l1_ratio: float = 0.0,
+    support: np.ndarray | None = None,
 ) -> RidgeFit:
     """Minimise ``f`` (module docstring) over the parties' patients outside fold ``drop_fold`` by L-BFGS from
     ``x0`` (default 0), for at most ``max_iter`` iterations; ``quiet``: no warning when not converged.
@@ -109,26 +110,39 @@ def fit_ridge(
     ``l1_ratio`` > 0: the elastic net ``c * (l1_ratio * |beta|_1 + (1 - l1_ratio) / 2 * |beta|^2)`` instead of the
     ridge term (scikit-survival ``CoxnetSurvivalAnalysis(alphas=[c], l1_ratio=...)`` on one stratum, Breslow ties),
     minimised exactly by L-BFGS-B on the split ``beta = p - q`` with ``p, q >= 0`` (the L1 term is then linear);
-    coefficients at the bound are exact zeros. ``grad_max``: the largest violation of the optimality conditions."""
+    coefficients at the bound are exact zeros. ``grad_max``: the largest violation of the optimality conditions.
+
+    ``support`` (bool ``[F]``): minimise over those coefficients only, the others held at 0 (the relaxed elastic
+    net's refit on an active set, :mod:`pipeline.training.linear_relaxed`); the parties still answer for the full
+    ``beta [F]`` (the same messages), and only the support's gradient components enter."""
     from scipy.optimize import minimize
 
     if not 0.0 <= l1_ratio <= 1.0:
         raise ValueError(f"l1_ratio must be in [0, 1], got {l1_ratio}")
-    dim = int(parties[0].x.shape[1])
+    full = int(parties[0].x.shape[1])
+    keep = np.arange(full) if support is None else np.flatnonzero(np.asarray(support, bool))
+    dim = len(keep)
     evals = 0
     lam1, lam2 = c * l1_ratio, c * (1.0 - l1_ratio)
 
-    def smooth(beta: np.ndarray) -> tuple[float, np.ndarray]:
+    def smooth(beta: np.ndarray) -> tuple[float, np.ndarray]:  # beta: (dim,), the support's coefficients
         nonlocal evals
         evals += 1
-        answers = [p.nll_grad(beta, drop_fold) for p in parties]
+        answers = [p.nll_grad(embed(beta), drop_fold) for p in parties]
         n = sum(a[2] for a in answers)
         if n == 0:
             raise ValueError("linear fit: no patients in the fit")
         value = sum(a[0] for a in answers) / n + 0.5 * lam2 * float(beta @ beta)
-        return value, np.sum([a[1] for a in answers], 0) / n + lam2 * beta
+        return value, np.sum([a[1] for a in answers], 0)[keep] / n + lam2 * beta
 
-    start = np.zeros(dim) if x0 is None else np.asarray(x0, np.float64)
+    def embed(beta: np.ndarray) -> np.ndarray:
+        if dim == full:
+            return beta
+        out = np.zeros(full)
+        out[keep] = beta
+        return out
+
+    start = np.zeros(dim) if x0 is None else np.asarray(x0, np.float64)[keep]
     opts = {"maxiter": max_iter, "gtol": GTOL, "ftol": 0}
     if lam1 == 0:
         res = minimize(smooth, start, jac=True, method="L-BFGS-B", options=opts)
@@ -148,4 +162,4 @@ def fit_ridge(
     grad_max = float(violation.max()) if dim else 0.0
     if grad_max > 1e-4 and not quiet:
         log.warning("linear fit (c=%g): L-BFGS stopped with gradient %.2g (%s)", c, grad_max, res.message)
-    return RidgeFit(beta, evals, bool(grad_max <= 1e-4), float(res.fun), grad_max)
+    return RidgeFit(embed(beta), evals, bool(grad_max <= 1e-4), float(res.fun), grad_max)
