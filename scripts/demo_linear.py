@@ -59,6 +59,8 @@ def one(run: Path, overrides: list[str] | None = None) -> dict:
         "federated_penalty": fl["weight_decay"],
         "l1_ratio": cfg.train.linear_l1_ratio,
         "l1_ratio_chosen": fl.get("linear_fit", {}).get("l1_ratio"),
+        "relax": cfg.train.linear_relax,
+        "relax_chosen": fl.get("linear_fit", {}).get("relax"),
         "slide_pcs": cfg.model.linear_slide_pcs,
         "nonzero": fl.get("linear_fit", {}).get("nonzero"),
         "federated_cv_cindex": fl["val_cindex"],
@@ -68,6 +70,8 @@ def one(run: Path, overrides: list[str] | None = None) -> dict:
         "pooled_linear": c_pooled,
         "pooled_penalty": pooled["penalty"],
         "pooled_l1_ratio": pooled["l1_ratio"],
+        "pooled_relax": pooled.get("relax"),
+        "pooled_rounds": pooled["rounds"],
         **{f"coxnet_{k}": v["cindex"] for k, v in bl.items()},
     }
 

@@ -14,7 +14,9 @@ The variant name is ``<slides>_<penalty>``: slides ``pc<r>`` or ``all``; penalty
 ``ridge`` (l1_ratio 0.01, sksurv's Coxnet needs l1_ratio > 0). ``lin_<slides>_<penalty>[_patients][_unstrat]`` is the
 linear family instead (:func:`pipeline.training.linear_fit.fit_linear_centralised`: site-stratified, penalty by its
 own K-fold CV; ``ridge`` is l1_ratio 0 there, ``auto`` the mix chosen by that CV; slide PCs from tile moments, or
-``_patients``: from mean-tile moments; ``_unstrat``: one stratum instead of one per site). ``--test`` also prints
+``_patients``: from mean-tile moments; ``_unstrat``: one stratum instead of one per site; ``_relax``: the relaxed
+elastic net, ``train.linear_relax=auto``; each row then also gives the inner fits' mean rounds and chosen mixes and
+gammas). ``--test`` also prints
 each variant's test C (fitted on all non-test patients), as a final check only: choices are made on the nested CV
 score. ``--tcga``: the same nested CV on TCGA-BRCA clinical (FLamby's split, :func:`pipeline.cohorts.tcga_brca.
 build_cohort` with each of ``--seeds``, ``train.seed`` the same; its non-test patients only).
@@ -47,13 +49,17 @@ def parse(variant: str) -> tuple[int, float | str]:
 
 
 def linear_overrides(variant: str) -> list[str]:
-    """``lin_<slides>_<pen>[_patients][_unstrat]``: the linear family's config (slide PCs, l1_ratio, moment level,
-    strata)."""
+    """``lin_<slides>_<pen>[_patients][_unstrat][_relax]``: the linear family's config (slide PCs, l1_ratio, moment
+    level, strata, relaxation)."""
     r, l1 = parse(variant)
     level = "patients" if "_patients" in variant else "tiles"
     ov = ["model.family=linear", f"model.linear_slide_pcs={r}", f"train.linear_l1_ratio={l1}",
           f"model.linear_slide_moments={level}"]  # fmt: skip
+    ov += ["train.linear_relax=auto"] if "_relax" in variant else []
     return ov + (["train.stratify=false"] if "_unstrat" in variant else [])
+
+
+FITS: list[dict] = []  # every linear-family fit's record of the current variant: rounds, chosen mix and gamma
 
 
 def linear_fit_score(data, cfg, fit: np.ndarray, score: np.ndarray, variant: str) -> float:
@@ -65,7 +71,8 @@ def linear_fit_score(data, cfg, fit: np.ndarray, score: np.ndarray, variant: str
 
     c = cfg.with_overrides(linear_overrides(variant))
     model = new_model(data, c)
-    fit_linear_centralised(model, data, fit, c)
+    rec = fit_linear_centralised(model, data, fit, c)["linear_fit"]
+    FITS.append({k: rec.get(k) for k in ("rounds", "l1_ratio", "relax", "penalty", "nonzero")})
     return float(harrell_cindex(data.time[score], data.event[score], predict(model, data, score).log_hz))
 
 
@@ -131,9 +138,14 @@ def one(run: Path, variants: list[str], folds: int, test: bool, repeats: int = 1
     rows = []
     for v in variants:
         t0 = time.perf_counter()
+        FITS.clear()
         reps = [float(np.mean(nested(data, cfg, v, folds, seed))) for seed in range(repeats)]
         row = {"run": name, "variant": v, "nested_cv_c": float(np.mean(reps)), "sd_repeats": float(np.std(reps))}
         row["repeats"] = [round(c, 3) for c in reps]
+        if FITS:  # the nested CV's inner fits (one per outer fold and repeat)
+            row["mean_rounds"] = float(np.mean([f["rounds"] for f in FITS]))
+            row["chosen"] = sorted({(f["l1_ratio"], f["relax"]) for f in FITS})
+            row["mean_nonzero"] = float(np.mean([f["nonzero"] for f in FITS]))
         if test:
             row["test_c"] = score_variant(data, cfg, pool, np.asarray(data.splits["test"]), v, 0)
         row["seconds"] = time.perf_counter() - t0
