@@ -102,6 +102,21 @@ class ModelConfig(_Frozen):
     # once: "tiles"; or of their mean tiles: "patients"), each score standardised; 0: every standardised dimension
     linear_slide_pcs: int = Field(10, ge=0)
     linear_slide_moments: Literal["tiles", "patients"] = "tiles"
+    # the linear family's slide term (needs linear_slide_pcs > 0): pcs, the projected scores above; composition, the
+    # standardised fractions of the slide's tiles in each of linear_slide_clusters tile phenotypes (k-means of the
+    # tiles' projected scores by Lloyd iterations over per-site cluster sums; pipeline.training.slide_clusters);
+    # both: the scores and the fractions. K = 8 was fixed a priori
+    linear_slide: Literal["pcs", "composition", "both"] = "pcs"
+    linear_slide_clusters: int = Field(8, ge=2)
+
+    @model_validator(mode="after")
+    def _composition_needs_pcs(self) -> ModelConfig:
+        if self.linear_slide != "pcs" and self.linear_slide_pcs == 0:
+            raise ValueError(
+                f"model.linear_slide={self.linear_slide} clusters the tiles' projected scores: "
+                "model.linear_slide_pcs must be > 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:

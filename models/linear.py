@@ -15,6 +15,14 @@ principal directions fitted from site aggregates of the training tiles (by the c
 :mod:`pipeline.training.slide_norm`). ``components [r, D]``, ``pc_mean [r]`` and ``pc_scale [r]`` are buffers, saved
 with the model; a state dict with a projection loads into a model built without one (its shapes are taken).
 
+Tile-phenotype composition (optional, on top of a projection: :meth:`LinearSurvival.set_slide_clusters`): each tile's
+scores ``t = z_tile @ components.T [r]`` (``z_tile`` the tile standardised like the mean) go to the nearest of ``K``
+centroids ``slide_centroids [K, r]`` (k-means fitted by the caller: :mod:`pipeline.training.slide_clusters`); the
+slide's fractions ``f [K]`` of its tiles in each cluster, standardised by ``slide_comp_mean [K]`` and
+``slide_comp_scale [K]``, are the slide term's inputs, after the ``r`` scores when ``slide_comp_pcs`` is 1 (both) or
+alone when it is 0 (composition). The assignment is a hard argmin (no gradient to the tiles), computed in float64
+in :meth:`forward` and :meth:`design_rows` alike.
+
 A missing modality contributes 0: omics and clinical inputs are standardised upstream, so 0 is the training
 mean; a patient without tiles gets ``z = 0`` (``u = 0``) likewise. The tile "attention" returned is uniform over
 the real tiles (``1 / N_i``): that is exactly the weight mean pooling gives each tile.
@@ -106,9 +114,65 @@ class LinearSurvival(SlideStandardised):
 
     def slide_z(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The slide term's inputs ``[B, D]`` (:meth:`standardised_mean`), or ``[B, r]`` with a projection (0 for
-        an empty bag), and the uniform tile weights ``[B, N]``."""
+        an empty bag), ``[B, r + K]`` / ``[B, K]`` with clusters, and the uniform tile weights ``[B, N]``."""
         z, attn = self.standardised_mean(features, mask)
-        return self.project(z, mask.any(1)), attn
+        u = self.project(z, mask.any(1))
+        if not self.slide_clusters:
+            return u, attn
+        return self._with_composition(u, self.slide_fractions(features, mask), mask.any(1)).to(u.dtype), attn
+
+    @property
+    def slide_clusters(self) -> int:
+        """K, the number of tile phenotypes in the slide term (0: none)."""
+        cents = self.get_buffer("slide_centroids")
+        return 0 if cents is None else int(cents.shape[0])
+
+    def slide_fractions(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each bag's fractions of its real tiles nearest each centroid ``[B, K]`` (float64; 0 for an empty bag).
+
+        Args:
+            features: ``[B, N, D]``; mask ``[B, N]`` bool.
+        """
+        assert self.slide_clusters, "slide_fractions: the model has no tile clusters"
+        mean, scale = self.get_buffer("slide_mean").double(), self.get_buffer("slide_scale").double()
+        comps, cents = self.get_buffer("slide_components").double(), self.get_buffer("slide_centroids").double()
+        t = ((features.double() - mean) / scale) @ comps.T  # (B, N, r)
+        d2 = (t**2).sum(-1, keepdim=True) - 2 * t @ cents.T + (cents**2).sum(-1)  # (B, N, K)
+        one_hot = torch.nn.functional.one_hot(d2.argmin(-1), cents.shape[0]).double()  # (B, N, K)
+        w = mask.double()  # (B, N)
+        return torch.einsum("bn,bnk->bk", w, one_hot) / w.sum(1, keepdim=True).clamp(min=1.0)
+
+    def _with_composition(self, u: torch.Tensor, fractions: torch.Tensor, has_tiles: torch.Tensor) -> torch.Tensor:
+        """The slide inputs from the projected scores ``u [B, r]`` and the raw ``fractions [B, K]`` (float64)."""
+        mu, sd = self.get_buffer("slide_comp_mean").double(), self.get_buffer("slide_comp_scale").double()
+        c = ((fractions.double() - mu) / sd).masked_fill(~has_tiles.unsqueeze(1), 0.0)  # (B, K)
+        keep = bool(self.get_buffer("slide_comp_pcs")[0] > 0)
+        return torch.cat([u.double(), c], 1) if keep else c
+
+    def set_slide_clusters(
+        self, centroids: torch.Tensor, comp_mean: torch.Tensor, comp_scale: torch.Tensor, keep_pcs: bool
+    ) -> None:
+        """Add the tile-phenotype composition to a projected slide term: ``centroids [K, r]`` in the projected tile
+        score space, the fractions' mean ``[K]`` and scale ``[K]`` (> 0); ``keep_pcs``: keep the ``r`` scores
+        beside the ``K`` fractions. The slide weights are reset to 0: call after :meth:`set_slide_projection`,
+        before fitting."""
+        r = self.slide_pcs
+        if not r:
+            raise ValueError("set_slide_clusters: the model has no slide projection (call set_slide_projection first)")
+        k = int(centroids.shape[0]) if centroids.dim() == 2 else -1
+        if centroids.shape != (k, r) or k < 1 or comp_mean.shape != (k,) or comp_scale.shape != (k,):
+            raise ValueError(
+                f"set_slide_clusters: expected centroids (K, {r}) and mean and scale (K,), got "
+                f"{tuple(centroids.shape)}, {tuple(comp_mean.shape)}, {tuple(comp_scale.shape)}"
+            )
+        ok = torch.isfinite(centroids).all() and torch.isfinite(comp_mean).all() and (comp_scale > 0).all()
+        if not bool(ok):
+            raise ValueError("set_slide_clusters: centroids and comp_mean must be finite, comp_scale > 0")
+        proj = {n: self.get_buffer(n).clone() for n in ("slide_components", "slide_pc_mean", "slide_pc_scale")}
+        self._projection_buffers(r, k, keep_pcs)  # the projection kept, the cluster buffers and slide weights new
+        for name, value in (*proj.items(), ("slide_centroids", centroids), ("slide_comp_mean", comp_mean),
+                            ("slide_comp_scale", comp_scale)):  # fmt: skip
+            self.get_buffer(name).copy_(value.to(torch.float32))
 
     @property
     def slide_pcs(self) -> int:
@@ -146,20 +210,28 @@ class LinearSurvival(SlideStandardised):
         for name, value in (("slide_components", components), ("slide_pc_mean", pc_mean), ("slide_pc_scale", pc_scale)):
             self.get_buffer(name).copy_(value.to(torch.float32))
 
-    def _projection_buffers(self, r: int) -> None:
-        """(Re)make the projection buffers for ``r`` scores (None for 0) and a zero slide layer of matching width."""
+    def _projection_buffers(self, r: int, k: int = 0, keep_pcs: bool = True) -> None:
+        """(Re)make the projection buffers for ``r`` scores (None for 0), the cluster buffers for ``k`` phenotypes
+        (None for 0) and a zero slide layer of matching width."""
         d = self.feature_dim
         self.register_buffer("slide_components", torch.zeros(r, d) if r else None)
         self.register_buffer("slide_pc_mean", torch.zeros(r) if r else None)
         self.register_buffer("slide_pc_scale", torch.ones(r) if r else None)
+        self.register_buffer("slide_centroids", torch.zeros(k, r) if k else None)
+        self.register_buffer("slide_comp_mean", torch.zeros(k) if k else None)
+        self.register_buffer("slide_comp_scale", torch.ones(k) if k else None)
+        self.register_buffer("slide_comp_pcs", torch.full((1,), float(keep_pcs)) if k else None)
         if d:
-            self.slide_linear = zero_linear(r or d)
+            self.slide_linear = zero_linear((r if keep_pcs or not k else 0) + k or d)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        comps = state_dict.get(prefix + "slide_components")
+        comps, cents = state_dict.get(prefix + "slide_components"), state_dict.get(prefix + "slide_centroids")
         r = 0 if comps is None else int(comps.shape[0])
-        if self.feature_dim and r != self.slide_pcs:  # a projection of another rank (or none): take its shapes
-            self._projection_buffers(r)
+        k = 0 if cents is None else int(cents.shape[0])
+        keep = k == 0 or bool(state_dict[prefix + "slide_comp_pcs"][0] > 0)
+        same = k == self.slide_clusters and (not k or keep == bool(self.get_buffer("slide_comp_pcs")[0] > 0))
+        if self.feature_dim and (r != self.slide_pcs or not same):  # another projection or composition: its shapes
+            self._projection_buffers(r, k, keep)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def terms(self) -> list[nn.Linear]:
@@ -190,6 +262,7 @@ class LinearSurvival(SlideStandardised):
         omics_mask: torch.Tensor | None = None,
         clinical: torch.Tensor | None = None,
         clinical_mask: torch.Tensor | None = None,
+        slide_fractions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The design matrix ``X [B, F]`` (float64) with ``log_hz = X @ coefficients()``.
 
@@ -197,13 +270,18 @@ class LinearSurvival(SlideStandardised):
             slide_means: ``[B, D]`` each bag's mean tile feature (not yet standardised); has_tiles ``[B]`` bool.
                 With a projection the slide columns are the ``r`` scores of :meth:`project`.
             omics, omics_mask, clinical, clinical_mask: as in :meth:`forward`.
+            slide_fractions: ``[B, K]`` each bag's :meth:`slide_fractions` (needed with clusters).
         """
         cols: list[torch.Tensor] = []
         if self.slide_linear is not None:
             assert slide_means is not None and has_tiles is not None, "model has a slide term: pass slide means"
             mean, scale = self.get_buffer("slide_mean").double(), self.get_buffer("slide_scale").double()
             z = ((slide_means.double() - mean) / scale).masked_fill(~has_tiles.unsqueeze(1), 0.0)
-            cols.append(self.project(z, has_tiles))
+            u = self.project(z, has_tiles)
+            if self.slide_clusters:
+                assert slide_fractions is not None, "model has tile clusters: pass slide_fractions"
+                u = self._with_composition(u, slide_fractions, has_tiles)
+            cols.append(u)
         for lin, x, present, what in (
             (self.omics_linear, omics, omics_mask, "omics"),
             (self.clinical_linear, clinical, clinical_mask, "clinical"),

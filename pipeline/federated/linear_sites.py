@@ -39,10 +39,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.federated.ledger import MessageLedger
-from pipeline.federated.policy import SiteFacts, check_evaluate_reply, check_fit_reply, check_slide_aggregate
+from pipeline.federated.policy import (
+    SiteFacts,
+    check_cluster_aggregate,
+    check_evaluate_reply,
+    check_fit_reply,
+    check_slide_aggregate,
+)
 from pipeline.training.linear_fit import Party, fit_with_cv, parties_of, slide_settings
 from pipeline.training.linear_solver import fit_ridge
-from pipeline.training.slide_norm import prepare_slide_projection
+from pipeline.training.slide_clusters import prepare_slide_term
 
 if TYPE_CHECKING:
     from data_specs.config import RunConfig
@@ -109,19 +115,25 @@ def site_parties(
 def slide_release(data: CohortData, idx: np.ndarray, cfg: RunConfig, ledger: MessageLedger | None):
     """The ``release`` of :func:`pipeline.training.slide_norm.prepare_slide_projection` for a federation: each
     site's slide aggregate is checked against :func:`pipeline.federated.policy.check_slide_aggregate` (at least
-    ``federated.min_count`` of its patients in the fit) and described in ``ledger``; below the count it is withheld."""
+    ``federated.min_count`` of its patients in the fit) and described in ``ledger``; below the count it is withheld.
+    The tile phenotypes' Lloyd answers (``slide_clusters``) are checked by
+    :func:`pipeline.federated.policy.check_cluster_aggregate` (``model.linear_slide_clusters`` clusters)."""
     k = cfg.federated.min_count
     counts = {s: len(g) for s, g in data.subset_sites(np.asarray(idx, int)).items()}
 
     def release(site: str, kind: str, message: dict) -> bool:
-        n = int(message["n_patients" if kind == "slide_moments" else "n"])
+        n = int(message["n_patients" if kind in ("slide_moments", "slide_clusters") else "n"])
         line = {"phase": f"linear.{kind}", "group": "linear-slides", "round": 0, "site": site}
         if n < k:
             if ledger is not None:
                 ledger.record({**line, "records": {}, "withheld": f"fewer than {k} patients with slides"})
             return False
         dim = int(np.asarray(message["sum"]).shape[0])
-        check_slide_aggregate(SiteFacts(site, counts[site], 0, 0, 0, (), k), kind, message, dim)
+        facts = SiteFacts(site, counts[site], 0, 0, 0, (), k)
+        if kind == "slide_clusters":
+            check_cluster_aggregate(facts, message, cfg.model.linear_slide_clusters)
+        else:
+            check_slide_aggregate(facts, kind, message, dim)
         if ledger is not None:
             arrays = {key: {"shape": list(np.shape(v)), "dtype": "float64", "bytes": 8 * int(np.size(v))}
                       for key, v in message.items() if np.ndim(v) > 0}  # fmt: skip
@@ -148,7 +160,10 @@ def fit_federated_cv(
     the fit record (``sites_left_out``, ``rounds``: every evaluation the server asked of the sites, CV included)."""
     ledger = MessageLedger(None)
     r, level = slide_settings(cfg)
-    proj = prepare_slide_projection(model, data, idx, r, level, slide_release(data, idx, cfg, ledger))
+    m, release = cfg.model, slide_release(data, idx, cfg, ledger)
+    proj = prepare_slide_term(
+        model, data, idx, r, level, release, m.linear_slide, m.linear_slide_clusters, cfg.federated.min_count
+    )
     parties, left = site_parties(model, data, idx, cfg, ledger)
     rec = fit_with_cv(model, parties, grid, l1_ratio=cfg.train.linear_l1_ratio, relax=cfg.train.linear_relax)
     if ledger_path is not None:

@@ -238,6 +238,7 @@ def check_follow_up(facts: SiteFacts, value: Any) -> None:
 SLIDE_SCHEMAS: dict[str, dict[str, str]] = {
     "slide_moments": {"n_patients": "count", "n_rows": "count", "sum": "vector", "cross": "matrix"},
     "slide_scores": {"n": "count", "sum": "vector", "sumsq": "vector"},
+    "slide_composition": {"n": "count", "sum": "vector", "sumsq": "vector"},  # tile phenotypes' fractions (below)
 }
 
 
@@ -266,6 +267,44 @@ def check_slide_aggregate(facts: SiteFacts, kind: str, message: Mapping[str, Any
             raise _fail(facts, f"{kind}.{key}: shape {a.shape}, declared {shape} finite values")
         if what == "matrix" and not np.allclose(a, a.T, rtol=1e-9, atol=1e-9 * max(1.0, float(np.abs(a).max()))):
             raise _fail(facts, f"{kind}.{key} is not symmetric")
+
+
+# The linear family's tile phenotypes (pipeline.training.slide_clusters, model.linear_slide=composition|both): each
+# Lloyd round a site sends "slide_clusters" over its patients in the fit: per cluster the number of its patients with
+# a tile there (0 or >= min_count: smaller cells are sent empty), the sum of their tile fractions and of their tiles'
+# projected scores (each patient's tiles weighted 1 / N_i); then "slide_composition" (SLIDE_SCHEMAS' form, K-vectors).
+CLUSTER_SCHEMA: dict[str, str] = {"n_patients": "count", "n_tiles": "count", "patients": "cells", "mass": "cells",
+                                  "sum": "rows"}  # fmt: skip
+
+
+def check_cluster_aggregate(facts: SiteFacts, message: Mapping[str, Any], k: int) -> None:
+    """A site's Lloyd answer for ``k`` tile clusters (:data:`CLUSTER_SCHEMA`): exactly the declared fields; the
+    patient count within ``min_count .. n_train``, ``n_tiles`` >= it; ``patients [k]`` whole, each 0 or within
+    ``min_count .. n_patients``; ``mass [k]`` finite, 0 where ``patients`` is 0, at most ``patients``, summing to at
+    most ``n_patients``; ``sum [k, r]`` finite, 0 where ``patients`` is 0."""
+    import numpy as np
+
+    if set(message) != set(CLUSTER_SCHEMA):
+        raise _fail(facts, f"slide_clusters: fields {sorted(message)}, declared {sorted(CLUSTER_SCHEMA)}")
+    n = message["n_patients"]
+    _check_count(facts, "slide_clusters patients", n, set(range(facts.min_count, facts.n_train + 1)))
+    tiles = message["n_tiles"]
+    if isinstance(tiles, bool) or not float(tiles).is_integer() or int(tiles) < int(n):
+        raise _fail(facts, f"slide_clusters.n_tiles = {tiles!r} is not a count of at least {n}")
+    cells, mass, total = (np.asarray(message[key], dtype=float) for key in ("patients", "mass", "sum"))
+    if cells.shape != (k,) or mass.shape != (k,) or total.ndim != 2 or total.shape[0] != k:
+        raise _fail(facts, f"slide_clusters: shapes {cells.shape}, {mass.shape}, {total.shape} for {k} clusters")
+    if not (np.isfinite(mass).all() and np.isfinite(total).all()):
+        raise _fail(facts, "slide_clusters: values not finite")
+    if (cells != np.round(cells)).any() or (cells < 0).any() or (cells > int(n)).any():
+        raise _fail(facts, f"slide_clusters.patients: not counts of at most {n} patients")
+    if ((cells > 0) & (cells < facts.min_count)).any():
+        raise _fail(facts, f"slide_clusters: a cluster of fewer than {facts.min_count} patients")
+    empty = cells == 0
+    if (mass < 0).any() or (mass > cells + 1e-9).any() or (mass[empty] != 0).any() or (total[empty] != 0).any():
+        raise _fail(facts, "slide_clusters: mass or sums outside what its cells' patients allow")
+    if float(mass.sum()) > int(n) * (1 + 1e-9):  # = n_patients unless a small cell was sent empty
+        raise _fail(facts, f"slide_clusters: mass sums to {float(mass.sum())!r}, more than its {n} patients")
 
 
 NAME_PARTS = {

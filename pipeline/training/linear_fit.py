@@ -187,13 +187,17 @@ def assign_folds(n: int, n_folds: int, seed: int, party: int) -> np.ndarray:
 def design(model: LinearSurvival, data: CohortData, idx: np.ndarray) -> torch.Tensor:
     """The design matrix ``[len(idx), F]`` of ``model`` (its slide standardisation) for the patients ``idx``."""
     idx = np.asarray(idx, int)
-    means = has = None
+    means = has = fractions = None
     if model.feature_dim:
         assert data.bags is not None, "model has a slide term but the data have no bags"
         dim = model.feature_dim
         rows = [data.bags[i].astype(np.float64).mean(0) if len(data.bags[i]) else np.zeros(dim) for i in idx]
         means = torch.from_numpy(np.stack(rows) if rows else np.zeros((0, dim)))
         has = torch.tensor([len(data.bags[i]) > 0 for i in idx], dtype=torch.bool)
+        if model.slide_clusters:  # model.linear_slide=composition|both: each bag's tile fractions per phenotype
+            from pipeline.training.slide_clusters import bag_fractions
+
+            fractions = torch.from_numpy(bag_fractions(model, [data.bags[i] for i in idx]))
 
     def part(x: np.ndarray | None, present: np.ndarray | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if x is None or present is None:
@@ -202,7 +206,7 @@ def design(model: LinearSurvival, data: CohortData, idx: np.ndarray) -> torch.Te
 
     om, om_mask = part(data.omics, data.omics_present)
     cl, cl_mask = part(data.clinical, data.clinical_present)
-    return model.design_rows(means, has, om, om_mask, cl, cl_mask)
+    return model.design_rows(means, has, om, om_mask, cl, cl_mask, fractions)
 
 
 def parties_of(
@@ -352,10 +356,11 @@ def fit_linear_centralised(model: LinearSurvival, data: CohortData, idx: np.ndar
     the patients ``idx`` (training and validation patients: the CV is the validation), stratified by site as
     ``train.stratify`` says; with ``model.linear_slide_pcs`` > 0 the slide term first gets its projection from the
     sites' tile moments over ``idx`` (:func:`pipeline.training.slide_norm.prepare_slide_projection`)."""
-    from pipeline.training.slide_norm import prepare_slide_projection
+    from pipeline.training.slide_clusters import prepare_slide_term
 
     r, level = slide_settings(cfg)
-    proj = prepare_slide_projection(model, data, idx, r, level)
+    m, k = cfg.model, cfg.federated.min_count  # the federated fit's smallest phenotype cell: pooled == federated
+    proj = prepare_slide_term(model, data, idx, r, level, None, m.linear_slide, m.linear_slide_clusters, k)
     parties = parties_of(model, data, idx, cfg, cfg.train.stratify)
     rec = fit_with_cv(model, parties, l1_ratio=cfg.train.linear_l1_ratio, relax=cfg.train.linear_relax)
     rec["slide_projection"] = proj
