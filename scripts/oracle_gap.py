@@ -21,8 +21,9 @@ block's PCA, clustering and standardisation and Coxnet's alpha refitted inside e
 with seeds ``0..R-1``. ``r2_*``: the out-of-fold R^2 of an ordinary least-squares fit of the true tumour fraction on
 the 10 PCs, on the composition, on both (same folds). ``--linear``: the linear family itself
 (:func:`pipeline.training.linear_fit.fit_linear_centralised`, the default config with ``model.linear_slide`` set) on
-the same outer folds, the score the default's decision is made on. ``--test``: each design fitted on all non-test
-patients and scored on the test patients, a diagnostic only (no choice is made on it).
+the same outer folds, the score the default's decision is made on. ``--test``: designs a-d fitted on all non-test
+patients and scored on the test patients, a diagnostic only (no choice is made on it); ``--test-all``: every design
+and the ``--linear`` variants too, for after a decision.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ DESIGNS = {
     "g_comp_s": ("comp", "s", "clin"),
 }
 K = 8  # tile phenotypes, the option's default (fixed a priori)
+TEST_DESIGNS = ("a_truth", "b_tf_genes", "c_pcs_s", "d_current")  # --test: no composition on test before the decision
 
 
 def truth_table(run: Path, data) -> dict[str, np.ndarray]:
@@ -123,7 +125,7 @@ def _ols_oof(x: np.ndarray, y: np.ndarray, fit: np.ndarray, score: np.ndarray) -
     return np.c_[np.ones(len(score)), x[score]] @ coef
 
 
-def one(run: Path, folds: int, repeats: int, test: bool, linear: list[str]) -> list[dict]:
+def one(run: Path, folds: int, repeats: int, test: bool, linear: list[str], test_all: bool = False) -> list[dict]:
     from sklearn.model_selection import StratifiedKFold
 
     from data_specs import load_cohort, resolve_config
@@ -159,13 +161,13 @@ def one(run: Path, folds: int, repeats: int, test: bool, linear: list[str]) -> l
     if {"pcs", "comp"} <= need:
         row.update({f"r2_{k}": float(1 - ((v[pool] - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
                     for k, v in oof.items()})  # fmt: skip
-    if test:
+    if test or test_all:
         te = np.asarray(data.splits["test"])
         bl = blocks(data, truth, pool, need)
-        for name, parts in DESIGNS.items():
+        for name, parts in ((n, p) for n, p in DESIGNS.items() if n in TEST_DESIGNS or test_all):
             row[f"test_{name}"] = coxnet_c(np.concatenate([bl[p] for p in parts], 1), data, pool, te, 0)
         row["test_oracle"] = float(harrell_cindex(data.time[te], data.event[te], truth["log_hz"][te]))
-        for s in linear:
+        for s in linear if test_all else []:
             row[f"test_lin_{s}"] = linear_c(data, cfg, s, pool, te)
     row.update(cluster_purity(run, data, pool))
     row["seconds"] = time.perf_counter() - t0
@@ -216,7 +218,8 @@ def main() -> None:
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=1, help="outer CV repeated with seeds 0..R-1")
-    ap.add_argument("--test", action="store_true", help="also the test C (a diagnostic, not a choice)")
+    ap.add_argument("--test", action="store_true", help="also the test C of designs a-d (a diagnostic, not a choice)")
+    ap.add_argument("--test-all", action="store_true", help="test C of every design and --linear (after a decision)")
     ap.add_argument("--linear", nargs="*", default=[], help="linear family with these model.linear_slide values")
     ap.add_argument("--only-linear", action="store_true", help="skip the Coxnet designs (the decision's runs)")
     ap.add_argument("--out", type=Path, default=None, help="JSON rows")
@@ -225,7 +228,7 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     if args.only_linear:
         DESIGNS.clear()
-    rows = [r for run in args.runs for r in one(run, args.folds, args.repeats, args.test, args.linear)]
+    rows = [r for run in args.runs for r in one(run, args.folds, args.repeats, args.test, args.linear, args.test_all)]
     if args.out is not None:
         from pipeline.files import write_json
 
