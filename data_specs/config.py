@@ -163,9 +163,9 @@ class TrainConfig(_Frozen):
     # (scikit-survival Coxnet's parametrisation), c by the K-fold CV; 0 = ridge; "auto" (default): the mix chosen by
     # the same CV, jointly with c, among 0 and 0.5 (pipeline.training.linear_fit.L1_RATIO_GRID; docs/benchmarks.md)
     linear_l1_ratio: float | Literal["auto"] = "auto"
-    # the relaxed elastic net (pipeline.training.linear_relaxed): the elastic net's active set refitted with its
-    # penalty scaled by gamma (plus a ridge of 1e-3); 1 = not relaxed; "auto": gamma chosen by the same CV, jointly
-    # with c and the mix, among 0, 0.25, 0.5, 1. Ridge (l1_ratio 0) has no active set and is never relaxed
+    # the relaxed elastic net (pipeline.training.linear_relaxed, glmnet's relax): gamma * the elastic-net fit +
+    # (1 - gamma) * the refit on its active set with a ridge of 1e-3 only; 1 = not relaxed; "auto": gamma chosen by
+    # the same CV, jointly with c and the mix, among 0, 0.25, 0.5, 1. Ridge (l1_ratio 0) has no active set
     linear_relax: float | Literal["auto"] = 1.0
     # model.skip=linear/fitted: weight of the mean square of the gated residual branch's log hazard, added to the
     # training loss (pulls the network towards its linear part); auto: 1 with model.skip=fitted (chosen on the

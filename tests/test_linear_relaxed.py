@@ -13,7 +13,7 @@ import torch
 from data_specs import resolve_config
 from pipeline.training.data import CohortData
 from pipeline.training.linear_fit import Party, fit_with_cv, parties_of
-from pipeline.training.linear_relaxed import RELAX_GRID, RELAX_RIDGE, refit, relax_values, relaxed_penalty
+from pipeline.training.linear_relaxed import RELAX_GRID, RELAX_RIDGE, blend, refit, relax_values
 from pipeline.training.linear_solver import fit_ridge
 
 GRID = (0.3, 0.1, 0.03)  # a short grid of c keeps the tests fast
@@ -31,7 +31,7 @@ def _one_stratum(n: int = 120, f: int = 20, seed: int = 0):
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5])
-def test_relaxed_refit_is_scikit_survival_on_the_active_set(gamma):
+def test_relaxed_fit_is_the_blend_of_coxnet_and_the_ridge_cox_refit_on_the_active_set(gamma):
     from sksurv.linear_model import CoxnetSurvivalAnalysis, CoxPHSurvivalAnalysis
     from sksurv.util import Surv
 
@@ -40,27 +40,29 @@ def test_relaxed_refit_is_scikit_survival_on_the_active_set(gamma):
     en = fit_ridge([party], c, l1_ratio=a)
     active = en.beta != 0
     assert 0 < active.sum() < len(active)  # a sparse elastic-net fit to relax
-    fit = refit([party], en.beta, c, a, gamma)
+    again = refit([party], en.beta)
+    relaxed = blend(en.beta, again.beta, gamma)
     y = Surv.from_arrays(e, t)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if gamma == 0:  # the unpenalised refit with the small ridge: a ridge Cox on the active columns
-            ref = CoxPHSurvivalAnalysis(alpha=RELAX_RIDGE * len(t), ties="breslow", tol=1e-12, n_iter=1000)
-            ref_beta = ref.fit(x[:, active], y).coef_
-        else:
-            c_eff, a_eff = relaxed_penalty(c, a, gamma)
-            ref = CoxnetSurvivalAnalysis(alphas=[c_eff], l1_ratio=a_eff, tol=1e-12, max_iter=1_000_000,
-                                         fit_baseline_model=False)  # fmt: skip
-            ref_beta = ref.fit(x[:, active], y).coef_[:, 0]
-    assert fit.converged and not fit.beta[~active].any()  # the inactive coefficients stay exactly 0
-    np.testing.assert_allclose(fit.beta[active], ref_beta, atol=1e-4, rtol=0)
+        ref_en = CoxnetSurvivalAnalysis(alphas=[c], l1_ratio=a, tol=1e-12, max_iter=1_000_000,
+                                        fit_baseline_model=False).fit(x, y).coef_[:, 0]  # fmt: skip
+        ref_cox = CoxPHSurvivalAnalysis(alpha=RELAX_RIDGE * len(t), ties="breslow", tol=1e-12, n_iter=1000)
+        ref_refit = ref_cox.fit(x[:, active], y).coef_  # the unpenalised refit with the small ridge
+    np.testing.assert_array_equal(active, ref_en != 0)
+    assert again.converged and not again.beta[~active].any()  # the inactive coefficients stay exactly 0
+    np.testing.assert_allclose(again.beta[active], ref_refit, atol=1e-4, rtol=0)
+    ref = gamma * ref_en
+    ref[active] += (1 - gamma) * ref_refit
+    np.testing.assert_allclose(relaxed, ref, atol=1e-4, rtol=0)
     # less shrinkage than the elastic net on the same active set: the planted effects grow in size
-    assert np.abs(fit.beta[:3]).sum() > np.abs(en.beta[:3]).sum()
+    assert np.abs(relaxed[:3]).sum() > np.abs(en.beta[:3]).sum()
+    np.testing.assert_array_equal(blend(en.beta, again.beta, 1.0), en.beta)
 
 
-def test_relaxed_refit_of_an_empty_active_set_is_the_null_model_without_a_round():
+def test_refit_of_an_empty_active_set_is_the_null_model_without_a_round():
     *_, party = _one_stratum()
-    fit = refit([party], np.zeros(20), 10.0, 0.5, 0.0)
+    fit = refit([party], np.zeros(20))
     assert fit.evaluations == 0 and not fit.beta.any() and party.rounds == 0
 
 
@@ -102,7 +104,7 @@ def test_cv_relaxes_a_sparse_strong_truth_and_not_a_dense_one(truth, relaxed):
     data = _genes_cohort(truth, 30 if truth == "sparse" else 60)
     rec, beta = _fit(data, "auto")
     # sparse, 2 strong genes of 30: the elastic net's shrinkage costs CV likelihood, a smaller gamma wins; dense, 60
-    # equal small effects in 135 patients: refitting an active set with less penalty overfits, gamma = 1 wins
+    # equal small effects in 135 patients: moving towards the unpenalised refit of the active set overfits, gamma 1
     assert (rec["relax"] < 1) is relaxed and rec["relax_setting"] == "auto"
     by_gamma = {r["relax"]: r["cv_loglik"] for r in rec["relax_candidates"]}
     assert sorted(by_gamma) == sorted(RELAX_GRID)

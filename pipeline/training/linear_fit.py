@@ -23,8 +23,8 @@ The mix chosen by the same CV (``train.linear_l1_ratio=auto``, the default): eve
 cross-validated along its own a-priori grid (ridge :data:`PENALTY_GRID`, the elastic net :data:`ELASTIC_NET_GRID`),
 each path warm-started along ``c``, and the pair ``(l1_ratio, c)`` with the highest summed CV score is refitted on
 all patients: one choice, from the same kind of site answers as a fixed mix's (pooled or federated). The relaxed
-elastic net (``train.linear_relax``): the elastic net's active set refitted with its penalty scaled by ``gamma``,
-``gamma`` chosen by the same CV (:mod:`pipeline.training.linear_relaxed`).
+elastic net (``train.linear_relax``): the elastic net's coefficients blended with an unpenalised refit on their
+active set, weight ``gamma`` chosen by the same CV (:mod:`pipeline.training.linear_relaxed`).
 
 The penalty ``c`` comes from :data:`PENALTY_GRID` (fixed a priori; ``c * N`` is the absolute ridge penalty) by
 the cross-validated partial likelihood of Verweij & van Houwelingen (1993): each party splits its own patients
@@ -275,9 +275,10 @@ def fit_with_cv(
     load the coefficients into ``model``; returns the record (chosen penalty and mix; ``candidates``: per penalty of
     the grid, the best-scoring mix's CV record, each with its ``l1_ratio``; ``mix_candidates``: each mix's best;
     evaluations = rounds). ``l1_ratio``: the elastic net's mix
-    (:func:`fit_ridge`; 0 = ridge) or ``auto``. ``relax``: the relaxed elastic net's penalty scale on the active set
-    (:mod:`pipeline.training.linear_relaxed`; 1 = none), or ``auto``: chosen by the same CV with ``c`` and the mix."""
-    from pipeline.training.linear_relaxed import cross_validate_relaxed, refit, relax_values
+    (:func:`fit_ridge`; 0 = ridge) or ``auto``. ``relax``: the relaxed elastic net's weight ``gamma`` of the
+    elastic-net fit against the refit on its active set (:mod:`pipeline.training.linear_relaxed`; 1 = not relaxed), or
+    ``auto``: chosen by the same CV with ``c`` and the mix."""
+    from pipeline.training.linear_relaxed import blend, cross_validate_relaxed, refit, relax_values
 
     if not parties:
         raise ValueError("linear fit: no patients to fit")
@@ -294,11 +295,11 @@ def fit_with_cv(
     best = choose([r for path in paths.values() for r in path])
     mix, gamma = float(best["l1_ratio"]), float(best["relax"])
     final = fit_ridge(parties, best["penalty"], l1_ratio=mix)
-    final_evals = final.evaluations
-    if gamma < 1:  # the relaxed refit on the elastic net's active set over all patients
-        final = refit(parties, final.beta, best["penalty"], mix, gamma)
-        final_evals += final.evaluations
-    model.set_coefficients(torch.from_numpy(final.beta))
+    final_evals, beta, converged = final.evaluations, final.beta, final.converged
+    if gamma < 1:  # the refit on the elastic net's active set over all patients, blended
+        again = refit(parties, final.beta)
+        final_evals, beta, converged = final_evals + again.evaluations, blend(beta, again.beta, gamma), again.converged
+    model.set_coefficients(torch.from_numpy(beta))
     n = sum(len(p.fold) for p in parties)
     solver = "L-BFGS-B on beta = p - q" if mix > 0 else "L-BFGS"
     how = "penalty" if len(tried) == 1 else f"penalty and mix (l1_ratio among {', '.join(f'{a:g}' for a in tried)})"
@@ -333,14 +334,14 @@ def fit_with_cv(
         "relax_setting": relax,
         "relax_candidates": per_gamma,  # each gamma's best record
         "mix_candidates": per_mix,
-        "nonzero": int((final.beta != 0).sum()),
+        "nonzero": int((beta != 0).sum()),
         "ridge_alpha": best["penalty"] * n,  # scikit-survival CoxPHSurvivalAnalysis(alpha=...) on one stratum
         "cv_cindex": best["cv_cindex"],
         "cv_loglik": best["cv_loglik"],
         "candidates": per_c,
         "n_patients": n,
         "final_evaluations": final_evals,
-        "converged": final.converged,
+        "converged": converged and final.converged,
         "rounds": int(sum(r["evaluations"] for r in records) + final_evals),
     }
 

@@ -1,28 +1,28 @@
-"""The relaxed elastic net of the linear family (``train.linear_relax``; glmnet's ``relax``, Meinshausen 2007).
+"""The relaxed elastic net of the linear family (``train.linear_relax``; glmnet's ``relax=TRUE``).
 
 An elastic-net fit at penalty ``c`` shrinks the coefficients it keeps by the same penalty that selects them: on a
-sparse truth with strong effects the kept coefficients are biased towards 0. The relaxed fit keeps the elastic net's
-active set ``A`` (its non-zero coefficients at ``c``, mix ``a``) and refits on it with the penalty scaled by
-``gamma`` (the other coefficients stay 0)::
+sparse truth with strong effects the kept coefficients are biased towards 0. The relaxed fit (Meinshausen 2007, in
+glmnet's form: Hastie, Tibshirani & Tibshirani 2020) keeps the elastic net's active set ``A`` (its non-zero
+coefficients ``beta_c``) and blends them with the unpenalised refit on that set::
 
-    f_gamma(beta_A) = (1 / N) * sum_s nll_s(beta_A) + gamma * c * (a * |beta_A|_1 + (1 - a) / 2 * |beta_A|^2)
-                      + (RELAX_RIDGE / 2) * |beta_A|^2                      (gamma < 1)
+    beta_0 = argmin over beta_A of (1 / N) * sum_s nll_s(beta_A) + (RELAX_RIDGE / 2) * |beta_A|^2   (others 0)
+    beta_gamma = gamma * beta_c + (1 - gamma) * beta_0
 
-``gamma = 1`` is the elastic-net fit itself (no refit). The small ridge :data:`RELAX_RIDGE` keeps ``gamma = 0`` (the
-unpenalised refit) finite when the active set separates the events, and makes every refit strictly convex: one
-optimum whatever the warm start. For one stratum and Breslow ties a refit is scikit-survival's
-``CoxnetSurvivalAnalysis(alphas=[lam1 + lam2], l1_ratio=lam1 / (lam1 + lam2))`` on the active columns, with
-``lam1 = gamma c a`` and ``lam2 = gamma c (1 - a) + RELAX_RIDGE`` (``gamma = 0``: ``CoxPHSurvivalAnalysis(alpha=
-RELAX_RIDGE * N)``).
+``gamma = 1`` is the elastic-net fit itself; ``gamma = 0`` the refit. The small ridge :data:`RELAX_RIDGE` keeps the
+refit finite when the active set separates the events and makes it strictly convex: one optimum whatever the warm
+start. For one stratum and Breslow ties ``beta_0`` is scikit-survival's ``CoxPHSurvivalAnalysis(alpha=RELAX_RIDGE *
+N)`` on the active columns. One refit per fit serves every ``gamma`` (the blend needs no further round), which is why
+glmnet's form was kept over a refit per ``gamma`` at the penalty ``gamma * c`` (2.6x today's rounds on TCGA-BRCA:
+docs/benchmarks.md).
 
 The pair ``(c, gamma)`` (with the mix) is chosen by the same K-fold CV as ``c``
 (:func:`pipeline.training.linear_fit.fit_with_cv`): in fold ``k`` the active set is that fold's own elastic-net fit's
-(the selection stays inside the CV), the refits run from the largest ``gamma`` down, each warm-started from the
-previous one, and each party scores every ``gamma`` as it scores every ``c`` (:meth:`~pipeline.training.linear_fit.
-Party.cv_score`). The sites' answers are the same kinds as the elastic net's (loss and gradient over the full
-coefficient vector, patient count; one CV score per candidate), pooled or federated; there are more of them (a refit
-per fold, penalty and ``gamma``; a CV score per ``gamma``). Ridge (``a = 0``) has no active set to relax (every
-coefficient is non-zero, and ``gamma * c`` is another point of its own grid): its path is never relaxed.
+(the selection stays inside the CV), the fold's refit is warm-started from its refit at the previous (larger) ``c``
+(the elastic-net coefficients for newly active features), and each party scores every ``gamma`` as it scores every
+``c`` (:meth:`~pipeline.training.linear_fit.Party.cv_score`). The sites' answers are the same kinds as the elastic
+net's (loss and gradient over the full coefficient vector, patient count; one CV score per candidate), pooled or
+federated; there are more of them (a refit per fold and penalty; a CV score per ``gamma``). Ridge (``a = 0``) has no
+active set to relax (every coefficient is non-zero): its path is never relaxed.
 """
 
 from __future__ import annotations
@@ -54,38 +54,29 @@ def relax_values(relax: float | str) -> tuple[float, ...]:
     return (float(relax),)
 
 
-def relaxed_penalty(c: float, l1_ratio: float, gamma: float) -> tuple[float, float]:
-    """``(c', l1_ratio')`` of the refit at ``gamma`` < 1 in :func:`~pipeline.training.linear_solver.fit_ridge`'s
-    parametrisation: ``lam1 = gamma c a``, ``lam2 = gamma c (1 - a) + RELAX_RIDGE``, ``c' = lam1 + lam2``."""
-    lam1, lam2 = gamma * c * l1_ratio, gamma * c * (1.0 - l1_ratio) + RELAX_RIDGE
-    return lam1 + lam2, lam1 / (lam1 + lam2)
-
-
 def refit(
-    parties: Sequence[Party],
-    beta: np.ndarray,
-    c: float,
-    l1_ratio: float,
-    gamma: float,
-    drop_fold: int | None = None,
-    x0: np.ndarray | None = None,
+    parties: Sequence[Party], beta: np.ndarray, drop_fold: int | None = None, x0: np.ndarray | None = None
 ) -> RidgeFit:
-    """The relaxed fit at ``gamma`` < 1 on the active set of the elastic-net coefficients ``beta [F]`` (fitted at
-    ``c``, ``l1_ratio``) over the parties' patients outside fold ``drop_fold``, warm-started from ``x0`` (default
-    ``beta``). An empty active set is the null model, with no round."""
-    assert gamma < 1, "gamma = 1 is the elastic-net fit itself"
+    """``beta_0``: the refit on the active set of the elastic-net coefficients ``beta [F]`` with the ridge
+    :data:`RELAX_RIDGE` only, over the parties' patients outside fold ``drop_fold``, warm-started from ``x0``
+    (default ``beta``; only its active entries are used). An empty active set is the null model, with no round."""
     active = np.asarray(beta) != 0
     if not active.any():
         return RidgeFit(np.zeros(len(active)), 0, True, float("nan"), 0.0)
-    c_eff, a_eff = relaxed_penalty(c, l1_ratio, gamma)
     start = np.where(active, beta if x0 is None else x0, 0.0)
-    return fit_ridge(parties, c_eff, drop_fold, start, l1_ratio=a_eff, support=active)
+    return fit_ridge(parties, RELAX_RIDGE, drop_fold, start, support=active)
 
 
-def _record(parties: Sequence[Party], c: float, l1_ratio: float, gamma: float, fits: list[RidgeFit], evals: int):
-    """The CV record of the candidate ``(c, l1_ratio, gamma)`` whose fold fits are ``fits``: the summed party scores
-    (as :func:`pipeline.training.linear_fit.cross_validate`'s records, plus ``relax``)."""
-    scores = [s for s in (p.cv_score([f.beta for f in fits]) for p in parties) if s is not None]
+def blend(beta: np.ndarray, beta0: np.ndarray, gamma: float) -> np.ndarray:
+    """``gamma * beta + (1 - gamma) * beta0``: the relaxed coefficients ``[F]`` at ``gamma`` (1: ``beta`` itself)."""
+    return beta if gamma == 1 else gamma * np.asarray(beta) + (1.0 - gamma) * np.asarray(beta0)
+
+
+def _record(parties: Sequence[Party], c: float, l1_ratio: float, gamma: float, betas: list[np.ndarray], evals: int,
+            converged: bool) -> dict:  # fmt: skip
+    """The CV record of the candidate ``(c, l1_ratio, gamma)`` whose fold coefficients are ``betas``: the summed party
+    scores (as :func:`pipeline.training.linear_fit.cross_validate`'s records, plus ``relax``)."""
+    scores = [s for s in (p.cv_score(betas) for p in parties) if s is not None]
     cvl, conc, comp = (float(sum(s[i] for s in scores)) for i in range(3))
     return {
         "penalty": c,
@@ -95,8 +86,8 @@ def _record(parties: Sequence[Party], c: float, l1_ratio: float, gamma: float, f
         "cv_cindex": conc / comp if comp else float("nan"),
         "parties_scored": len(scores),
         "evaluations": evals,
-        "converged": all(f.converged for f in fits),
-        "nonzero": float(np.mean([(f.beta != 0).sum() for f in fits])),
+        "converged": converged,
+        "nonzero": float(np.mean([(b != 0).sum() for b in betas])),
     }
 
 
@@ -105,23 +96,25 @@ def cross_validate_relaxed(
 ) -> list[dict]:
     """The CV record of every ``(c, gamma)`` of ``grid`` x ``gammas`` (in that order) for the elastic net
     ``l1_ratio`` > 0: the path from the largest ``c`` down, each fold warm-started from the previous ``c``'s fit (as
-    :func:`pipeline.training.linear_fit.cross_validate`), then at each ``c`` each fold's refits on its active set for
-    ``gamma`` < 1, from the largest down, each warm-started from the previous. ``evaluations``: the rounds of the
-    candidate's own refits; the elastic-net fits' rounds go to the largest ``gamma``'s record (so that the records'
-    sum is every round of the path, also when ``gammas`` does not hold 1)."""
+    :func:`pipeline.training.linear_fit.cross_validate`), and at each ``c`` each fold's refit on its active set
+    (module docstring), blended for every ``gamma``. ``evaluations``: a ``c``'s rounds (its elastic-net fits and
+    refits) go to its largest ``gamma``'s record, so that the records' sum is every round of the path."""
     assert l1_ratio > 0, "ridge has no active set to relax"
     n_folds = int(max(int(p.fold.max()) for p in parties)) + 1
     warm: list[np.ndarray | None] = [None] * n_folds
+    warm0: list[np.ndarray | None] = [None] * n_folds
     out: dict[tuple[float, float], dict] = {}
     for c in sorted(grid, reverse=True):
         fits = [fit_ridge(parties, c, k, warm[k], l1_ratio=l1_ratio) for k in range(n_folds)]
         warm = [f.beta for f in fits]
-        pending = sum(f.evaluations for f in fits)  # the elastic-net fits' rounds, not yet in a record
-        current = fits
+        relaxed = any(g < 1 for g in gammas)
+        starts = [f.beta if w is None else np.where(w != 0, w, f.beta) for f, w in zip(fits, warm0, strict=True)]
+        refits = [refit(parties, f.beta, k, starts[k]) for k, f in enumerate(fits)] if relaxed else []
+        warm0 = [r.beta for r in refits] if relaxed else warm0
+        pending = sum(f.evaluations for f in fits + refits)  # this c's rounds, not yet in a record
         for g in sorted(gammas, reverse=True):
-            if g < 1:
-                current = [refit(parties, fits[k].beta, c, l1_ratio, g, k, current[k].beta) for k in range(n_folds)]
-            evals = pending + (sum(f.evaluations for f in current) if g < 1 else 0)
-            out[(c, g)] = _record(parties, c, l1_ratio, g, current, evals)
+            betas = [blend(f.beta, r.beta, g) for f, r in zip(fits, refits, strict=True)] if g < 1 else warm
+            ok = all(f.converged for f in (fits + refits if g < 1 else fits))
+            out[(c, g)] = _record(parties, c, l1_ratio, g, betas, pending, ok)
             pending = 0
     return [out[(c, g)] for c in grid for g in gammas]
