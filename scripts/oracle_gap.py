@@ -107,13 +107,16 @@ def coxnet_c(x: np.ndarray, data, fit: np.ndarray, score: np.ndarray, seed: int)
     return float(harrell_cindex(t[score], e[score], path.predict(x[score], alpha=alpha)))
 
 
+LINEAR_SET: list[str] = []  # --linear-set: further overrides of the linear family's config (diagnostics)
+
+
 def linear_c(data, cfg, slide: str, fit: np.ndarray, score: np.ndarray) -> float:
     from pipeline.stats.metrics import harrell_cindex
     from pipeline.training.linear_fit import fit_linear_centralised
     from pipeline.training.module import new_model
     from pipeline.training.predict import predict
 
-    c = cfg.with_overrides(["model.family=linear", f"model.linear_slide={slide}"])
+    c = cfg.with_overrides(["model.family=linear", f"model.linear_slide={slide}", *LINEAR_SET])
     model = new_model(data, c)
     fit_linear_centralised(model, data, fit, c)
     return float(harrell_cindex(data.time[score], data.event[score], predict(model, data, score).log_hz))
@@ -222,12 +225,14 @@ def main() -> None:
     ap.add_argument("--test-all", action="store_true", help="test C of every design and --linear (after a decision)")
     ap.add_argument("--linear", nargs="*", default=[], help="linear family with these model.linear_slide values")
     ap.add_argument("--only-linear", action="store_true", help="skip the Coxnet designs (the decision's runs)")
+    ap.add_argument("--linear-set", action="append", default=[], help="override for --linear (repeatable)")
     ap.add_argument("--out", type=Path, default=None, help="JSON rows")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
     if args.only_linear:
         DESIGNS.clear()
+    LINEAR_SET.extend(args.linear_set)
     rows = [r for run in args.runs for r in one(run, args.folds, args.repeats, args.test, args.linear, args.test_all)]
     if args.out is not None:
         from pipeline.files import write_json
