@@ -262,6 +262,34 @@ def fit_kind(l1_ratio: float) -> str:
     return "lasso" if l1_ratio == 1 else f"elastic net (l1_ratio {l1_ratio:g})"
 
 
+def _summaries(
+    paths: dict[float, list[dict]], cs: Sequence[float], gammas: Sequence[float]
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """From each mix's CV records ``paths``: each mix's best (with its path's rounds), per penalty of the grid ``cs``
+    the best-scoring record (one mix: its path), and each ``gamma``'s best."""
+    per_mix = []
+    for a, path in paths.items():
+        scored = [r for r in path if np.isfinite(r["cv_loglik"])]
+        top = (
+            choose(scored)
+            if scored
+            else {"penalty": float("nan"), "cv_loglik": float("nan"), "cv_cindex": float("nan")}
+        )
+        evals = int(sum(r["evaluations"] for r in path))
+        per_mix.append({"l1_ratio": a, "penalty": top["penalty"], "cv_loglik": top["cv_loglik"],
+                        "cv_cindex": top["cv_cindex"], "evaluations": evals})  # fmt: skip
+    records = [r for path in paths.values() for r in path]
+    per_c = []
+    for c in cs:
+        at_c = [r for r in records if r["penalty"] == c]
+        finite = [r for r in at_c if np.isfinite(r["cv_loglik"])]
+        if at_c:
+            per_c.append(choose(finite) if finite else at_c[0])
+    scored = [r for r in records if np.isfinite(r["cv_loglik"])]
+    per_gamma = [choose(rs) for g in gammas if (rs := [r for r in scored if r["relax"] == g])]
+    return per_mix, per_c, per_gamma
+
+
 def fit_with_cv(
     model: LinearSurvival,
     parties: Sequence[Party],
@@ -278,7 +306,7 @@ def fit_with_cv(
     (:func:`fit_ridge`; 0 = ridge) or ``auto``. ``relax``: the relaxed elastic net's weight ``gamma`` of the
     elastic-net fit against the refit on its active set (:mod:`pipeline.training.linear_relaxed`; 1 = not relaxed), or
     ``auto``: chosen by the same CV with ``c`` and the mix."""
-    from pipeline.training.linear_relaxed import blend, cross_validate_relaxed, refit, relax_values
+    from pipeline.training.linear_relaxed import cross_validate_relaxed, final_fit, relax_values
 
     if not parties:
         raise ValueError("linear fit: no patients to fit")
@@ -294,37 +322,15 @@ def fit_with_cv(
     paths = {a: cv_path(a) for a in tried}
     best = choose([r for path in paths.values() for r in path])
     mix, gamma = float(best["l1_ratio"]), float(best["relax"])
-    final = fit_ridge(parties, best["penalty"], l1_ratio=mix)
-    final_evals, beta, converged = final.evaluations, final.beta, final.converged
-    if gamma < 1:  # the refit on the elastic net's active set over all patients, blended
-        again = refit(parties, final.beta)
-        final_evals, beta, converged = final_evals + again.evaluations, blend(beta, again.beta, gamma), again.converged
+    beta, final_evals, converged = final_fit(parties, best["penalty"], mix, gamma)
     model.set_coefficients(torch.from_numpy(beta))
     n = sum(len(p.fold) for p in parties)
     solver = "L-BFGS-B on beta = p - q" if mix > 0 else "L-BFGS"
     how = "penalty" if len(tried) == 1 else f"penalty and mix (l1_ratio among {', '.join(f'{a:g}' for a in tried)})"
     kind = fit_kind(mix) if gamma == 1 else f"relaxed {fit_kind(mix)}, gamma {gamma:g},"
     how += f" and gamma among {', '.join(f'{g:g}' for g in gammas)}" if len(gammas) > 1 else ""
-    per_mix = []
-    for a, path in paths.items():
-        scored = [r for r in path if np.isfinite(r["cv_loglik"])]
-        top = (
-            choose(scored)
-            if scored
-            else {"penalty": float("nan"), "cv_loglik": float("nan"), "cv_cindex": float("nan")}
-        )
-        evals = int(sum(r["evaluations"] for r in path))
-        per_mix.append({"l1_ratio": a, "penalty": top["penalty"], "cv_loglik": top["cv_loglik"],
-                        "cv_cindex": top["cv_cindex"], "evaluations": evals})  # fmt: skip
     records = [r for path in paths.values() for r in path]
-    per_c = []  # per penalty of the grid, the record of the mix that scored best at it (one mix: its path)
-    for c in cs:
-        at_c = [r for r in records if r["penalty"] == c]
-        finite = [r for r in at_c if np.isfinite(r["cv_loglik"])]
-        if at_c:
-            per_c.append(choose(finite) if finite else at_c[0])
-    scored = [r for r in records if np.isfinite(r["cv_loglik"])]
-    per_gamma = [choose(rs) for g in gammas if (rs := [r for r in scored if r["relax"] == g])]
+    per_mix, per_c, per_gamma = _summaries(paths, cs, gammas)
     return {
         "fit": f"full-batch {kind} Cox ({solver}), {how} by K-fold cross-validated partial likelihood",
         "penalty": best["penalty"],
@@ -341,7 +347,7 @@ def fit_with_cv(
         "candidates": per_c,
         "n_patients": n,
         "final_evaluations": final_evals,
-        "converged": converged and final.converged,
+        "converged": converged,
         "rounds": int(sum(r["evaluations"] for r in records) + final_evals),
     }
 

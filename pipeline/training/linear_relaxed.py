@@ -72,6 +72,16 @@ def blend(beta: np.ndarray, beta0: np.ndarray, gamma: float) -> np.ndarray:
     return beta if gamma == 1 else gamma * np.asarray(beta) + (1.0 - gamma) * np.asarray(beta0)
 
 
+def final_fit(parties: Sequence[Party], c: float, l1_ratio: float, gamma: float) -> tuple[np.ndarray, int, bool]:
+    """``(beta [F], rounds, converged)``: the elastic net at ``(c, l1_ratio)`` over all the parties' patients and, for
+    ``gamma`` < 1, its blend with the refit on its active set."""
+    fit = fit_ridge(parties, c, l1_ratio=l1_ratio)
+    if gamma == 1:
+        return fit.beta, fit.evaluations, fit.converged
+    again = refit(parties, fit.beta)
+    return blend(fit.beta, again.beta, gamma), fit.evaluations + again.evaluations, fit.converged and again.converged
+
+
 def _record(parties: Sequence[Party], c: float, l1_ratio: float, gamma: float, betas: list[np.ndarray], evals: int,
             converged: bool) -> dict:  # fmt: skip
     """The CV record of the candidate ``(c, l1_ratio, gamma)`` whose fold coefficients are ``betas``: the summed party

@@ -94,6 +94,15 @@ class RidgeFit:
     grad_max: float
 
 
+def _embed(beta: np.ndarray, keep: np.ndarray, full: int) -> np.ndarray:
+    """The coefficients ``beta [len(keep)]`` of the columns ``keep`` as a vector ``[full]`` (0 elsewhere)."""
+    if len(keep) == full:
+        return beta
+    out = np.zeros(full)
+    out[keep] = beta
+    return out
+
+
 def fit_ridge(
     parties: Sequence[Party],
     c: float,
@@ -112,35 +121,26 @@ def fit_ridge(
     minimised exactly by L-BFGS-B on the split ``beta = p - q`` with ``p, q >= 0`` (the L1 term is then linear);
     coefficients at the bound are exact zeros. ``grad_max``: the largest violation of the optimality conditions.
 
-    ``support`` (bool ``[F]``): minimise over those coefficients only, the others held at 0 (the relaxed elastic
-    net's refit on an active set, :mod:`pipeline.training.linear_relaxed`); the parties still answer for the full
-    ``beta [F]`` (the same messages), and only the support's gradient components enter."""
+    ``support`` (bool ``[F]``): over those coefficients only, the others held at 0 (:mod:`~pipeline.training.
+    linear_relaxed`'s refit); the parties still answer for the full ``beta [F]`` (the same messages)."""
     from scipy.optimize import minimize
 
     if not 0.0 <= l1_ratio <= 1.0:
         raise ValueError(f"l1_ratio must be in [0, 1], got {l1_ratio}")
     full = int(parties[0].x.shape[1])
     keep = np.arange(full) if support is None else np.flatnonzero(np.asarray(support, bool))
-    dim = len(keep)
-    evals = 0
+    dim, evals = len(keep), 0
     lam1, lam2 = c * l1_ratio, c * (1.0 - l1_ratio)
 
     def smooth(beta: np.ndarray) -> tuple[float, np.ndarray]:  # beta: (dim,), the support's coefficients
         nonlocal evals
         evals += 1
-        answers = [p.nll_grad(embed(beta), drop_fold) for p in parties]
+        answers = [p.nll_grad(_embed(beta, keep, full), drop_fold) for p in parties]
         n = sum(a[2] for a in answers)
         if n == 0:
             raise ValueError("linear fit: no patients in the fit")
         value = sum(a[0] for a in answers) / n + 0.5 * lam2 * float(beta @ beta)
         return value, np.sum([a[1] for a in answers], 0)[keep] / n + lam2 * beta
-
-    def embed(beta: np.ndarray) -> np.ndarray:
-        if dim == full:
-            return beta
-        out = np.zeros(full)
-        out[keep] = beta
-        return out
 
     start = np.zeros(dim) if x0 is None else np.asarray(x0, np.float64)[keep]
     opts = {"maxiter": max_iter, "gtol": GTOL, "ftol": 0}
@@ -162,4 +162,4 @@ def fit_ridge(
     grad_max = float(violation.max()) if dim else 0.0
     if grad_max > 1e-4 and not quiet:
         log.warning("linear fit (c=%g): L-BFGS stopped with gradient %.2g (%s)", c, grad_max, res.message)
-    return RidgeFit(embed(beta), evals, bool(grad_max <= 1e-4), float(res.fun), grad_max)
+    return RidgeFit(_embed(beta, keep, full), evals, bool(grad_max <= 1e-4), float(res.fun), grad_max)
