@@ -28,7 +28,8 @@ Columns, tiles per second over the tiles the extraction keeps (same grid for all
 - beside the rates, each CLI variant's process CPU time (user + system, ``wait4``) per tile of its two
   slides: a figure far less moved by other jobs on a shared machine than its tiles per second;
 - ``naive``: a plain loop over the same ``--sample`` tiles: OpenSlide ``read_region`` -> RGB -> timm's own
-  transform (PIL resize, to tensor, normalise) per tile, batches of 64 through the eager fp32 model.
+  transform (PIL resize, to tensor, normalise) per tile, batches of 64 through the eager fp32 model (a plain
+  contiguous copy, as a user loads it from timm, not the runner's channels-last one).
 - ``trident read-only`` / ``trident end to end`` (with ``--trident``, when ``import trident`` works: TRIDENT,
   github.com/mahmoodlab/TRIDENT, is not on PyPI): TRIDENT's own pipeline through its public API, in this
   process, on the same slide with the same encoder object and transform: ``load_wsi`` -> ``segment_tissue``
@@ -49,6 +50,7 @@ setting (``make bench``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -177,11 +179,15 @@ def _read_only(path: Path, grid, cfg, enc) -> int:
     return n
 
 
-def _naive(path: Path, grid, enc, batch: int = 64) -> int:
+def _naive(path: Path, grid, enc, batch: int = 64, model: torch.nn.Module | None = None) -> int:
+    """The naive loop on ``model``: by default a plain contiguous copy of the encoder's eager model, as a user who
+    loads it from timm has it (histofuse's runner converts ``enc.model``'s weights to channels-last in place)."""
     import openslide
 
+    if model is None:
+        model = copy.deepcopy(enc.model).to(memory_format=torch.contiguous_format).eval()
     s = openslide.OpenSlide(str(path))
-    model, n, buf = enc.model, 0, []
+    n, buf = 0, []
     with torch.inference_mode():
         for i, (x, y) in enumerate(grid.coords):
             img = s.read_region((int(x), int(y)), grid.level, (grid.read_px, grid.read_px)).convert("RGB")
@@ -224,8 +230,6 @@ class _Trident:
     """
 
     def __init__(self, slide: Path, enc, cfg, work: Path) -> None:
-        import copy
-
         from trident.patch_encoder_models.load import CustomInferenceEncoder
 
         self.slide, self.work, self.cfg, self.runs = slide, work, cfg, 0
@@ -362,6 +366,7 @@ def bench_encoder(
     rw = name != "efficientnet_lite0_imagenet"
     cfg = ExtractConfig(encoder=name, random_weights=rw, target_mpp=TARGET_MPP, tile_px=TILE)
     enc = build_encoder(name, random_weights=rw)
+    plain = copy.deepcopy(enc.model).eval()  # the naive loop's model, before the runner makes enc.model channels-last
     runner = EncoderRunner(enc, cfg)
     grid = _grid(slide, cfg)
     sub = grid.subset(np.unique(np.linspace(0, len(grid.coords) - 1, min(sample, len(grid.coords))).astype(int)))
@@ -421,7 +426,7 @@ def bench_encoder(
         "end to end": e2e,
         **({"end to end serial": e2e_serial} if serial else {}),
         **({"end to end openslide": e2e_openslide} if openslide else {}),
-        "naive": timed(lambda: _naive(slide, sub, enc)),
+        "naive": timed(lambda: _naive(slide, sub, enc, model=plain)),
         **({"trident read-only": timed(tri.read_only), "trident end to end": tri_e2e} if tri else {}),
     }
     names = list(cols)
