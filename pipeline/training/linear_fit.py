@@ -45,7 +45,7 @@ import torch
 
 from models.linear import LinearSurvival
 from pipeline.stats.metrics import concordant_pairs
-from pipeline.training.linear_solver import TieGroups, cox_nll_grad, fit_ridge
+from pipeline.training.linear_solver import TieGroups, cox_nll_grad, fit_ridge, unit_or_auto
 
 if TYPE_CHECKING:
     from data_specs.config import RunConfig
@@ -237,13 +237,8 @@ def parties_of(
 
 
 def mixes(l1_ratio: float | str) -> tuple[float, ...]:
-    """The mixes the CV tries for ``train.linear_l1_ratio``: the value itself, or :data:`L1_RATIO_GRID` for
-    ``auto``. Raises ``ValueError`` naming the field and the value when it is neither in [0, 1] nor ``auto``."""
-    if isinstance(l1_ratio, str) and l1_ratio == "auto":
-        return L1_RATIO_GRID
-    if isinstance(l1_ratio, bool) or not isinstance(l1_ratio, int | float) or not 0.0 <= l1_ratio <= 1.0:
-        raise ValueError(f"train.linear_l1_ratio must be a number in [0, 1] or 'auto', got {l1_ratio!r}")
-    return (float(l1_ratio),)
+    """The mixes the CV tries for ``train.linear_l1_ratio``: the value, or :data:`L1_RATIO_GRID` for ``auto``."""
+    return unit_or_auto(l1_ratio, "train.linear_l1_ratio", L1_RATIO_GRID)
 
 
 def penalty_grid(l1_ratio: float | str) -> tuple[float, ...]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.training.linear_solver import RidgeFit, fit_ridge
+from pipeline.training.linear_solver import RidgeFit, fit_ridge, unit_or_auto
 
 if TYPE_CHECKING:
     from pipeline.training.linear_fit import Party
@@ -45,13 +45,8 @@ RELAX_RIDGE = 1e-3
 
 
 def relax_values(relax: float | str) -> tuple[float, ...]:
-    """The scales ``gamma`` the CV tries for ``train.linear_relax``: the value itself, or :data:`RELAX_GRID` for
-    ``auto``. Raises ``ValueError`` naming the field and the value when it is neither in [0, 1] nor ``auto``."""
-    if isinstance(relax, str) and relax == "auto":
-        return RELAX_GRID
-    if isinstance(relax, bool) or not isinstance(relax, int | float) or not 0.0 <= relax <= 1.0:
-        raise ValueError(f"train.linear_relax must be a number in [0, 1] or 'auto', got {relax!r}")
-    return (float(relax),)
+    """The scales ``gamma`` the CV tries for ``train.linear_relax``: the value, or :data:`RELAX_GRID` for ``auto``."""
+    return unit_or_auto(relax, "train.linear_relax", RELAX_GRID)
 
 
 def refit(

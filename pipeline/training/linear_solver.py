@@ -163,3 +163,13 @@ def fit_ridge(
     if grad_max > 1e-4 and not quiet:
         log.warning("linear fit (c=%g): L-BFGS stopped with gradient %.2g (%s)", c, grad_max, res.message)
     return RidgeFit(_embed(beta, keep, full), evals, bool(grad_max <= 1e-4), float(res.fun), grad_max)
+
+
+def unit_or_auto(value: float | str, name: str, grid: tuple[float, ...]) -> tuple[float, ...]:
+    """The values a CV tries for the setting ``name``: ``value`` itself, or ``grid`` for ``auto``. Raises
+    ``ValueError`` naming the field and the value when it is neither in [0, 1] nor ``auto``."""
+    if isinstance(value, str) and value == "auto":
+        return grid
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] or 'auto', got {value!r}")
+    return (float(value),)
