@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -180,20 +180,12 @@ class TrainConfig(_Frozen):
             )
         return self
 
-    @field_validator("linear_l1_ratio", mode="before")
+    @field_validator("linear_l1_ratio", "linear_relax", mode="before")
     @classmethod
-    def _l1_ratio_in_range(cls, v: Any) -> Any:
+    def _unit_or_auto(cls, v: Any, info: ValidationInfo) -> Any:
         ok = v == "auto" or (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1)
         if not ok:
-            raise ValueError(f"train.linear_l1_ratio must be a number in [0, 1] or 'auto', got {v!r}")
-        return v
-
-    @field_validator("linear_relax", mode="before")
-    @classmethod
-    def _relax_in_range(cls, v: Any) -> Any:
-        ok = v == "auto" or (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1)
-        if not ok:
-            raise ValueError(f"train.linear_relax must be a number in [0, 1] or 'auto', got {v!r}")
+            raise ValueError(f"train.{info.field_name} must be a number in [0, 1] or 'auto', got {v!r}")
         return v
 
     @model_validator(mode="after")
