@@ -91,3 +91,26 @@ def test_geojson_per_piece_matches_the_whole_mask_tracing(he_rgb):
             # and in the same place: an area is blind to a lost bounding-box offset. Vertices may differ where
             # the simplification meets a tie, by at most its tolerance (0.5 mask px = 1 level-0 px here).
             assert _extent(ra) == pytest.approx(_extent(rb), abs=1.0)
+
+
+def test_simplify_polyline_keeps_the_points_scikit_image_keeps():
+    """The vectorised Douglas-Peucker keeps exactly approximate_polygon's points: mask contours (the
+    half-pixel lattice, many ties and distances exactly at the tolerance) and random float polylines."""
+    from scipy import ndimage
+    from skimage.measure import approximate_polygon, find_contours
+
+    from pipeline.slides.tissue import simplify_polyline
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(6):
+        blobs = ndimage.gaussian_filter(rng.random((120, 160)), 4) > 0.5
+        lines += find_contours(np.pad(blobs, 1).astype(np.uint8), 0.5)
+    lines += [np.cumsum(rng.normal(size=(n, 2)), axis=0) for n in (2, 3, 50, 400)]
+    assert sum(len(c) for c in lines) > 2000
+    for c in lines:
+        for tol in (0.5, 1.0, 2.5):
+            want = approximate_polygon(c, tolerance=tol)
+            got = simplify_polyline(c, tolerance=tol)
+            assert np.array_equal(got, want), (len(c), tol)
+    assert np.array_equal(simplify_polyline(lines[0], 0), lines[0])

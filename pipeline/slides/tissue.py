@@ -152,7 +152,7 @@ def mask_to_geojson(mask: np.ndarray, level0_size: tuple[int, int], name: str = 
         level0_size: ``(width0, height0)`` of the slide.
     """
     from scipy import ndimage
-    from skimage.measure import approximate_polygon, find_contours
+    from skimage.measure import find_contours
 
     h, w = mask.shape
     sx, sy = level0_size[0] / w, level0_size[1] / h
@@ -161,7 +161,7 @@ def mask_to_geojson(mask: np.ndarray, level0_size: tuple[int, int], name: str = 
         cs = find_contours(np.pad(region, 1).astype(np.uint8), 0.5)
         if not cs:
             return None
-        c = approximate_polygon(max(cs, key=len), tolerance=0.5) - 1  # back from the padded frame
+        c = simplify_polyline(max(cs, key=len), tolerance=0.5) - 1  # back from the padded frame
         if len(c) < 4:
             return None
         pts = [[round((c0 + col + 0.5) * sx, 1), round((r0 + row + 0.5) * sy, 1)] for row, col in c]
@@ -194,6 +194,54 @@ def mask_to_geojson(mask: np.ndarray, level0_size: tuple[int, int], name: str = 
             }
         )
     return {"type": "FeatureCollection", "features": features}
+
+
+def simplify_polyline(coords: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker simplification of a ``[n, 2]`` polyline: the points of ``skimage.measure.approximate_polygon``.
+
+    The same rule, distances and first-maximum split as scikit-image's (so the same points are kept, which a test
+    checks), but every segment of one depth is split at once with numpy: scikit-image's loop costs one Python
+    step of a dozen numpy calls per kept vertex, ~0.5 s for the ~80 tissue pieces of a 1,024 px thumbnail
+    (a quarter of a light encoder's per-slide time, measured), this a few milliseconds. Which segments are split
+    does not depend on the order they are visited in, only on their ends, so the kept set is the same.
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    n = len(coords)
+    if tolerance <= 0 or n < 3:
+        return coords
+    keep = np.zeros(n, dtype=bool)
+    keep[[0, -1]] = True
+    starts, ends = np.array([0]), np.array([n - 1])
+    while len(starts):
+        inner = ends - starts - 1
+        starts, ends, inner = starts[inner > 0], ends[inner > 0], inner[inner > 0]
+        if not len(starts):
+            break
+        seg = np.repeat(np.arange(len(starts)), inner)
+        offsets = np.concatenate([[0], np.cumsum(inner)[:-1]])
+        idx = np.arange(len(seg)) - offsets[seg] + starts[seg] + 1
+        r0, c0 = coords[starts, 0], coords[starts, 1]
+        r1, c1 = coords[ends, 0], coords[ends, 1]
+        dr, dc = r1 - r0, c1 - c0
+        angle = -np.arctan2(dr, dc)
+        cos, sin = np.cos(angle), np.sin(angle)
+        dist = c0 * sin + r0 * cos
+        pr, pc = coords[idx, 0], coords[idx, 1]
+        dr0, dc0 = pr - r0[seg], pc - c0[seg]
+        dr1, dc1 = pr - r1[seg], pc - c1[seg]
+        perp = (dr0 * dr[seg] + dc0 * dc[seg] > 0) & (-dr1 * dr[seg] - dc1 * dc[seg] > 0)
+        d = np.where(
+            perp,
+            np.abs(pr * cos[seg] + pc * sin[seg] - dist[seg]),
+            np.minimum(np.sqrt(dc0**2 + dr0**2), np.sqrt(dc1**2 + dr1**2)),
+        )
+        top = np.maximum.reduceat(d, offsets)
+        first = np.minimum.reduceat(np.where(d == top[seg], idx, n), offsets)  # the first maximum, as argmax
+        split = top > tolerance
+        mid = first[split]
+        keep[mid] = True
+        starts, ends = np.concatenate([starts[split], mid]), np.concatenate([mid, ends[split]])
+    return coords[keep]
 
 
 def save_geojson(mask: np.ndarray, level0_size: tuple[int, int], path: Path) -> None:
