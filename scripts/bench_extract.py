@@ -172,9 +172,10 @@ def _read_only(path: Path, grid, cfg, enc) -> int:
     ds = TileDataset(path, grid, tissue_settings(cfg))
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate_tiles)
     with torch.inference_mode():
-        for x, _, keep in dl:
-            enc.preprocess(x[keep].permute(0, 3, 1, 2)[:, :3])
-            n += int(keep.sum())
+        for x, idx, _ in dl:  # the batch's kept tiles
+            if len(idx):
+                enc.preprocess(x.permute(0, 3, 1, 2)[:, :3])
+            n += len(idx)
     ds.close()
     return n
 

@@ -275,3 +275,15 @@ def test_geojson_contours_in_level0_coordinates(he_rgb):
     ys = [p[1] for p in outer]
     assert min(xs) == pytest.approx(200, abs=10) and max(xs) == pytest.approx(800, abs=10)
     assert min(ys) == pytest.approx(100, abs=10) and max(ys) == pytest.approx(600, abs=10)
+
+
+def test_collate_stacks_only_kept_tiles():
+    """A batch's background tiles are counted, never copied into the stacked batch."""
+    from pipeline.slides.reader import collate_tiles
+
+    tiles = [np.full((4, 4, 3), v, np.uint8) for v in range(5)]
+    x, idx, rejected = collate_tiles([(t, 10 + i, i % 2 == 0) for i, t in enumerate(tiles)])
+    assert x.shape == (3, 4, 4, 3) and idx.tolist() == [10, 12, 14] and rejected == 2
+    assert x[:, 0, 0, 0].tolist() == [0, 2, 4]
+    x, idx, rejected = collate_tiles([(t, i, False) for i, t in enumerate(tiles)])
+    assert x.shape == (0, 4, 4, 3) and len(idx) == 0 and rejected == 5

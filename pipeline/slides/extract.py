@@ -254,12 +254,10 @@ def encode_tiles(
     ahead = Prefetcher(lambda: loader, cfg.read_ahead) if not workers and cfg.read_ahead else nullcontext(loader)
     try:
         with ahead as batches:
-            for x, idx, keep in batches:  # x [B, h, w, 3] uint8 RGB; in grid order
+            for x, idx, dropped in batches:  # x [K, h, w, 3] uint8 RGB, the batch's kept tiles in grid order
                 if on_tiles is not None:
-                    on_tiles(len(keep))
-                if not bool(keep.all()):
-                    rejected += int((~keep).sum())
-                    x, idx = x[keep], idx[keep]
+                    on_tiles(len(idx) + dropped)
+                rejected += dropped
                 if len(idx) == 0:
                     continue
                 nxt = (runner.submit(x), grid.coords[idx.numpy()])
