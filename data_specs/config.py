@@ -47,19 +47,23 @@ class ExtractConfig(_Frozen):
     channels_last: bool = True
     compile: bool = False  # torch.compile the encoder (pays off on GPUs for long runs)
     # CPU encoder graph: "trace" = torch.jit.trace + freeze in fp32 (batch norm folded into convolutions),
-    # checked against eager on a test batch; "auto" = trace on CPU in fp32 unless compile, falling back to eager
-    # if the trace fails or disagrees; "none" = eager.
-    optimize: Literal["auto", "none", "trace"] = "auto"
+    # checked against eager on a test batch; "inductor" = also a torch.compile inductor graph with freezing for
+    # full batches (needs a C++ compiler; compiles for tens of seconds per run); "auto" = trace on CPU in fp32
+    # unless compile, falling back to eager if the trace fails or disagrees, plus inductor where a run is
+    # expected to encode >= 5,000 tiles and it times faster; "none" = eager.
+    optimize: Literal["auto", "none", "trace", "inductor"] = "auto"
     slide_mpp: float | None = Field(None, gt=0)  # microns per pixel for slides whose metadata lacks it
     shard: str | None = None  # "K/N": process the K-th of N parts of the cohort (1 <= K <= N)
     retry_failed: bool = False  # retry slides recorded as failed by an earlier run
 
     @model_validator(mode="after")
     def _one_graph_optimizer(self) -> ExtractConfig:
-        if self.optimize == "trace" and self.compile:
-            raise ValueError("extract.optimize=trace and extract.compile=true exclude each other: choose one")
-        if self.optimize == "trace" and self.precision not in ("auto", "fp32"):
-            raise ValueError(f"extract.optimize=trace is fp32 only, got extract.precision={self.precision}")
+        if self.optimize in ("trace", "inductor") and self.compile:
+            raise ValueError(
+                f"extract.optimize={self.optimize} and extract.compile=true exclude each other: choose one"
+            )
+        if self.optimize in ("trace", "inductor") and self.precision not in ("auto", "fp32"):
+            raise ValueError(f"extract.optimize={self.optimize} is fp32 only, got extract.precision={self.precision}")
         return self
 
 

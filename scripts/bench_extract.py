@@ -2,7 +2,7 @@
 
     python scripts/bench_extract.py [--encoders efficientnet_lite0_imagenet resnet50] [--side 24576]
                                     [--repeats 3] [--sample 192] [--rss-scale 2] [--serial] [--openslide]
-                                    [--trident] [--json FILE]
+                                    [--trident] [--inductor] [--json FILE]
 
 The slide: an Aperio-style pyramidal JPEG TIFF at 0.25 um/px (levels by 4, as scanners write them), glass
 with seeded tissue islands of the real H&E images (large pieces, thin needle-biopsy strips and small
@@ -25,6 +25,9 @@ Columns, tiles per second over the tiles the extraction keeps (same grid for all
 - ``end to end serial`` (with ``--serial``): the same with ``extract.read_ahead=0`` (no reader thread);
 - ``end to end openslide`` (with ``--openslide``): the same with ``extract.tile_reader=openslide`` (every tile
   through OpenSlide's ``read_region`` instead of the direct TIFF decoding), and its peak RSS at both sizes;
+- ``encoder limit inductor`` / ``end to end inductor`` (with ``--inductor``): the same two with
+  ``extract.optimize=inductor`` (the encoder compiled by inductor for full batches; the CLI compiles it on its
+  first slide, so the timed second slide is the steady state; the compile time is printed);
 - beside the rates, each CLI variant's process CPU time (user + system, ``wait4``) per tile of its two
   slides: a figure far less moved by other jobs on a shared machine than its tiles per second;
 - ``naive``: a plain loop over the same ``--sample`` tiles: OpenSlide ``read_region`` -> RGB -> timm's own
@@ -310,7 +313,13 @@ def _tile_sets(slide: Path, grid, kept: int, trident_xy: np.ndarray) -> dict:
 
 
 def _cli(
-    folder: Path, out: Path, encoder: str, random_weights: bool, read_ahead: int | None = None, tile_reader: str = ""
+    folder: Path,
+    out: Path,
+    encoder: str,
+    random_weights: bool,
+    read_ahead: int | None = None,
+    tile_reader: str = "",
+    optimize: str = "",
 ) -> dict:
     """``histofuse extract folder`` in a fresh process: wall seconds, peak RSS, and per slide (in order) its
     seconds and tiles (``seconds`` / ``tiles``: the last slide's)."""
@@ -321,6 +330,7 @@ def _cli(
     cmd += ["--set", "extract.random_weights=true"] if random_weights else []
     cmd += ["--set", f"extract.read_ahead={read_ahead}"] if read_ahead is not None else []
     cmd += ["--set", f"extract.tile_reader={tile_reader}"] if tile_reader else []
+    cmd += ["--set", f"extract.optimize={optimize}"] if optimize else []
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
@@ -356,6 +366,7 @@ def bench_encoder(
     serial: bool = False,
     openslide: bool = False,
     trident: bool = False,
+    inductor: bool = False,
 ) -> dict:
     """Warm-up plus ``repeats`` rotated rounds of the columns for one encoder; medians and the CLI runs."""
     from data_specs.config import ExtractConfig
@@ -369,6 +380,9 @@ def bench_encoder(
     enc = build_encoder(name, random_weights=rw)
     plain = copy.deepcopy(enc.model).eval()  # the naive loop's model, before the runner makes enc.model channels-last
     runner = EncoderRunner(enc, cfg)
+    t0 = time.perf_counter()
+    ind = EncoderRunner(enc, cfg.model_copy(update={"optimize": "inductor"})) if inductor else None
+    ind_build = time.perf_counter() - t0
     grid = _grid(slide, cfg)
     sub = grid.subset(np.unique(np.linspace(0, len(grid.coords) - 1, min(sample, len(grid.coords))).astype(int)))
     ds = TileDataset(slide, sub, tissue_settings(cfg))
@@ -380,6 +394,7 @@ def bench_encoder(
     runs: list[dict] = []
     serial_runs: list[dict] = []
     os_runs: list[dict] = []
+    ind_runs: list[dict] = []
     tri = _Trident(slide, enc, cfg, work) if trident else None
 
     def e2e() -> tuple[int, float]:
@@ -395,6 +410,11 @@ def bench_encoder(
     def e2e_openslide() -> tuple[int, float]:
         r = _cli(folder, work / f"out_{name}_openslide_{len(os_runs)}", name, rw, tile_reader="openslide")
         os_runs.append(r)
+        return r["tiles"], r["seconds"]
+
+    def e2e_inductor() -> tuple[int, float]:
+        r = _cli(folder, work / f"out_{name}_inductor_{len(ind_runs)}", name, rw, optimize="inductor")
+        ind_runs.append(r)
         return r["tiles"], r["seconds"]
 
     def timed(fn):
@@ -427,6 +447,14 @@ def bench_encoder(
         "end to end": e2e,
         **({"end to end serial": e2e_serial} if serial else {}),
         **({"end to end openslide": e2e_openslide} if openslide else {}),
+        **(
+            {
+                "encoder limit inductor": timed(lambda: sum(len(ind(b)) for b in batches)),
+                "end to end inductor": e2e_inductor,
+            }
+            if ind
+            else {}
+        ),
         "naive": timed(lambda: _naive(slide, sub, enc, model=plain)),
         **({"trident read-only": timed(tri.read_only), "trident end to end": tri_e2e} if tri else {}),
     }
@@ -443,7 +471,8 @@ def bench_encoder(
     return {"encoder": name, "weights": enc.weights, "optimize": runner.optimize, "tiles": len(grid.coords),
             "kept": runs[-1]["tiles"], "sampled": sum(len(b) for b in batches), "median": med, "all": rates,
             "first_slide_median": statistics.median(first), "cli": runs[1:], "cli_serial": serial_runs[1:],
-            "cli_openslide": os_runs[1:], "load": _load(),
+            "cli_openslide": os_runs[1:], "cli_inductor": ind_runs[1:], "inductor_build_s": ind_build if ind else None,
+            "load": _load(),
             "trident_cpu_ms_per_tile": tri_cpu[1:],
             "tile_sets": _tile_sets(slide, grid, runs[-1]["tiles"], tri.coords(tri.coords_path)) if tri else None,
             }  # fmt: skip
@@ -462,6 +491,9 @@ def main() -> None:
     ap.add_argument("--serial", action="store_true", help="also run the CLI with extract.read_ahead=0")
     ap.add_argument("--openslide", action="store_true", help="also run the CLI with extract.tile_reader=openslide")
     ap.add_argument("--trident", action="store_true", help="also run TRIDENT's pipeline (when TRIDENT is installed)")
+    ap.add_argument(
+        "--inductor", action="store_true", help="also the encoder limit and the CLI with extract.optimize=inductor"
+    )
     ap.add_argument("--rss-scale", type=int, default=2, help="side factor of the peak-RSS slide (2: 4x area)")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -490,7 +522,16 @@ def main() -> None:
         )
         for name in args.encoders:
             r = bench_encoder(
-                name, folder, slide, work, args.repeats, args.sample, args.serial, args.openslide, args.trident
+                name,
+                folder,
+                slide,
+                work,
+                args.repeats,
+                args.sample,
+                args.serial,
+                args.openslide,
+                args.trident,
+                args.inductor,
             )
             res["encoders"].append(r)
             m = r["median"]
@@ -505,6 +546,12 @@ def main() -> None:
                      if args.openslide else "")
                   + (f", e2e/TRIDENT e2e {m['end to end'] / m['trident end to end']:.2f}x, read-only/TRIDENT "
                      f"read-only {m['read-only'] / m['trident read-only']:.2f}x" if args.trident else "")
+                  + (f"; inductor (built in {r['inductor_build_s']:.0f} s): e2e/limit "
+                     f"{m['end to end inductor'] / m['encoder limit inductor']:.2f}, e2e/naive "
+                     f"{m['end to end inductor'] / m['naive']:.2f}x, limit/traced limit "
+                     f"{m['encoder limit inductor'] / m['encoder limit']:.2f}x" if args.inductor else "")
+                  + (f", e2e/TRIDENT e2e {m['end to end inductor'] / m['trident end to end']:.2f}x"
+                     if args.inductor and args.trident else "")
                   + f"; load {r['load']}", flush=True)  # fmt: skip
             if r["tile_sets"]:
                 t = r["tile_sets"]
@@ -519,7 +566,7 @@ def main() -> None:
                 print(f"  trident end to end: CPU {statistics.median(per):.1f} ms per tile, this process and its "
                       "DataLoader workers, the timed call only (rounds " + ", ".join(f"{v:.1f}" for v in per) + ")",
                       flush=True)  # fmt: skip
-            for key in ("cli", "cli_serial", "cli_openslide"):
+            for key in ("cli", "cli_serial", "cli_openslide", "cli_inductor"):
                 if r[key]:  # CPU per tile is far less sensitive to other jobs' load than tiles per second
                     per = [1e3 * c["cpu_s"] / sum(c["slide_tiles"]) for c in r[key]]
                     print(f"  {key}: process CPU {statistics.median(per):.1f} ms per tile (rounds "

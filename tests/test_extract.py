@@ -361,6 +361,10 @@ def test_optimize_auto_choice_and_fallback(caplog):
     assert EncoderRunner(enc, CFG.model_copy(update={"compile": True})).optimize == "none"  # compile instead
     with pytest.raises(ValidationError, match="optimize=trace and extract.compile"):
         ExtractConfig(optimize="trace", compile=True)
+    with pytest.raises(ValidationError, match="optimize=inductor and extract.compile"):
+        ExtractConfig(optimize="inductor", compile=True)
+    with pytest.raises(ValidationError, match="optimize=inductor is fp32 only"):
+        ExtractConfig(optimize="inductor", precision="bf16")
     with pytest.raises(ValidationError, match="fp32 only"):
         ExtractConfig(optimize="trace", precision="bf16")
     bf = EncoderRunner(enc, CFG.model_copy(update={"precision": "bf16"}))
@@ -374,6 +378,95 @@ def test_optimize_auto_choice_and_fallback(caplog):
             assert np.allclose(r(x), -r.enc.preprocess(x).mean((2, 3)).numpy(), atol=1e-6)  # the eager branch
         with pytest.raises(ValueError, match="tiny"):  # asked for explicitly: an error, not a silent fallback
             EncoderRunner(_tiny(bad), CFG.model_copy(update={"optimize": "trace"}))
+
+
+def test_full_batches_regroups_kept_tiles_in_grid_order():
+    """For a graph compiled for one batch size: every batch but the last has exactly that many tiles, in grid
+    order, with the rejected counts carried; a batch that is already full passes through without a copy."""
+    from pipeline.slides.encode import full_batches
+
+    def batch(ids, rejected):
+        x = torch.tensor(ids, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 2, 2, 3).contiguous()
+        return x, torch.tensor(ids, dtype=torch.int64), rejected
+
+    src = [batch([0, 1, 2, 3], 0), batch([4, 6], 1), batch([], 4), batch([8, 9, 10], 1), batch([12], 3)]
+    out = list(full_batches(iter(src), 4))
+    assert [o[1].tolist() for o in out] == [[0, 1, 2, 3], [4, 6, 8, 9], [10, 12]]
+    assert all(o[0][:, 0, 0, 0].tolist() == o[1].tolist() for o in out)  # tiles stay with their index
+    assert [o[2] for o in out] == [0, 6, 3] and sum(o[2] for o in out) == sum(b[2] for b in src)
+    assert out[0][0].data_ptr() == src[0][0].data_ptr()  # full already: not copied
+    tail = list(full_batches(iter([batch([0, 1, 2, 3], 0), batch([], 5)]), 4))
+    assert [len(o[1]) for o in tail] == [4, 0] and tail[1][2] == 5 and tail[1][0].shape == (0, 2, 2, 3)
+    assert list(full_batches(iter([]), 4)) == []
+
+
+def test_inductor_graph_runs_full_batches_and_equals_eager(tmp_path, slides, enc, monkeypatch):
+    """extract.optimize=inductor: a graph compiled (inductor, freezing) for batches of exactly batch_size, within
+    RTOL of eager fp32; a slide's kept tiles regrouped into full batches, the last shorter one traced. The
+    features file equals the traced run's."""
+    from pipeline.slides import encode as en
+    from pipeline.slides.encode import RTOL, relative_error
+
+    if en.cxx_compiler() is None:
+        pytest.skip("no C++ compiler for inductor")
+    cfg = CFG.model_copy(update={"optimize": "inductor"})
+    runner = EncoderRunner(enc, cfg)
+    assert runner.optimize == "inductor" and runner.fixed is not None and runner.batch_size == 4
+    calls = []
+    fixed = runner.fixed
+    runner.fixed = lambda x: (calls.append(len(x)), fixed(x))[1]
+    eager = EncoderRunner(enc, cfg.model_copy(update={"optimize": "none"}))
+    x = torch.randint(0, 255, (4, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for tiles in (x, x[:3]):
+        assert relative_error(torch.from_numpy(runner(tiles)), torch.from_numpy(eager(tiles))) <= RTOL
+    assert calls == [4]  # the full batch ran the compiled graph, the short one the traced graph
+
+    res = extract_slides([slides["good"]], tmp_path / "ind", enc, cfg, progress=False)
+    ref = extract_slides([slides["good"]], tmp_path / "trace", enc, CFG, progress=False)
+    assert res[0].status == ref[0].status == "done" and res[0].tiles == ref[0].tiles == 9  # 4 + 4 + 1
+    f, c, attrs = load_features(tmp_path / "ind" / "good.h5")
+    f0, c0, attrs0 = load_features(tmp_path / "trace" / "good.h5")
+    assert attrs["optimize"] == "inductor" and attrs0["optimize"] == "trace"
+    np.testing.assert_array_equal(c, c0)
+    assert relative_error(torch.from_numpy(f), torch.from_numpy(f0)) <= RTOL
+
+
+def test_optimize_auto_tries_inductor_only_for_large_runs_and_keeps_the_faster(enc, monkeypatch):
+    from pipeline.slides import encode as en
+
+    assert en.AUTO_INDUCTOR_TILES == 5000
+    big = en.AUTO_INDUCTOR_TILES
+    small = EncoderRunner(enc, CFG, expected_tiles=big - 1)  # a small run: the compile would not pay
+    assert small.optimize == "trace" and small.fixed is None
+    monkeypatch.setattr(en, "cxx_compiler", lambda: None)
+    nocxx = EncoderRunner(enc, CFG, expected_tiles=big)
+    assert nocxx.optimize == "trace" and nocxx.fixed is None  # no compiler: auto stays traced
+    with pytest.raises(ValueError, match="optimize=inductor needs a C\\+\\+ compiler"):
+        EncoderRunner(enc, CFG.model_copy(update={"optimize": "inductor"}))
+    monkeypatch.undo()
+    if en.cxx_compiler() is None:
+        pytest.skip("no C++ compiler for inductor")
+    monkeypatch.setattr(en, "_INDUCTOR_GAIN", 0.0)  # the compiled graph always "faster": kept
+    assert EncoderRunner(enc, CFG, expected_tiles=big).optimize == "inductor"
+    monkeypatch.setattr(en, "_INDUCTOR_GAIN", 1e9)  # always slower: the traced graph alone
+    slower = EncoderRunner(enc, CFG, expected_tiles=big)
+    assert slower.optimize == "trace" and slower.fixed is None
+
+
+def test_extract_expects_the_first_grid_times_the_run_s_slides(tmp_path, slides, enc, monkeypatch):
+    from pipeline.slides import extract as ex
+
+    seen = []
+
+    class Recording(EncoderRunner):
+        def __init__(self, *a, expected_tiles=0, **k):
+            seen.append(expected_tiles)
+            super().__init__(*a, expected_tiles=expected_tiles, **k)
+
+    monkeypatch.setattr(ex, "EncoderRunner", Recording)
+    res = extract_slides([slides["plain"], slides["good"], slides["blank"]], tmp_path, enc, CFG, progress=False)
+    assert [r.status for r in res] == ["failed", "done", "empty"]
+    assert seen == [9 * 2]  # built once, on the first slide that encodes: its 9 grid tiles x 2 slides from it on
 
 
 def test_native_bf16_query_agrees_with_the_cpu_flags():

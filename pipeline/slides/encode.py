@@ -8,6 +8,15 @@ On the CPU the encoder runs, by default (``extract.optimize=auto``), as a traced
 (:func:`trace_frozen`: batch norm folded into the convolutions, constants inlined), in fp32 only. The graph is
 accepted only if its features on a check batch (another batch size than the traced one) equal eager fp32
 within :data:`RTOL` (relative L2 error per tile); otherwise the eager model is used, with a warning.
+
+``extract.optimize=inductor`` adds a graph compiled by ``torch.compile``'s inductor with freezing (weights
+folded as constants, C++ kernels; it needs a C++ compiler) for batches of exactly ``batch_size`` tiles, checked
+against eager fp32 the same way; the encode loop regroups a slide's kept tiles into full batches
+(:func:`full_batches`) and the traced graph takes each slide's last, shorter one. Its compile costs tens of
+seconds per process, so ``auto`` tries it only for a run expected to encode at least
+:data:`AUTO_INDUCTOR_TILES` tiles, and keeps it only where it timed faster than the traced graph on the check
+batch (resnet50 ~1.3-1.5x on 2 cores; efficientnet-lite0 ~0.9x, measured: see docs/benchmarks.md).
+
 ``precision=auto`` is fp32 on the CPU: bf16 autocast runs (eager) only when asked for, with a warning on a CPU
 without native bf16 (AVX512-BF16 / AMX), where it is emulated and slow.
 """
@@ -15,7 +24,11 @@ without native bf16 (AVX512-BF16 / AMX), where it is emulated and slow.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import time
 import warnings
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +45,13 @@ _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 # (measured ~1e-6 on real H&E tiles). Tracing is fp32 only: traced under bf16 autocast, efficientnet-lite0's
 # features on real tiles moved by up to 47% per tile (eager bf16: 3-16%).
 RTOL = 1e-4
+# Tiles a run is expected to encode (its first slide's grid times its slides) from which extract.optimize=auto
+# also tries the inductor graph on the CPU: compiling and checking it costs ~20-40 s on 2 cores for resnet50,
+# which a 1.3x faster encoder repays within ~1,000-2,000 tiles; one resection slide at 0.5 um/px holds
+# 5,000-20,000 tiles, a biopsy a few hundred.
+AUTO_INDUCTOR_TILES = 5000
+# auto keeps the inductor graph only where it is at least this much faster than the traced one (timing noise)
+_INDUCTOR_GAIN = 1.05
 
 
 def cpu_has_native_bf16() -> bool:
@@ -57,10 +77,60 @@ def trace_frozen(model: nn.Module, example: torch.Tensor) -> nn.Module:
         return torch.jit.freeze(torch.jit.trace(model.eval(), example, check_trace=False))
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use on the CPU (``$CXX``, else g++, c++ or clang++ on the PATH), or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def full_batches(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, int]], size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Regroup the reader's ``(x [K, ...], index [K], rejected)`` batches into batches of exactly ``size`` tiles.
+
+    For an encoder graph compiled for one batch shape: only the last batch is shorter (possibly empty, carrying
+    the last rejected count). A batch that is already full passes through without a copy; the others are
+    joined in grid order (one copy of their uint8 tiles).
+    """
+    xs: list[torch.Tensor] = []
+    ids: list[torch.Tensor] = []
+    n = dropped = 0
+    none: tuple[torch.Tensor, torch.Tensor] | None = None  # an empty batch of the reader's shape
+    for x, idx, rejected in batches:
+        none = none or (x[:0], idx[:0])
+        dropped += rejected
+        if not xs and len(idx) == size:
+            yield x, idx, dropped
+            dropped = 0
+            continue
+        if len(idx):
+            xs.append(x)
+            ids.append(idx)
+            n += len(idx)
+        while n >= size:
+            x_all, i_all = torch.cat(xs), torch.cat(ids)
+            yield x_all[:size], i_all[:size], dropped
+            dropped, n = 0, n - size
+            xs, ids = ([x_all[size:]], [i_all[size:]]) if n else ([], [])
+    if xs:
+        yield torch.cat(xs), torch.cat(ids), dropped
+    elif dropped and none is not None:
+        yield none[0], none[1], dropped
+
+
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest per-row ``||got - ref|| / ||ref||`` of ``[B, D]`` features (0 when they are equal)."""
     num = (got.float() - ref.float()).norm(dim=1)
     return float((num / ref.float().norm(dim=1).clamp_min(1e-12)).max())
+
+
+def _freezing():
+    """Inductor's freezing (weights as constants, batch norm folded) for the compile this context triggers."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
 
 
 def _autodevice(name: str) -> torch.device:
@@ -94,7 +164,8 @@ class EncoderRunner:
     of one batch overlaps the next (``submit`` / ``collect``).
     """
 
-    def __init__(self, enc: TileEncoder, cfg: ExtractConfig):
+    def __init__(self, enc: TileEncoder, cfg: ExtractConfig, expected_tiles: int = 0):
+        """``expected_tiles``: how many tiles this run is expected to encode (0: unknown), for ``optimize=auto``."""
         self.enc = enc
         self.device = _autodevice(cfg.device)
         prec = cfg.precision if cfg.precision != "auto" else (enc.precision if self.device.type == "cuda" else "fp32")
@@ -110,27 +181,34 @@ class EncoderRunner:
             model = model.to(memory_format=torch.channels_last)
         if cfg.compile:
             model = torch.compile(model)  # type: ignore[assignment]
+        # fixed: the inductor graph for batches of exactly batch_size (optimize=inductor), else None
+        self.fixed: nn.Module | None = None
+        self.batch_size = 64 if cfg.batch_size == "auto" else int(cfg.batch_size)
         self.model, self.optimize = self._optimized(model, cfg.optimize)
-        if cfg.batch_size == "auto":
-            self.batch_size = self._auto_batch() if self.device.type == "cuda" else 64
-        else:
-            self.batch_size = int(cfg.batch_size)
+        if self.optimize in ("inductor", "auto"):
+            self.fixed, self.optimize = self._inductor(model, self.optimize == "inductor", expected_tiles)
+        if cfg.batch_size == "auto" and self.device.type == "cuda":
+            self.batch_size = self._auto_batch()
         self.pin = self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile size: let cuDNN pick its fastest kernels
 
     def _optimized(self, model: nn.Module, optimize: str) -> tuple[nn.Module, str]:
-        """The model to run and how it was optimised (``trace`` or ``none``), by ``extract.optimize``."""
+        """The model to run and how it was optimised (``trace`` or ``none``), by ``extract.optimize``.
+
+        Returns ``optimize`` itself (``auto`` / ``inductor``) with the traced model where the inductor graph is
+        still to be tried (:meth:`_inductor`).
+        """
         if optimize == "none" or hasattr(model, "_orig_mod"):  # _orig_mod: torch.compile'd, optimised already
             return model, "none"
         if self.device.type != "cpu":
             if optimize == "auto":
                 return model, "none"
-            raise ValueError(f"extract.optimize=trace is the CPU path; on {self.device} use extract.compile=true")
+            raise ValueError(f"extract.optimize={optimize} is the CPU path; on {self.device} use extract.compile=true")
         if self.precision != "fp32":
             if optimize == "auto":
                 return model, "none"
-            raise ValueError(f"extract.optimize=trace is fp32 only, got extract.precision={self.precision}")
+            raise ValueError(f"extract.optimize={optimize} is fp32 only, got extract.precision={self.precision}")
         _, h, w = self.enc.input_size
         gen = torch.Generator().manual_seed(0)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -144,20 +222,81 @@ class EncoderRunner:
                 got = traced(check)  # the second call runs the optimised graph
             err = relative_error(got, ref)
         except Exception as e:  # tracing fails in many ways (data-dependent control flow, unsupported ops)
-            if optimize == "trace":
-                raise ValueError(f"encoder '{self.enc.name}': extract.optimize=trace failed ({e})") from e
+            if optimize != "auto":
+                raise ValueError(f"encoder '{self.enc.name}': extract.optimize={optimize} failed to trace ({e})") from e
             log.warning(
                 "encoder '%s' could not be traced (%s: %s); running it eager", self.enc.name, type(e).__name__, e
             )
             return model, "none"
         if err > RTOL:
             msg = f"encoder '{self.enc.name}': traced features differ from eager fp32 by {err:.2g} > {RTOL}"
-            if optimize == "trace":
+            if optimize != "auto":
                 raise ValueError(msg)
             log.warning("%s; running it eager", msg)
             return model, "none"
         log.info("encoder '%s' traced and frozen (relative error %.1e vs eager fp32)", self.enc.name, err)
-        return traced, "trace"
+        return traced, "trace" if optimize == "trace" else optimize
+
+    def _inductor(self, model: nn.Module, asked: bool, expected_tiles: int) -> tuple[nn.Module | None, str]:
+        """The inductor graph for batches of ``batch_size`` and the resulting ``optimize`` (see the module).
+
+        ``asked`` (``optimize=inductor``): a failure to compile, or features off eager fp32 by more than
+        :data:`RTOL`, raises. Under ``auto`` it is tried only for runs of at least :data:`AUTO_INDUCTOR_TILES`
+        expected tiles with a C++ compiler present, and kept only if faster than the traced graph on the check
+        batch; otherwise the traced graph runs alone (``trace``).
+        """
+        name = self.enc.name
+        if not asked and (expected_tiles < AUTO_INDUCTOR_TILES or cxx_compiler() is None):
+            return None, "trace"
+        if asked and cxx_compiler() is None:
+            raise ValueError("extract.optimize=inductor needs a C++ compiler (g++ or clang++; or set CXX)")
+        _, h, w = self.enc.input_size
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = torch.randn(self.batch_size, 3, h, w, generator=torch.Generator().manual_seed(1))
+        x = x.contiguous(memory_format=fmt)
+        t0 = time.perf_counter()
+        try:
+            compiled = torch.compile(model, dynamic=False)
+            with torch.inference_mode():
+                ref = model(x)
+                with _freezing():
+                    got = compiled(x)  # compiles
+                    start = time.perf_counter()
+                    got = compiled(x)
+                    t_fixed = time.perf_counter() - start
+            err = relative_error(got, ref)
+        except Exception as e:  # no working compiler, an op inductor cannot lower, ...
+            if asked:
+                raise ValueError(f"encoder '{name}': extract.optimize=inductor failed to compile ({e})") from e
+            log.warning("encoder '%s': inductor failed (%s: %s); running it traced", name, type(e).__name__, e)
+            return None, "trace"
+        if err > RTOL:
+            msg = f"encoder '{name}': inductor features differ from eager fp32 by {err:.2g} > {RTOL}"
+            if asked:
+                raise ValueError(msg)
+            log.warning("%s; running it traced", msg)
+            return None, "trace"
+        built = time.perf_counter() - t0
+        if not asked:
+            with torch.inference_mode():
+                self.model(x)  # the traced graph's first call at this batch size re-specialises it
+                start = time.perf_counter()
+                self.model(x)
+                t_traced = time.perf_counter() - start
+            if t_traced < _INDUCTOR_GAIN * t_fixed:
+                log.info(
+                    "encoder '%s': inductor %.2fs vs traced %.2fs per batch; running it traced", name, t_fixed, t_traced
+                )
+                return None, "trace"
+            log.info("encoder '%s': inductor %.2fs vs traced %.2fs per batch", name, t_fixed, t_traced)
+        log.info(
+            "encoder '%s' compiled by inductor for batches of %d in %.0fs (relative error %.1e vs eager fp32)",
+            name,
+            self.batch_size,
+            built,
+            err,
+        )
+        return compiled, "inductor"
 
     def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -167,6 +306,9 @@ class EncoderRunner:
             x = self.enc.preprocess(tiles)  # [B, 3, H, W] float
             if not self.channels_last:
                 x = x.contiguous()
+            if self.fixed is not None and len(x) == self.batch_size:
+                with _freezing():
+                    return self.fixed(x)  # [B, D]
             amp = self.amp_dtype != torch.float32
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=amp):
                 return self.model(x)  # [B, D]

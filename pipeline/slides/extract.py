@@ -49,7 +49,7 @@ from data_specs.config import ExtractConfig
 from models.encoders import TileEncoder
 from pipeline.files import atomic_path
 from pipeline.progress import Progress
-from pipeline.slides.encode import EncoderRunner
+from pipeline.slides.encode import EncoderRunner, full_batches
 from pipeline.slides.features import (
     FeaturesWriter,
     done_attrs,
@@ -120,7 +120,8 @@ def _slide_attrs(
         "read_px": grid.read_px,
         "size0": grid.size0,
         "precision": runner.precision,
-        "optimize": runner.optimize,  # how the encoder graph ran: trace (jit traced + frozen) or none (eager)
+        # how the encoder graph ran: trace (jit traced + frozen), inductor (compiled, full batches) or none (eager)
+        "optimize": runner.optimize,
         "tile_reader": tile_reader,  # tiff (the level's tiles decoded directly, OpenSlide's pixels) or openslide
     }
 
@@ -140,16 +141,21 @@ def extract_slide(
     cfg: ExtractConfig,
     mpp_override: float | None = None,
     mpp_fallback: float | None = None,
-    runner: EncoderRunner | None = None,
+    runners: list[EncoderRunner] | None = None,
     fingerprint: str | None = None,
     progress: bool = False,
+    slides_left: int = 1,
 ) -> SlideResult:
     """Encode every tissue tile of one slide into ``out_dir/<slide_id>.h5`` (atomic; skipped if done).
 
     Args:
         mpp_override: microns per pixel given for this slide (wins over its metadata).
         mpp_fallback: microns per pixel for a slide whose metadata has none.
+        runners: the encoder runner a run's slides share: empty until the first slide that encodes builds it
+            (expecting that slide's grid times ``slides_left`` tiles, for ``extract.optimize=auto``) and
+            appends it; reused after. None: a runner for this slide alone.
         progress: report the tiles read (a bar on a terminal, plain lines otherwise: :mod:`pipeline.progress`).
+        slides_left: slides of the run from this one on, this one included.
     """
     import openslide
 
@@ -176,7 +182,10 @@ def extract_slide(
     finally:
         slide.close()
     _write_tissue_files(out_dir, sid, thumb, mask, dims)
-    runner = runner or EncoderRunner(enc, cfg)
+    runners = [] if runners is None else runners
+    if not runners:
+        runners.append(EncoderRunner(enc, cfg, expected_tiles=len(grid.coords) * slides_left))
+    runner = runners[0]
     ds = TileDataset(path, grid, tissue, cfg.tile_reader)
     try:
         attrs = _slide_attrs(sid, path, want, dims, thumb, grid, enc, runner, ds.reader_kind)
@@ -254,6 +263,8 @@ def encode_tiles(
     ahead = Prefetcher(lambda: loader, cfg.read_ahead) if not workers and cfg.read_ahead else nullcontext(loader)
     try:
         with ahead as batches:
+            if runner.fixed is not None:  # a graph compiled for one batch size: full batches of kept tiles
+                batches = full_batches(batches, runner.batch_size)
             for x, idx, dropped in batches:  # x [K, h, w, 3] uint8 RGB, the batch's kept tiles in grid order
                 if on_tiles is not None:
                     on_tiles(len(idx) + dropped)
@@ -307,8 +318,9 @@ def extract_slides(
     runners: list[EncoderRunner] = []  # built on the first slide that needs encoding, then reused
     results: list[SlideResult] = []
     with Progress(len(slides), "extract", "slide", enabled=progress) as bar:
-        for p in map(Path, slides):
-            args = (p, out_dir, enc, cfg, per_slide.get(str(p)), fallback, before, runners, progress)
+        for i, p in enumerate(map(Path, slides)):
+            left = len(slides) - i
+            args = (p, out_dir, enc, cfg, per_slide.get(str(p)), fallback, before, runners, progress, left)
             results.append(_extract_or_record(*args))
             write_report(out_dir, stem, results)
             bar.update(1, postfix=f"{sum(r.tiles for r in results)} tiles")
@@ -327,6 +339,7 @@ def _extract_or_record(
     before: dict[str, EarlierFailure],
     runners: list[EncoderRunner],
     progress: bool = False,
+    slides_left: int = 1,
 ) -> SlideResult:
     """One slide of :func:`extract_slides`: extracted, skipped as failed before, or its failure recorded."""
     sid = slide_id_of(p)
@@ -340,9 +353,7 @@ def _extract_or_record(
             if not (prior.reason == NO_MPP and mpp_given):
                 return SlideResult(sid, str(p), "failed", 0, 0.0, EARLIER + prior.error, 0, fp, prior.reason)
             log.info("%s: retried, it failed for lack of microns per pixel and this run gives one", p)
-        if not runners:
-            runners.append(EncoderRunner(enc, cfg))
-        return extract_slide(p, out_dir, enc, cfg, mpp_override, mpp_fallback, runners[0], fp, progress)
+        return extract_slide(p, out_dir, enc, cfg, mpp_override, mpp_fallback, runners, fp, progress, slides_left)
     except Exception as e:  # one bad slide must not stop a night's run; the report names it
         log.error("slide %s failed: %s", p, e)
         log.debug("slide %s traceback", p, exc_info=True)
