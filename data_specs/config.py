@@ -50,7 +50,7 @@ class ExtractConfig(_Frozen):
     # checked against eager on a test batch; "inductor" = also a torch.compile inductor graph with freezing for
     # full batches (needs a C++ compiler; compiles for tens of seconds per run); "auto" = trace on CPU in fp32
     # unless compile, falling back to eager if the trace fails or disagrees, plus inductor where a run is
-    # expected to encode >= 5,000 tiles and it times faster; "none" = eager.
+    # expected to encode >= 20,000 tiles and it times faster; "none" = eager.
     optimize: Literal["auto", "none", "trace", "inductor"] = "auto"
     slide_mpp: float | None = Field(None, gt=0)  # microns per pixel for slides whose metadata lacks it
     shard: str | None = None  # "K/N": process the K-th of N parts of the cohort (1 <= K <= N)

@@ -434,7 +434,7 @@ def test_inductor_graph_runs_full_batches_and_equals_eager(tmp_path, slides, enc
 def test_optimize_auto_tries_inductor_only_for_large_runs_and_keeps_the_faster(enc, monkeypatch):
     from pipeline.slides import encode as en
 
-    assert en.AUTO_INDUCTOR_TILES == 5000
+    assert en.AUTO_INDUCTOR_TILES == 20_000
     big = en.AUTO_INDUCTOR_TILES
     small = EncoderRunner(enc, CFG, expected_tiles=big - 1)  # a small run: the compile would not pay
     assert small.optimize == "trace" and small.fixed is None

@@ -15,7 +15,9 @@ against eager fp32 the same way; the encode loop regroups a slide's kept tiles i
 (:func:`full_batches`) and the traced graph takes each slide's last, shorter one. Its compile costs tens of
 seconds per process, so ``auto`` tries it only for a run expected to encode at least
 :data:`AUTO_INDUCTOR_TILES` tiles, and keeps it only where it timed faster than the traced graph on the check
-batch (resnet50 ~1.3-1.5x on 2 cores; efficientnet-lite0 ~0.9x, measured: see docs/benchmarks.md).
+batch. Measured on 2 cores (docs/benchmarks.md) the gain depends on the model and the allocator: with the
+process's allocator setting (:mod:`pipeline.allocator`) efficientnet-lite0 1.33x and resnet50 1.00x the traced
+graph; with glibc's defaults resnet50 1.3-1.5x, efficientnet-lite0 0.9x.
 
 ``precision=auto`` is fp32 on the CPU: bf16 autocast runs (eager) only when asked for, with a warning on a CPU
 without native bf16 (AVX512-BF16 / AMX), where it is emulated and slow.
@@ -46,10 +48,11 @@ _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 # features on real tiles moved by up to 47% per tile (eager bf16: 3-16%).
 RTOL = 1e-4
 # Tiles a run is expected to encode (its first slide's grid times its slides) from which extract.optimize=auto
-# also tries the inductor graph on the CPU: compiling and checking it costs ~20-40 s on 2 cores for resnet50,
-# which a 1.3x faster encoder repays within ~1,000-2,000 tiles; one resection slide at 0.5 um/px holds
-# 5,000-20,000 tiles, a biopsy a few hundred.
-AUTO_INDUCTOR_TILES = 5000
+# also tries the inductor graph on the CPU: compiling, checking and timing it costs ~20-40 s on 2 cores for
+# resnet50, paid whether it is kept or not; at ~10-20 tiles/s that is under 5% of a 20,000-tile run (one to four
+# resection slides at 0.5 um/px; a biopsy holds a few hundred tiles). Measured on 2 cores with the process's
+# allocator setting (pipeline.allocator), inductor did not beat the traced graph for resnet50 or lite0.
+AUTO_INDUCTOR_TILES = 20_000
 # auto keeps the inductor graph only where it is at least this much faster than the traced one (timing noise)
 _INDUCTOR_GAIN = 1.05
 
