@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_specs.artifacts import RunFiles
+from pipeline.allocator import keep_freed_memory
 from pipeline.cli_errors import EXTRAS, describe, expected_errors, setup_logging
 from pipeline.cli_parser import TIMESTAMPED, build_parser, cohort_sources, config_from_args
 from pipeline.files import write_text
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     (``-v`` prints its traceback first)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    keep_freed_memory()
     try:
         return COMMANDS[args.cmd](args, argv)
     except ModuleNotFoundError as e:
