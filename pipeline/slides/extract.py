@@ -34,9 +34,7 @@ rewritten after every slide. ``--procs N`` runs N shards in N worker processes
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -66,6 +64,7 @@ from pipeline.slides.reader import (
     TileGrid,
     collate_tiles,
     open_slide,
+    slide_fingerprint,
     slide_mpp,
     thumbnail,
     tile_grid,
@@ -89,18 +88,6 @@ log = logging.getLogger(__name__)
 
 class MissingMppError(SlideError):
     """The slide's metadata has no microns per pixel and none was given for it (reported as ``NO_MPP``)."""
-
-
-def slide_fingerprint(path: Path) -> str:
-    """Cheap identity of a slide file (size + hash of its first and last MiB): a replaced slide is re-encoded."""
-    size = path.stat().st_size
-    h = hashlib.sha1(str(size).encode())
-    with path.open("rb") as fh:
-        h.update(fh.read(1 << 20))
-        if size > 2 << 20:
-            fh.seek(-(1 << 20), os.SEEK_END)
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
 
 
 def _slide_attrs(
@@ -151,11 +138,8 @@ def extract_slide(
     Args:
         mpp_override: microns per pixel given for this slide (wins over its metadata).
         mpp_fallback: microns per pixel for a slide whose metadata has none.
-        runners: the encoder runner a run's slides share: empty until the first slide that encodes builds it
-            (expecting that slide's grid times ``slides_left`` tiles, for ``extract.optimize=auto``) and
-            appends it; reused after. None: a runner for this slide alone.
+        runners: the run's encoder runner, or [] (built here for this grid x ``slides_left`` tiles), or None.
         progress: report the tiles read (a bar on a terminal, plain lines otherwise: :mod:`pipeline.progress`).
-        slides_left: slides of the run from this one on, this one included.
     """
     import openslide
 
@@ -182,10 +166,7 @@ def extract_slide(
     finally:
         slide.close()
     _write_tissue_files(out_dir, sid, thumb, mask, dims)
-    runners = [] if runners is None else runners
-    if not runners:
-        runners.append(EncoderRunner(enc, cfg, expected_tiles=len(grid.coords) * slides_left))
-    runner = runners[0]
+    runner = _shared_runner([] if runners is None else runners, enc, cfg, len(grid.coords) * slides_left)
     ds = TileDataset(path, grid, tissue, cfg.tile_reader)
     try:
         attrs = _slide_attrs(sid, path, want, dims, thumb, grid, enc, runner, ds.reader_kind)
@@ -196,10 +177,17 @@ def extract_slide(
     with bar, features_writer(out, enc.dim, attrs) as writer:
         rejected = encode_tiles(path, grid, runner, cfg, tissue, writer, on_tiles=bar.update, dataset=ds)
         writer.finish(rejected)
-    n = writer.n
-    if n == 0:
+    if writer.n == 0:
         log.warning("%s: no tissue tiles; wrote an empty features file %s", path, out)
-    return SlideResult(sid, str(path), "done" if n else "empty", n, time.perf_counter() - t0, "", rejected, fp)
+    status = "done" if writer.n else "empty"
+    return SlideResult(sid, str(path), status, writer.n, time.perf_counter() - t0, "", rejected, fp)
+
+
+def _shared_runner(runners: list[EncoderRunner], enc: TileEncoder, cfg: ExtractConfig, expected: int) -> EncoderRunner:
+    """The run's encoder runner: ``runners[0]``, or built now (for ``expected`` tiles) and put there."""
+    if not runners:
+        runners.append(EncoderRunner(enc, cfg, expected_tiles=expected))
+    return runners[0]
 
 
 def _thumbnail(slide: object, path: Path, max_px: int):  # -> PIL.Image.Image

@@ -18,6 +18,7 @@ batches (on the GPU when there is one).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -290,6 +291,18 @@ class TileDataset(torch.utils.data.Dataset):
         if self._slide is not None:
             self._slide.close()
             self._slide = None
+
+
+def slide_fingerprint(path: Path) -> str:
+    """Cheap identity of a slide file (size + hash of its first and last MiB): a replaced slide is re-encoded."""
+    size = path.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
 
 
 def collate_tiles(batch: list[tuple[np.ndarray, int, bool]]) -> tuple[torch.Tensor, torch.Tensor, int]:
