@@ -124,7 +124,6 @@ class RunFiles(_Frozen):
     FOLDS: ClassVar[str] = "folds.csv"  # cross-validation runs: the fold of each patient
     CV_RISK_SCORES: ClassVar[str] = "cv_risk_scores.csv"
     CV_RESULTS: ClassVar[str] = "cv_results.json"
-    CV_BIOMARKERS: ClassVar[str] = "cv_biomarkers.csv"  # cross-fitted gene tests over every fold's patients
     CV_SUMMARY: ClassVar[str] = "cv_summary.json"  # over folds and seeds: mean +- sd, baselines, per site
     SEEDS_SUMMARY: ClassVar[str] = "seeds_summary.json"  # `run --seeds N`: each metric's mean +- sd over seeds
     ATTRIBUTIONS: ClassVar[str] = "attributions"
@@ -212,10 +211,6 @@ class RunFiles(_Frozen):
     @property
     def cv_results(self) -> Path:
         return self.root / self.CV_RESULTS
-
-    @property
-    def cv_biomarkers(self) -> Path:
-        return self.root / self.CV_BIOMARKERS
 
     def fold(self, f: int) -> RunFiles:
         """The run folder of cross-validation fold ``f`` (``fold_<f>/``)."""

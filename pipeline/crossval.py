@@ -9,7 +9,6 @@ Orchestration only (the CLI's ``histofuse cv``): folds from :mod:`pipeline.train
     config.yaml          the resolved config
     cv_summary.json      every metric's mean +- sd over seeds; per fold (per held-out site) C-index
     folds.csv, fold_<f>/ (each fold's model; without_<m>/ with the ablation), cv_risk_scores.csv,
-    cv_biomarkers.csv (with omics: cross-fitted gene tests over every patient, each out of fold),
     cv_results.json      one seed's cross-validation: in the folder itself for one seed, in seed-<k>/ for several
 
 Everything is staged and replaces a previous cross-validation's files only when every fold of every seed
@@ -21,7 +20,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,7 +27,6 @@ from data_specs.artifacts import RunFiles
 from data_specs.cohort import Cohort
 from data_specs.config import RunConfig
 from pipeline.files import write_csv, write_json, write_text
-from pipeline.outputs.biomarkers import FoldGenes
 from pipeline.slides.features import features_dir
 from pipeline.training.data import Bags, CohortData, build_data, load_bags
 from pipeline.training.splits import assign_folds, fold_splits, site_folds
@@ -47,8 +44,6 @@ class CVPlan:
         seeds: repeat with seeds ``0..seeds-1`` (``train.seed`` and the fold / validation seed); 1: ``train.seed``.
         modality_ablation: also retrain each fold without each modality.
         baselines: score the centralised Coxnet baselines on each fold's split.
-        biomarkers: with omics, the cross-fitted gene tests (``cv_biomarkers.csv``): each fold's top genes by
-            the attribution of the fold's model on its held-out patients, tested on them, pooled over folds.
     """
 
     k: int = 5
@@ -56,7 +51,6 @@ class CVPlan:
     seeds: int = 1
     modality_ablation: bool = False
     baselines: bool = True
-    biomarkers: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,19 +122,16 @@ def _one_seed(inputs: _Inputs, cfg: RunConfig, rf: RunFiles, final: RunFiles) ->
     k = int(folds.max()) + 1
     write_csv(rf.folds, folds_table(cohort, folds))
     oof = np.full(len(cohort.patients), np.nan)
-    rows, fold_genes = [], []
+    rows = []
     for f in range(k):
-        row, test, lh, genes = _one_fold(inputs, cfg, folds, f, rf.fold(f).root, final.fold(f).root)
+        row, test, lh = _one_fold(inputs, cfg, folds, f, rf.fold(f).root, final.fold(f).root)
         oof[test] = lh
         rows.append(row)
-        fold_genes += [genes] if genes is not None else []
         held = f"site {row['site']} held out" if "site" in row else f"{row['n_test']} patients"
         log.info("seed %d fold %d/%d (%s): test C-index %.3f (n=%d, events=%d)", seed, f + 1, k, held, row["cindex"],
                  row["n_test"], row["test_events"])  # fmt: skip
     mode = "federated" if cfg.federated.enabled else "centralised"
     res = summarise(rows, k, seed, mode, "site" if plan.leave_site_out else "patient")
-    if fold_genes:
-        res["biomarkers"] = _crossfit_biomarkers(fold_genes, cfg, rf)
     write_csv(rf.cv_risk_scores, folds_table(cohort, folds, oof))
     write_json(rf.cv_results, res)
     return res
@@ -148,17 +139,15 @@ def _one_seed(inputs: _Inputs, cfg: RunConfig, rf: RunFiles, final: RunFiles) ->
 
 def _one_fold(
     inputs: _Inputs, cfg: RunConfig, folds: np.ndarray, f: int, stage: Path, final: Path
-) -> tuple[dict, np.ndarray, np.ndarray, FoldGenes | None]:
-    """Train fold ``f`` into ``stage``; returns its ``cv_results.json`` row, test indices, test ``log_hz`` and
-    (with omics and ``plan.biomarkers``) its held-out patients' genes ranked by the fold model's attribution."""
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Train fold ``f`` into ``stage``; returns its ``cv_results.json`` row, test indices and test ``log_hz``."""
     from pipeline.outputs.cv import score_fold
 
     cohort, t, o, ev = inputs.cohort, cfg.train, cfg.omics, cfg.evaluate
     splits = fold_splits(cohort, folds, f, t.val_fraction, t.seed)
     data = build_data(cohort, inputs.fdir, splits=splits, seed=t.seed, gene_panel=o.gene_panel, max_genes=o.max_genes,
                       gene_sets=o.gene_sets, min_pathway_genes=o.min_pathway_genes, bags=inputs.bags)  # fmt: skip
-    model, lh = _train_predict(cohort, cfg, data, stage, final, inputs.progress)
-    genes = _fold_genes(model, data, cfg) if inputs.plan.biomarkers and data.omics is not None else None
+    lh = _train_predict(cohort, cfg, data, stage, final, inputs.progress)
     row = score_fold(f, data, splits, lh, ev.bootstrap, ev.seed)
     if inputs.plan.leave_site_out:
         row = {"fold": f, "site": cohort.sites[f], **{k: v for k, v in row.items() if k != "fold"}}
@@ -166,50 +155,20 @@ def _one_fold(
         row["baselines"] = _fold_baselines(data, lh, cfg)
     if inputs.plan.modality_ablation:
         row["retrained_without"] = _ablation(inputs, cfg, data, row["cindex"], stage, final)
-    return row, splits["test"], lh, genes
+    return row, splits["test"], lh
 
 
 def _train_predict(
     cohort: Cohort, cfg: RunConfig, data: CohortData, stage: Path, final: Path, progress: bool
-) -> tuple[Any, np.ndarray]:
-    """Train on ``data``'s train/val split into ``stage`` (the config naming ``final``); the model, test ``log_hz``."""
+) -> np.ndarray:
+    """Train on ``data``'s train/val split into ``stage`` (the config naming ``final``); test ``log_hz``."""
     from pipeline.stages import stage_train
     from pipeline.training.bundle import load_bundle
     from pipeline.training.predict import predict
 
     fcfg = cfg.model_copy(update={"out": final})
     model, _ = load_bundle(stage_train(cohort, fcfg, progress, data, stage=stage))
-    return model, predict(model, data, data.splits["test"]).log_hz
-
-
-def _fold_genes(model: Any, data: CohortData, cfg: RunConfig) -> FoldGenes:
-    """The fold's held-out patients, their expression and the genes ranked by the fold model's integrated
-    gradients on their inputs (no outcome of theirs is used: the model was trained on the other folds)."""
-    import pandas as pd
-
-    from pipeline.outputs.attribution import gene_integrated_gradients, rank_genes
-
-    assert data.omics is not None
-    te = data.splits["test"]
-    attr = gene_integrated_gradients(model, data, te, cfg.attribute.ig_steps)
-    present = data.omics_present[te]
-    held = pd.DataFrame({"patient_id": [data.patient_ids[i] for i in te],
-                         "site": [data.sites[data.site[i]] for i in te],
-                         "time": data.time[te], "event": data.event[te].astype(int)})  # fmt: skip
-    expression = pd.DataFrame(np.where(present[:, None], data.omics[te], np.nan), columns=data.genes)
-    return FoldGenes(held, expression, rank_genes(attr, data.omics[te], present, data.genes))
-
-
-def _crossfit_biomarkers(fold_genes: list[FoldGenes], cfg: RunConfig, rf: RunFiles) -> dict:
-    """``cv_biomarkers.csv`` (:func:`pipeline.outputs.biomarkers.crossfit_gene_table`) and its summary for
-    ``cv_results.json``: the tests made and the genes with FDR < 0.05."""
-    from pipeline.outputs.biomarkers import crossfit_gene_table
-
-    table, info = crossfit_gene_table(fold_genes, cfg.attribute.top_genes)
-    write_csv(rf.cv_biomarkers, table)
-    hits = table[table.uni_fdr < 0.05] if len(table) else table
-    found = zip(hits.name, hits.uni_hr, hits.uni_fdr, strict=True)
-    return {**info, "fdr_below_0.05": [{"gene": g, "hr": float(h), "fdr": float(q)} for g, h, q in found]}
+    return predict(model, data, data.splits["test"]).log_hz
 
 
 def _fold_baselines(data: CohortData, lh: np.ndarray, cfg: RunConfig) -> dict:
@@ -241,7 +200,7 @@ def _ablation(inputs: _Inputs, cfg: RunConfig, data: CohortData, full: float, st
     out = {}
     for m in present:
         sub = f"without_{m}"
-        _, lh = _train_predict(inputs.cohort, cfg, without_modality(data, m), stage / sub, final / sub, inputs.progress)
+        lh = _train_predict(inputs.cohort, cfg, without_modality(data, m), stage / sub, final / sub, inputs.progress)
         c = harrell_cindex(data.time[te], data.event[te], lh)
         out[m] = {"cindex": c, "drop": full - c}
     return out

@@ -251,33 +251,3 @@ def test_modality_ablation_retrains_each_fold_without_each_modality(tmp_path):
     assert card.model_dims["feature_dim"] == 0 and card.model_dims["n_clinical"] > 0
     card = read_card(cfg.out / "fold_0" / "without_clinical" / "model.safetensors")
     assert card.model_dims["n_clinical"] == 0 and card.model_dims["feature_dim"] == 6
-
-
-def test_cv_with_omics_writes_cross_fitted_gene_tests(tmp_path, capsys):
-    """`cv` on a cohort with omics: cv_biomarkers.csv tests each fold's top genes (by its model's attribution) on
-    that fold's patients, pooled over folds; every patient with omics is tested once; the summary names the hits."""
-    from pipeline.cli import main
-
-    spec = _cohort(tmp_path, n=90)
-    rng = np.random.default_rng(2)
-    pids = pd.read_csv(tmp_path / "patients.csv").patient_id
-    clin = pd.read_csv(tmp_path / "clinical.csv")
-    counts = rng.poisson(np.exp(3 + 0.6 * clin.x1.to_numpy()[:, None] * (np.arange(20) == 0)), size=(90, 20))
-    pd.DataFrame(counts.T, index=[f"G{j}" for j in range(20)], columns=pids).rename_axis("gene").to_csv(
-        tmp_path / "expr.csv"
-    )
-    spec.write_text(spec.read_text() + "omics: {path: expr.csv}\n")
-    argv = ["cv", str(spec), "--folds", "3", "--out", str(tmp_path / "o"), "--set", "train.epochs=3",
-            "--set", "train.batch_size=16", "--set", "evaluate.bootstrap=20", "--set", "attribute.top_genes=4",
-            "--set", "attribute.ig_steps=4"]  # fmt: skip
-    assert main(argv) == 0
-    table = pd.read_csv(tmp_path / "o" / "cv_biomarkers.csv")
-    res = json.loads((tmp_path / "o" / "cv_results.json").read_text())["biomarkers"]
-    assert res["folds"] == 3 and res["patients"] == 90 and res["tests"] == len(table) >= 4
-    assert set(table.name) <= {f"G{j}" for j in range(20)}
-    chosen = table.folds_chosen.str.split("/").str[0].astype(int)
-    assert chosen.sum() == 3 * 4 and (table.n <= 90).all()  # 4 candidates per fold, each tested on its fold only
-    assert table.uni_p.notna().all() and (table.uni_fdr >= table.uni_p - 1e-12).all()
-    top = table.iloc[0]  # G0 carries the hazard: first in every fold and found
-    assert top["name"] == "G0" and top.folds_chosen == "3/3" and top.uni_hr > 1 and top.uni_fdr < 0.05
-    assert "cross-fitted gene tests, seed 0 (" in capsys.readouterr().out

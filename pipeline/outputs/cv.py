@@ -162,10 +162,6 @@ def summarise_seeds(runs: list[dict]) -> dict:
             rec["model_minus_best"] = _mean_sd([r["folds"][f]["baselines"].get("model_minus_best") for r in runs])
         per_fold.append(rec)
     out["per_fold"] = per_fold
-    if any("biomarkers" in r for r in runs):
-        out["biomarkers_fdr_below_0.05"] = {
-            str(r["seed"]): [h["gene"] for h in r.get("biomarkers", {}).get("fdr_below_0.05", [])] for r in runs
-        }
     return out
 
 
@@ -207,12 +203,6 @@ def cv_lines(runs: list[dict], summary: dict) -> list[str]:
         lines.append(f"model - best centralised Coxnet baseline: {_pm(mmb, True)} {over}")
     for m, d in (summary if key else first).get("retrained_without", {}).items():
         lines.append(f"retrained without {m}: C-index drop {_pm(d, True)} {over}")
-    for r in runs:
-        b = r.get("biomarkers")
-        if b:
-            hits = ", ".join(f"{h['gene']} (HR {h['hr']:.2f}, FDR {h['fdr']:.2g})" for h in b["fdr_below_0.05"][:10])
-            lines.append(f"cross-fitted gene tests, seed {r['seed']} ({b['tests']} genes on {b['patients']} patients, "
-                         f"{b['events']} events): FDR < 0.05: {hits or 'none'}")  # fmt: skip
     if len(runs) > 1:
         per = [f"{p.get('site', p['fold'])} {_pm(p['cindex'])}" for p in summary["per_fold"]]
         lines.append(f"held-out C-index per {'site' if first.get('folds_by') == 'site' else 'fold'}, mean +- sd over "
