@@ -1,7 +1,8 @@
 """Peak RSS of ``histofuse extract`` at 1x and 4x slide area, sampled over time, repeated.
 
     python scripts/rss_over_time.py [--side 24576] [--scale 2] [--repeats 3] [--glibc-defaults]
-                                    [--encoder efficientnet_lite0_imagenet] [--trace DIR] [--json FILE]
+                                    [--encoder efficientnet_lite0_imagenet] [--set KEY=VALUE ...]
+                                    [--trace DIR] [--json FILE]
 
 Each run is ``histofuse extract`` on a folder with one island slide (``scripts/bench_extract.py``'s slide:
 pyramidal JPEG TIFF, 0.25 um/px, seeded tissue islands) in a fresh process; this driver reads the process's
@@ -13,7 +14,8 @@ the peak, the figure of "peak RSS flat at 4x slide area".
 
 ``--glibc-defaults`` runs the CLI with glibc's allocator defaults (``MALLOC_MMAP_MAX_=65536
 MALLOC_TRIM_THRESHOLD_=131072`` in its environment, which the CLI then leaves alone) instead of its
-keep-freed-memory setting; ``--trace DIR`` writes each run's samples (seconds, MiB) as CSV. Linux only.
+keep-freed-memory setting; ``--set`` passes config overrides to the CLI; ``--trace DIR`` writes each run's
+samples (seconds, MiB) as CSV. Linux only.
 """
 
 from __future__ import annotations
@@ -45,13 +47,16 @@ def _vmrss_mib(pid: int) -> float | None:
     return None
 
 
-def run_once(folder: Path, out: Path, encoder: str, env: dict, interval: float) -> dict:
+def run_once(
+    folder: Path, out: Path, encoder: str, env: dict, interval: float, overrides: tuple[str, ...] = ()
+) -> dict:
     """One ``histofuse extract`` on ``folder``: its RSS samples, ``ru_maxrss`` and tile count."""
     import pandas as pd
 
     cmd = [str(Path(sys.executable).parent / "histofuse"), "extract", str(folder), "--out", str(out)]
     cmd += ["--encoder", encoder, "--mpp", "0.5", "--tile-px", "224"]
     cmd += [] if encoder == "efficientnet_lite0_imagenet" else ["--set", "extract.random_weights=true"]
+    cmd += [a for kv in overrides for a in ("--set", kv)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     samples: list[tuple[float, float]] = []
@@ -91,6 +96,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--encoder", default="efficientnet_lite0_imagenet")
     ap.add_argument("--glibc-defaults", action="store_true", help="glibc's allocator defaults, not the CLI's")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for the CLI")
     ap.add_argument("--interval", type=float, default=0.2, help="seconds between RSS samples")
     ap.add_argument("--trace", type=Path, default=None, help="write each run's samples here as CSV")
     ap.add_argument("--json", type=Path, default=None)
@@ -101,7 +107,8 @@ def main() -> None:
     if args.glibc_defaults:
         env.update(GLIBC_DEFAULTS)
     setting = "glibc defaults" if args.glibc_defaults else "the CLI's keep-freed-memory setting"
-    print(f"{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}; allocator: {setting}", flush=True)
+    extra = f"; --set {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}; allocator: {setting}{extra}", flush=True)
     runs: dict[str, list[dict]] = {"1x": [], f"{args.scale**2}x": []}
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
@@ -111,7 +118,8 @@ def main() -> None:
             write_slide(work / key / "islands.svs", side, seed=0 if key == "1x" else 1)
         for rep in range(args.repeats):
             for key in runs:
-                r = run_once(work / key, work / f"out_{key}_{rep}", args.encoder, env, args.interval)
+                out = work / f"out_{key}_{rep}"
+                r = run_once(work / key, out, args.encoder, env, args.interval, tuple(args.overrides))
                 runs[key].append(r)
                 print(f"{key} run {rep + 1}: {r['tiles']} tiles in {r['wall']:.0f} s; ru_maxrss "
                       f"{r['maxrss_mib']:.0f} MiB, sampled peak {r['sampled_peak_mib']:.0f} MiB at "
