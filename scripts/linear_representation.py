@@ -14,7 +14,11 @@ The variant name is ``<slides>_<penalty>``: slides ``pc<r>`` or ``all``; penalty
 ``ridge`` (l1_ratio 0.01, sksurv's Coxnet needs l1_ratio > 0). ``lin_<slides>_<penalty>[_patients][_unstrat]`` is the
 linear family instead (:func:`pipeline.training.linear_fit.fit_linear_centralised`: site-stratified, penalty by its
 own K-fold CV; ``ridge`` is l1_ratio 0 there, ``auto`` the mix chosen by that CV; slide PCs from tile moments, or
-``_patients``: from mean-tile moments; ``_unstrat``: one stratum instead of one per site; ``_relax``: the relaxed
+``_patients``: from mean-tile moments; ``_unstrat``: one stratum instead of one per site; ``_grouped<K>``: one
+stratum on times grouped into ``K`` public bins (every fit patient's time replaced by its bin's index, the bins
+from the fit patients' pooled site histograms of event times, :func:`pipeline.stats.curves.discrete_time_bins`,
+as a federation computes them: the grouped partial likelihood a federated unstratified fit could use; scored on
+the exact times); ``_relax``: the relaxed
 elastic net, ``train.linear_relax=auto``; each row then also gives the inner fits' mean rounds and chosen mixes and
 gammas). ``--test`` also prints
 each variant's test C (fitted on all non-test patients), as a final check only: choices are made on the nested CV
@@ -56,7 +60,24 @@ def linear_overrides(variant: str) -> list[str]:
     ov = ["model.family=linear", f"model.linear_slide_pcs={r}", f"train.linear_l1_ratio={l1}",
           f"model.linear_slide_moments={level}"]  # fmt: skip
     ov += ["train.linear_relax=auto"] if "_relax" in variant else []
-    return ov + (["train.stratify=false"] if "_unstrat" in variant else [])
+    return ov + (["train.stratify=false"] if "_unstrat" in variant or "_grouped" in variant else [])
+
+
+def grouped_times(data, cfg, fit: np.ndarray, variant: str):
+    """``data`` with every time replaced by its bin index on ``K`` public bins fitted on ``fit``
+    (``_grouped<K>``; ``data`` itself without it): ties within a bin, censored patients at risk through it."""
+    import re
+    from dataclasses import replace as dc_replace
+
+    from pipeline.stats.curves import discrete_time_bins
+
+    m = re.search(r"_grouped(\d+)", variant)
+    if m is None:
+        return data
+    k, mc = int(m.group(1)), cfg.federated.min_count
+    edges = discrete_time_bins(data.time[fit], data.event[fit], data.site[fit], k, mc)
+    # time in (a_{j-1}, a_j] -> j: a bin's events share its risk set, which holds everyone entering the bin
+    return dc_replace(data, time=np.searchsorted(edges[1:-1], data.time, side="left").astype(np.float32))
 
 
 FITS: list[dict] = []  # every linear-family fit's record of the current variant: rounds, chosen mix and gamma
@@ -71,7 +92,7 @@ def linear_fit_score(data, cfg, fit: np.ndarray, score: np.ndarray, variant: str
 
     c = cfg.with_overrides(linear_overrides(variant))
     model = new_model(data, c)
-    rec = fit_linear_centralised(model, data, fit, c)["linear_fit"]
+    rec = fit_linear_centralised(model, grouped_times(data, c, fit, variant), fit, c)["linear_fit"]
     FITS.append({k: rec.get(k) for k in ("rounds", "l1_ratio", "relax", "penalty", "nonzero")})
     return float(harrell_cindex(data.time[score], data.event[score], predict(model, data, score).log_hz))
 
