@@ -45,7 +45,8 @@ Columns, tiles per second over the tiles the extraction keeps (same grid for all
 
 Every column is run once as a warm-up, then ``--repeats`` times in rotated order (each repeat starts with
 another column, so load from other jobs falls on all alike); medians are printed. Peak RSS of the CLI
-process (``wait4``'s ``ru_maxrss``) at 1x and ``--rss-scale``\\ :sup:`2` x slide area for the first encoder.
+process (``wait4``'s ``ru_maxrss``) on one slide at 1x and at ``--rss-scale``\\ :sup:`2` x the area for the first
+encoder, ``--repeats`` alternating pairs (``scripts/rss_over_time.py``'s runs), medians and each pair's ratio.
 Encoders without local weights run with random weights (speed only). Run with the Makefile's allocator
 setting (``make bench``).
 """
@@ -580,25 +581,38 @@ def main() -> None:
 
 
 def _rss(args, folder: Path, work: Path, first: dict) -> dict:
-    """Peak RSS of the CLI at 1x (the runs above) and at ``rss_scale**2`` x the slide area."""
-    big_dir = work / "big"
-    big_dir.mkdir()
+    """Peak RSS of the CLI on one slide at 1x and at ``rss_scale**2`` x the area, ``--repeats`` alternating pairs
+    (:func:`rss_over_time.run_once`: single-slide folders at both sizes, so the ratio compares like with like;
+    the two-slide runs above hold twice the 1x tiles). With ``--inductor`` / ``--openslide`` the same pairs with
+    ``extract.optimize=inductor`` / ``extract.tile_reader=openslide``."""
+    from rss_over_time import run_once
+
     side = args.side * args.rss_scale
-    write_slide(big_dir / "islands_big.svs", side, seed=1)
-    name = first["encoder"]
-    big = _cli(big_dir, work / "out_big", name, name != "efficientnet_lite0_imagenet")
-    small = max(c["rss_mib"] for c in first["cli"])
-    print(f"peak RSS {name}: {small:.0f} MiB at {args.side} px ({first['kept']} tiles), {big['rss_mib']:.0f} MiB at "
-          f"{side} px ({big['tiles']} tiles, {args.rss_scale**2}x area): {big['rss_mib'] / small:.2f}x")  # fmt: skip
-    out = {"small_mib": small, "big_mib": big["rss_mib"], "big_tiles": big["tiles"], "big_side": side}
-    if first["cli_openslide"]:
-        big_os = _cli(
-            big_dir, work / "out_big_openslide", name, name != "efficientnet_lite0_imagenet", tile_reader="openslide"
-        )
-        small_os = max(c["rss_mib"] for c in first["cli_openslide"])
-        print(f"peak RSS {name}, tile_reader=openslide: {small_os:.0f} MiB at {args.side} px, {big_os['rss_mib']:.0f} "
-              f"MiB at {side} px: {big_os['rss_mib'] / small_os:.2f}x")  # fmt: skip
-        out.update(small_openslide_mib=small_os, big_openslide_mib=big_os["rss_mib"])
+    dirs = {"1x": work / "rss_1x", "big": work / "rss_big"}
+    for d in dirs.values():
+        d.mkdir()
+    os.link(folder / "a_islands.svs", dirs["1x"] / "islands.svs")
+    write_slide(dirs["big"] / "islands_big.svs", side, seed=1)
+    name, env = first["encoder"], dict(os.environ)
+    variants = {"": ()}
+    variants.update({"inductor": ("extract.optimize=inductor",)} if args.inductor else {})
+    variants.update({"openslide": ("extract.tile_reader=openslide",)} if args.openslide else {})
+    out: dict = {"big_side": side}
+    for label, overrides in variants.items():
+        runs: dict[str, list[dict]] = {"1x": [], "big": []}
+        for rep in range(args.repeats):
+            for key, d in dirs.items():
+                runs[key].append(run_once(d, work / f"out_rss_{label}_{key}_{rep}", name, env, 0.2, overrides))
+        small = statistics.median(r["maxrss_mib"] for r in runs["1x"])
+        big = statistics.median(r["maxrss_mib"] for r in runs["big"])
+        ratios = [b["maxrss_mib"] / a["maxrss_mib"] for a, b in zip(runs["1x"], runs["big"], strict=True)]
+        pairs = ", ".join(f"{r:.2f}" for r in ratios)
+        tag = f" ({', '.join(overrides)})" if overrides else ""
+        print(f"peak RSS {name}{tag}, one slide, medians of {args.repeats}: {small:.0f} MiB at {args.side} px "
+              f"({runs['1x'][0]['tiles']} tiles), {big:.0f} MiB at {side} px ({runs['big'][0]['tiles']} tiles, "
+              f"{args.rss_scale**2}x area): {big / small:.2f}x (pairs {pairs})", flush=True)  # fmt: skip
+        key = f"_{label}" if label else ""
+        out.update({f"small{key}_mib": small, f"big{key}_mib": big, f"big{key}_tiles": runs["big"][0]["tiles"]})
     return out
 
 
