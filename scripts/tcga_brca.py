@@ -19,6 +19,10 @@ patients; ``coxnet_inrun`` is the centralised Coxnet every run reports (alpha by
 Choices use the validation split only: the best round / epoch by pooled validation Cox loss, and with
 ``--tune M ...`` each listed method's candidate settings (``CANDIDATES``) are compared on the first seed by
 pooled validation C-index before any test number is computed. The test set is never used for a choice.
+
+Each method's data are prepared as its run prepares them: a pooled method's normalisers and clinical encoding
+from all training patients, a federated method's from the sites' summaries (categories and cells with fewer than
+``federated.min_count`` patients at a site suppressed; on TCGA-BRCA that drops the rare stage IIIC columns).
 """
 
 from __future__ import annotations
@@ -215,15 +219,23 @@ def main() -> None:
         return cfg
 
     chosen: dict[str, list[str]] = {m: [] for m in args.methods}
-    datasets = {}
-    for seed in args.seeds:
-        spec = build_cohort(args.data, args.out / f"cohort_seed{seed}", seed)
-        datasets[seed] = load_run_data(load_cohort(spec), config("pooled", seed, []))
+    specs = {seed: build_cohort(args.data, args.out / f"cohort_seed{seed}", seed) for seed in args.seeds}
+    datasets: dict[tuple[int, bool], object] = {}
+
+    def dataset(seed: int, cfg):
+        """The seed's cohort prepared as a run with ``cfg`` prepares it: pooled statistics for a pooled run, the
+        sites' summaries (cells under ``federated.min_count`` suppressed) for a federated one."""
+        key = (seed, bool(cfg.federated.enabled))
+        if key not in datasets:
+            datasets[key] = load_run_data(load_cohort(specs[seed]), cfg)
+        return datasets[key]
+
     for m in args.tune:
         seed = args.seeds[0]
         scores = []
         for cand in CANDIDATES[m]:
-            v = train_one(m, datasets[seed], config(m, seed, cand))[0]["val"]
+            c = config(m, seed, cand)
+            v = train_one(m, dataset(seed, c), c)[0]["val"]
             scores.append(v)
             print(f"tune {m} {' '.join(cand)}: validation C-index {v:.3f} (seed {seed})", flush=True)
         best = CANDIDATES[m][int(np.argmax(scores))]
@@ -234,7 +246,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for m in args.methods:
-            for rec in train_one(m, datasets[seed], config(m, seed, chosen.get(m, []))):
+            c = config(m, seed, chosen.get(m, []))
+            for rec in train_one(m, dataset(seed, c), c):
                 results[m].append({"seed": seed, **rec})
                 site = f" {rec['site']}" if "site" in rec else ""
                 mix = f" l1_ratio {rec['l1_ratio']:g} penalty {rec['penalty']:.3g}" if "l1_ratio" in rec else ""
