@@ -7,8 +7,8 @@ OUT    ?= runs/demo
 # Models come from local files only in tests and the demo; never wait on a hub look-up.
 export HF_HUB_OFFLINE := 1
 # glibc's default allocator thrashes mmap/munmap under tile decoding + encoding; this keeps the
-# arena (measured ~2.8x faster extraction on 2 cores, for +0.8-1.6 GB peak RSS that grows with the
-# slide's tile count; see docs/benchmarks.md).
+# arena (measured ~2.8x faster extraction on 2 cores, for more peak RSS; flat with slide size at the
+# CPU's default batch of 32 tiles; see docs/benchmarks.md).
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 100000000000
 

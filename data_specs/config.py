@@ -35,7 +35,9 @@ class ExtractConfig(_Frozen):
     overlap_px: int = Field(0, ge=0)  # overlap of neighbouring tiles, in tile pixels (< tile_px)
     remove_pen: bool = False  # drop blue/green/black pen ink from the tissue mask
     max_background: float = Field(0.9, gt=0, le=1)  # reject a read tile with more near-white/black pixels (1: off)
-    batch_size: int | Literal["auto"] = 64  # "auto": largest that fits on the GPU (64 on CPU)
+    # None: the device's default, 32 on CPU (flat peak RSS at equal speed, docs/benchmarks.md), 64 on a GPU;
+    # "auto": the largest that fits on the GPU (as None on CPU)
+    batch_size: int | Literal["auto"] | None = None
     num_workers: int = Field(0, ge=0)  # DataLoader workers per slide, each with its own slide handle
     prefetch_factor: int = Field(4, ge=1)  # batches each worker reads ahead
     read_ahead: int = Field(2, ge=0)  # with num_workers=0: batches a reader thread reads ahead of the encoder (0: off)

@@ -3,8 +3,8 @@
 With glibc's defaults every large buffer (a batch of decoded tiles, each layer's activations) is a fresh
 ``mmap`` that is unmapped when freed, so every batch page-faults its memory back in: measured ~2.8x slower tile
 extraction on 2 cores (docs/benchmarks.md). :func:`keep_freed_memory` makes the ``histofuse`` process (and the
-processes it starts) allocate from the heap and never trim it, for a peak RSS that grows with the slide's tile
-count (+0.8 GB at ~500 tiles, +1.6 GB at ~1,300, measured on the bench slide). A user who set either
+processes it starts) allocate from the heap and never trim it. Its peak RSS grew with the slide's tile count at
+64-tile batches; at the CPU default of 32 it stays flat (measured on the bench slide). A user who set either
 variable keeps their own setting; on a C library without ``mallopt`` nothing changes.
 """
 

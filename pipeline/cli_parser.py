@@ -54,7 +54,7 @@ def _extract_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tile-px", type=int, metavar="PX", help="tile side in pixels at the target mpp "
                    "(extract.tile_px; default 224)")  # fmt: skip
     g.add_argument("--batch-size", type=_batch_size, metavar="N", help="tiles per encoder batch, or 'auto' "
-                   "(extract.batch_size; default 64)")  # fmt: skip
+                   "(extract.batch_size; default 32 on CPU, 64 on a GPU)")  # fmt: skip
     g.add_argument("--device", help="device for tile encoding: auto, cpu, cuda, cuda:1 ... (extract.device)")
 
 

@@ -2,6 +2,7 @@
 
     python scripts/rss_over_time.py [--side 24576] [--scale 2] [--repeats 3] [--glibc-defaults]
                                     [--encoder efficientnet_lite0_imagenet] [--set KEY=VALUE ...]
+                                    [--variant "KEY=VALUE ..." --variant ...]
                                     [--trace DIR] [--json FILE]
 
 Each run is ``histofuse extract`` on a folder with one island slide (``scripts/bench_extract.py``'s slide:
@@ -14,7 +15,9 @@ the peak, the figure of "peak RSS flat at 4x slide area".
 
 ``--glibc-defaults`` runs the CLI with glibc's allocator defaults (``MALLOC_MMAP_MAX_=65536
 MALLOC_TRIM_THRESHOLD_=131072`` in its environment, which the CLI then leaves alone) instead of its
-keep-freed-memory setting; ``--set`` passes config overrides to the CLI; ``--trace DIR`` writes each run's
+keep-freed-memory setting; ``--set`` passes config overrides to every run; ``--variant "K=V ..."`` (repeatable)
+compares sets of overrides, alternating within each repeat, with each run's tiles per second (its slide's seconds
+in the run report) beside its RSS; ``--trace DIR`` writes each run's
 samples (seconds, MiB) as CSV. Linux only.
 """
 
@@ -73,12 +76,14 @@ def run_once(
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"histofuse extract {folder} failed:\n{err[-3000:]}")
     (rep,) = list(out.glob("features/*/extract_report.csv"))
-    tiles = int(pd.read_csv(rep)["tiles"].sum())
+    report = pd.read_csv(rep)
+    tiles, slide_s = int(report["tiles"].sum()), float(report["seconds"].sum())
     t_peak, peak = max(samples, key=lambda s: s[1]) if samples else (0.0, 0.0)
     late = [m for t, m in samples if t >= wall / 2]
     return {
         "tiles": tiles,
         "wall": wall,
+        "tiles_per_s": tiles / slide_s if slide_s > 0 else 0.0,  # the slide's own seconds (run report)
         "maxrss_mib": usage.ru_maxrss / 1024,
         "sampled_peak_mib": peak,
         "peak_at": t_peak / wall,
@@ -97,6 +102,12 @@ def main() -> None:
     ap.add_argument("--encoder", default="efficientnet_lite0_imagenet")
     ap.add_argument("--glibc-defaults", action="store_true", help="glibc's allocator defaults, not the CLI's")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for the CLI")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="a set of space-separated config overrides; repeat it to compare sets in alternating runs",
+    )
     ap.add_argument("--interval", type=float, default=0.2, help="seconds between RSS samples")
     ap.add_argument("--trace", type=Path, default=None, help="write each run's samples here as CSV")
     ap.add_argument("--json", type=Path, default=None)
@@ -109,35 +120,44 @@ def main() -> None:
     setting = "glibc defaults" if args.glibc_defaults else "the CLI's keep-freed-memory setting"
     extra = f"; --set {' '.join(args.overrides)}" if args.overrides else ""
     print(f"{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}; allocator: {setting}{extra}", flush=True)
-    runs: dict[str, list[dict]] = {"1x": [], f"{args.scale**2}x": []}
+    variants = args.variant or [""]
+    keys = ["1x", f"{args.scale**2}x"]
+    runs: dict[str, dict[str, list[dict]]] = {v: {k: [] for k in keys} for v in variants}
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
-        sizes = {"1x": args.side, f"{args.scale**2}x": args.side * args.scale}
-        for key, side in sizes.items():
+        for key, side in zip(keys, (args.side, args.side * args.scale), strict=True):
             (work / key).mkdir()
             write_slide(work / key / "islands.svs", side, seed=0 if key == "1x" else 1)
         for rep in range(args.repeats):
-            for key in runs:
-                out = work / f"out_{key}_{rep}"
-                r = run_once(work / key, out, args.encoder, env, args.interval, tuple(args.overrides))
-                runs[key].append(r)
-                print(f"{key} run {rep + 1}: {r['tiles']} tiles in {r['wall']:.0f} s; ru_maxrss "
-                      f"{r['maxrss_mib']:.0f} MiB, sampled peak {r['sampled_peak_mib']:.0f} MiB at "
-                      f"{100 * r['peak_at']:.0f}% of the run, second-half median {r['late_median_mib']:.0f} MiB; "
-                      f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
-                if args.trace:
-                    args.trace.mkdir(parents=True, exist_ok=True)
-                    lines = ["seconds,rss_mib"] + [f"{t:.2f},{m:.1f}" for t, m in r["samples"]]
-                    (args.trace / f"rss_{key}_{rep + 1}.csv").write_text("\n".join(lines) + "\n")
-    med = {k: statistics.median(r["maxrss_mib"] for r in v) for k, v in runs.items()}
-    small, big = med.values()
-    print("medians of ru_maxrss: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in med.items())
-          + f"; {list(runs)[1]} / 1x: {big / small:.2f}x (runs: "
-          + ", ".join(f"{b['maxrss_mib'] / s['maxrss_mib']:.2f}" for s, b in zip(*runs.values(), strict=True))
-          + ")")  # fmt: skip
+            for v in variants:  # variants alternate within each repeat: load falls on all alike
+                for key in keys:
+                    out = work / f"out_{len(runs[v][key])}_{key}_{variants.index(v)}"
+                    ov = (*args.overrides, *v.split())
+                    r = run_once(work / key, out, args.encoder, env, args.interval, ov)
+                    runs[v][key].append(r)
+                    print(f"{v or 'as configured'} {key} run {rep + 1}: {r['tiles']} tiles in {r['wall']:.0f} s "
+                          f"({r['tiles_per_s']:.1f} tiles/s in the slide); ru_maxrss {r['maxrss_mib']:.0f} MiB, "
+                          f"sampled peak {r['sampled_peak_mib']:.0f} MiB at {100 * r['peak_at']:.0f}% of the run, "
+                          f"second-half median {r['late_median_mib']:.0f} MiB; load {os.getloadavg()[0]:.1f}",
+                          flush=True)  # fmt: skip
+                    if args.trace:
+                        args.trace.mkdir(parents=True, exist_ok=True)
+                        lines = ["seconds,rss_mib"] + [f"{t:.2f},{m:.1f}" for t, m in r["samples"]]
+                        name = f"rss_{variants.index(v)}_{key}_{rep + 1}.csv"
+                        (args.trace / name).write_text("\n".join(lines) + "\n")
+    summary = {}
+    for v, by_key in runs.items():
+        med = {k: statistics.median(r["maxrss_mib"] for r in by_key[k]) for k in keys}
+        speed = {k: statistics.median(r["tiles_per_s"] for r in by_key[k]) for k in keys}
+        pairs = ", ".join(f"{b['maxrss_mib'] / a['maxrss_mib']:.2f}" for a, b in zip(*by_key.values(), strict=True))
+        print(f"{v or 'as configured'}: medians of ru_maxrss " + ", ".join(f"{k} {m:.0f} MiB" for k, m in med.items())
+              + f"; {keys[1]} / 1x {med[keys[1]] / med['1x']:.2f}x (pairs {pairs}); median tiles/s "
+              + ", ".join(f"{k} {t:.1f}" for k, t in speed.items()), flush=True)  # fmt: skip
+        summary[v] = {"median_maxrss_mib": med, "median_tiles_per_s": speed}
     if args.json:
-        slim = {k: [{f: x for f, x in r.items() if f != "samples"} for r in v] for k, v in runs.items()}
-        args.json.write_text(json.dumps({"setting": setting, "runs": slim, "median_maxrss_mib": med}, indent=1))
+        slim = {v: {k: [{f: x for f, x in r.items() if f != "samples"} for r in rs] for k, rs in by.items()}
+                for v, by in runs.items()}  # fmt: skip
+        args.json.write_text(json.dumps({"setting": setting, "runs": slim, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

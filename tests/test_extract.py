@@ -20,7 +20,7 @@ from PIL import Image
 
 from data_specs.config import ExtractConfig
 from pipeline.cohorts.demo import write_pyramid_tiff
-from pipeline.slides.encode import EncoderRunner, choose_batch_size
+from pipeline.slides.encode import EncoderRunner, choose_batch_size, device_batch_size
 from pipeline.slides.extract import extract_slides, parse_shard, shard_of
 from pipeline.slides.features import load_features, read_attrs
 from pipeline.slides.reader import open_slide
@@ -489,6 +489,16 @@ def test_native_bf16_query_agrees_with_the_cpu_flags():
         assert not cpu_has_native_bf16()
     elif "amx_bf16" in flags:
         assert cpu_has_native_bf16()
+
+
+def test_batch_size_default_depends_on_the_device_and_a_number_is_kept():
+    """extract.batch_size unset (the default) or auto: 32 tiles on a CPU, 64 on a GPU before probing; a number as
+    given."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert ExtractConfig().batch_size is None
+    assert [device_batch_size(None, cpu), device_batch_size("auto", cpu)] == [32, 32]
+    assert [device_batch_size(None, gpu), device_batch_size("auto", gpu)] == [64, 64]
+    assert [device_batch_size(64, cpu), device_batch_size(8, gpu)] == [64, 8]
 
 
 def test_choose_batch_size_stops_before_running_out_of_memory():
