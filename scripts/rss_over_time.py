@@ -61,18 +61,20 @@ def run_once(
     cmd += [] if encoder == "efficientnet_lite0_imagenet" else ["--set", "extract.random_weights=true"]
     cmd += [a for kv in overrides for a in ("--set", kv)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     samples: list[tuple[float, float]] = []
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        mib = _vmrss_mib(proc.pid)
-        if mib is not None:
-            samples.append((time.perf_counter() - t0, mib))
-        time.sleep(interval)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: the CLI's progress lines never fill a buffer
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            mib = _vmrss_mib(proc.pid)
+            if mib is not None:
+                samples.append((time.perf_counter() - t0, mib))
+            time.sleep(interval)
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        err = log.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"histofuse extract {folder} failed:\n{err[-3000:]}")
     (rep,) = list(out.glob("features/*/extract_report.csv"))
