@@ -31,14 +31,15 @@ Columns, tiles per second over the tiles the extraction keeps (same grid for all
 - beside the rates, each CLI variant's process CPU time (user + system, ``wait4``) per tile of its two
   slides: a figure far less moved by other jobs on a shared machine than its tiles per second;
 - ``naive``: a plain loop over the same ``--sample`` tiles: OpenSlide ``read_region`` -> RGB -> timm's own
-  transform (PIL resize, to tensor, normalise) per tile, batches of 64 through the eager fp32 model (a plain
+  transform (PIL resize, to tensor, normalise) per tile, in batches of the CLI's size (the device's
+  ``extract.batch_size``: 32 on a CPU) through the eager fp32 model (a plain
   contiguous copy, as a user loads it from timm, not the runner's channels-last one).
 - ``trident read-only`` / ``trident end to end`` (with ``--trident``, when ``import trident`` works: TRIDENT,
   github.com/mahmoodlab/TRIDENT, is not on PyPI): TRIDENT's own pipeline through its public API, in this
   process, on the same slide with the same encoder object and transform: ``load_wsi`` -> ``segment_tissue``
   with its ``OtsuSegmenter`` (its deep segmenters need hub weights) -> ``extract_tissue_coords`` at the same
   um/px, tile size and minimum tissue fraction -> ``extract_patch_features`` with a ``CustomInferenceEncoder``
-  (the eager fp32 model, timm's transform, batch 64, CPU). ``read-only`` is ``extract_patch_features`` alone
+  (the eager fp32 model, timm's transform, the same batch size, CPU). ``read-only`` is ``extract_patch_features`` alone
   with a no-op encoder (a mean over each tile), over the coordinates of the last segmentation. Rates are over
   TRIDENT's own tiles; the tile sets of both (same level-0 lattice) are compared with each other and with the
   planted tissue islands.
@@ -381,6 +382,7 @@ def bench_encoder(
     enc = build_encoder(name, random_weights=rw)
     plain = copy.deepcopy(enc.model).eval()  # the naive loop's model, before the runner makes enc.model channels-last
     runner = EncoderRunner(enc, cfg)
+    cfg = cfg.model_copy(update={"batch_size": runner.batch_size})  # the device's batch, for every column
     t0 = time.perf_counter()
     ind = EncoderRunner(enc, cfg.model_copy(update={"optimize": "inductor"})) if inductor else None
     ind_build = time.perf_counter() - t0
@@ -456,7 +458,7 @@ def bench_encoder(
             if ind
             else {}
         ),
-        "naive": timed(lambda: _naive(slide, sub, enc, model=plain)),
+        "naive": timed(lambda: _naive(slide, sub, enc, batch=cfg.batch_size, model=plain)),
         **({"trident read-only": timed(tri.read_only), "trident end to end": tri_e2e} if tri else {}),
     }
     names = list(cols)
