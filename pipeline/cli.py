@@ -34,6 +34,7 @@ from pipeline.allocator import keep_freed_memory
 from pipeline.cli_errors import EXTRAS, describe, expected_errors, setup_logging
 from pipeline.cli_parser import TIMESTAMPED, build_parser, cohort_sources, config_from_args
 from pipeline.files import write_text
+from pipeline.openmp import passive_waits
 
 if TYPE_CHECKING:
     from data_specs.cohort import Cohort
@@ -367,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     keep_freed_memory()
+    if args.cmd == "extract":
+        passive_waits()  # before torch loads: encoder threads give the reader its core (pipeline/openmp.py)
     try:
         return COMMANDS[args.cmd](args, argv)
     except ModuleNotFoundError as e:
