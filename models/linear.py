@@ -121,6 +121,26 @@ class LinearSurvival(SlideStandardised):
             return u, attn
         return self._with_composition(u, self.slide_fractions(features, mask), mask.any(1)).to(u.dtype), attn
 
+    def tile_shares(self, features: torch.Tensor) -> torch.Tensor:
+        """Each tile's exact share ``[N]`` of one bag's slide term (log-hazard units), for ``features [N, D]``.
+
+        The slide term is ``w . s(bag)`` where the inputs ``s`` (standardised mean, its projected scores, the
+        standardised cluster fractions) are an affine function of the tiles' mean (fractions: the mean of the
+        tiles' one-hot cluster memberships), so ``s(bag) = mean_i s({x_i})`` and tile i adds ``w . s({x_i}) / N``:
+        the shares sum to the bag's slide term, with no baseline and no integration steps. Cox head only (a
+        discrete-time head's risk is not additive in ``log_hz``); zeros for an empty bag.
+        """
+        if self.slide_linear is None:
+            raise ValueError("tile_shares: this model has no slide term (feature_dim=0)")
+        if self.bin_bias is not None:
+            raise ValueError("tile_shares: a discrete-time head's risk is not a sum over tiles (Cox head only)")
+        n = int(features.shape[0])
+        if n == 0:
+            return features.new_zeros(0)
+        one = torch.ones(n, 1, dtype=torch.bool, device=features.device)
+        s = self.slide_z(features.unsqueeze(1), one)[0]  # (N, width): each tile as a bag of one
+        return self.slide_linear(s.to(self.slide_linear.weight.dtype))[:, 0] / n
+
     @property
     def slide_clusters(self) -> int:
         """K, the number of tile phenotypes in the slide term (0: none)."""

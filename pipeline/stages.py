@@ -212,7 +212,8 @@ def stage_attribute(model_path: Path, cohort: Cohort, out: Path, fdir: Path | No
                     trust_pickle: bool = False) -> dict[str, Path]:  # fmt: skip
     """Attributions for the patients of ``split``, written under ``out/attributions/``:
 
-    tiles.csv (attention, integrated gradients, phenotype per tile, level-0 coordinates), heatmaps/
+    tiles.csv (attention, integrated gradients, the linear slide term's share where the model has one, phenotype
+    per tile, level-0 coordinates), heatmaps/
     (attention and IG over the thumbnail), geojson/ (QuPath), galleries/ (top/bottom tiles at full
     resolution), genes.csv (ranked, with direction), gene_ig.csv and gene_attributions.h5ad,
     phenotypes.png + phenotype_fractions.csv, biomarkers.csv (+ .json), faithfulness.json + deletion.png.
@@ -263,7 +264,14 @@ def stage_attribute(model_path: Path, cohort: Cohort, out: Path, fdir: Path | No
 def _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf: RunFiles, written: dict, steps) -> _TileResult:
     """Tile attention (from ``pred``, the split's prediction), IG and phenotypes -> tiles.csv
     (+ phenotype_fractions.csv), pictures, deletion curves; each part logged as a step of ``steps``."""
-    from pipeline.outputs.attribution import mean_tile_feature, tile_attention, tile_deletion_curves
+    from pipeline.outputs.attribution import (
+        attention_role,
+        linear_slide_term,
+        mean_tile_feature,
+        tile_attention,
+        tile_deletion_curves,
+        tile_linear_shares,
+    )
     from pipeline.outputs.attribution import tile_integrated_gradients as tile_ig
 
     attn, lh = pred.attn or [], pred.log_hz
@@ -271,6 +279,11 @@ def _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf: RunFiles, wri
     tr, what = data.splits.get("train", np.zeros(0, int)), f"tiles IG ({len(idx)} patients, {ac.ig_steps} steps)"
     ig = steps.run(what, tile_ig, model, data, idx, mean_tile_feature(data, tr if len(tr) else idx), ac.ig_steps)
     tiles["ig"] = np.concatenate(ig) if ig else np.zeros(0)
+    scores: dict[str, list[np.ndarray]] = {"attention": attn, "ig": ig}
+    lin = linear_slide_term(model)
+    if lin is not None:  # the linear slide term's exact share per tile (no IG steps, no baseline)
+        scores["linear_share"] = tile_linear_shares(lin, data, idx)
+        tiles["linear_share"] = np.concatenate(scores["linear_share"]) if len(idx) else np.zeros(0)
     paths, size0 = _slide_info(cohort, fdir)
     res = _TileResult({}, paths, size0)
     if ac.phenotypes:
@@ -280,8 +293,9 @@ def _attribute_tiles(model, data, idx, pred, cohort, fdir, ac, rf: RunFiles, wri
     ph = res.phenotypes
     if ac.phenotypes and ph is not None and all(s in paths for s, _, _ in sum(ph.examples.values(), [])):
         written["phenotype_png"] = rf.phenotypes_png
-    res.faith = steps.run("tile deletion curves", tile_deletion_curves, model, data, idx, {"attention": attn, "ig": ig},
-                          ac.deletion_steps, seed=ac.seed)  # fmt: skip
+    res.faith = steps.run("tile deletion curves", tile_deletion_curves, model, data, idx, scores, ac.deletion_steps,
+                          seed=ac.seed)  # fmt: skip
+    res.faith["attention_role"] = attention_role(model)
     return res
 
 

@@ -60,7 +60,7 @@ def main() -> None:
     r["deletion"] = {
         k: {"mean_abs_delta": f[k]["auc"], "gap_vs_random": f[k]["gap"]} for k in ("tiles", "genes") if k in f
     }
-    from pipeline.outputs.report import render_check
+    from pipeline.outputs.render_check import render_check
 
     rep = out / "report.html"
     try:

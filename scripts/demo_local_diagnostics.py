@@ -16,7 +16,8 @@ slides, and over the carrier slides only), for the attention, the tile IG and, i
 the offset's exact tile score: the frozen linear
 offset's slide term is linear in the mean tile feature, ``w . u(mean_i x_i) = sum_i w . u(x_i) / N`` (``u``: the
 standardisation and PC projection, affine), so tile i adds ``w . u(x_i) / N`` to the log hazard, and the tile
-scores of a slide sum to its slide term (checked). ``log_hz_sd`` splits the test log hazards' spread into the
+scores of a slide sum to its slide term (:meth:`models.linear.LinearSurvival.tile_shares`; a run's ``tiles.csv``
+holds the same score as ``linear_share``). ``log_hz_sd`` splits the test log hazards' spread into the
 offset's and the gated residual's (the part the attention can act on).
 """
 
@@ -80,21 +81,11 @@ def main() -> None:
     write_json(run / "local_diagnostics.json", r)
 
 
-def offset_tile_scores(offset, feats: torch.Tensor) -> torch.Tensor:
-    """Each tile's exact share ``[N]`` of the linear offset's slide term for one bag ``feats [N, D]``."""
-    z = (feats - offset.get_buffer("slide_mean")) / offset.get_buffer("slide_scale")  # (N, D)
-    u = offset.project(z, torch.ones(len(feats), dtype=torch.bool))  # (N, r): affine, so mean_i u_i = u(mean)
-    score = offset.slide_linear(u)[:, 0] / len(feats)  # (N,)
-    term = offset.slide_linear(offset.slide_z(feats[None], torch.ones(1, len(feats), dtype=torch.bool))[0])[0, 0]
-    assert torch.allclose(score.sum(), term, atol=1e-4), "tile scores must sum to the slide term"
-    return score
-
-
 @torch.inference_mode()
 def model_tiles(run: Path, fdir: Path, truth: pd.Series) -> dict:
     """Carrier AUCs and deletion gaps of attention, IG and (fitted runs) the offset's tile score."""
     from data_specs.cohort import load_cohort
-    from pipeline.outputs.attribution import tile_deletion_curves
+    from pipeline.outputs.attribution import linear_slide_term, tile_deletion_curves
     from pipeline.training.bundle import data_for_model, load_bundle
     from pipeline.training.data import make_loader, model_inputs
 
@@ -103,7 +94,8 @@ def model_tiles(run: Path, fdir: Path, truth: pd.Series) -> dict:
     idx = data.splits["test"]
     att = pd.read_csv(run / "attributions" / "tiles.csv").set_index(["slide_id", "x", "y"])
     scores: dict[str, list[np.ndarray]] = {"attention": [], "ig": []}
-    if model.offset is not None and model.offset.slide_linear is not None:
+    lin = linear_slide_term(model)
+    if lin is not None:
         scores["offset_tile"] = []
     labels = []
     for i in idx:
@@ -111,7 +103,7 @@ def model_tiles(run: Path, fdir: Path, truth: pd.Series) -> dict:
         scores["attention"].append(att.loc[keys, "attn"].to_numpy())
         scores["ig"].append(att.loc[keys, "ig"].to_numpy())
         if "offset_tile" in scores:
-            scores["offset_tile"].append(offset_tile_scores(model.offset, torch.as_tensor(data.bags[i])).numpy())
+            scores["offset_tile"].append(lin.tile_shares(torch.as_tensor(data.bags[i])).numpy())
         labels.append(truth.loc[keys].to_numpy().astype(bool))
     out: dict = {"model_skip": card.config.model.skip, "carrier_auc": {}, "top_tile_is_carrier": {}}
     car = [j for j, y in enumerate(labels) if 0 < y.sum() < len(y)]

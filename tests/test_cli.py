@@ -105,6 +105,13 @@ def test_run_end_to_end(e2e_run):
     for _, t in tiles.groupby("patient_id"):
         assert t.attn.sum() == pytest.approx(1.0, abs=1e-4)
     assert list((out / "attributions" / "heatmaps").glob("*.png"))
+    # a fitted network's tile attention is its residual branch's: the linear slide term's exact tile shares beside it
+    faith = json.loads((out / "attributions" / "faithfulness.json").read_text())["tiles"]
+    skip = read_card(out / "model.safetensors").config.model.skip
+    assert skip in ("fitted", "none") and faith["attention_role"] == ("residual" if skip == "fitted" else "pooling")
+    assert ("linear_share" in tiles.columns) == ("linear_share" in faith["auc"]) == (skip == "fitted")
+    if skip == "fitted":
+        assert tiles.linear_share.notna().all() and "Linear slide term share (log hazard)" in str(gj)
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Top genes" in html and "<table" in html
     for section in ("Cohort", "Metrics (test set)", "Biomarker table", "Faithfulness", "Resolved config", "Versions"):
@@ -178,7 +185,7 @@ def test_predict_refuses_other_gene_panel_and_takes_overrides(e2e_run, tiny_feat
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(e2e_run):
     """The run's report in a real browser: it loads without console errors and every image decodes."""
-    from pipeline.outputs.report import render_check
+    from pipeline.outputs.render_check import render_check
 
     _, out, rc, _ = e2e_run
     assert rc == 0

@@ -47,7 +47,8 @@ def _check_qupath_objects(gj: dict) -> list[dict]:
 
 def test_tile_geojson_follows_qupath_object_schema(tmp_path):
     t = pd.DataFrame({"slide_id": "S1", "x": [0, 448, 896], "y": [224, 0, 0], "attn": [0.2, 0.5, 0.3],
-                      "attn_rel": [0.6, 1.5, 0.9], "ig": [-0.1, 0.3, 0.0], "phenotype": [0, 1, 23]})  # fmt: skip
+                      "attn_rel": [0.6, 1.5, 0.9], "ig": [-0.1, 0.3, 0.0], "linear_share": [0.02, -0.04, 0.0],
+                      "phenotype": [0, 1, 23]})  # fmt: skip
     write_geojson(t, 448, tmp_path / "s.geojson")
     feats = _check_qupath_objects(json.loads((tmp_path / "s.geojson").read_text()))
     assert len(feats) == 3 and {f["properties"]["objectType"] for f in feats} == {"tile"}
@@ -58,6 +59,7 @@ def test_tile_geojson_follows_qupath_object_schema(tmp_path):
         "Attention": 0.5,
         "Attention (relative to uniform)": 1.5,
         "Integrated gradients (log hazard)": 0.3,
+        "Linear slide term share (log hazard)": -0.04,
     }
     assert set(f["properties"]["measurements"]) == set(MEASUREMENTS.values())
     names = [x["properties"]["classification"]["name"] for x in feats]

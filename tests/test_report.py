@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.outputs.report import build_report, render_check
+from pipeline.outputs.render_check import render_check
+from pipeline.outputs.report import build_report
 
 
 @pytest.fixture(scope="module")

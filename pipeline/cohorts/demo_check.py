@@ -57,6 +57,9 @@ def check_demo(out: Path) -> dict:
             "other": float(t.attn_rel[t.is_tumour == 0].mean()),
             **_within_slide_auc(t, "is_tumour", "attn"),
         }
+        for col in ("ig", "linear_share"):  # signed: tumour tiles raise the planted risk
+            if col in t.columns:
+                r[f"{col}_tumour_vs_other"] = _within_slide_auc(t, "is_tumour", col)
         if "is_carrier" in t.columns:
             r["local_morphology"] = _local_check(t, rf)
     write_json(rf.truth_check, r)
@@ -122,6 +125,8 @@ def _local_check(t: pd.DataFrame, rf: RunFiles) -> dict:
     if "ig" in t.columns:
         r["ig"] = _within_slide_auc(car, "is_carrier", "ig")  # signed: carriers raise the planted risk
         r["abs_ig"] = _within_slide_auc(car.assign(abs_ig=car.ig.abs()), "is_carrier", "abs_ig")
+    if "linear_share" in t.columns:
+        r["linear_share"] = _within_slide_auc(car, "is_carrier", "linear_share")
     if rf.faithfulness.is_file():
         f = json.loads(rf.faithfulness.read_text()).get("tiles", {})
         r["deletion"] = {"auc": f.get("auc", {}), "gap_vs_random": f.get("gap", {}), "patients": f.get("patients")}
@@ -141,6 +146,11 @@ def summary_lines(r: dict) -> list[str]:
         lines.append(
             f"mean relative attention: tumour tiles {a['tumour']:.2f}, other tiles {a['other']:.2f}; AUC {a['auc']:.3f}"
         )
+        more = [
+            f"{k} {r[f'{k}_tumour_vs_other']['auc']:.3f}" for k in ("ig", "linear_share") if f"{k}_tumour_vs_other" in r
+        ]
+        if more:
+            lines.append("tumour vs other tiles within a slide, AUC: " + ", ".join(more))
     bio = r.get("planted_gene_biomarkers")
     if bio:
         fdr = {g: "not tested" if v["uni_fdr"] is None else f"{v['uni_fdr']:.3g}" for g, v in bio["genes"].items()}
@@ -150,7 +160,9 @@ def summary_lines(r: dict) -> list[str]:
         ig = loc.get("ig", {}).get("auc", float("nan"))
         lines.append(
             f"carrier tiles ({loc['carrier_slides']} of {loc['test_slides']} test slides): attention AUC "
-            f"{loc['attention']['auc']:.3f}, IG AUC {ig:.3f}, top-attended tile a carrier in "
+            f"{loc['attention']['auc']:.3f}, IG AUC {ig:.3f}"
+            + (f", linear_share AUC {loc['linear_share']['auc']:.3f}" if "linear_share" in loc else "")
+            + f", top-attended tile a carrier in "
             f"{loc['top_attended_is_carrier']:.0%}; relative attention {loc['attn_rel_carrier']:.2f} vs "
             f"{loc['attn_rel_other']:.2f}"
         )

@@ -6,6 +6,10 @@ the training patients' mean tile). Both are mapped back to level-0 coordinates, 
 thumbnail, written as a QuPath GeoJSON, and the top/bottom tiles are cut from the slide at full
 resolution. Genes: integrated gradients per patient with the training-mean expression as baseline,
 ranked with a direction (:mod:`pipeline.outputs.writers` puts them in an AnnData, layer ``ig``).
+Where the model's log hazard has a linear slide term added as is (the linear family, or a ``model.skip=fitted``
+network's frozen offset), each tile's exact share of that term (``linear_share``, :func:`tile_linear_shares`) is
+written beside them, and the attention's role is named (:func:`attention_role`): in those models attention weighs
+the tiles for the residual branch only (or is uniform), so the tile heatmap to read first is IG's.
 Faithfulness: deletion curves (remove the top-attributed tiles or reset the top genes to baseline,
 versus random ones) measure how much the risk moves.
 """
@@ -17,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
+from models.linear import LinearSurvival
 from models.survival import MultimodalSurvival
 from pipeline.training.data import CohortData, make_loader, model_inputs
 
@@ -70,6 +76,40 @@ def tile_integrated_gradients(
         )
         out.append(attr[0].sum(dim=-1).detach().numpy())
     return out
+
+
+ATTENTION_ROLES = {
+    "pooling": "attention pools the tiles for the model's whole slide pathway",
+    "residual": "attention weighs the tiles for the gated residual branch only; the linear slide term beside it "
+    "weighs every tile by its features (read tile importance from IG or linear_share)",
+    "uniform": "the linear family's tile weights are uniform (the mean's); read tile importance from IG or "
+    "linear_share",
+}
+
+
+def attention_role(model: nn.Module) -> str:
+    """What the tile attention of ``model`` weighs: a key of :data:`ATTENTION_ROLES`."""
+    if isinstance(model, LinearSurvival):
+        return "uniform"
+    return "residual" if getattr(model, "residual_gate", None) is not None else "pooling"
+
+
+def linear_slide_term(model: nn.Module) -> LinearSurvival | None:
+    """The linear model whose slide term enters ``model``'s log hazard as is: the linear family's model itself or a
+    ``model.skip=fitted`` network's frozen offset (Cox heads, with a slide term); None for any other model."""
+    lin = model if isinstance(model, LinearSurvival) else getattr(model, "offset", None)
+    if not isinstance(lin, LinearSurvival) or lin.slide_linear is None or lin.bin_bias is not None:
+        return None
+    return lin
+
+
+@torch.inference_mode()
+def tile_linear_shares(lin: LinearSurvival, data: CohortData, idx: np.ndarray) -> list[np.ndarray]:
+    """Per patient of ``idx``, each tile's exact share ``[N_i]`` of the linear slide term of ``lin`` (log hazard;
+    the shares of a patient's tiles sum to its slide term: :meth:`models.linear.LinearSurvival.tile_shares`)."""
+    assert data.bags is not None
+    lin.eval()
+    return [lin.tile_shares(torch.as_tensor(np.asarray(data.bags[i], np.float32))).numpy() for i in idx]
 
 
 def mean_tile_feature(data: CohortData, idx: np.ndarray) -> np.ndarray:

@@ -251,23 +251,43 @@ def _faith_line(rows: list[dict]) -> str:
     )
 
 
+def _tile_note(rf: RunFiles, role: str) -> str:
+    """The heading and reading note of the tile heatmaps, in the order the report shows them for ``role``."""
+    attn = "attention (x number of tiles; 1 = uniform)"
+    ig = "integrated gradients per tile (red raises the risk)"
+    if role == "pooling":
+        order, extra = f"Left: {attn}. Middle: {ig}. Then the top and bottom tiles by attention and by IG", ""
+    else:
+        weighs = "is uniform" if role == "uniform" else "weighs the tiles for the gated residual branch only"
+        order = f"Left: {ig}. Middle: the attention, which in this model {weighs}. Then the top and bottom tiles by IG"
+        order += " and by attention"
+        extra = (
+            " The model's linear slide term adds each tile's exact share to the log hazard: column "
+            f"<code>linear_share</code> of <code>{rf.ATTRIBUTIONS}/tiles.csv</code>."
+        )
+    return (
+        f"<h2>Tile attributions</h2><p class='note'>{order}, cut from the slide at full resolution. QuPath GeoJSON "
+        f"of every scored tile: <code>{rf.ATTRIBUTIONS}/{rf.GEOJSON}/</code>.{extra}</p>"
+    )
+
+
 def _tile_sections(rf: RunFiles) -> list[str]:
     """Heatmaps and galleries per slide, headed by the tile deletion figure and numbers; then every AUC."""
     hm = sorted(p for p in rf.heatmaps.glob("*.png") if not p.stem.endswith("_ig"))
     f = json.loads(rf.faithfulness.read_text()) if rf.faithfulness.is_file() else None
     tile_rows, parts, fig = _faith_rows(f or {}, ("tiles",)), [], rf.deletion_png.is_file()
+    role = ((f or {}).get("tiles") or {}).get("attention_role", "pooling")
+    ig_first = role != "pooling"  # attention that is not the whole slide pathway is not the heatmap to read first
     if hm:
-        parts.append(
-            "<h2>Tile attributions</h2><p class='note'>Left: attention (x number of tiles; 1 = uniform). Middle: "
-            "integrated gradients per tile (red raises the risk). Then the top and bottom tiles by attention and by "
-            "integrated gradients, cut from the slide at full resolution. QuPath GeoJSON of every scored tile: "
-            f"<code>{rf.ATTRIBUTIONS}/{rf.GEOJSON}/</code>.</p>"
-        )
+        parts.append(_tile_note(rf, role))
         parts += ([_faith_line(tile_rows)] if tile_rows else []) + ([_img(rf.deletion_png, 760)] if fig else [])
     for p in hm:
         sid = p.stem
-        row = [_img(q, 330, photo=True) for q in (p, rf.heatmap(sid, ig=True)) if q.is_file()]
-        row += [_img(g, 600, photo=True) for g in (rf.gallery(sid), rf.gallery(sid, ig=True)) if g.is_file()]
+        maps, galleries = [p, rf.heatmap(sid, ig=True)], [rf.gallery(sid), rf.gallery(sid, ig=True)]
+        if ig_first:
+            maps, galleries = maps[::-1], galleries[::-1]
+        row = [_img(q, 330, photo=True) for q in maps if q.is_file()]
+        row += [_img(g, 600, photo=True) for g in galleries if g.is_file()]
         parts.append(f"<div class='slide'><h3>{html.escape(sid)}</h3>{''.join(row)}</div>")
     if f is not None:
         rows = _faith_rows(f, ("tiles", "genes"))
@@ -323,71 +343,3 @@ def build_report(out: Path, title: str = "histofuse run") -> Path:
     )
     path = write_text(rf.report, page)
     return path
-
-
-_PROBE = """<script>
-(function () {
-  var errs = [];
-  window.addEventListener('error', function (e) {
-    errs.push('error: ' + (e.message || (e.target && e.target.src) || e));
-  }, true);
-  var ce = console.error;
-  console.error = function () {
-    errs.push('console.error: ' + Array.from(arguments).join(' '));
-    ce.apply(console, arguments);
-  };
-  window.addEventListener('load', function () {
-    var imgs = Array.from(document.images);
-    var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
-                  .map(function (i) { return i.alt; });
-    var out = document.createElement('pre');
-    out.id = 'render-check';
-    out.textContent = JSON.stringify({images: imgs.length, broken: bad, errors: errs});
-    document.body.appendChild(out);
-  });
-})();
-</script>"""
-
-
-def render_check(report: Path, chromium: str = "chromium", timeout: float = 120.0) -> dict:
-    """Open ``report`` in headless Chromium: ``{"images", "broken", "errors", "console"}``.
-
-    A copy of the page gets a probe script that, once the page has loaded, records every image that did not
-    decode (``naturalWidth == 0``) and every error event into the DOM, read back with ``--dump-dom``;
-    console messages Chromium logs at level >= warning (``--enable-logging=stderr``) are in ``console``.
-    """
-    import re
-    import shutil
-    import subprocess
-    import tempfile
-
-    exe = shutil.which(chromium)
-    if exe is None:
-        raise FileNotFoundError(f"{chromium}: not found on PATH (Debian: apt-get install chromium)")
-    page = Path(report).read_text()
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = Path(tmp) / "page.html"
-        probe.write_text(page.replace("<head>", "<head>" + _PROBE, 1))
-        cmd = [
-            exe,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp}/profile",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            probe.as_uri(),
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    m = re.search(r'<pre id="render-check">(.*?)</pre>', r.stdout, re.S)
-    if m is None:
-        raise RuntimeError(f"chromium did not render the page (exit {r.returncode}): {r.stderr[-2000:]}")
-    res = json.loads(html.unescape(m.group(1)))
-    res["console"] = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln]
-    return res

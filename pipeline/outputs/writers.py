@@ -25,6 +25,7 @@ MEASUREMENTS: dict[str, str] = {
     "attn": "Attention",
     "attn_rel": "Attention (relative to uniform)",
     "ig": "Integrated gradients (log hazard)",
+    "linear_share": "Linear slide term share (log hazard)",
 }
 # a fixed palette for phenotypes P0, P1, ... (matplotlib's tab20, as QuPath's 0-255 RGB), cycled past 20
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -48,7 +49,7 @@ def phenotype_class(label: int) -> dict:
 
 def write_geojson(tiles: pd.DataFrame, size0: int, path: Path) -> None:
     """A QuPath GeoJSON FeatureCollection of one slide's tiles (``tiles``: slide_id, x, y and any of attn,
-    attn_rel, ig, phenotype): one square ``tile`` object per row in level-0 pixels, with an ``id``, its
+    attn_rel, ig, linear_share, phenotype): one square ``tile`` object per row in level-0 pixels, with an ``id``, its
     scores as named measurements (:data:`MEASUREMENTS`) and its phenotype as a classification."""
     meas = [c for c in MEASUREMENTS if c in tiles.columns]
     feats = []
