@@ -173,6 +173,10 @@ class TrainConfig(_Frozen):
     # (1 - gamma) * the refit on its active set with a ridge of 1e-3 only; 1 = not relaxed; "auto": gamma chosen by
     # the same CV, jointly with c and the mix, among 0, 0.25, 0.5, 1. Ridge (l1_ratio 0) has no active set
     linear_relax: float | Literal["auto"] = 1.0
+    # what the linear fit's K-fold CV maximises to choose c (and the mix, gamma): "loglik", the cross-validated partial
+    # likelihood (Verweij & van Houwelingen); "cindex", the out-of-fold concordance (pairs within a site) from the same
+    # site answers, as scikit-survival's Coxnet is tuned in the run's baselines (ties: the larger penalty)
+    linear_cv_criterion: Literal["loglik", "cindex"] = "loglik"
     # model.skip=linear/fitted: weight of the mean square of the gated residual branch's log hazard, added to the
     # training loss (pulls the network towards its linear part); auto: 1 with model.skip=fitted (chosen on the
     # demo's validation folds for runs without validation, within 0.005 of 0 with it), else 0

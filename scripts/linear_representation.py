@@ -18,9 +18,9 @@ own K-fold CV; ``ridge`` is l1_ratio 0 there, ``auto`` the mix chosen by that CV
 stratum on times grouped into ``K`` public bins (every fit patient's time replaced by its bin's index, the bins
 from the fit patients' pooled site histograms of event times, :func:`pipeline.stats.curves.discrete_time_bins`,
 as a federation computes them: the grouped partial likelihood a federated unstratified fit could use; scored on
-the exact times); ``_relax``: the relaxed
-elastic net, ``train.linear_relax=auto``; each row then also gives the inner fits' mean rounds and chosen mixes and
-gammas). ``--test`` also prints
+the exact times); ``_relax``: the relaxed elastic net, ``train.linear_relax=auto``; ``_cidx``: the penalty and mix
+chosen by the CV's out-of-fold concordance, ``train.linear_cv_criterion=cindex``, instead of its partial likelihood;
+each row then also gives the inner fits' mean rounds and chosen mixes and gammas). ``--test`` also prints
 each variant's test C (fitted on all non-test patients), as a final check only: choices are made on the nested CV
 score. ``--tcga``: the same nested CV on TCGA-BRCA clinical (FLamby's split, :func:`pipeline.cohorts.tcga_brca.
 build_cohort` with each of ``--seeds``, ``train.seed`` the same; its non-test patients only).
@@ -53,13 +53,14 @@ def parse(variant: str) -> tuple[int, float | str]:
 
 
 def linear_overrides(variant: str) -> list[str]:
-    """``lin_<slides>_<pen>[_patients][_unstrat][_relax]``: the linear family's config (slide PCs, l1_ratio, moment
-    level, strata, relaxation)."""
+    """``lin_<slides>_<pen>[_patients][_unstrat][_relax][_cidx]``: the linear family's config (slide PCs, l1_ratio,
+    moment level, strata, relaxation, CV criterion)."""
     r, l1 = parse(variant)
     level = "patients" if "_patients" in variant else "tiles"
     ov = ["model.family=linear", f"model.linear_slide_pcs={r}", f"train.linear_l1_ratio={l1}",
           f"model.linear_slide_moments={level}"]  # fmt: skip
     ov += ["train.linear_relax=auto"] if "_relax" in variant else []
+    ov += ["train.linear_cv_criterion=cindex"] if "_cidx" in variant else []
     return ov + (["train.stratify=false"] if "_unstrat" in variant or "_grouped" in variant else [])
 
 

@@ -165,7 +165,8 @@ def fit_federated_cv(
         model, data, idx, r, level, release, m.linear_slide, m.linear_slide_clusters, cfg.federated.min_count
     )
     parties, left = site_parties(model, data, idx, cfg, ledger)
-    rec = fit_with_cv(model, parties, grid, l1_ratio=cfg.train.linear_l1_ratio, relax=cfg.train.linear_relax)
+    t = cfg.train
+    rec = fit_with_cv(model, parties, grid, t.linear_l1_ratio, t.linear_relax, t.linear_cv_criterion)
     if ledger_path is not None:
         out = MessageLedger(ledger_path)
         out.lines = ledger.lines

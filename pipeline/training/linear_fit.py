@@ -165,14 +165,19 @@ def cross_validate(parties: Sequence[Party], grid: Sequence[float] = PENALTY_GRI
     return [out[c] for c in grid]
 
 
-def choose(records: Sequence[dict]) -> dict:
-    """The record with the highest CV log-likelihood (ties, within 1e-9: the larger penalty, then the larger
-    ``l1_ratio``, the sparser model, then the larger ``relax``, the less relaxed)."""
-    ok = [r for r in records if np.isfinite(r["cv_loglik"])]
+CV_SCORES = {"loglik": "cv_loglik", "cindex": "cv_cindex"}  # train.linear_cv_criterion -> the records' field
+CV_NAMES = {"loglik": "partial likelihood", "cindex": "concordance (pairs within a site)"}
+
+
+def choose(records: Sequence[dict], criterion: str = "loglik") -> dict:
+    """The record with the highest CV score (``criterion``: :data:`CV_SCORES`; ties, within 1e-9: the larger
+    penalty, then the larger ``l1_ratio``, the sparser model, then the larger ``relax``, the less relaxed)."""
+    key = CV_SCORES[criterion]
+    ok = [r for r in records if np.isfinite(r["cv_loglik"]) and np.isfinite(r[key])]
     if not ok:
         raise ValueError("linear fit: no party could send a cross-validation score (too few patients or events)")
-    best = max(r["cv_loglik"] for r in ok)
-    tied = [r for r in ok if r["cv_loglik"] >= best - 1e-9]
+    best = max(r[key] for r in ok)
+    tied = [r for r in ok if r[key] >= best - 1e-9]
     return max(tied, key=lambda r: (r["penalty"], r.get("l1_ratio", 0.0), r.get("relax", 1.0)))
 
 
@@ -258,7 +263,7 @@ def fit_kind(l1_ratio: float) -> str:
 
 
 def _summaries(
-    paths: dict[float, list[dict]], cs: Sequence[float], gammas: Sequence[float]
+    paths: dict[float, list[dict]], cs: Sequence[float], gammas: Sequence[float], criterion: str = "loglik"
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """From each mix's CV records ``paths``: each mix's best (with its path's rounds), per penalty of the grid ``cs``
     the best-scoring record (one mix: its path), and each ``gamma``'s best."""
@@ -266,7 +271,7 @@ def _summaries(
     for a, path in paths.items():
         scored = [r for r in path if np.isfinite(r["cv_loglik"])]
         top = (
-            choose(scored)
+            choose(scored, criterion)
             if scored
             else {"penalty": float("nan"), "cv_loglik": float("nan"), "cv_cindex": float("nan")}
         )
@@ -279,9 +284,9 @@ def _summaries(
         at_c = [r for r in records if r["penalty"] == c]
         finite = [r for r in at_c if np.isfinite(r["cv_loglik"])]
         if at_c:
-            per_c.append(choose(finite) if finite else at_c[0])
+            per_c.append(choose(finite, criterion) if finite else at_c[0])
     scored = [r for r in records if np.isfinite(r["cv_loglik"])]
-    per_gamma = [choose(rs) for g in gammas if (rs := [r for r in scored if r["relax"] == g])]
+    per_gamma = [choose(rs, criterion) for g in gammas if (rs := [r for r in scored if r["relax"] == g])]
     return per_mix, per_c, per_gamma
 
 
@@ -291,16 +296,15 @@ def fit_with_cv(
     grid: Sequence[float] | None = None,
     l1_ratio: float | str = 0.0,
     relax: float | str = 1.0,
+    criterion: str = "loglik",
 ) -> dict:
-    """Choose the penalty (and with ``l1_ratio="auto"`` the mix, jointly: :func:`mixes`) by CV over ``parties``
-    (``c`` among ``grid``, default :func:`penalty_grid`; a plain grid is every mix's, a :class:`MixGrids` gives each
-    mix its own), refit on all their patients and
-    load the coefficients into ``model``; returns the record (chosen penalty and mix; ``candidates``: per penalty of
-    the grid, the best-scoring mix's CV record, each with its ``l1_ratio``; ``mix_candidates``: each mix's best;
-    evaluations = rounds). ``l1_ratio``: the elastic net's mix
-    (:func:`fit_ridge`; 0 = ridge) or ``auto``. ``relax``: the relaxed elastic net's weight ``gamma`` of the
-    elastic-net fit against the refit on its active set (:mod:`pipeline.training.linear_relaxed`; 1 = not relaxed), or
-    ``auto``: chosen by the same CV with ``c`` and the mix."""
+    """Choose the penalty (with ``l1_ratio="auto"`` the mix, jointly: :func:`mixes`) by CV over ``parties`` (``c``
+    among ``grid``, default :func:`penalty_grid`; a plain grid is every mix's, a :class:`MixGrids` gives each mix its
+    own), refit on all their patients and load the coefficients into ``model``; returns the record (chosen penalty
+    and mix; ``candidates``: per ``c``, the best-scoring mix's CV record; ``mix_candidates``: each mix's best;
+    evaluations = rounds). ``l1_ratio``: the elastic net's mix (:func:`fit_ridge`; 0 = ridge) or ``auto``. ``relax``:
+    the relaxed elastic net's ``gamma`` (:mod:`pipeline.training.linear_relaxed`; 1 = not relaxed) or ``auto``, chosen
+    by the same CV. ``criterion``: what the CV maximises (:data:`CV_SCORES`, ``train.linear_cv_criterion``)."""
     from pipeline.training.linear_relaxed import cross_validate_relaxed, final_fit, relax_values
 
     if not parties:
@@ -315,7 +319,7 @@ def fit_with_cv(
         return cross_validate_relaxed(parties, per_mix_grid.get(a, cs), a, gammas)
 
     paths = {a: cv_path(a) for a in tried}
-    best = choose([r for path in paths.values() for r in path])
+    best = choose([r for path in paths.values() for r in path], criterion)
     mix, gamma = float(best["l1_ratio"]), float(best["relax"])
     beta, final_evals, converged = final_fit(parties, best["penalty"], mix, gamma)
     model.set_coefficients(torch.from_numpy(beta))
@@ -325,9 +329,10 @@ def fit_with_cv(
     kind = fit_kind(mix) if gamma == 1 else f"relaxed {fit_kind(mix)}, gamma {gamma:g},"
     how += f" and gamma among {', '.join(f'{g:g}' for g in gammas)}" if len(gammas) > 1 else ""
     records = [r for path in paths.values() for r in path]
-    per_mix, per_c, per_gamma = _summaries(paths, cs, gammas)
+    per_mix, per_c, per_gamma = _summaries(paths, cs, gammas, criterion)
     return {
-        "fit": f"full-batch {kind} Cox ({solver}), {how} by K-fold cross-validated partial likelihood",
+        "fit": f"full-batch {kind} Cox ({solver}), {how} by K-fold cross-validated {CV_NAMES[criterion]}",
+        "cv_criterion": criterion,
         "penalty": best["penalty"],
         "l1_ratio": mix,
         "l1_ratio_setting": l1_ratio,
@@ -364,7 +369,8 @@ def fit_linear_centralised(model: LinearSurvival, data: CohortData, idx: np.ndar
     m, k = cfg.model, cfg.federated.min_count  # the federated fit's smallest phenotype cell: pooled == federated
     proj = prepare_slide_term(model, data, idx, r, level, None, m.linear_slide, m.linear_slide_clusters, k)
     parties = parties_of(model, data, idx, cfg, cfg.train.stratify)
-    rec = fit_with_cv(model, parties, l1_ratio=cfg.train.linear_l1_ratio, relax=cfg.train.linear_relax)
+    t = cfg.train
+    rec = fit_with_cv(model, parties, l1_ratio=t.linear_l1_ratio, relax=t.linear_relax, criterion=t.linear_cv_criterion)
     rec["slide_projection"] = proj
     return {"select": "cv", "best_epoch": None, "best_val_loss": None, "best_val_cindex": rec["cv_cindex"],
             "val_history": [], "linear_fit": rec}  # fmt: skip
