@@ -113,6 +113,9 @@ def test_run_end_to_end(e2e_run):
     if skip == "fitted":
         assert tiles.linear_share.notna().all() and "Linear slide term share (log hazard)" in str(gj)
     html = (out / "report.html").read_text()
+    sid = next((out / "attributions" / "heatmaps").glob("*_ig.png")).stem.removesuffix("_ig")
+    ig_first = html.index(f'alt="{sid}_ig"') < html.index(f'alt="{sid}"')
+    assert ig_first == (skip == "fitted")  # the heatmap to read first: IG's where attention is the residual's
     assert "data:image/png;base64," in html and "Top genes" in html and "<table" in html
     for section in ("Cohort", "Metrics (test set)", "Biomarker table", "Faithfulness", "Resolved config", "Versions"):
         assert f"<h2>{section}" in html, section
