@@ -41,6 +41,9 @@ class ExtractConfig(_Frozen):
     num_workers: int = Field(0, ge=0)  # DataLoader workers per slide, each with its own slide handle
     prefetch_factor: int = Field(4, ge=1)  # batches each worker reads ahead
     read_ahead: int = Field(2, ge=0)  # with num_workers=0: batches a reader thread reads ahead of the encoder (0: off)
+    # with num_workers=0: threads that read each batch's tiles together (contiguous runs of the batch, each thread
+    # its own slide handle and tile cache); with read_ahead=0 the encoder waits while every core reads the batch
+    read_threads: int = Field(1, ge=1)
     # "auto": an Aperio / generic tiled TIFF level is decoded directly (tifffile + imagecodecs), used only where
     # its pixels equal OpenSlide's on check tiles (~4x less CPU per tile); "openslide": always read_region
     tile_reader: Literal["auto", "openslide"] = "auto"

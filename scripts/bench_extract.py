@@ -2,7 +2,7 @@
 
     python scripts/bench_extract.py [--encoders efficientnet_lite0_imagenet resnet50] [--side 24576]
                                     [--repeats 3] [--sample 192] [--rss-scale 2] [--serial] [--openslide]
-                                    [--trident] [--inductor] [--json FILE]
+                                    [--trident] [--inductor] [--threaded] [--json FILE]
 
 The slide: an Aperio-style pyramidal JPEG TIFF at 0.25 um/px (levels by 4, as scanners write them), glass
 with seeded tissue islands of the real H&E images (large pieces, thin needle-biopsy strips and small
@@ -23,6 +23,9 @@ Columns, tiles per second over the tiles the extraction keeps (same grid for all
   costs (imports, encoder build and trace, the first batches' first-touch memory) are behind. The first
   slide's rate and the process's wall time are printed beside it;
 - ``end to end serial`` (with ``--serial``): the same with ``extract.read_ahead=0`` (no reader thread);
+- ``end to end threaded`` (with ``--threaded``): ``extract.read_ahead=0 extract.read_threads=<cores>``: no reader
+  thread beside the encoder; every core reads a batch (:func:`pipeline.slides.reader.threaded_batches`), then the
+  encoder has every core;
 - ``end to end openslide`` (with ``--openslide``): the same with ``extract.tile_reader=openslide`` (every tile
   through OpenSlide's ``read_region`` instead of the direct TIFF decoding), and its peak RSS at both sizes;
 - ``encoder limit inductor`` / ``end to end inductor`` (with ``--inductor``): the same two with
@@ -321,6 +324,7 @@ def _cli(
     random_weights: bool,
     read_ahead: int | None = None,
     tile_reader: str = "",
+    read_threads: int | None = None,
     optimize: str = "",
 ) -> dict:
     """``histofuse extract folder`` in a fresh process: wall seconds, peak RSS, and per slide (in order) its
@@ -331,6 +335,7 @@ def _cli(
     cmd += ["--encoder", encoder, "--mpp", str(TARGET_MPP), "--tile-px", str(TILE)]
     cmd += ["--set", "extract.random_weights=true"] if random_weights else []
     cmd += ["--set", f"extract.read_ahead={read_ahead}"] if read_ahead is not None else []
+    cmd += ["--set", f"extract.read_threads={read_threads}"] if read_threads is not None else []
     cmd += ["--set", f"extract.tile_reader={tile_reader}"] if tile_reader else []
     cmd += ["--set", f"extract.optimize={optimize}"] if optimize else []
     t0 = time.perf_counter()
@@ -369,6 +374,7 @@ def bench_encoder(
     openslide: bool = False,
     trident: bool = False,
     inductor: bool = False,
+    threaded: bool = False,
 ) -> dict:
     """Warm-up plus ``repeats`` rotated rounds of the columns for one encoder; medians and the CLI runs."""
     from data_specs.config import ExtractConfig
@@ -398,6 +404,7 @@ def bench_encoder(
     serial_runs: list[dict] = []
     os_runs: list[dict] = []
     ind_runs: list[dict] = []
+    burst_runs: list[dict] = []
     tri = _Trident(slide, enc, cfg, work) if trident else None
 
     def e2e() -> tuple[int, float]:
@@ -408,6 +415,12 @@ def bench_encoder(
     def e2e_serial() -> tuple[int, float]:
         r = _cli(folder, work / f"out_{name}_serial_{len(serial_runs)}", name, rw, read_ahead=0)
         serial_runs.append(r)
+        return r["tiles"], r["seconds"]
+
+    def e2e_threaded() -> tuple[int, float]:  # no read-ahead: every core reads a batch, then every core encodes it
+        r = _cli(folder, work / f"out_{name}_threaded_{len(burst_runs)}", name, rw, read_ahead=0,
+                 read_threads=os.cpu_count() or 1)  # fmt: skip
+        burst_runs.append(r)
         return r["tiles"], r["seconds"]
 
     def e2e_openslide() -> tuple[int, float]:
@@ -449,6 +462,7 @@ def bench_encoder(
         "encoder limit": timed(lambda: sum(len(runner(b)) for b in batches)),
         "end to end": e2e,
         **({"end to end serial": e2e_serial} if serial else {}),
+        **({"end to end threaded": e2e_threaded} if threaded else {}),
         **({"end to end openslide": e2e_openslide} if openslide else {}),
         **(
             {
@@ -474,7 +488,8 @@ def bench_encoder(
     return {"encoder": name, "weights": enc.weights, "optimize": runner.optimize, "tiles": len(grid.coords),
             "kept": runs[-1]["tiles"], "sampled": sum(len(b) for b in batches), "median": med, "all": rates,
             "first_slide_median": statistics.median(first), "cli": runs[1:], "cli_serial": serial_runs[1:],
-            "cli_openslide": os_runs[1:], "cli_inductor": ind_runs[1:], "inductor_build_s": ind_build if ind else None,
+            "cli_openslide": os_runs[1:], "cli_inductor": ind_runs[1:], "cli_threaded": burst_runs[1:],
+            "inductor_build_s": ind_build if ind else None,
             "load": _load(),
             "trident_cpu_ms_per_tile": tri_cpu[1:],
             "tile_sets": _tile_sets(slide, grid, runs[-1]["tiles"], tri.coords(tri.coords_path)) if tri else None,
@@ -493,6 +508,8 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=192, help="tiles the encoder-limit and naive columns run on")
     ap.add_argument("--serial", action="store_true", help="also run the CLI with extract.read_ahead=0")
     ap.add_argument("--openslide", action="store_true", help="also run the CLI with extract.tile_reader=openslide")
+    ap.add_argument("--threaded", action="store_true",
+                    help="also run the CLI with extract.read_ahead=0 and extract.read_threads=<cores>")  # fmt: skip
     ap.add_argument("--trident", action="store_true", help="also run TRIDENT's pipeline (when TRIDENT is installed)")
     ap.add_argument(
         "--inductor", action="store_true", help="also the encoder limit and the CLI with extract.optimize=inductor"
@@ -535,6 +552,7 @@ def main() -> None:
                 args.openslide,
                 args.trident,
                 args.inductor,
+                args.threaded,
             )
             res["encoders"].append(r)
             m = r["median"]
@@ -545,6 +563,8 @@ def main() -> None:
                   + f"; first slide {r['first_slide_median']:.1f}; CLI wall {cli:.1f} s for two slides; "
                   f"e2e/naive {m['end to end'] / m['naive']:.2f}x, e2e/limit {m['end to end'] / m['encoder limit']:.2f}"
                   + (f", serial e2e/limit {m['end to end serial'] / m['encoder limit']:.2f}" if args.serial else "")
+                  + (f", threaded e2e/limit {m['end to end threaded'] / m['encoder limit']:.2f}, threaded/e2e "
+                     f"{m['end to end threaded'] / m['end to end']:.2f}x" if args.threaded else "")
                   + (f", openslide e2e/limit {m['end to end openslide'] / m['encoder limit']:.2f}"
                      if args.openslide else "")
                   + (f", e2e/TRIDENT e2e {m['end to end'] / m['trident end to end']:.2f}x, read-only/TRIDENT "
@@ -569,7 +589,7 @@ def main() -> None:
                 print(f"  trident end to end: CPU {statistics.median(per):.1f} ms per tile, this process and its "
                       "DataLoader workers, the timed call only (rounds " + ", ".join(f"{v:.1f}" for v in per) + ")",
                       flush=True)  # fmt: skip
-            for key in ("cli", "cli_serial", "cli_openslide", "cli_inductor"):
+            for key in ("cli", "cli_serial", "cli_openslide", "cli_inductor", "cli_threaded"):
                 if r[key]:  # CPU per tile is far less sensitive to other jobs' load than tiles per second
                     per = [1e3 * c["cpu_s"] / sum(c["slide_tiles"]) for c in r[key]]
                     print(f"  {key}: process CPU {statistics.median(per):.1f} ms per tile (rounds "

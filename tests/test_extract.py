@@ -617,14 +617,46 @@ def test_read_ahead_thread_gives_the_same_features_file(tmp_path, slides, enc):
     rgb = np.asarray(Image.open(ASSETS / "tumor_target_he.png").convert("RGB"))
     write_pyramid_tiff(big, np.tile(rgb[:672, :672], (2, 2, 1)), mpp=0.5)  # 36 tiles, 9 batches of 4
     runs = {}
-    for ahead in (0, 1, 3):
-        cfg = CFG.model_copy(update={"read_ahead": ahead, "max_background": 1.0})
-        (r,) = extract_slides([big], tmp_path / f"a{ahead}", enc, cfg, progress=False)
+    for ahead, threads in ((0, 1), (1, 1), (3, 1), (0, 2), (0, 3), (2, 2)):
+        cfg = CFG.model_copy(update={"read_ahead": ahead, "read_threads": threads, "max_background": 1.0})
+        (r,) = extract_slides([big], tmp_path / f"a{ahead}_{threads}", enc, cfg, progress=False)
         assert r.status == "done" and r.tiles == 36
-        runs[ahead] = load_features(tmp_path / f"a{ahead}" / "big.h5")
-    for ahead in (1, 3):
-        np.testing.assert_array_equal(runs[ahead][1], runs[0][1])  # same tiles in the same order
-        np.testing.assert_array_equal(runs[ahead][0], runs[0][0])  # same encoder, same batches: identical
+        runs[ahead, threads] = load_features(tmp_path / f"a{ahead}_{threads}" / "big.h5")
+    for key in runs:
+        np.testing.assert_array_equal(runs[key][1], runs[0, 1][1])  # same tiles in the same order
+        np.testing.assert_array_equal(runs[key][0], runs[0, 1][0])  # same encoder, same batches: identical
+
+
+def test_threaded_batches_equal_the_data_loaders_and_close_their_handles(tmp_path, he_rgb):
+    import threading
+
+    from pipeline.slides.features import tissue_settings
+    from pipeline.slides.reader import TileDataset, collate_tiles, open_slide, threaded_batches, tile_grid
+
+    p = tmp_path / "s.tif"
+    rgb = np.asarray(Image.open(ASSETS / "tumor_target_he.png").convert("RGB"))
+    img = np.tile(rgb[:672, :672], (2, 2, 1))
+    img[:224, :448] = 255  # two background tiles: the batches' rejected counts
+    write_pyramid_tiff(p, img, mpp=0.5)
+    slide = open_slide(p)
+    grid = tile_grid(slide, np.ones((8, 8), bool), 0.5, 0.5, 224, 0.0)
+    slide.close()
+    tissue = tissue_settings(CFG)
+    ds = TileDataset(p, grid, tissue)
+    want = list(torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate_tiles))
+    assert sum(b[2] for b in want) == 2
+    for threads in (2, 3, 7):
+        before = threading.active_count()
+        got = list(threaded_batches(ds, 5, threads))
+        assert len(got) == len(want) == 8
+        for (x, i, r), (x0, i0, r0) in zip(got, want, strict=True):
+            torch.testing.assert_close(x, x0, rtol=0, atol=0)
+            assert i.tolist() == i0.tolist() and r == r0
+        assert threading.active_count() == before  # the pool's threads are joined
+    gen = threaded_batches(ds, 5, 2)
+    next(gen)
+    gen.close()  # a consumer that stops early (the encoder failed) closes the copies and the pool
+    ds.close()
 
 
 def test_direct_tiff_reader_gives_the_same_features_file_as_openslide(tmp_path, slides, enc):
@@ -639,8 +671,8 @@ def test_direct_tiff_reader_gives_the_same_features_file_as_openslide(tmp_path, 
     np.testing.assert_array_equal(runs["auto"][0], runs["openslide"][0])  # the same pixels, the same features
 
 
-@pytest.mark.parametrize("reader", ["auto", "openslide"])
-def test_a_corrupt_tile_mid_slide_fails_that_slide_with_either_tile_reader(tmp_path, enc, reader):
+@pytest.mark.parametrize(("reader", "threads"), [("auto", 1), ("openslide", 1), ("auto", 2)])
+def test_a_corrupt_tile_mid_slide_fails_that_slide_with_either_tile_reader(tmp_path, enc, reader, threads):
     import tifffile
 
     p = tmp_path / "s.tif"
@@ -651,7 +683,8 @@ def test_a_corrupt_tile_mid_slide_fails_that_slide_with_either_tile_reader(tmp_p
     data = bytearray(p.read_bytes())
     data[off : off + 2] = b"\0\0"  # no JPEG start marker
     p.write_bytes(bytes(data))
-    cfg = CFG.model_copy(update={"tile_reader": reader, "max_background": 1.0, "thumbnail_px": 300})
+    cfg = CFG.model_copy(update={"tile_reader": reader, "max_background": 1.0, "thumbnail_px": 300,
+                                 "read_threads": threads, "read_ahead": 2 if threads == 1 else 0})  # fmt: skip
     (r,) = extract_slides([p], tmp_path / reader, enc, cfg, progress=False)
     assert r.status == "failed" and "reading tiles failed" in r.error and str(p) in r.error
     assert not (tmp_path / reader / "s.h5").exists()

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -66,6 +66,7 @@ from pipeline.slides.reader import (
     open_slide,
     slide_fingerprint,
     slide_mpp,
+    threaded_batches,
     thumbnail,
     tile_grid,
 )
@@ -228,7 +229,8 @@ def encode_tiles(
     Holds at most the prefetched batches and one batch of features; never all tiles of a slide. With no
     DataLoader workers, a reader thread reads ``cfg.read_ahead`` batches ahead of the encoder
     (:class:`pipeline.slides.prefetch.Prefetcher`). The next batch is submitted before the previous one is
-    collected (on CUDA they overlap).
+    collected (on CUDA they overlap). With ``cfg.read_threads`` > 1 each batch is read by that many threads
+    (:func:`pipeline.slides.reader.threaded_batches`).
     """
     import openslide
 
@@ -238,17 +240,21 @@ def encode_tiles(
         return 0
     rejected = 0
     workers = cfg.num_workers
-    loader = torch.utils.data.DataLoader(
-        ds,
-        batch_size=runner.batch_size,
-        num_workers=workers,
-        collate_fn=collate_tiles,
-        pin_memory=runner.pin,
-        prefetch_factor=cfg.prefetch_factor if workers else None,
-        persistent_workers=False,
+    source: Iterable = (
+        torch.utils.data.DataLoader(
+            ds,
+            batch_size=runner.batch_size,
+            num_workers=workers,
+            collate_fn=collate_tiles,
+            pin_memory=runner.pin,
+            prefetch_factor=cfg.prefetch_factor if workers else None,
+            persistent_workers=False,
+        )
+        if workers or cfg.read_threads == 1
+        else threaded_batches(ds, runner.batch_size, cfg.read_threads)
     )
     pending: tuple[tuple[torch.Tensor, object], np.ndarray] | None = None
-    ahead = Prefetcher(lambda: loader, cfg.read_ahead) if not workers and cfg.read_ahead else nullcontext(loader)
+    ahead = Prefetcher(lambda: source, cfg.read_ahead) if not workers and cfg.read_ahead else nullcontext(source)
     try:
         with ahead as batches:
             if runner.fixed is not None:  # a graph compiled for one batch size: full batches of kept tiles
@@ -268,6 +274,8 @@ def encode_tiles(
     except (openslide.OpenSlideError, TileDecodeError) as e:
         raise SlideError(f"{path}: reading tiles failed ({e}); the file may be truncated or corrupt") from e
     finally:
+        if isinstance(source, Generator):  # threaded_batches: its thread pool and handle copies
+            source.close()
         ds.close()
     return rejected
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,6 +292,32 @@ class TileDataset(torch.utils.data.Dataset):
         if self._slide is not None:
             self._slide.close()
             self._slide = None
+
+
+def threaded_batches(
+    ds: TileDataset, batch_size: int, threads: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The grid's tiles in batches of ``batch_size`` (as a DataLoader with :func:`collate_tiles` yields them), each
+    batch read by ``threads`` threads at once: the batch is cut into ``threads`` contiguous runs (neighbouring tiles
+    share JPEG tiles in a reader's cache), each run read through its own :class:`TileDataset` copy (own slide
+    handle and cache; ``ds`` is the first and is closed by its owner). A read error is raised here, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    copies = [ds] + [TileDataset(ds.path, ds.grid, ds.tissue, ds.tile_reader) for _ in range(threads - 1)]
+
+    def read(job: tuple[TileDataset, np.ndarray]) -> list[tuple[np.ndarray, int, bool]]:
+        src, part = job
+        return [src[int(i)] for i in part]
+
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="tile-reader") as pool:
+            for start in range(0, len(ds), batch_size):
+                parts = np.array_split(np.arange(start, min(len(ds), start + batch_size)), threads)
+                runs = pool.map(read, [(c, p) for c, p in zip(copies, parts, strict=True) if len(p)])
+                yield collate_tiles([item for run in runs for item in run])
+    finally:
+        for c in copies[1:]:
+            c.close()
 
 
 def slide_fingerprint(path: Path) -> str:
