@@ -128,7 +128,7 @@ class LinearSurvival(SlideStandardised):
         standardised cluster fractions) are an affine function of the tiles' mean (fractions: the mean of the
         tiles' one-hot cluster memberships), so ``s(bag) = mean_i s({x_i})`` and tile i adds ``w . s({x_i}) / N``:
         the shares sum to the bag's slide term, with no baseline and no integration steps. Cox head only (a
-        discrete-time head's risk is not additive in ``log_hz``); zeros for an empty bag.
+        discrete-time head's risk is not additive in ``log_hz``); an empty bag gives an empty tensor.
         """
         if self.slide_linear is None:
             raise ValueError("tile_shares: this model has no slide term (feature_dim=0)")

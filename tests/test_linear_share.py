@@ -16,17 +16,20 @@ from pipeline.training.data import CohortData
 D, G, C = 8, 5, 3
 
 
-def _linear(kind: str, seed: int = 0) -> LinearSurvival:
+def _linear(kind: str, seed: int = 0, tiles: torch.Tensor | None = None) -> LinearSurvival:
     """A linear model with a random fit whose slide term is over the raw standardised mean (``raw``), 3 PCs
-    (``pcs``), 4 tile clusters (``composition``) or both."""
+    (``pcs``), 4 tile clusters (``composition``) or both; the clusters centred on the scores of ``tiles[:4]``."""
     gen = torch.Generator().manual_seed(seed)
     m = LinearSurvival(D, G, C)
     m.set_slide_norm(torch.randn(D, generator=gen), torch.rand(D, generator=gen) + 0.5)
     if kind != "raw":
         m.set_slide_projection(torch.randn(3, D, generator=gen), torch.randn(3, generator=gen), torch.rand(3) + 0.5)
     if kind in ("composition", "both"):
-        m.set_slide_clusters(torch.randn(4, 3, generator=gen), torch.rand(4, generator=gen) * 0.3,
-                             torch.rand(4, generator=gen) + 0.2, keep_pcs=kind == "both")  # fmt: skip
+        assert tiles is not None, "clusters need tiles to centre on"
+        b = {k: m.get_buffer(k) for k in ("slide_mean", "slide_scale", "slide_components")}
+        cents = ((tiles[:4] - b["slide_mean"]) / b["slide_scale"]) @ b["slide_components"].T  # 4 tiles' scores
+        m.set_slide_clusters(cents, torch.rand(4, generator=gen) * 0.3, torch.rand(4, generator=gen) + 0.2,
+                             keep_pcs=kind == "both")  # fmt: skip
     width = sum(lin.in_features for lin in m.terms())
     m.set_coefficients(torch.randn(width, generator=gen))
     return m.eval()
@@ -41,8 +44,8 @@ def _slide_term(m: LinearSurvival, x: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kind", ["raw", "pcs", "composition", "both"])
 def test_tile_shares_sum_to_the_bags_slide_term(kind):
-    m = _linear(kind)
     x = torch.randn(11, D, generator=torch.Generator().manual_seed(1)) * 2
+    m = _linear(kind, tiles=x)
     with torch.no_grad():
         share = m.tile_shares(x)
         assert share.shape == (11,)
@@ -51,9 +54,10 @@ def test_tile_shares_sum_to_the_bags_slide_term(kind):
     if kind == "composition":  # only the cluster counts: tiles in one cluster share one value
         with torch.no_grad():
             f = m.slide_fractions(x[:, None], torch.ones(11, 1, dtype=torch.bool))  # (N, K) one-hot
-        for k in range(f.shape[1]):
-            members = share[f[:, k] > 0.5]
-            assert torch.allclose(members, members[:1].expand_as(members)) if len(members) else True
+        filled = [share[f[:, k] > 0.5] for k in range(f.shape[1]) if bool((f[:, k] > 0.5).any())]
+        assert len(filled) == 4  # every cluster holds a tile (at least its centre)
+        for members in filled:
+            torch.testing.assert_close(members, members[:1].expand_as(members))
 
 
 def test_pc_shares_match_an_independent_computation():

@@ -78,17 +78,10 @@ def tile_integrated_gradients(
     return out
 
 
-ATTENTION_ROLES = {
-    "pooling": "attention pools the tiles for the model's whole slide pathway",
-    "residual": "attention weighs the tiles for the gated residual branch only; the linear slide term beside it "
-    "weighs every tile by its features (read tile importance from IG or linear_share)",
-    "uniform": "the linear family's tile weights are uniform (the mean's); read tile importance from IG or "
-    "linear_share",
-}
-
-
 def attention_role(model: nn.Module) -> str:
-    """What the tile attention of ``model`` weighs: a key of :data:`ATTENTION_ROLES`."""
+    """What the tile attention of ``model`` weighs: ``pooling`` (the whole slide pathway: a network without a linear
+    part), ``residual`` (the gated residual branch only, beside a linear term: ``model.skip`` linear or fitted) or
+    ``uniform`` (the linear family: the mean's weights)."""
     if isinstance(model, LinearSurvival):
         return "uniform"
     return "residual" if getattr(model, "residual_gate", None) is not None else "pooling"

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -62,12 +62,11 @@ from pipeline.slides.reader import (
     SlideError,
     TileDataset,
     TileGrid,
-    collate_tiles,
     open_slide,
     slide_fingerprint,
     slide_mpp,
-    threaded_batches,
     thumbnail,
+    tile_batches,
     tile_grid,
 )
 from pipeline.slides.report import (
@@ -229,8 +228,8 @@ def encode_tiles(
     Holds at most the prefetched batches and one batch of features; never all tiles of a slide. With no
     DataLoader workers, a reader thread reads ``cfg.read_ahead`` batches ahead of the encoder
     (:class:`pipeline.slides.prefetch.Prefetcher`). The next batch is submitted before the previous one is
-    collected (on CUDA they overlap). With ``cfg.read_threads`` > 1 each batch is read by that many threads
-    (:func:`pipeline.slides.reader.threaded_batches`).
+    collected (on CUDA they overlap). Batches come from :func:`pipeline.slides.reader.tile_batches` (a DataLoader,
+    or ``cfg.read_threads`` threads per batch).
     """
     import openslide
 
@@ -240,19 +239,7 @@ def encode_tiles(
         return 0
     rejected = 0
     workers = cfg.num_workers
-    source: Iterable = (
-        torch.utils.data.DataLoader(
-            ds,
-            batch_size=runner.batch_size,
-            num_workers=workers,
-            collate_fn=collate_tiles,
-            pin_memory=runner.pin,
-            prefetch_factor=cfg.prefetch_factor if workers else None,
-            persistent_workers=False,
-        )
-        if workers or cfg.read_threads == 1
-        else threaded_batches(ds, runner.batch_size, cfg.read_threads)
-    )
+    source = tile_batches(ds, runner.batch_size, workers, cfg.read_threads, runner.pin, cfg.prefetch_factor)
     pending: tuple[tuple[torch.Tensor, object], np.ndarray] | None = None
     ahead = Prefetcher(lambda: source, cfg.read_ahead) if not workers and cfg.read_ahead else nullcontext(source)
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,6 +292,24 @@ class TileDataset(torch.utils.data.Dataset):
         if self._slide is not None:
             self._slide.close()
             self._slide = None
+
+
+def tile_batches(
+    ds: TileDataset, batch_size: int, workers: int, read_threads: int, pin: bool, prefetch_factor: int
+) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The grid's tiles in batches (:func:`collate_tiles`): a DataLoader with ``workers`` processes (each its own
+    handle) or, without workers and with ``read_threads`` > 1, :func:`threaded_batches`."""
+    if workers or read_threads == 1:
+        return torch.utils.data.DataLoader(
+            ds,
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate_tiles,
+            pin_memory=pin,
+            prefetch_factor=prefetch_factor if workers else None,
+            persistent_workers=False,
+        )
+    return threaded_batches(ds, batch_size, read_threads)
 
 
 def threaded_batches(
