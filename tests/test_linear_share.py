@@ -120,8 +120,9 @@ def test_attention_role_and_linear_term_per_model_kind():
 
 def test_report_reads_ig_first_where_attention_is_not_the_slide_pathway(tmp_path):
     rf = RunFiles(root=tmp_path)
-    pooling, residual = _tile_note(rf, "pooling"), _tile_note(rf, "residual")
+    pooling, residual = _tile_note(rf, "pooling"), _tile_note(rf, "residual", linear_share=True)
     assert pooling.index("attention (x number") < pooling.index("integrated gradients")
     assert residual.index("integrated gradients") < residual.index("attention")
     assert "gated residual branch only" in residual and "linear_share" in residual and "linear_share" not in pooling
-    assert "is uniform" in _tile_note(rf, "uniform")
+    assert "linear_share" not in _tile_note(rf, "residual")  # model.skip=linear: no such column to point at
+    assert "is uniform" in _tile_note(rf, "uniform", linear_share=True)

@@ -251,8 +251,9 @@ def _faith_line(rows: list[dict]) -> str:
     )
 
 
-def _tile_note(rf: RunFiles, role: str) -> str:
-    """The heading and reading note of the tile heatmaps, in the order the report shows them for ``role``."""
+def _tile_note(rf: RunFiles, role: str, linear_share: bool = False) -> str:
+    """The heading and reading note of the tile heatmaps, in the order the report shows them for ``role``;
+    ``linear_share``: ``tiles.csv`` has the linear slide term's tile shares."""
     attn = "attention (x number of tiles; 1 = uniform)"
     ig = "integrated gradients per tile (red raises the risk)"
     if role == "pooling":
@@ -264,6 +265,8 @@ def _tile_note(rf: RunFiles, role: str) -> str:
         extra = (
             " The model's linear slide term adds each tile's exact share to the log hazard: column "
             f"<code>linear_share</code> of <code>{rf.ATTRIBUTIONS}/tiles.csv</code>."
+            if linear_share
+            else ""
         )
     return (
         f"<h2>Tile attributions</h2><p class='note'>{order}, cut from the slide at full resolution. QuPath GeoJSON "
@@ -279,7 +282,7 @@ def _tile_sections(rf: RunFiles) -> list[str]:
     role = ((f or {}).get("tiles") or {}).get("attention_role", "pooling")
     ig_first = role != "pooling"  # attention that is not the whole slide pathway is not the heatmap to read first
     if hm:
-        parts.append(_tile_note(rf, role))
+        parts.append(_tile_note(rf, role, "linear_share" in ((f or {}).get("tiles") or {}).get("auc", {})))
         parts += ([_faith_line(tile_rows)] if tile_rows else []) + ([_img(rf.deletion_png, 760)] if fig else [])
     for p in hm:
         sid = p.stem
