@@ -16,8 +16,8 @@ slides, and over the carrier slides only), for the attention, the tile IG and, i
 the offset's exact tile score: the frozen linear
 offset's slide term is linear in the mean tile feature, ``w . u(mean_i x_i) = sum_i w . u(x_i) / N`` (``u``: the
 standardisation and PC projection, affine), so tile i adds ``w . u(x_i) / N`` to the log hazard, and the tile
-scores of a slide sum to its slide term (:meth:`models.linear.LinearSurvival.tile_shares`; a run's ``tiles.csv``
-holds the same score as ``linear_share``). ``log_hz_sd`` splits the test log hazards' spread into the
+scores of a slide sum to its slide term (:meth:`models.linear.LinearSurvival.tile_shares`; read from the run's
+``tiles.csv``, column ``linear_share``). ``log_hz_sd`` splits the test log hazards' spread into the
 offset's and the gated residual's (the part the attention can act on).
 """
 
@@ -85,7 +85,7 @@ def main() -> None:
 def model_tiles(run: Path, fdir: Path, truth: pd.Series) -> dict:
     """Carrier AUCs and deletion gaps of attention, IG and (fitted runs) the offset's tile score."""
     from data_specs.cohort import load_cohort
-    from pipeline.outputs.attribution import linear_slide_term, tile_deletion_curves
+    from pipeline.outputs.attribution import tile_deletion_curves
     from pipeline.training.bundle import data_for_model, load_bundle
     from pipeline.training.data import make_loader, model_inputs
 
@@ -93,17 +93,14 @@ def model_tiles(run: Path, fdir: Path, truth: pd.Series) -> dict:
     data = data_for_model(load_cohort(run / "cohort" / "cohort.yaml"), card, fdir)
     idx = data.splits["test"]
     att = pd.read_csv(run / "attributions" / "tiles.csv").set_index(["slide_id", "x", "y"])
-    scores: dict[str, list[np.ndarray]] = {"attention": [], "ig": []}
-    lin = linear_slide_term(model)
-    if lin is not None:
-        scores["offset_tile"] = []
+    cols = {"attention": "attn", "ig": "ig", "offset_tile": "linear_share"}  # the run's own tile scores
+    cols = {k: c for k, c in cols.items() if c in att.columns}
+    scores: dict[str, list[np.ndarray]] = {k: [] for k in cols}
     labels = []
     for i in idx:
         keys = [(s, int(x), int(y)) for s, x, y in data.tiles[i]]
-        scores["attention"].append(att.loc[keys, "attn"].to_numpy())
-        scores["ig"].append(att.loc[keys, "ig"].to_numpy())
-        if "offset_tile" in scores:
-            scores["offset_tile"].append(lin.tile_shares(torch.as_tensor(data.bags[i])).numpy())
+        for k, c in cols.items():
+            scores[k].append(att.loc[keys, c].to_numpy())
         labels.append(truth.loc[keys].to_numpy().astype(bool))
     out: dict = {"model_skip": card.config.model.skip, "carrier_auc": {}, "top_tile_is_carrier": {}}
     car = [j for j, y in enumerate(labels) if 0 < y.sum() < len(y)]

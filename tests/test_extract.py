@@ -645,17 +645,22 @@ def test_threaded_batches_equal_the_data_loaders_and_close_their_handles(tmp_pat
     ds = TileDataset(p, grid, tissue)
     want = list(torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate_tiles))
     assert sum(b[2] for b in want) == 2
+
+    def readers() -> int:  # the pools' threads (ThreadPoolExecutor names them tile-reader_<k>)
+        return sum(t.name.startswith("tile-reader_") for t in threading.enumerate())
+
     for threads in (2, 3, 7):
-        before = threading.active_count()
         got = list(threaded_batches(ds, 5, threads))
         assert len(got) == len(want) == 8
         for (x, i, r), (x0, i0, r0) in zip(got, want, strict=True):
             torch.testing.assert_close(x, x0, rtol=0, atol=0)
             assert i.tolist() == i0.tolist() and r == r0
-        assert threading.active_count() == before  # the pool's threads are joined
+        assert readers() == 0  # the pool's threads are joined
     gen = threaded_batches(ds, 5, 2)
     next(gen)
+    assert readers() >= 1  # the pool is running
     gen.close()  # a consumer that stops early (the encoder failed) closes the copies and the pool
+    assert readers() == 0
     ds.close()
 
 
