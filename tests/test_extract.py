@@ -209,6 +209,13 @@ from pathlib import Path
 from data_specs.config import ExtractConfig
 from models import build_encoder
 from pipeline.slides.extract import extract_slides
+from pipeline.slides.features import FeaturesWriter
+import time
+append = FeaturesWriter.append
+def slow_append(self, features, coords):  # >= 1.6 s for the 81-tile slide: the kill lands mid-slide on any machine
+    time.sleep(0.02)
+    append(self, features, coords)
+FeaturesWriter.append = slow_append
 cfg = ExtractConfig(encoder="test_efficientnet", random_weights=True, batch_size=1, max_background=1.0)
 enc = build_encoder("test_efficientnet", random_weights=True)
 extract_slides([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]), enc, cfg, progress=False)
